@@ -1,0 +1,18 @@
+# All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
+PY := .venv/bin/python
+
+.PHONY: setup test demo bench clean
+setup:
+	bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m training.demo --out demo_output
+
+bench: setup
+	$(PY) bench/bench_sampling.py
+
+clean:
+	rm -rf demo_output .pytest_cache

@@ -1,0 +1,231 @@
+"""Apply a LoRD file to a ComfyUI MODEL (``ModelPatcher``) without mutating it.
+
+``apply_lord`` returns a clone that carries
+
+* for the **fused** form: the static clean branch ``s B A`` as an ordinary LoRA weight patch
+  (built and applied by ComfyUI's own LoRA loader, so it composes with stock LoRAs and lowvram
+  loading), plus forward hooks adding ``lambda * s B' A x`` (gate learned) -- with a forced gate
+  the whole LoRD is a static patch and no hook is registered;
+* for the **plain** form: forward hooks computing the whole LoRD delta (reference / training).
+
+Hooks are registered through a keyed ``PatcherInjection``: ``inject`` resolves the target modules
+from ``patcher.model`` when ComfyUI loads the model, ``eject`` removes them; both are idempotent.
+LoRD tensors live on the injection object (float32), never in ``model_options``.
+"""
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Optional
+
+import torch
+
+from ..format import LoRDFile, check_against_model
+from ..keys import CONTEXT_FED, unet_name_map
+from ..layer import (GATE_MODES, ConvGeometry, FusedLoRD, lord_defense_fused,
+                     lord_delta_plain)
+
+INJECTION_PREFIX = "lord:"
+IMPLEMENTATIONS = ("fused", "plain")
+
+
+def model_family(model_patcher) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl_refiner``, else the config class name in lower case."""
+    import comfy.supported_models as sm
+
+    cfg = model_patcher.model.model_config
+    for cls_name, family in (("SDXLRefiner", "sdxl_refiner"), ("SDXL", "sdxl"), ("SD20", "sd2"), ("SD15", "sd1")):
+        cls = getattr(sm, cls_name, None)
+        if cls is not None and isinstance(cfg, cls):
+            return family
+    return type(cfg).__name__.lower()
+
+
+def unet_names(model_patcher) -> dict[str, str]:
+    """``{kohya name: module path inside diffusion_model}`` for this MODEL (ComfyUI's own key map)."""
+    import comfy.lora
+
+    return unet_name_map(comfy.lora.model_lora_keys_unet(model_patcher.model, {}))
+
+
+def _module(model_patcher, path: str) -> torch.nn.Module:
+    import comfy.utils
+
+    return comfy.utils.get_attr(model_patcher.model.diffusion_model, path)
+
+
+def unet_weight_shapes(model_patcher, names: dict[str, str]) -> dict[str, tuple]:
+    return {n: tuple(_module(model_patcher, p).weight.shape) for n, p in names.items()}
+
+
+class LoRDInjection:
+    """Forward hooks for one applied LoRD file. Shared by clones of the patcher that made it."""
+
+    def __init__(self, lord: LoRDFile, modules: dict[str, str], implementation: str, gate_mode: str,
+                 strength: float, recorder: Optional[list] = None):
+        self.lord = lord
+        self.modules = modules
+        self.implementation = implementation
+        self.gate_mode = gate_mode
+        self.strength = float(strength)
+        self.recorder = recorder
+        self.spatial = {n for n in modules if not CONTEXT_FED.search(n)}
+        if implementation == "fused":
+            self._runtime = {n: FusedLoRD.from_weights(w) for n, w in lord.targets.items()}
+        else:
+            self._runtime = {n: w.to(None, torch.float32) for n, w in lord.targets.items()}
+        self._on_device: dict[tuple[str, torch.device], object] = {}
+        self._handles: dict[int, list] = {}
+
+    @property
+    def needs_hooks(self) -> bool:
+        """Fused + forced gate is a pure weight patch, unless gates are being recorded."""
+        return self.implementation == "plain" or self.gate_mode == "learned" or self.recorder is not None
+
+    def with_recorder(self, recorder: list) -> "LoRDInjection":
+        """A copy that appends ``(name, lambda)`` for every hooked call (used by LoRD Detect)."""
+        twin = LoRDInjection.__new__(LoRDInjection)
+        twin.__dict__.update(self.__dict__)
+        twin.recorder, twin._handles = recorder, {}
+        return twin
+
+    def runtime_on(self, name: str, device: torch.device):
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._runtime[name].to(device)
+        return self._on_device[key]
+
+    def _hook_for(self, name: str, geometry: Optional[ConvGeometry]):
+        fused = self.implementation == "fused"
+        activation = self.lord.gate_activation
+
+        def hook(module, args, output):
+            x = args[0]
+            rt = self.runtime_on(name, x.device)
+            recording = self.recorder is not None
+            if fused:
+                # with a forced gate the defense part is in the weight patch; hooks only record
+                mode = "learned" if recording else self.gate_mode
+                extra, lam = lord_defense_fused(x, rt, activation, mode, geometry)
+                if self.gate_mode != "learned":
+                    extra = None
+            else:
+                extra, lam = lord_delta_plain(x, rt, activation, self.gate_mode, geometry)
+                if recording and self.gate_mode != "learned":  # a recorder always sees the learned gate
+                    _, lam = lord_delta_plain(x, rt, activation, "learned", geometry)
+            if self.recorder is not None:
+                self.recorder.append((name, lam.detach()))
+            if extra is None:
+                return output
+            return output + (self.strength * extra).to(output.dtype)
+
+        return hook
+
+    def inject(self, patcher) -> None:
+        key = id(patcher.model)
+        if key in self._handles or not self.needs_hooks:
+            return
+        handles = []
+        for name, path in self.modules.items():
+            module = _module(patcher, path)
+            geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
+            handles.append(module.register_forward_hook(self._hook_for(name, geometry)))
+        self._handles[key] = handles
+
+    def eject(self, patcher) -> None:
+        for h in self._handles.pop(id(patcher.model), []):
+            h.remove()
+
+
+def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.Tensor]:
+    """The static part of a fused LoRD as a kohya LoRA state dict with ``s`` folded into ``up``.
+
+    Gate learned or clean: ``s B A``. Gate defense: ``s (B + B') A`` (rank 2r: ``[B | B'] [A; A]``).
+    """
+    sd = {}
+    for name, w in lord.targets.items():
+        up = w.scale * w.up.float()
+        down = w.down.float()
+        if gate_mode == "defense":
+            up = torch.cat([up, w.scale * w.up_defense.float()], dim=1)
+            down = torch.cat([down, down], dim=0)
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.lora_down.weight"] = down
+    return sd
+
+
+def apply_lord(model_patcher, lord: LoRDFile, strength: float = 1.0, gate_mode: str = "learned",
+               implementation: str = "fused"):
+    """Return a clone of ``model_patcher`` with ``lord`` applied; the input is never modified.
+
+    ``strength`` scales the whole LoRD delta (both branches); the gate always reads the
+    unscaled clean branch. Raises :class:`lord_ops.format.LoRDFileError` when the file does not fit.
+    """
+    import comfy.lora
+
+    if gate_mode not in GATE_MODES:
+        raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    names = unet_names(model_patcher)
+    present = {n: names[n] for n in lord.targets if n in names}
+    check_against_model(lord, model_family(model_patcher), unet_weight_shapes(model_patcher, present))
+    modules = {n: names[n] for n in sorted(lord.targets)}
+
+    patched = model_patcher.clone()
+    if strength == 0:
+        return patched
+    if implementation == "fused":
+        key_map = {n: f"diffusion_model.{p}.weight" for n, p in modules.items()}
+        patches = comfy.lora.load_lora(_static_lora_state_dict(lord, gate_mode), key_map, log_missing=True)
+        patched.add_patches(patches, strength)
+    injection = LoRDInjection(lord, modules, implementation, gate_mode, strength)
+    patched.set_injections(f"{INJECTION_PREFIX}{uuid.uuid4().hex[:12]}", [injection])
+    return patched
+
+
+def lord_injections(model_patcher) -> list[tuple[str, LoRDInjection]]:
+    """The LoRD injections a MODEL carries, in application order."""
+    return [(k, inj) for k, injs in model_patcher.injections.items() if k.startswith(INJECTION_PREFIX)
+            for inj in injs if isinstance(inj, LoRDInjection)]
+
+
+@contextlib.contextmanager
+def recording_gates(model_patcher):
+    """Yield ``(clone, records)``: a clone whose LoRD hooks append ``(name, lambda)`` to ``records``.
+
+    Raises ``ValueError`` when the MODEL carries no LoRD.
+    """
+    found = lord_injections(model_patcher)
+    if not found:
+        raise ValueError("the MODEL has no LoRD applied: connect it through a Load LoRD node first.")
+    records: list = []
+    clone = model_patcher.clone()
+    for key, inj in found:
+        clone.set_injections(key, [inj.with_recorder(records)])
+    try:
+        yield clone, records
+    finally:
+        clone.eject_model()
+
+
+def init_lord_for_model(model_patcher, preset: str = "attn", rank: int = 4, alpha: Optional[float] = None,
+                        gate_hidden: int = 32, gate_activation: str = "silu", seed: int = 0,
+                        random_up: float = 0.0, provenance: Optional[dict] = None) -> LoRDFile:
+    """New LoRD weights for every target of ``preset`` in this MODEL (see ``layer.init_lord_weights``)."""
+    from ..keys import select_targets
+    from ..layer import init_lord_weights
+
+    names = unet_names(model_patcher)
+    targets = select_targets(names, preset)
+    if not targets:
+        raise ValueError(f"the MODEL has no layer matching target preset {preset!r}")
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name in targets:
+        module = _module(model_patcher, names[name])
+        kernel = tuple(module.kernel_size) if isinstance(module, torch.nn.Conv2d) else None
+        d_in = module.in_channels if kernel else module.in_features
+        d_out = module.out_channels if kernel else module.out_features
+        weights[name] = init_lord_weights(d_in, d_out, rank, alpha, gate_hidden, kernel, g, random_up)
+    return LoRDFile(weights, gate_activation, model_family(model_patcher), dict(provenance or {}))

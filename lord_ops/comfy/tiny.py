@@ -1,0 +1,124 @@
+"""Random-weight SD1.x-family models built from ComfyUI's own classes (tests, demo, benchmarks).
+
+Module names match real SD1.5, so code that works on these works on the real model. ComfyUI
+leaves weights uninitialised (``torch.empty``); everything here is initialised from a seed.
+Nothing is downloaded and no weights are committed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def sd15_unet_config(model_channels: int = 32, channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
+                     context_dim: int = 64, num_heads: int = 8, middle_block: bool = True,
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """A UNet config in the form ``comfy.model_detection`` produces for SD1.x.
+
+    The defaults give a tiny UNet; ``model_channels=320, channel_mult=(1,), context_dim=768,
+    middle_block=False`` is the SD15-geometry test checkpoint that CheckpointLoaderSimple detects
+    as SD15; ``model_channels=320, channel_mult=(1,2,4,4), num_res_blocks=2, context_dim=768`` with
+    ``attention_levels=3`` is the real SD1.5 geometry (see :func:`sd15_full_unet_config`).
+    """
+    levels = len(channel_mult)
+    depth_in = [1] * (levels * num_res_blocks)
+    depth_out = [1] * (levels * (num_res_blocks + 1))
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "dtype": dtype, "in_channels": 4,
+        "model_channels": model_channels, "num_res_blocks": [num_res_blocks] * levels,
+        "transformer_depth": depth_in, "channel_mult": list(channel_mult),
+        "transformer_depth_middle": 1 if middle_block else -2, "use_linear_in_transformer": False,
+        "context_dim": context_dim, "num_heads": num_heads, "transformer_depth_output": depth_out,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def sd15_full_unet_config(dtype: torch.dtype = torch.float32) -> dict:
+    """The real SD1.5 UNet geometry (860M parameters), for benchmarks."""
+    cfg = sd15_unet_config(320, (1, 2, 4, 4), 2, 768, dtype=dtype)
+    cfg["transformer_depth"] = [1, 1, 1, 1, 1, 1, 0, 0]
+    cfg["transformer_depth_output"] = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    return cfg
+
+
+@torch.no_grad()
+def init_module_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Deterministic random init of every parameter (ComfyUI creates them uninitialised)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        elif name.endswith("weight"):  # norms
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return module
+
+
+def build_model_patcher(unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        manual_cast_dtype: torch.dtype | None = None):
+    """A ``ModelPatcher`` around a random SD15-family ``BaseModel`` on the CPU.
+
+    ``dtype`` is the storage dtype of the UNet weights; ``manual_cast_dtype`` the compute dtype
+    ComfyUI should cast them to (``None``: compute in ``dtype``).
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(unet_config, dtype=dtype)
+    model_config = comfy.supported_models.SD15(cfg)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    with torch.inference_mode(False):
+        model = model_config.get_model({}, device=torch.device("cpu"))
+        init_module_(model.diffusion_model, seed)
+        model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def build_tiny_model_patcher(seed: int = 0, dtype: torch.dtype = torch.float32, **config):
+    """The tiny SD1.x-family UNet (about 1M parameters) wrapped for sampling."""
+    return build_model_patcher(sd15_unet_config(**config), seed=seed, dtype=dtype)
+
+
+def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A state dict that the stock CheckpointLoaderSimple loads as SD15.
+
+    UNet: model_channels 320, context_dim 768, channel_mult [1], one res block, transformer depth 1,
+    no middle block (13.6M parameters). Text encoder: the complete CLIP-L (123.7M parameters; a
+    missing or partial one gives no CLIP or NaN conditioning). VAE: TAESD-keyed. All random.
+    """
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+
+    sd: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(False):
+        cfg = sd15_unet_config(320, (1,), 1, 768, middle_block=False)
+        unet = init_module_(openaimodel.UNetModel(**cfg, operations=comfy.ops.disable_weight_init), seed)
+        sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+        clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+        init_module_(clip.transformer, seed + 1)
+        with torch.no_grad():
+            clip.transformer.text_model.embeddings.token_embedding.weight.mul_(0.02)
+            clip.transformer.text_model.embeddings.position_embedding.weight.mul_(0.02)
+        sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.transformer.state_dict().items()})
+        taesd = init_module_(comfy.taesd.taesd.TAESD(), seed + 2)
+        with torch.no_grad():
+            taesd.vae_scale.fill_(1.0)
+            taesd.vae_shift.fill_(0.0)
+        sd.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()})
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def write_sd15_geometry_checkpoint(path, seed: int = 0) -> Path:
+    """Write :func:`sd15_geometry_checkpoint_state_dict` (fp16, about 265 MB) atomically."""
+    from ..format import atomic_save_safetensors
+
+    return atomic_save_safetensors(path, sd15_geometry_checkpoint_state_dict(seed),
+                                   {"comfyui_lord": "random-weight SD15-geometry test checkpoint", "seed": str(seed)})

@@ -1,0 +1,360 @@
+"""LoRD file format v1 and the kohya LoRA writer. The one owner of on-disk layouts.
+
+A LoRD file is a safetensors file (never a pickle). Tensor keys use kohya names derived from
+diffusers block names (the same names Stage-2 LoRA files use, see :mod:`lord_ops.keys`)::
+
+    <name>.lord_down.weight          A   [r, d_in] | [r, d_in, kh, kw]
+    <name>.lord_up.weight            B   [d_out, r] | [d_out, r, 1, 1]
+    <name>.lord_up_defense.weight    B'  same shape as B
+    <name>.lord_gate.0.weight        W1  [hidden, d_out]
+    <name>.lord_gate.0.bias          b1  [hidden]
+    <name>.lord_gate.2.weight        W2  [1, hidden]
+    <name>.lord_gate.2.bias          b2  [1]
+    <name>.alpha                     scalar (scale = alpha / r)
+
+e.g. ``<name>`` = ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``.
+Tensors are float32, float16 or bfloat16 and must be finite.
+
+Metadata (safetensors string map):
+
+=====================  ======================================================================
+``format``             ``"lord"``
+``format_version``     ``"1"``
+``lord_form``          ``"additive_gate_on_lora_output"``: h = W0 x + v + lambda s B' A x,
+                       v = s B A x, lambda = sigmoid(g(v)) per feature
+``rank``               int, ``alpha``: float, ``gate_hidden``: int, ``gate_activation``: silu|gelu|relu
+``targets``            JSON list of ``<name>``
+``base_family``        ``sd1`` | ``sd2`` | ``sdxl`` | ...
+``provenance``         JSON object (how the file was made: tool, version, seed, training...)
+=====================  ======================================================================
+
+Stage-2 LoRA files are plain kohya LoRAs (``<name>.lora_down.weight``, ``.lora_up.weight``,
+``.alpha``) that stock loaders read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from .layer import GATE_ACTIVATIONS, LoRDWeights
+
+FORMAT_NAME = "lord"
+FORMAT_VERSION = "1"
+LORD_FORM = "additive_gate_on_lora_output"
+
+# file suffix -> LoRDWeights field
+SUFFIX_TO_FIELD = {
+    "lord_down.weight": "down",
+    "lord_up.weight": "up",
+    "lord_up_defense.weight": "up_defense",
+    "lord_gate.0.weight": "gate_w1",
+    "lord_gate.0.bias": "gate_b1",
+    "lord_gate.2.weight": "gate_w2",
+    "lord_gate.2.bias": "gate_b2",
+}
+FIELD_TO_SUFFIX = {v: k for k, v in SUFFIX_TO_FIELD.items()}
+ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_SAFETENSORS_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class LoRDFileError(ValueError):
+    """A LoRD (or LoRA) file that cannot be used; the message names the file, the key and the fix."""
+
+    def __init__(self, path, problem: str, fix: str = "", key: Optional[str] = None, kind: str = "LoRD file"):
+        where = f"{kind} '{path}'" + (f", key '{key}'" if key else "")
+        message = f"{where}: {problem}"
+        if fix:
+            message += f" {fix}"
+        super().__init__(message)
+        self.path, self.key, self.problem, self.fix = str(path), key, problem, fix
+
+
+@dataclasses.dataclass
+class LoRDFile:
+    """A LoRD adapter set: one :class:`LoRDWeights` per target name, plus settings."""
+
+    targets: dict[str, LoRDWeights]
+    gate_activation: str = "silu"
+    base_family: str = "sd1"
+    provenance: dict = dataclasses.field(default_factory=dict)
+    path: Optional[str] = None
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.targets.values())).rank
+
+    @property
+    def alpha(self) -> float:
+        return next(iter(self.targets.values())).alpha
+
+    @property
+    def gate_hidden(self) -> int:
+        return next(iter(self.targets.values())).gate_hidden
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "lord_form": LORD_FORM,
+            "rank": str(self.rank),
+            "alpha": repr(float(self.alpha)),
+            "gate_hidden": str(self.gate_hidden),
+            "gate_activation": self.gate_activation,
+            "targets": json.dumps(sorted(self.targets)),
+            "base_family": self.base_family,
+            "provenance": json.dumps(self.provenance, sort_keys=True),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {}
+        for name, w in self.targets.items():
+            for field, t in w.tensors().items():
+                sd[f"{name}.{FIELD_TO_SUFFIX[field]}"] = t.detach().contiguous().cpu()
+            sd[f"{name}.alpha"] = torch.tensor(float(w.alpha))
+        return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_safetensors_header(path, kind: str = "LoRD file") -> tuple[dict, dict[str, str]]:
+    """Parse and check a safetensors container without reading tensor data.
+
+    ``kind`` names the file in error messages ("LoRD file", "LoRA file").
+
+    Returns ``(tensor_entries, metadata)``. Rejects empty, truncated, pickle/zip and otherwise
+    malformed files with a :class:`LoRDFileError`; nothing in the file is ever executed.
+    """
+    path = Path(path)
+
+    def _Err(*a, **k):
+        return LoRDFileError(*a, kind=kind, **k)
+
+    if not path.is_file():
+        raise _Err(path, "file not found.", "Check the file name and the models/lord folder.")
+    size = path.stat().st_size
+    if size == 0:
+        raise _Err(path, "the file is empty (0 bytes).", "Re-download or re-create it.")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise _Err(path, "this is a pickle/zip (.ckpt/.pt) file, not safetensors; LoRD never "
+                                "loads pickles because they can execute code.",
+                                "Convert it to .safetensors with a trusted tool, or use the original .safetensors file.")
+        if len(head) < 8:
+            raise _Err(path, f"the file is truncated ({size} bytes, shorter than a safetensors header).",
+                                "Re-download or re-create it.")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
+            raise _Err(path, f"not a valid safetensors file (header length {header_len} does not fit "
+                                f"a {size}-byte file; truncated or not safetensors).", "Re-download or re-create it.")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Err(path, f"not a valid safetensors file (unreadable header: {exc}).",
+                            "Re-download or re-create it.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            dtype = entry["dtype"]
+        except (TypeError, KeyError, ValueError):
+            raise _Err(path, "malformed safetensors entry.", "Re-create the file.", key=key) from None
+        if not (0 <= start <= end <= data_len):
+            raise _Err(path, f"tensor data runs past the end of the file (needs bytes {start}..{end}, "
+                                f"file holds {data_len}): the file is truncated.", "Re-download or re-create it.", key=key)
+        if dtype not in _SAFETENSORS_FLOAT_DTYPES and not key.endswith(".alpha"):
+            raise _Err(path, f"dtype {dtype} is not allowed (float32, float16 or bfloat16 only).",
+                                "Re-save the file with a float dtype.", key=key)
+    return header, dict(metadata)
+
+
+def _load_tensors(path) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise LoRDFileError(path, f"safetensors could not read the file ({exc}).", "Re-download or re-create it.") from None
+
+
+def _meta_int(path, meta, key, minimum=1) -> int:
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        raise LoRDFileError(path, f"metadata '{key}' is missing or not an integer.", "Re-create the file with this pack.") from None
+    if value < minimum:
+        raise LoRDFileError(path, f"metadata '{key}' must be >= {minimum}, got {value}.", "Re-create the file with this pack.")
+    return value
+
+
+def load_lord_file(path) -> LoRDFile:
+    """Read and fully validate a LoRD v1 file (container, metadata, keys, shapes, dtypes, values)."""
+    path = Path(path)
+    _, meta = read_safetensors_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        hint = ("It looks like an ordinary LoRA: load it with the stock LoraLoader or the LoRA input of Load LoRD."
+                if meta.get("format") is None else "")
+        raise LoRDFileError(path, f"metadata 'format' is {meta.get('format')!r}, expected 'lord'; this is not a LoRD file.",
+                            hint or "Use a file written by ComfyUI-LoRD.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LoRDFileError(path, f"format_version {meta.get('format_version')!r} is not supported (this pack reads "
+                            f"version {FORMAT_VERSION}).", "Update ComfyUI-LoRD or re-create the file.")
+    if meta.get("lord_form") != LORD_FORM:
+        raise LoRDFileError(path, f"LoRD form {meta.get('lord_form')!r} is unknown (supported: {LORD_FORM!r}).",
+                            "Update ComfyUI-LoRD.")
+    activation = meta.get("gate_activation", "")
+    if activation not in GATE_ACTIVATIONS:
+        raise LoRDFileError(path, f"gate_activation {activation!r} is unknown (supported: {sorted(GATE_ACTIVATIONS)}).",
+                            "Re-create the file with this pack.")
+    rank = _meta_int(path, meta, "rank")
+    hidden = _meta_int(path, meta, "gate_hidden")
+    try:
+        targets = json.loads(meta["targets"])
+        assert isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    except Exception:
+        raise LoRDFileError(path, "metadata 'targets' is missing or not a non-empty JSON list of names.",
+                            "Re-create the file with this pack.") from None
+    try:
+        provenance = json.loads(meta.get("provenance", "{}"))
+    except ValueError:
+        raise LoRDFileError(path, "metadata 'provenance' is not valid JSON.", "Re-create the file with this pack.") from None
+    family = meta.get("base_family") or ""
+    if not family:
+        raise LoRDFileError(path, "metadata 'base_family' is missing.", "Re-create the file with this pack.")
+
+    sd = _load_tensors(path)
+    expected = {f"{n}.{s}" for n in targets for s in list(SUFFIX_TO_FIELD) + ["alpha"]}
+    unexpected = sorted(set(sd) - expected)
+    if unexpected:
+        raise LoRDFileError(path, f"unexpected key ({len(unexpected)} in all) not listed in metadata 'targets'.",
+                            "The file was edited or is damaged; re-create it.", key=unexpected[0])
+    missing = sorted(expected - set(sd))
+    if missing:
+        raise LoRDFileError(path, f"missing key ({len(missing)} in all).", "The file is incomplete; re-create it.", key=missing[0])
+
+    parsed = {}
+    for name in targets:
+        for suffix in SUFFIX_TO_FIELD:
+            t = sd[f"{name}.{suffix}"]
+            if t.dtype not in ALLOWED_DTYPES:
+                raise LoRDFileError(path, f"dtype {t.dtype} is not allowed.", "Re-save with float32/float16/bfloat16.",
+                                    key=f"{name}.{suffix}")
+            if not torch.isfinite(t).all():
+                raise LoRDFileError(path, "contains NaN or Inf values.", "The file is corrupt (or training diverged); "
+                                    "use an earlier checkpoint.", key=f"{name}.{suffix}")
+        alpha_t = sd[f"{name}.alpha"]
+        if alpha_t.numel() != 1 or not torch.isfinite(alpha_t.float()).all() or float(alpha_t) <= 0:
+            raise LoRDFileError(path, "alpha must be one finite positive number.", "Re-create the file.", key=f"{name}.alpha")
+        w = LoRDWeights(**{f: sd[f"{name}.{s}"].float() for s, f in SUFFIX_TO_FIELD.items()}, alpha=float(alpha_t))
+        _check_target_shapes(path, name, w, rank, hidden)
+        parsed[name] = w
+    return LoRDFile(parsed, activation, family, provenance, str(path))
+
+
+def _check_target_shapes(path, name: str, w: LoRDWeights, rank: int, hidden: int) -> None:
+    def bad(field, problem):
+        raise LoRDFileError(path, problem, "The file is damaged or was written for another layout; re-create it.",
+                            key=f"{name}.{FIELD_TO_SUFFIX[field]}")
+
+    if w.down.dim() not in (2, 4) or w.down.shape[0] != rank:
+        bad("down", f"shape {tuple(w.down.shape)} is not [rank={rank}, d_in] or [rank, d_in, kh, kw].")
+    d_out = w.up.shape[0]
+    up_shape = (d_out, rank, 1, 1) if w.is_conv else (d_out, rank)
+    if tuple(w.up.shape) != up_shape:
+        bad("up", f"shape {tuple(w.up.shape)} does not match {up_shape}.")
+    if tuple(w.up_defense.shape) != up_shape:
+        bad("up_defense", f"shape {tuple(w.up_defense.shape)} does not match lord_up {up_shape}.")
+    for field, shape in (("gate_w1", (hidden, d_out)), ("gate_b1", (hidden,)), ("gate_w2", (1, hidden)), ("gate_b2", (1,))):
+        if tuple(getattr(w, field).shape) != shape:
+            bad(field, f"shape {tuple(getattr(w, field).shape)} does not match {shape} (gate_hidden={hidden}).")
+
+
+def check_against_model(lord: LoRDFile, model_family: str, weight_shapes: Mapping[str, tuple]) -> None:
+    """Check a LoRD file against a model: family and, per target, the base weight shape.
+
+    ``weight_shapes`` maps every kohya name the model has to its weight shape.
+    """
+    path = lord.path or "<in memory>"
+    if lord.base_family != model_family:
+        raise LoRDFileError(path, f"made for a '{lord.base_family}' model, but the MODEL is '{model_family}'.",
+                            f"Use a LoRD file trained for {model_family} (or load the matching checkpoint).")
+    for name, w in lord.targets.items():
+        if name not in weight_shapes:
+            raise LoRDFileError(path, f"the MODEL has no layer '{name}'.",
+                                "The file targets another architecture; use a LoRD made for this checkpoint.",
+                                key=f"{name}.lord_down.weight")
+        want = tuple(weight_shapes[name])
+        if tuple(w.base_weight_shape()) != want:
+            raise LoRDFileError(path, f"adapter expects a base weight of shape {w.base_weight_shape()}, the MODEL's "
+                                f"layer has {want}.", "Use a LoRD made for this checkpoint's architecture.",
+                                key=f"{name}.lord_down.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a safetensors file via a temp file in the same folder + ``os.replace``."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_lord_file(path, lord: LoRDFile, dtype: torch.dtype = torch.float32) -> Path:
+    """Validate-then-write a LoRD v1 file atomically."""
+    if not lord.targets:
+        raise ValueError("a LoRD file needs at least one target")
+    if lord.gate_activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"gate_activation must be one of {sorted(GATE_ACTIVATIONS)}")
+    ranks = {w.rank for w in lord.targets.values()}
+    hiddens = {w.gate_hidden for w in lord.targets.values()}
+    if len(ranks) != 1 or len(hiddens) != 1:
+        raise ValueError(f"all targets must share rank and gate width (got ranks {ranks}, widths {hiddens})")
+    for name, w in lord.targets.items():
+        _check_target_shapes(path, name, w, w.rank, w.gate_hidden)
+        for t in w.tensors().values():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"refusing to write non-finite values for target {name}")
+    sd = {k: (v.to(dtype) if not k.endswith(".alpha") else v.float()) for k, v in lord.state_dict().items()}
+    return atomic_save_safetensors(path, sd, lord.metadata())
+
+
+def save_kohya_lora(path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                    metadata: Optional[Mapping[str, str]] = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a standard kohya LoRA: ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``."""
+    sd = {}
+    for name, (down, up, alpha) in layers.items():
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"{name}: rank mismatch between down {tuple(down.shape)} and up {tuple(up.shape)}")
+        sd[f"{name}.lora_down.weight"] = down.detach().cpu().to(dtype)
+        sd[f"{name}.lora_up.weight"] = up.detach().cpu().to(dtype)
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(next(iter(layers.values()))[0].shape[0])}
+    meta.update(metadata or {})
+    return atomic_save_safetensors(path, sd, meta)

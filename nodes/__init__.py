@@ -1,0 +1,27 @@
+"""ComfyUI glue (V3 node API). Thin: the math is in ``lord_ops``, ComfyUI internals in ``lord_ops.comfy``."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+
+from .detect import LoRDDetect
+from .loaders import LoRDLoader
+
+LORD_FOLDER = "lord"
+NODES = [LoRDLoader, LoRDDetect]
+
+
+def register_model_folder() -> None:
+    """Register ``models/lord`` (``.safetensors`` only) and keep any path that
+    ``extra_model_paths.yaml`` or another pack already added for ``lord``."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(LORD_FOLDER, os.path.join(folder_paths.models_dir, LORD_FOLDER), is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[LORD_FOLDER]
+    folder_paths.folder_names_and_paths[LORD_FOLDER] = (paths, {".safetensors"})
+
+
+class LoRDExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

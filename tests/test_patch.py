@@ -1,0 +1,254 @@
+"""LoRD applied to a real ComfyUI MODEL (tiny SD1.x UNet from ComfyUI's own classes), in-process."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.sd
+import comfy.sample
+import comfy.utils
+
+from comfyui_lord.lord_ops.comfy import patch, tiny
+from comfyui_lord.lord_ops.format import LoRDFileError, LoRDFile
+
+CTX = 64  # tiny UNet context_dim
+
+
+def inputs(batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    ctx = torch.randn(batch, 77, CTX, generator=g)
+    return x, ctx
+
+
+def forward(mp, x, ctx, t=500.0):
+    """One denoiser evaluation through ComfyUI's loading path (patches + injections applied)."""
+    mm.load_models_gpu([mp])
+    with torch.no_grad():
+        sigma = mp.model.model_sampling.sigma(torch.full((x.shape[0],), t))
+        return mp.model.apply_model(x.to(mp.model.get_dtype()), sigma, c_crossattn=ctx.to(mp.model.get_dtype())).float()
+
+
+def make_lord(mp, seed=1, random_up=0.05, preset="attn"):
+    lord = patch.init_lord_for_model(mp, preset=preset, random_up=random_up, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for w in lord.targets.values():
+        w.gate_b2 = torch.randn(1, generator=g)  # a gate that is not 0.5 everywhere
+    return lord
+
+
+def explicit_delta(x, w, gate=None):
+    """Straightforward LoRD (DESIGN.md eq.): v = sBAx, lam = sigmoid(W2 silu(W1 v + b1) + b2)."""
+    x = x.float()
+    s = w.alpha / w.down.shape[0]
+    if w.down.dim() == 4:
+        raise NotImplementedError
+    u = x @ w.down.T
+    v = s * u @ w.up.T
+    h = v @ w.gate_w1.T + w.gate_b1
+    lam = torch.sigmoid((h * torch.sigmoid(h)) @ w.gate_w2.T + w.gate_b2) if gate is None else torch.full_like(v[..., :1], gate)
+    return v + lam * s * (u @ w.up_defense.T)
+
+
+def reference_model(mp, lords, lora_sd=None, lora_strength=1.0):
+    """A deep copy of the base model with explicit hooks (and a stock LoRA merged by hand)."""
+    mm.unload_all_models()  # a loaded clone holds patched weights in the shared model
+    ref = copy.deepcopy(mp.model)
+    names = patch.unet_names(mp)
+    if lora_sd:
+        for key in [k for k in lora_sd if k.endswith(".lora_down.weight")]:
+            name = key[: -len(".lora_down.weight")]
+            mod = comfy.utils.get_attr(ref.diffusion_model, names[name])
+            down, up = lora_sd[key].float(), lora_sd[f"{name}.lora_up.weight"].float()
+            scale = float(lora_sd[f"{name}.alpha"]) / down.shape[0]
+            with torch.no_grad():
+                mod.weight += (lora_strength * scale * up @ down).to(mod.weight.dtype)
+    for lord, strength, gate in lords:
+        for name, w in lord.targets.items():
+            mod = comfy.utils.get_attr(ref.diffusion_model, names[name])
+            mod.register_forward_hook(lambda m, a, out, w=w, s=strength, g=gate: out + (s * explicit_delta(a[0], w, g)).to(out.dtype))
+    return ref
+
+
+def ref_forward(ref, x, ctx, t=500.0):
+    with torch.no_grad():
+        sigma = ref.model_sampling.sigma(torch.full((x.shape[0],), t))
+        return ref.apply_model(x, sigma, c_crossattn=ctx).float()
+
+
+def random_lora_sd(lord, seed=7, rank=4):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, w in list(lord.targets.items())[::2]:
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.in_features, generator=g) * 0.1
+        sd[f"{name}.lora_up.weight"] = torch.randn(w.out_features, rank, generator=g) * 0.1
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    return sd
+
+
+@pytest.mark.parametrize("implementation", ["plain", "fused"])
+def test_exact_math_against_explicit_computation(tiny_model, implementation):
+    lord = make_lord(tiny_model)
+    x, ctx = inputs()
+    out = forward(patch.apply_lord(tiny_model, lord, 0.8, "learned", implementation), x, ctx)
+    ref = ref_forward(reference_model(tiny_model, [(lord, 0.8, None)]), x, ctx)
+    base = forward(tiny_model, x, ctx)
+    assert (out - base).abs().max() > 1e-2  # the LoRD really changes the output
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["plain", "fused"])
+def test_composes_exactly_with_stock_lora(tiny_model, implementation):
+    """Eq. 10: base + LoRD (gated, live) + a stock LoRA weight patch, in either order."""
+    lord = make_lord(tiny_model)
+    lora_sd = random_lora_sd(lord)
+    x, ctx = inputs()
+    lord_then_lora = comfy.sd.load_lora_for_models(patch.apply_lord(tiny_model, lord, 1.0, "learned", implementation),
+                                                   None, lora_sd, 0.7, 0)[0]
+    lora_then_lord = patch.apply_lord(comfy.sd.load_lora_for_models(tiny_model, None, lora_sd, 0.7, 0)[0], lord, 1.0,
+                                      "learned", implementation)
+    ref = ref_forward(reference_model(tiny_model, [(lord, 1.0, None)], lora_sd, 0.7), x, ctx)
+    torch.testing.assert_close(forward(lord_then_lora, x, ctx), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(forward(lora_then_lord, x, ctx), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate_mode", ["learned", "clean", "defense"])
+def test_fused_equals_plain_and_forced_gates(tiny_model, gate_mode):
+    lord = make_lord(tiny_model)
+    x, ctx = inputs()
+    plain = forward(patch.apply_lord(tiny_model, lord, 1.0, gate_mode, "plain"), x, ctx)
+    fused_model = patch.apply_lord(tiny_model, lord, 1.0, gate_mode, "fused")
+    fused = forward(fused_model, x, ctx)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    if gate_mode != "learned":  # forced gates: a pure weight patch, no hook at run time
+        gate = {"clean": 0.0, "defense": 1.0}[gate_mode]
+        ref = ref_forward(reference_model(tiny_model, [(lord, 1.0, gate)]), x, ctx)
+        torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-4)
+        assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
+
+
+def test_two_lord_files_stack(tiny_model):
+    a, b = make_lord(tiny_model, seed=1), make_lord(tiny_model, seed=2)
+    x, ctx = inputs()
+    stacked = patch.apply_lord(patch.apply_lord(tiny_model, a, 1.0, "learned", "fused"), b, 0.5, "learned", "plain")
+    ref = ref_forward(reference_model(tiny_model, [(a, 1.0, None), (b, 0.5, None)]), x, ctx)
+    torch.testing.assert_close(forward(stacked, x, ctx), ref, rtol=1e-4, atol=1e-4)
+    assert len(patch.lord_injections(stacked)) == 2
+
+
+def test_input_model_untouched_bit_for_bit(tiny_model):
+    x, ctx = inputs()
+    before = forward(tiny_model, x, ctx)
+    patches_before = dict(tiny_model.patches)
+    lorded = patch.apply_lord(tiny_model, make_lord(tiny_model), 1.0, "learned", "fused")
+    latent = torch.zeros(1, 4, 8, 8)
+    cond = [[torch.randn(1, 77, CTX), {}]]
+    comfy.sample.sample(lorded, comfy.sample.prepare_noise(latent, 0), 3, 5.0, "euler", "normal", cond, cond, latent,
+                        disable_pbar=True)
+    after = forward(tiny_model, x, ctx)
+    assert torch.equal(before, after)
+    assert tiny_model.patches == patches_before and tiny_model.injections == {}
+    assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
+
+
+def test_hooks_fire_once_per_forward_and_are_removed_on_eject(tiny_model):
+    lord = make_lord(tiny_model)
+    lorded = patch.apply_lord(tiny_model, lord, 1.0, "learned", "fused")
+    names = patch.unet_names(tiny_model)
+    x, ctx = inputs()
+    with patch.recording_gates(lorded) as (clone, records):
+        forward(clone, x, ctx)
+        counts = {}
+        for name, lam in records:
+            counts[name] = counts.get(name, 0) + 1
+        assert counts == {n: 1 for n in lord.targets}
+        for n in lord.targets:
+            assert len(comfy.utils.get_attr(clone.model.diffusion_model, names[n])._forward_hooks) == 1
+    mm.unload_all_models()
+    assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
+    # inject/eject are idempotent
+    inj = patch.lord_injections(lorded)[0][1]
+    inj.inject(lorded)
+    inj.inject(lorded)
+    assert sum(len(m._forward_hooks) for m in tiny_model.model.diffusion_model.modules()) == len(lord.targets)
+    inj.eject(lorded)
+    inj.eject(lorded)
+    assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
+
+
+def test_gate_records_are_per_token(tiny_model):
+    lord = make_lord(tiny_model)
+    x, ctx = inputs(batch=2, size=16)
+    with patch.recording_gates(patch.apply_lord(tiny_model, lord, 1.0, "clean", "fused")) as (clone, records):
+        forward(clone, x, ctx)
+    by_name = dict(records)
+    q = by_name["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    assert q.shape == (2, 256, 1) and q.unique().numel() > 100  # learned gate recorded, one per token
+    k2 = by_name["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"]
+    assert k2.shape == (2, 77, 1)  # cross-attention k/v see text tokens
+
+
+@pytest.mark.parametrize("route", ["partially_load", "patch_model"])
+def test_lowvram_partial_load_gives_same_output(tiny_model, route):
+    """ComfyUI's partial loading (weights cast and patched per layer at run time) changes nothing."""
+    lord = make_lord(tiny_model)
+    lora_sd = random_lora_sd(lord)
+    model = comfy.sd.load_lora_for_models(patch.apply_lord(tiny_model, lord, 1.0, "learned", "fused"), None, lora_sd, 1.0, 0)[0]
+    x, ctx = inputs()
+    full = forward(model, x, ctx)
+    mm.unload_all_models()
+    if route == "partially_load":  # what LoadedModel.model_load does when VRAM is short
+        model.partially_load(torch.device("cpu"), extra_memory=1)
+    else:
+        model.patch_model(torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        assert model.model.model_lowvram and model.model.lowvram_patch_counter > 0
+        with torch.no_grad():
+            sigma = model.model.model_sampling.sigma(torch.full((x.shape[0],), 500.0))
+            low = model.model.apply_model(x, sigma, c_crossattn=ctx).float()
+    finally:
+        model.unpatch_model(torch.device("cpu"))
+    torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
+    assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_base_model(dtype):
+    m32 = tiny.build_tiny_model_patcher(seed=3)
+    mlow = tiny.build_tiny_model_patcher(seed=3, dtype=dtype)
+    lord = make_lord(m32, random_up=0.1)
+    x, ctx = inputs()
+    lorded = patch.apply_lord(mlow, lord, 1.0, "learned", "fused")
+    out_low, base_low = forward(lorded, x, ctx), forward(mlow, x, ctx)
+    out32, base32 = forward(patch.apply_lord(m32, lord, 1.0, "learned", "fused"), x, ctx), forward(m32, x, ctx)
+    assert mlow.model.get_dtype() == dtype and torch.isfinite(out_low).all()
+    inj = patch.lord_injections(lorded)[0][1]
+    assert all(t.dtype == torch.float32 for t in vars(inj.runtime_on(next(iter(lord.targets)), torch.device("cpu"))).values()
+               if isinstance(t, torch.Tensor))
+    delta_low, delta32 = out_low - base_low, out32 - base32
+    rel = (delta_low - delta32).norm() / delta32.norm()
+    assert rel < 0.1, rel
+
+
+def test_wrong_family_and_shapes_are_refused(tiny_model, tmp_path):
+    lord = make_lord(tiny_model)
+    lord.base_family = "sdxl"
+    with pytest.raises(LoRDFileError, match="'sdxl' model, but the MODEL is 'sd1'"):
+        patch.apply_lord(tiny_model, lord)
+    other = tiny.build_tiny_model_patcher(seed=0, model_channels=64)
+    with pytest.raises(LoRDFileError, match="base weight of shape"):
+        patch.apply_lord(other, make_lord(tiny_model))
+    assert tiny_model.injections == {}
+
+
+def test_conv_targets(tiny_model):
+    lord = make_lord(tiny_model, preset="attn+proj")
+    assert any(n.endswith("proj_in") for n in lord.targets)
+    assert lord.targets["lora_unet_down_blocks_0_attentions_0_proj_in"].is_conv
+    x, ctx = inputs()
+    plain = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", "plain"), x, ctx)
+    fused = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", "fused"), x, ctx)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
