@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..lord_ops.detect import adversarial_scores, colorize, gate_heatmap, gate_maps
 
@@ -83,4 +83,5 @@ class LoRDDetect(io.ComfyNode):
             "timestep": timestep,
             "layers": {n: round(float(m.mean()), 6) for n, m in sorted(maps.items())},
         }
-        return io.NodeOutput(colorize(heat).cpu(), heat.cpu(), float(scores.mean()), json.dumps(report))
+        text = json.dumps(report)
+        return io.NodeOutput(colorize(heat).cpu(), heat.cpu(), float(scores.mean()), text, ui=ui.PreviewText(text))

@@ -1,0 +1,153 @@
+"""Through a real ComfyUI server on 127.0.0.1 with the pack installed as a custom node."""
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import comfy.sd
+
+from comfyui_lord.lord_ops import format as fmt
+from comfyui_lord.lord_ops.comfy import patch
+from training.comfy_runtime import ComfyServer
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+CKPT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
+
+
+def write_bad_files(lord_dir: Path, good: Path, marker: Path) -> dict[str, str]:
+    """Broken LoRD files; returns {file name: fragment of the message the user must see}."""
+    data = good.read_bytes()
+    (lord_dir / "bad_empty.safetensors").write_bytes(b"")
+    (lord_dir / "bad_truncated.safetensors").write_bytes(data[: len(data) // 3])
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (lord_dir / "bad_pickle.safetensors").write_bytes(pickle.dumps(Payload()))
+    with safetensors.safe_open(str(good), "pt") as f:
+        meta, sd = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    first = json.loads(meta["targets"])[0]
+    nan_sd = dict(sd)
+    nan_sd[f"{first}.lord_gate.0.weight"] = sd[f"{first}.lord_gate.0.weight"].clone().fill_(float("inf"))
+    safetensors.torch.save_file(nan_sd, str(lord_dir / "bad_nan.safetensors"), metadata=meta)
+    safetensors.torch.save_file(sd, str(lord_dir / "bad_family.safetensors"), metadata=dict(meta, base_family="sdxl"))
+    # consistent file whose adapters are twice as wide as the model's layers
+    lord = fmt.load_lord_file(good)
+    for w in lord.targets.values():
+        w.down = torch.cat([w.down, w.down], dim=1)
+    fmt.save_lord_file(lord_dir / "bad_shapes.safetensors", lord)
+    return {
+        "bad_empty.safetensors": "empty",
+        "bad_truncated.safetensors": "truncated",
+        "bad_pickle.safetensors": "pickle",
+        "bad_nan.safetensors": "NaN or Inf",
+        "bad_family.safetensors": "made for a 'sdxl' model, but the MODEL is 'sd1'",
+        "bad_shapes.safetensors": "base weight of shape",
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sd15_checkpoint, comfyui_path):
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = base / "models"
+    for sub in ("checkpoints", "lord", "loras"):
+        (models / sub).mkdir(parents=True)
+    (models / "checkpoints" / CKPT_NAME).symlink_to(sd15_checkpoint)
+    model = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=False, output_clip=False)[0]
+    lord = patch.init_lord_for_model(model, random_up=0.05, seed=1, provenance={"made_by": "tests"})
+    good = fmt.save_lord_file(models / "lord" / "lord_sd15.safetensors", lord)
+    g = torch.Generator().manual_seed(5)
+    fmt.save_kohya_lora(models / "loras" / "lord_stage2_sks.safetensors", {
+        n: (torch.randn(4, w.in_features, generator=g) * 0.1, torch.randn(w.out_features, 4, generator=g) * 0.1, 4.0)
+        for n, w in lord.targets.items()})
+    marker = base / "pickle_was_executed"
+    bad = write_bad_files(models / "lord", good, marker)
+    (base / "input").mkdir()
+    shutil.copy(comfyui_path / "input" / "example.png", base / "input" / "example.png")
+    extra = base / "extra_lord"
+    extra.mkdir()
+    shutil.copy(good, extra / "from_extra_paths.safetensors")
+    (extra / "notes.txt").write_text("not a model")
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(f"lord_test:\n    base_path: {base}\n    lord: extra_lord\n")
+    srv = ComfyServer(base, comfyui=comfyui_path, extra_model_paths=yaml)
+    srv.start()
+    srv.bad_files, srv.marker = bad, marker
+    yield srv
+    srv.stop()
+
+
+def generation_prompt(lord_name="lord_sd15.safetensors", gate_mode="learned", lora="None", seed=0):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "2": {"class_type": "LoRDLoader", "inputs": {"model": ["1", 0], "lord_name": lord_name, "strength": 1.0,
+                                                     "gate_mode": gate_mode, "implementation": "fused",
+                                                     "lora_name": lora, "lora_strength": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks person"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": seed, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "test/lord"}},
+    }
+
+
+def error_message(entry) -> str:
+    for kind, data in entry["status"]["messages"]:
+        if kind == "execution_error":
+            return data["exception_message"]
+    raise AssertionError(f"no execution_error in {entry['status']}")
+
+
+def test_nodes_and_files_in_object_info(server):
+    info = server.object_info()
+    assert {"LoRDLoader", "LoRDDetect"} <= set(info)
+    loader = info["LoRDLoader"]
+    assert loader["category"] == "loaders/LoRD"
+    lord_opts = json.dumps(loader["input"]["required"]["lord_name"])
+    assert "lord_sd15.safetensors" in lord_opts
+    assert "from_extra_paths.safetensors" in lord_opts  # extra_model_paths.yaml entry kept
+    assert "notes.txt" not in lord_opts  # .safetensors only
+    assert "lord_stage2_sks.safetensors" in json.dumps(loader["input"]["required"]["lora_name"])
+    assert set(info["LoRDDetect"]["output_name"]) == {"heatmap", "gate_mask", "score", "report"}
+
+
+def test_generation_with_lord_and_lora(server):
+    entry = server.run_prompt(generation_prompt(lora="lord_stage2_sks.safetensors"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["7"]["images"]
+    assert (server.base_dir / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+
+
+@pytest.mark.parametrize("bad_name", ["bad_empty.safetensors", "bad_truncated.safetensors", "bad_pickle.safetensors",
+                                      "bad_nan.safetensors", "bad_family.safetensors", "bad_shapes.safetensors"])
+def test_bad_lord_files_fail_cleanly(server, bad_name):
+    entry = server.run_prompt(generation_prompt(lord_name=bad_name, seed=1))
+    assert entry["status"]["status_str"] == "error"
+    message = error_message(entry)
+    assert bad_name in message and server.bad_files[bad_name] in message, message
+    assert not server.marker.exists(), "a pickle in a LoRD file was executed"
+    # the server keeps serving and the next prompt succeeds
+    ok = server.run_prompt(generation_prompt(seed=2))
+    assert ok["status"]["status_str"] == "success"
+
+
+def test_bad_lora_input_fails_cleanly(server):
+    lora_dir = server.base_dir / "models" / "loras"
+    shutil.copy(server.base_dir / "models" / "lord" / "bad_pickle.safetensors", lora_dir / "evil_lora.safetensors")
+    try:
+        info = server.get("/object_info/LoRDLoader")  # refreshes the file lists
+        assert "evil_lora.safetensors" in json.dumps(info)
+        entry = server.run_prompt(generation_prompt(lora="evil_lora.safetensors", seed=3))
+        assert entry["status"]["status_str"] == "error"
+        assert "LoRA file" in error_message(entry) and "pickle" in error_message(entry)
+        assert not server.marker.exists()
+    finally:
+        (lora_dir / "evil_lora.safetensors").unlink()
