@@ -151,3 +151,29 @@ def test_bad_lora_input_fails_cleanly(server):
         assert not server.marker.exists()
     finally:
         (lora_dir / "evil_lora.safetensors").unlink()
+
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def test_workflow_conversion_uses_object_info(server):
+    from training.workflow_api import load_workflow, ui_to_api
+
+    api = ui_to_api(load_workflow(ROOT / "workflows" / "lord_defended_generation.json"), server.object_info())
+    by_type = {n["class_type"]: n["inputs"] for n in api.values()}
+    assert "Note" not in by_type
+    assert by_type["KSampler"]["seed"] == 42 and by_type["KSampler"]["steps"] == 20  # "fixed" control value skipped
+    assert by_type["LoRDLoader"]["gate_mode"] == "learned" and by_type["LoRDLoader"]["implementation"] == "fused"
+    assert by_type["LoraLoader"]["model"][0] in api and api[by_type["LoraLoader"]["model"][0]]["class_type"] == "LoRDLoader"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_every_shipped_workflow_runs_unchanged(server, workflow):
+    from training.workflow_api import run_workflow
+
+    entry = run_workflow(server, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert saved
+    for img in saved:
+        assert (server.base_dir / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
