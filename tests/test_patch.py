@@ -252,3 +252,31 @@ def test_conv_targets(tiny_model):
     plain = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", "plain"), x, ctx)
     fused = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", "fused"), x, ctx)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_families(family):
+    """SD1.x (conv proj), SD2.x (linear proj) and SDXL (linear proj, ADM input) UNets."""
+    mp = tiny.build_model_patcher(tiny.family_unet_config(family), seed=4, family=family)
+    assert patch.model_family(mp) == family
+    lord = make_lord(mp, preset="attn+proj")
+    proj_in = lord.targets["lora_unet_down_blocks_1_attentions_0_proj_in"]
+    assert proj_in.is_conv == (family == "sd1")
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0" in lord.targets
+    assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in lord.targets) == (family != "sdxl")
+    x, ctx = inputs()
+    extra = {"y": torch.randn(2, 2816)} if family == "sdxl" else {}
+
+    def run(m):
+        mm.load_models_gpu([m])
+        with torch.no_grad():
+            return m.model.apply_model(x, m.model.model_sampling.sigma(torch.full((2,), 400.0)), c_crossattn=ctx, **extra)
+
+    base = run(mp)
+    plain = run(patch.apply_lord(mp, lord, 1.0, "learned", "plain"))
+    fused = run(patch.apply_lord(mp, lord, 1.0, "learned", "fused"))
+    assert (plain - base).abs().max() > 1e-2
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    other = "sdxl" if family != "sdxl" else "sd1"
+    with pytest.raises(LoRDFileError, match=f"made for a '{family}' model"):
+        patch.apply_lord(tiny.build_model_patcher(tiny.family_unet_config(other), family=other), lord)

@@ -60,9 +60,30 @@ def init_module_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+def family_unet_config(family: str, dtype: torch.dtype = torch.float32) -> dict:
+    """Tiny UNet configs with the layer types of each family: ``sd1`` (conv proj_in/out, heads by
+    count), ``sd2`` (linear proj_in/out, 64-channel heads) and ``sdxl`` (linear proj, no attention
+    at the first level, ADM vector input of 2816)."""
+    if family == "sd1":
+        return sd15_unet_config(dtype=dtype)
+    if family == "sd2":
+        cfg = sd15_unet_config(64, (1, 2), 1, 64, dtype=dtype)
+        cfg.update(use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
+        return cfg
+    if family == "sdxl":
+        cfg = sd15_unet_config(32, (1, 2), 1, 64, dtype=dtype)
+        cfg.update(use_linear_in_transformer=True, num_heads=-1, num_head_channels=32, adm_in_channels=2816, num_classes="sequential",
+                   transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
+        return cfg
+    raise ValueError(f"unknown family {family!r}")
+
+
+_FAMILY_CONFIGS = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
+
+
 def build_model_patcher(unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
-                        manual_cast_dtype: torch.dtype | None = None):
-    """A ``ModelPatcher`` around a random SD15-family ``BaseModel`` on the CPU.
+                        manual_cast_dtype: torch.dtype | None = None, family: str = "sd1"):
+    """A ``ModelPatcher`` around a random ``BaseModel`` of ``family`` (sd1/sd2/sdxl) on the CPU.
 
     ``dtype`` is the storage dtype of the UNet weights; ``manual_cast_dtype`` the compute dtype
     ComfyUI should cast them to (``None``: compute in ``dtype``).
@@ -71,7 +92,8 @@ def build_model_patcher(unet_config: dict, seed: int = 0, dtype: torch.dtype = t
     import comfy.supported_models
 
     cfg = dict(unet_config, dtype=dtype)
-    model_config = comfy.supported_models.SD15(cfg)
+    model_config = getattr(comfy.supported_models, _FAMILY_CONFIGS[family])(cfg)
+    model_config.unet_config.update({k: v for k, v in cfg.items() if k in ("num_heads", "num_head_channels")})
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
     with torch.inference_mode(False):
         model = model_config.get_model({}, device=torch.device("cpu"))
