@@ -58,6 +58,20 @@ class LoRDLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lord_name, lora_name=NO_LORA, **_):
+        """Re-run when a chosen file changes on disk (ComfyUI otherwise caches by file name)."""
+        import folder_paths
+
+        def stamp(folder, name):
+            path = folder_paths.get_full_path(folder, name) if name and name != NO_LORA else None
+            if not path or not os.path.exists(path):
+                return None
+            st = os.stat(path)
+            return (path, st.st_size, st.st_mtime_ns)
+
+        return (stamp("lord", lord_name), stamp("loras", lora_name))
+
+    @classmethod
     def execute(cls, model, lord_name, strength, gate_mode, implementation, lora_name=NO_LORA, lora_strength=1.0):
         import comfy.sd
         import comfy.utils

@@ -177,3 +177,15 @@ def test_every_shipped_workflow_runs_unchanged(server, workflow):
     assert saved
     for img in saved:
         assert (server.base_dir / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
+
+
+def test_replaced_file_is_reloaded(server):
+    """A file overwritten under the same name is re-validated, not served from ComfyUI's cache."""
+    lord_dir = server.base_dir / "models" / "lord"
+    swap = lord_dir / "swap.safetensors"
+    shutil.copy(lord_dir / "lord_sd15.safetensors", swap)
+    server.get("/object_info/LoRDLoader")
+    assert server.run_prompt(generation_prompt("swap.safetensors", seed=9))["status"]["status_str"] == "success"
+    shutil.copy(lord_dir / "bad_nan.safetensors", swap)
+    entry = server.run_prompt(generation_prompt("swap.safetensors", seed=9))
+    assert entry["status"]["status_str"] == "error" and "NaN or Inf" in error_message(entry)
