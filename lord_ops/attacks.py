@@ -142,16 +142,19 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
     if config.method in _NEEDS_UNET and (predict_noise is None or alphas_cumprod is None):
         raise ValueError(f"method {config.method!r} needs predict_noise and alphas_cumprod")
     g = torch.Generator(device="cpu").manual_seed(config.seed)
-    original = images.detach().float().clamp(0, 1)
     step = levels_to_unit(config.step_size)
     direction = -1.0 if _MINIMISE[config.method] else 1.0
-    x = original.clone()
-    if config.random_start:
-        eps = levels_to_unit(config.epsilon)
-        x = project(x + (torch.rand(x.shape, generator=g) * 2 - 1).to(x.device) * eps, original, config.epsilon)
     trace: list[float] = []
     t_hi = min(config.t_max, (len(alphas_cumprod) - 1) if alphas_cumprod is not None else config.t_max)
+    # ComfyUI runs nodes under inference_mode: everything that autograd touches is created here
     with torch.inference_mode(False), torch.enable_grad():
+        original = images.detach().float().clamp(0, 1).clone()
+        if target_latent is not None:
+            target_latent = target_latent.detach().clone()
+        x = original.clone()
+        if config.random_start:
+            eps = levels_to_unit(config.epsilon)
+            x = project(x + (torch.rand(x.shape, generator=g) * 2 - 1).to(x.device) * eps, original, config.epsilon)
         for i in range(config.steps):
             t = noise = None
             if config.method in _NEEDS_UNET:

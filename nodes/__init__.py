@@ -5,11 +5,12 @@ import os
 
 from comfy_api.latest import ComfyExtension, io
 
+from .attack import LoRDProtect
 from .detect import LoRDDetect
 from .loaders import LoRDLoader
 
 LORD_FOLDER = "lord"
-NODES = [LoRDLoader, LoRDDetect]
+NODES = [LoRDLoader, LoRDDetect, LoRDProtect]
 
 
 def register_model_folder() -> None:

@@ -1,0 +1,61 @@
+"""Run the attack engine on ComfyUI models (shared by the Protect node and the batch CLI)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..attacks import AttackConfig, AttackResult, quantize_uint8, run_attack
+from . import grad
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad ``[B, C, H, W]`` on the bottom/right to a multiple; returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)
+
+
+def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, config: AttackConfig,
+                   target_bhwc: Optional[torch.Tensor] = None,
+                   on_step: Optional[Callable[[int, int, float, torch.Tensor], None]] = None) -> tuple[torch.Tensor, list]:
+    """Perturb ComfyUI IMAGEs ``[B, H, W, C]`` in [0, 1] one image at a time.
+
+    Sizes that are not a multiple of 8 are replicate-padded for the attack and cropped back; the
+    result is quantised to 8 bits within ``floor(epsilon)`` levels of the input. Image ``i`` uses
+    seed ``config.seed + i``. ``on_step(image_index, step, loss, current [1, 3, H, W])``.
+    Returns ``(perturbed [B, H, W, 3] in [0, 1], per-image loss traces)``.
+    """
+    grad.load_for_gradients(model_patcher if config.method != "photoguard" else None, vae)
+    encode = grad.latent_encoder(vae, model_patcher)
+    acp = grad.alphas_cumprod(model_patcher) if config.method != "photoguard" else None
+    target = None if target_bhwc is None else target_bhwc[..., :3].movedim(-1, 1).float()
+    outs, traces = [], []
+    for i in range(images_bhwc.shape[0]):
+        with torch.inference_mode(False):
+            img = images_bhwc[i:i + 1, ..., :3].movedim(-1, 1).float().clone()
+            padded, (h, w) = pad_to_multiple(img)
+            tgt_img = None if target is None else target[min(i, target.shape[0] - 1):][:1]
+            target_latent = None
+            if config.method != "pgd":
+                target_latent = (grad.encode_target(vae, model_patcher, tgt_img, padded)
+                                 if config.method != "photoguard" or tgt_img is not None else None)
+            predict = (grad.noise_predictor(model_patcher, conditioning, tuple(padded.shape[-2:]))
+                       if config.method != "photoguard" else None)
+            cfg_i = AttackConfig(**{**config.__dict__, "seed": config.seed + i})
+            step_cb = (lambda s, loss, cur, i=i: on_step(i, s, loss, cur[..., :h, :w])) if on_step else None
+            result: AttackResult = run_attack(padded, cfg_i, encode, predict, acp, target_latent, step_cb)
+            adv = result.images[..., :h, :w]
+            q = quantize_uint8(adv, img, config.epsilon).float() / 255.0
+        outs.append(q.movedim(1, -1))
+        traces.append(result.loss_trace)
+    return torch.cat(outs, dim=0), traces
+
+
+def perturbation_view(original_bhwc: torch.Tensor, perturbed_bhwc: torch.Tensor, epsilon_levels: float) -> torch.Tensor:
+    """Signed perturbation as an IMAGE: mid-grey = unchanged, +/-epsilon -> white/black."""
+    delta = perturbed_bhwc[..., :3].float() - original_bhwc[..., :3].float()
+    return (0.5 + 0.5 * delta / (epsilon_levels / 255.0)).clamp(0, 1)

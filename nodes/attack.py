@@ -1,0 +1,71 @@
+"""LoRD Protect (Attack): PGD/AdvDM, ACE, ACE+ and PhotoGuard perturbations of IMAGEs."""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from ..lord_ops.attacks import METHODS, AttackConfig, published_to_levels
+
+
+class LoRDProtect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRDProtect",
+            display_name="LoRD Protect / Attack",
+            category="LoRD",
+            description="Add an adversarial perturbation to images: ACE/ACE+ (mist-v2) and PhotoGuard protect "
+                        "images from LoRA fine-tuning and editing; PGD (AdvDM/Anti-DreamBooth) is the "
+                        "perturbation LoRD trains against. Strength is in pixel levels (0..255).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the perturbation targets (not used by photoguard)."),
+                io.Vae.Input("vae"),
+                io.Conditioning.Input("positive", tooltip="Prompt conditioning, e.g. 'a photo of a person'."),
+                io.Image.Input("image"),
+                io.Combo.Input("method", options=list(METHODS), default="ace",
+                               tooltip="pgd: maximise the denoising loss; ace: pull the noise prediction to the "
+                                       "target latent; ace_plus: ace + latent pull; photoguard: encoder attack."),
+                io.Float.Input("strength", default=round(published_to_levels(8 / 255), 3), min=0.5, max=64.0, step=0.5,
+                               tooltip="L-inf budget in pixel levels 0..255 (mist-v2 default = 4)."),
+                io.Float.Input("step_size", default=round(published_to_levels(0.005), 4), min=0.05, max=16.0, step=0.05,
+                               tooltip="Step per iteration in pixel levels."),
+                io.Int.Input("steps", default=30, min=1, max=10000),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Boolean.Input("low_memory", default=False, tooltip="Encode without a graph, back-propagate "
+                                                                     "through a checkpointed re-encode (less VRAM)."),
+                io.Image.Input("target", optional=True, tooltip="ACE/ACE+/PhotoGuard target image; default: the "
+                                                               "pack's high-contrast pattern (photoguard: zero latent)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="Perturbed images (8-bit exact, within strength)."),
+                io.Image.Output(display_name="perturbation", tooltip="Grey = unchanged; white/black = +/- strength."),
+                io.String.Output(display_name="report", tooltip="JSON: parameters and per-image loss traces."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, positive, image, method, strength, step_size, steps, seed, low_memory, target=None):
+        import comfy.model_management
+        import comfy.utils
+        from PIL import Image
+
+        from ..lord_ops.comfy.protect import perturbation_view, protect_images
+
+        config = AttackConfig(method=method, epsilon=float(strength), step_size=float(step_size), steps=int(steps),
+                              seed=int(seed), low_memory=bool(low_memory)).validate()
+        total = steps * image.shape[0]
+        pbar = comfy.utils.ProgressBar(total)
+
+        def on_step(index, step, loss, current):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            preview = None
+            if step == steps - 1 or step % 10 == 0:
+                arr = (current[0].movedim(0, -1).clamp(0, 1) * 255).byte().cpu().numpy()
+                preview = ("JPEG", Image.fromarray(arr), 512)
+            pbar.update_absolute(index * steps + step + 1, total, preview)
+
+        perturbed, traces = protect_images(model, vae, positive, image, config, target, on_step)
+        report = {"method": method, "strength_levels": strength, "step_size_levels": step_size, "steps": steps,
+                  "seed": seed, "loss_traces": [[round(v, 6) for v in t] for t in traces]}
+        return io.NodeOutput(perturbed, perturbation_view(image, perturbed, strength), json.dumps(report))
