@@ -70,6 +70,11 @@ def server(tmp_path_factory, sd15_checkpoint, comfyui_path):
     bad = write_bad_files(models / "lord", good, marker)
     (base / "input").mkdir()
     shutil.copy(comfyui_path / "input" / "example.png", base / "input" / "example.png")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(11)
+    pixels = (torch.rand(44, 36, 3, generator=g) * 255).byte().numpy()
+    Image.fromarray(pixels).save(base / "input" / "protect_me.png")
     extra = base / "extra_lord"
     extra.mkdir()
     shutil.copy(good, extra / "from_extra_paths.safetensors")
@@ -189,3 +194,53 @@ def test_replaced_file_is_reloaded(server):
     shutil.copy(lord_dir / "bad_nan.safetensors", swap)
     entry = server.run_prompt(generation_prompt("swap.safetensors", seed=9))
     assert entry["status"]["status_str"] == "error" and "NaN or Inf" in error_message(entry)
+
+
+def protect_prompt(steps: int, seed: int = 0):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a person"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "protect_me.png"}},
+        "4": {"class_type": "LoRDProtect", "inputs": {"model": ["1", 0], "vae": ["1", 2], "positive": ["2", 0],
+                                                      "image": ["3", 0], "method": "ace", "strength": 4.0,
+                                                      "step_size": 1.0, "steps": steps, "seed": seed,
+                                                      "low_memory": False}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "test/protected"}},
+    }
+
+
+def test_protect_through_server_keeps_budget(server):
+    """The server runs prompts under inference_mode: the attack must still get gradients."""
+    import numpy as np
+    from PIL import Image
+
+    entry = server.run_prompt(protect_prompt(steps=3))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    img = entry["outputs"]["5"]["images"][0]
+    out = np.asarray(Image.open(server.base_dir / "output" / img["subfolder"] / img["filename"])).astype(int)
+    src = np.asarray(Image.open(server.base_dir / "input" / "protect_me.png")).astype(int)
+    assert out.shape == src.shape and 1 <= np.abs(out - src).max() <= 4
+
+
+def test_cancel_stops_an_attack_quickly(server):
+    import time
+
+    status, body = server.post("/prompt", {"prompt": protect_prompt(steps=10000, seed=5)})
+    assert status == 200
+    prompt_id = body["prompt_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not server.get("/queue")["queue_running"]:
+        time.sleep(0.2)
+    time.sleep(3.0)  # let it get into the step loop
+    t0 = time.time()
+    server.post("/interrupt", {})
+    while time.time() < deadline:
+        hist = server.get(f"/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id]["status"].get("completed") is not None:
+            break
+        time.sleep(0.1)
+    stopped_after = time.time() - t0
+    kinds = [kind for kind, _ in hist[prompt_id]["status"]["messages"]]
+    assert "execution_interrupted" in kinds
+    assert stopped_after < 15, stopped_after  # one attack step on a 44x36 image is well under a second
+    assert server.run_prompt(generation_prompt(seed=12))["status"]["status_str"] == "success"
