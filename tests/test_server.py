@@ -68,8 +68,9 @@ def server(tmp_path_factory, sd15_checkpoint, comfyui_path):
         for n, w in lord.targets.items()})
     marker = base / "pickle_was_executed"
     bad = write_bad_files(models / "lord", good, marker)
-    (base / "input").mkdir()
-    shutil.copy(comfyui_path / "input" / "example.png", base / "input" / "example.png")
+    from training.demo import prepare_inputs
+
+    prepare_inputs(base / "input", comfyui_path / "input" / "example.png")  # what the shipped workflows read
     from PIL import Image
 
     g = torch.Generator().manual_seed(11)

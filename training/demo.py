@@ -5,7 +5,8 @@
    training (Stage-1/Stage-2) is not part of this release, so the images and scores show that the
    pipeline runs end to end, not a defense,
 3. starts the pinned real ComfyUI with this pack installed and runs every workflow in
-   ``workflows/`` unchanged through the HTTP API,
+   ``workflows/`` unchanged through the HTTP API (defended generation, detection, ACE protection
+   of the images in ``input/protect_me``),
 4. writes the images, the gate heatmap and ``summary.json`` to the output folder.
 """
 from __future__ import annotations
@@ -52,6 +53,19 @@ def prepare_models(base: Path, seed: int) -> dict:
             "lora_file": str(models / "loras" / LORA_NAME)}
 
 
+def prepare_inputs(input_dir: Path, example: Path) -> None:
+    """ComfyUI's bundled example.png for detection, and two small copies in ``input/protect_me``
+    (the folder the protect workflow reads; small so the CPU-only demo stays quick)."""
+    from PIL import Image
+
+    (input_dir / "protect_me").mkdir(parents=True, exist_ok=True)
+    shutil.copy(example, input_dir / "example.png")
+    with Image.open(example) as im:
+        im = im.convert("RGB")
+        im.resize((96, 96), Image.LANCZOS).save(input_dir / "protect_me" / "example_96.png")
+        im.crop((200, 150, 520, 390)).resize((80, 60), Image.LANCZOS).save(input_dir / "protect_me" / "crop_80x60.png")
+
+
 def collect_outputs(entry: dict, output_dir: Path, dest: Path, stem: str) -> tuple[list[str], list[dict]]:
     """Copy the images a prompt saved into ``dest``; return (copied paths, text outputs)."""
     copied, texts = [], []
@@ -89,8 +103,7 @@ def main(argv=None) -> int:
           "release):\n      the outputs show the pipeline running end to end, not a defense.")
     t0 = time.time()
     facts = prepare_models(base, args.seed)
-    (base / "input").mkdir(parents=True, exist_ok=True)
-    shutil.copy(comfy_root / "input" / "example.png", base / "input" / "example.png")
+    prepare_inputs(base / "input", comfy_root / "input" / "example.png")
     print(f"[demo] models ready in {time.time() - t0:.1f} s under {base / 'models'}")
 
     summary = {"note": "LoRD and LoRA weights are random (untrained); checkpoint is random.",
