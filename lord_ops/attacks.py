@@ -35,7 +35,7 @@ _NEEDS_UNET = {"pgd", "ace", "ace_plus"}
 
 def published_to_levels(value: float) -> float:
     """A perturbation size in the [-1, 1] image scale of the published codes -> pixel levels."""
-    return value * 127.5
+    return round(value * 127.5, 9)
 
 
 def levels_to_unit(levels: float) -> float:
@@ -146,6 +146,8 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
     direction = -1.0 if _MINIMISE[config.method] else 1.0
     trace: list[float] = []
     t_hi = min(config.t_max, (len(alphas_cumprod) - 1) if alphas_cumprod is not None else config.t_max)
+    if config.method in _NEEDS_UNET and config.t_min > t_hi:
+        raise ValueError(f"t_min={config.t_min} is past the model's last timestep {len(alphas_cumprod) - 1}")
     # ComfyUI runs nodes under inference_mode: everything that autograd touches is created here
     with torch.inference_mode(False), torch.enable_grad():
         original = images.detach().float().clamp(0, 1).clone()

@@ -129,6 +129,11 @@ def test_on_step_can_cancel(nets):
     assert seen == [0, 1]
 
 
+def test_timestep_range_checked_against_schedule(nets):
+    with pytest.raises(ValueError, match="last timestep 999"):
+        run(nets, images(), AttackConfig("pgd", steps=1, t_min=1200, t_max=1300))
+
+
 def test_ace_needs_target(nets):
     with pytest.raises(ValueError, match="target"):
         run(nets, images(), AttackConfig("ace", steps=1))
