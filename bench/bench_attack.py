@@ -1,0 +1,615 @@
+"""Cost of the LoRD Protect attack on SD1.5-geometry models: glue overhead, peak memory, time per image.
+
+Models: a random UNet with the real SD1.5 geometry (``tiny.sd15_full_unet_config()``, 860M parameters,
+fp32) and, by default, a random KL VAE with the real SD1.5 geometry (the stock ``AutoencoderKL``
+ddconfig, 83.7M parameters, built by ``comfy.sd.VAE`` from a state dict exactly as a checkpoint's VAE
+is; ``--vae taesd`` uses a random TAESD instead). Conditioning is a random ``[1, 77, 768]`` tensor.
+Nothing is downloaded.
+
+Measured:
+
+* **Iteration time**, ``glue`` vs ``bare``. ``glue`` = ``lord_ops.attacks.run_attack`` (method ace,
+  the mist-v2 step sizes) driven by the ComfyUI glue of ``lord_ops/comfy/grad.py``
+  (``load_for_gradients``, ``latent_encoder``, ``noise_predictor``, ``alphas_cumprod``,
+  ``encode_target``), run under ``torch.inference_mode()`` like ComfyUI's executor. ``bare`` = the same
+  iteration written directly against the two modules: ``vae.first_stage_model.encode`` with grad,
+  times the latent scale, DDPM noise at a random timestep (the same generator draws as
+  ``run_attack``), ``diffusion_model(z_t, t, context)``, MSE to the target latent, backward to the
+  pixels, sign step and projection. Both start from the same image and draw the same timesteps and
+  noise, so their first-step losses must agree (reported as a check). After one untimed warm-up
+  iteration each, R rounds run ``glue`` and ``bare`` N iterations each (order alternating); a run's
+  value is its wall time / N. Reported: medians, min-max, and the glue/bare ratio as the median of
+  per-round ratios. Shared machines: before each timed run the worker waits until other processes are
+  quiet, and a run during which they used >= ``--max-other-cpu`` cores is redone (``--retries``); the
+  timing workers pin glibc malloc (:func:`steady_malloc`) unless ``--stock-malloc``.
+* **Peak memory** of a 2-iteration glue attack with ``low_memory`` off and on, each in a fresh
+  subprocess. CPU: peak RSS during the attack minus RSS before it (Linux: the peak is reset through
+  ``/proc/self/clear_refs`` after the models are built and ``malloc_trim``'d; elsewhere the
+  ``ru_maxrss`` high-water mark, which can hide a peak lower than the build's). CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the allocation before the attack.
+* **Seconds per 512 px image** for ``attacks.PRESETS["mist_v2_ace"]`` (150 iterations), extrapolated
+  as 150 x the measured per-iteration time (plus nothing for the one-off target encode).
+
+    python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--md PATH]
+
+Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
+(a smoke run: tiny UNet, 64 px, 1 iteration) or ``--md ''``. The full run keeps to ``--budget-min``
+(default 15) minutes: a size whose projected cost does not fit is skipped and the section says so.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from training.comfy_runtime import ensure_comfyui_importable  # noqa: E402
+
+ensure_comfyui_importable()  # adds ComfyUI to sys.path, forces --cpu when no CUDA
+_spec = importlib.util.spec_from_file_location("comfyui_lord", ROOT / "__init__.py",
+                                               submodule_search_locations=[str(ROOT)])
+_pkg = importlib.util.module_from_spec(_spec)
+sys.modules["comfyui_lord"] = _pkg
+_spec.loader.exec_module(_pkg)
+from comfyui_lord.lord_ops import attacks  # noqa: E402
+from comfyui_lord.lord_ops.comfy import grad, tiny  # noqa: E402
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+
+MARK_START, MARK_END = "<!-- bench_attack:start -->", "<!-- bench_attack:end -->"
+PRESET = attacks.PRESETS["mist_v2_ace"]
+SD_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+CUDA = torch.cuda.is_available()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def build_vae(kind: str, seed: int = 2):
+    """A random VAE loaded by ``comfy.sd.VAE`` from a state dict (``kl``: SD1.5 AutoencoderKL geometry;
+    ``taesd``: TAESD). Returns (VAE, description)."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    with torch.inference_mode(False):
+        if kind == "kl":
+            net = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_DDCONFIG), embed_dim=4)
+            tiny.init_module_(net, seed)
+            sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+            desc = "random KL VAE, real SD1.5 geometry (AutoencoderKL ch 128, mult 1-2-4-4)"
+        elif kind == "taesd":
+            net = tiny.init_module_(comfy.taesd.taesd.TAESD(), seed)
+            with torch.no_grad():
+                net.vae_scale.fill_(1.0)
+                net.vae_shift.fill_(0.0)
+            sd = dict(net.state_dict())
+            desc = "random TAESD"
+        else:
+            raise ValueError(f"unknown VAE kind {kind!r}")
+        del net
+        vae = comfy.sd.VAE(sd=sd)
+    params = sum(p.numel() for p in vae.first_stage_model.parameters())
+    enc = sum(p.numel() for n, p in vae.first_stage_model.named_parameters()
+              if n.startswith(("encoder.", "quant_conv.", "taesd_encoder.")))
+    return vae, f"{desc}, {params / 1e6:.1f}M parameters ({enc / 1e6:.1f}M in the encoder), {vae.vae_dtype}"
+
+
+def build_unet(kind: str):
+    if kind == "sd15":
+        mp = tiny.build_model_patcher(tiny.sd15_full_unet_config(), seed=0)
+    elif kind == "tiny":
+        mp = tiny.build_tiny_model_patcher(seed=0)
+    else:
+        raise ValueError(f"unknown UNet kind {kind!r}")
+    params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
+    name = "random UNet, real SD1.5 geometry" if kind == "sd15" else "tiny random SD1.x UNet"
+    return mp, f"{name}, {params / 1e6:.1f}M parameters, fp32"
+
+
+def make_inputs(model_patcher, px: int, seed: int = 3):
+    """A smooth random image ``[1, 3, px, px]`` in [0, 1] and a random CONDITIONING."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = model_patcher.model.model_config.unet_config["context_dim"]
+    low = torch.rand(1, 3, max(px // 16, 2), max(px // 16, 2), generator=g)
+    img = torch.nn.functional.interpolate(low, size=(px, px), mode="bilinear", align_corners=False)
+    img = (0.8 * img + 0.2 * torch.rand(1, 3, px, px, generator=g)).clamp(0, 1)
+    cond = [[torch.randn(1, 77, ctx, generator=g) * 0.5, {}]]
+    return img, cond
+
+
+class Setup:
+    """Models loaded for gradients plus the glue callables and target latent for one image size."""
+
+    def __init__(self, unet: str, vae_kind: str, px: int):
+        t = time.perf_counter()
+        self.model, self.unet_desc = build_unet(unet)
+        self.vae, self.vae_desc = build_vae(vae_kind)
+        self.img, self.cond = make_inputs(self.model, px)
+        grad.load_for_gradients(self.model, self.vae)
+        self.encode = grad.latent_encoder(self.vae, self.model)
+        self.predict = grad.noise_predictor(self.model, self.cond, (px, px))
+        self.acp = grad.alphas_cumprod(self.model)
+        self.target = grad.encode_target(self.vae, self.model, None, self.img)
+        self.device = self.model.load_device
+        self.build_s = time.perf_counter() - t
+
+
+def config(steps: int, low_memory: bool = False) -> attacks.AttackConfig:
+    return attacks.AttackConfig(**{**PRESET.__dict__, "steps": steps, "low_memory": low_memory})
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def glue_attack(s: Setup, steps: int, low_memory: bool = False) -> tuple[float, list]:
+    """``run_attack`` with the ComfyUI glue, under inference mode like ComfyUI; (seconds, loss trace)."""
+    sync()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        res = attacks.run_attack(s.img, config(steps, low_memory), s.encode, s.predict, s.acp, s.target)
+    sync()
+    return time.perf_counter() - t, res.loss_trace
+
+
+def bare_attack(s: Setup, steps: int) -> tuple[float, list]:
+    """The same attack written directly against ``first_stage_model`` and ``diffusion_model``."""
+    cfg = config(steps)
+    dev = s.device
+    vae_net, unet = s.vae.first_stage_model, s.model.model.diffusion_model
+    scale = float(s.model.model.latent_format.scale_factor)
+    context = s.cond[0][0].to(dev)
+    acp = s.acp.to(dev)
+    target = s.target.to(dev).float()
+    eps, step = cfg.epsilon / 255.0, cfg.step_size / 255.0
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    trace = []
+    sync()
+    t0 = time.perf_counter()
+    original = s.img.to(dev)
+    x = original.clone()
+    for _ in range(steps):
+        t = torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=g)
+        x_in = x.detach().requires_grad_(True)
+        z = vae_net.encode((x_in * 2 - 1).to(s.vae.vae_dtype)).float() * scale
+        noise = torch.randn(z.shape, generator=g).to(dev)
+        a = acp[t.to(dev)].reshape(-1, 1, 1, 1)
+        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        pred = unet(z_t, t.to(dev).float(), context=context).float()
+        loss = (pred - target).square().mean()
+        loss.backward()
+        trace.append(float(loss.detach()))
+        with torch.no_grad():
+            x = torch.max(torch.min(x - step * x_in.grad.sign(), original + eps), original - eps).clamp(0, 1)
+    sync()
+    return time.perf_counter() - t0, trace
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine load (shared CI machines)
+
+
+def _jiffies() -> tuple[int, int]:
+    """(busy CPU ticks of the whole machine, CPU ticks of this process); (0, 0) off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(ticks) - ticks[3] - ticks[4], int(own[11]) + int(own[12])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def measured(fn):
+    """Run ``fn``; return (result, CPU cores used meanwhile by other processes)."""
+    (b0, o0), t0 = _jiffies(), time.perf_counter()
+    result = fn()
+    (b1, o1), dt = _jiffies(), time.perf_counter() - t0
+    return result, max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / max(dt, 1e-9)
+
+
+def wait_until_quiet(max_other: float, timeout: float) -> float:
+    """Wait (at most ``timeout`` s) until other processes use < ``max_other`` cores; returns seconds waited."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and measured(lambda: time.sleep(0.5))[1] >= max_other:
+        time.sleep(2.0)
+    return time.time() - t0
+
+
+def steady_malloc() -> str:
+    """Serve every allocation from a never-trimmed glibc heap (no mmap chunks).
+
+    On CPU the per-iteration activations (GBs at 512 px) are big allocations that glibc by default
+    maps and unmaps each time, so every iteration page-faults its working set afresh, by an amount that
+    depends on the allocation history; pinning the allocator removes that noise from the timings.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2 ** 31 - 1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
+        return "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else "stock (mallopt failed)"
+    except (OSError, AttributeError):
+        return "stock (no glibc)"
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (each runs in a fresh subprocess)
+
+
+def worker_time(args) -> dict:
+    malloc = "stock" if (args.stock_malloc or CUDA) else steady_malloc()
+    s = Setup(args.unet, args.vae, args.px)
+    log(f"[time {args.px}px] built in {s.build_s:.1f} s: {s.unet_desc}; {s.vae_desc}")
+    # warm-up (one iteration each) and the same-computation check on the first step
+    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    gs, g_trace = glue_attack(s, 1)
+    bs, b_trace = bare_attack(s, 1)
+    first_diff = abs(g_trace[0] - b_trace[0]) / max(abs(b_trace[0]), 1e-12)
+    log(f"[time {args.px}px] warm-up: glue {gs:.2f} s, bare {bs:.2f} s; first-step loss glue {g_trace[0]:.6g} "
+        f"bare {b_trace[0]:.6g} (rel. diff {first_diff:.2e})")
+    runs = {"glue": [], "bare": []}
+    others = {"glue": [], "bare": []}
+    faults = {"glue": [], "bare": []}
+    waited, discarded = 0.0, 0
+    for r in range(args.repeats):
+        for kind in (("glue", "bare") if r % 2 == 0 else ("bare", "glue")):
+            fn = glue_attack if kind == "glue" else bare_attack
+            for attempt in range(args.retries + 1):  # a run disturbed by other processes is redone
+                waited += wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+                f0 = _minflt()
+                (dt, _), other = measured(lambda: fn(s, args.steps))
+                if other < args.max_other_cpu or attempt == args.retries:
+                    break
+                discarded += 1
+                log(f"[time {args.px}px] {kind} run disturbed (other processes {other:.2f} cores): redo")
+            faults[kind].append((_minflt() - f0) / args.steps)
+            runs[kind].append(dt / args.steps)
+            others[kind].append(other)
+        log(f"[time {args.px}px] round {r + 1}/{args.repeats}: glue {runs['glue'][-1]:.3f} s/it, "
+            f"bare {runs['bare'][-1]:.3f} s/it (other processes {max(others['glue'][-1], others['bare'][-1]):.2f} cores; "
+            f"page faults/it glue {faults['glue'][-1]:.0f}, bare {faults['bare'][-1]:.0f})")
+    ratios = [g / b for g, b in zip(runs["glue"], runs["bare"])]
+    return {"px": args.px, "steps": args.steps, "repeats": args.repeats, "runs": runs, "other_cores": others,
+            "minflt_per_iter": faults, "malloc": malloc, "discarded": discarded,
+            "median": {k: statistics.median(v) for k, v in runs.items()},
+            "min": {k: min(v) for k, v in runs.items()}, "max": {k: max(v) for k, v in runs.items()},
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_of_medians": statistics.median(runs["glue"]) / statistics.median(runs["bare"]),
+            "first_step_loss": {"glue": g_trace[0], "bare": b_trace[0], "rel_diff": first_diff},
+            "waited_s": waited, "build_s": s.build_s, "unet": s.unet_desc, "vae": s.vae_desc}
+
+
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def worker_mem(args) -> dict:
+    s = Setup(args.unet, args.vae, args.px)
+    gc.collect()
+    if CUDA:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+            before = _proc_status("VmRSS")
+            method = "peak RSS (VmHWM after clear_refs) - RSS before"
+        except OSError:
+            before = _maxrss_bytes()
+            method = "ru_maxrss high-water mark (not reset)"
+    t = []
+    trace = []
+
+    def on_step(i, loss, cur):
+        sync()
+        t.append(time.perf_counter())
+        trace.append(loss)
+
+    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    j0 = _jiffies()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        attacks.run_attack(s.img, config(args.steps, bool(args.low_memory)), s.encode, s.predict, s.acp, s.target,
+                           on_step)
+    j1, wall = _jiffies(), time.perf_counter() - t0
+    other = max(0.0, (j1[0] - j0[0]) - (j1[1] - j0[1])) / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9)
+    if CUDA:
+        peak = torch.cuda.max_memory_allocated()
+        resident = before
+    elif method.startswith("peak RSS"):
+        peak, resident = _proc_status("VmHWM"), before
+    else:
+        peak, resident = _maxrss_bytes(), _proc_status("VmRSS") if sys.platform.startswith("linux") else 0
+    iter_s = [b - a for a, b in zip([t0] + t[:-1], t)]
+    out = {"px": args.px, "low_memory": bool(args.low_memory), "method": method, "before_bytes": resident,
+           "peak_bytes": peak, "delta_bytes": max(0, peak - before), "iter_s": iter_s, "other_cores": other,
+           "trace": trace, "build_s": s.build_s}
+    log(f"[mem {args.px}px low_memory={bool(args.low_memory)}] peak delta {out['delta_bytes'] / 2**30:.2f} GiB "
+        f"(before {resident / 2**30:.2f} GiB), iterations {', '.join(f'{x:.2f}' for x in iter_s)} s, "
+        f"other processes {other:.2f} cores")
+    return out
+
+
+def run_worker(kind: str, args, px: int, low_memory: int = 0, steps: int = 2, repeats: int = 1) -> dict:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--px", str(px),
+           "--unet", args.unet, "--vae", args.vae, "--steps", str(steps), "--repeats", str(repeats),
+           "--low-memory", str(low_memory), "--max-other-cpu", str(args.max_other_cpu),
+           "--quiet-timeout", str(args.quiet_timeout), "--retries", str(args.retries)]
+    cmd += ["--stock-malloc"] if args.stock_malloc else []
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"px": px, "error": f"worker {kind} exited with {proc.returncode} (killed for memory?)",
+                "low_memory": bool(low_memory)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_facts() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = "unknown"
+    try:
+        mem = f"{_meminfo('MemTotal') / 2**30:.1f} GiB"
+    except (OSError, KeyError):
+        pass
+    device = str(mm.get_torch_device())
+    if CUDA:
+        device += f" ({torch.cuda.get_device_name()})"
+    env = [f"COMFYUI_PATH={shlex.quote(os.environ['COMFYUI_PATH'])}"] if os.environ.get("COMFYUI_PATH") else []
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu,
+            "ram": mem, "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg()[0],
+            "command": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
+
+
+def _meminfo(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def tables(times: list, mems: list, skipped: list) -> str:
+    lines = ["| size | path | median s/iteration | min - max | glue / bare (median of rounds, min - max) |",
+             "|---|---|---:|---|---|"]
+    for r in times:
+        for kind in ("glue", "bare"):
+            ratio = (f"**{r['ratio']:.3f}x** ({r['ratio_min']:.3f} - {r['ratio_max']:.3f})" if kind == "glue" else "")
+            lines.append(f"| {r['px']} px | {kind} | {r['median'][kind]:.2f} | {r['min'][kind]:.2f} - "
+                         f"{r['max'][kind]:.2f} | {ratio} |")
+    lines += ["", "| size | low_memory | peak memory delta during the attack | RSS/allocated before | "
+              "iteration times (s; stock malloc, for the low_memory ratio only) |", "|---|---|---:|---:|---|"]
+    for m in mems:
+        if "error" in m:
+            lines.append(f"| {m['px']} px | {m['low_memory']} | {m['error']} | | |")
+            continue
+        lines.append(f"| {m['px']} px | {m['low_memory']} | {gib(m['delta_bytes'])} | {gib(m['before_bytes'])} | "
+                     f"{', '.join(f'{x:.2f}' for x in m['iter_s'])} |")
+    for s in skipped:
+        lines.append(f"\nSkipped: {s}")
+    return "\n".join(lines)
+
+
+def low_memory_slowdown(mems: list, px: int):
+    """Second-iteration time with low_memory / without, from the memory runs at ``px`` (same conditions)."""
+    by = {m["low_memory"]: m for m in mems if m.get("px") == px and "iter_s" in m}
+    if True in by and False in by:
+        return by[True]["iter_s"][-1] / by[False]["iter_s"][-1]
+    return None
+
+
+def extrapolation(times: list, mems: list) -> str:
+    if times and "SD1.5 geometry" not in times[0]["unet"]:
+        return "(no 512 px extrapolation: not the SD1.5-geometry UNet)"
+    big = [r for r in times if r["px"] == 512]
+    if big:
+        per = big[0]["median"]["glue"]
+        src = "the measured 512 px glue median"
+    elif times:
+        r = max(times, key=lambda x: x["px"])
+        per = r["median"]["glue"] * (512 / r["px"]) ** 2
+        src = f"the {r['px']} px glue median scaled by pixel count (x{(512 / r['px']) ** 2:.0f}; 512 px not measured)"
+    else:
+        return ""
+    slow = low_memory_slowdown(mems, 512)
+    extra = ""
+    if slow:
+        extra = (f"; with low_memory about {PRESET.steps * per * slow / 60:.0f} min (x{slow:.2f}, the low_memory / "
+                 f"normal ratio of the 512 px memory runs' second iterations)")
+    return (f"mist-v2 preset (`mist_v2_ace`, {PRESET.steps} iterations) on one 512 px image: "
+            f"**about {PRESET.steps * per:.0f} s ({PRESET.steps * per / 60:.1f} min), extrapolated** as "
+            f"{PRESET.steps} x {per:.2f} s ({src}){extra}.")
+
+
+def reading(times: list, mems: list) -> str:
+    parts = []
+    for r in times:
+        parts.append(f"{r['px']} px: the glue costs {r['ratio']:.3f}x the bare loop "
+                     f"({'meets' if r['ratio'] <= 1.10 else 'misses'} the <= 1.10x goal)")
+    by = {(m["px"], m["low_memory"]): m for m in mems if "delta_bytes" in m}
+    for px in sorted({p for p, _ in by}):
+        if (px, False) in by and (px, True) in by:
+            a, b = by[(px, False)]["delta_bytes"], by[(px, True)]["delta_bytes"]
+            slow = low_memory_slowdown(mems, px)
+            parts.append(f"at {px} px low_memory changes the attack's peak from {gib(a)} to {gib(b)} "
+                         f"({(b - a) / max(a, 1) * 100:+.0f}%)" + (f" for x{slow:.2f} the iteration time" if slow else ""))
+    return ("; ".join(parts) + ". The glue adds a sigma-space round trip, ComfyUI's `extra_conds`/`apply_model` "
+            "wrappers and a loss trace per step, all negligible next to the VAE encoder and UNet forward/backward "
+            "that both paths run identically, so ratios within a few percent of 1.0 are noise. low_memory frees the encoder graph while the UNet graph is alive and "
+            "re-runs the encoder once (checkpointed), so it trades one extra encoder forward per step for memory; "
+            "on CPU, RSS also holds the allocator's caches, so read small memory differences with care. "
+            "Single runs on a shared 2-core VM vary by several percent.")
+
+
+def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> None:
+    rt = "; ".join(f"{r['px']} px: {r['repeats']} rounds x {r['steps']} iteration(s) per path"
+                   for r in times) or "none"
+    checks = "; ".join(f"{r['px']} px first-step loss glue {r['first_step_loss']['glue']:.6g} vs bare "
+                       f"{r['first_step_loss']['bare']:.6g} (rel. diff {r['first_step_loss']['rel_diff']:.1e})"
+                       for r in times)
+    contended = max([max(v) for r in times for v in r["other_cores"].values()]
+                    + [m["other_cores"] for m in mems if "other_cores" in m], default=0.0)
+    method = next((m["method"] for m in mems if "method" in m), "n/a")
+    body = "\n".join([
+        MARK_START, "## Attack cost: LoRD Protect on SD1.5 geometry (bench/bench_attack.py)", "",
+        f"Command: `{facts['command']}`  ",
+        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram']} RAM, torch {facts['torch']}, "
+        f"{facts['threads']} threads, device {facts['device']}, Python {facts['python']}; 1-min load average "
+        f"{facts['loadavg_start']:.2f} at start / {facts['loadavg_end']:.2f} at end; total run "
+        f"{facts['total_min']:.1f} min.  ",
+        f"Models: {times[0]['unet'] if times else args.unet}; {times[0]['vae'] if times else args.vae}; "
+        "random conditioning [1, 77, 768]. Attack: ace with the mist-v2 step sizes (eps 4 levels, step "
+        "0.6375 levels), uniform timesteps 0..999, default high-contrast target.  ",
+        f"Timing: {rt}, one warm-up iteration per path, median of (run time / iterations); glue = "
+        "`attacks.run_attack` + `comfy/grad.py` under `torch.inference_mode()`, bare = the same "
+        "encode -> noise -> UNet -> MSE -> backward -> sign step written directly against "
+        "`first_stage_model.encode` and `diffusion_model`. Check (same computation): " + (checks or "n/a") +
+        f". Timing workers' malloc: {times[0]['malloc'] if times else 'n/a'}. Timed runs during which other "
+        f"processes used >= {args.max_other_cpu} cores were redone (at most {args.retries} times): "
+        f"{sum(r['discarded'] for r in times)} redone; most CPU used by other processes during a kept timed run or "
+        f"a memory run: {contended:.2f} cores.  ",
+        f"Memory: 2 glue iterations in a fresh process per row; {method}.", "",
+        tables(times, mems, skipped), "", extrapolation(times, mems), "", reading(times, mems), MARK_END])
+    text = path.read_text() if path.exists() else ""
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + body + rest.split(MARK_END, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + body + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny UNet, 64 px, 1 iteration, no markdown")
+    ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
+    ap.add_argument("--steps", type=int, help="iterations per timed run (default: 256 px 2, 512 px 1)")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default 3)")
+    ap.add_argument("--unet", default=None, choices=("sd15", "tiny"), help="default sd15 (quick: tiny)")
+    ap.add_argument("--vae", default="kl", choices=("kl", "taesd"), help="kl: real SD1.5 VAE geometry (default)")
+    ap.add_argument("--budget-min", type=float, default=15.0, help="skip sizes that would not fit (default 15)")
+    ap.add_argument("--max-other-cpu", type=float, default=0.3,
+                    help="before each timed run wait until other processes use fewer cores than this")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="redo a timed run disturbed by other processes (>= --max-other-cpu) up to this often")
+    ap.add_argument("--quiet-timeout", type=float, default=120.0, help="longest wait for a quiet machine (s)")
+    ap.add_argument("--stock-malloc", action="store_true", help="timing: leave glibc malloc as is (see steady_malloc)")
+    ap.add_argument("--md", default=None, help="markdown file to update ('' to skip; default BENCHMARKS.md)")
+    ap.add_argument("--json", type=pathlib.Path, help="also write the results as JSON here")
+    ap.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
+    ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--low-memory", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.unet is None:
+        args.unet = "tiny" if args.quick else "sd15"
+    if args.worker:
+        if args.worker == "time":
+            res = worker_time(args)
+        else:
+            res = worker_mem(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    start = time.time()
+    facts = machine_facts()
+    log(json.dumps(facts))
+    sizes = [int(x) for x in (args.sizes or ("64" if args.quick else "256,512")).split(",")]
+    times, mems, skipped = [], [], []
+    per_iter = None  # last measured (px, glue s/iteration, build s)
+    budget = args.budget_min * 60
+    for px in sorted(sizes):
+        steps = args.steps or (1 if args.quick or px >= 512 else 2)
+        repeats = args.repeats or (1 if args.quick else 3)
+        if per_iter is not None:
+            p0, s0, build = per_iter
+            guess = s0 * (px / p0) ** 2 * 1.1
+            # time worker: build + 2 warm-ups + 2 x repeats x steps; mem workers: 2 x (build + 2.2 iterations)
+            cost = build + guess * (2 + 2 * repeats * steps) + 2 * (build + 2.2 * guess)
+            left = budget - (time.time() - start)
+            if cost > left:
+                skipped.append(f"{px} px (projected {cost / 60:.1f} min from the {p0} px timings, "
+                               f"{left / 60:.1f} min of the {args.budget_min:.0f} min budget left)")
+                log("skip: " + skipped[-1])
+                continue
+        t = run_worker("time", args, px, steps=steps, repeats=repeats)
+        if "error" in t:
+            skipped.append(f"{px} px timing: {t['error']}")
+            log(skipped[-1])
+            continue
+        times.append(t)
+        per_iter = (px, t["median"]["glue"], t["build_s"])
+        log(f"[{px}px] glue {t['median']['glue']:.3f} s/it, bare {t['median']['bare']:.3f} s/it, "
+            f"ratio {t['ratio']:.3f}x")
+        for low in (0, 1):
+            mems.append(run_worker("mem", args, px, low_memory=low, steps=2))
+    facts["loadavg_end"] = os.getloadavg()[0]
+    facts["total_min"] = (time.time() - start) / 60
+    print(tables(times, mems, skipped))
+    print()
+    print(extrapolation(times, mems))
+    print(reading(times, mems))
+    md = args.md if args.md is not None else ("" if args.quick else str(ROOT / "BENCHMARKS.md"))
+    if md:
+        write_markdown(pathlib.Path(md), times, mems, skipped, facts, args)
+        log(f"updated {md}")
+    if args.json:
+        args.json.write_text(json.dumps({"facts": facts, "times": times, "mems": mems, "skipped": skipped}, indent=1))
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
