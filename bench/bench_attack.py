@@ -53,6 +53,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from training.comfy_runtime import ensure_comfyui_importable  # noqa: E402
@@ -211,18 +213,6 @@ def bare_attack(s: Setup, steps: int) -> tuple[float, list]:
 # Machine load (shared CI machines)
 
 
-def _jiffies() -> tuple[int, int]:
-    """(busy CPU ticks of the whole machine, CPU ticks of this process); (0, 0) off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(ticks) - ticks[3] - ticks[4], int(own[11]) + int(own[12])
-    except (OSError, IndexError, ValueError):
-        return 0, 0
-
-
 def measured(fn):
     """Run ``fn``; return (result, CPU cores used meanwhile by other processes)."""
     (b0, o0), t0 = _jiffies(), time.perf_counter()
@@ -237,21 +227,6 @@ def wait_until_quiet(max_other: float, timeout: float) -> float:
     while time.time() - t0 < timeout and measured(lambda: time.sleep(0.5))[1] >= max_other:
         time.sleep(2.0)
     return time.time() - t0
-
-
-def steady_malloc() -> str:
-    """Serve every allocation from a never-trimmed glibc heap (no mmap chunks).
-
-    On CPU the per-iteration activations (GBs at 512 px) are big allocations that glibc by default
-    maps and unmaps each time, so every iteration page-faults its working set afresh, by an amount that
-    depends on the allocation history; pinning the allocator removes that noise from the timings.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2 ** 31 - 1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
-        return "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else "stock (mallopt failed)"
-    except (OSError, AttributeError):
-        return "stock (no glibc)"
 
 
 def _minflt() -> int:
@@ -524,13 +499,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> Non
         f"a memory run: {contended:.2f} cores.  ",
         f"Memory: 2 glue iterations in a fresh process per row; {method}.", "",
         tables(times, mems, skipped), "", extrapolation(times, mems), "", reading(times, mems), MARK_END])
-    text = path.read_text() if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + body + rest.split(MARK_END, 1)[1]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + body + "\n"
-    path.write_text(text)
+    write_section(path, MARK_START, MARK_END, body)
 
 
 def main(argv=None) -> None:

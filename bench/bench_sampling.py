@@ -29,7 +29,6 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_sampling`` mark
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -40,6 +39,8 @@ import shlex
 import statistics
 import sys
 import time
+
+from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -84,18 +85,6 @@ def stock_lora(model, lord, seed: int = 2):
 
 def hooked_modules(patcher) -> int:
     return sum(bool(m._forward_hooks) for m in patcher.model.diffusion_model.modules())
-
-
-def _jiffies() -> tuple[int, int]:
-    """(busy CPU ticks of the whole machine, CPU ticks of this process); (0, 0) off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(ticks) - ticks[3] - ticks[4], int(own[11]) + int(own[12])
-    except (OSError, IndexError, ValueError):
-        return 0, 0
 
 
 def other_load(fn) -> tuple[object, float, float]:
@@ -183,24 +172,6 @@ def bench_model(key: str, steps: int, repeats: int, sizes, max_other: float, log
     return rows
 
 
-def steady_malloc() -> str:
-    """Make glibc serve every allocation from a never-trimmed heap (no mmap chunks).
-
-    On CPU, oneDNN convolutions allocate weight-sized scratch buffers on every call; with glibc's
-    default (mmap for big chunks, heap trimming) whether those come back as fresh, page-faulting
-    pages depends on the allocation history, which differs between variants that patch weights
-    and those that do not (measured: ~4.6e5 page faults and +0.5 s per step on the SD1.5 UNet at
-    64 px for whichever variant lands in the unlucky state). Pinning the allocator removes that
-    artefact so the variants differ only in their compute.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2 ** 31 - 1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
-        return "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else "stock (mallopt failed)"
-    except (OSError, AttributeError):
-        return "stock (no glibc)"
-
-
 def machine_facts() -> dict:
     cpu = "unknown"
     try:
@@ -257,13 +228,7 @@ def write_markdown(path: pathlib.Path, rows, facts, steps_repeats, max_other: fl
         "The allocator is pinned (see `steady_malloc`): with stock glibc, oneDNN convolution scratch buffers "
         "page-fault on every call for whichever variants' allocation history is unlucky (+0.5 s/step on sd15).",
         "", table(rows), "", reading(rows), MARK_END])
-    text = path.read_text() if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + body + rest.split(MARK_END, 1)[1]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + body + "\n"
-    path.write_text(text)
+    write_section(path, MARK_START, MARK_END, body)
 
 
 def main(argv=None) -> None:
