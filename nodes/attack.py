@@ -28,7 +28,7 @@ class LoRDProtect(io.ComfyNode):
                                        "target latent; ace_plus: ace + latent pull; photoguard: encoder attack."),
                 io.Float.Input("strength", default=round(published_to_levels(8 / 255), 3), min=0.5, max=64.0, step=0.5,
                                tooltip="L-inf budget in pixel levels 0..255 (mist-v2 default = 4)."),
-                io.Float.Input("step_size", default=round(published_to_levels(0.005), 4), min=0.05, max=16.0, step=0.05,
+                io.Float.Input("step_size", default=round(published_to_levels(0.005), 4), min=0.05, max=16.0, step=0.05, round=0.0001,
                                tooltip="Step per iteration in pixel levels."),
                 io.Int.Input("steps", default=30, min=1, max=10000),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),

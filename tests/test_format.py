@@ -37,6 +37,9 @@ def test_round_trip(tmp_path):
     assert meta["format"] == "lord" and meta["format_version"] == "1" and meta["rank"] == "4"
     assert json.loads(meta["targets"]) == sorted(NAMES)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_stock_safetensors_reads_keys(tmp_path):
