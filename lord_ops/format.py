@@ -316,11 +316,11 @@ def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; model files should be readable like any other
     try:
         safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; model files should be readable like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
