@@ -29,7 +29,6 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_sampling`` mark
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -44,14 +43,10 @@ from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from training.comfy_runtime import ensure_comfyui_importable  # noqa: E402
+from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
 
 ensure_comfyui_importable()  # adds ComfyUI to sys.path, forces --cpu when no CUDA
-_spec = importlib.util.spec_from_file_location("comfyui_lord", ROOT / "__init__.py",
-                                               submodule_search_locations=[str(ROOT)])
-_pkg = importlib.util.module_from_spec(_spec)
-sys.modules["comfyui_lord"] = _pkg
-_spec.loader.exec_module(_pkg)
+import_pack()  # the pack as package ``comfyui_lord``
 from comfyui_lord.lord_ops.comfy import patch, tiny  # noqa: E402
 
 import torch  # noqa: E402

@@ -5,7 +5,6 @@ modules use relative imports, so ``nodes`` never clashes with ComfyUI's own ``no
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,23 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.comfy_runtime import ensure_comfyui_importable  # noqa: E402
+from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
 
 COMFYUI = ensure_comfyui_importable()
-
-
-def _import_pack():
-    if "comfyui_lord" in sys.modules:
-        return sys.modules["comfyui_lord"]
-    spec = importlib.util.spec_from_file_location("comfyui_lord", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_lord"] = pkg
-    spec.loader.exec_module(pkg)
-    return pkg
-
-
-PACK = _import_pack()
+PACK = import_pack()
 
 
 @pytest.fixture(scope="session")

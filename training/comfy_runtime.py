@@ -62,6 +62,21 @@ def ensure_comfyui_importable(explicit: Optional[str] = None, cpu: Optional[bool
     return root
 
 
+def import_pack(name: str = "comfyui_lord"):
+    """Import this repository as a package named ``name``, the way ComfyUI imports a custom node
+    (its modules use relative imports, so ``nodes`` never clashes with ComfyUI's ``nodes.py``)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pkg
+    spec.loader.exec_module(pkg)
+    return pkg
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
