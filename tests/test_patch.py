@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import comfy.lora
 import comfy.model_management as mm
@@ -12,7 +11,7 @@ import comfy.sample
 import comfy.utils
 
 from comfyui_lord.lord_ops.comfy import patch, tiny
-from comfyui_lord.lord_ops.format import LoRDFileError, LoRDFile
+from comfyui_lord.lord_ops.format import LoRDFileError
 
 CTX = 64  # tiny UNet context_dim
 
