@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .diffusion import add_noise, denoising_loss
+
 METHODS = ("pgd", "ace", "ace_plus", "photoguard")
 _MINIMISE = {"pgd": False, "ace": True, "ace_plus": True, "photoguard": True}
 _NEEDS_UNET = {"pgd", "ace", "ace_plus"}
@@ -105,11 +107,6 @@ def quantize_uint8(adversarial: torch.Tensor, original: torch.Tensor, epsilon_le
     return torch.max(torch.min(q, q_orig + limit), q_orig - limit).clamp(0, 255).to(torch.uint8)
 
 
-def _noisy(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(z.device, torch.float32)[t].reshape(-1, *([1] * (z.dim() - 1)))
-    return a.sqrt() * z + (1 - a).sqrt() * noise
-
-
 def objective(method: str, z: torch.Tensor, predict_noise: Optional[Callable], alphas_cumprod: Optional[torch.Tensor],
               t: Optional[torch.Tensor], noise: Optional[torch.Tensor], target_latent: Optional[torch.Tensor],
               target_weight: float = 100.0) -> torch.Tensor:
@@ -118,9 +115,9 @@ def objective(method: str, z: torch.Tensor, predict_noise: Optional[Callable], a
     if method == "photoguard":
         target = torch.zeros_like(z) if target_latent is None else target_latent
         return (z.float() - target.float()).square().mean(dim=dims)
-    pred = predict_noise(_noisy(z, noise, t, alphas_cumprod).to(z.dtype), t).float()
     if method == "pgd":
-        return (pred - noise.float()).square().mean(dim=dims)
+        return denoising_loss(predict_noise, z, t, noise, alphas_cumprod)
+    pred = predict_noise(add_noise(z, noise, t, alphas_cumprod).to(z.dtype), t).float()
     if target_latent is None:
         raise ValueError(f"method {method!r} needs a target image latent")
     loss = (pred - target_latent.float()).square().mean(dim=dims)

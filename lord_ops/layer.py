@@ -199,6 +199,13 @@ def _gate_or_forced(compute: Callable[[], torch.Tensor], like: torch.Tensor, gat
     return torch.full((*like.shape[:-1], 1), FORCED_GATE_VALUE[gate_mode], dtype=like.dtype, device=like.device)
 
 
+def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float,
+               geometry: Optional[ConvGeometry] = None) -> torch.Tensor:
+    """A standard LoRA's ``s B (A x)`` in the base output layout, float32 (Stage-2 training)."""
+    v = scale * F.linear(_down_project(x, down, geometry), _as_matrix(up))
+    return _features_to_output_layout(v, down.dim() == 4)
+
+
 def lord_delta_plain(x: torch.Tensor, w: LoRDWeights, activation: str = "silu", gate_mode: str = "learned",
                      geometry: Optional[ConvGeometry] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain form: returns ``(v + lambda * s B' u, lambda)`` in the base output layout, float32.

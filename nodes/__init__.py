@@ -8,9 +8,10 @@ from comfy_api.latest import ComfyExtension, io
 from .attack import LoRDProtect
 from .detect import LoRDDetect
 from .loaders import LoRDLoader
+from .train import LoRDSave, LoRDSaveLoRA, LoRDTrainStage1, LoRDTrainStage2
 
 LORD_FOLDER = "lord"
-NODES = [LoRDLoader, LoRDDetect, LoRDProtect]
+NODES = [LoRDLoader, LoRDDetect, LoRDProtect, LoRDTrainStage1, LoRDTrainStage2, LoRDSave, LoRDSaveLoRA]
 
 
 def register_model_folder() -> None:

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from lord_ops import tool_version  # noqa: E402
 from lord_ops.attacks import METHODS, PRESETS, AttackConfig  # noqa: E402
+from lord_ops.images import EXTENSIONS, load_image  # noqa: E402
 from training.comfy_runtime import ComfyUINotFound, ensure_comfyui_importable, find_comfyui  # noqa: E402
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
 TMP_SUFFIX = ".attack-tmp"
-VERSION = re.search(r'__version__\s*=\s*"([^"]+)"', (REPO / "__init__.py").read_text()).group(1)
+VERSION = tool_version()
 
 
 class Refused(Exception):
@@ -57,38 +58,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def load_image(path: Path):
-    """-> (rgb uint8 [H, W, 3], alpha uint8 [H, W] or None, icc profile or None, facts, policy lines)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        facts = {"file": path.name, "format": im.format, "mode": im.mode, "size_wh": list(im.size)}
-        tile_args = str(im.tile[0][3] if im.tile else "")
-        im.load()
-        orientation = im.getexif().get(0x0112, 1)
-        im = ImageOps.exif_transpose(im)
-    policy = [f"EXIF orientation {orientation} applied"] if orientation not in (1, None) else []
-    mode, icc = im.mode, (im.info.get("icc_profile") if im.mode in ("RGB", "RGBA") else None)
-    facts["bits"] = 16 if (mode.startswith("I") or ";16" in tile_args) else 8
-    if mode == "F":
-        raise ValueError("32-bit float images (mode F) are not supported; save as 8- or 16-bit first")
-    if mode.startswith("I"):  # 16-bit greyscale (I;16*, or I holding 0..65535)
-        grey = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-        im = Image.fromarray(grey)
-        policy.append(f"16-bit greyscale ({mode}) reduced to 8 bits (value // 256)")
-    elif facts["bits"] == 16:
-        policy.append("16-bit colour reduced to 8 bits by Pillow (value // 256)")
-    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
-    if im.mode not in ("RGB", "RGBA"):
-        policy.append(f"{im.mode} converted to RGB")
-    rgba = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
-    policy.append("rgba: alpha kept unchanged" if has_alpha else "rgb output")
-    if im.size[0] % 8 or im.size[1] % 8:
-        policy.append("size not a multiple of 8: kept exactly (padded internally)")
-    return rgba[..., :3].copy(), (rgba[..., 3].copy() if has_alpha else None), icc, facts, policy
 
 
 def atomic_write(path: Path, write) -> None:

@@ -62,31 +62,53 @@ def alphas_cumprod(model_patcher) -> torch.Tensor:
     return 1.0 / (1.0 + sigmas ** 2)
 
 
-def noise_predictor(model_patcher, conditioning, image_hw: tuple[int, int]) -> Callable:
-    """``predict_noise(z_t, t)`` for DDPM-noised latents ``z_t`` and integer timesteps ``t``.
+def batched_noise_predictor(model_patcher, conditionings: list, image_hw: tuple[int, int]) -> Callable:
+    """``predict_noise(z_t, t, which)``: DDPM-noised latents ``z_t`` ``[B, ...]``, integer timesteps
+    ``t`` ``[B]``, and ``which[b]`` = index into ``conditionings`` (one ComfyUI CONDITIONING per
+    caption; its first entry is used) for each batch item.
 
     Works in ComfyUI's sigma space: ``x = z_t sqrt(1 + s^2)``, ``s = sigma_t``, the model's
     denoised output ``D`` gives ``eps = (x - D) / s`` -- valid for eps- and v-prediction models.
-    ``conditioning`` is a ComfyUI CONDITIONING (its first entry is used for every image).
     """
     model = model_patcher.model
     sampling = model_patcher.get_model_object("model_sampling")
-    cross_attn, extras = conditioning[0][0], dict(conditioning[0][1])
     device = model_patcher.load_device
     h, w = image_hw
+    per_item: dict[int, dict] = {}
 
-    def predict_noise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def item_kwargs(i: int, like: torch.Tensor) -> dict:
+        if i not in per_item:
+            cross_attn, extras = conditionings[i][0][0], dict(conditionings[i][0][1])
+            conds = model.extra_conds(cross_attn=cross_attn.to(device), noise=like, device=device, width=w, height=h,
+                                      **{k: v for k, v in extras.items() if k not in ("cross_attn", "noise", "device")})
+            kw = {k: c.process_cond(batch_size=1, device=device, area=None).cond for k, c in conds.items()}
+            per_item[i] = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        return per_item[i]
+
+    def predict_noise(z_t: torch.Tensor, t: torch.Tensor, which) -> torch.Tensor:
         sigma = sampling.sigmas.to(device)[t.to(device)].float()
         s = sigma.reshape(-1, 1, 1, 1)
         x = z_t.to(device).float() * (1 + s ** 2).sqrt()
-        conds = model.extra_conds(cross_attn=cross_attn.to(device), noise=x, device=device, width=w, height=h,
-                                  **{k: v for k, v in extras.items() if k not in ("cross_attn", "noise", "device")})
-        kwargs = {k: c.process_cond(batch_size=x.shape[0], device=device, area=None).cond for k, c in conds.items()}
-        kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        denoised = model.apply_model(x, sigma, **kwargs).float()
+        items = [item_kwargs(int(i), x[:1]) for i in which]
+        shapes = {k: {tuple(v.shape) for it in items for kk, v in it.items() if kk == k and isinstance(v, torch.Tensor)}
+                  for k in items[0]}
+        if all(len(v) <= 1 for v in shapes.values()):
+            kwargs = {k: (torch.cat([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else items[0][k])
+                      for k in items[0]}
+            denoised = model.apply_model(x, sigma, **kwargs).float()
+        else:  # captions of different token lengths: one item at a time
+            denoised = torch.cat([model.apply_model(x[b:b + 1], sigma[b:b + 1], **items[b]).float()
+                                  for b in range(x.shape[0])])
         return (x - denoised) / s
 
     return predict_noise
+
+
+def noise_predictor(model_patcher, conditioning, image_hw: tuple[int, int]) -> Callable:
+    """``predict_noise(z_t, t)`` with one CONDITIONING for every batch item (see
+    :func:`batched_noise_predictor`)."""
+    predict = batched_noise_predictor(model_patcher, [conditioning], image_hw)
+    return lambda z_t, t: predict(z_t, t, [0] * z_t.shape[0])
 
 
 def encode_target(vae, model_patcher, target: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

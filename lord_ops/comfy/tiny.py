@@ -107,8 +107,16 @@ def build_tiny_model_patcher(seed: int = 0, dtype: torch.dtype = torch.float32, 
     return build_model_patcher(sd15_unet_config(**config), seed=seed, dtype=dtype)
 
 
-def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+LATENT_GAIN = 28.0
+
+
+def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16,
+                                        latent_gain: float = LATENT_GAIN) -> dict[str, torch.Tensor]:
     """A state dict that the stock CheckpointLoaderSimple loads as SD15.
+
+    ``latent_gain`` scales the random TAESD's latents (through its ``vae_scale``) so that the model's
+    scaled latents have about unit standard deviation, like real SD latents; without it they are
+    ~0.04 and the UNet, whose input is then mostly noise, barely sees the image.
 
     UNet: model_channels 320, context_dim 768, channel_mult [1], one res block, transformer depth 1,
     no middle block (13.6M parameters). Text encoder: the complete CLIP-L (123.7M parameters; a
@@ -132,7 +140,7 @@ def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torc
         sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.transformer.state_dict().items()})
         taesd = init_module_(comfy.taesd.taesd.TAESD(), seed + 2)
         with torch.no_grad():
-            taesd.vae_scale.fill_(1.0)
+            taesd.vae_scale.fill_(1.0 / latent_gain)
             taesd.vae_shift.fill_(0.0)
         sd.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()})
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}

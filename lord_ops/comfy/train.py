@@ -1,0 +1,309 @@
+"""Stage-1 / Stage-2 training on ComfyUI models (shared by the trainer nodes and ``training/train.py``).
+
+The engine (losses, schedule, checkpoints, DDP) is ``lord_ops.training``; this module makes a
+ComfyUI MODEL trainable (a clone, loaded, with inference-mode tensors swapped for normal ones and
+the base frozen), encodes images through the VAE, generates/caches the Stage-1 perturbations with
+the attack engine, and hooks the trainable LoRD / LoRA into the UNet's target layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+from typing import Callable, Optional
+
+import torch
+
+from .. import training as T
+from ..datasets import cached_perturbations, model_fingerprint, tensor_digest
+from ..diffusion import denoising_loss
+from ..format import LoRDFile
+from ..keys import CONTEXT_FED, select_targets
+from . import grad
+from .patch import _module, init_lord_for_model, lord_injections, model_family, unet_names
+
+EVAL_TIMESTEPS = (50, 200, 400)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Images ``[3, H, W]`` in [0, 1] (one size, multiples of 8), one CONDITIONING and caption each.
+    ``class_*``: DreamBooth prior-preservation images (Stage-2, optional)."""
+
+    images: list
+    conds: list
+    captions: list
+    class_images: list = dataclasses.field(default_factory=list)
+    class_conds: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.images:
+            raise ValueError("the training set is empty: give at least one image")
+        if len(self.conds) == 1 and len(self.images) > 1:
+            self.conds = list(self.conds) * len(self.images)
+        if len(self.conds) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.conds)} conditionings: give one per image, or one for all")
+        if len(self.class_conds) == 1 and len(self.class_images) > 1:
+            self.class_conds = list(self.class_conds) * len(self.class_images)
+        if len(self.class_conds) != len(self.class_images):
+            raise ValueError(f"{len(self.class_images)} class images but {len(self.class_conds)} class conditionings")
+        sizes = {tuple(im.shape[-2:]) for im in self.images + self.class_images}
+        if len(sizes) != 1:
+            raise ValueError(f"training images have different sizes {sorted(sizes)}: resize them to one size")
+        (h, w), = sizes
+        if h % 8 or w % 8:
+            raise ValueError(f"training images are {w}x{h} px: width and height must be multiples of 8")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return tuple(self.images[0].shape[-2:])
+
+
+@dataclasses.dataclass
+class StageResult:
+    result: T.TrainResult
+    lord: Optional[LoRDFile] = None  # Stage-1
+    lora: Optional[dict] = None  # Stage-2: {kohya name: (down, up, alpha)}
+    report: dict = dataclasses.field(default_factory=dict)
+
+
+def _fingerprint(model_patcher, vae) -> str:
+    state = dict(model_patcher.model.diffusion_model.state_dict())
+    state.update({f"vae.{k}": v for k, v in vae.first_stage_model.state_dict().items()})
+    patches = sorted(model_patcher.patches.keys()) if getattr(model_patcher, "patches", None) else []
+    return model_fingerprint(state) + f":{len(patches)}"
+
+
+def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
+                         on_item: Optional[Callable[[int, bool], None]] = None) -> list[torch.Tensor]:
+    """PGD perturbed copies (``config.attack_config()``, default PGD-2) of ``data.images`` against the
+    base MODEL, cached in ``cache_dir`` as PNG keyed by image, caption, attack and model. Under DDP
+    each process computes its share, then all read the cache."""
+    from .protect import protect_images
+
+    attack = config.attack_config()
+    params = {k: v for k, v in dataclasses.asdict(attack).items() if k != "low_memory"}
+    fp = _fingerprint(model_patcher, vae)
+    rank, world = T.distributed_context()
+
+    def compute(i: int) -> torch.Tensor:
+        img = data.images[i][None].movedim(1, -1)
+        adv, _ = protect_images(model_patcher, vae, data.conds[i], img, attack)
+        return adv[0].movedim(-1, 0)
+
+    args = (data.images, data.captions, params, fp, cache_dir, compute)
+    if world > 1:
+        cached_perturbations(*args, owned=lambda i: i % world == rank, on_item=on_item)
+        torch.distributed.barrier()
+        return cached_perturbations(*args, owned=lambda i: False)
+    return cached_perturbations(*args, on_item=on_item)
+
+
+def encode_images(vae, model_patcher, images: list) -> torch.Tensor:
+    """Latents ``[N, C, h, w]`` (float32, ``latent_format.process_in``) of images ``[3, H, W]`` in [0, 1]."""
+    encode = grad.latent_encoder(vae, model_patcher)
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.cat([encode(im[None].float()).float().cpu() for im in images])
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model, enabled: bool):
+    """Gradient checkpointing on every UNet block (input/middle/output), undone on exit."""
+    blocks = []
+    if enabled:
+        for attr in ("input_blocks", "middle_block", "output_blocks"):
+            part = getattr(diffusion_model, attr, None)
+            if part is None:
+                continue
+            blocks.extend(part if isinstance(part, torch.nn.ModuleList) else [part])
+    for block in blocks:
+        original = block.forward
+        block.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(original)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def trainable_model(model_patcher, vae, config: T.TrainConfig):
+    """A loaded, differentiable clone of the MODEL (base frozen) for the duration of training."""
+    import comfy.model_management as mm
+
+    clone = model_patcher.clone()
+    if config.dtype == "bf16":
+        clone.set_model_compute_dtype(torch.bfloat16)
+    with torch.inference_mode(False), torch.enable_grad():
+        grad.load_for_gradients(clone, vae)
+        with checkpointed_blocks(clone.model.diffusion_model, config.gradient_checkpointing):
+            try:
+                yield clone
+            finally:
+                mm.soft_empty_cache()
+
+
+def _autocast(config: T.TrainConfig, device) -> Callable:
+    if config.dtype == "bf16":
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _target_modules(clone, names: list[str]) -> dict[str, torch.nn.Module]:
+    paths = unet_names(clone)
+    return {n: _module(clone, paths[n]) for n in names}
+
+
+def _dataset_digest(data: TrainingData) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for im, cap in zip(data.images, data.captions):
+        h.update(tensor_digest(im).encode() + cap.encode())
+    return h.hexdigest()[:16]
+
+
+def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult, extra: dict) -> dict:
+    from .. import tool_version
+
+    return {"stage": config.stage, "tool": f"ComfyUI-LoRD {tool_version()}",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": config.to_dict(), "attack": dataclasses.asdict(config.attack_config()) if config.needs_perturbations else None,
+            "dataset": {"images": len(data.images), "size_hw": list(data.image_hw), "digest": _dataset_digest(data),
+                        "class_images": len(data.class_images)},
+            "steps_trained": len(result.history),
+            "final_loss": result.history[-1]["loss"] if result.history else None, **extra}
+
+
+def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alphas_cumprod, gate_names, seed: int,
+                    limit: int = 64) -> dict:
+    """Mean gate of clean vs perturbed training samples at :data:`EVAL_TIMESTEPS`; AUROC of the score."""
+    n = min(limit, z_clean.shape[0])
+    device = clone.load_device
+    clean_scores, adv_scores = [], []
+    with torch.no_grad():
+        for i in range(n):
+            per = {"clean": [], "adv": []}
+            for t in EVAL_TIMESTEPS:
+                t = min(t, len(alphas_cumprod) - 1)
+                noise = T.Draw(t, T._mix(seed, "eval", i, t)).noise(z_clean.shape[1:])[None].to(device)
+                tt = torch.tensor([t])
+                for label, z in (("clean", z_clean), ("adv", z_adv)):
+                    hooks.take()
+                    denoising_loss(lambda zt, ts: predict(zt, ts, [i]), z[i:i + 1].to(device), tt, noise, alphas_cumprod)
+                    per[label].append(float(T.gate_scores(hooks.take(), gate_names)[0]))
+            clean_scores.append(sum(per["clean"]) / len(per["clean"]))
+            adv_scores.append(sum(per["adv"]) / len(per["adv"]))
+    return {"auroc": T.auroc(clean_scores, adv_scores), "samples": n, "timesteps": list(EVAL_TIMESTEPS),
+            "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n}
+
+
+def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir, checkpoint_path=None,
+                 on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
+                 evaluate: bool = True) -> StageResult:
+    """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + PGD-perturbed copies of ``data``; base frozen."""
+    config = dataclasses.replace(config, stage="stage1", mode="lord").validate()
+    if lord_injections(model_patcher):
+        raise ValueError("the MODEL already has a LoRD applied: Stage-1 trains a new LoRD on the base model; "
+                         "connect the checkpoint's MODEL directly")
+    adv_images = stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
+    z_clean = encode_images(vae, model_patcher, data.images)
+    z_adv = encode_images(vae, model_patcher, adv_images)
+    lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
+                                config.gate_activation, config.seed)
+    gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
+    with trainable_model(model_patcher, vae, config) as clone:
+        device = clone.load_device
+        trainable = T.TrainableLoRD(lord0).to(device)
+        predict = grad.batched_noise_predictor(clone, data.conds, data.image_hw)
+        acp = grad.alphas_cumprod(clone)
+        zc, za = z_clean.to(device), z_adv.to(device)
+        autocast = _autocast(config, device)
+        with T.AdapterHooks(_target_modules(clone, sorted(lord0.targets)), trainable) as hooks:
+            def sample_losses(indices, draws):
+                t = torch.tensor([d.t for d in draws])
+                noise = torch.stack([d.noise(zc.shape[1:]) for d in draws]).to(device)
+                return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], za[indices], t, noise,
+                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast)
+
+            result = T.train(config, trainable, sample_losses, len(data.images), checkpoint_path, on_step, device)
+            report = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed) if evaluate else {}
+        lord = trainable.export(_provenance(config, data, result, {"gate_separation_train": report}))
+    lord.base_family = model_family(model_patcher)
+    return StageResult(result, lord=lord, report={"gate_separation_train": report, "final": result.history[-1]})
+
+
+def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir=None, checkpoint_path=None,
+                 on_step=None, on_data: Optional[Callable[[int, bool], None]] = None) -> StageResult:
+    """Eq. 9: a new standard LoRA, DreamBooth-style (optional prior preservation).
+
+    ``mode``: ``lord`` -- the MODEL must carry a LoRD (Load LoRD), which stays frozen and live;
+    ``plain`` -- a plain LoRA on the given images (the attacked user's baseline);
+    ``pgd2_defense`` -- a plain LoRA on the images plus PGD-2 perturbed copies (the paper's baseline).
+    """
+    config = dataclasses.replace(config, stage="stage2").validate()
+    has_lord = bool(lord_injections(model_patcher))
+    if config.mode == "lord" and not has_lord:
+        raise ValueError("Stage-2 mode 'lord' needs a MODEL with a LoRD applied (Load LoRD, or --lord); "
+                         "use mode 'plain' to train without one")
+    if config.mode != "lord" and has_lord:
+        raise ValueError(f"Stage-2 mode {config.mode!r} is a baseline without LoRD, but the MODEL has a LoRD applied")
+    adv_images = None
+    if config.mode == "pgd2_defense":
+        adv_images = stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
+    z = encode_images(vae, model_patcher, data.images)
+    z_adv = encode_images(vae, model_patcher, adv_images) if adv_images is not None else None
+    z_class = encode_images(vae, model_patcher, data.class_images) if data.class_images else None
+    names = select_targets(unet_names(model_patcher), config.targets)
+    shapes = {}
+    for n, m in _target_modules(model_patcher, names).items():
+        kernel = tuple(m.kernel_size) if isinstance(m, torch.nn.Conv2d) else None
+        shapes[n] = (m.in_channels, m.out_channels, kernel) if kernel else (m.in_features, m.out_features, None)
+    with trainable_model(model_patcher, vae, config) as clone:
+        device = clone.load_device
+        trainable = T.TrainableLoRA.create(shapes, config.rank, config.alpha, config.seed).to(device)
+        predict = grad.batched_noise_predictor(clone, data.conds, data.image_hw)
+        predict_class = grad.batched_noise_predictor(clone, data.class_conds, data.image_hw) if z_class is not None else None
+        acp = grad.alphas_cumprod(clone)
+        zi = z.to(device)
+        za = z_adv.to(device) if z_adv is not None else None
+        zk = z_class.to(device) if z_class is not None else None
+        autocast = _autocast(config, device)
+        with T.AdapterHooks(_target_modules(clone, names), trainable):
+            def sample_losses(indices, draws):
+                t = torch.tensor([d.t for d in draws])
+                noise = torch.stack([d.noise(zi.shape[1:]) for d in draws]).to(device)
+                pred = lambda zt, tt: predict(zt, tt, indices)  # noqa: E731
+                if za is not None:
+                    total, parts = T.paired_losses(pred, None, zi[indices], za[indices], t, noise, acp,
+                                                   config.lambda_adv, 0.0, autocast=autocast)
+                else:
+                    with autocast():
+                        total = denoising_loss(pred, zi[indices], t, noise, acp).float()
+                    parts = {"instance": total.detach()}
+                if zk is not None:
+                    which = [d.noise_seed % zk.shape[0] for d in draws]
+                    class_noise = torch.stack([T.Draw(d.t, d.noise_seed + 1).noise(zk.shape[1:]) for d in draws]).to(device)
+                    with autocast():
+                        prior = denoising_loss(lambda zt, tt: predict_class(zt, tt, which), zk[which], t, class_noise, acp).float()
+                    total = total + config.prior_weight * prior
+                    parts["prior"] = prior.detach()
+                return total, parts
+
+            result = T.train(config, trainable, sample_losses, len(data.images), checkpoint_path, on_step, device)
+    lora = trainable.export()
+    report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora),
+              "provenance": _provenance(config, data, result, {"lord_live": has_lord})}
+    return StageResult(result, lora=lora, report=report)
+
+
+def kohya_metadata(config: T.TrainConfig, family: str, report: dict) -> dict[str, str]:
+    """kohya ``ss_*`` fields (shown by A1111/Forge) plus the pack's provenance."""
+    import json
+
+    base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
+            "ss_network_alpha": str(float(config.rank if config.alpha is None else config.alpha)),
+            "ss_base_model_version": base, "ss_learning_rate": str(config.learning_rate),
+            "ss_max_train_steps": str(config.steps), "ss_seed": str(config.seed),
+            "lord_stage2_mode": config.mode, "lord_provenance": json.dumps(report.get("provenance", {}), sort_keys=True)}

@@ -1,0 +1,529 @@
+"""Training engine for Stage-1 (LoRD, Eq. 7-8) and Stage-2 (DreamBooth-LoRA, Eq. 9); plain torch.
+
+ComfyUI-specific glue (loading the MODEL for gradients, encoding images and captions) lives in
+``lord_ops/comfy/train.py``; this module owns the trainable parameter sets, the loss terms, the
+deterministic sample schedule, checkpoints and the optimisation loop (single process or PyTorch DDP).
+
+Determinism: which dataset item, timestep and noise a sample uses depends only on
+``(seed, step, position in the global batch)``, never on the process count or on earlier steps. A run
+resumed from a checkpoint (weights + optimizer + step) therefore continues exactly like an
+uninterrupted run, and ``N`` DDP processes with per-process batch ``b`` match one process with batch
+``N * b`` (up to float summation order).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .attacks import PRESETS, AttackConfig
+from .diffusion import denoising_loss
+from .format import LoRDFile
+from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, lora_delta, lord_delta_plain
+
+STAGES = ("stage1", "stage2")
+STAGE2_MODES = ("lord", "plain", "pgd2_defense")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
+# fields that do not change the trajectory of a run (a resumed run may change them)
+_RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. Perturbation sizes are in pixel levels 0..255 (``attack_*``)."""
+
+    stage: str = "stage1"
+    mode: str = "lord"  # stage2: lord (LoRD live) | plain | pgd2_defense; stage1: lord
+    steps: int = 1000
+    batch_size: int = 1  # per process and micro-step
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    rank: int = 4
+    alpha: Optional[float] = None  # default: rank (s = 1)
+    gate_hidden: int = 32
+    gate_activation: str = "silu"
+    targets: str = "attn"
+    lambda_adv: float = 1.0  # lambda1 of Eq. 7 (weight of the perturbed-sample denoising loss)
+    lambda_gate: float = 1.0  # lambda2 of Eq. 7 (weight of the gate BCE)
+    prior_weight: float = 1.0  # DreamBooth prior preservation (needs class images)
+    t_min: int = 0
+    t_max: int = 999
+    seed: int = 0
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    attack_preset: str = "pgd_2"
+    attack_epsilon: Optional[float] = None  # pixel levels; None: the preset's
+    attack_step_size: Optional[float] = None
+    attack_steps: Optional[int] = None
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, message):
+            if not ok:
+                raise ValueError(f"training config: {message}")
+
+        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "stage1":
+            need(self.mode == "lord", f"stage1 trains a LoRD (mode 'lord'), got mode {self.mode!r}")
+        need(self.mode in STAGE2_MODES, f"mode must be one of {STAGE2_MODES}, got {self.mode!r}")
+        for name in ("steps", "batch_size", "grad_accumulation", "rank", "gate_hidden", "checkpoint_every"):
+            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(self.gate_activation in GATE_ACTIVATIONS, f"gate_activation must be one of {tuple(GATE_ACTIVATIONS)}")
+        need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
+        need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
+        need(self.attack_preset in PRESETS, f"attack_preset must be one of {tuple(PRESETS)}")
+        self.attack_config()
+        return self
+
+    @property
+    def needs_perturbations(self) -> bool:
+        return self.stage == "stage1" or self.mode == "pgd2_defense"
+
+    def attack_config(self) -> AttackConfig:
+        """The Stage-1 perturbation (default PGD-2: Anti-DreamBooth's eps/step, 2 iterations)."""
+        base = PRESETS[self.attack_preset]
+        cfg = dataclasses.replace(
+            base, seed=self.seed,
+            epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
+            step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
+            steps=base.steps if self.attack_steps is None else int(self.attack_steps))
+        return cfg.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"training config: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values).validate()
+
+    def trajectory_digest(self) -> str:
+        """Hash of every field that changes the weights a step produces (resume guard)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _RESUMABLE_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable parameter sets (float32 master weights)
+
+
+class LoRDParameters(torch.nn.Module):
+    """One target's LoRD tensors as parameters (A, B, B', gate)."""
+
+    FIELDS = ("down", "up", "up_defense", "gate_w1", "gate_b1", "gate_w2", "gate_b2")
+
+    def __init__(self, w: LoRDWeights):
+        super().__init__()
+        for f in self.FIELDS:
+            setattr(self, f, torch.nn.Parameter(getattr(w, f).detach().float().clone()))
+        self.alpha = float(w.alpha)
+
+    def weights(self) -> LoRDWeights:
+        return LoRDWeights(*(getattr(self, f) for f in self.FIELDS), self.alpha)
+
+
+class TrainableLoRD(torch.nn.Module):
+    """All targets of a LoRD, trainable. ``delta(name, x)`` is the plain LoRD forward of
+    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition."""
+
+    def __init__(self, lord: LoRDFile):
+        super().__init__()
+        self.layers = torch.nn.ModuleDict({n: LoRDParameters(w) for n, w in sorted(lord.targets.items())})
+        self.gate_activation = lord.gate_activation
+        self.base_family = lord.base_family
+        self.provenance = dict(lord.provenance)
+
+    def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
+        return lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, "learned", geometry)
+
+    def export(self, provenance: Optional[dict] = None) -> LoRDFile:
+        targets = {}
+        for n, p in self.layers.items():
+            w = p.weights()
+            targets[n] = LoRDWeights(*(getattr(w, f).detach().float().cpu().clone() for f in LoRDParameters.FIELDS),
+                                     w.alpha)
+        return LoRDFile(targets, self.gate_activation, self.base_family, {**self.provenance, **(provenance or {})})
+
+
+class LoRAParameters(torch.nn.Module):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
+        super().__init__()
+        self.down = torch.nn.Parameter(down.float())
+        self.up = torch.nn.Parameter(up.float())
+        self.alpha = float(alpha)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.down.shape[0]
+
+
+class TrainableLoRA(torch.nn.Module):
+    """A standard LoRA (kohya ``lora_down``/``lora_up``/``alpha``) on named targets.
+
+    Init as diffusers/mist-v2: ``A ~ N(0, (1/r)^2)``, ``B = 0`` (the untrained LoRA is a no-op).
+    """
+
+    def __init__(self, layers: dict[str, LoRAParameters]):
+        super().__init__()
+        self.layers = torch.nn.ModuleDict(dict(sorted(layers.items())))
+
+    @classmethod
+    def create(cls, shapes: dict[str, tuple[int, int, Optional[tuple]]], rank: int, alpha: Optional[float],
+               seed: int) -> "TrainableLoRA":
+        """``shapes``: ``{name: (in_features, out_features, kernel_size or None)}``."""
+        g = torch.Generator().manual_seed(seed)
+        alpha = float(rank if alpha is None else alpha)
+        layers = {}
+        for name in sorted(shapes):
+            d_in, d_out, kernel = shapes[name]
+            down_shape = (rank, d_in, *kernel) if kernel else (rank, d_in)
+            up_shape = (d_out, rank, 1, 1) if kernel else (d_out, rank)
+            layers[name] = LoRAParameters(torch.randn(down_shape, generator=g) / rank, torch.zeros(up_shape), alpha)
+        return cls(layers)
+
+    def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
+        p = self.layers[name]
+        return lora_delta(x, p.down, p.up, p.scale, geometry), None
+
+    def export(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{kohya name: (down, up, alpha)}`` for ``format.save_kohya_lora``."""
+        return {n: (p.down.detach().cpu().clone(), p.up.detach().cpu().clone(), p.alpha) for n, p in self.layers.items()}
+
+
+class AdapterHooks:
+    """Forward hooks adding ``adapter.delta(name, x)`` to the outputs of named modules.
+
+    Gate values (LoRD) of every hooked call are collected in ``records`` as ``(name, lambda)``;
+    :meth:`take` hands them over and starts a new list (gradient checkpointing re-runs hooks during
+    backward; those late records land in a list nobody reads).
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], adapter):
+        self.records: list = []
+        self._handles = []
+        for name, module in modules.items():
+            geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
+            self._handles.append(module.register_forward_hook(self._hook(adapter, name, geometry)))
+
+    def _hook(self, adapter, name, geometry):
+        def hook(module, args, output):
+            delta, lam = adapter.delta(name, args[0], geometry)
+            if lam is not None:
+                self.records.append((name, lam))
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    def take(self) -> list:
+        out, self.records = self.records, []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss terms
+
+
+def gate_bce(records: Iterable[tuple[str, torch.Tensor]], label: float, names: Optional[set] = None) -> torch.Tensor:
+    """Per-sample BCE of the gate values against ``label`` (0 clean, 1 perturbed): ``[B]``.
+
+    Averaged over the features of each layer, then over layers (each layer counts once). Layers not
+    in ``names`` (e.g. cross-attention k/v, whose input is the text, identical for both labels) are
+    skipped. ``lambda`` is ``[B, T, 1]`` (Linear) or ``[B, 1, H, W]`` (Conv2d).
+    """
+    per_layer = []
+    for name, lam in records:
+        if names is not None and name not in names:
+            continue
+        p = lam.float().clamp(1e-6, 1 - 1e-6)
+        bce = F.binary_cross_entropy(p, torch.full_like(p, float(label)), reduction="none")
+        per_layer.append(bce.flatten(1).mean(dim=1))
+    if not per_layer:
+        raise ValueError("no gate values were recorded: the LoRD hooks did not run on an image-fed layer")
+    return torch.stack(per_layer, dim=0).mean(dim=0)
+
+
+def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set] = None) -> torch.Tensor:
+    """Per-sample mean gate value ``[B]`` over the (image-fed) layers: the adversarial score."""
+    per_layer = [lam.detach().float().flatten(1).mean(dim=1) for name, lam in records
+                 if names is None or name in names]
+    if not per_layer:
+        raise ValueError("no gate values were recorded")
+    return torch.stack(per_layer, dim=0).mean(dim=0)
+
+
+def auroc(negatives: Iterable[float], positives: Iterable[float]) -> float:
+    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney)."""
+    neg, pos = list(map(float, negatives)), list(map(float, positives))
+    if not neg or not pos:
+        raise ValueError("AUROC needs at least one negative and one positive score")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(neg) * len(pos))
+
+
+def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor, z_adv: torch.Tensor,
+                  t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, lambda_adv: float,
+                  lambda_gate: float, gate_names: Optional[set] = None,
+                  autocast: Callable = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 7: ``L_clean + lambda1 L_adv + lambda2 BCE(lambda, y)`` per sample ``[B]``.
+
+    Both samples of a pair share timestep and noise. With ``lambda_gate == 0`` (or no hooks) this is
+    the "PGD-2 defense" baseline: a plain LoRA on clean + perturbed samples.
+    """
+    use_gate = hooks is not None and lambda_gate > 0
+    if hooks is not None:
+        hooks.take()
+    with autocast():
+        l_clean = denoising_loss(predict, z_clean, t, noise, alphas_cumprod)
+    gates_clean = hooks.take() if hooks is not None else []
+    with autocast():
+        l_adv = denoising_loss(predict, z_adv, t, noise, alphas_cumprod)
+    gates_adv = hooks.take() if hooks is not None else []
+    total = l_clean.float() + lambda_adv * l_adv.float()
+    parts = {"clean": l_clean.detach().float(), "adv": l_adv.detach().float()}
+    if use_gate:
+        bce = 0.5 * (gate_bce(gates_clean, 0.0, gate_names) + gate_bce(gates_adv, 1.0, gate_names))
+        total = total + lambda_gate * bce
+        parts["gate_bce"] = bce.detach()
+        parts["gate_clean"] = gate_scores(gates_clean, gate_names)
+        parts["gate_adv"] = gate_scores(gates_adv, gate_names)
+    return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic sample schedule
+
+
+def _mix(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, size: int, stream: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(_mix(seed, "epoch", stream, epoch))
+    return tuple(torch.randperm(size, generator=g).tolist())
+
+
+def dataset_index(seed: int, sample_number: int, size: int, stream: int = 0) -> int:
+    """Item of the ``sample_number``-th sample of the run: epochs are seeded permutations."""
+    epoch, within = divmod(sample_number, size)
+    return _epoch_order(seed, epoch, size, stream)[within]
+
+
+@dataclasses.dataclass
+class Draw:
+    """Randomness of one sample: timestep and a generator for its noise."""
+
+    t: int
+    noise_seed: int
+
+    def noise(self, shape, device=None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.noise_seed)
+        return torch.randn(shape, generator=g).to(device)
+
+
+def sample_draw(seed: int, step: int, position: int, t_min: int, t_max: int) -> Draw:
+    g = torch.Generator().manual_seed(_mix(seed, "draw", step, position))
+    t = int(torch.randint(t_min, t_max + 1, (1,), generator=g))
+    return Draw(t, _mix(seed, "noise", step, position))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Atomically write a training checkpoint (temp file + rename; never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- report the file and what to do
+        raise ValueError(f"training checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to "
+                         f"start the run from step 0") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a ComfyUI-LoRD training checkpoint; choose another run name/output folder")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class StepRecord:
+    step: int
+    steps: int
+    loss: float
+    parts: dict[str, float]
+    elapsed_s: float
+    samples: int  # global samples processed so far (this session)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[dict]  # one dict per optimizer step: {"step", "loss", <parts>}
+    resumed_from: int
+    steps: int
+    stopped_early: bool = False
+
+    @property
+    def loss_map(self) -> dict:
+        """Core ComfyUI's ``LOSS_MAP`` (``{"loss": [...]}``), plotted by its Plot Loss Graph node."""
+        return {"loss": [h["loss"] for h in self.history]}
+
+
+class _StepModule(torch.nn.Module):
+    """Owns the trainable parameters; ``forward`` is one micro-batch's mean loss (what DDP wraps)."""
+
+    def __init__(self, trainable: torch.nn.Module, sample_losses: Callable):
+        super().__init__()
+        self.trainable = trainable
+        self._sample_losses = sample_losses
+
+    def forward(self, indices: list[int], draws: list[Draw]):
+        losses, parts = self._sample_losses(indices, draws)
+        return losses.mean(), {k: v.detach().float().sum() for k, v in parts.items()}
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callable, dataset_size: int,
+          checkpoint_path=None, on_step: Optional[Callable[[StepRecord], None]] = None,
+          device: Optional[torch.device] = None) -> TrainResult:
+    """Optimise ``trainable`` with AdamW for ``config.steps`` steps.
+
+    ``sample_losses(indices, draws) -> (losses [b], {part: [b]})`` computes one micro-batch (items
+    ``indices`` of the dataset, randomness ``draws``). One optimizer step sees
+    ``batch_size * grad_accumulation * world_size`` samples. Under an initialised process group the
+    parameters are wrapped in DDP; only rank 0 writes checkpoints. ``on_step`` runs after each
+    optimizer step (progress, logs, cancellation: raise to stop -- the last checkpoint stays).
+    A checkpoint at ``checkpoint_path`` from an earlier run with the same trajectory settings is
+    resumed; one from different settings is refused.
+    """
+    config.validate()
+    rank, world = distributed_context()
+    if dataset_size < 1:
+        raise ValueError("the training set is empty")
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    history: list[dict] = []
+    start = 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path)
+        if state["digest"] != config.trajectory_digest():
+            old = state.get("config", {})
+            changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS and old.get(k) != v)
+            raise ValueError(f"checkpoint {checkpoint_path} is from a run with different settings ({', '.join(changed)}); "
+                             f"use another run name / output folder, or delete the checkpoint to start over")
+        trainable.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), list(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_path is None or rank != 0:
+            return
+        save_checkpoint(checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "version": 1, "digest": config.trajectory_digest(),
+            "config": config.to_dict(), "step": step, "history": history,
+            "trainable": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        })
+
+    module = _StepModule(trainable, sample_losses)
+    runner = module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(module, device_ids=[device] if device is not None and device.type == "cuda" else None,
+                                         broadcast_buffers=False)
+    b, accum = config.batch_size, config.grad_accumulation
+    global_batch = b * accum * world
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(())
+        part_sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            positions = [(micro * world + rank) * b + j for j in range(b)]
+            indices = [dataset_index(config.seed, step * global_batch + p, dataset_size) for p in positions]
+            draws = [sample_draw(config.seed, step, p, config.t_min, config.t_max) for p in positions]
+            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else runner.no_sync()
+            with sync:
+                loss, parts = runner(indices, draws)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float().cpu() * b
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, torch.zeros(())) + v.cpu()
+        optimizer.step()
+        if world > 1:
+            keys = sorted(part_sums)
+            packed = torch.stack([loss_sum] + [part_sums[k] for k in keys])
+            torch.distributed.all_reduce(packed)
+            loss_sum, part_sums = packed[0], {k: packed[i + 1] for i, k in enumerate(keys)}
+        n = global_batch
+        entry = {"step": step + 1, "loss": float(loss_sum) / n, **{k: float(v) / n for k, v in part_sums.items()}}
+        if not all(math.isfinite(v) for v in entry.values()):
+            raise FloatingPointError(f"step {step + 1}: loss is not finite ({entry}); lower the learning rate or use "
+                                     f"fp32; the last checkpoint is kept")
+        history.append(entry)
+        seen += n
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            checkpoint(step + 1)
+        if world > 1:
+            torch.distributed.barrier()
+        if on_step is not None:
+            on_step(StepRecord(step + 1, config.steps, entry["loss"],
+                               {k: v for k, v in entry.items() if k not in ("step", "loss")},
+                               time.perf_counter() - t0, seen))
+    return TrainResult(history, start, config.steps)

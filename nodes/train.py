@@ -1,0 +1,316 @@
+"""Trainer nodes: LoRD Stage-1 (Eq. 7-8), Stage-2 DreamBooth-LoRA (Eq. 9) and their save nodes.
+
+Inputs follow core's Train LoRA node: lists of IMAGE batches and CONDITIONINGs (e.g. from
+Load Image and Text Dataset from Folder -> CLIP Text Encode). Runs are checkpointed under
+``output/lord_training/<run_name>/``; running the same graph again resumes from the last checkpoint
+(Cancel keeps it). PGD perturbations are cached in ``output/lord_training/pgd_cache/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from comfy_api.latest import io
+
+from ..lord_ops.attacks import PRESETS
+from ..lord_ops.keys import TARGET_PRESETS
+from ..lord_ops.training import DTYPES, STAGE2_MODES, TrainConfig
+
+LORD_WEIGHTS = io.Custom("LORD_WEIGHTS")
+LORD_LORA = io.Custom("LORD_LORA")
+LOSS_MAP = io.Custom("LOSS_MAP")
+_PGD2 = PRESETS["pgd_2"]
+
+
+def _training_dir(run_name: str) -> str:
+    import folder_paths
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_name.strip()) or "run"
+    return os.path.join(folder_paths.get_output_directory(), "lord_training", safe)
+
+
+def _cache_dir() -> str:
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "lord_training", "pgd_cache")
+
+
+def _flatten_images(images) -> list:
+    """IMAGE batches ``[B, H, W, C]`` in [0, 1] -> list of ``[3, H, W]``."""
+    out = []
+    for batch in images:
+        for img in batch:
+            out.append(img[..., :3].movedim(-1, 0).float().cpu().clone())
+    return out
+
+
+def _flatten_conds(conds) -> list:
+    """A CONDITIONING per list item (core's text-encode-over-a-list gives one per caption)."""
+    return [c for c in conds if c is not None]
+
+
+def _loss_preview(history: list[dict]):
+    """Small loss curve (PIL image) for the node's progress preview."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 256, 128, 6
+    img = Image.new("RGB", (w, h), "white")
+    values = [e["loss"] for e in history]
+    if len(values) >= 2:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        pts = [(m + i * (w - 2 * m) / (len(values) - 1), h - m - (v - lo) / span * (h - 2 * m)) for i, v in enumerate(values)]
+        ImageDraw.Draw(img).line(pts, fill=(30, 90, 200), width=2)
+    ImageDraw.Draw(img).text((m, m), f"loss {values[-1]:.4f}" if values else "loss", fill=(0, 0, 0))
+    return img
+
+
+class _Progress:
+    """Progress bar over the optimizer steps with a loss-curve preview; Cancel checked every step."""
+
+    def __init__(self, steps: int, node_label: str):
+        import comfy.utils
+
+        self.pbar = comfy.utils.ProgressBar(steps)
+        self.history: list[dict] = []
+        self.every = max(1, steps // 50)
+        self.label = node_label
+
+    def data_item(self, index: int, cached: bool) -> None:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def step(self, rec) -> None:
+        import logging
+
+        import comfy.model_management
+
+        self.history.append({"loss": rec.loss})
+        preview = None
+        if rec.step % self.every == 0 or rec.step == rec.steps:
+            preview = ("PNG", _loss_preview(self.history), 256)
+            logging.info("%s step %d/%d loss %.5f %s", self.label, rec.step, rec.steps, rec.loss,
+                         " ".join(f"{k} {v:.4f}" for k, v in rec.parts.items()))
+        self.pbar.update_absolute(rec.step, rec.steps, preview)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list:
+    return [
+        io.Int.Input("steps", default=default_steps, min=1, max=1000000, tooltip="Optimizer steps."),
+        io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Samples per micro-step."),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                     tooltip="Micro-steps per optimizer step (effective batch = batch_size x this)."),
+        io.Float.Input("learning_rate", default=default_lr, min=1e-7, max=1.0, step=1e-6, round=1e-7),
+        io.Int.Input("rank", default=4, min=1, max=128),
+        io.Combo.Input("targets", options=sorted(TARGET_PRESETS), default="attn",
+                       tooltip="attn: q/k/v/out of every attention block; attn+proj also proj_in/proj_out."),
+        io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32",
+                       tooltip="Compute dtype of the frozen model (adapters keep fp32 master weights)."),
+        io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute UNet blocks in backward (less memory)."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+        io.Int.Input("checkpoint_every", default=100, min=1, max=1000000,
+                     tooltip="Write weights + optimizer + step to output/lord_training/<run_name>/ every N steps."),
+        io.String.Input("run_name", default=run_name,
+                        tooltip="Checkpoint folder name; running again with the same name and settings resumes."),
+    ]
+
+
+def _scalars(kwargs: dict) -> dict:
+    """``is_input_list`` nodes get every widget as a list: take the first value."""
+    return {k: (v[0] if isinstance(v, list) and v else v) for k, v in kwargs.items()}
+
+
+def _config(stage: str, p: dict, **extra) -> TrainConfig:
+    return TrainConfig(stage=stage, steps=p["steps"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
+                       learning_rate=p["learning_rate"], rank=p["rank"], targets=p["targets"], dtype=p["training_dtype"],
+                       gradient_checkpointing=p["gradient_checkpointing"], seed=p["seed"] % (2 ** 63),
+                       checkpoint_every=p["checkpoint_every"], **extra).validate()
+
+
+class LoRDTrainStage1(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRDTrainStage1",
+            display_name="Train LoRD (Stage 1)",
+            category="LoRD/training",
+            description="Adversarial training of a LoRD (paper Eq. 7-8): clean + PGD-perturbed copies of the "
+                        "images, loss L_clean + lambda_adv L_adv + lambda_gate BCE(gate). Only A, B, B' and the "
+                        "gate train; the model is frozen. Perturbations are generated once and cached.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (without LoRD)."),
+                io.Vae.Input("vae"),
+                io.Image.Input("images", tooltip="Training images (one size; a list or a batch)."),
+                io.Conditioning.Input("positive", tooltip="One conditioning per image (captions), or one for all."),
+                *_common_inputs(500, 1e-4, "lord_stage1"),
+                io.Int.Input("gate_hidden", default=32, min=1, max=1024, tooltip="Width of the gate MLP."),
+                io.Float.Input("lambda_adv", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda1: weight of L_adv."),
+                io.Float.Input("lambda_gate", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda2: weight of the gate BCE."),
+                io.Float.Input("attack_strength", default=round(_PGD2.epsilon, 4), min=0.5, max=64.0, step=0.5, round=0.0001,
+                               tooltip="PGD L-inf budget in pixel levels 0..255 (Anti-DreamBooth: 6.375)."),
+                io.Float.Input("attack_step_size", default=round(_PGD2.step_size, 4), min=0.05, max=16.0, step=0.05, round=0.0001,
+                               tooltip="PGD step in pixel levels (Anti-DreamBooth: 0.6375)."),
+                io.Int.Input("attack_steps", default=_PGD2.steps, min=1, max=1000, tooltip="PGD iterations (the paper's PGD-2: 2)."),
+            ],
+            outputs=[
+                LORD_WEIGHTS.Output(display_name="lord", tooltip="The trained LoRD (save it with Save LoRD)."),
+                io.Model.Output(display_name="model", tooltip="The model with the trained LoRD applied."),
+                LOSS_MAP.Output(display_name="loss_map", tooltip="Loss per step (core's Plot Loss Graph)."),
+                io.String.Output(display_name="report", tooltip="JSON: final losses, gate separation (AUROC) on the training data."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, images, positive, **kwargs):
+        from ..lord_ops.comfy.patch import apply_lord
+        from ..lord_ops.comfy.train import TrainingData, train_stage1
+
+        p = _scalars(kwargs)
+        config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
+                         attack_epsilon=p["attack_strength"], attack_step_size=p["attack_step_size"],
+                         attack_steps=p["attack_steps"])
+        imgs = _flatten_images(images)
+        data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))])
+        progress = _Progress(config.steps, "LoRD Stage-1")
+        run_dir = _training_dir(p["run_name"])
+        out = train_stage1(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
+                           on_step=progress.step, on_data=progress.data_item)
+        trained = apply_lord(model[0], out.lord)
+        return io.NodeOutput(out.lord, trained, out.result.loss_map, json.dumps(out.report, indent=1))
+
+
+class LoRDTrainStage2(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRDTrainStage2",
+            display_name="Train LoRA with LoRD (Stage 2)",
+            category="LoRD/training",
+            description="DreamBooth-style LoRA fine-tuning (paper Eq. 9). mode lord: the MODEL must come from "
+                        "Load LoRD; the LoRD stays frozen and live. mode plain: a plain LoRA (what an attacked user "
+                        "gets). mode pgd2_defense: a plain LoRA on the images plus PGD-2 perturbed copies.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="mode lord: the MODEL from Load LoRD; otherwise the base model."),
+                io.Vae.Input("vae"),
+                io.Image.Input("images", tooltip="Few-shot instance images (possibly protected/attacked)."),
+                io.Conditioning.Input("positive", tooltip="Instance prompt, e.g. 'a photo of sks person' (one for all, or one per image)."),
+                io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord"),
+                *_common_inputs(400, 1e-4, "lord_stage2"),
+                io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the prior-preservation loss (with class images)."),
+                io.Image.Input("class_images", optional=True, tooltip="DreamBooth prior-preservation images."),
+                io.Conditioning.Input("class_positive", optional=True, tooltip="Class prompt, e.g. 'a photo of a person'."),
+            ],
+            outputs=[
+                LORD_LORA.Output(display_name="lora", tooltip="The trained LoRA (save it with Save LoRA (kohya))."),
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+                LOSS_MAP.Output(display_name="loss_map", tooltip="Loss per step (core's Plot Loss Graph)."),
+                io.String.Output(display_name="report", tooltip="JSON: final losses and the run's provenance."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, images, positive, class_images=None, class_positive=None, **kwargs):
+        from ..lord_ops.comfy.train import TrainingData, kohya_metadata, train_stage2
+        from ..lord_ops.comfy.patch import model_family
+
+        p = _scalars(kwargs)
+        config = _config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
+        imgs = _flatten_images(images)
+        class_imgs = _flatten_images(class_images) if class_images else []
+        class_conds = _flatten_conds(class_positive) if class_positive else []
+        if class_imgs and not class_conds:
+            raise ValueError("class_images are connected but class_positive is not: connect the class prompt's conditioning")
+        data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))], class_imgs, class_conds)
+        progress = _Progress(config.steps, "LoRD Stage-2")
+        run_dir = _training_dir(p["run_name"])
+        out = train_stage2(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
+                           on_step=progress.step, on_data=progress.data_item)
+        lora = {"layers": out.lora, "metadata": kohya_metadata(config, model_family(model[0]), out.report)}
+        return io.NodeOutput(lora, apply_lora_layers(model[0], out.lora), out.result.loss_map,
+                             json.dumps({k: v for k, v in out.report.items() if k != "provenance"}, indent=1))
+
+
+def apply_lora_layers(model, layers: dict, strength: float = 1.0):
+    """A clone of ``model`` with a kohya LoRA (``{name: (down, up, alpha)}``) applied by ComfyUI's own loader."""
+    import comfy.sd
+    import torch
+
+    sd = {}
+    for name, (down, up, alpha) in layers.items():
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
+    return patched
+
+
+def _free_name(folder: str, prefix: str, overwrite: bool) -> str:
+    prefix = prefix.strip().replace("\\", "/").strip("/")
+    if not prefix or ".." in prefix.split("/"):
+        raise ValueError(f"filename_prefix {prefix!r} is not a usable file name inside the models folder")
+    if prefix.endswith(".safetensors"):
+        prefix = prefix[: -len(".safetensors")]
+    path = os.path.join(folder, prefix + ".safetensors")
+    n = 1
+    while os.path.exists(path) and not overwrite:
+        path = os.path.join(folder, f"{prefix}_{n:05d}.safetensors")
+        n += 1
+    return path
+
+
+class LoRDSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRDSave", display_name="Save LoRD", category="LoRD/training", is_output_node=True,
+            description="Write a trained LoRD to models/lord/<prefix>.safetensors (LoRD format v1, atomic). "
+                        "Without overwrite an existing file is kept and a numbered name is used.",
+            inputs=[LORD_WEIGHTS.Input("lord"),
+                    io.String.Input("filename_prefix", default="lord_stage1"),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[io.String.Output(display_name="filename", tooltip="The file name inside models/lord.")],
+        )
+
+    @classmethod
+    def execute(cls, lord, filename_prefix, overwrite):
+        import folder_paths
+
+        from ..lord_ops.format import save_lord_file
+
+        folder = folder_paths.get_folder_paths("lord")[0]
+        path = _free_name(folder, filename_prefix, overwrite)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_lord_file(path, lord)
+        name = os.path.relpath(path, folder)
+        return io.NodeOutput(name, ui={"text": [f"models/lord/{name}"]})
+
+
+class LoRDSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRDSaveLoRA", display_name="Save LoRA (kohya)", category="LoRD/training", is_output_node=True,
+            description="Write a Stage-2 LoRA to models/loras/<prefix>.safetensors in kohya format with "
+                        "diffusers-derived names (loads in ComfyUI's LoraLoader, A1111/Forge and diffusers).",
+            inputs=[LORD_LORA.Input("lora"),
+                    io.String.Input("filename_prefix", default="lord_stage2_sks"),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[io.String.Output(display_name="filename", tooltip="The file name inside models/loras.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename_prefix, overwrite):
+        import folder_paths
+
+        from ..lord_ops.format import save_kohya_lora
+
+        folder = folder_paths.get_folder_paths("loras")[0]
+        path = _free_name(folder, filename_prefix, overwrite)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_kohya_lora(path, lora["layers"], lora["metadata"])
+        name = os.path.relpath(path, folder)
+        return io.NodeOutput(name, ui={"text": [f"models/loras/{name}"]})
