@@ -69,6 +69,7 @@ class TrainConfig:
     attack_epsilon: Optional[float] = None  # pixel levels; None: the preset's
     attack_step_size: Optional[float] = None
     attack_steps: Optional[int] = None
+    online_perturbations: bool = False  # stage1: PGD against the current model+LoRD each step (no cache)
 
     def validate(self) -> "TrainConfig":
         def need(ok, message):

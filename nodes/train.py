@@ -154,6 +154,9 @@ class LoRDTrainStage1(io.ComfyNode):
                 io.Float.Input("attack_step_size", default=round(_PGD2.step_size, 4), min=0.05, max=16.0, step=0.05, round=0.0001,
                                tooltip="PGD step in pixel levels (Anti-DreamBooth: 0.6375)."),
                 io.Int.Input("attack_steps", default=_PGD2.steps, min=1, max=1000, tooltip="PGD iterations (the paper's PGD-2: 2)."),
+                io.Boolean.Input("online_perturbations", default=False,
+                                 tooltip="Regenerate the PGD perturbations every step against the model being trained "
+                                         "(costs attack_steps extra passes per sample; nothing cached)."),
             ],
             outputs=[
                 LORD_WEIGHTS.Output(display_name="lord", tooltip="The trained LoRD (save it with Save LoRD)."),
@@ -171,7 +174,7 @@ class LoRDTrainStage1(io.ComfyNode):
         p = _scalars(kwargs)
         config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
                          attack_epsilon=p["attack_strength"], attack_step_size=p["attack_step_size"],
-                         attack_steps=p["attack_steps"])
+                         attack_steps=p["attack_steps"], online_perturbations=p["online_perturbations"])
         imgs = _flatten_images(images)
         data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))])
         progress = _Progress(config.steps, "LoRD Stage-1")

@@ -184,6 +184,21 @@ def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
     assert not any("forward" in b.__dict__ for b in model.model.diffusion_model.input_blocks)  # unpatched
 
 
+def test_online_perturbations_against_the_current_model(loaded, tmp_path):
+    model, clip, vae = loaded
+    data = make_data(clip, n=2)
+    config = T.TrainConfig(steps=3, online_perturbations=True, **FAST)
+    with torch.inference_mode():
+        a = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
+        b = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
+        assert not list((tmp_path / "cache").glob("*.png"))  # online runs neither read nor write the cache
+        cached = CT.train_stage1(model, vae, data, dataclasses.replace(config, online_perturbations=False),
+                                 tmp_path / "cache", evaluate=False)
+    assert [h["loss"] for h in a.result.history] == [h["loss"] for h in b.result.history]  # seeded
+    assert [h["loss"] for h in a.result.history] != [h["loss"] for h in cached.result.history]
+    assert 0.0 <= a.report["gate_separation_train"]["auroc"] <= 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 2
 

@@ -198,6 +198,30 @@ def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alpha
             "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n}
 
 
+def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, predict, alphas_cumprod) -> Callable:
+    """``perturb(indices, draws) -> z_adv``: PGD (``config.attack_config()``) against the model *as it is
+    being trained* (LoRD hooks live, gate learned), 8-bit quantised, encoded without a graph. Seeded
+    per sample from the step's draws, so resumed and data-parallel runs stay reproducible."""
+    from ..attacks import quantize_uint8, run_attack
+
+    attack = config.attack_config()
+    encode = grad.latent_encoder(vae, clone)
+    device = clone.load_device
+
+    def perturb(indices, draws):
+        out = []
+        for i, d in zip(indices, draws):
+            img = data.images[i][None].to(device)
+            cfg = dataclasses.replace(attack, seed=d.noise_seed % (2 ** 62))
+            adv = run_attack(img, cfg, encode, lambda z, tt: predict(z, tt, [i]), alphas_cumprod).images
+            q = quantize_uint8(adv, img, attack.epsilon).float() / 255.0
+            with torch.no_grad():
+                out.append(encode(q).float())
+        return torch.cat(out)
+
+    return perturb
+
+
 def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir, checkpoint_path=None,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
                  evaluate: bool = True) -> StageResult:
@@ -206,9 +230,10 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
     if lord_injections(model_patcher):
         raise ValueError("the MODEL already has a LoRD applied: Stage-1 trains a new LoRD on the base model; "
                          "connect the checkpoint's MODEL directly")
-    adv_images = stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
+    online = config.online_perturbations
+    adv_images = None if online else stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
     z_clean = encode_images(vae, model_patcher, data.images)
-    z_adv = encode_images(vae, model_patcher, adv_images)
+    z_adv = z_clean if online else encode_images(vae, model_patcher, adv_images)
     lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
                                 config.gate_activation, config.seed)
     gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
@@ -220,14 +245,22 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         zc, za = z_clean.to(device), z_adv.to(device)
         autocast = _autocast(config, device)
         with T.AdapterHooks(_target_modules(clone, sorted(lord0.targets)), trainable) as hooks:
+            perturb = _online_perturber(clone, vae, data, config, predict, acp) if online else None
+
             def sample_losses(indices, draws):
                 t = torch.tensor([d.t for d in draws])
                 noise = torch.stack([d.noise(zc.shape[1:]) for d in draws]).to(device)
-                return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], za[indices], t, noise,
+                z_adv = perturb(indices, draws) if online else za[indices]
+                return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
                                        acp, config.lambda_adv, config.lambda_gate, gate_names, autocast)
 
             result = T.train(config, trainable, sample_losses, len(data.images), checkpoint_path, on_step, device)
-            report = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed) if evaluate else {}
+            report = {}
+            if evaluate:
+                if online:  # perturbed copies against the final model
+                    n = min(64, len(data.images))
+                    za = perturb(list(range(n)), [T.Draw(0, T._mix(config.seed, "eval-pgd", i)) for i in range(n)])
+                report = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed)
         lord = trainable.export(_provenance(config, data, result, {"gate_separation_train": report}))
     lord.base_family = model_family(model_patcher)
     return StageResult(result, lord=lord, report={"gate_separation_train": report, "final": result.history[-1]})
