@@ -96,6 +96,11 @@ class _Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def _data_inputs(model_tip: str, images_tip: str, positive_tip: str) -> list:
+    return [io.Model.Input("model", tooltip=model_tip), io.Vae.Input("vae"),
+            io.Image.Input("images", tooltip=images_tip), io.Conditioning.Input("positive", tooltip=positive_tip)]
+
+
 def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list:
     return [
         io.Int.Input("steps", default=default_steps, min=1, max=1000000, tooltip="Optimizer steps."),
@@ -141,10 +146,8 @@ class LoRDTrainStage1(io.ComfyNode):
                         "gate train; the model is frozen. Perturbations are generated once and cached.",
             is_input_list=True,
             inputs=[
-                io.Model.Input("model", tooltip="The base model (without LoRD)."),
-                io.Vae.Input("vae"),
-                io.Image.Input("images", tooltip="Training images (one size; a list or a batch)."),
-                io.Conditioning.Input("positive", tooltip="One conditioning per image (captions), or one for all."),
+                *_data_inputs("The base model (without LoRD).", "Training images (one size; a list or a batch).",
+                              "One conditioning per image (captions), or one for all."),
                 *_common_inputs(500, 1e-4, "lord_stage1"),
                 io.Int.Input("gate_hidden", default=32, min=1, max=1024, tooltip="Width of the gate MLP."),
                 io.Float.Input("lambda_adv", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda1: weight of L_adv."),
@@ -197,10 +200,9 @@ class LoRDTrainStage2(io.ComfyNode):
                         "gets). mode pgd2_defense: a plain LoRA on the images plus PGD-2 perturbed copies.",
             is_input_list=True,
             inputs=[
-                io.Model.Input("model", tooltip="mode lord: the MODEL from Load LoRD; otherwise the base model."),
-                io.Vae.Input("vae"),
-                io.Image.Input("images", tooltip="Few-shot instance images (possibly protected/attacked)."),
-                io.Conditioning.Input("positive", tooltip="Instance prompt, e.g. 'a photo of sks person' (one for all, or one per image)."),
+                *_data_inputs("mode lord: the MODEL from Load LoRD; otherwise the base model.",
+                              "Few-shot instance images (possibly protected/attacked).",
+                              "Instance prompt, e.g. 'a photo of sks person' (one for all, or one per image)."),
                 io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord"),
                 *_common_inputs(400, 1e-4, "lord_stage2"),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.01,
@@ -265,55 +267,51 @@ def _free_name(folder: str, prefix: str, overwrite: bool) -> str:
     return path
 
 
+def _save_into_models(folder_name: str, prefix: str, overwrite: bool, write) -> io.NodeOutput:
+    """``write(path)`` into the first ``models/<folder_name>`` folder; returns the name + UI text."""
+    import folder_paths
+
+    folder = folder_paths.get_folder_paths(folder_name)[0]
+    path = _free_name(folder, prefix, overwrite)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write(path)
+    name = os.path.relpath(path, folder)
+    return io.NodeOutput(name, ui={"text": [f"models/{folder_name}/{name}"]})
+
+
+def _save_schema(node_id: str, display_name: str, description: str, kind, input_name: str, prefix: str, folder: str):
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category="LoRD/training", is_output_node=True,
+        description=description + " Without overwrite an existing file is kept and a numbered name is used.",
+        inputs=[kind.Input(input_name), io.String.Input("filename_prefix", default=prefix),
+                io.Boolean.Input("overwrite", default=False)],
+        outputs=[io.String.Output(display_name="filename", tooltip=f"The file name inside models/{folder}.")],
+    )
+
+
 class LoRDSave(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="LoRDSave", display_name="Save LoRD", category="LoRD/training", is_output_node=True,
-            description="Write a trained LoRD to models/lord/<prefix>.safetensors (LoRD format v1, atomic). "
-                        "Without overwrite an existing file is kept and a numbered name is used.",
-            inputs=[LORD_WEIGHTS.Input("lord"),
-                    io.String.Input("filename_prefix", default="lord_stage1"),
-                    io.Boolean.Input("overwrite", default=False)],
-            outputs=[io.String.Output(display_name="filename", tooltip="The file name inside models/lord.")],
-        )
+        return _save_schema("LoRDSave", "Save LoRD", "Write a trained LoRD to models/lord/<prefix>.safetensors "
+                            "(LoRD format v1, atomic).", LORD_WEIGHTS, "lord", "lord_stage1", "lord")
 
     @classmethod
     def execute(cls, lord, filename_prefix, overwrite):
-        import folder_paths
-
         from ..lord_ops.format import save_lord_file
 
-        folder = folder_paths.get_folder_paths("lord")[0]
-        path = _free_name(folder, filename_prefix, overwrite)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_lord_file(path, lord)
-        name = os.path.relpath(path, folder)
-        return io.NodeOutput(name, ui={"text": [f"models/lord/{name}"]})
+        return _save_into_models("lord", filename_prefix, overwrite, lambda path: save_lord_file(path, lord))
 
 
 class LoRDSaveLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="LoRDSaveLoRA", display_name="Save LoRA (kohya)", category="LoRD/training", is_output_node=True,
-            description="Write a Stage-2 LoRA to models/loras/<prefix>.safetensors in kohya format with "
-                        "diffusers-derived names (loads in ComfyUI's LoraLoader, A1111/Forge and diffusers).",
-            inputs=[LORD_LORA.Input("lora"),
-                    io.String.Input("filename_prefix", default="lord_stage2_sks"),
-                    io.Boolean.Input("overwrite", default=False)],
-            outputs=[io.String.Output(display_name="filename", tooltip="The file name inside models/loras.")],
-        )
+        return _save_schema("LoRDSaveLoRA", "Save LoRA (kohya)", "Write a Stage-2 LoRA to models/loras/<prefix>."
+                            "safetensors in kohya format with diffusers-derived names (loads in ComfyUI's LoraLoader, "
+                            "A1111/Forge and diffusers).", LORD_LORA, "lora", "lord_stage2_sks", "loras")
 
     @classmethod
     def execute(cls, lora, filename_prefix, overwrite):
-        import folder_paths
-
         from ..lord_ops.format import save_kohya_lora
 
-        folder = folder_paths.get_folder_paths("loras")[0]
-        path = _free_name(folder, filename_prefix, overwrite)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_kohya_lora(path, lora["layers"], lora["metadata"])
-        name = os.path.relpath(path, folder)
-        return io.NodeOutput(name, ui={"text": [f"models/loras/{name}"]})
+        return _save_into_models("loras", filename_prefix, overwrite,
+                                 lambda path: save_kohya_lora(path, lora["layers"], lora["metadata"]))
