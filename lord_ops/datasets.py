@@ -121,10 +121,10 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(q.numpy().tobytes() + str(tuple(q.shape)).encode()).hexdigest()
 
 
-def cache_key(image: torch.Tensor, caption: str, attack: dict, model_fingerprint: str) -> str:
-    """Key of one perturbed copy: the image, its caption (the attack's conditioning), the attack
-    parameters and the model it was computed against."""
-    blob = json.dumps({"image": tensor_digest(image), "caption": caption, "attack": attack,
+def cache_key(image: torch.Tensor, conditioning_key: str, attack: dict, model_fingerprint: str) -> str:
+    """Key of one perturbed copy: the image, its conditioning (a digest of the caption's encoding),
+    the attack parameters and the model it was computed against."""
+    blob = json.dumps({"image": tensor_digest(image), "conditioning": conditioning_key, "attack": attack,
                        "model": model_fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -152,7 +152,7 @@ def _read_png(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float().div(255)
 
 
-def cached_perturbations(images: Sequence[torch.Tensor], captions: Sequence[str], attack: dict,
+def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequence[str], attack: dict,
                          model_fingerprint: str, cache_dir, compute: Callable[[int], torch.Tensor],
                          owned: Optional[Callable[[int], bool]] = None,
                          on_item: Optional[Callable[[int, bool], None]] = None) -> list[Optional[torch.Tensor]]:
@@ -165,7 +165,7 @@ def cached_perturbations(images: Sequence[torch.Tensor], captions: Sequence[str]
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     out: list[Optional[torch.Tensor]] = []
-    for i, (img, cap) in enumerate(zip(images, captions)):
+    for i, (img, cap) in enumerate(zip(images, conditioning_keys)):
         path = cache / f"{cache_key(img, cap, attack, model_fingerprint)}.png"
         if path.exists():
             try:

@@ -200,13 +200,17 @@ class LoRDTrainStage2(io.ComfyNode):
                         "gets). mode pgd2_defense: a plain LoRA on the images plus PGD-2 perturbed copies.",
             is_input_list=True,
             inputs=[
-                *_data_inputs("mode lord: the MODEL from Load LoRD; otherwise the base model.",
-                              "Few-shot instance images (possibly protected/attacked).",
-                              "Instance prompt, e.g. 'a photo of sks person' (one for all, or one per image)."),
+                io.Model.Input("model", tooltip="mode lord: the MODEL from Load LoRD; otherwise the base model."),
+                io.Conditioning.Input("positive", tooltip="Instance prompt, e.g. 'a photo of sks person' (one for all, "
+                                                          "or one per image)."),
                 io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord"),
                 *_common_inputs(400, 1e-4, "lord_stage2"),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the prior-preservation loss (with class images)."),
+                io.Vae.Input("vae", optional=True, tooltip="Needed with images (not with latents)."),
+                io.Image.Input("images", optional=True, tooltip="Few-shot instance images (possibly protected/attacked)."),
+                io.Latent.Input("latents", optional=True, tooltip="Or: the instance images as LATENTs (e.g. from VAE Encode); "
+                                                                 "not for mode pgd2_defense."),
                 io.Image.Input("class_images", optional=True, tooltip="DreamBooth prior-preservation images."),
                 io.Conditioning.Input("class_positive", optional=True, tooltip="Class prompt, e.g. 'a photo of a person'."),
             ],
@@ -219,21 +223,25 @@ class LoRDTrainStage2(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, images, positive, class_images=None, class_positive=None, **kwargs):
+    def execute(cls, model, positive, vae=None, images=None, latents=None, class_images=None, class_positive=None,
+                **kwargs):
         from ..lord_ops.comfy.train import TrainingData, kohya_metadata, train_stage2
         from ..lord_ops.comfy.patch import model_family
 
         p = _scalars(kwargs)
         config = _config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
-        imgs = _flatten_images(images)
+        if bool(images) == bool(latents):
+            raise ValueError("connect either images or latents (the instance images), not both and not neither")
+        imgs = _flatten_images(images) if images else []
+        lats = [z for batch in (latents or []) for z in batch["samples"].float().cpu()]
         class_imgs = _flatten_images(class_images) if class_images else []
         class_conds = _flatten_conds(class_positive) if class_positive else []
         if class_imgs and not class_conds:
             raise ValueError("class_images are connected but class_positive is not: connect the class prompt's conditioning")
-        data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))], class_imgs, class_conds)
+        data = TrainingData(imgs, _flatten_conds(positive), [], class_imgs, class_conds, lats)
         progress = _Progress(config.steps, "LoRD Stage-2")
         run_dir = _training_dir(p["run_name"])
-        out = train_stage2(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
+        out = train_stage2(model[0], vae[0] if vae else None, data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item)
         lora = {"layers": out.lora, "metadata": kohya_metadata(config, model_family(model[0]), out.report)}
         return io.NodeOutput(lora, apply_lora_layers(model[0], out.lora), out.result.loss_map,

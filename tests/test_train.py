@@ -402,3 +402,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_widgets(**over):
+    base = dict(steps=2, batch_size=1, grad_accumulation=1, learning_rate=3e-3, rank=4, targets="attn",
+                training_dtype="fp32", gradient_checkpointing=False, seed=0, checkpoint_every=100, run_name="t")
+    base.update(over)
+    return {k: [v] for k, v in base.items()}
+
+
+def test_stage2_node_takes_latents_and_saves_a_kohya_file(loaded, tmp_path, monkeypatch):
+    import folder_paths
+
+    from comfyui_lord.nodes.train import LoRDSaveLoRA, LoRDTrainStage2
+
+    model, clip, vae = loaded
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"), is_default=True)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
+    latents = {"samples": CT.encode_images(vae, None, pictures(2)).float()}  # raw VAE latents, like VAE Encode
+    with torch.inference_mode():
+        out = LoRDTrainStage2.execute([model], [cond], latents=[latents], **node_widgets(mode="plain", prior_weight=1.0))
+        lora, patched, loss_map, report = out.args
+        assert len(loss_map["loss"]) == 2 and json.loads(report)["mode"] == "plain"
+        assert patched is not model and set(patched.patches) and not model.patches
+        with pytest.raises(ValueError, match="either images or latents"):
+            LoRDTrainStage2.execute([model], [cond], vae=[vae], images=[pictures(1)[0][None].movedim(1, -1)],
+                                    latents=[latents], **node_widgets(mode="plain", prior_weight=1.0))
+        with pytest.raises(ValueError, match="pgd2_defense perturbs pixels"):
+            LoRDTrainStage2.execute([model], [cond], latents=[latents], **node_widgets(mode="pgd2_defense", prior_weight=1.0))
+    first = LoRDSaveLoRA.execute(lora, "sks/run", False).args[0]
+    second = LoRDSaveLoRA.execute(lora, "sks/run", False).args[0]
+    assert (first, second) == (os.path.join("sks", "run.safetensors"), os.path.join("sks", "run_00001.safetensors"))
+    with safe_open(str(tmp_path / "loras" / first), "pt") as f:
+        assert f.metadata()["lord_stage2_mode"] == "plain"
+    with pytest.raises(ValueError, match="not a usable file name"):
+        LoRDSaveLoRA.execute(lora, "../escape", False)

@@ -28,35 +28,51 @@ EVAL_TIMESTEPS = (50, 200, 400)
 @dataclasses.dataclass
 class TrainingData:
     """Images ``[3, H, W]`` in [0, 1] (one size, multiples of 8), one CONDITIONING and caption each.
-    ``class_*``: DreamBooth prior-preservation images (Stage-2, optional)."""
+
+    Stage-2 may be given ComfyUI LATENTs instead of images: ``latents`` (raw VAE latents
+    ``[C, h, w]`` as VAE Encode makes them; ``images`` then stays empty). ``class_*``: DreamBooth
+    prior-preservation images (Stage-2, optional).
+    """
 
     images: list
     conds: list
     captions: list
     class_images: list = dataclasses.field(default_factory=list)
     class_conds: list = dataclasses.field(default_factory=list)
+    latents: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        if not self.images:
+        if self.images and self.latents:
+            raise ValueError("give training images or latents, not both")
+        count = len(self.images) or len(self.latents)
+        if not count:
             raise ValueError("the training set is empty: give at least one image")
-        if len(self.conds) == 1 and len(self.images) > 1:
-            self.conds = list(self.conds) * len(self.images)
-        if len(self.conds) != len(self.images):
-            raise ValueError(f"{len(self.images)} images but {len(self.conds)} conditionings: give one per image, or one for all")
+        if len(self.conds) == 1 and count > 1:
+            self.conds = list(self.conds) * count
+        if len(self.conds) != count:
+            raise ValueError(f"{count} images but {len(self.conds)} conditionings: give one per image, or one for all")
+        if len(self.captions) != count:
+            self.captions = [f"item {i}" for i in range(count)]
         if len(self.class_conds) == 1 and len(self.class_images) > 1:
             self.class_conds = list(self.class_conds) * len(self.class_images)
         if len(self.class_conds) != len(self.class_images):
             raise ValueError(f"{len(self.class_images)} class images but {len(self.class_conds)} class conditionings")
         sizes = {tuple(im.shape[-2:]) for im in self.images + self.class_images}
+        sizes |= {tuple(8 * d for d in z.shape[-2:]) for z in self.latents}
         if len(sizes) != 1:
-            raise ValueError(f"training images have different sizes {sorted(sizes)}: resize them to one size")
+            raise ValueError(f"training images have different sizes {sorted(sizes)} (px): resize them to one size")
         (h, w), = sizes
         if h % 8 or w % 8:
             raise ValueError(f"training images are {w}x{h} px: width and height must be multiples of 8")
 
+    def __len__(self) -> int:
+        return len(self.images) or len(self.latents)
+
     @property
     def image_hw(self) -> tuple[int, int]:
-        return tuple(self.images[0].shape[-2:])
+        if self.images:
+            return tuple(self.images[0].shape[-2:])
+        return tuple(8 * d for d in self.latents[0].shape[-2:])
 
 
 @dataclasses.dataclass
@@ -72,6 +88,19 @@ def _fingerprint(model_patcher, vae) -> str:
     state.update({f"vae.{k}": v for k, v in vae.first_stage_model.state_dict().items()})
     patches = sorted(model_patcher.patches.keys()) if getattr(model_patcher, "patches", None) else []
     return model_fingerprint(state) + f":{len(patches)}"
+
+
+def conditioning_digest(conditioning) -> str:
+    """sha256 of a CONDITIONING's tensors (what the PGD objective actually sees of the caption)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for cross_attn, extras in conditioning:
+        h.update(cross_attn.detach().float().cpu().numpy().tobytes())
+        for k in sorted(extras):
+            if isinstance(extras[k], torch.Tensor):
+                h.update(k.encode() + extras[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
@@ -91,7 +120,7 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
         adv, _ = protect_images(model_patcher, vae, data.conds[i], img, attack)
         return adv[0].movedim(-1, 0)
 
-    args = (data.images, data.captions, params, fp, cache_dir, compute)
+    args = (data.images, [conditioning_digest(c) for c in data.conds], params, fp, cache_dir, compute)
     if world > 1:
         cached_perturbations(*args, owned=lambda i: i % world == rank, on_item=on_item)
         torch.distributed.barrier()
@@ -160,6 +189,8 @@ def _dataset_digest(data: TrainingData) -> str:
     h = hashlib.sha256()
     for im, cap in zip(data.images, data.captions):
         h.update(tensor_digest(im).encode() + cap.encode())
+    for z in data.latents:
+        h.update(z.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -169,7 +200,7 @@ def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult
     return {"stage": config.stage, "tool": f"ComfyUI-LoRD {tool_version()}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(), "attack": dataclasses.asdict(config.attack_config()) if config.needs_perturbations else None,
-            "dataset": {"images": len(data.images), "size_hw": list(data.image_hw), "digest": _dataset_digest(data),
+            "dataset": {"images": len(data), "given_as": "latents" if data.latents else "images", "size_hw": list(data.image_hw), "digest": _dataset_digest(data),
                         "class_images": len(data.class_images)},
             "steps_trained": len(result.history),
             "final_loss": result.history[-1]["loss"] if result.history else None, **extra}
@@ -227,6 +258,8 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                  evaluate: bool = True) -> StageResult:
     """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + PGD-perturbed copies of ``data``; base frozen."""
     config = dataclasses.replace(config, stage="stage1", mode="lord").validate()
+    if not data.images:
+        raise ValueError("Stage-1 perturbs pixels: give training images, not latents")
     if lord_injections(model_patcher):
         raise ValueError("the MODEL already has a LoRD applied: Stage-1 trains a new LoRD on the base model; "
                          "connect the checkpoint's MODEL directly")
@@ -254,7 +287,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                 return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
                                        acp, config.lambda_adv, config.lambda_gate, gate_names, autocast)
 
-            result = T.train(config, trainable, sample_losses, len(data.images), checkpoint_path, on_step, device)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device)
             report = {}
             if evaluate:
                 if online:  # perturbed copies against the final model
@@ -283,9 +316,17 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         raise ValueError(f"Stage-2 mode {config.mode!r} is a baseline without LoRD, but the MODEL has a LoRD applied")
     adv_images = None
     if config.mode == "pgd2_defense":
+        if not data.images:
+            raise ValueError("mode pgd2_defense perturbs pixels: give images, not latents")
         adv_images = stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
-    z = encode_images(vae, model_patcher, data.images)
+    if data.latents:
+        with torch.inference_mode(False):
+            z = model_patcher.model.process_latent_in(torch.stack([lat.float().cpu().clone() for lat in data.latents]))
+    else:
+        z = encode_images(vae, model_patcher, data.images)
     z_adv = encode_images(vae, model_patcher, adv_images) if adv_images is not None else None
+    if vae is None and (data.images or data.class_images):
+        raise ValueError("training from images needs the VAE: connect it (or give latents)")
     z_class = encode_images(vae, model_patcher, data.class_images) if data.class_images else None
     names = select_targets(unet_names(model_patcher), config.targets)
     shapes = {}
@@ -323,7 +364,7 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                     parts["prior"] = prior.detach()
                 return total, parts
 
-            result = T.train(config, trainable, sample_losses, len(data.images), checkpoint_path, on_step, device)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device)
     lora = trainable.export()
     report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora),
               "provenance": _provenance(config, data, result, {"lord_live": has_lord})}
