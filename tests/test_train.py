@@ -438,3 +438,32 @@ def test_stage2_node_takes_latents_and_saves_a_kohya_file(loaded, tmp_path, monk
         assert f.metadata()["lord_stage2_mode"] == "plain"
     with pytest.raises(ValueError, match="not a usable file name"):
         LoRDSaveLoRA.execute(lora, "../escape", False)
+
+
+def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch):
+    import folder_paths
+
+    from comfyui_lord.nodes.train import LoRDSave, LoRDTrainStage1
+
+    model, clip, vae = loaded
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    folder_paths.add_model_folder_path("lord", str(tmp_path / "lord"), is_default=True)
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(f"a photo of sks person {i}")) for i in range(2)]
+    images = [torch.stack(pictures(2)).movedim(1, -1)]  # one IMAGE batch [2, H, W, 3]
+    widgets = node_widgets(steps=4, checkpoint_every=2, run_name="node run", gate_hidden=8, lambda_adv=1.0,
+                           lambda_gate=1.0, attack_strength=16.0, attack_step_size=8.0, attack_steps=2,
+                           online_perturbations=False)
+    with torch.inference_mode():
+        lord, patched, loss_map, report = LoRDTrainStage1.execute([model], [vae], images, conds, **widgets).args
+        ckpt = tmp_path / "output" / "lord_training" / "node_run" / "checkpoint.pt"
+        assert T.load_checkpoint(ckpt)["step"] == 4 and len(loss_map["loss"]) == 4
+        assert 0.0 <= json.loads(report)["gate_separation_train"]["auroc"] <= 1.0
+        assert list((tmp_path / "output" / "lord_training" / "pgd_cache").glob("*.png"))
+        # queueing it again resumes from the finished checkpoint: no new steps, same weights
+        again = LoRDTrainStage1.execute([model], [vae], images, conds, **widgets).args[0]
+    assert all(torch.equal(w.up, again.targets[n].up) for n, w in lord.targets.items())
+    assert patched is not model and not T.distributed_context()[0]
+    name = LoRDSave.execute(lord, "lord_test", False).args[0]
+    loaded_back = load_lord_file(tmp_path / "lord" / name)
+    assert loaded_back.gate_hidden == 8 and loaded_back.provenance["stage"] == "stage1"
+    assert loaded_back.provenance["config"]["attack_epsilon"] == 16.0
