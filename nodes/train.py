@@ -68,17 +68,24 @@ def _loss_preview(history: list[dict]):
 class _Progress:
     """Progress bar over the optimizer steps with a loss-curve preview; Cancel checked every step."""
 
-    def __init__(self, steps: int, node_label: str):
+    def __init__(self, steps: int, node_label: str, images: int = 0):
         import comfy.utils
 
-        self.pbar = comfy.utils.ProgressBar(steps)
+        self.images, self.data_done = images, 0
+        self.data_pbar = comfy.utils.ProgressBar(images) if images else None
+        self.pbar = None
+        self.steps = steps
         self.history: list[dict] = []
         self.every = max(1, steps // 50)
         self.label = node_label
 
     def data_item(self, index: int, cached: bool) -> None:
+        """One PGD copy made (or read from the cache): the first bar counts images."""
         import comfy.model_management
 
+        self.data_done += 1
+        if self.data_pbar is not None:
+            self.data_pbar.update_absolute(self.data_done, self.images)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def step(self, rec) -> None:
@@ -86,6 +93,10 @@ class _Progress:
 
         import comfy.model_management
 
+        import comfy.utils
+
+        if self.pbar is None:  # the second bar counts optimizer steps
+            self.pbar = comfy.utils.ProgressBar(self.steps)
         self.history.append({"loss": rec.loss})
         preview = None
         if rec.step % self.every == 0 or rec.step == rec.steps:
@@ -180,7 +191,7 @@ class LoRDTrainStage1(io.ComfyNode):
                          attack_steps=p["attack_steps"], online_perturbations=p["online_perturbations"])
         imgs = _flatten_images(images)
         data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))])
-        progress = _Progress(config.steps, "LoRD Stage-1")
+        progress = _Progress(config.steps, "LoRD Stage-1", 0 if config.online_perturbations else len(imgs))
         run_dir = _training_dir(p["run_name"])
         out = train_stage1(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item)
@@ -239,7 +250,7 @@ class LoRDTrainStage2(io.ComfyNode):
         if class_imgs and not class_conds:
             raise ValueError("class_images are connected but class_positive is not: connect the class prompt's conditioning")
         data = TrainingData(imgs, _flatten_conds(positive), [], class_imgs, class_conds, lats)
-        progress = _Progress(config.steps, "LoRD Stage-2")
+        progress = _Progress(config.steps, "LoRD Stage-2", len(imgs) if config.mode == "pgd2_defense" else 0)
         run_dir = _training_dir(p["run_name"])
         out = train_stage2(model[0], vae[0] if vae else None, data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item)
