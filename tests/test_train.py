@@ -467,3 +467,12 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     loaded_back = load_lord_file(tmp_path / "lord" / name)
     assert loaded_back.gate_hidden == 8 and loaded_back.provenance["stage"] == "stage1"
     assert loaded_back.provenance["config"]["attack_epsilon"] == 16.0
+
+
+@pytest.mark.parametrize("name", ["stage1_sd15.toml", "stage2_sks.toml"])
+def test_shipped_configs_parse(name):
+    from training.train import build_config
+
+    stage = name.split("_")[0]
+    config = build_config(stage, ROOT / "training" / "configs" / name, ["steps=7"], {})
+    assert config.stage == stage and config.steps == 7
