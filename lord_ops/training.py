@@ -437,7 +437,7 @@ def distributed_context() -> tuple[int, int]:
 
 def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callable, dataset_size: int,
           checkpoint_path=None, on_step: Optional[Callable[[StepRecord], None]] = None,
-          device: Optional[torch.device] = None) -> TrainResult:
+          device: Optional[torch.device] = None, identity: Optional[dict[str, str]] = None) -> TrainResult:
     """Optimise ``trainable`` with AdamW for ``config.steps`` steps.
 
     ``sample_losses(indices, draws) -> (losses [b], {part: [b]})`` computes one micro-batch (items
@@ -445,8 +445,9 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
     ``batch_size * grad_accumulation * world_size`` samples. Under an initialised process group the
     parameters are wrapped in DDP; only rank 0 writes checkpoints. ``on_step`` runs after each
     optimizer step (progress, logs, cancellation: raise to stop -- the last checkpoint stays).
-    A checkpoint at ``checkpoint_path`` from an earlier run with the same trajectory settings is
-    resumed; one from different settings is refused.
+    A checkpoint at ``checkpoint_path`` from an earlier run with the same trajectory settings and the
+    same ``identity`` (digests of what the run trains on: dataset, model, LoRD) is resumed; one from
+    different settings or inputs is refused, naming what differs.
     """
     config.validate()
     rank, world = distributed_context()
@@ -463,6 +464,11 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
             changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS and old.get(k) != v)
             raise ValueError(f"checkpoint {checkpoint_path} is from a run with different settings ({', '.join(changed)}); "
                              f"use another run name / output folder, or delete the checkpoint to start over")
+        changed = sorted(k for k in set(identity or {}) | set(state.get("identity") or {})
+                         if (identity or {}).get(k) != (state.get("identity") or {}).get(k))
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint_path} was trained on a different {' and '.join(changed)}; "
+                             f"use another run name / output folder, or delete the checkpoint to start over")
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
@@ -475,7 +481,7 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
             return
         save_checkpoint(checkpoint_path, {
             "format": CHECKPOINT_FORMAT, "version": 1, "digest": config.trajectory_digest(),
-            "config": config.to_dict(), "step": step, "history": history,
+            "config": config.to_dict(), "identity": dict(identity or {}), "step": step, "history": history,
             "trainable": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

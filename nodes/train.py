@@ -252,7 +252,8 @@ class LoRDTrainStage2(io.ComfyNode):
         data = TrainingData(imgs, _flatten_conds(positive), [], class_imgs, class_conds, lats)
         progress = _Progress(config.steps, "LoRD Stage-2", len(imgs) if config.mode == "pgd2_defense" else 0)
         run_dir = _training_dir(p["run_name"])
-        out = train_stage2(model[0], vae[0] if vae else None, data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
+        out = train_stage2(model[0], vae[0] if vae else None, data, config, _cache_dir(),
+                           os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item)
         lora = {"layers": out.lora, "metadata": kohya_metadata(config, model_family(model[0]), out.report)}
         return io.NodeOutput(lora, apply_lora_layers(model[0], out.lora), out.result.loss_map,

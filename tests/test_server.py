@@ -68,9 +68,11 @@ def server(tmp_path_factory, sd15_checkpoint, comfyui_path):
         for n, w in lord.targets.items()})
     marker = base / "pickle_was_executed"
     bad = write_bad_files(models / "lord", good, marker)
-    from training.demo import prepare_inputs
+    from training.demo import prepare_inputs, prepare_training_inputs
 
     prepare_inputs(base / "input", comfyui_path / "input" / "example.png")  # what the shipped workflows read
+    # input/lord_train (4 captioned 64x64 images) and input/lord_sks (3) for the training workflows
+    prepare_training_inputs(base / "input", comfyui_path / "input" / "example.png")
     from PIL import Image
 
     g = torch.Generator().manual_seed(11)
@@ -173,16 +175,53 @@ def test_workflow_conversion_uses_object_info(server):
     assert by_type["LoraLoader"]["model"][0] in api and api[by_type["LoraLoader"]["model"][0]]["class_type"] == "LoRDLoader"
 
 
+# The only change the tests make to a shipped workflow: the training workflows' trainer nodes
+# (Train LoRD / Train LoRA with LoRD) get this many steps instead of the shipped 1000 / 800, so
+# that they run in seconds on a CPU. Every other node and widget is sent as the frontend queues it.
+TRAINING_STEPS = 2
+
+
+def shipped_prompt(server, workflow: Path, steps: int = TRAINING_STEPS, **trainer_values) -> dict:
+    """The API prompt of a shipped workflow (converted with the server's /object_info); for a
+    training workflow with ``steps`` (and any ``trainer_values``) set on its trainer nodes."""
+    from training.demo import is_training_workflow, with_trainer_settings
+    from training.workflow_api import load_workflow, ui_to_api
+
+    data = load_workflow(workflow)
+    prompt = ui_to_api(data, server.object_info())
+    if is_training_workflow(data):
+        with_trainer_settings(prompt, steps=steps, **trainer_values)
+    else:
+        assert not trainer_values
+    return prompt
+
+
+def cached_nodes(entry) -> set:
+    return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_every_shipped_workflow_runs_unchanged(server, workflow):
-    from training.workflow_api import run_workflow
-
-    entry = run_workflow(server, workflow)
+    """Every workflow in workflows/ runs on the server as the frontend would queue it (training
+    workflows with TRAINING_STEPS steps, nothing else changed) and writes its images or model files."""
+    prompt = shipped_prompt(server, workflow)
+    entry = server.run_prompt(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
-    assert saved
+    outputs = entry["outputs"].values()
+    saved = [img for out in outputs for img in out.get("images", []) if img["type"] == "output"]
+    written = [t for out in outputs for t in out.get("text", []) if t.startswith("models/")]  # Save LoRD / LoRA
+    assert saved or written
     for img in saved:
         assert (server.base_dir / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
+    for name in written:
+        assert (server.base_dir / name).stat().st_size > 0
+    trainers = [n for n in prompt.values() if n["class_type"].startswith("LoRDTrain")]
+    if trainers:
+        assert written
+        previews = [img for out in outputs for img in out.get("images", []) if img["type"] == "temp"]
+        assert previews, "Plot Loss Graph shows nothing"  # core's loss graph of the trainer's loss_map
+        reports = [json.loads(t) for out in outputs for t in out.get("text", []) if t.startswith("{")]
+        assert [r["final"]["step"] for r in reports] == [TRAINING_STEPS]
 
 
 def test_replaced_file_is_reloaded(server):
@@ -245,3 +284,94 @@ def test_cancel_stops_an_attack_quickly(server):
     assert "execution_interrupted" in kinds
     assert stopped_after < 15, stopped_after  # one attack step on a 44x36 image is well under a second
     assert server.run_prompt(generation_prompt(seed=12))["status"]["status_str"] == "success"
+
+
+TRAIN_STAGE1 = ROOT / "workflows" / "lord_train_stage1.json"
+TRAIN_STAGE2 = ROOT / "workflows" / "lord_train_stage2.json"
+
+
+def test_training_workflows_chain_into_defended_generation(server):
+    """lord_train_stage1 -> lord_train_stage2 -> lord_defended_generation (the shipped files; the
+    trainers with a few steps and their own run names): the trained LoRD and LoRA are written under
+    the names the next workflow loads, and the generation reloads them and produces an image."""
+    from safetensors import safe_open
+
+    lord_path = server.base_dir / "models" / "lord" / "lord_sd15.safetensors"
+    lora_path = server.base_dir / "models" / "loras" / "lord_stage2_sks.safetensors"
+
+    e1 = server.run_prompt(shipped_prompt(server, TRAIN_STAGE1, steps=4, run_name="chain_stage1"), timeout=600)
+    assert e1["status"]["status_str"] == "success", e1["status"]
+    assert ["models/lord/lord_sd15.safetensors"] in [o.get("text") for o in e1["outputs"].values()]  # overwritten
+    prov = fmt.load_lord_file(lord_path).provenance
+    assert prov["stage"] == "stage1" and prov["steps_trained"] == 4
+    assert prov["dataset"]["images"] == 4 and prov["dataset"]["size_hw"] == [64, 64]
+    assert "auroc" in prov["gate_separation_train"]
+    assert prov["config"]["learning_rate"] == 1e-4 and prov["config"]["attack_steps"] == 2  # the workflow's widgets
+
+    e2 = server.run_prompt(shipped_prompt(server, TRAIN_STAGE2, steps=3, run_name="chain_stage2"), timeout=600)
+    assert e2["status"]["status_str"] == "success", e2["status"]
+    loader = next(k for k, n in shipped_prompt(server, TRAIN_STAGE2).items() if n["class_type"] == "LoRDLoader")
+    assert loader not in cached_nodes(e2)  # Load LoRD read the new Stage-1 file
+    with safe_open(str(lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["lord_stage2_mode"] == "lord" and meta["ss_max_train_steps"] == "3"
+    lora_prov = json.loads(meta["lord_provenance"])
+    assert lora_prov["stage"] == "stage2" and lora_prov["steps_trained"] == 3 and lora_prov["lord_live"] is True
+    assert lora_prov["dataset"]["images"] == 3
+
+    # 64x64 and 2 sampler steps instead of 512x512 and 20 (the unchanged workflow runs in the test above)
+    gen = shipped_prompt(server, ROOT / "workflows" / "lord_defended_generation.json")
+    for node in gen.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    e3 = server.run_prompt(gen, timeout=600)
+    assert e3["status"]["status_str"] == "success", e3["status"]
+    # the LoRA is loaded again and sampled with (Load LoRD's output may come from the Stage-2 run,
+    # which loaded the trained LoRD file: same node, same inputs)
+    fresh = {k for k, n in gen.items() if n["class_type"] in ("LoraLoader", "KSampler")}
+    assert len(fresh) == 2 and not fresh & cached_nodes(e3)
+    images = [img for out in e3["outputs"].values() for img in out.get("images", [])]
+    assert images and (server.base_dir / "output" / images[0]["subfolder"] / images[0]["filename"]).stat().st_size > 0
+
+
+def test_cancel_keeps_the_training_checkpoint_and_queueing_again_resumes(server):
+    import time
+
+    run = "cancel_stage1"
+    ckpt = server.base_dir / "output" / "lord_training" / run / "checkpoint.pt"
+    prompt = shipped_prompt(server, TRAIN_STAGE1, steps=100000, checkpoint_every=1, run_name=run)
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 200, body
+    prompt_id = body["prompt_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.1)
+    assert ckpt.exists(), server.log_tail()
+    t0 = time.time()
+    server.post("/interrupt", {})
+    while time.time() < deadline:
+        hist = server.get(f"/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id]["status"].get("completed") is not None:
+            break
+        time.sleep(0.1)
+    stopped_after = time.time() - t0
+    kinds = [kind for kind, _ in hist[prompt_id]["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert stopped_after < 10, stopped_after  # one step on 64x64 images takes well under a second
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # the last checkpoint stays
+    done = int(state["step"])
+    assert 1 <= done < 100000 and len(state["history"]) == done
+
+    # queueing the same run again resumes from that checkpoint (only the step count changed)
+    log_start = len(server.log_path.read_bytes())
+    entry = server.run_prompt(shipped_prompt(server, TRAIN_STAGE1, steps=done + 2, checkpoint_every=1, run_name=run),
+                              timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    resumed = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert resumed["step"] == done + 2 and resumed["history"][:done] == state["history"]
+    log = server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    assert f"LoRD Stage-1 step {done + 1}/{done + 2} " in log, log[-3000:]
+    assert f"LoRD Stage-1 step 1/{done + 2} " not in log  # the first steps were not trained again
+    assert fmt.load_lord_file(server.base_dir / "models" / "lord" / "lord_sd15.safetensors").provenance["steps_trained"] == done + 2

@@ -163,6 +163,9 @@ def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
             for field, t in w.tensors().items():
                 assert torch.equal(t, resumed.lord.targets[name].tensors()[field]), (name, field)
         assert [h["loss"] for h in straight.result.history] == [h["loss"] for h in resumed.result.history]
+        other_data = make_data(clip, n=3, seed=1)
+        with pytest.raises(ValueError, match="trained on a different dataset"):
+            CT.train_stage1(model, vae, other_data, config, tmp_path / "cache", tmp_path / "b.pt", evaluate=False)
         with pytest.raises(ValueError, match="different settings.*learning_rate"):
             CT.train_stage1(model, vae, data, dataclasses.replace(config, learning_rate=1e-2), tmp_path / "cache",
                             tmp_path / "b.pt", evaluate=False)
@@ -212,7 +215,8 @@ def lord_for(model, clip, vae, tmp_path):
 def test_stage2_modes(loaded, tmp_path):
     model, clip, vae = loaded
     lord = lord_for(model, clip, vae, tmp_path)
-    defended = apply_lord(model, lord)
+    with torch.inference_mode():  # Load LoRD runs under the server's inference_mode
+        defended = apply_lord(model, lord)
     data = make_data(clip, n=3, seed=5)
     data.class_images, data.class_conds = pictures(2, seed=9), [clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))] * 2
     config = T.TrainConfig(stage="stage2", mode="lord", steps=12, learning_rate=3e-3, batch_size=2, checkpoint_every=100)
@@ -232,6 +236,20 @@ def test_stage2_modes(loaded, tmp_path):
     assert all(torch.equal(frozen[n], w.up_defense) for n, w in lord.targets.items())  # LoRD frozen
     assert out.report["provenance"]["lord_live"] is True
     assert any(up.abs().sum() > 0 for _, up, _ in out.lora.values())
+
+
+def test_stage2_resume_refuses_another_lord(loaded, tmp_path):
+    model, clip, vae = loaded
+    lord = lord_for(model, clip, vae, tmp_path)
+    data = make_data(clip, n=2, seed=5)
+    config = T.TrainConfig(stage="stage2", mode="lord", steps=2, learning_rate=3e-3, checkpoint_every=1)
+    with torch.inference_mode():
+        CT.train_stage2(apply_lord(model, lord), vae, data, config, checkpoint_path=tmp_path / "s2.pt")
+        again = CT.train_stage2(apply_lord(model, lord), vae, data, dataclasses.replace(config, steps=3),
+                                checkpoint_path=tmp_path / "s2.pt")
+        assert again.result.resumed_from == 2 and len(again.result.history) == 3
+        with pytest.raises(ValueError, match="trained on a different LoRD"):
+            CT.train_stage2(apply_lord(model, lord, strength=0.5), vae, data, config, checkpoint_path=tmp_path / "s2.pt")
 
 
 def test_stage2_file_loads_in_stock_lora_loader(loaded, tmp_path, caplog):

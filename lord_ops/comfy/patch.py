@@ -22,7 +22,7 @@ import torch
 
 from ..format import LoRDFile, check_against_model
 from ..keys import CONTEXT_FED, unet_name_map
-from ..layer import (GATE_MODES, ConvGeometry, FusedLoRD, lord_defense_fused,
+from ..layer import (GATE_MODES, ConvGeometry, FusedLoRD, LoRDWeights, lord_defense_fused,
                      lord_delta_plain)
 
 INJECTION_PREFIX = "lord:"
@@ -70,10 +70,16 @@ class LoRDInjection:
         self.strength = float(strength)
         self.recorder = recorder
         self.spatial = {n for n in modules if not CONTEXT_FED.search(n)}
-        if implementation == "fused":
-            self._runtime = {n: FusedLoRD.from_weights(w) for n, w in lord.targets.items()}
-        else:
-            self._runtime = {n: w.to(None, torch.float32) for n, w in lord.targets.items()}
+        # Normal (not inference-mode) float32 copies: Load LoRD runs under the server's
+        # inference_mode, and gradients through the hooks (Stage-2 training, attacks on a defended
+        # model) need tensors autograd may save.
+        with torch.inference_mode(False):
+            weights = {n: LoRDWeights(**{k: v.detach().float().clone() for k, v in w.tensors().items()}, alpha=w.alpha)
+                       for n, w in lord.targets.items()}
+            if implementation == "fused":
+                self._runtime = {n: FusedLoRD.from_weights(w) for n, w in weights.items()}
+            else:
+                self._runtime = weights
         self._on_device: dict[tuple[str, torch.device], object] = {}
         self._handles: dict[int, list] = {}
 

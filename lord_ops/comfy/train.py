@@ -83,11 +83,29 @@ class StageResult:
     report: dict = dataclasses.field(default_factory=dict)
 
 
-def _fingerprint(model_patcher, vae) -> str:
+def _fingerprint(model_patcher, vae=None) -> str:
+    """Identity of the UNet weights (+ VAE when given) and the number of weight patches on the MODEL."""
     state = dict(model_patcher.model.diffusion_model.state_dict())
-    state.update({f"vae.{k}": v for k, v in vae.first_stage_model.state_dict().items()})
+    if vae is not None:
+        state.update({f"vae.{k}": v for k, v in vae.first_stage_model.state_dict().items()})
     patches = sorted(model_patcher.patches.keys()) if getattr(model_patcher, "patches", None) else []
     return model_fingerprint(state) + f":{len(patches)}"
+
+
+def _lord_fingerprint(model_patcher) -> str:
+    """Identity of the LoRDs applied to a MODEL (weights, strength, gate mode, implementation)."""
+    parts = [f"{model_fingerprint(inj.lord.state_dict())}:{inj.strength}:{inj.gate_mode}:{inj.implementation}"
+             for _, inj in lord_injections(model_patcher)]
+    return ";".join(parts) or "none"
+
+
+def _identity(loaded_clone, vae, data: "TrainingData", with_lord: bool) -> dict[str, str]:
+    """What a checkpoint must have been trained on to be resumed (see ``training.train``); taken from
+    the loaded training clone so the in-place weight patches are exactly this MODEL's."""
+    ident = {"dataset": _dataset_digest(data), "model": _fingerprint(loaded_clone, vae)}
+    if with_lord:
+        ident["LoRD"] = _lord_fingerprint(loaded_clone)
+    return ident
 
 
 def conditioning_digest(conditioning) -> str:
@@ -112,6 +130,9 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
 
     attack = config.attack_config()
     params = {k: v for k, v in dataclasses.asdict(attack).items() if k != "low_memory"}
+    # fingerprint the weights as loaded for this MODEL (ComfyUI patches shared weights in place, so
+    # before a load they may still carry another clone's patches)
+    grad.load_for_gradients(model_patcher, vae)
     fp = _fingerprint(model_patcher, vae)
     rank, world = T.distributed_context()
 
@@ -191,6 +212,10 @@ def _dataset_digest(data: TrainingData) -> str:
         h.update(tensor_digest(im).encode() + cap.encode())
     for z in data.latents:
         h.update(z.detach().float().cpu().numpy().tobytes())
+    for im in data.class_images:
+        h.update(b"class" + tensor_digest(im).encode())
+    for c in data.conds + data.class_conds:
+        h.update(conditioning_digest(c).encode())
     return h.hexdigest()[:16]
 
 
@@ -287,7 +312,8 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                 return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
                                        acp, config.lambda_adv, config.lambda_gate, gate_names, autocast)
 
-            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
+                             identity=_identity(clone, vae, data, with_lord=False))
             report = {}
             if evaluate:
                 if online:  # perturbed copies against the final model
@@ -364,7 +390,8 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                     parts["prior"] = prior.detach()
                 return total, parts
 
-            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
+                             identity=_identity(clone, vae, data, with_lord=has_lord))
     lora = trainable.export()
     report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora),
               "provenance": _provenance(config, data, result, {"lord_live": has_lord})}
