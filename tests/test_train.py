@@ -182,9 +182,22 @@ def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
         bf16 = CT.train_stage1(model, vae, data, dataclasses.replace(config, dtype="bf16"), tmp_path, evaluate=False)
     for name, w in plain.lord.targets.items():
         assert torch.allclose(w.up, ckpt.lord.targets[name].up, atol=1e-6)
+    # checkpointing really recomputes: a module inside a transformer layer runs once more per pass
+    layer = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].ff  # inside a checkpointed layer
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            for gc_on in (False, True):
+                calls.clear()
+                CT.train_stage1(model, vae, data, dataclasses.replace(config, steps=1, gradient_checkpointing=gc_on),
+                                tmp_path, evaluate=False)
+                assert len(calls) == (4 if gc_on else 2), (gc_on, len(calls))  # clean + perturbed pass
+    finally:
+        handle.remove()
     assert all(torch.isfinite(w.up).all() for w in bf16.lord.targets.values())
     assert abs(bf16.result.history[0]["loss"] - plain.result.history[0]["loss"]) < 0.1 * plain.result.history[0]["loss"]
-    assert not any("forward" in b.__dict__ for b in model.model.diffusion_model.input_blocks)  # unpatched
+    assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())  # unpatched
 
 
 def test_online_perturbations_against_the_current_model(loaded, tmp_path):

@@ -158,22 +158,29 @@ def encode_images(vae, model_patcher, images: list) -> torch.Tensor:
 
 @contextlib.contextmanager
 def checkpointed_blocks(diffusion_model, enabled: bool):
-    """Gradient checkpointing on every UNet block (input/middle/output), undone on exit."""
-    blocks = []
+    """Gradient checkpointing on every layer (res block, transformer, up/down sample) of the UNet's
+    input/middle/output blocks, undone on exit.
+
+    ComfyUI's UNet runs a block through ``forward_timestep_embed``, which calls each layer of the
+    block rather than ``block.forward``; so each layer's ``forward`` is wrapped (what core's trainer
+    does too). Forward hooks inside a layer run again during the recompute.
+    """
+    layers = []
     if enabled:
         for attr in ("input_blocks", "middle_block", "output_blocks"):
             part = getattr(diffusion_model, attr, None)
             if part is None:
                 continue
-            blocks.extend(part if isinstance(part, torch.nn.ModuleList) else [part])
-    for block in blocks:
-        original = block.forward
-        block.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(original)
+            for block in (part if isinstance(part, torch.nn.ModuleList) else [part]):
+                layers.extend(block.children() if isinstance(block, torch.nn.Sequential) else [block])
+    for layer in layers:
+        original = layer.forward
+        layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(original)
     try:
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
