@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from comfyui_lord.lord_ops import tool_version
 from comfyui_lord.lord_ops.attacks import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
                                   "checkpoint": {"name": sd15_checkpoint.name,
                                                  "size_bytes": sd15_checkpoint.stat().st_size}}
         assert side["max_change_levels"] == 4 and len(side["loss_trace"]) == 2 and side["seconds"] > 0
-        assert side["version"] == "0.1.0"
+        assert side["version"] == tool_version() != "unknown"
         policy = " | ".join(side["policy"])
         assert ("alpha kept unchanged" in policy) == (alpha is not None), policy
     rgb16 = json.loads((out / "rgb16.json").read_text())
