@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-train clean
 setup:
 	bash tools/setup_env.sh
 
@@ -13,6 +13,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_sampling.py
+
+bench-train: setup
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf demo_output .pytest_cache
