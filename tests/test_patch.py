@@ -178,6 +178,27 @@ def test_hooks_fire_once_per_forward_and_are_removed_on_eject(tiny_model):
     assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
 
 
+@pytest.mark.parametrize("unload", ["unload_all_models", "detach", "free_memory"])
+def test_device_copies_are_released_when_the_model_unloads(tiny_model, unload):
+    """The hooks' per-device adapter copies live outside ComfyUI's memory accounting: none may
+    survive an unload (ComfyUI ejects injections on unpatch/detach/partial unload)."""
+    lorded = patch.apply_lord(tiny_model, make_lord(tiny_model), 1.0, "learned", "fused")
+    inj = patch.lord_injections(lorded)[0][1]
+    x, ctx = inputs()
+    first = forward(lorded, x, ctx)
+    assert inj._on_device, "the hooks made no device copies; the test checks nothing"
+    if unload == "unload_all_models":
+        mm.unload_all_models()
+    elif unload == "detach":
+        lorded.detach()
+    else:  # ComfyUI freeing memory for another model
+        mm.free_memory(1e30, mm.get_torch_device())
+    assert inj._on_device == {}
+    assert torch.equal(forward(lorded, x, ctx), first)  # rebuilt on demand, same result
+    mm.unload_all_models()
+    assert inj._on_device == {}
+
+
 def test_gate_records_are_per_token(tiny_model):
     lord = make_lord(tiny_model)
     x, ctx = inputs(batch=2, size=16)

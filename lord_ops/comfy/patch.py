@@ -96,6 +96,13 @@ class LoRDInjection:
         return twin
 
     def runtime_on(self, name: str, device: torch.device):
+        """The adapter's run-time tensors on ``device``, copied there on first use.
+
+        These copies are not counted by ComfyUI's memory management (they are small: the LoRD
+        adapters, not the base weights), so they live only while the hooks are injected:
+        :meth:`eject` -- which ComfyUI calls whenever it unpatches, detaches, partially unloads or
+        re-patches the model -- drops them, and the next hooked forward copies them again.
+        """
         key = (name, device)
         if key not in self._on_device:
             self._on_device[key] = self._runtime[name].to(device)
@@ -141,6 +148,14 @@ class LoRDInjection:
     def eject(self, patcher) -> None:
         for h in self._handles.pop(id(patcher.model), []):
             h.remove()
+        self.release_device_copies()
+
+    def release_device_copies(self) -> None:
+        """Forget the per-device copies made by :meth:`runtime_on` (kept: the float32 originals).
+
+        The dict is shared with :meth:`with_recorder` twins, so their copies go too; every copy
+        is rebuilt on demand."""
+        self._on_device.clear()
 
 
 def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.Tensor]:
