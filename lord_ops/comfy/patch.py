@@ -58,6 +58,30 @@ def unet_weight_shapes(model_patcher, names: dict[str, str]) -> dict[str, tuple]
     return {n: tuple(_module(model_patcher, p).weight.shape) for n, p in names.items()}
 
 
+def lora_weight_shapes(model_patcher) -> dict[str, tuple]:
+    """``{LoRA key prefix: weight shape}`` for every prefix ComfyUI's LoRA loader maps onto this
+    MODEL's UNet (kohya, diffusers, ... names: ComfyUI's own key map)."""
+    import comfy.lora
+
+    shapes = {k: tuple(v.shape) for k, v in model_patcher.model.state_dict().items()}
+    out = {}
+    for prefix, target in comfy.lora.model_lora_keys_unet(model_patcher.model, {}).items():
+        if isinstance(target, str) and target in shapes:  # tuples: slices of fused weights, not checked
+            out[prefix] = shapes[target]
+    return out
+
+
+def load_lora_for_model(model_patcher, path) -> dict[str, torch.Tensor]:
+    """A LoRA file's state dict, validated as a file (:func:`lord_ops.format.load_lora_file`) and
+    against this MODEL's layer shapes; raises :class:`lord_ops.format.LoRDFileError` naming the
+    file, the key and the fix."""
+    from ..format import check_lora_against_model, load_lora_file
+
+    sd, pairs = load_lora_file(path)
+    check_lora_against_model(path, sd, pairs, lora_weight_shapes(model_patcher))
+    return sd
+
+
 class LoRDInjection:
     """Forward hooks for one applied LoRD file. Shared by clones of the patcher that made it."""
 
