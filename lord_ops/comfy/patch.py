@@ -41,6 +41,27 @@ def model_family(model_patcher) -> str:
     return type(cfg).__name__.lower()
 
 
+def prediction_type(model_patcher) -> str:
+    """The MODEL's training target from its (possibly patched) ``model_sampling``: ``"eps"``,
+    ``"v"`` (SD 2.x 768-v, or any model put on v by ComfyUI's ModelSamplingDiscrete node) or
+    ``"x0"``; the native loss weighting of :func:`lord_ops.diffusion.denoising_loss`.
+
+    Raises ``ValueError`` for samplings the pack's DDPM-timestep gradient paths do not handle
+    (EDM, flow/CONST, ...).
+    """
+    import comfy.model_sampling as ms
+
+    sampling = model_patcher.get_model_object("model_sampling")
+    # order matters: EDM derives from V_PREDICTION, V_PREDICTION and X0 from EPS
+    supported = isinstance(sampling, ms.ModelSamplingDiscrete) and not isinstance(sampling, (ms.EDM, ms.IMG_TO_IMG))
+    for cls, name in ((ms.V_PREDICTION, "v"), (ms.X0, "x0"), (ms.EPS, "eps")):
+        if supported and isinstance(sampling, cls):
+            return name
+    raise ValueError(f"the MODEL's sampling ({type(sampling).__name__}) is not a discrete eps/v/x0 schedule; "
+                     "training and attacks need an SD1.x/SD2.x/SDXL-style model (use one, or remove a "
+                     "ModelSampling node that changed it).")
+
+
 def unet_names(model_patcher) -> dict[str, str]:
     """``{kohya name: module path inside diffusion_model}`` for this MODEL (ComfyUI's own key map)."""
     import comfy.lora
