@@ -96,10 +96,19 @@ def load_lora_for_model(model_patcher, path) -> dict[str, torch.Tensor]:
     """A LoRA file's state dict, validated as a file (:func:`lord_ops.format.load_lora_file`) and
     against this MODEL's layer shapes; raises :class:`lord_ops.format.LoRDFileError` naming the
     file, the key and the fix."""
-    from ..format import check_lora_against_model, load_lora_file
+    from ..format import check_lora_against_model, load_lora_file, lora_pairs
 
     sd, pairs = load_lora_file(path)
-    check_lora_against_model(path, sd, pairs, lora_weight_shapes(model_patcher))
+    shapes_of = sd
+    try:  # stock loaders rename some formats (Flux/Wan/...) before mapping keys: check what they apply
+        import comfy.lora_convert
+
+        converted = comfy.lora_convert.convert_lora(dict(sd))
+        if set(converted) != set(sd):
+            shapes_of, pairs = converted, lora_pairs(path, converted)
+    except ImportError:
+        pass
+    check_lora_against_model(path, shapes_of, pairs, lora_weight_shapes(model_patcher))
     return sd
 
 
