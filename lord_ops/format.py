@@ -29,12 +29,16 @@ Metadata (safetensors string map):
 =====================  ======================================================================
 
 Stage-2 LoRA files are plain kohya LoRAs (``<name>.lora_down.weight``, ``.lora_up.weight``,
-``.alpha``) that stock loaders read.
+``.alpha``) that stock loaders read. A LoRA given to Load LoRD is validated like a LoRD file
+(:func:`load_lora_file`, :func:`check_lora_against_model`): the same container checks, finite
+values, complete low-rank pairs, shapes that fit the MODEL; whatever stock loaders accept besides
+(text-encoder layers, ``dora_scale``, other network types, extra keys) is accepted.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 import tempfile
@@ -62,6 +66,9 @@ SUFFIX_TO_FIELD = {
 FIELD_TO_SUFFIX = {v: k for k, v in SUFFIX_TO_FIELD.items()}
 ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 _SAFETENSORS_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+# bytes per element of every safetensors dtype (to check an entry's byte range against its shape)
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                         "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -126,13 +133,17 @@ class LoRDFile:
 # Reading
 
 
-def read_safetensors_header(path, kind: str = "LoRD file") -> tuple[dict, dict[str, str]]:
+def read_safetensors_header(path, kind: str = "LoRD file", float_only: bool = True) -> tuple[dict, dict[str, str]]:
     """Parse and check a safetensors container without reading tensor data.
 
-    ``kind`` names the file in error messages ("LoRD file", "LoRA file").
+    ``kind`` names the file in error messages ("LoRD file", "LoRA file"). ``float_only``: refuse
+    tensors that are not float32/float16/bfloat16 (``.alpha`` excepted) -- LoRD files; LoRA files
+    may hold other dtypes that stock loaders read (e.g. an integer ``reshape_weight``).
 
     Returns ``(tensor_entries, metadata)``. Rejects empty, truncated, pickle/zip and otherwise
-    malformed files with a :class:`LoRDFileError`; nothing in the file is ever executed.
+    malformed files (unreadable header, a byte range that does not match its shape and dtype,
+    overlapping or non-contiguous tensor data -- everything safetensors itself would refuse with
+    a bare ``SafetensorError``) with a :class:`LoRDFileError`; nothing in the file is ever executed.
     """
     path = Path(path)
 
@@ -166,29 +177,66 @@ def read_safetensors_header(path, kind: str = "LoRD file") -> tuple[dict, dict[s
         raise _Err(path, f"not a valid safetensors file (unreadable header: {exc}).",
                             "Re-download or re-create it.") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _Err(path, "not a valid safetensors file (__metadata__ is not a JSON object).", "Re-download or re-create it.")
     data_len = size - 8 - header_len
+    ranges = []
     for key, entry in header.items():
         try:
             start, end = entry["data_offsets"]
-            dtype = entry["dtype"]
+            dtype, shape = entry["dtype"], entry["shape"]
+            if not (isinstance(start, int) and isinstance(end, int) and isinstance(dtype, str)
+                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise ValueError
         except (TypeError, KeyError, ValueError):
-            raise _Err(path, "malformed safetensors entry.", "Re-create the file.", key=key) from None
+            raise _Err(path, "malformed safetensors entry (needs dtype, shape and data_offsets).",
+                       "Re-download or re-create it.", key=key) from None
         if not (0 <= start <= end <= data_len):
             raise _Err(path, f"tensor data runs past the end of the file (needs bytes {start}..{end}, "
                                 f"file holds {data_len}): the file is truncated.", "Re-download or re-create it.", key=key)
-        if dtype not in _SAFETENSORS_FLOAT_DTYPES and not key.endswith(".alpha"):
+        if float_only and dtype not in _SAFETENSORS_FLOAT_DTYPES and not key.endswith(".alpha"):
             raise _Err(path, f"dtype {dtype} is not allowed (float32, float16 or bfloat16 only).",
                                 "Re-save the file with a float dtype.", key=key)
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if itemsize is None:
+            raise _Err(path, f"unknown safetensors dtype {dtype!r}.", "Re-download or re-create it.", key=key)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * itemsize != end - start:
+            raise _Err(path, f"shape {shape} in {dtype} needs {numel * itemsize} bytes but the header gives it "
+                       f"{end - start} (bytes {start}..{end}): the header is damaged.", "Re-download or re-create it.", key=key)
+        ranges.append((start, end, key))
+    # safetensors requires the tensors' byte ranges to tile the data exactly: overlaps first (the
+    # more telling fault: a moved range also leaves a gap), then gaps and trailing bytes
+    ranges.sort()
+    covered, previous = 0, None
+    for start, end, key in ranges:
+        if start < covered and end > start:
+            raise _Err(path, f"tensor data (bytes {start}..{end}) overlaps that of key '{previous}': the header is "
+                       f"damaged or was crafted.", "Re-download or re-create it.", key=key)
+        if end > covered:
+            covered, previous = end, key
+    covered = 0
+    for start, end, key in ranges:
+        if start > covered:
+            raise _Err(path, f"{start - covered} bytes before this tensor's data belong to no tensor (a gap in the "
+                       f"data): the header is damaged.", "Re-download or re-create it.", key=key)
+        covered = max(covered, end)
+    if covered != data_len:
+        raise _Err(path, f"{data_len - covered} bytes after the last tensor belong to no tensor: the file is damaged "
+                   f"(or was appended to).", "Re-download or re-create it.")
     return header, dict(metadata)
 
 
-def _load_tensors(path) -> dict[str, torch.Tensor]:
+def _load_tensors(path, kind: str = "LoRD file") -> dict[str, torch.Tensor]:
     import safetensors.torch
 
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
-        raise LoRDFileError(path, f"safetensors could not read the file ({exc}).", "Re-download or re-create it.") from None
+        raise LoRDFileError(path, f"safetensors could not read the file ({exc}).", "Re-download or re-create it.",
+                            kind=kind) from None
 
 
 def _meta_int(path, meta, key, minimum=1) -> int:
@@ -302,6 +350,142 @@ def check_against_model(lord: LoRDFile, model_family: str, weight_shapes: Mappin
             raise LoRDFileError(path, f"adapter expects a base weight of shape {w.base_weight_shape()}, the MODEL's "
                                 f"layer has {want}.", "Use a LoRD made for this checkpoint's architecture.",
                                 key=f"{name}.lord_down.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA files (the Stage-2 output, or any LoRA given to Load LoRD)
+
+LORA_KIND = "LoRA file"
+# (up, down, mid) key suffixes of the low-rank pairs ComfyUI's LoRA adapter reads (kohya, diffusers,
+# PEFT, ...); the prefix before the suffix names the layer. Longest suffixes first.
+LORA_PAIR_SUFFIXES = (
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
+    (".lora_B.default.weight", ".lora_A.default.weight", None),
+    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
+    ("_lora.up.weight", "_lora.down.weight", None),
+    (".lora.up.weight", ".lora.down.weight", None),
+    (".lora_B.weight", ".lora_A.weight", None),
+    (".lora_B", ".lora_A", None),
+)
+# text-encoder layer prefixes (kohya / diffusers): allowed in a LoRA, not applied by Load LoRD
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_clip")
+_LORA_FIX = "Re-download the LoRA, or re-train / re-save it (Save LoRA (kohya) writes valid files)."
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAPair:
+    """One low-rank pair of a LoRA file: ``W += alpha / rank * up @ (mid) @ down``."""
+
+    prefix: str
+    up_key: str
+    down_key: str
+    mid_key: Optional[str] = None
+
+    def weight_shape(self, sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        """``(d_out, d_in * kernel elements)``: the flattened shape of the weight this pair patches."""
+        up, down = sd[self.up_key], sd[self.down_key]
+        if self.mid_key is not None:
+            mid = sd[self.mid_key]
+            return up.shape[0], down.shape[1] * math.prod(mid.shape[2:])
+        return up.shape[0], math.prod(down.shape[1:])
+
+
+def lora_pairs(path, sd: Mapping[str, torch.Tensor]) -> dict[str, LoRAPair]:
+    """The low-rank pairs of a LoRA state dict, ``{prefix: pair}``; every ``up`` needs its ``down``
+    and vice versa, with matching ranks. Other keys (alphas, ``dora_scale``, LoHa/LoKr/diff
+    tensors of other network types, anything stock loaders ignore) are left alone."""
+    pairs: dict[str, LoRAPair] = {}
+    for key in sorted(sd):
+        for up_sfx, down_sfx, mid_sfx in LORA_PAIR_SUFFIXES:
+            for this, other, role in ((up_sfx, down_sfx, "up"), (down_sfx, up_sfx, "down")):
+                if not key.endswith(this):
+                    continue
+                prefix = key[: -len(this)]
+                partner = prefix + other
+                if partner not in sd:
+                    raise LoRDFileError(path, f"this LoRA {role} tensor has no partner '{partner}' (a half of a "
+                                        f"low-rank pair cannot be applied; ComfyUI would skip the layer or fail).",
+                                        _LORA_FIX, key=key, kind=LORA_KIND)
+                if role == "up":
+                    mid = prefix + mid_sfx if mid_sfx and prefix + mid_sfx in sd else None
+                    pairs[prefix] = LoRAPair(prefix, key, partner, mid)
+                break
+            else:
+                continue
+            break
+    for prefix, pair in pairs.items():
+        up, down = sd[pair.up_key], sd[pair.down_key]
+        if up.dim() < 2 or down.dim() < 2:
+            bad = pair.up_key if up.dim() < 2 else pair.down_key
+            raise LoRDFileError(path, f"shape {tuple(sd[bad].shape)} is not a matrix or conv kernel.", _LORA_FIX,
+                                key=bad, kind=LORA_KIND)
+        rank_up = math.prod(up.shape[1:])
+        if rank_up != down.shape[0]:
+            raise LoRDFileError(path, f"rank mismatch: up {tuple(up.shape)} has rank {rank_up}, down "
+                                f"{tuple(down.shape)} has {down.shape[0]}.", _LORA_FIX, key=pair.up_key, kind=LORA_KIND)
+        if pair.mid_key is not None:
+            mid = sd[pair.mid_key]
+            if mid.dim() < 3 or tuple(mid.shape[:2]) != (down.shape[0], down.shape[0]):
+                raise LoRDFileError(path, f"shape {tuple(mid.shape)} is not [rank, rank, k...] (rank {down.shape[0]}).",
+                                    _LORA_FIX, key=pair.mid_key, kind=LORA_KIND)
+    return pairs
+
+
+def load_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, LoRAPair]]:
+    """Read and validate a LoRA file the way :func:`load_lord_file` validates LoRD files.
+
+    Container checks as for LoRD files (:func:`read_safetensors_header`: pickles, empty, truncated,
+    garbage or overlapping headers); every floating tensor finite; every alpha one finite number;
+    every low-rank pair complete with matching ranks (:func:`lora_pairs`). Accepted as stock
+    loaders accept them: extra keys, text-encoder layers, ``dora_scale``, other network types and
+    other dtypes. Returns ``(state dict, pairs)``; check the pairs against a MODEL with
+    :func:`check_lora_against_model`. Raises :class:`LoRDFileError` (file, key, fix).
+    """
+    read_safetensors_header(path, kind=LORA_KIND, float_only=False)
+    sd = _load_tensors(path, kind=LORA_KIND)
+    if not sd:
+        raise LoRDFileError(path, "the file holds no tensors.", _LORA_FIX, kind=LORA_KIND)
+    for key, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t if t.dtype in ALLOWED_DTYPES else t.float()).all():
+            raise LoRDFileError(path, "contains NaN or Inf values (the LoRA would turn every image into NaN).",
+                                "The file is corrupt or its training diverged; use an earlier checkpoint or re-train.",
+                                key=key, kind=LORA_KIND)
+        if key.endswith(".alpha") and t.numel() != 1:
+            raise LoRDFileError(path, f"alpha must be one number, got shape {tuple(t.shape)}.", _LORA_FIX,
+                                key=key, kind=LORA_KIND)
+    return sd, lora_pairs(path, sd)
+
+
+def check_lora_against_model(path, sd: Mapping[str, torch.Tensor], pairs: Mapping[str, LoRAPair],
+                             weight_shapes: Mapping[str, tuple]) -> list[str]:
+    """Check a validated LoRA against a MODEL; returns the prefixes that apply to it.
+
+    ``weight_shapes`` maps every LoRA prefix the MODEL accepts (ComfyUI's key map for its UNet) to
+    that layer's weight shape. A pair whose layer exists must fit it exactly (``d_out`` and the
+    flattened ``d_in``): ComfyUI would otherwise skip the layer with only a log line. Prefixes the
+    MODEL does not have are ignored like stock loaders ignore them, unless no UNet pair applies at
+    all while the file has UNet pairs (a LoRA for another architecture).
+    """
+    applied = []
+    for prefix, pair in sorted(pairs.items()):
+        want = weight_shapes.get(prefix)
+        if want is None:
+            continue
+        if f"{prefix}.reshape_weight" not in sd:
+            d_out, d_in = pair.weight_shape(sd)
+            want_in = math.prod(want[1:])
+            if (d_out, d_in) != (want[0], want_in):
+                raise LoRDFileError(path, f"this pair patches a weight of shape [{d_out}, {d_in}] (d_out, d_in x kernel), "
+                                    f"the MODEL's layer has {tuple(want)} = [{want[0]}, {want_in}].",
+                                    "Use a LoRA trained for this checkpoint's architecture (or re-train it).",
+                                    key=pair.up_key, kind=LORA_KIND)
+        applied.append(prefix)
+    unet_pairs = [p for p in pairs if not p.startswith(TEXT_ENCODER_PREFIXES)]
+    if unet_pairs and not applied:
+        raise LoRDFileError(path, f"none of its {len(unet_pairs)} UNet layer(s) exists in this MODEL (e.g. "
+                            f"'{sorted(unet_pairs)[0]}'): it was made for another architecture.",
+                            "Use a LoRA trained for this checkpoint.", kind=LORA_KIND)
+    return applied
 
 
 # ----------------------------------------------------------------------------------------------

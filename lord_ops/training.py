@@ -294,20 +294,21 @@ def auroc(negatives: Iterable[float], positives: Iterable[float]) -> float:
 def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor, z_adv: torch.Tensor,
                   t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, lambda_adv: float,
                   lambda_gate: float, gate_names: Optional[set] = None,
-                  autocast: Callable = contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  autocast: Callable = contextlib.nullcontext, prediction: str = "eps") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 7: ``L_clean + lambda1 L_adv + lambda2 BCE(lambda, y)`` per sample ``[B]``.
 
-    Both samples of a pair share timestep and noise. With ``lambda_gate == 0`` (or no hooks) this is
+    Both samples of a pair share timestep and noise; ``prediction`` is the model's native loss
+    weighting (:func:`lord_ops.diffusion.denoising_loss`). With ``lambda_gate == 0`` (or no hooks) this is
     the "PGD-2 defense" baseline: a plain LoRA on clean + perturbed samples.
     """
     use_gate = hooks is not None and lambda_gate > 0
     if hooks is not None:
         hooks.take()
     with autocast():
-        l_clean = denoising_loss(predict, z_clean, t, noise, alphas_cumprod)
+        l_clean = denoising_loss(predict, z_clean, t, noise, alphas_cumprod, prediction)
     gates_clean = hooks.take() if hooks is not None else []
     with autocast():
-        l_adv = denoising_loss(predict, z_adv, t, noise, alphas_cumprod)
+        l_adv = denoising_loss(predict, z_adv, t, noise, alphas_cumprod, prediction)
     gates_adv = hooks.take() if hooks is not None else []
     total = l_clean.float() + lambda_adv * l_adv.float()
     parts = {"clean": l_clean.detach().float(), "adv": l_adv.detach().float()}

@@ -49,8 +49,9 @@ class LoRDLoader(io.ComfyNode):
                                tooltip="fused: clean branch merged into the weights, rank-r gate at run time "
                                        "(fast); plain: the reference computation. Same result."),
                 io.Combo.Input("lora_name", options=[NO_LORA] + folder_paths.get_filename_list("loras"),
-                               default=NO_LORA, tooltip="Optional Stage-2 LoRA from models/loras, applied "
-                                                        "with ComfyUI's own LoRA loader."),
+                               default=NO_LORA, tooltip="Optional Stage-2 LoRA from models/loras, checked like "
+                                                        "a LoRD file and applied with ComfyUI's own LoRA loader "
+                                                        "(UNet layers only; text-encoder layers are ignored)."),
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the optional LoRA."),
             ],
@@ -74,18 +75,15 @@ class LoRDLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lord_name, strength, gate_mode, implementation, lora_name=NO_LORA, lora_strength=1.0):
         import comfy.sd
-        import comfy.utils
         import folder_paths
 
-        from ..lord_ops.comfy.patch import apply_lord
+        from ..lord_ops.comfy.patch import apply_lord, load_lora_for_model
 
         lord_path = folder_paths.get_full_path_or_raise("lord", lord_name)
         patched = apply_lord(model, load_lord_cached(lord_path), strength, gate_mode, implementation)
         if lora_name and lora_name != NO_LORA and lora_strength != 0:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
-            from ..lord_ops.format import read_safetensors_header
-
-            read_safetensors_header(lora_path, kind="LoRA file")  # refuse pickles / damaged files with a clear message
-            lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+            # validated like a LoRD file (never a pickle; finite; complete pairs; shapes fit the MODEL)
+            lora = load_lora_for_model(patched, lora_path)
             patched, _ = comfy.sd.load_lora_for_models(patched, None, lora, lora_strength, 0)
         return io.NodeOutput(patched)

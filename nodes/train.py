@@ -125,7 +125,9 @@ def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list
         io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32",
                        tooltip="Compute dtype of the frozen model (adapters keep fp32 master weights)."),
         io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute UNet blocks in backward (less memory)."),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Seed of the run (adapter init, sampling, noise). Fixed: the frontend never changes it "
+                             "after a run, so queueing again resumes the same run instead of starting a different one."),
         io.Int.Input("checkpoint_every", default=100, min=1, max=1000000,
                      tooltip="Write weights + optimizer + step to output/lord_training/<run_name>/ every N steps."),
         io.String.Input("run_name", default=run_name,
@@ -274,9 +276,18 @@ def apply_lora_layers(model, layers: dict, strength: float = 1.0):
 
 
 def _free_name(folder: str, prefix: str, overwrite: bool) -> str:
+    """A path for ``<prefix>.safetensors`` inside ``folder`` (numbered unless ``overwrite``).
+
+    ``prefix`` may name sub-folders (``a/b``); it may not leave ``folder``: ``..`` components and
+    drive prefixes or colons (``C:x``, ``C:\\x``, ``x:stream``; on Windows these escape the folder or
+    write an alternate data stream) are refused.
+    """
+    raw = prefix
     prefix = prefix.strip().replace("\\", "/").strip("/")
-    if not prefix or ".." in prefix.split("/"):
-        raise ValueError(f"filename_prefix {prefix!r} is not a usable file name inside the models folder")
+    if not prefix or ".." in prefix.split("/") or ":" in prefix:
+        raise ValueError(f"filename_prefix {raw!r} is not a usable file name inside the models folder: use a plain "
+                         f"name or sub-folder path such as 'lord_stage1' or 'mine/lord_stage1' (no '..', no drive "
+                         f"prefix like 'C:', no ':').")
     if prefix.endswith(".safetensors"):
         prefix = prefix[: -len(".safetensors")]
     path = os.path.join(folder, prefix + ".safetensors")

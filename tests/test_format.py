@@ -194,3 +194,146 @@ def test_unet_name_map_prefers_diffusers_names():
     assert select_targets(names) == ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
     with pytest.raises(ValueError, match="unknown target preset"):
         select_targets(names, "everything")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA files given to Load LoRD: validated like LoRD files (file, key, fix)
+
+TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+LORA_SHAPES = {NAMES[0]: (16, 16), NAMES[1]: (16, 8, 1, 1)}  # what a MODEL's key map gives
+
+
+def stock_valid_lora_sd(seed=0) -> dict:
+    """A LoRA stock loaders accept: kohya UNet pairs (linear + 1x1 conv) with alpha, text-encoder
+    pairs, a dora_scale, a LoHa layer, an int reshape_weight-free extra key and training metadata keys."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    return {
+        f"{NAMES[0]}.lora_down.weight": r(4, 16).half(), f"{NAMES[0]}.lora_up.weight": r(16, 4).half(),
+        f"{NAMES[0]}.alpha": torch.tensor(4.0), f"{NAMES[0]}.dora_scale": r(16, 1),
+        f"{NAMES[1]}.lora_down.weight": r(2, 8, 1, 1), f"{NAMES[1]}.lora_up.weight": r(16, 2, 1, 1),
+        f"{NAMES[1]}.alpha": torch.tensor(1, dtype=torch.int64),
+        f"{TE}.lora_down.weight": r(4, 32), f"{TE}.lora_up.weight": r(32, 4), f"{TE}.alpha": torch.tensor(4.0),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w1_a": r(16, 2), "lora_unet_mid_block_attentions_0_proj_out.hada_w1_b": r(2, 16),
+        "lora_unet_mid_block_attentions_0_proj_out.hada_w2_a": r(16, 2), "lora_unet_mid_block_attentions_0_proj_out.hada_w2_b": r(2, 16),
+        "some_trainer_step": torch.tensor([1200], dtype=torch.int32),
+    }
+
+
+def save_lora(path, sd):
+    safetensors.torch.save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+def expect_lora_error(path, *fragments, shapes=None):
+    with pytest.raises(fmt.LoRDFileError) as info:
+        sd, pairs = fmt.load_lora_file(path)
+        fmt.check_lora_against_model(path, sd, pairs, LORA_SHAPES if shapes is None else shapes)
+    msg = str(info.value)
+    assert msg.startswith(f"LoRA file '{path}'"), msg
+    for frag in fragments:
+        assert frag in msg, msg
+    return msg
+
+
+def test_stock_valid_lora_with_text_encoder_keys_loads(tmp_path):
+    path = save_lora(tmp_path / "ok.safetensors", stock_valid_lora_sd())
+    sd, pairs = fmt.load_lora_file(path)
+    assert set(pairs) == {NAMES[0], NAMES[1], TE}
+    assert fmt.check_lora_against_model(path, sd, pairs, LORA_SHAPES) == sorted(NAMES)
+    # a LoRA with text-encoder layers only is stock-valid too (Load LoRD applies nothing of it)
+    te_only = save_lora(tmp_path / "te.safetensors", {k: v for k, v in stock_valid_lora_sd().items() if k.startswith(TE)})
+    sd, pairs = fmt.load_lora_file(te_only)
+    assert fmt.check_lora_against_model(te_only, sd, pairs, LORA_SHAPES) == []
+    # diffusers / PEFT names
+    peft = {f"{NAMES[0]}.lora_A.weight": torch.zeros(4, 16), f"{NAMES[0]}.lora_B.weight": torch.zeros(16, 4)}
+    sd, pairs = fmt.load_lora_file(save_lora(tmp_path / "peft.safetensors", peft))
+    assert pairs[NAMES[0]].up_key == f"{NAMES[0]}.lora_B.weight"
+
+
+def test_damaged_lora_non_finite(tmp_path):
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[1]}.lora_up.weight"][3, 1, 0, 0] = float("nan")
+    expect_lora_error(save_lora(tmp_path / "nan.safetensors", sd), "NaN or Inf", f"{NAMES[1]}.lora_up.weight", "re-train")
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[0]}.alpha"] = torch.tensor(float("inf"))
+    expect_lora_error(save_lora(tmp_path / "inf.safetensors", sd), "NaN or Inf", f"{NAMES[0]}.alpha")
+
+
+def test_damaged_lora_wrong_shape(tmp_path):
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[0]}.lora_down.weight"] = torch.zeros(4, 12)  # consistent rank, wrong d_in for the MODEL
+    msg = expect_lora_error(save_lora(tmp_path / "shape.safetensors", sd), f"{NAMES[0]}.lora_up.weight", "[16, 12]",
+                            "(16, 16)", "trained for this checkpoint")
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[0]}.lora_up.weight"] = torch.zeros(16, 3)  # rank mismatch inside the file
+    expect_lora_error(save_lora(tmp_path / "rank.safetensors", sd), "rank mismatch", f"{NAMES[0]}.lora_up.weight")
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[0]}.lora_down.weight"] = torch.zeros(64)
+    expect_lora_error(save_lora(tmp_path / "vector.safetensors", sd), f"{NAMES[0]}.lora_down.weight", "not a matrix")
+    sd = stock_valid_lora_sd()
+    sd[f"{NAMES[0]}.alpha"] = torch.ones(4)
+    expect_lora_error(save_lora(tmp_path / "alpha.safetensors", sd), "alpha must be one number", f"{NAMES[0]}.alpha")
+    assert "another architecture" in expect_lora_error(save_lora(tmp_path / "arch.safetensors", stock_valid_lora_sd()),
+                                                       shapes={"lora_unet_other_layer": (16, 16)})
+
+
+@pytest.mark.parametrize("missing", ["lora_up", "lora_down"])
+def test_damaged_lora_half_pair(tmp_path, missing):
+    sd = stock_valid_lora_sd()
+    sd.pop(f"{NAMES[0]}.{missing}.weight")
+    other = "lora_down" if missing == "lora_up" else "lora_up"
+    expect_lora_error(save_lora(tmp_path / "half.safetensors", sd), f"{NAMES[0]}.{other}.weight",
+                      f"no partner '{NAMES[0]}.{missing}.weight'")
+
+
+def _rewrite_header(path, mutate):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_damaged_lora_overlapping_ranges(tmp_path):
+    path = save_lora(tmp_path / "overlap.safetensors", stock_valid_lora_sd())
+    up, down = f"{TE}.lora_up.weight", f"{TE}.lora_down.weight"  # same byte size: [32, 4] and [4, 32]
+
+    def overlap(h):
+        h[up]["data_offsets"] = h[down]["data_offsets"]
+
+    _rewrite_header(path, overlap)
+    with pytest.raises(Exception, match="invalid offset"):  # what safetensors itself says (no file named)
+        safetensors.torch.load_file(str(path))
+    expect_lora_error(path, "overlaps", "Re-download")
+    # the same header checks guard LoRD files (one owner)
+    lord = fmt.save_lord_file(tmp_path / "lord.safetensors", make_lord())
+    _rewrite_header(lord, lambda h: h[f"{NAMES[0]}.lord_up.weight"].__setitem__(
+        "data_offsets", h[f"{NAMES[0]}.lord_up_defense.weight"]["data_offsets"]))
+    expect_error(lord, "overlaps")
+
+
+def test_damaged_lora_header_and_size(tmp_path):
+    path = save_lora(tmp_path / "size.safetensors", stock_valid_lora_sd())
+    _rewrite_header(path, lambda h: h[f"{TE}.lora_up.weight"].__setitem__("shape", [32, 5]))
+    expect_lora_error(path, f"{TE}.lora_up.weight", "header is damaged")
+    path = save_lora(tmp_path / "trailing.safetensors", stock_valid_lora_sd())
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    expect_lora_error(path, "16 bytes after the last tensor")
+
+
+def test_damaged_lora_container(tmp_path):
+    good = save_lora(tmp_path / "good.safetensors", stock_valid_lora_sd())
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 100])
+    expect_lora_error(truncated, "truncated")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 24) + b"\x89PNG garbage not json!!" + b"\0" * 64)
+    expect_lora_error(garbage, "not a valid safetensors")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    expect_lora_error(empty, "empty")
+    torch.save(stock_valid_lora_sd(), tmp_path / "pickled.safetensors")
+    expect_lora_error(tmp_path / "pickled.safetensors", "pickle")

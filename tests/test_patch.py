@@ -178,6 +178,27 @@ def test_hooks_fire_once_per_forward_and_are_removed_on_eject(tiny_model):
     assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
 
 
+@pytest.mark.parametrize("unload", ["unload_all_models", "detach", "free_memory"])
+def test_device_copies_are_released_when_the_model_unloads(tiny_model, unload):
+    """The hooks' per-device adapter copies live outside ComfyUI's memory accounting: none may
+    survive an unload (ComfyUI ejects injections on unpatch/detach/partial unload)."""
+    lorded = patch.apply_lord(tiny_model, make_lord(tiny_model), 1.0, "learned", "fused")
+    inj = patch.lord_injections(lorded)[0][1]
+    x, ctx = inputs()
+    first = forward(lorded, x, ctx)
+    assert inj._on_device, "the hooks made no device copies; the test checks nothing"
+    if unload == "unload_all_models":
+        mm.unload_all_models()
+    elif unload == "detach":
+        lorded.detach()
+    else:  # ComfyUI freeing memory for another model
+        mm.free_memory(1e30, mm.get_torch_device())
+    assert inj._on_device == {}
+    assert torch.equal(forward(lorded, x, ctx), first)  # rebuilt on demand, same result
+    mm.unload_all_models()
+    assert inj._on_device == {}
+
+
 def test_gate_records_are_per_token(tiny_model):
     lord = make_lord(tiny_model)
     x, ctx = inputs(batch=2, size=16)
@@ -279,3 +300,83 @@ def test_families(family):
     other = "sdxl" if family != "sdxl" else "sd1"
     with pytest.raises(LoRDFileError, match=f"made for a '{family}' model"):
         patch.apply_lord(tiny.build_model_patcher(tiny.family_unet_config(other), family=other), lord)
+
+
+def _write_with_header(path, sd, mutate):
+    """Save ``sd``, then rewrite its safetensors header with ``mutate(header)`` (damage a container)."""
+    import json
+    import struct
+
+    import safetensors.torch
+
+    safetensors.torch.save_file(sd, str(path))
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_load_lord_checks_its_lora_like_a_lord_file(tiny_model, tmp_path):
+    """Load LoRD's lora_name input: damaged LoRA files fail naming the file and the key (they used
+    to run to success with NaN output or a silently skipped layer, or to fail with a bare
+    KeyError/SafetensorError), and a stock-valid LoRA with text-encoder layers still loads and
+    matches ComfyUI's own LoRA loader exactly."""
+    import folder_paths
+    import safetensors.torch
+
+    from comfyui_lord.lord_ops import format as fmt
+    from comfyui_lord.nodes.loaders import LoRDLoader
+
+    lord = make_lord(tiny_model)
+    (tmp_path / "lord").mkdir()
+    (tmp_path / "loras").mkdir()
+    fmt.save_lord_file(tmp_path / "lord" / "l.safetensors", lord)
+    folder_paths.add_model_folder_path("lord", str(tmp_path / "lord"), is_default=True)
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"), is_default=True)
+    good = random_lora_sd(lord)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    good.update({f"{te}.lora_down.weight": torch.randn(4, 768) * 0.1, f"{te}.lora_up.weight": torch.randn(768, 4) * 0.1,
+                 f"{te}.alpha": torch.tensor(4.0)})
+    layer = sorted(k for k in good if k.startswith("lora_unet") and k.endswith(".lora_down.weight"))[0][: -len(".lora_down.weight")]
+    loras = tmp_path / "loras"
+    safetensors.torch.save_file(good, str(loras / "good.safetensors"))
+
+    def variant(name, change):
+        sd = {k: v.clone() for k, v in good.items()}
+        change(sd)
+        safetensors.torch.save_file(sd, str(loras / name))
+
+    variant("nan.safetensors", lambda sd: sd[f"{layer}.lora_up.weight"].__setitem__((0, 0), float("nan")))
+    variant("shape.safetensors", lambda sd: sd.__setitem__(f"{layer}.lora_down.weight", sd[f"{layer}.lora_down.weight"][:, :-8].contiguous()))
+    variant("half.safetensors", lambda sd: sd.pop(f"{layer}.lora_up.weight"))
+    _write_with_header(loras / "overlap.safetensors", good, lambda h: h[f"{te}.lora_up.weight"].__setitem__(
+        "data_offsets", h[f"{te}.lora_down.weight"]["data_offsets"]))
+    data = (loras / "good.safetensors").read_bytes()
+    (loras / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (loras / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"<html>garbage</html>" * 4)
+    expected = {
+        "nan.safetensors": ("NaN or Inf", f"{layer}.lora_up.weight"),
+        "shape.safetensors": ("the MODEL's layer has", f"{layer}.lora_up.weight"),
+        "half.safetensors": ("no partner", f"{layer}.lora_down.weight"),
+        "overlap.safetensors": ("overlaps", f"{te}.lora_"),
+        "truncated.safetensors": ("truncated",),
+        "garbage.safetensors": ("not a valid safetensors",),
+    }
+
+    def load(lora_name):
+        return LoRDLoader.execute(tiny_model, "l.safetensors", 1.0, "learned", "fused", lora_name, 1.0).result[0]
+
+    for name, fragments in expected.items():
+        with pytest.raises(fmt.LoRDFileError) as info:
+            load(name)
+        msg = str(info.value)
+        assert msg.startswith(f"LoRA file '{loras / name}'"), msg
+        assert all(f in msg for f in fragments), msg
+
+    x, ctx = inputs()
+    out = forward(load("good.safetensors"), x, ctx)
+    stock, _ = comfy.sd.load_lora_for_models(patch.apply_lord(tiny_model, lord), None, good, 1.0, 0)
+    assert torch.equal(out, forward(stock, x, ctx))
+    assert not torch.allclose(out, forward(load("None"), x, ctx))

@@ -41,6 +41,27 @@ def model_family(model_patcher) -> str:
     return type(cfg).__name__.lower()
 
 
+def prediction_type(model_patcher) -> str:
+    """The MODEL's training target from its (possibly patched) ``model_sampling``: ``"eps"``,
+    ``"v"`` (SD 2.x 768-v, or any model put on v by ComfyUI's ModelSamplingDiscrete node) or
+    ``"x0"``; the native loss weighting of :func:`lord_ops.diffusion.denoising_loss`.
+
+    Raises ``ValueError`` for samplings the pack's DDPM-timestep gradient paths do not handle
+    (EDM, flow/CONST, ...).
+    """
+    import comfy.model_sampling as ms
+
+    sampling = model_patcher.get_model_object("model_sampling")
+    # order matters: EDM derives from V_PREDICTION, V_PREDICTION and X0 from EPS
+    supported = isinstance(sampling, ms.ModelSamplingDiscrete) and not isinstance(sampling, (ms.EDM, ms.IMG_TO_IMG))
+    for cls, name in ((ms.V_PREDICTION, "v"), (ms.X0, "x0"), (ms.EPS, "eps")):
+        if supported and isinstance(sampling, cls):
+            return name
+    raise ValueError(f"the MODEL's sampling ({type(sampling).__name__}) is not a discrete eps/v/x0 schedule; "
+                     "training and attacks need an SD1.x/SD2.x/SDXL-style model (use one, or remove a "
+                     "ModelSampling node that changed it).")
+
+
 def unet_names(model_patcher) -> dict[str, str]:
     """``{kohya name: module path inside diffusion_model}`` for this MODEL (ComfyUI's own key map)."""
     import comfy.lora
@@ -56,6 +77,39 @@ def _module(model_patcher, path: str) -> torch.nn.Module:
 
 def unet_weight_shapes(model_patcher, names: dict[str, str]) -> dict[str, tuple]:
     return {n: tuple(_module(model_patcher, p).weight.shape) for n, p in names.items()}
+
+
+def lora_weight_shapes(model_patcher) -> dict[str, tuple]:
+    """``{LoRA key prefix: weight shape}`` for every prefix ComfyUI's LoRA loader maps onto this
+    MODEL's UNet (kohya, diffusers, ... names: ComfyUI's own key map)."""
+    import comfy.lora
+
+    shapes = {k: tuple(v.shape) for k, v in model_patcher.model.state_dict().items()}
+    out = {}
+    for prefix, target in comfy.lora.model_lora_keys_unet(model_patcher.model, {}).items():
+        if isinstance(target, str) and target in shapes:  # tuples: slices of fused weights, not checked
+            out[prefix] = shapes[target]
+    return out
+
+
+def load_lora_for_model(model_patcher, path) -> dict[str, torch.Tensor]:
+    """A LoRA file's state dict, validated as a file (:func:`lord_ops.format.load_lora_file`) and
+    against this MODEL's layer shapes; raises :class:`lord_ops.format.LoRDFileError` naming the
+    file, the key and the fix."""
+    from ..format import check_lora_against_model, load_lora_file, lora_pairs
+
+    sd, pairs = load_lora_file(path)
+    shapes_of = sd
+    try:  # stock loaders rename some formats (Flux/Wan/...) before mapping keys: check what they apply
+        import comfy.lora_convert
+
+        converted = comfy.lora_convert.convert_lora(dict(sd))
+        if set(converted) != set(sd):
+            shapes_of, pairs = converted, lora_pairs(path, converted)
+    except ImportError:
+        pass
+    check_lora_against_model(path, shapes_of, pairs, lora_weight_shapes(model_patcher))
+    return sd
 
 
 class LoRDInjection:
@@ -96,6 +150,13 @@ class LoRDInjection:
         return twin
 
     def runtime_on(self, name: str, device: torch.device):
+        """The adapter's run-time tensors on ``device``, copied there on first use.
+
+        These copies are not counted by ComfyUI's memory management (they are small: the LoRD
+        adapters, not the base weights), so they live only while the hooks are injected:
+        :meth:`eject` -- which ComfyUI calls whenever it unpatches, detaches, partially unloads or
+        re-patches the model -- drops them, and the next hooked forward copies them again.
+        """
         key = (name, device)
         if key not in self._on_device:
             self._on_device[key] = self._runtime[name].to(device)
@@ -141,6 +202,14 @@ class LoRDInjection:
     def eject(self, patcher) -> None:
         for h in self._handles.pop(id(patcher.model), []):
             h.remove()
+        self.release_device_copies()
+
+    def release_device_copies(self) -> None:
+        """Forget the per-device copies made by :meth:`runtime_on` (kept: the float32 originals).
+
+        The dict is shared with :meth:`with_recorder` twins, so their copies go too; every copy
+        is rebuilt on demand."""
+        self._on_device.clear()
 
 
 def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..diffusion import denoising_loss
 from ..format import LoRDFile
 from ..keys import CONTEXT_FED, select_targets
 from . import grad
-from .patch import _module, init_lord_for_model, lord_injections, model_family, unet_names
+from .patch import _module, init_lord_for_model, lord_injections, model_family, prediction_type, unet_names
 
 EVAL_TIMESTEPS = (50, 200, 400)
 
@@ -317,7 +317,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                 noise = torch.stack([d.noise(zc.shape[1:]) for d in draws]).to(device)
                 z_adv = perturb(indices, draws) if online else za[indices]
                 return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
-                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast)
+                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast, prediction_type(clone))
 
             result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
                              identity=_identity(clone, vae, data, with_lord=False))
@@ -383,16 +383,17 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                 pred = lambda zt, tt: predict(zt, tt, indices)  # noqa: E731
                 if za is not None:
                     total, parts = T.paired_losses(pred, None, zi[indices], za[indices], t, noise, acp,
-                                                   config.lambda_adv, 0.0, autocast=autocast)
+                                                   config.lambda_adv, 0.0, autocast=autocast, prediction=prediction_type(clone))
                 else:
                     with autocast():
-                        total = denoising_loss(pred, zi[indices], t, noise, acp).float()
+                        total = denoising_loss(pred, zi[indices], t, noise, acp, prediction_type(clone)).float()
                     parts = {"instance": total.detach()}
                 if zk is not None:
                     which = [d.noise_seed % zk.shape[0] for d in draws]
                     class_noise = torch.stack([T.Draw(d.t, d.noise_seed + 1).noise(zk.shape[1:]) for d in draws]).to(device)
                     with autocast():
-                        prior = denoising_loss(lambda zt, tt: predict_class(zt, tt, which), zk[which], t, class_noise, acp).float()
+                        prior = denoising_loss(lambda zt, tt: predict_class(zt, tt, which), zk[which], t, class_noise, acp,
+                                               prediction_type(clone)).float()
                     total = total + config.prior_weight * prior
                     parts["prior"] = prior.detach()
                 return total, parts
