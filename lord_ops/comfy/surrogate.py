@@ -1,0 +1,136 @@
+"""The published surrogate attacks (mist-v2, Anti-DreamBooth ASPL / FSMG) on ComfyUI models.
+
+The loop itself is plain torch (``lord_ops.attacks.run_alternating_attack``); this module supplies
+its callables on a ComfyUI MODEL: a surrogate LoRA (``training.TrainableLoRA``, hooked into the
+UNet with ``training.AdapterHooks``) on a loaded, differentiable **clone** of the MODEL (Stage-2's
+``trainable_model``), fine-tuned with the denoising loss on the current images while the PGD rounds
+run against base + that LoRA. The MODEL given by the user is never patched: the hooks live only
+for the call and its weights are not changed (tested bit for bit).
+
+Units: IMAGEs ``[B, H, W, C]`` in [0, 1]; budgets and steps in pixel levels 0..255.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional
+
+import torch
+
+from .. import training as T
+from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quantize_uint8, run_alternating_attack,
+                       run_attack, train_surrogate_steps)
+from ..diffusion import denoising_loss
+from . import grad
+from .patch import unet_names
+from .protect import pad_to_multiple
+from .train import _target_modules, trainable_model
+
+
+def surrogate_targets(model_patcher, targets: str) -> list[str]:
+    """Kohya names of the MODEL's layers the surrogate LoRA adapts (``AlternatingConfig.targets``)."""
+    pattern = re.compile(SURROGATE_TARGETS[targets])
+    names = sorted(n for n in unet_names(model_patcher) if pattern.search(n))
+    if not names:
+        raise ValueError(f"the MODEL has no layers matching surrogate targets {targets!r} (UNet transformer "
+                         f"attention layers): the surrogate attacks support SD1.x/SD2.x/SDXL-style UNets")
+    return names
+
+
+def _round_seed(seed: int, round_index: int, image_index: int, phase: int) -> int:
+    """A seed per (run seed, round, image, phase): every random draw of the loop is reproducible."""
+    return ((seed * 1_000_003 + round_index) * 1_009 + image_index) * 7 + phase
+
+
+def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack: AttackConfig,
+                           surrogate: AlternatingConfig, target_bhwc: Optional[torch.Tensor] = None,
+                           on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
+                           ) -> tuple[torch.Tensor, dict]:
+    """Perturb a set of IMAGEs ``[B, H, W, C]`` in [0, 1] with a surrogate loop.
+
+    The batch is the image set the surrogate trains on (mist-v2 and ASPL fine-tune on all images of
+    one subject); each PGD round runs ``attack.steps`` steps per image, image ``i`` of round ``r``
+    seeded from ``(attack.seed, r, i)``. Sizes that are not a multiple of 8 are replicate-padded and
+    cropped back; the result is quantised to 8 bits within ``floor(attack.epsilon)`` levels.
+    ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every PGD and surrogate
+    step (raise from it to cancel). Returns ``(perturbed [B, H, W, 3], report)``.
+    """
+    attack = attack.validate()
+    surrogate = surrogate.validate()
+    if attack.method == "photoguard":
+        raise ValueError("photoguard attacks the VAE encoder only: a UNet surrogate does not apply; use it without "
+                         "a surrogate schedule")
+    with torch.inference_mode(False):
+        clean = images_bhwc[..., :3].movedim(-1, 1).float().clone()
+        padded, (h, w) = pad_to_multiple(clean)
+    n = padded.shape[0]
+    total = attack.steps * n * surrogate.rounds + surrogate.surrogate_steps()
+    done = 0
+
+    def progress(loss: float, preview=None):
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, loss, preview)
+
+    train_config = T.TrainConfig(stage="stage2", mode="plain", rank=surrogate.rank, alpha=surrogate.alpha,
+                                 learning_rate=surrogate.learning_rate, seed=attack.seed)
+    names = surrogate_targets(model_patcher, surrogate.targets)
+    with trainable_model(model_patcher, vae, train_config) as clone:
+        device = clone.load_device
+        modules = _target_modules(clone, names)
+        shapes = {}
+        for name, m in modules.items():
+            kernel = tuple(m.kernel_size) if isinstance(m, torch.nn.Conv2d) else None
+            shapes[name] = (m.in_channels, m.out_channels, kernel) if kernel else (m.in_features, m.out_features, None)
+        with torch.inference_mode(False):
+            lora = T.TrainableLoRA.create(shapes, surrogate.rank, surrogate.alpha, attack.seed).to(device)
+        params = [p for p in lora.parameters() if p.requires_grad]
+        encode = grad.latent_encoder(vae, clone)
+        predict = grad.batched_noise_predictor(clone, [conditioning], tuple(padded.shape[-2:]))
+        acp = grad.alphas_cumprod(clone)
+        t_hi = min(attack.t_max, len(acp) - 1)
+        target_latent = None
+        if attack.method in ("ace", "ace_plus"):
+            tgt = None if target_bhwc is None else target_bhwc[:1, ..., :3].movedim(-1, 1).float()
+            with torch.inference_mode(False):
+                target_latent = grad.encode_target(vae, clone, tgt, padded[:1])
+
+        def pgd_round(current: torch.Tensor, r: int):
+            out, losses = [], []
+            for i in range(n):
+                cfg = dataclasses.replace(attack, seed=_round_seed(attack.seed, r, i, 0) % (2 ** 62))
+                step_cb = lambda s, loss, cur: progress(loss, cur[..., :h, :w] if s == attack.steps - 1 else None)  # noqa: E731
+                res = run_attack(padded[i:i + 1], cfg, encode, lambda z, t: predict(z, t, [0] * z.shape[0]), acp,
+                                 target_latent, step_cb, start=current[i:i + 1])
+                out.append(res.images)
+                losses.append(res.loss_trace)
+            return torch.cat(out), losses
+
+        def surrogate_train(images: torch.Tensor, steps: int, r: int, phase: str) -> list[float]:
+            with torch.inference_mode(False), torch.no_grad():
+                latents = torch.cat([encode(images[i:i + 1].to(device)).float() for i in range(n)])
+
+            def loss_of(i, t, noise):
+                return denoising_loss(lambda z, tt: predict(z, tt, [0]), latents[i:i + 1], t.to(device),
+                                      noise.to(device), acp).mean()
+
+            seed = _round_seed(attack.seed, r, 0, 1 if phase == "clean" else 2)
+            return train_surrogate_steps(params, loss_of, n, steps, surrogate, seed, attack.t_min, t_hi,
+                                         tuple(latents.shape[1:]), lambda s, loss: progress(loss))
+
+        def snapshot():
+            return {k: v.detach().clone() for k, v in lora.state_dict().items()}
+
+        def restore(state):
+            with torch.inference_mode(False), torch.no_grad():
+                lora.load_state_dict(state)
+
+        with T.AdapterHooks(modules, lora):
+            result = run_alternating_attack(padded, surrogate, pgd_round, surrogate_train, snapshot, restore)
+        with torch.inference_mode(False):
+            adv = result.images[..., :h, :w].cpu()
+            q = quantize_uint8(adv, clean, attack.epsilon).float() / 255.0
+    report = {"attack": dataclasses.asdict(attack), "surrogate": dataclasses.asdict(surrogate),
+              "surrogate_layers": len(names), "rounds": result.rounds}
+    return q.movedim(1, -1), report
