@@ -344,7 +344,7 @@ def train_surrogate_steps(parameters: list, loss_of: Callable[[int, torch.Tensor
 
 @dataclasses.dataclass
 class AlternatingResult:
-    images: torch.Tensor  # [B, 3, H, W] in [0, 1], within epsilon of the input
+    images: object  # like the input: [B, 3, H, W] (or a list) in [0, 1], within epsilon of it
     rounds: list[dict]  # per round: {"round", "clean_losses", "pgd_losses", "train_losses"}
 
 
@@ -361,11 +361,12 @@ def run_alternating_attack(images: torch.Tensor, config: AlternatingConfig,
     * ``snapshot()`` / ``restore(state)``: save / put back the surrogate's weights (ASPL fine-tunes
       a copy on the clean images for the PGD round only).
 
-    ``images`` ``[B, 3, H, W]`` in [0, 1] are the clean originals.
+    ``images`` ``[B, 3, H, W]`` in [0, 1] (or a list of ``[1, 3, H_i, W_i]`` for images of different
+    sizes) are the clean originals; the callables receive the same form.
     """
     config.validate()
-    original = images.detach().clone()
-    current = original.clone()
+    original = [im.detach().clone() for im in images] if isinstance(images, (list, tuple)) else images.detach().clone()
+    current = original
     log = []
     for r in range(config.rounds):
         entry = {"round": r, "clean_losses": [], "pgd_losses": [], "train_losses": []}
@@ -374,7 +375,6 @@ def run_alternating_attack(images: torch.Tensor, config: AlternatingConfig,
             saved = snapshot()
             entry["clean_losses"] = surrogate_train(original, config.clean_steps, r, "clean")
         current, entry["pgd_losses"] = pgd_round(current, r)
-        current = current.detach()
         if saved is not None:
             restore(saved)
         if config.train_steps and r < config.rounds - 1:

@@ -92,7 +92,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
     inp, out = tmp_path / "in", tmp_path / "out"
     refs = make_mixed_folder(inp)
     before = folder_state(inp)
-    args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "mist_v2_ace", "--steps", 2]
+    args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "ace_fixed", "--steps", 2]
     r = run_cli(comfyui_path, *args)
     assert r.returncode == 1, r.stdout + r.stderr
     assert summary(r.stdout) == (7, 0, 1)
@@ -106,7 +106,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
             got = np.asarray(im)
         assert got.dtype == np.uint8 and got.shape[:2] == ref.shape[:2], stem
         diff = np.abs(got[..., :3].astype(int) - ref.astype(int))
-        assert 1 <= diff.max() <= 4, (stem, diff.max())  # mist_v2_ace: 4 levels
+        assert 1 <= diff.max() <= 4, (stem, diff.max())  # ace_fixed: 4 levels
         if alpha is not None:
             assert np.array_equal(got[..., 3], alpha), stem
         side = json.loads((out / f"{stem}.json").read_text())
@@ -115,7 +115,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
         assert side["input"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
         assert side["output"]["sha256"] == hashlib.sha256((out / f"{stem}.png").read_bytes()).hexdigest()
         assert side["output"]["size_wh"] == [ref.shape[1], ref.shape[0]]
-        assert side["params"] == {**dataclasses.asdict(PRESETS["mist_v2_ace"]), "steps": 2,  # preset + override
+        assert side["params"] == {**dataclasses.asdict(PRESETS["ace_fixed"]), "steps": 2,  # preset + override
                                   "prompt": "a photo of a person", "target": "pattern",
                                   "checkpoint": {"name": sd15_checkpoint.name,
                                                  "size_bytes": sd15_checkpoint.stat().st_size}}

@@ -72,8 +72,8 @@ def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack:
 
         out, report = protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack, surrogate,
                                              target_bhwc, on_progress)
-        report["loss_traces"] = [[v for rnd in report["rounds"] for v in rnd["pgd_losses"][i]]
-                                 for i in range(images_bhwc.shape[0])]
+        count = len(images_bhwc) if isinstance(images_bhwc, (list, tuple)) else images_bhwc.shape[0]
+        report["loss_traces"] = [[v for rnd in report["rounds"] for v in rnd["pgd_losses"][i]] for i in range(count)]
         return out, report
     steps, total = attack.steps, attack.steps * images_bhwc.shape[0]
 

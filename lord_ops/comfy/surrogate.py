@@ -42,28 +42,34 @@ def _round_seed(seed: int, round_index: int, image_index: int, phase: int) -> in
     return ((seed * 1_000_003 + round_index) * 1_009 + image_index) * 7 + phase
 
 
-def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack: AttackConfig,
+def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack: AttackConfig,
                            surrogate: AlternatingConfig, target_bhwc: Optional[torch.Tensor] = None,
                            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
-                           ) -> tuple[torch.Tensor, dict]:
-    """Perturb a set of IMAGEs ``[B, H, W, C]`` in [0, 1] with a surrogate loop.
+                           ) -> tuple[object, dict]:
+    """Perturb a set of IMAGEs ``[B, H, W, C]`` in [0, 1] (or a list of ``[1, H_i, W_i, C]`` of
+    different sizes) with a surrogate loop.
 
-    The batch is the image set the surrogate trains on (mist-v2 and ASPL fine-tune on all images of
-    one subject); each PGD round runs ``attack.steps`` steps per image, image ``i`` of round ``r``
+    The set is what the surrogate trains on (mist-v2 and ASPL fine-tune on all images of one
+    subject); each PGD round runs ``attack.steps`` steps per image, image ``i`` of round ``r``
     seeded from ``(attack.seed, r, i)``. Sizes that are not a multiple of 8 are replicate-padded and
     cropped back; the result is quantised to 8 bits within ``floor(attack.epsilon)`` levels.
     ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every PGD and surrogate
-    step (raise from it to cancel). Returns ``(perturbed [B, H, W, 3], report)``.
+    step (raise from it to cancel). Returns ``(perturbed, report)``, perturbed in the input's form
+    (``[B, H, W, 3]``, or a list of ``[1, H_i, W_i, 3]``).
     """
     attack = attack.validate()
     surrogate = surrogate.validate()
     if attack.method == "photoguard":
         raise ValueError("photoguard attacks the VAE encoder only: a UNet surrogate does not apply; use it without "
                          "a surrogate schedule")
+    as_list = isinstance(images_bhwc, (list, tuple))
     with torch.inference_mode(False):
-        clean = images_bhwc[..., :3].movedim(-1, 1).float().clone()
-        padded, (h, w) = pad_to_multiple(clean)
-    n = padded.shape[0]
+        items = list(images_bhwc) if as_list else [images_bhwc[i:i + 1] for i in range(images_bhwc.shape[0])]
+        clean = [im[..., :3].movedim(-1, 1).float().clone() for im in items]
+        padded, sizes = zip(*(pad_to_multiple(c) for c in clean)) if clean else ((), ())
+    n = len(padded)
+    if n == 0:
+        raise ValueError("no images to protect")
     total = attack.steps * n * surrogate.rounds + surrogate.surrogate_steps()
     done = 0
 
@@ -87,37 +93,49 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc: torch.
             lora = T.TrainableLoRA.create(shapes, surrogate.rank, surrogate.alpha, attack.seed).to(device)
         params = [p for p in lora.parameters() if p.requires_grad]
         encode = grad.latent_encoder(vae, clone)
-        predict = grad.batched_noise_predictor(clone, [conditioning], tuple(padded.shape[-2:]))
+        predictors: dict = {}
+
+        def predict(z, t, which):  # one predictor per latent size (the conds may depend on it)
+            hw = (8 * z.shape[-2], 8 * z.shape[-1])
+            if hw not in predictors:
+                predictors[hw] = grad.batched_noise_predictor(clone, [conditioning], hw)
+            return predictors[hw](z, t, which)
+
         acp = grad.alphas_cumprod(clone)
         t_hi = min(attack.t_max, len(acp) - 1)
-        target_latent = None
-        if attack.method in ("ace", "ace_plus"):
-            tgt = None if target_bhwc is None else target_bhwc[:1, ..., :3].movedim(-1, 1).float()
-            with torch.inference_mode(False):
-                target_latent = grad.encode_target(vae, clone, tgt, padded[:1])
+        targets = {}
+        for i, p in enumerate(padded):
+            size = tuple(p.shape[-2:])
+            if attack.method in ("ace", "ace_plus") and size not in targets:
+                tgt = None if target_bhwc is None else target_bhwc[:1, ..., :3].movedim(-1, 1).float()
+                with torch.inference_mode(False):
+                    targets[size] = grad.encode_target(vae, clone, tgt, p)
 
-        def pgd_round(current: torch.Tensor, r: int):
+        def pgd_round(current: list, r: int):
             out, losses = [], []
             for i in range(n):
+                h, w = sizes[i]
                 cfg = dataclasses.replace(attack, seed=_round_seed(attack.seed, r, i, 0) % (2 ** 62))
-                step_cb = lambda s, loss, cur: progress(loss, cur[..., :h, :w] if s == attack.steps - 1 else None)  # noqa: E731
-                res = run_attack(padded[i:i + 1], cfg, encode, lambda z, t: predict(z, t, [0] * z.shape[0]), acp,
-                                 target_latent, step_cb, start=current[i:i + 1])
-                out.append(res.images)
+                step_cb = lambda s, loss, cur, h=h, w=w: progress(loss, cur[..., :h, :w] if s == attack.steps - 1 else None)  # noqa: E731
+                res = run_attack(padded[i], cfg, encode, lambda z, t: predict(z, t, [0] * z.shape[0]), acp,
+                                 targets.get(tuple(padded[i].shape[-2:])), step_cb, start=current[i])
+                out.append(res.images.detach())
                 losses.append(res.loss_trace)
-            return torch.cat(out), losses
+            return out, losses
 
-        def surrogate_train(images: torch.Tensor, steps: int, r: int, phase: str) -> list[float]:
+        def surrogate_train(images: list, steps: int, r: int, phase: str) -> list[float]:
             with torch.inference_mode(False), torch.no_grad():
-                latents = torch.cat([encode(images[i:i + 1].to(device)).float() for i in range(n)])
+                latents = [encode(im.to(device)).float() for im in images]
 
             def loss_of(i, t, noise):
-                return denoising_loss(lambda z, tt: predict(z, tt, [0]), latents[i:i + 1], t.to(device),
-                                      noise.to(device), acp).mean()
+                z = latents[i]
+                return denoising_loss(lambda zz, tt: predict(zz, tt, [0]), z, t.to(device),
+                                      noise[..., :z.shape[-2], :z.shape[-1]].to(device), acp).mean()
 
             seed = _round_seed(attack.seed, r, 0, 1 if phase == "clean" else 2)
-            return train_surrogate_steps(params, loss_of, n, steps, surrogate, seed, attack.t_min, t_hi,
-                                         tuple(latents.shape[1:]), lambda s, loss: progress(loss))
+            largest = (latents[0].shape[1], max(z.shape[-2] for z in latents), max(z.shape[-1] for z in latents))
+            return train_surrogate_steps(params, loss_of, n, steps, surrogate, seed, attack.t_min, t_hi, largest,
+                                         lambda s, loss: progress(loss))
 
         def snapshot():
             return {k: v.detach().clone() for k, v in lora.state_dict().items()}
@@ -127,10 +145,12 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc: torch.
                 lora.load_state_dict(state)
 
         with T.AdapterHooks(modules, lora):
-            result = run_alternating_attack(padded, surrogate, pgd_round, surrogate_train, snapshot, restore)
+            result = run_alternating_attack(list(padded), surrogate, pgd_round, surrogate_train, snapshot, restore)
         with torch.inference_mode(False):
-            adv = result.images[..., :h, :w].cpu()
-            q = quantize_uint8(adv, clean, attack.epsilon).float() / 255.0
+            outs = []
+            for adv, c, (h, w) in zip(result.images, clean, sizes):
+                q = quantize_uint8(adv[..., :h, :w].cpu(), c, attack.epsilon).float() / 255.0
+                outs.append(q.movedim(1, -1))
     report = {"attack": dataclasses.asdict(attack), "surrogate": dataclasses.asdict(surrogate),
               "surrogate_layers": len(names), "rounds": result.rounds}
-    return q.movedim(1, -1), report
+    return (outs if as_list else torch.cat(outs)), report
