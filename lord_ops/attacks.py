@@ -119,7 +119,8 @@ class AlternatingConfig:
     lora_diffusion's default), AdamW (``learning_rate``, ``betas``, ``weight_decay``, ``adam_eps``),
     fresh each time a phase starts (both sources build a new optimizer per call), global gradient
     norm clipped at ``max_grad_norm`` (0: off). One image per step (``batch_size`` 1), timesteps
-    uniform in the attack's ``[t_min, t_max]``.
+    uniform in the attack's ``[t_min, t_max]``. With class images (DreamBooth prior preservation,
+    optional), each step adds ``prior_weight`` x the denoising loss of one class image.
     """
 
     rounds: int = 5
@@ -133,6 +134,7 @@ class AlternatingConfig:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    prior_weight: float = 1.0
 
     def validate(self) -> "AlternatingConfig":
         if self.rounds < 1:
@@ -146,6 +148,8 @@ class AlternatingConfig:
             raise ValueError(f"surrogate targets must be one of {tuple(SURROGATE_TARGETS)}, got {self.targets!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}")
+        if self.prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
         return self
 
     def surrogate_steps(self) -> int:
@@ -176,7 +180,8 @@ SURROGATE_PRESETS = {
     # 5 epochs x (30 PGD steps per image, then 10 LoRA steps), LoRA rank 4, lr 1e-4
     "mist_v2": Preset(
         AttackConfig("ace", published_to_levels(8 / 255), published_to_levels(0.005), 30, low_memory=True),
-        AlternatingConfig(rounds=5, clean_steps=0, train_steps=10, learning_rate=1e-4, rank=4, targets="attn+ff"),
+        AlternatingConfig(rounds=5, clean_steps=0, train_steps=10, learning_rate=1e-4, rank=4, targets="attn+ff",
+                          prior_weight=0.1),
         "mist-v2 attacks/mist.py (lunet/ACE) with its argparse defaults"),
     # VinAIResearch/Anti-DreamBooth scripts/attack_with_aspl.sh: 50 x (3 surrogate steps on clean
     # images, 6 PGD steps, 3 steps on the perturbed images), eps 0.05, step 0.005
@@ -311,13 +316,15 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
 
 def train_surrogate_steps(parameters: list, loss_of: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
                           count: int, steps: int, config: AlternatingConfig, seed: int, t_min: int, t_max: int,
-                          noise_shape: tuple, on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+                          noise_shape: tuple, on_step: Optional[Callable[[int, float], None]] = None,
+                          prior_of: Optional[Callable] = None, prior_count: int = 0) -> list[float]:
     """``steps`` AdamW steps on ``parameters`` (a fresh optimizer, as both sources build one per
     phase), one sample per step: image ``i`` uniform in ``range(count)``, timestep uniform in
     ``[t_min, t_max]``, noise ``N(0, 1)`` of ``noise_shape``, all drawn from ``seed``;
-    ``loss_of(i, t [1], noise [1, ...])`` is the scalar loss. The gradient's global norm is clipped
-    at ``config.max_grad_norm`` (0: off). ``on_step(step, loss)`` after each step (raise to stop).
-    Returns the losses."""
+    ``loss_of(i, t [1], noise [1, ...])`` is the scalar loss. With ``prior_of`` (same signature, over
+    ``prior_count`` class images) each step adds ``config.prior_weight * prior_of(j, t', noise')``
+    with its own draws. The gradient's global norm is clipped at ``config.max_grad_norm`` (0: off).
+    ``on_step(step, loss)`` after each step (raise to stop). Returns the losses."""
     g = torch.Generator().manual_seed(seed % (2 ** 63))
     with torch.inference_mode(False), torch.enable_grad():
         opt = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=tuple(config.betas),
@@ -329,6 +336,11 @@ def train_surrogate_steps(parameters: list, loss_of: Callable[[int, torch.Tensor
             noise = torch.randn((1, *noise_shape), generator=g)
             opt.zero_grad(set_to_none=True)
             loss = loss_of(i, t, noise)
+            if prior_of is not None and prior_count > 0 and config.prior_weight > 0:
+                j = int(torch.randint(0, prior_count, (1,), generator=g))
+                t2 = torch.randint(t_min, t_max + 1, (1,), generator=g)
+                noise2 = torch.randn((1, *noise_shape), generator=g)
+                loss = loss + config.prior_weight * prior_of(j, t2, noise2)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"surrogate step {step + 1}: loss is not finite; lower the surrogate "
                                          f"learning rate")

@@ -47,6 +47,13 @@ class LoRDProtect(io.ComfyNode):
                                        "their own numbers (they fine-tune a surrogate LoRA on the batch during the "
                                        "attack; the widgets except seed and low_memory are ignored). *_fixed, "
                                        "pgd_*, photoguard_encoder: fixed-model presets. Details: README."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Surrogate presets only: class images (e.g. generated with the class "
+                                       "prompt) for DreamBooth prior preservation in the surrogate's fine-tuning "
+                                       "steps, as mist-v2 and Anti-DreamBooth do; without them the surrogate "
+                                       "trains on the protected images alone."),
+                io.Conditioning.Input("class_positive", optional=True,
+                                      tooltip="The class prompt of class_images (default: positive)."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="Perturbed images (8-bit exact, within strength)."),
@@ -57,7 +64,7 @@ class LoRDProtect(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, image, method, strength, step_size, steps, seed, low_memory, target=None,
-                preset="custom"):
+                preset="custom", class_images=None, class_positive=None):
         import dataclasses
 
         import comfy.model_management
@@ -86,7 +93,8 @@ class LoRDProtect(io.ComfyNode):
                 shown = ("JPEG", Image.fromarray(arr), 512)
             pbar.update_absolute(done, total, shown)
 
-        perturbed, rep = protect(model, vae, positive, image, config, surrogate, target, on_progress)
+        perturbed, rep = protect(model, vae, positive, image, config, surrogate, target, on_progress,
+                                 class_images, class_positive)
         report = {"preset": preset or "custom", "method": config.method, "strength_levels": config.epsilon,
                   "step_size_levels": config.step_size, "steps": config.steps, "seed": config.seed,
                   "surrogate": dataclasses.asdict(surrogate) if surrogate is not None else None,

@@ -125,6 +125,11 @@ def parse_args(argv):
     ap.add_argument("--target-weight", dest="target_weight", type=float, help="ace_plus latent-pull weight")
     ap.add_argument("--low-memory", dest="low_memory", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--prompt", default="a photo of a person", help="encoded with the checkpoint's CLIP")
+    ap.add_argument("--class-data", dest="class_data", default=None,
+                    help="surrogate presets: a folder of class images for prior preservation in the surrogate's "
+                         "fine-tuning steps (mist-v2 and Anti-DreamBooth sample them from the model with the class "
+                         "prompt; here you supply them)")
+    ap.add_argument("--class-prompt", dest="class_prompt", default=None, help="prompt of --class-data (default: --prompt)")
     ap.add_argument("--target", default=None, help="ACE/ACE+/PhotoGuard target image, e.g. mist-v2's data/MIST.png "
                                                    "(what mist-v2 and the paper use; default: the pack's "
                                                    "high-contrast pattern; photoguard: the zero latent)")
@@ -149,6 +154,18 @@ def main(argv=None) -> int:
         target = Path(args.target) if args.target else None
         if target is not None and not target.is_file():
             raise Refused(f"target image not found: {target}")
+        class_files = []
+        if args.class_data:
+            if surrogate is None:
+                raise Refused("--class-data is for the surrogate presets (mist_v2, anti_dreambooth_aspl, "
+                              "anti_dreambooth_fsmg): a fixed-model attack has no fine-tuning step")
+            class_dir = Path(args.class_data)
+            if not class_dir.is_dir():
+                raise Refused(f"class image folder not found: {class_dir}")
+            class_files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS
+                                 and not p.name.startswith("."))
+            if not class_files:
+                raise Refused(f"no images ({' '.join(sorted(EXTENSIONS))}) in class image folder {class_dir}")
         find_comfyui(args.comfyui)
     except (ValueError, Refused, ComfyUINotFound) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -156,7 +173,10 @@ def main(argv=None) -> int:
     uses_target = config.method != "pgd"
     params = json.loads(json.dumps({
         **dataclasses.asdict(config), "prompt": args.prompt,
-        **({"preset": args.preset, "surrogate": dataclasses.asdict(surrogate)} if surrogate is not None else {}),
+        **({"preset": args.preset, "surrogate": dataclasses.asdict(surrogate),
+            "class_images": [{"name": p.name, "sha256": sha256(p)} for p in class_files],
+            "class_prompt": (args.class_prompt or args.prompt) if class_files else None}
+           if surrogate is not None else {}),
         "checkpoint": {"name": ckpt.name, "size_bytes": ckpt.stat().st_size},
         "target": None if not uses_target else ({"name": target.name, "sha256": sha256(target)} if target else
                                                 "zero latent" if config.method == "photoguard" else "pattern")}))
@@ -191,12 +211,17 @@ def main(argv=None) -> int:
 
     if todo:
         try:
-            model, vae, cond, target_img = load_model(args, ckpt, target if uses_target else None)
+            model, vae, cond, target_img, clip = load_model(args, ckpt, target if uses_target else None)
         except Refused as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if surrogate is not None:
-            done, more_failed = run_set(todo, model, vae, cond, target_img, config, surrogate, params)
+            try:
+                classes = load_classes(clip, class_files, args.class_prompt)
+            except Refused as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            done, more_failed = run_set(todo, model, vae, cond, target_img, config, surrogate, params, classes)
         else:
             done, more_failed = run_images(todo, model, vae, cond, target_img, config, params)
         failed += more_failed
@@ -205,7 +230,7 @@ def main(argv=None) -> int:
 
 
 def load_model(args, ckpt: Path, target: Path | None):
-    """ComfyUI's loader -> (MODEL, VAE, CONDITIONING of ``--prompt``, target IMAGE or None)."""
+    """ComfyUI's loader -> (MODEL, VAE, CONDITIONING of ``--prompt``, target IMAGE or None, CLIP)."""
     ensure_comfyui_importable(args.comfyui)
     import numpy as np
     import torch
@@ -229,7 +254,24 @@ def load_model(args, ckpt: Path, target: Path | None):
         except Exception as e:  # noqa: BLE001
             raise Refused(f"cannot read target image {target}: {type(e).__name__}: {e}") from e
     print(f"[attack] loaded {ckpt.name} in {time.time() - t0:.1f} s")
-    return model, vae, cond, target_img
+    return model, vae, cond, target_img, clip
+
+
+def load_classes(clip, class_files: list, class_prompt) -> tuple:
+    """``(class images [1, H, W, 3] list or None, class CONDITIONING or None)`` for prior preservation."""
+    import torch
+
+    if not class_files:
+        return None, None
+    images = []
+    for path in class_files:
+        try:
+            rgb = load_image(path)[0]
+        except Exception as e:  # noqa: BLE001
+            raise Refused(f"cannot read class image {path}: {type(e).__name__}: {e}") from e
+        images.append(torch.from_numpy(rgb).float().div(255).unsqueeze(0))
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(class_prompt)) if class_prompt else None
+    return images, cond
 
 
 def write_result(tag, path, digest, png, side, rgb_perturbed, alpha, icc, facts, policy, params, config, trace, t0, bar):
@@ -286,7 +328,8 @@ def run_images(todo, model, vae, cond, target_img, config: AttackConfig, params:
     return done, failed
 
 
-def run_set(todo, model, vae, cond, target_img, config: AttackConfig, surrogate, params: dict) -> tuple[int, int]:
+def run_set(todo, model, vae, cond, target_img, config: AttackConfig, surrogate, params: dict,
+            classes: tuple = (None, None)) -> tuple[int, int]:
     """Phase 2 with a surrogate preset: every image still to do is attacked as one set (one surrogate
     LoRA fine-tuned on all of them, as mist-v2 and ASPL do), then each is written; returns (done, failed)."""
     import torch
@@ -313,7 +356,7 @@ def run_set(todo, model, vae, cond, target_img, config: AttackConfig, surrogate,
 
     t0 = time.time()
     try:
-        perturbed, report = protect(model, vae, cond, images, config, surrogate, target_img, on_progress)
+        perturbed, report = protect(model, vae, cond, images, config, surrogate, target_img, on_progress, *classes)
     except Exception as e:  # noqa: BLE001 -- the whole set failed
         bar.close()
         for (tag, path, *_), _ in loaded:

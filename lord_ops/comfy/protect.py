@@ -57,11 +57,13 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
 
 def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack: AttackConfig,
             surrogate: Optional[AlternatingConfig] = None, target_bhwc: Optional[torch.Tensor] = None,
-            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None) -> tuple[torch.Tensor, dict]:
+            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
+            class_images=None, class_conditioning=None) -> tuple[torch.Tensor, dict]:
     """8-bit protected IMAGEs ``[B, H, W, 3]`` in [0, 1] and a report (the Protect node and the CLI).
 
     Without ``surrogate``: a fixed-model attack, image by image (:func:`protect_images`); with one:
-    the published surrogate loop (``surrogate.protect_with_surrogate``) over the whole batch.
+    the published surrogate loop (``surrogate.protect_with_surrogate``) over the whole batch, with
+    optional class images for prior preservation in its fine-tuning steps.
     ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every step (raise to
     cancel). A budget below one pixel level is refused (the 8-bit output would equal the input).
     The report has ``loss_traces``: per image, the PGD objective before each of its steps.
@@ -71,10 +73,13 @@ def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack:
         from .surrogate import protect_with_surrogate
 
         out, report = protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack, surrogate,
-                                             target_bhwc, on_progress)
+                                             target_bhwc, on_progress, class_images, class_conditioning)
         count = len(images_bhwc) if isinstance(images_bhwc, (list, tuple)) else images_bhwc.shape[0]
         report["loss_traces"] = [[v for rnd in report["rounds"] for v in rnd["pgd_losses"][i]] for i in range(count)]
         return out, report
+    if class_images is not None:
+        raise ValueError("class images (prior preservation) are used by the surrogate presets only (mist_v2, "
+                         "anti_dreambooth_aspl, anti_dreambooth_fsmg); a fixed-model attack has no fine-tuning step")
     steps, total = attack.steps, attack.steps * images_bhwc.shape[0]
 
     def on_step(index, step, loss, current):

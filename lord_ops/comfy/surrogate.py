@@ -45,7 +45,7 @@ def _round_seed(seed: int, round_index: int, image_index: int, phase: int) -> in
 def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack: AttackConfig,
                            surrogate: AlternatingConfig, target_bhwc: Optional[torch.Tensor] = None,
                            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
-                           ) -> tuple[object, dict]:
+                           class_images=None, class_conditioning=None) -> tuple[object, dict]:
     """Perturb a set of IMAGEs ``[B, H, W, C]`` in [0, 1] (or a list of ``[1, H_i, W_i, C]`` of
     different sizes) with a surrogate loop.
 
@@ -56,6 +56,9 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
     ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every PGD and surrogate
     step (raise from it to cancel). Returns ``(perturbed, report)``, perturbed in the input's form
     (``[B, H, W, 3]``, or a list of ``[1, H_i, W_i, 3]``).
+
+    ``class_images`` (same forms, optional) turn on DreamBooth prior preservation in the surrogate
+    steps (weight ``surrogate.prior_weight``), with ``class_conditioning`` (default: ``conditioning``).
     """
     attack = attack.validate()
     surrogate = surrogate.validate()
@@ -70,6 +73,15 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
     n = len(padded)
     if n == 0:
         raise ValueError("no images to protect")
+    with torch.inference_mode(False):
+        if class_images is None:
+            class_items = []
+        elif isinstance(class_images, (list, tuple)):
+            class_items = list(class_images)
+        else:
+            class_items = [class_images[i:i + 1] for i in range(class_images.shape[0])]
+        class_padded = [pad_to_multiple(im[..., :3].movedim(-1, 1).float().clone())[0] for im in class_items]
+    class_conditioning = conditioning if class_conditioning is None else class_conditioning
     total = attack.steps * n * surrogate.rounds + surrogate.surrogate_steps()
     done = 0
 
@@ -95,11 +107,15 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
         encode = grad.latent_encoder(vae, clone)
         predictors: dict = {}
 
-        def predict(z, t, which):  # one predictor per latent size (the conds may depend on it)
-            hw = (8 * z.shape[-2], 8 * z.shape[-1])
-            if hw not in predictors:
-                predictors[hw] = grad.batched_noise_predictor(clone, [conditioning], hw)
-            return predictors[hw](z, t, which)
+        def predict(z, t, which, cond_index: int = 0):  # one predictor per latent size and prompt
+            key = (8 * z.shape[-2], 8 * z.shape[-1], cond_index)
+            if key not in predictors:
+                predictors[key] = grad.batched_noise_predictor(clone, [(conditioning, class_conditioning)[cond_index]],
+                                                               key[:2])
+            return predictors[key](z, t, which)
+
+        with torch.inference_mode(False), torch.no_grad():
+            class_latents = [encode(im.to(device)).float() for im in class_padded]
 
         acp = grad.alphas_cumprod(clone)
         t_hi = min(attack.t_max, len(acp) - 1)
@@ -127,15 +143,19 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
             with torch.inference_mode(False), torch.no_grad():
                 latents = [encode(im.to(device)).float() for im in images]
 
-            def loss_of(i, t, noise):
-                z = latents[i]
-                return denoising_loss(lambda zz, tt: predict(zz, tt, [0]), z, t.to(device),
-                                      noise[..., :z.shape[-2], :z.shape[-1]].to(device), acp).mean()
+            def loss_on(zs, cond_index):
+                def loss_of(i, t, noise):
+                    z = zs[i]
+                    return denoising_loss(lambda zz, tt: predict(zz, tt, [0], cond_index), z, t.to(device),
+                                          noise[..., :z.shape[-2], :z.shape[-1]].to(device), acp).mean()
+                return loss_of
 
             seed = _round_seed(attack.seed, r, 0, 1 if phase == "clean" else 2)
-            largest = (latents[0].shape[1], max(z.shape[-2] for z in latents), max(z.shape[-1] for z in latents))
-            return train_surrogate_steps(params, loss_of, n, steps, surrogate, seed, attack.t_min, t_hi, largest,
-                                         lambda s, loss: progress(loss))
+            every = latents + class_latents
+            largest = (every[0].shape[1], max(z.shape[-2] for z in every), max(z.shape[-1] for z in every))
+            return train_surrogate_steps(params, loss_on(latents, 0), n, steps, surrogate, seed, attack.t_min, t_hi,
+                                         largest, lambda s, loss: progress(loss),
+                                         loss_on(class_latents, 1) if class_latents else None, len(class_latents))
 
         def snapshot():
             return {k: v.detach().clone() for k, v in lora.state_dict().items()}
@@ -152,5 +172,5 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
                 q = quantize_uint8(adv[..., :h, :w].cpu(), c, attack.epsilon).float() / 255.0
                 outs.append(q.movedim(1, -1))
     report = {"attack": dataclasses.asdict(attack), "surrogate": dataclasses.asdict(surrogate),
-              "surrogate_layers": len(names), "rounds": result.rounds}
+              "surrogate_layers": len(names), "class_images": len(class_padded), "rounds": result.rounds}
     return (outs if as_list else torch.cat(outs)), report
