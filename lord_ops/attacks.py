@@ -19,6 +19,13 @@ Objectives (the sign says which way the step goes):
 * ``ace``   minimise ``||eps_theta(z'_t, t) - z_T||^2`` (mist-v2 ``lunet``; ``z_T`` = target latent),
 * ``ace_plus`` minimise ACE ``+ target_weight * ||z' - z_T||^2`` (reference ACE ``fused`` form),
 * ``photoguard`` minimise ``||E(x') - z_target||^2`` (encoder attack; target zero or a latent).
+
+Fixed-model attacks (:func:`run_attack`, :data:`PRESETS`) optimise against the model as given. The
+published tools alternate PGD with fine-tuning of a surrogate copy of the model on the images
+(mist-v2, Anti-DreamBooth ASPL; FSMG fine-tunes once on clean images first):
+:func:`run_alternating_attack` is that loop over callables, :func:`train_surrogate_steps` its
+fine-tuning step, :class:`AlternatingConfig` its schedule and :data:`SURROGATE_PRESETS` the
+published numbers (source file and line of each: README, "Attack presets").
 """
 from __future__ import annotations
 
@@ -317,14 +324,17 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
 def train_surrogate_steps(parameters: list, loss_of: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
                           count: int, steps: int, config: AlternatingConfig, seed: int, t_min: int, t_max: int,
                           noise_shape: tuple, on_step: Optional[Callable[[int, float], None]] = None,
-                          prior_of: Optional[Callable] = None, prior_count: int = 0) -> list[float]:
+                          prior_of: Optional[Callable] = None, prior_count: int = 0,
+                          scaler: Optional["torch.amp.GradScaler"] = None) -> list[float]:
     """``steps`` AdamW steps on ``parameters`` (a fresh optimizer, as both sources build one per
     phase), one sample per step: image ``i`` uniform in ``range(count)``, timestep uniform in
     ``[t_min, t_max]``, noise ``N(0, 1)`` of ``noise_shape``, all drawn from ``seed``;
     ``loss_of(i, t [1], noise [1, ...])`` is the scalar loss. With ``prior_of`` (same signature, over
     ``prior_count`` class images) each step adds ``config.prior_weight * prior_of(j, t', noise')``
     with its own draws. The gradient's global norm is clipped at ``config.max_grad_norm`` (0: off).
-    ``on_step(step, loss)`` after each step (raise to stop). Returns the losses."""
+    ``scaler``: a ``torch.amp.GradScaler`` for fp16 models (mist-v2 scales its fp16 training too);
+    steps whose gradients overflow are skipped by it. ``on_step(step, loss)`` after each step
+    (raise to stop). Returns the losses."""
     g = torch.Generator().manual_seed(seed % (2 ** 63))
     with torch.inference_mode(False), torch.enable_grad():
         opt = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=tuple(config.betas),
@@ -344,10 +354,18 @@ def train_surrogate_steps(parameters: list, loss_of: Callable[[int, torch.Tensor
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"surrogate step {step + 1}: loss is not finite; lower the surrogate "
                                          f"learning rate")
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])

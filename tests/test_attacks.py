@@ -323,3 +323,17 @@ def test_surrogate_steps_deterministic_and_clipped(nets):
     assert float(a[1].abs().max()) > 0  # B moved
     assert max(a[2]) <= 1.0 + 1e-5  # clipped global norm (grads as left by clip_grad_norm_)
     assert max(run(1, 0.0)[2]) > 1.0  # and the unclipped norm is larger: the clip did something
+
+
+def test_surrogate_steps_with_grad_scaler_match(nets):
+    """The fp16 path (loss scaling, unscale before clipping) gives the same update as plain fp32 steps."""
+    def run(scaler):
+        lora = LoRAStandIn()
+        z = nets.encode(images(batch=2)).detach()
+        loss_of = lambda i, t, n: attacks.denoising_loss(  # noqa: E731
+            lambda zz, tt: nets.predict_noise(zz, tt) + 50 * lora(zz), z[i:i + 1], t, n, nets.alphas_cumprod).mean()
+        attacks.train_surrogate_steps(list(lora.parameters()), loss_of, 2, 3, attacks.AlternatingConfig(learning_rate=1e-2),
+                                      4, 0, 999, tuple(z.shape[1:]), scaler=scaler)
+        return lora.up.detach()
+
+    torch.testing.assert_close(run(torch.amp.GradScaler("cpu", init_scale=1024.0)), run(None), rtol=1e-4, atol=1e-6)

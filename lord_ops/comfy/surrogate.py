@@ -104,6 +104,9 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
         with torch.inference_mode(False):
             lora = T.TrainableLoRA.create(shapes, surrogate.rank, surrogate.alpha, attack.seed).to(device)
         params = [p for p in lora.parameters() if p.requires_grad]
+        compute = getattr(clone.model, "manual_cast_dtype", None) or clone.model.get_dtype()
+        # fp16 activations: scale the loss so that small LoRA gradients survive (as mist-v2 does in fp16)
+        scaler = torch.amp.GradScaler(device.type) if (compute == torch.float16 and device.type == "cuda") else None
         encode = grad.latent_encoder(vae, clone)
         predictors: dict = {}
 
@@ -155,7 +158,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
             largest = (every[0].shape[1], max(z.shape[-2] for z in every), max(z.shape[-1] for z in every))
             return train_surrogate_steps(params, loss_on(latents, 0), n, steps, surrogate, seed, attack.t_min, t_hi,
                                          largest, lambda s, loss: progress(loss),
-                                         loss_on(class_latents, 1) if class_latents else None, len(class_latents))
+                                         loss_on(class_latents, 1) if class_latents else None, len(class_latents),
+                                         scaler)
 
         def snapshot():
             return {k: v.detach().clone() for k, v in lora.state_dict().items()}
@@ -172,5 +176,7 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
                 q = quantize_uint8(adv[..., :h, :w].cpu(), c, attack.epsilon).float() / 255.0
                 outs.append(q.movedim(1, -1))
     report = {"attack": dataclasses.asdict(attack), "surrogate": dataclasses.asdict(surrogate),
-              "surrogate_layers": len(names), "class_images": len(class_padded), "rounds": result.rounds}
+              "surrogate_layers": len(names), "class_images": len(class_padded),
+              "compute_dtype": str(compute).replace("torch.", ""), "grad_scaler": scaler is not None,
+              "rounds": result.rounds}
     return (outs if as_list else torch.cat(outs)), report
