@@ -337,3 +337,26 @@ def test_surrogate_steps_with_grad_scaler_match(nets):
         return lora.up.detach()
 
     torch.testing.assert_close(run(torch.amp.GradScaler("cpu", init_scale=1024.0)), run(None), rtol=1e-4, atol=1e-6)
+
+
+def test_readme_preset_table_matches_the_presets():
+    """The README's "Attack presets" table states each preset's numbers; they must be the code's."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([\w ()]+?) \| ([\d.]+) \| ([\d.]+) \| ([^|]+?) \| ([^|]+?) \|$", text, re.M)
+    table = {name: rest for name, *rest in rows}
+    assert set(table) == set(attacks.ALL_PRESETS), sorted(table)
+    for name, (method, budget, step, pgd, schedule) in table.items():
+        p = attacks.preset(name)
+        assert method.split()[0] == p.attack.method, name
+        assert float(budget) == pytest.approx(p.attack.epsilon, abs=1e-3), name
+        assert float(step) == pytest.approx(p.attack.step_size, abs=1e-4), name
+        if p.surrogate is None:
+            assert pgd == str(p.attack.steps) and schedule == "none", name
+        else:
+            s = p.surrogate
+            assert pgd == (f"{s.rounds} rounds x {p.attack.steps}" if s.rounds > 1 else str(p.attack.steps)), name
+            numbers = [int(v) for v in re.findall(r"\d+", schedule)]
+            assert numbers == [v for v in (s.clean_steps, s.train_steps) if v], (name, numbers)
