@@ -169,7 +169,8 @@ def test_aspl_restores_the_clean_surrogate_and_uses_class_images(loaded):
     images = picture(b=1, h=32, w=32, seed=6)
     attack = AttackConfig("pgd", epsilon=6.375, step_size=0.6375, steps=1, seed=2)
     cfg = attacks.AlternatingConfig(rounds=2, clean_steps=2, train_steps=2, learning_rate=1e-3, targets="attn")
-    out, rep = protect.protect(model, vae, cond, images, attack, cfg)
+    with torch.inference_mode():  # like the server
+        out, rep = protect.protect(model, vae, cond, images, attack, cfg)
     assert [len(r["clean_losses"]) for r in rep["rounds"]] == [2, 2]
     assert [len(r["train_losses"]) for r in rep["rounds"]] == [2, 0]
     assert rep["surrogate_layers"] == 24

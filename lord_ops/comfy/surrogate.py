@@ -162,7 +162,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
                                          scaler)
 
         def snapshot():
-            return {k: v.detach().clone() for k, v in lora.state_dict().items()}
+            with torch.inference_mode(False):
+                return {k: v.detach().clone() for k, v in lora.state_dict().items()}
 
         def restore(state):
             with torch.inference_mode(False), torch.no_grad():
