@@ -236,9 +236,9 @@ def test_surrogate_preset_protects_the_folder_as_one_set(sd15_checkpoint, comfyu
     inp.mkdir()
     classes.mkdir()
     rng = np.random.default_rng(5)
-    for name, (h, w) in {"a": (16, 16), "b": (20, 24)}.items():
+    for name, (h, w) in {"a": (8, 8), "b": (12, 16)}.items():  # tiny: the full 5-round schedule runs
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(inp / f"{name}.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(classes / "c.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(classes / "c.png")
     args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "mist_v2", "--steps", 1,
             "--class-data", classes, "--class-prompt", "a photo of a person"]
     r = run_cli(comfyui_path, *args)
