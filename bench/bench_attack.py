@@ -27,7 +27,7 @@ Measured:
   ``/proc/self/clear_refs`` after the models are built and ``malloc_trim``'d; elsewhere the
   ``ru_maxrss`` high-water mark, which can hide a peak lower than the build's). CUDA:
   ``torch.cuda.max_memory_allocated`` minus the allocation before the attack.
-* **Seconds per 512 px image** for ``attacks.PRESETS["mist_v2_ace"]`` (150 iterations), extrapolated
+* **Seconds per 512 px image** for ``attacks.PRESETS["ace_fixed"]`` (150 iterations), extrapolated
   as 150 x the measured per-iteration time (plus nothing for the one-off target encode).
 
     python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--md PATH]
@@ -68,7 +68,7 @@ import torch  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_attack:start -->", "<!-- bench_attack:end -->"
-PRESET = attacks.PRESETS["mist_v2_ace"]
+PRESET = attacks.PRESETS["ace_fixed"]
 SD_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 CUDA = torch.cuda.is_available()
@@ -440,7 +440,7 @@ def extrapolation(times: list, mems: list) -> str:
     if slow:
         extra = (f"; with low_memory about {PRESET.steps * per * slow / 60:.0f} min (x{slow:.2f}, the low_memory / "
                  f"normal ratio of the 512 px memory runs' second iterations)")
-    return (f"mist-v2 preset (`mist_v2_ace`, {PRESET.steps} iterations) on one 512 px image: "
+    return (f"ACE with mist-v2's numbers against the fixed model (`ace_fixed`, {PRESET.steps} iterations) on one 512 px image: "
             f"**about {PRESET.steps * per:.0f} s ({PRESET.steps * per / 60:.1f} min), extrapolated** as "
             f"{PRESET.steps} x {per:.2f} s ({src}){extra}.")
 

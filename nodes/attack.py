@@ -5,7 +5,9 @@ import json
 
 from comfy_api.latest import io
 
-from ..lord_ops.attacks import METHODS, AttackConfig, published_to_levels
+from ..lord_ops.attacks import ALL_PRESETS, METHODS, AttackConfig, check_8bit_budget, preset as get_preset, published_to_levels
+
+PRESET_OPTIONS = ["custom", *ALL_PRESETS]
 
 
 class LoRDProtect(io.ComfyNode):
@@ -26,16 +28,32 @@ class LoRDProtect(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="ace",
                                tooltip="pgd: maximise the denoising loss; ace: pull the noise prediction to the "
                                        "target latent; ace_plus: ace + latent pull; photoguard: encoder attack."),
-                io.Float.Input("strength", default=round(published_to_levels(8 / 255), 3), min=0.5, max=64.0, step=0.5,
-                               tooltip="L-inf budget in pixel levels 0..255 (mist-v2 default = 4)."),
+                io.Float.Input("strength", default=round(published_to_levels(8 / 255), 3), min=1.0, max=64.0, step=0.5,
+                               tooltip="L-inf budget in pixel levels 0..255 (mist-v2 default = 4); at least 1 "
+                                       "(a smaller budget is erased by the 8-bit output)."),
                 io.Float.Input("step_size", default=round(published_to_levels(0.005), 4), min=0.05, max=16.0, step=0.05, round=0.0001,
                                tooltip="Step per iteration in pixel levels."),
                 io.Int.Input("steps", default=30, min=1, max=10000),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Boolean.Input("low_memory", default=False, tooltip="Encode without a graph, back-propagate "
                                                                      "through a checkpointed re-encode (less VRAM)."),
-                io.Image.Input("target", optional=True, tooltip="ACE/ACE+/PhotoGuard target image; default: the "
-                                                               "pack's high-contrast pattern (photoguard: zero latent)."),
+                io.Image.Input("target", optional=True, tooltip="ACE/ACE+/PhotoGuard target image (mist-v2 and the "
+                                                               "paper use mist-v2's data/MIST.png: load it here); "
+                                                               "default: the pack's high-contrast pattern "
+                                                               "(photoguard: zero latent)."),
+                io.Combo.Input("preset", options=PRESET_OPTIONS, default="custom", optional=True,
+                               tooltip="custom: the widgets above, against the fixed MODEL. mist_v2 / "
+                                       "anti_dreambooth_aspl / anti_dreambooth_fsmg: the published attacks with "
+                                       "their own numbers (they fine-tune a surrogate LoRA on the batch during the "
+                                       "attack; the widgets except seed and low_memory are ignored). *_fixed, "
+                                       "pgd_*, photoguard_encoder: fixed-model presets. Details: README."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Surrogate presets only: class images (e.g. generated with the class "
+                                       "prompt) for DreamBooth prior preservation in the surrogate's fine-tuning "
+                                       "steps, as mist-v2 and Anti-DreamBooth do; without them the surrogate "
+                                       "trains on the protected images alone."),
+                io.Conditioning.Input("class_positive", optional=True,
+                                      tooltip="The class prompt of class_images (default: positive)."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="Perturbed images (8-bit exact, within strength)."),
@@ -45,27 +63,43 @@ class LoRDProtect(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, positive, image, method, strength, step_size, steps, seed, low_memory, target=None):
+    def execute(cls, model, vae, positive, image, method, strength, step_size, steps, seed, low_memory, target=None,
+                preset="custom", class_images=None, class_positive=None):
+        import dataclasses
+
         import comfy.model_management
         import comfy.utils
         from PIL import Image
 
-        from ..lord_ops.comfy.protect import perturbation_view, protect_images
+        from ..lord_ops.comfy.protect import perturbation_view, protect
 
-        config = AttackConfig(method=method, epsilon=float(strength), step_size=float(step_size), steps=int(steps),
-                              seed=int(seed), low_memory=bool(low_memory)).validate()
-        total = steps * image.shape[0]
-        pbar = comfy.utils.ProgressBar(total)
+        surrogate = None
+        if preset in (None, "", "custom"):
+            check_8bit_budget(float(strength), "strength")
+            config = AttackConfig(method=method, epsilon=float(strength), step_size=float(step_size), steps=int(steps),
+                                  seed=int(seed), low_memory=bool(low_memory)).validate()
+        else:
+            chosen = get_preset(preset)
+            surrogate = chosen.surrogate
+            config = dataclasses.replace(chosen.attack, seed=int(seed),
+                                         low_memory=bool(low_memory) or chosen.attack.low_memory).validate()
+        pbar = comfy.utils.ProgressBar(1)
 
-        def on_step(index, step, loss, current):
+        def on_progress(done, total, loss, current):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            preview = None
-            if step == steps - 1 or step % 10 == 0:
+            shown = None
+            if current is not None:
                 arr = (current[0].movedim(0, -1).clamp(0, 1) * 255).byte().cpu().numpy()
-                preview = ("JPEG", Image.fromarray(arr), 512)
-            pbar.update_absolute(index * steps + step + 1, total, preview)
+                shown = ("JPEG", Image.fromarray(arr), 512)
+            pbar.update_absolute(done, total, shown)
 
-        perturbed, traces = protect_images(model, vae, positive, image, config, target, on_step)
-        report = {"method": method, "strength_levels": strength, "step_size_levels": step_size, "steps": steps,
-                  "seed": seed, "loss_traces": [[round(v, 6) for v in t] for t in traces]}
-        return io.NodeOutput(perturbed, perturbation_view(image, perturbed, strength), json.dumps(report))
+        perturbed, rep = protect(model, vae, positive, image, config, surrogate, target, on_progress,
+                                 class_images, class_positive)
+        report = {"preset": preset or "custom", "method": config.method, "strength_levels": config.epsilon,
+                  "step_size_levels": config.step_size, "steps": config.steps, "seed": config.seed,
+                  "surrogate": dataclasses.asdict(surrogate) if surrogate is not None else None,
+                  "loss_traces": [[round(v, 6) for v in t] for t in rep["loss_traces"]]}
+        if surrogate is not None:
+            report["surrogate_losses"] = [{"round": r["round"], "clean": [round(v, 6) for v in r["clean_losses"]],
+                                           "perturbed": [round(v, 6) for v in r["train_losses"]]} for r in rep["rounds"]]
+        return io.NodeOutput(perturbed, perturbation_view(image, perturbed, config.epsilon), json.dumps(report))

@@ -92,7 +92,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
     inp, out = tmp_path / "in", tmp_path / "out"
     refs = make_mixed_folder(inp)
     before = folder_state(inp)
-    args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "mist_v2_ace", "--steps", 2]
+    args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "ace_fixed", "--steps", 2]
     r = run_cli(comfyui_path, *args)
     assert r.returncode == 1, r.stdout + r.stderr
     assert summary(r.stdout) == (7, 0, 1)
@@ -106,7 +106,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
             got = np.asarray(im)
         assert got.dtype == np.uint8 and got.shape[:2] == ref.shape[:2], stem
         diff = np.abs(got[..., :3].astype(int) - ref.astype(int))
-        assert 1 <= diff.max() <= 4, (stem, diff.max())  # mist_v2_ace: 4 levels
+        assert 1 <= diff.max() <= 4, (stem, diff.max())  # ace_fixed: 4 levels
         if alpha is not None:
             assert np.array_equal(got[..., 3], alpha), stem
         side = json.loads((out / f"{stem}.json").read_text())
@@ -115,7 +115,7 @@ def test_mixed_folder_policy_sidecars_and_rerun(sd15_checkpoint, comfyui_path, t
         assert side["input"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
         assert side["output"]["sha256"] == hashlib.sha256((out / f"{stem}.png").read_bytes()).hexdigest()
         assert side["output"]["size_wh"] == [ref.shape[1], ref.shape[0]]
-        assert side["params"] == {**dataclasses.asdict(PRESETS["mist_v2_ace"]), "steps": 2,  # preset + override
+        assert side["params"] == {**dataclasses.asdict(PRESETS["ace_fixed"]), "steps": 2,  # preset + override
                                   "prompt": "a photo of a person", "target": "pattern",
                                   "checkpoint": {"name": sd15_checkpoint.name,
                                                  "size_bytes": sd15_checkpoint.stat().st_size}}
@@ -159,6 +159,10 @@ def test_refusals_before_loading_the_model(sd15_checkpoint, comfyui_path, tmp_pa
         (["--input", empty, "--output", tmp_path / "o"],
          f"no images (.bmp .jpeg .jpg .png .tif .tiff .webp) in input folder {empty}"),
         (["--method", "ace", "--target", tmp_path / "nope.png", "--output", tmp_path / "o"], "target image not found"),
+        (["--epsilon", "0.5", "--output", tmp_path / "o"], "below one pixel level"),
+        (["--preset", "pgd_2", "--epsilon", "0.75", "--output", tmp_path / "o"], "below one pixel level"),
+        (["--class-data", empty, "--output", tmp_path / "o"], "--class-data is for the surrogate presets"),
+        (["--preset", "mist_v2", "--class-data", empty, "--output", tmp_path / "o"], "no images"),
     ]
     for extra, message in cases:
         assert attack.main([str(a) for a in base + extra]) == 2, extra
@@ -223,3 +227,30 @@ def test_kill_and_resume_matches_uninterrupted_run(sd15_checkpoint, comfyui_path
         a, b = (json.loads((d / f"{name}.json").read_text()) for d in (out, full))
         assert a["params"] == b["params"] and a["input"] == b["input"] and a["output"] == b["output"]
         assert a["loss_trace"] == b["loss_trace"]
+
+
+def test_surrogate_preset_protects_the_folder_as_one_set(sd15_checkpoint, comfyui_path, tmp_path):
+    """--preset mist_v2: one surrogate LoRA fine-tuned on all images (of different sizes) between the
+    PGD rounds, with class images for prior preservation; sidecars record the schedule."""
+    inp, classes, out = tmp_path / "in", tmp_path / "classes", tmp_path / "out"
+    inp.mkdir()
+    classes.mkdir()
+    rng = np.random.default_rng(5)
+    for name, (h, w) in {"a": (8, 8), "b": (12, 16)}.items():  # tiny: the full 5-round schedule runs
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(inp / f"{name}.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(classes / "c.png")
+    args = ["--checkpoint", sd15_checkpoint, "--input", inp, "--output", out, "--preset", "mist_v2", "--steps", 1,
+            "--class-data", classes, "--class-prompt", "a photo of a person"]
+    r = run_cli(comfyui_path, *args)
+    assert r.returncode == 0 and summary(r.stdout) == (2, 0, 0), r.stdout + r.stderr
+    for name in "ab":
+        got = np.asarray(Image.open(out / f"{name}.png")).astype(int)
+        src = np.asarray(Image.open(inp / f"{name}.png")).astype(int)
+        assert got.shape == src.shape and 1 <= np.abs(got - src).max() <= 4  # mist-v2: 8/255 in [-1, 1] = 4 levels
+        side = json.loads((out / f"{name}.json").read_text())
+        assert side["params"]["preset"] == "mist_v2" and side["params"]["method"] == "ace"
+        assert side["params"]["surrogate"]["rounds"] == 5 and side["params"]["surrogate"]["train_steps"] == 10
+        assert side["params"]["class_images"][0]["name"] == "c.png"
+        assert len(side["loss_trace"]) == 5  # 5 rounds x 1 PGD step
+    r = run_cli(comfyui_path, *args)
+    assert r.returncode == 0 and summary(r.stdout) == (0, 2, 0) and "loaded" not in r.stdout, r.stdout + r.stderr

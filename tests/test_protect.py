@@ -1,4 +1,5 @@
 """Attacks through real ComfyUI models (SD15-geometry checkpoint), in-process."""
+import dataclasses
 import json
 
 import pytest
@@ -106,3 +107,133 @@ def test_attack_through_a_lord_model_leaves_base_untouched(loaded):
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# The published surrogate loops (mist-v2, ASPL, FSMG) on a real ComfyUI model
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}, dict(model.patches),
+            dict(model.injections) if hasattr(model, "injections") else None)
+
+
+def _assert_untouched(model, snap):
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    weights, patches, injections = snap
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert dict(model.patches) == patches
+    assert injections is None or dict(model.injections) == injections
+    assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
+
+
+def test_surrogate_loop_alternates_and_pgd_sees_the_surrogate(loaded):
+    """Round 0 runs against the untrained surrogate (B = 0: the base model) whether or not it is
+    trained afterwards; round 1 runs against the surrogate fine-tuned on round 0's images, so its
+    PGD losses differ from a run whose surrogate is never trained (same seeds otherwise)."""
+    model, vae, cond = loaded
+    snap = _snapshot(model)
+    images = picture(b=2, h=40, w=36, seed=4)
+    attack = AttackConfig("ace", epsilon=4.0, step_size=1.0, steps=2, seed=11)
+    trained = attacks.AlternatingConfig(rounds=2, train_steps=3, learning_rate=1e-3)
+    out, rep = protect.protect(model, vae, cond, images, attack, trained)
+    untrained, rep0 = protect.protect(model, vae, cond, images, attack, attacks.AlternatingConfig(rounds=2, train_steps=0))
+    r_t, r_0 = rep["rounds"], rep0["rounds"]
+    assert len(r_t[0]["train_losses"]) == 3 and r_t[1]["train_losses"] == [] and r_0[0]["train_losses"] == []
+    assert r_t[0]["pgd_losses"] == r_0[0]["pgd_losses"]  # same start, same (untrained) surrogate
+    assert r_t[1]["pgd_losses"] != r_0[1]["pgd_losses"]  # the trained LoRA is live in round 1
+    assert not torch.equal(out, untrained)
+    assert rep["surrogate_layers"] == 27  # attn q/k/v/out of attn1/attn2 + ff.net.0.proj, 3 transformer blocks
+    diff = (out * 255).round() - (images * 255).round()
+    assert 1 <= diff.abs().max() <= 4
+    torch.testing.assert_close((out * 255).round(), out * 255, rtol=0, atol=1e-4)  # 8-bit exact
+    assert len(rep["loss_traces"]) == 2 and len(rep["loss_traces"][0]) == 4  # 2 rounds x 2 steps
+    again, _ = protect.protect(model, vae, cond, images, attack, trained)
+    assert torch.equal(again, out)  # same seed, same result
+    other, _ = protect.protect(model, vae, cond, images, dataclasses.replace(attack, seed=12), trained)
+    assert not torch.equal(other, out)
+    white = torch.ones(1, 24, 24, 3)  # a user-supplied target (e.g. mist-v2's MIST.png) replaces the pattern
+    targeted, _ = protect.protect(model, vae, cond, images, attack, trained, white)
+    assert not torch.equal(targeted, out)
+    _assert_untouched(model, snap)
+
+
+def test_aspl_restores_the_clean_surrogate_and_uses_class_images(loaded):
+    """ASPL: a copy is fine-tuned on the clean images for the PGD round only; class images add the
+    prior-preservation term to every surrogate step."""
+    model, vae, cond = loaded
+    snap = _snapshot(model)
+    images = picture(b=1, h=32, w=32, seed=6)
+    attack = AttackConfig("pgd", epsilon=6.375, step_size=0.6375, steps=1, seed=2)
+    cfg = attacks.AlternatingConfig(rounds=2, clean_steps=2, train_steps=2, learning_rate=1e-3, targets="attn")
+    with torch.inference_mode():  # like the server
+        out, rep = protect.protect(model, vae, cond, images, attack, cfg)
+    assert [len(r["clean_losses"]) for r in rep["rounds"]] == [2, 2]
+    assert [len(r["train_losses"]) for r in rep["rounds"]] == [2, 0]
+    assert rep["surrogate_layers"] == 24
+    with_class, rep_c = protect.protect(model, vae, cond, images, attack, cfg,
+                                        class_images=picture(b=2, h=24, w=40, seed=8))
+    assert rep_c["class_images"] == 2 and rep_c["rounds"][0]["clean_losses"] != rep["rounds"][0]["clean_losses"]
+    assert 1 <= ((with_class - images) * 255).round().abs().max() <= 6
+    _assert_untouched(model, snap)
+
+
+def test_protect_node_mist_v2_preset_runs_the_published_schedule(loaded):
+    """The node's mist_v2 preset: 5 rounds x 30 PGD steps, 10 surrogate steps between rounds, eps 4;
+    one progress bar over the whole loop. (An 8x8 image keeps the full schedule quick.)"""
+    import comfy.utils
+
+    model, vae, cond = loaded
+    snap = _snapshot(model)
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        out = LoRDProtect.execute(model, vae, cond, picture(b=1, h=8, w=8, seed=1), "pgd", 12.0, 3.0, 1, 3, False,
+                                  None, "mist_v2")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    perturbed, _, report = out.args
+    rep = json.loads(report)
+    assert rep["preset"] == "mist_v2" and rep["method"] == "ace" and rep["strength_levels"] == pytest.approx(4.0)
+    assert rep["steps"] == 30 and rep["surrogate"]["rounds"] == 5 and rep["surrogate"]["train_steps"] == 10
+    assert len(rep["loss_traces"][0]) == 150
+    assert [len(r["perturbed"]) for r in rep["surrogate_losses"]] == [10, 10, 10, 10, 0]
+    assert seen[-1] == (190, 190) and [v for v, _ in seen] == list(range(1, 191))
+    assert 1 <= ((perturbed - picture(b=1, h=8, w=8, seed=1)) * 255).round().abs().max() <= 4
+    _assert_untouched(model, snap)
+
+
+def test_cancel_inside_surrogate_steps(loaded):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, vae, cond = loaded
+    snap = _snapshot(model)
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2:  # ASPL starts with 3 surrogate steps on the clean images: cancel during them
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            LoRDProtect.execute(model, vae, cond, picture(b=1, h=16, w=16), "pgd", 6.0, 1.0, 1, 0, False, None,
+                                "anti_dreambooth_aspl")
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen == [1, 2]
+    _assert_untouched(model, snap)
+
+
+def test_sub_level_budgets_are_refused(loaded):
+    model, vae, cond = loaded
+    with pytest.raises(ValueError, match="below one pixel level"):
+        LoRDProtect.execute(model, vae, cond, picture(), "pgd", 0.5, 0.1, 1, 0, False, None)
+    with pytest.raises(ValueError, match="below one pixel level"):
+        protect.protect(model, vae, cond, picture(), AttackConfig("pgd", epsilon=0.9, step_size=0.1, steps=1))

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attacks import AttackConfig, AttackResult, quantize_uint8, run_attack
+from ..attacks import AlternatingConfig, AttackConfig, AttackResult, check_8bit_budget, quantize_uint8, run_attack
 from . import grad
 
 
@@ -53,6 +53,42 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
         outs.append(q.movedim(1, -1))
         traces.append(result.loss_trace)
     return torch.cat(outs, dim=0), traces
+
+
+def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack: AttackConfig,
+            surrogate: Optional[AlternatingConfig] = None, target_bhwc: Optional[torch.Tensor] = None,
+            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
+            class_images=None, class_conditioning=None) -> tuple[torch.Tensor, dict]:
+    """8-bit protected IMAGEs ``[B, H, W, 3]`` in [0, 1] and a report (the Protect node and the CLI).
+
+    Without ``surrogate``: a fixed-model attack, image by image (:func:`protect_images`); with one:
+    the published surrogate loop (``surrogate.protect_with_surrogate``) over the whole batch, with
+    optional class images for prior preservation in its fine-tuning steps.
+    ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every step (raise to
+    cancel). A budget below one pixel level is refused (the 8-bit output would equal the input).
+    The report has ``loss_traces``: per image, the PGD objective before each of its steps.
+    """
+    check_8bit_budget(attack.epsilon, "strength (epsilon)")
+    if surrogate is not None:
+        from .surrogate import protect_with_surrogate
+
+        out, report = protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack, surrogate,
+                                             target_bhwc, on_progress, class_images, class_conditioning)
+        count = len(images_bhwc) if isinstance(images_bhwc, (list, tuple)) else images_bhwc.shape[0]
+        report["loss_traces"] = [[v for rnd in report["rounds"] for v in rnd["pgd_losses"][i]] for i in range(count)]
+        return out, report
+    if class_images is not None:
+        raise ValueError("class images (prior preservation) are used by the surrogate presets only (mist_v2, "
+                         "anti_dreambooth_aspl, anti_dreambooth_fsmg); a fixed-model attack has no fine-tuning step")
+    steps, total = attack.steps, attack.steps * images_bhwc.shape[0]
+
+    def on_step(index, step, loss, current):
+        if on_progress is not None:
+            last = step == steps - 1 or step % 10 == 0
+            on_progress(index * steps + step + 1, total, loss, current if last else None)
+
+    out, traces = protect_images(model_patcher, vae, conditioning, images_bhwc, attack, target_bhwc, on_step)
+    return out, {"attack": dict(attack.__dict__), "loss_traces": traces}
 
 
 def perturbation_view(original_bhwc: torch.Tensor, perturbed_bhwc: torch.Tensor, epsilon_levels: float) -> torch.Tensor:
