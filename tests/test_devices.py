@@ -1,0 +1,204 @@
+"""Device and dtype discipline: every ComfyUI-managed module (UNet, VAE, CLIP) is loaded by ComfyUI
+before the pack runs it, and the training dtype is explicit and recorded.
+
+On the CPU ComfyUI's load and offload devices are the same, so running a module that ComfyUI never
+loaded works here and crashes on every GPU (its weights still sit on the offload device). The
+:class:`LoadSpy` makes that visible on the CPU: a forward pre-hook on each managed module records a
+violation whenever the module runs while no patcher of it is in
+``comfy.model_management.current_loaded_models`` -- the state a GPU run needs. Every scenario starts
+from ``unload_all_models()``, i.e. a fresh session, like a user's first queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+
+from comfyui_lord.lord_ops import training as T
+from comfyui_lord.lord_ops.attacks import AttackConfig
+from comfyui_lord.lord_ops.comfy import train as CT
+from comfyui_lord.lord_ops.comfy.patch import apply_lord, init_lord_for_model
+from comfyui_lord.lord_ops.comfy.protect import protect_images
+
+SIZE = 32
+
+
+class LoadSpy:
+    """Forward pre-hooks that record every run of a managed module whose patcher is not loaded."""
+
+    def __init__(self):
+        self.violations: list[str] = []
+        self.runs: dict[str, int] = {}
+        self._handles = []
+
+    def watch(self, name: str, root: torch.nn.Module, modules) -> None:
+        def hook(module, args):
+            self.runs[name] = self.runs.get(name, 0) + 1
+            loaded = [lm for lm in mm.current_loaded_models if lm.model is not None and lm.model.model is root]
+            if not loaded:
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-6:]
+                stack = "".join(traceback.format_list(frames))
+                self.violations.append(f"{name} ran while ComfyUI had not loaded it (on a GPU its weights would "
+                                       f"still be on the offload device):\n{stack}")
+
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(hook))
+
+    def watch_all(self, model=None, clip=None, vae=None) -> None:
+        if model is not None:
+            self.watch("UNet", model.model, [model.model.diffusion_model])
+        if vae is not None:
+            self.watch("VAE", vae.first_stage_model, list(vae.first_stage_model.children()))
+        if clip is not None:
+            self.watch("CLIP", clip.cond_stage_model, list(clip.cond_stage_model.children()))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def check(self, *expected: str) -> None:
+        assert not self.violations, f"{len(self.violations)} unloaded use(s); the first:\n{self.violations[0]}"
+        for name in expected:
+            assert self.runs.get(name), f"{name} never ran: the spy did not see the path it is meant to check"
+
+
+@pytest.fixture(scope="module")
+def loaded(sd15_checkpoint):
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint))
+    return model, clip, vae
+
+
+@pytest.fixture()
+def spy(loaded):
+    s = LoadSpy()
+    model, clip, vae = loaded
+    s.watch_all(model, clip, vae)
+    yield s
+    s.close()
+
+
+def pictures(n, seed=0, size=SIZE):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.round(torch.rand(3, size, size, generator=g) * 255) / 255 for _ in range(n)]
+
+
+def make_data(clip, n=2):
+    caps = [f"a photo of sks person, view {i}" for i in range(n)]
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
+    return CT.TrainingData(pictures(n), conds, caps)
+
+
+def fresh_session() -> None:
+    """What a new ComfyUI session (or another workflow having run) looks like: nothing loaded."""
+    mm.unload_all_models()
+    assert not mm.current_loaded_models
+
+
+STEPS = dict(steps=1, checkpoint_every=100, attack_epsilon=16.0, attack_step_size=8.0)
+
+
+def test_spy_sees_an_unloaded_module(loaded):
+    """The check itself can fail: a module run without ``load_models_gpu`` is reported."""
+    model, clip, vae = loaded
+    spy = LoadSpy()
+    spy.watch_all(vae=vae)
+    try:
+        fresh_session()
+        with torch.no_grad():
+            vae.first_stage_model.encode(torch.zeros(1, 3, SIZE, SIZE))
+        assert spy.violations and "VAE ran while ComfyUI had not loaded it" in spy.violations[0]
+        spy.violations.clear()
+        vae.encode(torch.zeros(1, SIZE, SIZE, 3))  # ComfyUI's own call loads first
+        spy.check("VAE")
+    finally:
+        spy.close()
+
+
+def test_stage2_from_images_in_a_fresh_session(loaded, spy, tmp_path):
+    model, clip, vae = loaded
+    data = make_data(clip)
+    data.class_images, data.class_conds = pictures(1, seed=3), [data.conds[0]]
+    fresh_session()
+    with torch.inference_mode():  # like the server
+        CT.train_stage2(model, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+    spy.check("VAE", "UNet")
+
+
+def test_stage2_lord_mode_and_pgd2_defense(loaded, spy, tmp_path):
+    model, clip, vae = loaded
+    data = make_data(clip)
+    lord = init_lord_for_model(model, "attn", 2, None, 8, "silu", 0)
+    with torch.inference_mode():
+        defended = apply_lord(model, lord)
+        fresh_session()
+        CT.train_stage2(defended, vae, data, T.TrainConfig(stage="stage2", mode="lord", **STEPS))
+        fresh_session()
+        CT.train_stage2(model, vae, data, T.TrainConfig(stage="stage2", mode="pgd2_defense", **STEPS),
+                        cache_dir=tmp_path / "cache")
+    spy.check("VAE", "UNet")
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["cached", "online"])
+def test_stage1_in_a_fresh_session(loaded, spy, tmp_path, online):
+    model, clip, vae = loaded
+    data = make_data(clip)
+    fresh_session()
+    with torch.inference_mode():
+        CT.train_stage1(model, vae, data, T.TrainConfig(online_perturbations=online, **STEPS), tmp_path / "cache")
+    spy.check("VAE", "UNet")
+
+
+@pytest.mark.parametrize("method", ["pgd", "ace", "photoguard"])
+def test_protect_in_a_fresh_session(loaded, spy, method):
+    model, clip, vae = loaded
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
+    image = torch.stack(pictures(1)).movedim(1, -1)
+    fresh_session()
+    with torch.inference_mode():
+        protect_images(model, vae, cond, image, AttackConfig(method=method, epsilon=8.0, step_size=2.0, steps=1))
+    spy.check("VAE", *(["UNet"] if method != "photoguard" else []))
+
+
+def _write_folder(folder: Path, n=2) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(pictures(n)):
+        Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of sks person, view {i}")
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_cli_in_process(sd15_checkpoint, tmp_path, monkeypatch, stage):
+    """``python -m training.train`` run in this process, its models watched from the moment they load."""
+    import training.train as cli
+
+    spy = LoadSpy()
+    original = cli.load_checkpoint_models
+
+    def watched(*args, **kwargs):
+        model, clip, vae = original(*args, **kwargs)
+        spy.watch_all(model, clip, vae)
+        fresh_session()
+        return model, clip, vae
+
+    monkeypatch.setattr(cli, "load_checkpoint_models", watched)
+    data = _write_folder(tmp_path / "data")
+    extra = ["--mode", "plain"] if stage == "stage2" else []
+    try:
+        rc = cli.main([stage, "--checkpoint", str(sd15_checkpoint), "--data", str(data), "--output", str(tmp_path / "out"),
+                       "--quiet", "--steps", "1", "--set", "attack_epsilon=16", "--set", "attack_step_size=8", *extra])
+        log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+        assert rc == 0, log[-1]
+        spy.check("VAE", "UNet", "CLIP")
+    finally:
+        spy.close()
