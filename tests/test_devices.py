@@ -202,3 +202,54 @@ def test_cli_in_process(sd15_checkpoint, tmp_path, monkeypatch, stage):
         spy.check("VAE", "UNet", "CLIP")
     finally:
         spy.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype: the config's compute dtype whatever dtype ComfyUI stored the weights in
+
+
+@pytest.fixture(scope="module")
+def fp16_weights(sd15_checkpoint):
+    """The same checkpoint as CheckpointLoaderSimple gives it on a GPU: UNet weights stored in fp16 and
+    computed in fp16 (on the CPU ComfyUI would add a manual cast to fp32, hiding the difference)."""
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), model_options={"dtype": torch.float16})
+    assert model.model_dtype() == torch.float16
+    gpu_like = model.clone()
+    gpu_like.set_model_compute_dtype(torch.float16)
+    return gpu_like, clip, vae
+
+
+def test_fp32_config_trains_in_fp32_on_fp16_weights(loaded, fp16_weights, tmp_path):
+    """Node (fp16 weights on a GPU) and CLI (fp32) train alike for the same config: an fp16 checkpoint
+    upcasts exactly, so computing in fp32 gives the same LoRA from either storage dtype."""
+    model32, clip, vae = loaded
+    model16 = fp16_weights[0]
+    assert model32.model_dtype() == torch.float32
+    data = make_data(clip)
+    config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1)
+    with torch.inference_mode():
+        a = CT.train_stage2(model32, vae, data, config)
+        b = CT.train_stage2(model16, vae, data, config, checkpoint_path=tmp_path / "run.pt")
+    for name, (down, up, _) in a.lora.items():
+        torch.testing.assert_close(b.lora[name][0], down, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.lora[name][1], up, rtol=1e-5, atol=1e-7)
+    assert [h["loss"] for h in a.result.history] == pytest.approx([h["loss"] for h in b.result.history], rel=1e-5)
+    assert a.report["provenance"]["effective_dtype"] == {"compute": "fp32", "weights": "fp32", "grad_scaler": False}
+    assert b.report["provenance"]["effective_dtype"] == {"compute": "fp32", "weights": "fp16", "grad_scaler": False}
+    # the effective dtype is part of what a checkpoint was trained on
+    assert T.load_checkpoint(tmp_path / "run.pt")["identity"]["dtype"] == "compute fp32, weights fp16"
+    with torch.inference_mode(), pytest.raises(ValueError, match="different .*dtype"):
+        CT.train_stage2(model32, vae, data, dataclasses.replace(config, steps=3), checkpoint_path=tmp_path / "run.pt")
+
+
+def test_fp16_compute_scales_the_loss(fp16_weights, tmp_path):
+    model16, clip, vae = fp16_weights
+    data = make_data(clip)
+    config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1, dtype="fp16")
+    with torch.inference_mode():
+        out = CT.train_stage2(model16, vae, data, config, checkpoint_path=tmp_path / "run.pt")
+    assert out.report["provenance"]["effective_dtype"] == {"compute": "fp16", "weights": "fp16", "grad_scaler": True}
+    state = T.load_checkpoint(tmp_path / "run.pt")
+    assert state["grad_scaler"] and state["grad_scaler"]["scale"] > 1
+    assert state["identity"]["dtype"] == "compute fp16, weights fp16, grad scaler"
+    assert any(up.abs().sum() > 0 for _, up, _ in out.lora.values())
