@@ -253,3 +253,64 @@ def test_fp16_compute_scales_the_loss(fp16_weights, tmp_path):
     assert state["grad_scaler"] and state["grad_scaler"]["scale"] > 1
     assert state["identity"]["dtype"] == "compute fp16, weights fp16, grad scaler"
     assert any(up.abs().sum() > 0 for _, up, _ in out.lora.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# what the gradient paths take from the MODEL and from ComfyUI
+
+
+def test_detect_in_a_fresh_session(loaded, spy):
+    """Detect runs through ComfyUI's own VAE.encode and sampler, which load for themselves."""
+    from comfyui_lord.nodes.detect import LoRDDetect
+
+    model, clip, vae = loaded
+    lord = init_lord_for_model(model, "attn", 2, None, 8, "silu", 0)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
+    with torch.inference_mode():
+        defended = apply_lord(model, lord)
+        fresh_session()
+        out = LoRDDetect.execute(defended, vae, torch.stack(pictures(1)).movedim(1, -1), cond, 200, 0)
+    assert 0.0 <= out.args[2] <= 1.0
+    spy.check("VAE", "UNet")
+
+
+def test_model_patches_reach_the_gradient_paths(loaded):
+    """An attention patch on the MODEL (transformer_options) is applied by training and the attacks,
+    with the sampler's keys; a model_function_wrapper, which only the sampler can apply, is refused."""
+    model, clip, vae = loaded
+    seen = []
+
+    def attn1_patch(q, k, v, extra_options):
+        seen.append((extra_options.get("sigmas") is not None, torch.is_grad_enabled()))
+        return q, k, v
+
+    patched = model.clone()
+    patched.set_model_attn1_patch(attn1_patch)
+    data = make_data(clip)
+    with torch.inference_mode():
+        CT.train_stage2(patched, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+        assert seen and all(has_sigmas for has_sigmas, _ in seen) and any(grad for _, grad in seen)
+        seen.clear()
+        protect_images(patched, vae, data.conds[0], torch.stack(pictures(1)).movedim(1, -1),
+                       AttackConfig(method="pgd", epsilon=8.0, step_size=2.0, steps=1))
+        assert seen
+        wrapped = model.clone()
+        wrapped.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
+        with pytest.raises(ValueError, match="model_function_wrapper"):
+            CT.train_stage2(wrapped, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+
+
+def test_in_training_is_set_during_gradient_work_where_comfyui_has_it(loaded, monkeypatch):
+    """ComfyUI 0.3.75 has no ``in_training``; newer versions read it to pick autograd-safe kernels.
+    Where it exists it is True while the UNet runs for training and restored afterwards."""
+    model, clip, vae = loaded
+    assert not hasattr(mm, "in_training") or mm.in_training is False
+    monkeypatch.setattr(mm, "in_training", False, raising=False)
+    states = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a: states.append(mm.in_training))
+    try:
+        with torch.inference_mode():
+            CT.train_stage2(model, vae, make_data(clip), T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+    finally:
+        handle.remove()
+    assert states and all(states) and mm.in_training is False
