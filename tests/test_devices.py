@@ -219,10 +219,10 @@ def fp16_weights(sd15_checkpoint):
     return gpu_like, clip, vae
 
 
-def test_fp32_config_trains_in_fp32_on_fp16_weights(loaded, fp16_weights, tmp_path):
-    """Node (fp16 weights on a GPU) and CLI (fp32) train alike for the same config: an fp16 checkpoint
-    upcasts exactly, so computing in fp32 gives the same LoRA from either storage dtype."""
-    model32, clip, vae = loaded
+def test_fp32_config_trains_in_fp32_on_fp16_weights(sd15_checkpoint, fp16_weights, tmp_path):
+    """fp16 weights (the nodes on a GPU) and fp32 weights (what the CLI used to load) train alike for
+    the same config: an fp16 checkpoint upcasts exactly, so computing in fp32 gives the same LoRA."""
+    model32, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), model_options={"dtype": torch.float32})
     model16 = fp16_weights[0]
     assert model32.model_dtype() == torch.float32
     data = make_data(clip)
@@ -231,9 +231,9 @@ def test_fp32_config_trains_in_fp32_on_fp16_weights(loaded, fp16_weights, tmp_pa
         a = CT.train_stage2(model32, vae, data, config)
         b = CT.train_stage2(model16, vae, data, config, checkpoint_path=tmp_path / "run.pt")
     for name, (down, up, _) in a.lora.items():
-        torch.testing.assert_close(b.lora[name][0], down, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(b.lora[name][1], up, rtol=1e-5, atol=1e-7)
-    assert [h["loss"] for h in a.result.history] == pytest.approx([h["loss"] for h in b.result.history], rel=1e-5)
+        torch.testing.assert_close(b.lora[name][0], down, rtol=1e-4, atol=1e-6)  # fp16 compute: ~1e-2 off
+        torch.testing.assert_close(b.lora[name][1], up, rtol=1e-4, atol=1e-6)
+    assert [h["loss"] for h in a.result.history] == pytest.approx([h["loss"] for h in b.result.history], rel=1e-4)
     assert a.report["provenance"]["effective_dtype"] == {"compute": "fp32", "weights": "fp32", "grad_scaler": False}
     assert b.report["provenance"]["effective_dtype"] == {"compute": "fp32", "weights": "fp16", "grad_scaler": False}
     # the effective dtype is part of what a checkpoint was trained on
