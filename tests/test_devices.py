@@ -314,3 +314,24 @@ def test_in_training_is_set_during_gradient_work_where_comfyui_has_it(loaded, mo
     finally:
         handle.remove()
     assert states and all(states) and mm.in_training is False
+
+
+def test_checkpointing_keeps_a_replaced_forward(loaded):
+    """Bypass LoRA (newer ComfyUI) replaces ``module.forward`` on the instance; gradient checkpointing
+    wraps it and puts it back afterwards instead of deleting it."""
+    model = loaded[0]
+    layer = model.model.diffusion_model.input_blocks[1][0]
+    calls = []
+    original = layer.forward
+
+    def replaced(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    layer.forward = replaced
+    try:
+        with CT.checkpointed_blocks(model.model.diffusion_model, True):
+            assert layer.forward is not replaced
+        assert layer.forward is replaced
+    finally:
+        layer.__dict__.pop("forward", None)

@@ -178,14 +178,20 @@ def checkpointed_blocks(diffusion_model, enabled: bool):
                 continue
             for block in (part if isinstance(part, torch.nn.ModuleList) else [part]):
                 layers.extend(block.children() if isinstance(block, torch.nn.Sequential) else [block])
+    # a forward already replaced on the instance (newer ComfyUI's bypass LoRA injects that way) is
+    # wrapped, and put back on exit
+    before = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
         original = layer.forward
         layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(original)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, prev in zip(layers, before):
+            if prev is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = prev
 
 
 def _dtype_name(dtype) -> str:
