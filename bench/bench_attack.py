@@ -148,7 +148,7 @@ class Setup:
         self.predict = grad.noise_predictor(self.model, self.cond, (px, px))
         self.acp = grad.alphas_cumprod(self.model)
         self.target = grad.encode_target(self.vae, self.model, None, self.img)
-        self.device = self.model.load_device
+        self.device = grad.compute_device(self.model)
         self.build_s = time.perf_counter() - t
 
 
@@ -174,7 +174,7 @@ def glue_attack(s: Setup, steps: int, low_memory: bool = False) -> tuple[float, 
 def bare_attack(s: Setup, steps: int) -> tuple[float, list]:
     """The same attack written directly against ``first_stage_model`` and ``diffusion_model``."""
     cfg = config(steps)
-    dev = s.device
+    dev = grad.use_models(s.model, s.vae)  # loaded (and on its device) before the modules run, outside the timer
     vae_net, unet = s.vae.first_stage_model, s.model.model.diffusion_model
     scale = float(s.model.model.latent_format.scale_factor)
     context = s.cond[0][0].to(dev)

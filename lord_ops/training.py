@@ -34,7 +34,8 @@ from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, lora_delta, lord
 
 STAGES = ("stage1", "stage2")
 STAGE2_MODES = ("lord", "plain", "pgd2_defense")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# compute dtype of the frozen model (adapters keep float32 master weights); fp16 scales the loss
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
 # fields that do not change the trajectory of a run (a resumed run may change them)
 _RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
@@ -456,6 +457,8 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
         raise ValueError("the training set is empty")
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fp16 compute: scale the loss so small gradients survive fp16 activations (core PyTorch AMP recipe)
+    scaler = torch.amp.GradScaler(torch.device(device if device is not None else "cpu").type) if config.dtype == "fp16" else None
     history: list[dict] = []
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -472,6 +475,8 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
                              f"use another run name / output folder, or delete the checkpoint to start over")
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         start, history = int(state["step"]), list(state["history"])
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and state.get("rng_cuda"):
@@ -485,6 +490,7 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
             "config": config.to_dict(), "identity": dict(identity or {}), "step": step, "history": history,
             "trainable": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
 
@@ -509,11 +515,15 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
             sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else runner.no_sync()
             with sync:
                 loss, parts = runner(indices, draws)
-                (loss / accum).backward()
+                (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
             loss_sum += loss.detach().float().cpu() * b
             for k, v in parts.items():
                 part_sums[k] = part_sums.get(k, torch.zeros(())) + v.cpu()
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:  # skips the step when a scaled gradient overflowed, then adapts the scale
+            scaler.step(optimizer)
+            scaler.update()
         if world > 1:
             keys = sorted(part_sums)
             packed = torch.stack([loss_sum] + [part_sums[k] for k in keys])

@@ -135,15 +135,15 @@ def setup_distributed(cpu: bool):
     return torch.distributed.get_rank(), world, local
 
 
-def load_checkpoint_models(path: Path, dtype: str):
-    import torch
-
+def load_checkpoint_models(path: Path):
+    """UNet, CLIP and VAE of a checkpoint, loaded exactly as ComfyUI's CheckpointLoaderSimple loads
+    them (ComfyUI picks the storage dtype: fp16 weights of an fp16 checkpoint on a GPU). The training
+    compute dtype (``TrainConfig.dtype``) is applied by the trainer, so the CLI and the nodes train
+    the same way for the same config."""
     import comfy.sd
 
     try:
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=True, output_clip=True,
-            model_options={"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]})
+        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     except Exception as e:  # noqa: BLE001
         raise Refused(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     if model is None or clip is None or vae is None:
@@ -217,7 +217,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     from lord_ops.format import LoRDFileError, load_lord_file, save_kohya_lora, save_lord_file
 
     t0 = time.time()
-    model, clip, vae = load_checkpoint_models(Path(args.checkpoint), config.dtype)
+    model, clip, vae = load_checkpoint_models(Path(args.checkpoint))
     encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
     data = TrainingData([it.image for it in items], [encode(it.caption) for it in items], [it.caption for it in items],
                         [it.image for it in class_items], [encode(it.caption) for it in class_items])

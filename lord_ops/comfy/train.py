@@ -102,7 +102,8 @@ def _lord_fingerprint(model_patcher) -> str:
 def _identity(loaded_clone, vae, data: "TrainingData", with_lord: bool) -> dict[str, str]:
     """What a checkpoint must have been trained on to be resumed (see ``training.train``); taken from
     the loaded training clone so the in-place weight patches are exactly this MODEL's."""
-    ident = {"dataset": _dataset_digest(data), "model": _fingerprint(loaded_clone, vae)}
+    ident = {"dataset": _dataset_digest(data), "model": _fingerprint(loaded_clone, vae),
+             "dtype": dtype_label(effective_dtype(loaded_clone))}
     if with_lord:
         ident["LoRD"] = _lord_fingerprint(loaded_clone)
     return ident
@@ -150,7 +151,11 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
 
 
 def encode_images(vae, model_patcher, images: list) -> torch.Tensor:
-    """Latents ``[N, C, h, w]`` (float32, ``latent_format.process_in``) of images ``[3, H, W]`` in [0, 1]."""
+    """Latents ``[N, C, h, w]`` (float32 on the CPU, ``latent_format.process_in`` of ``model_patcher``;
+    raw VAE latents when it is None) of images ``[3, H, W]`` in [0, 1]. The VAE is loaded by ComfyUI
+    first and runs on its compute device (:func:`grad.latent_encoder`)."""
+    if vae is None:
+        raise ValueError("training from images needs the VAE: connect it (or give latents)")
     encode = grad.latent_encoder(vae, model_patcher)
     with torch.inference_mode(False), torch.no_grad():
         return torch.cat([encode(im[None].float()).float().cpu() for im in images])
@@ -173,26 +178,56 @@ def checkpointed_blocks(diffusion_model, enabled: bool):
                 continue
             for block in (part if isinstance(part, torch.nn.ModuleList) else [part]):
                 layers.extend(block.children() if isinstance(block, torch.nn.Sequential) else [block])
+    # a forward already replaced on the instance (newer ComfyUI's bypass LoRA injects that way) is
+    # wrapped, and put back on exit
+    before = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
         original = layer.forward
         layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))(original)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, prev in zip(layers, before):
+            if prev is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = prev
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def effective_dtype(clone) -> dict:
+    """How the training clone computes: ``compute`` (the dtype set with ``set_model_compute_dtype``,
+    else the weights'), ``weights`` (storage dtype of the UNet weights; cast per layer to the compute
+    dtype when they differ) and ``grad_scaler`` (fp16 compute: the loss is scaled, see
+    ``lord_ops.training.train``). The adapters keep float32 master weights in every case."""
+    weights = clone.model_dtype()
+    compute = clone.get_model_object("manual_cast_dtype") if "manual_cast_dtype" in clone.object_patches else None
+    compute = compute or weights
+    return {"compute": _dtype_name(compute), "weights": _dtype_name(weights), "grad_scaler": compute == torch.float16}
+
+
+def dtype_label(eff: dict) -> str:
+    return f"compute {eff['compute']}, weights {eff['weights']}" + (", grad scaler" if eff["grad_scaler"] else "")
 
 
 @contextlib.contextmanager
 def trainable_model(model_patcher, vae, config: T.TrainConfig):
-    """A loaded, differentiable clone of the MODEL (base frozen) for the duration of training."""
+    """A loaded, differentiable clone of the MODEL (base frozen) for the duration of training.
+
+    The compute dtype is ``config.dtype``, set explicitly (``set_model_compute_dtype``, as core's
+    Train LoRA node does): weights stored in another dtype (an fp16 checkpoint on a GPU) are cast per
+    layer, so node and CLI compute the same way whatever dtype ComfyUI stored the weights in.
+    ``comfy.model_management.in_training`` is set for the duration where ComfyUI has it.
+    """
     import comfy.model_management as mm
 
     clone = model_patcher.clone()
-    if config.dtype == "bf16":
-        clone.set_model_compute_dtype(torch.bfloat16)
-    with torch.inference_mode(False), torch.enable_grad():
-        grad.load_for_gradients(clone, vae)
+    clone.set_model_compute_dtype(T.DTYPES[config.dtype])
+    with torch.inference_mode(False), torch.enable_grad(), grad.training_flag():
+        grad.use_models(clone, vae)
         with checkpointed_blocks(clone.model.diffusion_model, config.gradient_checkpointing):
             try:
                 yield clone
@@ -201,8 +236,10 @@ def trainable_model(model_patcher, vae, config: T.TrainConfig):
 
 
 def _autocast(config: T.TrainConfig, device) -> Callable:
-    if config.dtype == "bf16":
-        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    """Autocast to the compute dtype (bf16/fp16; fp32 runs without autocast)."""
+    dtype = T.DTYPES[config.dtype]
+    if dtype != torch.float32:
+        return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext
 
 
@@ -242,7 +279,7 @@ def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alpha
                     limit: int = 64) -> dict:
     """Mean gate of clean vs perturbed training samples at :data:`EVAL_TIMESTEPS`; AUROC of the score."""
     n = min(limit, z_clean.shape[0])
-    device = clone.load_device
+    device = grad.compute_device(clone)
     clean_scores, adv_scores = [], []
     with torch.no_grad():
         for i in range(n):
@@ -269,7 +306,7 @@ def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, pre
 
     attack = config.attack_config()
     encode = grad.latent_encoder(vae, clone)
-    device = clone.load_device
+    device = grad.compute_device(clone)
 
     def perturb(indices, draws):
         out = []
@@ -303,7 +340,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                                 config.gate_activation, config.seed)
     gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
     with trainable_model(model_patcher, vae, config) as clone:
-        device = clone.load_device
+        device = grad.compute_device(clone)
         trainable = T.TrainableLoRD(lord0).to(device)
         predict = grad.batched_noise_predictor(clone, data.conds, data.image_hw)
         acp = grad.alphas_cumprod(clone)
@@ -327,7 +364,8 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                     n = min(64, len(data.images))
                     za = perturb(list(range(n)), [T.Draw(0, T._mix(config.seed, "eval-pgd", i)) for i in range(n)])
                 report = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed)
-        lord = trainable.export(_provenance(config, data, result, {"gate_separation_train": report}))
+        lord = trainable.export(_provenance(config, data, result, {"gate_separation_train": report,
+                                                                    "effective_dtype": effective_dtype(clone)}))
     lord.base_family = model_family(model_patcher)
     return StageResult(result, lord=lord, report={"gate_separation_train": report, "final": result.history[-1]})
 
@@ -347,6 +385,8 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                          "use mode 'plain' to train without one")
     if config.mode != "lord" and has_lord:
         raise ValueError(f"Stage-2 mode {config.mode!r} is a baseline without LoRD, but the MODEL has a LoRD applied")
+    if vae is None and (data.images or data.class_images):
+        raise ValueError("training from images needs the VAE: connect it (or give latents)")
     adv_images = None
     if config.mode == "pgd2_defense":
         if not data.images:
@@ -358,8 +398,6 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
     else:
         z = encode_images(vae, model_patcher, data.images)
     z_adv = encode_images(vae, model_patcher, adv_images) if adv_images is not None else None
-    if vae is None and (data.images or data.class_images):
-        raise ValueError("training from images needs the VAE: connect it (or give latents)")
     z_class = encode_images(vae, model_patcher, data.class_images) if data.class_images else None
     names = select_targets(unet_names(model_patcher), config.targets)
     shapes = {}
@@ -367,7 +405,7 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         kernel = tuple(m.kernel_size) if isinstance(m, torch.nn.Conv2d) else None
         shapes[n] = (m.in_channels, m.out_channels, kernel) if kernel else (m.in_features, m.out_features, None)
     with trainable_model(model_patcher, vae, config) as clone:
-        device = clone.load_device
+        device = grad.compute_device(clone)
         trainable = T.TrainableLoRA.create(shapes, config.rank, config.alpha, config.seed).to(device)
         predict = grad.batched_noise_predictor(clone, data.conds, data.image_hw)
         predict_class = grad.batched_noise_predictor(clone, data.class_conds, data.image_hw) if z_class is not None else None
@@ -400,9 +438,10 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
 
             result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
                              identity=_identity(clone, vae, data, with_lord=has_lord))
+        eff = effective_dtype(clone)
     lora = trainable.export()
     report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora),
-              "provenance": _provenance(config, data, result, {"lord_live": has_lord})}
+              "provenance": _provenance(config, data, result, {"lord_live": has_lord, "effective_dtype": eff})}
     return StageResult(result, lora=lora, report=report)
 
 

@@ -1,0 +1,256 @@
+"""One check of the pack on a CUDA machine; writes one JSON (``bench/gpu_check.sh`` runs it).
+
+Each step runs in its own subprocess (a crash or hang in one does not stop the others), with a time
+limit, and records status, seconds, peak GPU memory (device-wide, sampled with ``nvidia-smi`` every
+0.2 s, minus the use before the step; ``null`` without nvidia-smi) and the tail of its output on
+failure. Steps, in order of value when device time is short:
+
+``devices``     ``pytest tests/test_devices.py`` on the GPU: every ComfyUI-managed module loaded
+                before use (here load and offload devices really differ), dtype discipline.
+``cli``         ``python -m training.train`` Stage 1 (PGD-2 cached), Stage 2 ``lord`` with that LoRD,
+                and Stage 2 ``plain`` with ``dtype=fp16`` (GradScaler path), on the random
+                SD15-geometry checkpoint (``lord_ops.comfy.tiny.write_sd15_geometry_checkpoint``,
+                fp16, as ComfyUI stores it on a GPU); records the effective dtype from the files.
+``mist_v2``     ``python -m training.attack --preset mist_v2`` (``mist_v2_ace`` where the pack has no
+                ``mist_v2`` preset yet; the JSON says which) on one 512 px image, time and peak VRAM,
+                next to mist-v2's reported 3-5 min and about 6 GB per image on SD1.5. Pass
+                ``--sd15 PATH`` to use a real SD1.5 checkpoint; the default random SD15-geometry
+                checkpoint has a smaller UNet (13.6M parameters, TAESD), so its numbers are a floor.
+``workflows``   ``python -m training.demo``: every shipped workflow through a real ComfyUI server on
+                the GPU (the fp16 checkpoint loads in fp16 there), the two training workflows with
+                ``--train-steps`` steps.
+``bench``       ``bench/bench_sampling.py``, ``bench/bench_train.py``, ``bench/bench_attack.py``
+                (``--bench quick`` for their smoke runs; ``full`` for the real-geometry runs),
+                JSON results kept, ``BENCHMARKS.md`` left alone.
+
+    bash bench/gpu_check.sh [--out DIR] [--only devices,cli,mist_v2,workflows,bench] [--bench quick|full]
+
+Exit status: 0 every step passed, 1 a step failed, 2 no CUDA device (nothing is run).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+STEPS = ("devices", "cli", "mist_v2", "workflows", "bench")
+
+
+class VramPeak:
+    """Device-wide GPU memory in use (MiB), sampled from ``nvidia-smi`` in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.tool = interval, shutil.which("nvidia-smi")
+        self.baseline = self.peak = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def sample(self):
+        if not self.tool:
+            return None
+        try:
+            out = subprocess.run([self.tool, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=5).stdout.strip().splitlines()
+            return float(out[0]) if out else None
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def __enter__(self):
+        self.baseline = self.peak = self.sample()
+        if self.baseline is not None:
+            def loop():
+                while not self._stop.wait(self.interval):
+                    v = self.sample()
+                    if v is not None:
+                        self.peak = max(self.peak, v)
+            self._thread = threading.Thread(target=loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    @property
+    def used_mib(self):
+        return None if self.baseline is None else round(self.peak - self.baseline, 1)
+
+
+def run_step(name: str, cmd: list, timeout: float, log_dir: Path, env=None) -> dict:
+    """Run ``cmd`` from the repository root; returns the step record (stdout+stderr to ``log_dir``)."""
+    log = log_dir / f"{name}.log"
+    print(f"[gpu_check] {name}: {' '.join(map(str, cmd))}", flush=True)
+    t0 = time.time()
+    with VramPeak() as vram, open(log, "w", encoding="utf-8") as f:
+        try:
+            rc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                env={**os.environ, **(env or {})}).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    rec = {"status": "ok" if rc == 0 else "failed", "returncode": rc, "seconds": round(time.time() - t0, 1),
+           "peak_vram_mib": vram.used_mib, "log": str(log)}
+    if rc != 0:
+        rec["output_tail"] = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+    print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s, peak VRAM {rec['peak_vram_mib']} MiB", flush=True)
+    return rec
+
+
+def file_provenance(path: Path, key: str) -> dict:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get(key, "{}") or "{}")
+
+
+def make_inputs(work: Path, ckpt_override) -> dict:
+    """The SD15-geometry checkpoint, the demo's small training sets and one 512 px image."""
+    from PIL import Image
+
+    from lord_ops.comfy import tiny
+    from training.comfy_runtime import find_comfyui
+    from training.demo import prepare_training_inputs
+
+    example = find_comfyui(None) / "input" / "example.png"
+    ckpt = work / "sd15_geometry_fp16.safetensors"
+    if not ckpt.is_file():
+        tiny.write_sd15_geometry_checkpoint(ckpt)
+    prepare_training_inputs(work / "data", example, size=64)
+    one = work / "mist_input"
+    one.mkdir(parents=True, exist_ok=True)
+    with Image.open(example) as im:
+        im.convert("RGB").resize((512, 512), Image.LANCZOS).save(one / "example_512.png")
+    return {"checkpoint": str(ckpt), "attack_checkpoint": str(ckpt_override or ckpt), "data": str(work / "data"),
+            "mist_input": str(one)}
+
+
+def mist_preset() -> tuple[str, bool]:
+    from lord_ops.attacks import PRESETS
+
+    return ("mist_v2", True) if "mist_v2" in PRESETS else ("mist_v2_ace", False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gpu_check_output", help="work folder; the JSON is OUT/gpu_check.json")
+    ap.add_argument("--only", default=",".join(STEPS), help=f"comma list of steps to run (default all: {','.join(STEPS)})")
+    ap.add_argument("--bench", default="quick", choices=("quick", "full"), help="benchmark size (default quick)")
+    ap.add_argument("--train-steps", type=int, default=20, help="steps of each training run (CLI and workflows)")
+    ap.add_argument("--sd15", default=None, help="a real SD1.5 checkpoint for the mist-v2 timing (default: the random one)")
+    ap.add_argument("--step-timeout", type=float, default=900.0, help="seconds before a step is stopped")
+    ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # development smoke runs only
+    args = ap.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(STEPS))
+    if unknown:
+        print(f"error: unknown step(s) {unknown}; choose from {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("error: no CUDA device: torch.cuda.is_available() is False (torch "
+              f"{torch.__version__}, CUDA build {torch.version.cuda}). This check is for a machine with an NVIDIA GPU "
+              "and a CUDA build of PyTorch; the CPU test suite is `make test`.", file=sys.stderr)
+        return 2
+
+    from training.comfy_runtime import ensure_comfyui_importable
+
+    comfy_root = ensure_comfyui_importable()
+    work = Path(args.out).resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    result = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (--allow-cpu)",
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "comfyui": str(comfy_root), "steps": {}}
+    try:
+        from comfyui_version import __version__ as comfy_version  # type: ignore
+
+        result["comfyui_version"] = comfy_version
+    except ImportError:
+        pass
+    inputs = make_inputs(work, args.sd15)
+    result["inputs"] = inputs
+    n = str(args.train_steps)
+    steps = result["steps"]
+
+    def save():
+        (work / "gpu_check.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    if "devices" in only:
+        steps["devices"] = run_step("devices", [py, "-m", "pytest", "-q", "tests/test_devices.py"], args.step_timeout, logs)
+        save()
+    if "cli" in only:
+        ckpt, data = inputs["checkpoint"], Path(inputs["data"])
+        runs = work / "cli"
+        shutil.rmtree(runs, ignore_errors=True)
+        common = ["--checkpoint", ckpt, "--quiet", "--steps", n]
+        steps["cli_stage1"] = rec = run_step("cli_stage1", [py, "-m", "training.train", "stage1", *common, "--data", data / "lord_train",
+                                                            "--output", runs / "s1"], args.step_timeout, logs)
+        rec["effective_dtype"] = file_provenance(runs / "s1" / "lord.safetensors", "provenance").get("effective_dtype")
+        steps["cli_stage2_lord"] = rec = run_step("cli_stage2_lord", [py, "-m", "training.train", "stage2", *common, "--data", data / "lord_sks",
+                                                                      "--output", runs / "s2", "--mode", "lord", "--lord", runs / "s1" / "lord.safetensors",
+                                                                      "--instance-prompt", "a photo of sks person"], args.step_timeout, logs)
+        rec["effective_dtype"] = file_provenance(runs / "s2" / "lora.safetensors", "lord_provenance").get("effective_dtype")
+        steps["cli_stage2_fp16"] = rec = run_step("cli_stage2_fp16", [py, "-m", "training.train", "stage2", *common, "--data", data / "lord_sks",
+                                                                      "--output", runs / "s2_fp16", "--mode", "plain", "--set", "dtype=fp16",
+                                                                      "--instance-prompt", "a photo of sks person"], args.step_timeout, logs)
+        rec["effective_dtype"] = file_provenance(runs / "s2_fp16" / "lora.safetensors", "lord_provenance").get("effective_dtype")
+        save()
+    if "mist_v2" in only:
+        preset, exact = mist_preset()
+        out = work / "mist_v2_out"
+        shutil.rmtree(out, ignore_errors=True)
+        rec = run_step("mist_v2", [py, "-m", "training.attack", "--checkpoint", inputs["attack_checkpoint"], "--input",
+                                   inputs["mist_input"], "--output", out, "--preset", preset], args.step_timeout, logs)
+        rec.update(preset=preset, note=None if exact else "the pack has no 'mist_v2' preset yet: ran 'mist_v2_ace' (fixed-model ACE)",
+                   checkpoint=inputs["attack_checkpoint"], image_px=512,
+                   reference="mist-v2 README: 3-5 min and about 6 GB VRAM per 512 px image on SD1.5")
+        side = out / "example_512.json"
+        if side.is_file():
+            rec["attack_seconds"] = json.loads(side.read_text()).get("seconds")
+        steps["mist_v2"] = rec
+        save()
+    if "workflows" in only:
+        rec = run_step("workflows", [py, "-m", "training.demo", "--out", work / "demo", "--stage1-steps", n, "--stage2-steps", n],
+                       args.step_timeout * 2, logs)
+        summary = work / "demo" / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            rec["workflows"] = {k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in s.get("workflows", {}).items()}
+            rec["trained"] = s.get("models", {}).get("trained")
+        steps["workflows"] = rec
+        save()
+    if "bench" in only:
+        quick = ["--quick"] if args.bench == "quick" else []
+        for name in ("bench_sampling", "bench_train", "bench_attack"):
+            js = work / f"{name}.json"
+            rec = run_step(name, [py, f"bench/{name}.py", *quick, "--md", "", "--json", js], args.step_timeout * 2, logs)
+            if js.is_file():
+                rec["result"] = json.loads(js.read_text())
+            steps[name] = rec
+            save()
+    result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["ok"] = all(r["status"] == "ok" for r in steps.values())
+    save()
+    print(f"[gpu_check] {'all steps passed' if result['ok'] else 'FAILED: ' + ', '.join(k for k, r in steps.items() if r['status'] != 'ok')}"
+          f" -> {work / 'gpu_check.json'}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
