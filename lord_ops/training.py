@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from .attacks import PRESETS, AttackConfig
 from .diffusion import denoising_loss
-from .format import LoRDFile
+from .format import CONTEXT_GATE_OFF, LoRDFile
+from .keys import CONTEXT_FED
 from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, lora_delta, lord_delta_plain
 
 STAGES = ("stage1", "stage2")
@@ -38,6 +39,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
 # fields that do not change the trajectory of a run (a resumed run may change them)
 _RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
+
+# Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names an attack
+# preset of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
+# float32); ``attack_epsilon``/``attack_step_size``/``attack_steps`` override its numbers.
+STAGE1_DATA_PRESETS = {
+    "pgd_2": "pgd_2",  # the paper's PGD-2: Anti-DreamBooth's eps/step, 2 iterations (faithful default)
+    "pgd_full": "pgd_full",  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
+    "ace_fixed": "ace_fixed",  # mist-v2's ACE objective and budget against the fixed base model
+}
+# attack methods the Stage-1 perturbation path runs (fixed-model attacks of ``lord_ops.attacks.run_attack``)
+STAGE1_METHODS = ("pgd", "ace", "ace_plus", "photoguard")
 
 
 @dataclasses.dataclass
@@ -65,7 +77,7 @@ class TrainConfig:
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
-    attack_preset: str = "pgd_2"
+    attack_preset: str = "pgd_2"  # the Stage-1 data preset (STAGE1_DATA_PRESETS) or another fixed-model attack preset
     attack_epsilon: Optional[float] = None  # pixel levels; None: the preset's
     attack_step_size: Optional[float] = None
     attack_steps: Optional[int] = None
@@ -88,7 +100,10 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
         need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
-        need(self.attack_preset in PRESETS, f"attack_preset must be one of {tuple(PRESETS)}")
+        need(self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS,
+             f"attack_preset (the Stage-1 data preset) must be one of {tuple(STAGE1_DATA_PRESETS)} or another "
+             f"fixed-model attack preset ({', '.join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS)}), "
+             f"got {self.attack_preset!r}")
         self.attack_config()
         return self
 
@@ -97,7 +112,8 @@ class TrainConfig:
         return self.stage == "stage1" or self.mode == "pgd2_defense"
 
     def attack_config(self) -> AttackConfig:
-        """The Stage-1 perturbation (default PGD-2: Anti-DreamBooth's eps/step, 2 iterations)."""
+        """The Stage-1 perturbation: the ``attack_preset`` (a Stage-1 data preset; default PGD-2:
+        Anti-DreamBooth's eps/step, 2 iterations) with the ``attack_*`` overrides."""
         base = PRESETS[self.attack_preset]
         cfg = dataclasses.replace(
             base, seed=self.seed,
@@ -144,7 +160,14 @@ class LoRDParameters(torch.nn.Module):
 
 class TrainableLoRD(torch.nn.Module):
     """All targets of a LoRD, trainable. ``delta(name, x)`` is the plain LoRD forward of
-    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition."""
+    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition; it
+    returns ``(delta, gate logit)``.
+
+    Text-fed layers (cross-attention ``to_k``/``to_v``, :data:`lord_ops.keys.CONTEXT_FED`) read the
+    caption, identical for clean and perturbed samples, so no BCE can supervise their gate: it is
+    forced to 0 there (``context_gate = "off"`` in the file), ``B'`` gets no gradient and stays 0,
+    and those layers train as a plain LoRA. Their logit is None.
+    """
 
     def __init__(self, lord: LoRDFile):
         super().__init__()
@@ -152,9 +175,13 @@ class TrainableLoRD(torch.nn.Module):
         self.gate_activation = lord.gate_activation
         self.base_family = lord.base_family
         self.provenance = dict(lord.provenance)
+        self.gate_off = {n for n in self.layers if CONTEXT_FED.search(n)}
 
     def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
-        return lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, "learned", geometry)
+        mode = "clean" if name in self.gate_off else "learned"
+        delta, _lam, logit = lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, mode, geometry,
+                                              return_logit=True)
+        return delta, logit
 
     def export(self, provenance: Optional[dict] = None) -> LoRDFile:
         targets = {}
@@ -162,7 +189,8 @@ class TrainableLoRD(torch.nn.Module):
             w = p.weights()
             targets[n] = LoRDWeights(*(getattr(w, f).detach().float().cpu().clone() for f in LoRDParameters.FIELDS),
                                      w.alpha)
-        return LoRDFile(targets, self.gate_activation, self.base_family, {**self.provenance, **(provenance or {})})
+        return LoRDFile(targets, self.gate_activation, self.base_family, {**self.provenance, **(provenance or {})},
+                        context_gate=CONTEXT_GATE_OFF)
 
 
 class LoRAParameters(torch.nn.Module):
@@ -213,7 +241,7 @@ class TrainableLoRA(torch.nn.Module):
 class AdapterHooks:
     """Forward hooks adding ``adapter.delta(name, x)`` to the outputs of named modules.
 
-    Gate values (LoRD) of every hooked call are collected in ``records`` as ``(name, lambda)``;
+    Gate logits (LoRD) of every hooked call are collected in ``records`` as ``(name, logit)``;
     :meth:`take` hands them over and starts a new list (gradient checkpointing re-runs hooks during
     backward; those late records land in a list nobody reads).
     """
@@ -227,9 +255,9 @@ class AdapterHooks:
 
     def _hook(self, adapter, name, geometry):
         def hook(module, args, output):
-            delta, lam = adapter.delta(name, args[0], geometry)
-            if lam is not None:
-                self.records.append((name, lam))
+            delta, logit = adapter.delta(name, args[0], geometry)
+            if logit is not None:
+                self.records.append((name, logit))
             return output + delta.to(output.dtype)
 
         return hook
@@ -255,18 +283,20 @@ class AdapterHooks:
 
 
 def gate_bce(records: Iterable[tuple[str, torch.Tensor]], label: float, names: Optional[set] = None) -> torch.Tensor:
-    """Per-sample BCE of the gate values against ``label`` (0 clean, 1 perturbed): ``[B]``.
+    """Per-sample BCE of the gates against ``label`` (0 clean, 1 perturbed): ``[B]``.
 
+    ``records`` hold gate **logits** (``lambda = sigmoid(logit)``); the BCE is taken on the logits
+    (``binary_cross_entropy_with_logits``: exact and with a gradient even where the sigmoid saturates).
     Averaged over the features of each layer, then over layers (each layer counts once). Layers not
     in ``names`` (e.g. cross-attention k/v, whose input is the text, identical for both labels) are
-    skipped. ``lambda`` is ``[B, T, 1]`` (Linear) or ``[B, 1, H, W]`` (Conv2d).
+    skipped. A logit is ``[B, T, 1]`` (Linear) or ``[B, 1, H, W]`` (Conv2d).
     """
     per_layer = []
-    for name, lam in records:
+    for name, logit in records:
         if names is not None and name not in names:
             continue
-        p = lam.float().clamp(1e-6, 1 - 1e-6)
-        bce = F.binary_cross_entropy(p, torch.full_like(p, float(label)), reduction="none")
+        z = logit.float()
+        bce = F.binary_cross_entropy_with_logits(z, torch.full_like(z, float(label)), reduction="none")
         per_layer.append(bce.flatten(1).mean(dim=1))
     if not per_layer:
         raise ValueError("no gate values were recorded: the LoRD hooks did not run on an image-fed layer")
@@ -274,8 +304,9 @@ def gate_bce(records: Iterable[tuple[str, torch.Tensor]], label: float, names: O
 
 
 def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set] = None) -> torch.Tensor:
-    """Per-sample mean gate value ``[B]`` over the (image-fed) layers: the adversarial score."""
-    per_layer = [lam.detach().float().flatten(1).mean(dim=1) for name, lam in records
+    """Per-sample mean gate value ``lambda = sigmoid(logit)`` ``[B]`` over the (image-fed) layers: the
+    adversarial score. ``records`` hold logits, as for :func:`gate_bce`."""
+    per_layer = [torch.sigmoid(logit.detach().float()).flatten(1).mean(dim=1) for name, logit in records
                  if names is None or name in names]
     if not per_layer:
         raise ValueError("no gate values were recorded")

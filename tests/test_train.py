@@ -77,9 +77,19 @@ def test_schedule_is_independent_of_batch_split():
 
 def test_gate_bce_and_auroc():
     lam = torch.tensor([[[0.1], [0.2]], [[0.9], [0.8]]])  # [B=2, T=2, 1]
-    clean = T.gate_bce([("a", lam)], 0.0)
+    logit = torch.logit(lam)  # the hooks record logits
+    clean = T.gate_bce([("a", logit)], 0.0)
     assert clean[0] < clean[1]
-    assert T.gate_bce([("a", lam), ("b", lam)], 1.0, names={"a"}).shape == (2,)
+    ref = torch.nn.functional.binary_cross_entropy(lam, torch.zeros_like(lam), reduction="none").flatten(1).mean(1)
+    assert torch.allclose(clean, ref, atol=1e-6)
+    assert torch.allclose(T.gate_scores([("a", logit)]), lam.flatten(1).mean(1))
+    assert T.gate_bce([("a", logit), ("b", logit)], 1.0, names={"a"}).shape == (2,)
+    # a saturated gate: the old clamped-sigmoid BCE had no gradient (and capped the loss at ~13.8);
+    # on logits the loss is exact and the gradient pulls the gate back
+    far = torch.tensor([[[40.0]]], requires_grad=True)
+    loss = T.gate_bce([("a", far)], 0.0)
+    loss.sum().backward()
+    assert float(loss.detach()) > 39 and float(far.grad) > 0.9
     assert T.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and T.auroc([0.5], [0.5]) == 0.5
     with pytest.raises(ValueError, match="no gate values"):
         T.gate_bce([("b", lam)], 1.0, names={"a"})
@@ -134,7 +144,7 @@ def test_stage1_cache_is_reused(loaded, tmp_path):
     assert all((a - im).abs().max() * 255 <= 16 + 1e-3 for a, im in zip(first, data.images))
     other = CT.stage1_perturbations(model, vae, data, dataclasses.replace(config, attack_steps=3), tmp_path,
                                     on_item=lambda i, c: seen.append(c))
-    assert seen[-2:] == [False, False] and len(list(tmp_path.glob("*.png"))) == 4
+    assert seen[-2:] == [False, False] and len(list(tmp_path.glob("*.safetensors"))) == 4
     assert not torch.equal(other[0], first[0])
 
 
@@ -207,7 +217,7 @@ def test_online_perturbations_against_the_current_model(loaded, tmp_path):
     with torch.inference_mode():
         a = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
         b = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
-        assert not list((tmp_path / "cache").glob("*.png"))  # online runs neither read nor write the cache
+        assert not list((tmp_path / "cache").glob("*"))  # online runs neither read nor write the cache
         cached = CT.train_stage1(model, vae, data, dataclasses.replace(config, online_perturbations=False),
                                  tmp_path / "cache", evaluate=False)
     assert [h["loss"] for h in a.result.history] == [h["loss"] for h in b.result.history]  # seeded
@@ -489,7 +499,7 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
         ckpt = tmp_path / "output" / "lord_training" / "node_run" / "checkpoint.pt"
         assert T.load_checkpoint(ckpt)["step"] == 4 and len(loss_map["loss"]) == 4
         assert 0.0 <= json.loads(report)["gate_separation_train"]["auroc"] <= 1.0
-        assert list((tmp_path / "output" / "lord_training" / "pgd_cache").glob("*.png"))
+        assert list((tmp_path / "output" / "lord_training" / "pgd_cache").glob("*.safetensors"))
         # queueing it again resumes from the finished checkpoint: no new steps, same weights
         again = LoRDTrainStage1.execute([model], [vae], images, conds, **widgets).args[0]
     assert all(torch.equal(w.up, again.targets[n].up) for n, w in lord.targets.items())
