@@ -190,6 +190,10 @@ def main(argv=None) -> int:
             if args.stage != "stage1":
                 raise Refused("--heldout is a Stage-1 option (held-out gate evaluation)")
             heldout_items = load_caption_folder(args.heldout, args.resolution, args.caption, require_captions=False)
+            want = tuple(items[0].image.shape[-2:])
+            if {tuple(it.image.shape[-2:]) for it in heldout_items} != {want}:
+                raise Refused(f"--heldout {args.heldout}: held-out images must have the training size {want[1]}x{want[0]} "
+                              f"px (use --resolution to resize both sets)")
         if args.cache_max_gb is not None and args.cache_max_gb <= 0:
             raise Refused(f"--cache-max-gb must be > 0, got {args.cache_max_gb}")
         find_comfyui(args.comfyui)
@@ -276,9 +280,6 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     if config.stage == "stage1":
         heldout = None
         if heldout_items:
-            if {tuple(it.image.shape[-2:]) for it in heldout_items} != {tuple(data.image_hw)}:
-                raise Refused(f"--heldout {args.heldout}: images must have the training size {data.image_hw[1]}x"
-                              f"{data.image_hw[0]} px (use --resolution to resize both sets)")
             heldout = HeldOut([it.image for it in heldout_items],
                               [encode(it.caption or items[0].caption) for it in heldout_items],
                               attack_steps=args.heldout_attack_steps)
