@@ -157,11 +157,13 @@ def _attack_params(attack) -> dict:
     return params
 
 
-def _attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, predict=None, acp=None) -> torch.Tensor:
+def _attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, predict=None, acp=None,
+                  check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """One perturbed copy ``[1, 3, H, W]`` float32 in [0, 1] (not rounded to 8 bits) of ``image``
     ``[1, 3, H, W]`` with a fixed-model attack (pgd / ace / ace_plus / photoguard); ACE targets the
     pack's high-contrast pattern, as the Protect node does by default. ``predict``/``acp``: the noise
-    predictor to attack (default: the MODEL with ``conditioning``)."""
+    predictor to attack (default: the MODEL with ``conditioning``). ``check()`` (Cancel) runs after every
+    attack step."""
     from ..attacks import run_attack
 
     if attack.method not in T.STAGE1_METHODS:
@@ -176,13 +178,15 @@ def _attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack,
         if uses_unet and acp is None:
             acp = grad.alphas_cumprod(model_patcher)
         target = grad.encode_target(vae, model_patcher, None, img) if attack.method in ("ace", "ace_plus") else None
+        on_step = (lambda step, loss, current: check()) if check is not None else None
         return run_attack(img, attack, encode, predict if uses_unet else None, acp if uses_unet else None,
-                          target).images.detach()
+                          target, on_step).images.detach()
 
 
 def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
                          on_item: Optional[Callable[[int, bool], None]] = None,
-                         max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> list[torch.Tensor]:
+                         max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
+                         check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
     """Perturbed copies ``[3, H, W]`` (float32 in [0, 1], **not** rounded to 8 bits, so PGD-2's ~1.3-level
     moves survive) of ``data.images`` with ``config.attack_config()`` (the Stage-1 data preset) against
     the base MODEL. Cached losslessly (float32 safetensors) in ``cache_dir``, keyed by image, caption,
@@ -199,7 +203,7 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
     rank, world = T.distributed_context()
 
     def compute(i: int) -> torch.Tensor:
-        return _attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack)[0]
+        return _attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack, check=check)[0]
 
     args = (data.images.raw, [conditioning_digest(c) for c in data.conds], params, fp, cache_dir, compute)
     if world > 1:
@@ -212,7 +216,8 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
 def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_name: str, cache_dir,
                      attack_steps: Optional[int] = None, seed: int = 0,
                      on_item: Optional[Callable[[int, bool], None]] = None,
-                     max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> list[torch.Tensor]:
+                     max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
+                     check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
     """``images`` protected as a user would publish them: attack preset ``attack_name`` against the base
     MODEL, rounded to 8 bits within the budget (``attacks.quantize_uint8``); float32 ``[3, H, W]`` in
     [0, 1] (exact 8-bit levels), cached like the Stage-1 copies. ``attack_steps`` caps the iterations."""
@@ -228,7 +233,7 @@ def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_n
 
     def compute(i: int) -> torch.Tensor:
         img = images[i][None]
-        adv = _attack_image(model_patcher, vae, conds[i], img, attack)
+        adv = _attack_image(model_patcher, vae, conds[i], img, attack, check=check)
         return quantize_uint8(adv, img, attack.epsilon)[0].float() / 255.0
 
     return cached_perturbations(images.raw, [conditioning_digest(c) for c in conds], params, fp, cache_dir, compute,
@@ -399,7 +404,7 @@ def _prepare_heldout(model_patcher, vae, heldout: HeldOut, image_hw, cache_dir, 
     latents = {"clean": encode_images(vae, model_patcher, heldout.images)}
     for name in heldout.attacks:
         copies = protected_copies(model_patcher, vae, heldout.images, heldout.conds, name, cache_dir,
-                                  heldout.attack_steps, seed, on_item)
+                                  heldout.attack_steps, seed, on_item, check=check)
         latents[name] = encode_images(vae, model_patcher, copies)
         del copies
     return latents
@@ -468,7 +473,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                          "connect the checkpoint's MODEL directly")
     online = config.online_perturbations
     adv_images = None if online else stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data,
-                                                           max_cache_bytes)
+                                                           max_cache_bytes, check)
     z_clean = encode_images(vae, model_patcher, data.images)
     z_adv = z_clean if online else encode_images(vae, model_patcher, adv_images)
     del adv_images  # float pixels are not kept once encoded
