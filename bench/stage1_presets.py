@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     synthetic_images(out / "train", args.train, args.size, 1, "a photo")
     synthetic_images(out / "heldout", args.heldout, args.size, 2, "a photo")
     rows = []
-    for preset in args.presets or list(STAGE1_DATA_PRESETS):
-        for seed in args.seeds:
+    for seed in args.seeds:  # every preset once before the next seed
+        for preset in args.presets or list(STAGE1_DATA_PRESETS):
             row = run_one(args, ckpt, preset, seed, out)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -365,12 +365,14 @@ def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alpha
 class HeldOut:
     """Images not trained on (``[3, H, W]``, the training size) and one CONDITIONING each (or one for
     all) for the held-out gate evaluation; ``attack_steps`` caps the protections' iterations (cheap
-    checks; None: the presets' own counts)."""
+    checks; None: the presets' own counts). ``seed``: the protections' seed, independent of the
+    training seed, so runs with different seeds are scored on the same protected images."""
 
     images: list
     conds: list
     attacks: tuple = HELDOUT_ATTACKS
     attack_steps: Optional[int] = None
+    seed: int = 0
 
     def __post_init__(self):
         self.images = Pixels(self.images)
@@ -381,14 +383,14 @@ class HeldOut:
         if len(self.conds) != len(self.images):
             raise ValueError(f"held-out evaluation: {len(self.images)} images but {len(self.conds)} conditionings")
 
-    def attack(self, name: str, seed: int):
+    def attack(self, name: str):
         from ..attacks import PRESETS
 
-        attack = dataclasses.replace(PRESETS[name], seed=seed)
+        attack = dataclasses.replace(PRESETS[name], seed=self.seed)
         return attack if self.attack_steps is None else dataclasses.replace(attack, steps=int(self.attack_steps))
 
 
-def _prepare_heldout(model_patcher, vae, heldout: HeldOut, image_hw, cache_dir, seed: int,
+def _prepare_heldout(model_patcher, vae, heldout: HeldOut, image_hw, cache_dir,
                      check: Optional[Callable[[], None]]) -> dict:
     """Protected copies of the held-out images per attack and the latents of every set (before training)."""
     from ..attacks import PRESETS
@@ -404,7 +406,7 @@ def _prepare_heldout(model_patcher, vae, heldout: HeldOut, image_hw, cache_dir, 
     latents = {"clean": encode_images(vae, model_patcher, heldout.images)}
     for name in heldout.attacks:
         copies = protected_copies(model_patcher, vae, heldout.images, heldout.conds, name, cache_dir,
-                                  heldout.attack_steps, seed, on_item, check=check)
+                                  heldout.attack_steps, heldout.seed, on_item, check=check)
         latents[name] = encode_images(vae, model_patcher, copies)
         del copies
     return latents
@@ -420,7 +422,7 @@ def heldout_separation(clone, hooks: T.AdapterHooks, heldout: HeldOut, latents: 
     for name in heldout.attacks:
         sep = gate_separation(clone, hooks, predict, latents["clean"], latents[name], alphas_cumprod, gate_names,
                               seed, limit=len(heldout.images), check=check)
-        out["attacks"][name] = {**sep, "attack": {**_attack_params(heldout.attack(name, seed)), "rounded": "uint8"}}
+        out["attacks"][name] = {**sep, "attack": {**_attack_params(heldout.attack(name)), "rounded": "uint8"}}
     return out
 
 
@@ -479,7 +481,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
     del adv_images  # float pixels are not kept once encoded
     heldout_latents = None
     if evaluate and heldout is not None:
-        heldout_latents = _prepare_heldout(model_patcher, vae, heldout, data.image_hw, cache_dir, config.seed, check)
+        heldout_latents = _prepare_heldout(model_patcher, vae, heldout, data.image_hw, cache_dir, check)
     lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
                                 config.gate_activation, config.seed)
     gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
