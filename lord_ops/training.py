@@ -37,6 +37,8 @@ STAGES = ("stage1", "stage2")
 STAGE2_MODES = ("lord", "plain", "pgd2_defense")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
+# 2: float32 Stage-1 copies, gate BCE on logits, text-fed gates off (version-1 runs trained differently)
+CHECKPOINT_VERSION = 2
 # fields that do not change the trajectory of a run (a resumed run may change them)
 _RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
 
@@ -165,8 +167,8 @@ class TrainableLoRD(torch.nn.Module):
 
     Text-fed layers (cross-attention ``to_k``/``to_v``, :data:`lord_ops.keys.CONTEXT_FED`) read the
     caption, identical for clean and perturbed samples, so no BCE can supervise their gate: it is
-    forced to 0 there (``context_gate = "off"`` in the file), ``B'`` gets no gradient and stays 0,
-    and those layers train as a plain LoRA. Their logit is None.
+    forced to 0 there (``context_gate = "off"`` in the file), their ``B'`` and gate MLP are frozen
+    (``B'`` stays 0), and those layers train as a plain LoRA. Their logit is None.
     """
 
     def __init__(self, lord: LoRDFile):
@@ -176,6 +178,9 @@ class TrainableLoRD(torch.nn.Module):
         self.base_family = lord.base_family
         self.provenance = dict(lord.provenance)
         self.gate_off = {n for n in self.layers if CONTEXT_FED.search(n)}
+        for n in self.gate_off:  # never used with the gate off: frozen (DDP refuses parameters without gradients)
+            for f in ("up_defense", "gate_w1", "gate_b1", "gate_w2", "gate_b2"):
+                getattr(self.layers[n], f).requires_grad_(False)
 
     def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
         mode = "clean" if name in self.gate_off else "learned"
@@ -490,6 +495,10 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {checkpoint_path} was written by an older version of ComfyUI-LoRD (checkpoint "
+                             f"version {state.get('version')}, now {CHECKPOINT_VERSION}), which trained differently; use "
+                             f"another run name / output folder, or delete the checkpoint to start over")
         if state["digest"] != config.trajectory_digest():
             old = state.get("config", {})
             changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS and old.get(k) != v)
@@ -511,7 +520,7 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
         if checkpoint_path is None or rank != 0:
             return
         save_checkpoint(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "digest": config.trajectory_digest(),
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "digest": config.trajectory_digest(),
             "config": config.to_dict(), "identity": dict(identity or {}), "step": step, "history": history,
             "trainable": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),

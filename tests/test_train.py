@@ -352,6 +352,11 @@ def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
         with pytest.raises(ValueError, match="different settings.*learning_rate"):
             CT.train_stage1(model, vae, data, dataclasses.replace(config, learning_rate=1e-2), tmp_path / "cache",
                             tmp_path / "b.pt", evaluate=False)
+        old = T.load_checkpoint(tmp_path / "b.pt")
+        old["version"] = 1  # written before float copies / logit BCE / text-fed gates off
+        T.save_checkpoint(tmp_path / "old.pt", old)
+        with pytest.raises(ValueError, match="older version of ComfyUI-LoRD"):
+            CT.train_stage1(model, vae, data, config, tmp_path / "cache", tmp_path / "old.pt", evaluate=False)
 
 
 def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
