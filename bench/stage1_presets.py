@@ -14,7 +14,7 @@ this model. They do not predict the AUROC on a real SD 1.5 checkpoint with real 
 
     python bench/stage1_presets.py --out /tmp/presets [--steps 60 --train 8 --heldout 4 --size 64 --seeds 0 1]
 
-Writes ``OUT/results.json`` and prints a Markdown table.
+Writes ``OUT/results.json`` (``results_<set>.json`` with ``--set``) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def synthetic_images(folder: Path, n: int, size: int, seed: int, caption: str) -
 
 
 def run_one(args, ckpt: Path, preset: str, seed: int, out: Path) -> dict:
-    run_dir = out / f"{preset}_seed{seed}"
+    run_dir = out / (f"{preset}_seed{seed}" + "".join(f"_{x.replace('=', '')}" for x in args.set))
     cmd = [sys.executable, "-m", "training.train", "stage1", "--checkpoint", str(ckpt), "--data", str(out / "train"),
            "--heldout", str(out / "heldout"), "--output", str(run_dir), "--cache-dir", str(out / "cache"),
            "--stage1-data", preset, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -64,6 +64,8 @@ def run_one(args, ckpt: Path, preset: str, seed: int, out: Path) -> dict:
            "--quiet", "--cpu"]
     if args.heldout_attack_steps:
         cmd += ["--heldout-attack-steps", str(args.heldout_attack_steps)]
+    for item in args.set:
+        cmd += ["--set", item]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--heldout-attack-steps", type=int, default=0, help="0: the presets' own (ACE 150, PGD 50)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the CLI (e.g. lambda_gate=10)")
     args = ap.parse_args(argv)
 
     from training.comfy_runtime import ensure_comfyui_importable
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
             row = run_one(args, ckpt, preset, seed, out)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    name = "results" + "".join(f"_{x.replace('=', '')}" for x in args.set) + ".json"
+    (out / name).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     attacks = sorted({a for r in rows for a in r["heldout"]})
     print("\n| preset | seed | in-sample AUROC | " + " | ".join(f"held-out AUROC {a}" for a in attacks) + " | s |")
     print("|---|---|---|" + "---|" * len(attacks) + "---|")

@@ -157,9 +157,11 @@ class LoRDTrainStage1(io.ComfyNode):
             node_id="LoRDTrainStage1",
             display_name="Train LoRD (Stage 1)",
             category="LoRD/training",
-            description="Adversarial training of a LoRD (paper Eq. 7-8): clean + PGD-perturbed copies of the "
-                        "images, loss L_clean + lambda_adv L_adv + lambda_gate BCE(gate). Only A, B, B' and the "
-                        "gate train; the model is frozen. Perturbations are generated once and cached.",
+            description="Adversarial training of a LoRD (paper Eq. 7-8): clean + perturbed copies of the "
+                        "images (the 'perturbations' preset; default the paper's PGD-2), loss L_clean + lambda_adv "
+                        "L_adv + lambda_gate BCE(gate). Only A, B, B' and the gate train; the model is frozen. "
+                        "Perturbations are generated once and cached losslessly. Optional held-out images give "
+                        "the gate's AUROC on protections of images it never saw.",
             is_input_list=True,
             inputs=[
                 *_data_inputs("The base model (without LoRD).", "Training images (one size; a list or a batch).",
