@@ -28,7 +28,7 @@ Metadata (safetensors string map):
 ``provenance``         JSON object (how the file was made: tool, version, seed, training...)
 ``context_gate``       optional. ``"off"``: the gates of text-fed layers (cross-attention
                        ``to_k``/``to_v``) are forced to 0 and their ``B'`` is 0 (files trained by
-                       this pack since 0.3); absent or ``"learned"``: the gate MLP runs there too
+                       this pack now); absent or ``"learned"``: the gate MLP runs there too
                        (older files, kept as they were trained). A v1 reader that ignores the key
                        computes the same output for an ``"off"`` file, since ``B'`` is 0 there.
 =====================  ======================================================================
