@@ -215,6 +215,11 @@ def evict_cache(cache_dir, max_bytes: int, keep: Sequence[Path] = ()) -> list[Pa
     return removed
 
 
+def cache_entry_path(cache_dir, image: torch.Tensor, conditioning_key: str, attack: dict, model_fingerprint: str) -> Path:
+    """Where :func:`cached_perturbations` keeps the copy of ``image``."""
+    return Path(cache_dir) / f"{cache_key(image, conditioning_key, attack, model_fingerprint)}{CACHE_SUFFIX}"
+
+
 def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequence[str], attack: dict,
                          model_fingerprint: str, cache_dir, compute: Callable[[int], torch.Tensor],
                          owned: Optional[Callable[[int], bool]] = None,
@@ -237,7 +242,7 @@ def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequ
     out: list[Optional[torch.Tensor]] = []
     used: list[Path] = []
     for i, (img, cap) in enumerate(zip(images, conditioning_keys)):
-        path = cache / f"{cache_key(img, cap, attack, model_fingerprint)}{CACHE_SUFFIX}"
+        path = cache_entry_path(cache, img, cap, attack, model_fingerprint)
         shape = tuple(img.shape)
         if path.exists():
             cached = _read_entry(path, shape)

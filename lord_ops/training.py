@@ -42,13 +42,15 @@ CHECKPOINT_VERSION = 2
 # fields that do not change the trajectory of a run (a resumed run may change them)
 _RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
 
-# Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names an attack
-# preset of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
-# float32); ``attack_epsilon``/``attack_step_size``/``attack_steps`` override its numbers.
+# Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names attack
+# presets of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
+# float32); with several, image ``i`` gets attack ``i mod k``. ``attack_epsilon``/``attack_step_size``/
+# ``attack_steps`` override the numbers of every one.
 STAGE1_DATA_PRESETS = {
-    "pgd_2": "pgd_2",  # the paper's PGD-2: Anti-DreamBooth's eps/step, 2 iterations (faithful default)
-    "pgd_full": "pgd_full",  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
-    "ace_fixed": "ace_fixed",  # mist-v2's ACE objective and budget against the fixed base model
+    "pgd_2": ("pgd_2",),  # the paper's PGD-2: Anti-DreamBooth's eps/step, 2 iterations (faithful default)
+    "pgd_full": ("pgd_full",),  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
+    "ace_fixed": ("ace_fixed",),  # mist-v2's ACE objective and budget against the fixed base model
+    "mixed": ("pgd_full", "ace_fixed"),  # even images pgd_full, odd images ace_fixed
 }
 # attack methods the Stage-1 perturbation path runs (fixed-model attacks of ``lord_ops.attacks.run_attack``)
 STAGE1_METHODS = ("pgd", "ace", "ace_plus", "photoguard")
@@ -102,27 +104,35 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
         need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
-        need(self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS,
+        need(self.attack_preset in STAGE1_DATA_PRESETS
+             or (self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS),
              f"attack_preset (the Stage-1 data preset) must be one of {tuple(STAGE1_DATA_PRESETS)} or another "
              f"fixed-model attack preset ({', '.join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS)}), "
              f"got {self.attack_preset!r}")
-        self.attack_config()
+        self.attack_configs()
         return self
 
     @property
     def needs_perturbations(self) -> bool:
         return self.stage == "stage1" or self.mode == "pgd2_defense"
 
+    def attack_configs(self) -> list[AttackConfig]:
+        """The Stage-1 perturbations: the attacks of the ``attack_preset`` (a Stage-1 data preset, or
+        one attack preset; default PGD-2: Anti-DreamBooth's eps/step, 2 iterations) with the
+        ``attack_*`` overrides. Image ``i`` of the training set gets attack ``i mod k``."""
+        out = []
+        for name in STAGE1_DATA_PRESETS.get(self.attack_preset, (self.attack_preset,)):
+            base = PRESETS[name]
+            out.append(dataclasses.replace(
+                base, seed=self.seed,
+                epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
+                step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
+                steps=base.steps if self.attack_steps is None else int(self.attack_steps)).validate())
+        return out
+
     def attack_config(self) -> AttackConfig:
-        """The Stage-1 perturbation: the ``attack_preset`` (a Stage-1 data preset; default PGD-2:
-        Anti-DreamBooth's eps/step, 2 iterations) with the ``attack_*`` overrides."""
-        base = PRESETS[self.attack_preset]
-        cfg = dataclasses.replace(
-            base, seed=self.seed,
-            epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
-            step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
-            steps=base.steps if self.attack_steps is None else int(self.attack_steps))
-        return cfg.validate()
+        """The (first) Stage-1 attack, see :meth:`attack_configs`."""
+        return self.attack_configs()[0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -184,7 +184,8 @@ class LoRDTrainStage1(io.ComfyNode):
                                tooltip="Stage-1 data preset. pgd_2: the paper's PGD-2 (2 steps of 0.6375 levels, "
                                        "faithful default); pgd_full: random start + 10 steps, Anti-DreamBooth's full "
                                        "6.375-level budget; ace_fixed: mist-v2's ACE (4 levels, 150 steps) against the "
-                                       "fixed model. Stored as float (not rounded to 8 bits)."),
+                                       "fixed model; mixed: even images pgd_full, odd images ace_fixed. Stored as "
+                                       "float (not rounded to 8 bits)."),
                 io.Int.Input("heldout_attack_steps", default=0, min=0, max=1000,
                              tooltip="Held-out evaluation: iterations of each protection (0 = the presets': ACE 150, "
                                      "PGD 50). Only used with heldout_images."),

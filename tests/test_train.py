@@ -231,6 +231,16 @@ def test_stage1_data_presets(loaded, tmp_path):
     # the random start reaches past what 2 plain steps can (1.275 levels)
     assert (copies["pgd_full"] - data.images[0]).abs().max() * 255 > 2.0
     assert not torch.equal(copies["ace_fixed"], copies["pgd_2"])
+    # mixed: image i gets attack i mod 2 (pgd_full, ace_fixed); the same entries as the single presets
+    two = make_data(clip, n=2)
+    mixed = T.TrainConfig(attack_preset="mixed", attack_steps=2)
+    assert [a.method for a in mixed.attack_configs()] == ["pgd", "ace"]
+    seen = []
+    got = CT.stage1_perturbations(model, vae, two, mixed, tmp_path, on_item=lambda i, c: seen.append((i, c)))
+    assert sorted(seen) == [(0, True), (1, False)]  # image 0's pgd_full copy was cached above
+    assert torch.equal(got[0], copies["pgd_full"])
+    ace_only = CT.stage1_perturbations(model, vae, two, T.TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
+    assert torch.equal(got[1], ace_only[1])
 
 
 def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):

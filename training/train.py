@@ -19,7 +19,7 @@ run started again with the same command resumes from its last checkpoint and end
 weights as an uninterrupted run. Exit status: 0 done, 1 training failed, 2 bad arguments or data.
 
 Stage-1 data presets (``--stage1-data``, config key ``attack_preset``): ``pgd_2`` (the paper's, default),
-``pgd_full``, ``ace_fixed``. ``--heldout DIR``: images not trained on (captions optional: ``--caption``
+``pgd_full``, ``ace_fixed``, ``mixed``. ``--heldout DIR``: images not trained on (captions optional: ``--caption``
 or the first training caption); after training they are protected with mist-v2's ACE and
 Anti-DreamBooth's PGD and the gate's AUROC on them goes into the report and the file's provenance.
 """
@@ -104,7 +104,7 @@ def parse_args(argv):
                     help="bound of the perturbation cache folder in GiB (least recently used entries of other runs "
                          "are deleted first; default 4)")
     ap.add_argument("--stage1-data", help="stage1: data preset pgd_2 (default, the paper's PGD-2) | pgd_full | ace_fixed "
-                                          "(sets attack_preset)")
+                                          "| mixed (sets attack_preset)")
     ap.add_argument("--heldout", help="stage1: folder of held-out images (not trained on) for the held-out gate AUROC")
     ap.add_argument("--heldout-attack-steps", type=int,
                     help="stage1: iterations of each held-out protection (default: the presets': ACE 150, PGD 50)")

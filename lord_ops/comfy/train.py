@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import training as T
-from ..datasets import DEFAULT_CACHE_MAX_BYTES, cached_perturbations, model_fingerprint, tensor_digest, to_uint8, to_unit
+from ..datasets import (DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, evict_cache, model_fingerprint,
+                        tensor_digest, to_uint8, to_unit)
 from ..diffusion import denoising_loss
 from ..format import LoRDFile
 from ..keys import CONTEXT_FED, select_targets
@@ -188,29 +189,43 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.Train
                          max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
                          check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
     """Perturbed copies ``[3, H, W]`` (float32 in [0, 1], **not** rounded to 8 bits, so PGD-2's ~1.3-level
-    moves survive) of ``data.images`` with ``config.attack_config()`` (the Stage-1 data preset) against
-    the base MODEL. Cached losslessly (float32 safetensors) in ``cache_dir``, keyed by image, caption,
-    attack and model; the folder is bounded to ``max_cache_bytes`` (least recently used entries of
-    other runs go first, see ``datasets.evict_cache``). Every image uses the attack's seed (as the
-    Protect node does for a one-image batch).
-    Under DDP each process computes its share, then all read the cache."""
-    attack = config.attack_config()
-    params = _attack_params(attack)
+    moves survive) of ``data.images`` with ``config.attack_configs()`` (the Stage-1 data preset; image
+    ``i`` gets attack ``i mod k``) against the base MODEL. Cached losslessly (float32 safetensors) in
+    ``cache_dir``, keyed by image, caption, attack and model; the folder is bounded to
+    ``max_cache_bytes`` (least recently used entries of other runs go first, see
+    ``datasets.evict_cache``). Every image uses the attack's seed (as the Protect node does for a
+    one-image batch). Under DDP each process computes its share, then all read the cache."""
+    attacks = config.attack_configs()
     # fingerprint the weights as loaded for this MODEL (ComfyUI patches shared weights in place, so
     # before a load they may still carry another clone's patches)
     grad.load_for_gradients(model_patcher, vae)
     fp = _fingerprint(model_patcher, vae)
     rank, world = T.distributed_context()
+    keys = [conditioning_digest(c) for c in data.conds]
+    out: list = [None] * len(data)
+    used = []
+    for j, attack in enumerate(attacks):
+        idx = [i for i in range(len(data)) if i % len(attacks) == j]
+        params = _attack_params(attack)
+        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], params, fp) for i in idx]
 
-    def compute(i: int) -> torch.Tensor:
-        return _attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack, check=check)[0]
+        def compute(k: int, attack=attack, idx=idx) -> torch.Tensor:
+            i = idx[k]
+            return _attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack, check=check)[0]
 
-    args = (data.images.raw, [conditioning_digest(c) for c in data.conds], params, fp, cache_dir, compute)
-    if world > 1:
-        cached_perturbations(*args, owned=lambda i: i % world == rank, on_item=on_item, max_bytes=None)
-        torch.distributed.barrier()
-        return cached_perturbations(*args, owned=lambda i: False, max_bytes=max_cache_bytes if rank == 0 else None)
-    return cached_perturbations(*args, on_item=on_item, max_bytes=max_cache_bytes)
+        item = (lambda k, cached, idx=idx: on_item(idx[k], cached)) if on_item is not None else None
+        args = ([data.images.raw[i] for i in idx], [keys[i] for i in idx], params, fp, cache_dir, compute)
+        if world > 1:
+            cached_perturbations(*args, owned=lambda k, idx=idx: idx[k] % world == rank, on_item=item, max_bytes=None)
+            torch.distributed.barrier()
+            copies = cached_perturbations(*args, owned=lambda k: False, max_bytes=None)
+        else:
+            copies = cached_perturbations(*args, on_item=item, max_bytes=None)
+        for i, c in zip(idx, copies):
+            out[i] = c
+    if max_cache_bytes is not None and rank == 0:
+        evict_cache(cache_dir, max_cache_bytes, keep=used)
+    return out
 
 
 def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_name: str, cache_dir,
@@ -322,8 +337,11 @@ def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult
 
     attack = None
     if config.needs_perturbations:
-        attack = {**dataclasses.asdict(config.attack_config()), "preset": config.attack_preset,
+        attacks = config.attack_configs()
+        attack = {**dataclasses.asdict(attacks[0]), "preset": config.attack_preset,
                   "stored_as": "float32 (not rounded to 8 bits)"}
+        if len(attacks) > 1:
+            attack["attacks"] = [dataclasses.asdict(a) for a in attacks]  # image i: attack i mod k
     return {"stage": config.stage, "tool": f"ComfyUI-LoRD {tool_version()}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(), "attack": attack,
@@ -431,18 +449,18 @@ NO_HELDOUT = {"images": 0, "note": "no held-out images were given: the gate was 
 
 
 def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, predict, alphas_cumprod) -> Callable:
-    """``perturb(indices, draws) -> z_adv``: the Stage-1 attack (``config.attack_config()``) against the
+    """``perturb(indices, draws) -> z_adv``: the Stage-1 attacks (``config.attack_configs()``) against the
     model *as it is being trained* (LoRD hooks live, gate learned), float32 like the cached copies,
     encoded without a graph. Seeded per sample from the step's draws, so resumed and data-parallel
     runs stay reproducible."""
-    attack = config.attack_config()
+    attacks = config.attack_configs()
     encode = grad.latent_encoder(vae, clone)
     device = clone.load_device
 
     def perturb(indices, draws):
         out = []
         for i, d in zip(indices, draws):
-            cfg = dataclasses.replace(attack, seed=d.noise_seed % (2 ** 62))
+            cfg = dataclasses.replace(attacks[i % len(attacks)], seed=d.noise_seed % (2 ** 62))
             adv = _attack_image(clone, vae, data.conds[i], data.images[i][None].to(device), cfg,
                                 predict=lambda z, tt, i=i: predict(z, tt, [i]), acp=alphas_cumprod)
             with torch.no_grad():
