@@ -101,8 +101,8 @@ def parse_args(argv):
     ap.add_argument("--lord", help="stage2 mode lord: the Stage-1 LoRD file (kept frozen and live)")
     ap.add_argument("--cache-dir", help="Stage-1 perturbation cache (default RUN_DIR/pgd_cache)")
     ap.add_argument("--cache-max-gb", type=float, default=4.0,
-                    help="bound of the perturbation cache folder in GiB (least recently used entries of other runs "
-                         "are deleted first; default 4)")
+                    help="stage1: bound of the perturbation cache folder in GiB (least recently used entries of other "
+                         "runs are deleted first; default 4; stage2 pgd2_defense uses the default)")
     ap.add_argument("--stage1-data", help="stage1: data preset pgd_2 (default, the paper's PGD-2) | pgd_full | ace_fixed "
                                           "| mixed (sets attack_preset)")
     ap.add_argument("--heldout", help="stage1: folder of held-out images (not trained on) for the held-out gate AUROC")
