@@ -526,7 +526,7 @@ def one_offs(times: list, mems: list) -> str:
         if "before_bytes" in m:
             befores.setdefault(f"{m['model']} {m['px']} px", m["before_bytes"])
     return ("LoRD's one-off PGD-2 data generation (2 attack iterations through VAE encoder + UNet per image, "
-            "then cached as PNG and reused by every later run on the same images/model): " + "; ".join(parts) +
+            "then cached on disk and reused by every later run on the same images/model): " + "; ".join(parts) +
             ". RSS before the memory calls (models loaded): " +
             "; ".join(f"{k}: {gib(b)}" for k, b in befores.items()) + ".")
 

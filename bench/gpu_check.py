@@ -11,8 +11,7 @@ failure. Steps, in order of value when device time is short:
                 and Stage 2 ``plain`` with ``dtype=fp16`` (GradScaler path), on the random
                 SD15-geometry checkpoint (``lord_ops.comfy.tiny.write_sd15_geometry_checkpoint``,
                 fp16, as ComfyUI stores it on a GPU); records the effective dtype from the files.
-``mist_v2``     ``python -m training.attack --preset mist_v2`` (``mist_v2_ace`` where the pack has no
-                ``mist_v2`` preset yet; the JSON says which) on one 512 px image, time and peak VRAM,
+``mist_v2``     ``python -m training.attack --preset mist_v2`` (the surrogate loop) on one 512 px image, time and peak VRAM,
                 next to mist-v2's reported 3-5 min and about 6 GB per image on SD1.5. Pass
                 ``--sd15 PATH`` to use a real SD1.5 checkpoint; the default random SD15-geometry
                 checkpoint has a smaller UNet (13.6M parameters, TAESD), so its numbers are a floor.
@@ -136,12 +135,6 @@ def make_inputs(work: Path, ckpt_override) -> dict:
             "mist_input": str(one)}
 
 
-def mist_preset() -> tuple[str, bool]:
-    from lord_ops.attacks import PRESETS
-
-    return ("mist_v2", True) if "mist_v2" in PRESETS else ("mist_v2_ace", False)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check_output", help="work folder; the JSON is OUT/gpu_check.json")
@@ -212,12 +205,12 @@ def main(argv=None) -> int:
         rec["effective_dtype"] = file_provenance(runs / "s2_fp16" / "lora.safetensors", "lord_provenance").get("effective_dtype")
         save()
     if "mist_v2" in only:
-        preset, exact = mist_preset()
+        preset = "mist_v2"
         out = work / "mist_v2_out"
         shutil.rmtree(out, ignore_errors=True)
         rec = run_step("mist_v2", [py, "-m", "training.attack", "--checkpoint", inputs["attack_checkpoint"], "--input",
                                    inputs["mist_input"], "--output", out, "--preset", preset], args.step_timeout, logs)
-        rec.update(preset=preset, note=None if exact else "the pack has no 'mist_v2' preset yet: ran 'mist_v2_ace' (fixed-model ACE)",
+        rec.update(preset=preset,
                    checkpoint=inputs["attack_checkpoint"], image_px=512,
                    reference="mist-v2 README: 3-5 min and about 6 GB VRAM per 512 px image on SD1.5")
         side = out / "example_512.json"

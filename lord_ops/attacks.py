@@ -222,6 +222,15 @@ class AttackResult:
     loss_trace: list[float]  # the objective (mean over the batch) before each step
 
 
+# Attack presets that the Stage-1 data presets (lord_ops/training.py STAGE1_DATA_PRESETS) name; kept
+# when defined above. ace_fixed: mist-v2's ACE objective, budget and step, against the fixed model
+# (no LoRA steps in between). pgd_full: Anti-DreamBooth's eps/step from a random start in the ball,
+# 10 iterations (10 x 0.6375 = 6.375 levels: every pixel can reach the full budget).
+PRESETS.setdefault("ace_fixed", AttackConfig("ace", published_to_levels(8 / 255), published_to_levels(0.005), 150))
+PRESETS.setdefault("pgd_full", AttackConfig("pgd", published_to_levels(0.05), published_to_levels(0.005), 10,
+                                            random_start=True))
+
+
 def project(x: torch.Tensor, original: torch.Tensor, epsilon_levels: float) -> torch.Tensor:
     """L-inf projection onto the epsilon ball around ``original`` intersected with [0, 1]."""
     eps = levels_to_unit(epsilon_levels)

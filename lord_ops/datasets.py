@@ -1,5 +1,6 @@
 """Training datasets: a folder of images with same-name ``.txt`` captions, and the Stage-1
-perturbation cache. Images are tensors ``[3, H, W]`` in [0, 1].
+perturbation cache. Images are held as 8-bit tensors ``[3, H, W]`` (uint8 0..255: a quarter of the
+memory of float32 pixels); :func:`to_unit` gives the float ``[0, 1]`` view the models take.
 
 Folder convention (kohya / most LoRA trainers): ``cat.png`` + ``cat.txt`` (UTF-8 caption). Every
 problem is found before training starts and named with its file: empty or missing folder,
@@ -8,11 +9,11 @@ unreadable image, missing or empty caption, sizes that differ or are not multipl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,10 +30,22 @@ class DatasetError(ValueError):
         super().__init__(f"{path}: {problem}" + (f" -- {fix}" if fix else ""))
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """``[..., H, W]`` in [0, 1] (float) or 0..255 (uint8) -> uint8 levels on the CPU (rounded)."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().contiguous()
+    return torch.round(image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 levels -> float32 in [0, 1]; float input passes through as float32."""
+    return image.float().div(255) if image.dtype == torch.uint8 else image.float()
+
+
 @dataclasses.dataclass
 class CaptionedImage:
     path: Path
-    image: torch.Tensor  # [3, H, W] float32 in [0, 1]
+    image: torch.Tensor  # [3, H, W] uint8 (0..255); to_unit(image) for [0, 1]
     caption: str
 
 
@@ -75,9 +88,11 @@ def load_caption_folder(folder, resolution: Optional[int] = None, caption: Optio
         except Exception as e:  # noqa: BLE001 -- PIL raises many types; name the file
             raise DatasetError(path, f"cannot be read as an image ({type(e).__name__}: {e})",
                                "replace or remove the file") from e
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
+        image = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        if image.dtype != torch.uint8:
+            image = to_uint8(image.float().div(255 if rgb.dtype.kind in "ui" else 1))
         if resolution is not None:
-            image = _resize_center_crop(image, resolution)
+            image = to_uint8(_resize_center_crop(to_unit(image), resolution))
         text = caption
         if text is None:
             cap_path = path.with_suffix(".txt")
@@ -116,8 +131,8 @@ def check_sizes(sizes: Sequence[tuple[object, tuple[int, int]]]) -> tuple[int, i
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of an image's 8-bit levels (what a PNG of it would hold)."""
-    q = torch.round(t.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
+    """sha256 of an image's 8-bit levels (what a PNG of it would hold); float [0, 1] or uint8 input."""
+    q = to_uint8(t)
     return hashlib.sha256(q.numpy().tobytes() + str(tuple(q.shape)).encode()).hexdigest()
 
 
@@ -129,62 +144,127 @@ def cache_key(image: torch.Tensor, conditioning_key: str, attack: dict, model_fi
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _write_png_atomic(path: Path, image: torch.Tensor) -> None:
-    from PIL import Image
+CACHE_FORMAT = "comfyui-lord-perturbation"
+CACHE_VERSION = "2"  # 1: 8-bit PNG entries (still counted and evicted, never read)
+CACHE_SUFFIX = ".safetensors"
+# Default bound of a perturbation cache folder: 4 GiB (a 512 px entry is 3 MiB, so about 1,300 images).
+DEFAULT_CACHE_MAX_BYTES = 4 * 1024 ** 3
 
-    arr = torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+
+def _write_entry(path: Path, image: torch.Tensor, attack: dict) -> None:
+    """One cache entry: the perturbed image ``[3, H, W]`` as float32 in [0, 1], bit for bit (atomic)."""
+    from .format import atomic_save_safetensors
+
+    t = image.detach().float().clamp(0, 1).cpu().contiguous()
+    atomic_save_safetensors(path, {"image": t}, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
+                                                 "attack": json.dumps(attack, sort_keys=True)})
+
+
+def _read_entry(path: Path, shape: tuple) -> Optional[torch.Tensor]:
+    """The cached image, or None when the entry is unusable (damaged, other shape, not finite)."""
+    from safetensors import safe_open
+
     try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with safe_open(str(path), "pt", device="cpu") as f:
+            if (f.metadata() or {}).get("format") != CACHE_FORMAT:
+                return None
+            t = f.get_tensor("image")
+    except Exception:  # noqa: BLE001 -- a damaged cache entry is recomputed
+        return None
+    if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or not torch.isfinite(t).all():
+        return None
+    if float(t.min()) < 0 or float(t.max()) > 1:
+        return None
+    return t
 
 
-def _read_png(path: Path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
+def cache_entries(cache_dir) -> list[Path]:
+    """Every entry of a perturbation cache folder (float entries and legacy ``.png`` ones)."""
+    cache = Path(cache_dir)
+    if not cache.is_dir():
+        return []
+    return [p for p in cache.iterdir() if p.is_file() and not p.name.startswith(".")
+            and p.suffix in (CACHE_SUFFIX, ".png")]
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float().div(255)
+
+def evict_cache(cache_dir, max_bytes: int, keep: Sequence[Path] = ()) -> list[Path]:
+    """Bound a cache folder to ``max_bytes``: delete least recently used entries (oldest modification
+    time first; a read refreshes it) until the folder fits. Entries in ``keep`` (the ones the current
+    run uses) are never deleted, so one run's own set may exceed the bound. Returns what was deleted."""
+    keep_set = {Path(k).resolve() for k in keep}
+    stats = []
+    for p in cache_entries(cache_dir):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        stats.append((st.st_mtime_ns, p.name, p, st.st_size))
+    total = sum(s[3] for s in stats)
+    removed = []
+    for _mtime, _name, p, size in sorted(stats):
+        if total <= max_bytes:
+            break
+        if p.resolve() in keep_set:
+            continue
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(p)
+    return removed
+
+
+def cache_entry_path(cache_dir, image: torch.Tensor, conditioning_key: str, attack: dict, model_fingerprint: str) -> Path:
+    """Where :func:`cached_perturbations` keeps the copy of ``image``."""
+    return Path(cache_dir) / f"{cache_key(image, conditioning_key, attack, model_fingerprint)}{CACHE_SUFFIX}"
 
 
 def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequence[str], attack: dict,
                          model_fingerprint: str, cache_dir, compute: Callable[[int], torch.Tensor],
                          owned: Optional[Callable[[int], bool]] = None,
-                         on_item: Optional[Callable[[int, bool], None]] = None) -> list[Optional[torch.Tensor]]:
-    """Perturbed copies ``[3, H, W]`` (8-bit exact) of ``images``, from ``cache_dir`` when present.
+                         on_item: Optional[Callable[[int, bool], None]] = None,
+                         max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> list[Optional[torch.Tensor]]:
+    """Perturbed copies ``[3, H, W]`` (float32 in [0, 1]) of ``images``, from ``cache_dir`` when present.
 
-    Missing ones are computed with ``compute(i)`` and stored as lossless PNG (atomic). With
+    ``images`` only feed the cache key (their 8-bit levels) and the expected shape. Missing copies are
+    computed with ``compute(i)`` and stored losslessly as float32 safetensors (atomic write), so a
+    perturbation smaller than one 8-bit level survives (PGD-2 moves pixels by about 1.3 levels). With
     ``owned`` (data-parallel runs) an item not owned by this process is neither computed nor read
     (``None``): the caller synchronises and calls again. ``on_item(i, was_cached)`` reports progress.
+
+    Bound (``max_bytes``, default :data:`DEFAULT_CACHE_MAX_BYTES`; None: unbounded): after the
+    entries are made, least recently used entries of *other* runs are deleted until the folder fits
+    (see :func:`evict_cache`).
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     out: list[Optional[torch.Tensor]] = []
+    used: list[Path] = []
     for i, (img, cap) in enumerate(zip(images, conditioning_keys)):
-        path = cache / f"{cache_key(img, cap, attack, model_fingerprint)}.png"
+        path = cache_entry_path(cache, img, cap, attack, model_fingerprint)
+        shape = tuple(img.shape)
         if path.exists():
-            try:
-                cached = _read_png(path)
-                if tuple(cached.shape) == tuple(img.shape):
-                    out.append(cached)
-                    if on_item:
-                        on_item(i, True)
-                    continue
-            except Exception:  # noqa: BLE001 -- a damaged cache entry is recomputed
-                pass
+            cached = _read_entry(path, shape)
+            if cached is not None:
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: evicted last
+                out.append(cached)
+                used.append(path)
+                if on_item:
+                    on_item(i, True)
+                continue
         if owned is not None and not owned(i):
             out.append(None)
             continue
         adv = compute(i)
-        _write_png_atomic(path, adv)
-        out.append(_read_png(path))
+        _write_entry(path, adv, attack)
+        out.append(adv.detach().float().clamp(0, 1).cpu())
+        used.append(path)
         if on_item:
             on_item(i, False)
+    if max_bytes is not None:
+        evict_cache(cache, max_bytes, keep=used)
     return out
 
 

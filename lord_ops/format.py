@@ -26,6 +26,11 @@ Metadata (safetensors string map):
 ``targets``            JSON list of ``<name>``
 ``base_family``        ``sd1`` | ``sd2`` | ``sdxl`` | ...
 ``provenance``         JSON object (how the file was made: tool, version, seed, training...)
+``context_gate``       optional. ``"off"``: the gates of text-fed layers (cross-attention
+                       ``to_k``/``to_v``) are forced to 0 and their ``B'`` is 0 (files trained by
+                       this pack now); absent or ``"learned"``: the gate MLP runs there too
+                       (older files, kept as they were trained). A v1 reader that ignores the key
+                       computes the same output for an ``"off"`` file, since ``B'`` is 0 there.
 =====================  ======================================================================
 
 Stage-2 LoRA files are plain kohya LoRAs (``<name>.lora_down.weight``, ``.lora_up.weight``,
@@ -52,6 +57,7 @@ from .layer import GATE_ACTIVATIONS, LoRDWeights
 FORMAT_NAME = "lord"
 FORMAT_VERSION = "1"
 LORD_FORM = "additive_gate_on_lora_output"
+CONTEXT_GATE_OFF, CONTEXT_GATE_LEARNED = "off", "learned"
 
 # file suffix -> LoRDWeights field
 SUFFIX_TO_FIELD = {
@@ -93,6 +99,7 @@ class LoRDFile:
     base_family: str = "sd1"
     provenance: dict = dataclasses.field(default_factory=dict)
     path: Optional[str] = None
+    context_gate: str = CONTEXT_GATE_LEARNED  # "off": gates of text-fed layers forced to 0 (see the table above)
 
     @property
     def rank(self) -> int:
@@ -118,6 +125,7 @@ class LoRDFile:
             "targets": json.dumps(sorted(self.targets)),
             "base_family": self.base_family,
             "provenance": json.dumps(self.provenance, sort_keys=True),
+            **({"context_gate": self.context_gate} if self.context_gate != CONTEXT_GATE_LEARNED else {}),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -283,6 +291,10 @@ def load_lord_file(path) -> LoRDFile:
     family = meta.get("base_family") or ""
     if not family:
         raise LoRDFileError(path, "metadata 'base_family' is missing.", "Re-create the file with this pack.")
+    context_gate = meta.get("context_gate", CONTEXT_GATE_LEARNED)
+    if context_gate not in (CONTEXT_GATE_OFF, CONTEXT_GATE_LEARNED):
+        raise LoRDFileError(path, f"metadata 'context_gate' is {context_gate!r} (supported: 'off', 'learned').",
+                            "Update ComfyUI-LoRD or re-create the file.")
 
     sd = _load_tensors(path)
     expected = {f"{n}.{s}" for n in targets for s in list(SUFFIX_TO_FIELD) + ["alpha"]}
@@ -310,7 +322,7 @@ def load_lord_file(path) -> LoRDFile:
         w = LoRDWeights(**{f: sd[f"{name}.{s}"].float() for s, f in SUFFIX_TO_FIELD.items()}, alpha=float(alpha_t))
         _check_target_shapes(path, name, w, rank, hidden)
         parsed[name] = w
-    return LoRDFile(parsed, activation, family, provenance, str(path))
+    return LoRDFile(parsed, activation, family, provenance, str(path), context_gate)
 
 
 def _check_target_shapes(path, name: str, w: LoRDWeights, rank: int, hidden: int) -> None:

@@ -184,11 +184,18 @@ def _features_to_output_layout(t: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return t.permute(0, 3, 1, 2) if is_conv else t
 
 
+def gate_logit(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The gate before its sigmoid, ``W2 act(W1 f + b1) + b2``: ``[..., C] -> [..., 1]`` (training's BCE
+    takes these logits)."""
+    hidden = GATE_ACTIVATIONS[activation](F.linear(features, w1, b1))
+    return F.linear(hidden, w2, b2)
+
+
 def gate_mlp(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
              b2: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``sigmoid(W2 act(W1 f + b1) + b2)`` over the last dim: ``[..., C] -> [..., 1]``."""
-    hidden = GATE_ACTIVATIONS[activation](F.linear(features, w1, b1))
-    return torch.sigmoid(F.linear(hidden, w2, b2))
+    return torch.sigmoid(gate_logit(features, w1, b1, w2, b2, activation))
 
 
 def _gate_or_forced(compute: Callable[[], torch.Tensor], like: torch.Tensor, gate_mode: str) -> torch.Tensor:
@@ -207,17 +214,27 @@ def lora_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: flo
 
 
 def lord_delta_plain(x: torch.Tensor, w: LoRDWeights, activation: str = "silu", gate_mode: str = "learned",
-                     geometry: Optional[ConvGeometry] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     geometry: Optional[ConvGeometry] = None, return_logit: bool = False):
     """Plain form: returns ``(v + lambda * s B' u, lambda)`` in the base output layout, float32.
 
-    ``lambda`` is ``[..., 1]`` for Linear and ``[B, 1, H', W']`` for Conv2d targets.
+    ``lambda`` is ``[..., 1]`` for Linear and ``[B, 1, H', W']`` for Conv2d targets. With
+    ``return_logit`` a third value is the gate's logit (``lambda = sigmoid(logit)``, same layout;
+    None for a forced gate), for a numerically stable BCE in training.
     """
     u = _down_project(x, w.down, geometry)
     s = w.scale
     v = s * F.linear(u, _as_matrix(w.up))
-    lam = _gate_or_forced(lambda: gate_mlp(v, w.gate_w1, w.gate_b1, w.gate_w2, w.gate_b2, activation), v, gate_mode)
+    logit = None
+    if gate_mode == "learned" and return_logit:
+        logit = gate_logit(v, w.gate_w1, w.gate_b1, w.gate_w2, w.gate_b2, activation)
+        lam = torch.sigmoid(logit)
+    else:
+        lam = _gate_or_forced(lambda: gate_mlp(v, w.gate_w1, w.gate_b1, w.gate_w2, w.gate_b2, activation), v, gate_mode)
     delta = v + lam * (s * F.linear(u, _as_matrix(w.up_defense)))
-    return _features_to_output_layout(delta, w.is_conv), _features_to_output_layout(lam, w.is_conv)
+    out = _features_to_output_layout(delta, w.is_conv), _features_to_output_layout(lam, w.is_conv)
+    if return_logit:
+        return (*out, None if logit is None else _features_to_output_layout(logit, w.is_conv))
+    return out
 
 
 @dataclasses.dataclass

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from .attacks import PRESETS, AttackConfig
 from .diffusion import denoising_loss
-from .format import LoRDFile
+from .format import CONTEXT_GATE_OFF, LoRDFile
+from .keys import CONTEXT_FED
 from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, lora_delta, lord_delta_plain
 
 STAGES = ("stage1", "stage2")
@@ -37,8 +38,23 @@ STAGE2_MODES = ("lord", "plain", "pgd2_defense")
 # compute dtype of the frozen model (adapters keep float32 master weights); fp16 scales the loss
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
+# 2: float32 Stage-1 copies, gate BCE on logits, text-fed gates off (version-1 runs trained differently)
+CHECKPOINT_VERSION = 2
 # fields that do not change the trajectory of a run (a resumed run may change them)
 _RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
+
+# Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names attack
+# presets of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
+# float32); with several, image ``i`` gets attack ``i mod k``. ``attack_epsilon``/``attack_step_size``/
+# ``attack_steps`` override the numbers of every one.
+STAGE1_DATA_PRESETS = {
+    "pgd_2": ("pgd_2",),  # the paper's PGD-2: Anti-DreamBooth's eps/step, 2 iterations (faithful default)
+    "pgd_full": ("pgd_full",),  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
+    "ace_fixed": ("ace_fixed",),  # mist-v2's ACE objective and budget against the fixed base model
+    "mixed": ("pgd_full", "ace_fixed"),  # even images pgd_full, odd images ace_fixed
+}
+# attack methods the Stage-1 perturbation path runs (fixed-model attacks of ``lord_ops.attacks.run_attack``)
+STAGE1_METHODS = ("pgd", "ace", "ace_plus", "photoguard")
 
 
 @dataclasses.dataclass
@@ -66,7 +82,7 @@ class TrainConfig:
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
-    attack_preset: str = "pgd_2"
+    attack_preset: str = "pgd_2"  # the Stage-1 data preset (STAGE1_DATA_PRESETS) or another fixed-model attack preset
     attack_epsilon: Optional[float] = None  # pixel levels; None: the preset's
     attack_step_size: Optional[float] = None
     attack_steps: Optional[int] = None
@@ -89,23 +105,35 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
         need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
-        need(self.attack_preset in PRESETS, f"attack_preset must be one of {tuple(PRESETS)}")
-        self.attack_config()
+        need(self.attack_preset in STAGE1_DATA_PRESETS
+             or (self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS),
+             f"attack_preset (the Stage-1 data preset) must be one of {tuple(STAGE1_DATA_PRESETS)} or another "
+             f"fixed-model attack preset ({', '.join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS)}), "
+             f"got {self.attack_preset!r}")
+        self.attack_configs()
         return self
 
     @property
     def needs_perturbations(self) -> bool:
         return self.stage == "stage1" or self.mode == "pgd2_defense"
 
+    def attack_configs(self) -> list[AttackConfig]:
+        """The Stage-1 perturbations: the attacks of the ``attack_preset`` (a Stage-1 data preset, or
+        one attack preset; default PGD-2: Anti-DreamBooth's eps/step, 2 iterations) with the
+        ``attack_*`` overrides. Image ``i`` of the training set gets attack ``i mod k``."""
+        out = []
+        for name in STAGE1_DATA_PRESETS.get(self.attack_preset, (self.attack_preset,)):
+            base = PRESETS[name]
+            out.append(dataclasses.replace(
+                base, seed=self.seed,
+                epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
+                step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
+                steps=base.steps if self.attack_steps is None else int(self.attack_steps)).validate())
+        return out
+
     def attack_config(self) -> AttackConfig:
-        """The Stage-1 perturbation (default PGD-2: Anti-DreamBooth's eps/step, 2 iterations)."""
-        base = PRESETS[self.attack_preset]
-        cfg = dataclasses.replace(
-            base, seed=self.seed,
-            epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
-            step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
-            steps=base.steps if self.attack_steps is None else int(self.attack_steps))
-        return cfg.validate()
+        """The (first) Stage-1 attack, see :meth:`attack_configs`."""
+        return self.attack_configs()[0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,7 +173,14 @@ class LoRDParameters(torch.nn.Module):
 
 class TrainableLoRD(torch.nn.Module):
     """All targets of a LoRD, trainable. ``delta(name, x)`` is the plain LoRD forward of
-    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition."""
+    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition; it
+    returns ``(delta, gate logit)``.
+
+    Text-fed layers (cross-attention ``to_k``/``to_v``, :data:`lord_ops.keys.CONTEXT_FED`) read the
+    caption, identical for clean and perturbed samples, so no BCE can supervise their gate: it is
+    forced to 0 there (``context_gate = "off"`` in the file), their ``B'`` and gate MLP are frozen
+    (``B'`` stays 0), and those layers train as a plain LoRA. Their logit is None.
+    """
 
     def __init__(self, lord: LoRDFile):
         super().__init__()
@@ -153,9 +188,16 @@ class TrainableLoRD(torch.nn.Module):
         self.gate_activation = lord.gate_activation
         self.base_family = lord.base_family
         self.provenance = dict(lord.provenance)
+        self.gate_off = {n for n in self.layers if CONTEXT_FED.search(n)}
+        for n in self.gate_off:  # never used with the gate off: frozen (DDP refuses parameters without gradients)
+            for f in ("up_defense", "gate_w1", "gate_b1", "gate_w2", "gate_b2"):
+                getattr(self.layers[n], f).requires_grad_(False)
 
     def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
-        return lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, "learned", geometry)
+        mode = "clean" if name in self.gate_off else "learned"
+        delta, _lam, logit = lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, mode, geometry,
+                                              return_logit=True)
+        return delta, logit
 
     def export(self, provenance: Optional[dict] = None) -> LoRDFile:
         targets = {}
@@ -163,7 +205,8 @@ class TrainableLoRD(torch.nn.Module):
             w = p.weights()
             targets[n] = LoRDWeights(*(getattr(w, f).detach().float().cpu().clone() for f in LoRDParameters.FIELDS),
                                      w.alpha)
-        return LoRDFile(targets, self.gate_activation, self.base_family, {**self.provenance, **(provenance or {})})
+        return LoRDFile(targets, self.gate_activation, self.base_family, {**self.provenance, **(provenance or {})},
+                        context_gate=CONTEXT_GATE_OFF)
 
 
 class LoRAParameters(torch.nn.Module):
@@ -214,7 +257,7 @@ class TrainableLoRA(torch.nn.Module):
 class AdapterHooks:
     """Forward hooks adding ``adapter.delta(name, x)`` to the outputs of named modules.
 
-    Gate values (LoRD) of every hooked call are collected in ``records`` as ``(name, lambda)``;
+    Gate logits (LoRD) of every hooked call are collected in ``records`` as ``(name, logit)``;
     :meth:`take` hands them over and starts a new list (gradient checkpointing re-runs hooks during
     backward; those late records land in a list nobody reads).
     """
@@ -228,9 +271,9 @@ class AdapterHooks:
 
     def _hook(self, adapter, name, geometry):
         def hook(module, args, output):
-            delta, lam = adapter.delta(name, args[0], geometry)
-            if lam is not None:
-                self.records.append((name, lam))
+            delta, logit = adapter.delta(name, args[0], geometry)
+            if logit is not None:
+                self.records.append((name, logit))
             return output + delta.to(output.dtype)
 
         return hook
@@ -256,18 +299,20 @@ class AdapterHooks:
 
 
 def gate_bce(records: Iterable[tuple[str, torch.Tensor]], label: float, names: Optional[set] = None) -> torch.Tensor:
-    """Per-sample BCE of the gate values against ``label`` (0 clean, 1 perturbed): ``[B]``.
+    """Per-sample BCE of the gates against ``label`` (0 clean, 1 perturbed): ``[B]``.
 
+    ``records`` hold gate **logits** (``lambda = sigmoid(logit)``); the BCE is taken on the logits
+    (``binary_cross_entropy_with_logits``: exact and with a gradient even where the sigmoid saturates).
     Averaged over the features of each layer, then over layers (each layer counts once). Layers not
     in ``names`` (e.g. cross-attention k/v, whose input is the text, identical for both labels) are
-    skipped. ``lambda`` is ``[B, T, 1]`` (Linear) or ``[B, 1, H, W]`` (Conv2d).
+    skipped. A logit is ``[B, T, 1]`` (Linear) or ``[B, 1, H, W]`` (Conv2d).
     """
     per_layer = []
-    for name, lam in records:
+    for name, logit in records:
         if names is not None and name not in names:
             continue
-        p = lam.float().clamp(1e-6, 1 - 1e-6)
-        bce = F.binary_cross_entropy(p, torch.full_like(p, float(label)), reduction="none")
+        z = logit.float()
+        bce = F.binary_cross_entropy_with_logits(z, torch.full_like(z, float(label)), reduction="none")
         per_layer.append(bce.flatten(1).mean(dim=1))
     if not per_layer:
         raise ValueError("no gate values were recorded: the LoRD hooks did not run on an image-fed layer")
@@ -275,8 +320,9 @@ def gate_bce(records: Iterable[tuple[str, torch.Tensor]], label: float, names: O
 
 
 def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set] = None) -> torch.Tensor:
-    """Per-sample mean gate value ``[B]`` over the (image-fed) layers: the adversarial score."""
-    per_layer = [lam.detach().float().flatten(1).mean(dim=1) for name, lam in records
+    """Per-sample mean gate value ``lambda = sigmoid(logit)`` ``[B]`` over the (image-fed) layers: the
+    adversarial score. ``records`` hold logits, as for :func:`gate_bce`."""
+    per_layer = [torch.sigmoid(logit.detach().float()).flatten(1).mean(dim=1) for name, logit in records
                  if names is None or name in names]
     if not per_layer:
         raise ValueError("no gate values were recorded")
@@ -463,6 +509,10 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {checkpoint_path} was written by an older version of ComfyUI-LoRD (checkpoint "
+                             f"version {state.get('version')}, now {CHECKPOINT_VERSION}), which trained differently; use "
+                             f"another run name / output folder, or delete the checkpoint to start over")
         if state["digest"] != config.trajectory_digest():
             old = state.get("config", {})
             changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS and old.get(k) != v)
@@ -486,7 +536,7 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
         if checkpoint_path is None or rank != 0:
             return
         save_checkpoint(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "digest": config.trajectory_digest(),
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "digest": config.trajectory_digest(),
             "config": config.to_dict(), "identity": dict(identity or {}), "step": step, "history": history,
             "trainable": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),

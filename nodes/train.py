@@ -3,7 +3,9 @@
 Inputs follow core's Train LoRA node: lists of IMAGE batches and CONDITIONINGs (e.g. from
 Load Image and Text Dataset from Folder -> CLIP Text Encode). Runs are checkpointed under
 ``output/lord_training/<run_name>/``; running the same graph again resumes from the last checkpoint
-(Cancel keeps it). PGD perturbations are cached in ``output/lord_training/pgd_cache/``.
+(Cancel keeps it). Stage-1 perturbations are cached (float32, lossless) in
+``output/lord_training/pgd_cache/``, bounded to ``datasets.DEFAULT_CACHE_MAX_BYTES`` (least recently
+used entries of other runs are deleted first).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from comfy_api.latest import io
 
 from ..lord_ops.attacks import PRESETS
 from ..lord_ops.keys import TARGET_PRESETS
-from ..lord_ops.training import DTYPES, STAGE2_MODES, TrainConfig
+from ..lord_ops.training import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
 
 LORD_WEIGHTS = io.Custom("LORD_WEIGHTS")
 LORD_LORA = io.Custom("LORD_LORA")
@@ -36,11 +38,14 @@ def _cache_dir() -> str:
 
 
 def _flatten_images(images) -> list:
-    """IMAGE batches ``[B, H, W, C]`` in [0, 1] -> list of ``[3, H, W]``."""
+    """IMAGE batches ``[B, H, W, C]`` in [0, 1] -> list of ``[3, H, W]`` uint8 levels (what the trainers
+    keep: a quarter of float32's memory; no float copy of the whole set is made)."""
+    from ..lord_ops.datasets import to_uint8
+
     out = []
     for batch in images:
         for img in batch:
-            out.append(img[..., :3].movedim(-1, 0).float().cpu().clone())
+            out.append(to_uint8(img[..., :3].movedim(-1, 0)))
     return out
 
 
@@ -154,9 +159,11 @@ class LoRDTrainStage1(io.ComfyNode):
             node_id="LoRDTrainStage1",
             display_name="Train LoRD (Stage 1)",
             category="LoRD/training",
-            description="Adversarial training of a LoRD (paper Eq. 7-8): clean + PGD-perturbed copies of the "
-                        "images, loss L_clean + lambda_adv L_adv + lambda_gate BCE(gate). Only A, B, B' and the "
-                        "gate train; the model is frozen. Perturbations are generated once and cached.",
+            description="Adversarial training of a LoRD (paper Eq. 7-8): clean + perturbed copies of the "
+                        "images (the 'perturbations' preset; default the paper's PGD-2), loss L_clean + lambda_adv "
+                        "L_adv + lambda_gate BCE(gate). Only A, B, B' and the gate train; the model is frozen. "
+                        "Perturbations are generated once and cached losslessly. Optional held-out images give "
+                        "the gate's AUROC on protections of images it never saw.",
             is_input_list=True,
             inputs=[
                 *_data_inputs("The base model (without LoRD).", "Training images (one size; a list or a batch).",
@@ -165,38 +172,66 @@ class LoRDTrainStage1(io.ComfyNode):
                 io.Int.Input("gate_hidden", default=32, min=1, max=1024, tooltip="Width of the gate MLP."),
                 io.Float.Input("lambda_adv", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda1: weight of L_adv."),
                 io.Float.Input("lambda_gate", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda2: weight of the gate BCE."),
-                io.Float.Input("attack_strength", default=round(_PGD2.epsilon, 4), min=0.5, max=64.0, step=0.5, round=0.0001,
-                               tooltip="PGD L-inf budget in pixel levels 0..255 (Anti-DreamBooth: 6.375)."),
-                io.Float.Input("attack_step_size", default=round(_PGD2.step_size, 4), min=0.05, max=16.0, step=0.05, round=0.0001,
-                               tooltip="PGD step in pixel levels (Anti-DreamBooth: 0.6375)."),
-                io.Int.Input("attack_steps", default=_PGD2.steps, min=1, max=1000, tooltip="PGD iterations (the paper's PGD-2: 2)."),
+                io.Float.Input("attack_strength", default=0.0, min=0.0, max=64.0, step=0.5, round=0.0001,
+                               tooltip="L-inf budget in pixel levels 0..255; 0 = the perturbations preset's "
+                                       f"(pgd_2: {_PGD2.epsilon}, Anti-DreamBooth's)."),
+                io.Float.Input("attack_step_size", default=0.0, min=0.0, max=16.0, step=0.05, round=0.0001,
+                               tooltip=f"Attack step in pixel levels; 0 = the preset's (pgd_2: {_PGD2.step_size})."),
+                io.Int.Input("attack_steps", default=0, min=0, max=1000,
+                             tooltip=f"Attack iterations; 0 = the preset's (pgd_2: {_PGD2.steps}, the paper's PGD-2)."),
                 io.Boolean.Input("online_perturbations", default=False,
-                                 tooltip="Regenerate the PGD perturbations every step against the model being trained "
+                                 tooltip="Regenerate the perturbations every step against the model being trained "
                                          "(costs attack_steps extra passes per sample; nothing cached)."),
+                io.Combo.Input("perturbations", options=list(STAGE1_DATA_PRESETS), default="pgd_2",
+                               tooltip="Stage-1 data preset. pgd_2: the paper's PGD-2 (2 steps of 0.6375 levels, "
+                                       "faithful default); pgd_full: random start + 10 steps, Anti-DreamBooth's full "
+                                       "6.375-level budget; ace_fixed: mist-v2's ACE (4 levels, 150 steps) against the "
+                                       "fixed model; mixed: even images pgd_full, odd images ace_fixed. Stored as "
+                                       "float (not rounded to 8 bits)."),
+                io.Int.Input("heldout_attack_steps", default=0, min=0, max=1000,
+                             tooltip="Held-out evaluation: iterations of each protection (0 = the presets': ACE 150, "
+                                     "PGD 50). Only used with heldout_images."),
+                io.Image.Input("heldout_images", optional=True,
+                               tooltip="Images NOT in the training set (training size). They are protected with "
+                                       "mist-v2's ACE and Anti-DreamBooth's PGD (8-bit rounded) and the gate's AUROC "
+                                       "vs their clean versions goes into the report and the file's provenance."),
+                io.Conditioning.Input("heldout_positive", optional=True,
+                                      tooltip="Captions of the held-out images (one per image or one for all); "
+                                              "default: the first training conditioning."),
             ],
             outputs=[
                 LORD_WEIGHTS.Output(display_name="lord", tooltip="The trained LoRD (save it with Save LoRD)."),
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRD applied."),
                 LOSS_MAP.Output(display_name="loss_map", tooltip="Loss per step (core's Plot Loss Graph)."),
-                io.String.Output(display_name="report", tooltip="JSON: final losses, gate separation (AUROC) on the training data."),
+                io.String.Output(display_name="report", tooltip="JSON: final losses, gate AUROC on the training pairs "
+                                                                "(in-sample) and on held-out protected images."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, vae, images, positive, **kwargs):
+    def execute(cls, model, vae, images, positive, heldout_images=None, heldout_positive=None, **kwargs):
+        import comfy.model_management
+
         from ..lord_ops.comfy.patch import apply_lord
-        from ..lord_ops.comfy.train import TrainingData, train_stage1
+        from ..lord_ops.comfy.train import HeldOut, TrainingData, train_stage1
 
         p = _scalars(kwargs)
         config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
-                         attack_epsilon=p["attack_strength"], attack_step_size=p["attack_step_size"],
-                         attack_steps=p["attack_steps"], online_perturbations=p["online_perturbations"])
+                         attack_preset=p.get("perturbations", "pgd_2"),
+                         attack_epsilon=p["attack_strength"] or None, attack_step_size=p["attack_step_size"] or None,
+                         attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
         imgs = _flatten_images(images)
         data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))])
-        progress = _Progress(config.steps, "LoRD Stage-1", 0 if config.online_perturbations else len(imgs))
+        heldout = None
+        if heldout_images:
+            held = _flatten_images(heldout_images)
+            conds = _flatten_conds(heldout_positive) if heldout_positive else data.conds[:1]
+            heldout = HeldOut(held, conds, attack_steps=p.get("heldout_attack_steps") or None)
+        progress = _Progress(config.steps, "LoRD Stage-1", 0 if config.online_perturbations else len(data))
         run_dir = _training_dir(p["run_name"])
         out = train_stage1(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
-                           on_step=progress.step, on_data=progress.data_item)
+                           on_step=progress.step, on_data=progress.data_item, heldout=heldout,
+                           check=comfy.model_management.throw_exception_if_processing_interrupted)
         trained = apply_lord(model[0], out.lord)
         return io.NodeOutput(out.lord, trained, out.result.loss_map, json.dumps(out.report, indent=1))
 

@@ -306,7 +306,8 @@ def test_training_workflows_chain_into_defended_generation(server):
     assert prov["stage"] == "stage1" and prov["steps_trained"] == 4
     assert prov["dataset"]["images"] == 4 and prov["dataset"]["size_hw"] == [64, 64]
     assert "auroc" in prov["gate_separation_train"]
-    assert prov["config"]["learning_rate"] == 1e-4 and prov["config"]["attack_steps"] == 2  # the workflow's widgets
+    assert prov["config"]["learning_rate"] == 1e-4 and prov["config"]["attack_preset"] == "pgd_2"  # the workflow's widgets
+    assert prov["attack"]["steps"] == 2 and prov["gate_separation_heldout"]["images"] == 0  # attack_steps 0: the preset's
 
     e2 = server.run_prompt(shipped_prompt(server, TRAIN_STAGE2, steps=3, run_name="chain_stage2"), timeout=600)
     assert e2["status"]["status_str"] == "success", e2["status"]

@@ -77,9 +77,19 @@ def test_schedule_is_independent_of_batch_split():
 
 def test_gate_bce_and_auroc():
     lam = torch.tensor([[[0.1], [0.2]], [[0.9], [0.8]]])  # [B=2, T=2, 1]
-    clean = T.gate_bce([("a", lam)], 0.0)
+    logit = torch.logit(lam)  # the hooks record logits
+    clean = T.gate_bce([("a", logit)], 0.0)
     assert clean[0] < clean[1]
-    assert T.gate_bce([("a", lam), ("b", lam)], 1.0, names={"a"}).shape == (2,)
+    ref = torch.nn.functional.binary_cross_entropy(lam, torch.zeros_like(lam), reduction="none").flatten(1).mean(1)
+    assert torch.allclose(clean, ref, atol=1e-6)
+    assert torch.allclose(T.gate_scores([("a", logit)]), lam.flatten(1).mean(1))
+    assert T.gate_bce([("a", logit), ("b", logit)], 1.0, names={"a"}).shape == (2,)
+    # a saturated gate: the old clamped-sigmoid BCE had no gradient (and capped the loss at ~13.8);
+    # on logits the loss is exact and the gradient pulls the gate back
+    far = torch.tensor([[[40.0]]], requires_grad=True)
+    loss = T.gate_bce([("a", far)], 0.0)
+    loss.sum().backward()
+    assert float(loss.detach()) > 39 and float(far.grad) > 0.9
     assert T.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and T.auroc([0.5], [0.5]) == 0.5
     with pytest.raises(ValueError, match="no gate values"):
         T.gate_bce([("b", lam)], 1.0, names={"a"})
@@ -134,8 +144,191 @@ def test_stage1_cache_is_reused(loaded, tmp_path):
     assert all((a - im).abs().max() * 255 <= 16 + 1e-3 for a, im in zip(first, data.images))
     other = CT.stage1_perturbations(model, vae, data, dataclasses.replace(config, attack_steps=3), tmp_path,
                                     on_item=lambda i, c: seen.append(c))
-    assert seen[-2:] == [False, False] and len(list(tmp_path.glob("*.png"))) == 4
+    assert seen[-2:] == [False, False] and len(list(tmp_path.glob("*.safetensors"))) == 4
     assert not torch.equal(other[0], first[0])
+
+
+def test_perturbation_cache_is_lossless_atomic_and_bounded(tmp_path):
+    """Float entries keep sub-level perturbations bit for bit (8-bit PNG entries rounded them away);
+    the folder is bounded, least recently used first, never evicting what the current call uses."""
+    from comfyui_lord.lord_ops import datasets as D
+
+    imgs = pictures(3, size=16)
+    keys = ["cap a", "cap b", "cap c"]
+    delta = 0.4 / 255  # less than half a level: 8-bit rounding erases it
+    made = []
+
+    def compute(i):
+        made.append(i)
+        return (imgs[i] + delta).clamp(0, 1)
+
+    out = D.cached_perturbations(imgs, keys, {"m": 1}, "fp", tmp_path, compute)
+    assert made == [0, 1, 2]
+    again = D.cached_perturbations(imgs, keys, {"m": 1}, "fp", tmp_path, compute)
+    assert made == [0, 1, 2]  # read back, not recomputed
+    for a, b, im in zip(out, again, imgs):
+        assert torch.equal(a, b) and a.dtype == torch.float32
+        assert torch.allclose(a - im, (im + delta).clamp(0, 1) - im) and (a - im).abs().max() > 0.3 / 255
+    entries = sorted(tmp_path.glob("*.safetensors"))
+    assert len(entries) == 3 and not list(tmp_path.glob(".*.tmp"))
+    # a damaged entry is recomputed
+    entries[0].write_bytes(b"garbage")
+    D.cached_perturbations(imgs, keys, {"m": 1}, "fp", tmp_path, compute)
+    assert len(made) == 4
+    # bound: one entry is 16*16*3*4 bytes + header; room for about four
+    size = max(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    bound = 4 * size + size // 2
+    old_entries = sorted(tmp_path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    for p, ns in zip(old_entries, (1, 2, 3)):
+        os.utime(p, ns=(ns * 10 ** 9, ns * 10 ** 9))  # a clear age order
+    D.cached_perturbations(imgs[:1], keys[:1], {"m": 1}, "fp", tmp_path, compute)  # a read refreshes entry 0
+    new = D.cached_perturbations(imgs, keys, {"m": 2}, "fp", tmp_path, compute, max_bytes=bound)
+    left = set(tmp_path.glob("*.safetensors"))
+    assert len(left) == 4 and all(torch.isfinite(t).all() for t in new)
+    # the current call's three entries stay, plus the most recently used old one (image 0's)
+    key0 = D.cache_key(imgs[0], keys[0], {"m": 1}, "fp")
+    assert tmp_path / f"{key0}.safetensors" in left
+    assert all(tmp_path / f"{D.cache_key(im, k, {'m': 2}, 'fp')}.safetensors" in left for im, k in zip(imgs, keys))
+    # a bound smaller than the current set keeps the current set (evicts everything else)
+    D.evict_cache(tmp_path, 1, keep=[tmp_path / f"{D.cache_key(im, k, {'m': 2}, 'fp')}.safetensors"
+                                     for im, k in zip(imgs, keys)])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_pgd2_copies_keep_their_sub_level_moves(loaded, tmp_path):
+    """The faithful PGD-2 moves a pixel by at most 2 x 0.6375 levels; the cached copy keeps that
+    (the 8-bit PNG cache turned it into a +-1-level sign pattern)."""
+    model, clip, vae = loaded
+    data = make_data(clip, n=2)
+    config = T.TrainConfig(steps=1)  # default Stage-1 data: pgd_2
+    assert config.attack_config().steps == 2 and abs(config.attack_config().step_size - 0.6375) < 1e-9
+    copies = CT.stage1_perturbations(model, vae, data, config, tmp_path)
+    for adv, im in zip(copies, data.images):
+        d = (adv - im) * 255
+        assert 0 < d.abs().max() <= 2 * 0.6375 + 1e-3
+        assert (d - torch.round(d)).abs().max() > 0.2  # not on the 8-bit grid
+    again = CT.stage1_perturbations(model, vae, data, config, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(copies, again))
+    assert data.images.raw[0].dtype == torch.uint8  # images are held as 8-bit levels
+
+
+def test_stage1_data_presets(loaded, tmp_path):
+    model, clip, vae = loaded
+    data = make_data(clip, n=1)
+    with pytest.raises(ValueError, match="Stage-1 data preset.*pgd_2.*pgd_full.*ace_fixed"):
+        T.TrainConfig(attack_preset="nope").validate()
+    assert set(T.STAGE1_DATA_PRESETS) >= {"pgd_2", "pgd_full", "ace_fixed"}
+    full = T.TrainConfig(attack_preset="pgd_full").attack_config()
+    assert full.method == "pgd" and full.random_start and full.steps * full.step_size >= full.epsilon - 1e-9
+    ace = T.TrainConfig(attack_preset="ace_fixed").attack_config()
+    assert ace.method == "ace" and ace.epsilon == 4.0 and ace.steps == 150
+    copies = {}
+    for preset in ("pgd_2", "pgd_full", "ace_fixed"):
+        config = T.TrainConfig(attack_preset=preset, attack_steps=2)
+        copies[preset] = CT.stage1_perturbations(model, vae, data, config, tmp_path)[0]
+        d = (copies[preset] - data.images[0]).abs().max() * 255
+        assert 0 < d <= config.attack_config().epsilon + 1e-3, (preset, d)
+    # the random start reaches past what 2 plain steps can (1.275 levels)
+    assert (copies["pgd_full"] - data.images[0]).abs().max() * 255 > 2.0
+    assert not torch.equal(copies["ace_fixed"], copies["pgd_2"])
+    # mixed: image i gets attack i mod 2 (pgd_full, ace_fixed); the same entries as the single presets
+    two = make_data(clip, n=2)
+    mixed = T.TrainConfig(attack_preset="mixed", attack_steps=2)
+    assert [a.method for a in mixed.attack_configs()] == ["pgd", "ace"]
+    seen = []
+    got = CT.stage1_perturbations(model, vae, two, mixed, tmp_path, on_item=lambda i, c: seen.append((i, c)))
+    assert sorted(seen) == [(0, True), (1, False)]  # image 0's pgd_full copy was cached above
+    assert torch.equal(got[0], copies["pgd_full"])
+    ace_only = CT.stage1_perturbations(model, vae, two, T.TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
+    assert torch.equal(got[1], ace_only[1])
+
+
+def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
+    """Cross-attention to_k/to_v read the caption: their gate is forced to 0 in training (B' stays 0,
+    the gate MLP untouched) and at inference for files marked context_gate=off; files without the
+    key (older ones) load and run as before."""
+    from comfyui_lord.lord_ops.comfy.patch import LoRDInjection, init_lord_for_model
+    from comfyui_lord.lord_ops.format import save_lord_file
+    from comfyui_lord.lord_ops.keys import CONTEXT_FED
+    from comfyui_lord.lord_ops.layer import lord_delta_plain
+
+    model, clip, vae = loaded
+    config = T.TrainConfig(steps=3, **FAST)
+    with torch.inference_mode():
+        lord = CT.train_stage1(model, vae, make_data(clip, n=2), config, tmp_path / "cache", evaluate=False).lord
+    init = init_lord_for_model(model, config.targets, config.rank, config.alpha, config.gate_hidden,
+                               config.gate_activation, config.seed)
+    text_fed = [n for n in lord.targets if CONTEXT_FED.search(n)]
+    assert text_fed and lord.context_gate == "off"
+    for n in text_fed:
+        w, w0 = lord.targets[n], init.targets[n]
+        assert not w.up_defense.any()
+        assert torch.equal(w.gate_w1, w0.gate_w1) and torch.equal(w.gate_b2, w0.gate_b2)  # never trained
+        assert w.up.any()  # the clean LoRA still trains there
+    path = save_lord_file(tmp_path / "new.safetensors", lord)
+    assert load_lord_file(path).context_gate == "off"
+    # inference: a text-fed layer of an 'off' file adds v only, whatever B' holds
+    demo = init_lord_for_model(model, "attn", 4, None, 8, "silu", 3, random_up=0.5)
+    name = next(n for n in demo.targets if CONTEXT_FED.search(n))
+    w = demo.targets[name]
+    x = torch.randn(1, 5, w.in_features)
+    out = torch.zeros(1, 5, w.out_features)
+    clean, _ = lord_delta_plain(x, w, gate_mode="clean")
+    learned, _ = lord_delta_plain(x, w, gate_mode="learned")
+    for context_gate, expected in (("off", clean), ("learned", learned)):
+        demo.context_gate = context_gate
+        inj = LoRDInjection(demo, {name: "unused"}, "plain", "learned", 1.0)
+        got = inj._hook_for(name, None)(None, (x,), out)
+        assert torch.allclose(got, expected, atol=1e-5), context_gate
+    assert not torch.allclose(clean, learned)
+    # an older file (no context_gate key) still loads, with its learned gate
+    demo.context_gate = "learned"
+    old = save_lord_file(tmp_path / "old.safetensors", demo)
+    with safe_open(str(old), "pt") as f:
+        assert "context_gate" not in f.metadata() and f.metadata()["format_version"] == "1"
+    assert load_lord_file(old).context_gate == "learned"
+
+
+def test_heldout_evaluation_is_reported_and_cancellable(loaded, tmp_path):
+    model, clip, vae = loaded
+    data = make_data(clip, n=2)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
+    heldout = CT.HeldOut(pictures(2, seed=11), [cond], attack_steps=2)
+    config = T.TrainConfig(steps=2, **FAST)
+    calls = []
+    with torch.inference_mode():
+        out = CT.train_stage1(model, vae, data, config, tmp_path / "cache", heldout=heldout,
+                              check=lambda: calls.append(1))
+        alone = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
+    held = out.report["gate_separation_heldout"]
+    assert held["images"] == 2 and held["in_sample"] is False
+    assert set(held["attacks"]) == {"ace_fixed", "pgd_fixed"}
+    for name, sep in held["attacks"].items():
+        assert 0.0 <= sep["auroc"] <= 1.0 and sep["samples"] == 2
+        assert sep["attack"]["steps"] == 2 and sep["attack"]["rounded"] == "uint8"
+    assert out.report["gate_separation_train"]["in_sample"] is True
+    assert out.lord.provenance["gate_separation_heldout"] == held
+    assert out.lord.provenance["attack"]["preset"] == "pgd_2"
+    # without held-out images the report says so (no number is made up)
+    assert alone.report["gate_separation_heldout"]["images"] == 0
+    assert "no held-out images" in alone.report["gate_separation_heldout"]["note"]
+    # Cancel is checked for every held-out protection and in every evaluation loop (train + 2 attacks)
+    assert len(calls) >= 2 * 2 + 2 + 2 * 2
+
+    class Cancelled(Exception):
+        pass
+
+    done = []
+
+    def cancel_after_training():
+        if done:
+            raise Cancelled
+
+    with torch.inference_mode(), pytest.raises(Cancelled):
+        CT.train_stage1(model, vae, data, config, tmp_path / "cache", heldout=heldout,
+                        on_step=lambda rec: done.append(rec.step) if rec.step == rec.steps else None,
+                        check=cancel_after_training)
+    assert done == [2]
 
 
 def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
@@ -169,6 +362,11 @@ def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
         with pytest.raises(ValueError, match="different settings.*learning_rate"):
             CT.train_stage1(model, vae, data, dataclasses.replace(config, learning_rate=1e-2), tmp_path / "cache",
                             tmp_path / "b.pt", evaluate=False)
+        old = T.load_checkpoint(tmp_path / "b.pt")
+        old["version"] = 1  # written before float copies / logit BCE / text-fed gates off
+        T.save_checkpoint(tmp_path / "old.pt", old)
+        with pytest.raises(ValueError, match="older version of ComfyUI-LoRD"):
+            CT.train_stage1(model, vae, data, config, tmp_path / "cache", tmp_path / "old.pt", evaluate=False)
 
 
 def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
@@ -207,7 +405,7 @@ def test_online_perturbations_against_the_current_model(loaded, tmp_path):
     with torch.inference_mode():
         a = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
         b = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
-        assert not list((tmp_path / "cache").glob("*.png"))  # online runs neither read nor write the cache
+        assert not list((tmp_path / "cache").glob("*"))  # online runs neither read nor write the cache
         cached = CT.train_stage1(model, vae, data, dataclasses.replace(config, online_perturbations=False),
                                  tmp_path / "cache", evaluate=False)
     assert [h["loss"] for h in a.result.history] == [h["loss"] for h in b.result.history]  # seeded
@@ -359,6 +557,12 @@ def test_cli_refuses_bad_data_before_loading(sd15_checkpoint, tmp_path):
     assert r.returncode == 2 and "img1.png" in r.stderr and "no caption file" in r.stderr
     r = cli(*stage1_args(sd15_checkpoint, tmp_path / "data", tmp_path / "out", "--set", "stepz=3"))
     assert r.returncode == 2 and "unknown option" in r.stderr
+    (data / "img1.txt").write_text("a photo")
+    held = write_folder(tmp_path / "held", n=1, size=16, captions=False)
+    r = cli(*stage1_args(sd15_checkpoint, data, tmp_path / "out", "--heldout", held))
+    assert r.returncode == 2 and "training size 32x32" in r.stderr
+    r = cli(*stage1_args(sd15_checkpoint, data, tmp_path / "out", "--stage1-data", "nope"))
+    assert r.returncode == 2 and "Stage-1 data preset" in r.stderr
     r = cli("stage2", "--checkpoint", sd15_checkpoint, "--data", data, "--output", tmp_path / "o2",
             "--instance-prompt", "a photo of sks person")
     assert r.returncode == 2 and "needs --lord" in r.stderr
@@ -373,10 +577,15 @@ def test_cli_killed_run_resumes_to_the_same_weights(sd15_checkpoint, tmp_path):
     data = write_folder(tmp_path / "data", n=3)
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("steps = 16\nbatch_size = 2\ncheckpoint_every = 2\nseed = 4\n")
-    ref = cli(*stage1_args(sd15_checkpoint, data, tmp_path / "ref", "--config", cfg), timeout=600)
+    held = write_folder(tmp_path / "held", n=2, seed=8, captions=False)
+    ref = cli(*stage1_args(sd15_checkpoint, data, tmp_path / "ref", "--config", cfg, "--heldout", held,
+                           "--heldout-attack-steps", "1"), timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     log = [json.loads(line) for line in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
     assert log[0]["event"] == "start" and log[-1]["event"] == "done" and sum(e["event"] == "step" for e in log) == 16
+    held_report = log[-1]["gate_separation_heldout"]
+    assert held_report["images"] == 2 and set(held_report["attacks"]) == {"ace_fixed", "pgd_fixed"}
+    assert load_lord_file(tmp_path / "ref" / "lord.safetensors").provenance["gate_separation_heldout"] == held_report
 
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -483,13 +692,18 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     images = [torch.stack(pictures(2)).movedim(1, -1)]  # one IMAGE batch [2, H, W, 3]
     widgets = node_widgets(steps=4, checkpoint_every=2, run_name="node run", gate_hidden=8, lambda_adv=1.0,
                            lambda_gate=1.0, attack_strength=16.0, attack_step_size=8.0, attack_steps=2,
-                           online_perturbations=False)
+                           online_perturbations=False, perturbations="pgd_2", heldout_attack_steps=1)
+    heldout = [torch.stack(pictures(2, seed=3)).movedim(1, -1)]
     with torch.inference_mode():
-        lord, patched, loss_map, report = LoRDTrainStage1.execute([model], [vae], images, conds, **widgets).args
+        lord, patched, loss_map, report = LoRDTrainStage1.execute([model], [vae], images, conds, heldout_images=heldout,
+                                                                  **widgets).args
         ckpt = tmp_path / "output" / "lord_training" / "node_run" / "checkpoint.pt"
         assert T.load_checkpoint(ckpt)["step"] == 4 and len(loss_map["loss"]) == 4
-        assert 0.0 <= json.loads(report)["gate_separation_train"]["auroc"] <= 1.0
-        assert list((tmp_path / "output" / "lord_training" / "pgd_cache").glob("*.png"))
+        report = json.loads(report)
+        assert 0.0 <= report["gate_separation_train"]["auroc"] <= 1.0 and report["gate_separation_train"]["in_sample"]
+        held = report["gate_separation_heldout"]
+        assert held["images"] == 2 and set(held["attacks"]) == {"ace_fixed", "pgd_fixed"}
+        assert list((tmp_path / "output" / "lord_training" / "pgd_cache").glob("*.safetensors"))
         # queueing it again resumes from the finished checkpoint: no new steps, same weights
         again = LoRDTrainStage1.execute([model], [vae], images, conds, **widgets).args[0]
     assert all(torch.equal(w.up, again.targets[n].up) for n, w in lord.targets.items())
@@ -498,6 +712,16 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     loaded_back = load_lord_file(tmp_path / "lord" / name)
     assert loaded_back.gate_hidden == 8 and loaded_back.provenance["stage"] == "stage1"
     assert loaded_back.provenance["config"]["attack_epsilon"] == 16.0
+    assert loaded_back.provenance["gate_separation_heldout"]["images"] == 2 and loaded_back.context_gate == "off"
+    # widgets at 0 take the preset's numbers
+    zero = node_widgets(gate_hidden=8, lambda_adv=1.0, lambda_gate=1.0, attack_strength=0.0, attack_step_size=0.0,
+                        attack_steps=0, online_perturbations=False, perturbations="ace_fixed", heldout_attack_steps=0)
+    from comfyui_lord.nodes.train import _config, _scalars
+
+    p = _scalars(zero)
+    cfg = _config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
+                  attack_step_size=p["attack_step_size"] or None, attack_steps=p["attack_steps"] or None)
+    assert cfg.attack_config() == dataclasses.replace(T.PRESETS["ace_fixed"], seed=0)
 
 
 @pytest.mark.parametrize("name", ["stage1_sd15.toml", "stage2_sks.toml"])

@@ -12,10 +12,16 @@ same-name ``.txt`` captions (Stage-2: ``--instance-prompt`` replaces them). Opti
 
 ``RUN_DIR`` receives ``checkpoint.pt`` (weights + optimizer + RNG + step, written atomically every
 ``checkpoint_every`` steps), ``log.jsonl`` (one JSON object per event/step), ``pgd_cache/`` (Stage-1
-perturbations, unless ``--cache-dir``) and the result (``--save``, default ``RUN_DIR/lord.safetensors``
+perturbations as float32 safetensors, unless ``--cache-dir``; bounded by ``--cache-max-gb``, least
+recently used entries of other runs deleted first) and the result (``--save``, default ``RUN_DIR/lord.safetensors``
 or ``RUN_DIR/lora.safetensors``; point it into ComfyUI's ``models/lord`` / ``models/loras``). A killed
 run started again with the same command resumes from its last checkpoint and ends with the same
 weights as an uninterrupted run. Exit status: 0 done, 1 training failed, 2 bad arguments or data.
+
+Stage-1 data presets (``--stage1-data``, config key ``attack_preset``): ``pgd_2`` (the paper's, default),
+``pgd_full``, ``ace_fixed``, ``mixed``. ``--heldout DIR``: images not trained on (captions optional: ``--caption``
+or the first training caption); after training they are protected with mist-v2's ACE and
+Anti-DreamBooth's PGD and the gate's AUROC on them goes into the report and the file's provenance.
 """
 from __future__ import annotations
 
@@ -94,6 +100,14 @@ def parse_args(argv):
     ap.add_argument("--mode", choices=["lord", "plain", "pgd2_defense"], help="stage2 mode (default lord)")
     ap.add_argument("--lord", help="stage2 mode lord: the Stage-1 LoRD file (kept frozen and live)")
     ap.add_argument("--cache-dir", help="Stage-1 perturbation cache (default RUN_DIR/pgd_cache)")
+    ap.add_argument("--cache-max-gb", type=float, default=4.0,
+                    help="stage1: bound of the perturbation cache folder in GiB (least recently used entries of other "
+                         "runs are deleted first; default 4; stage2 pgd2_defense uses the default)")
+    ap.add_argument("--stage1-data", help="stage1: data preset pgd_2 (default, the paper's PGD-2) | pgd_full | ace_fixed "
+                                          "| mixed (sets attack_preset)")
+    ap.add_argument("--heldout", help="stage1: folder of held-out images (not trained on) for the held-out gate AUROC")
+    ap.add_argument("--heldout-attack-steps", type=int,
+                    help="stage1: iterations of each held-out protection (default: the presets': ACE 150, PGD 50)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--learning-rate", type=float)
@@ -155,7 +169,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         extra = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                 "seed": args.seed, "mode": args.mode}
+                 "seed": args.seed, "mode": args.mode, "attack_preset": args.stage1_data}
         config = build_config(args.stage, args.config, args.set, extra)
         ckpt, out = Path(args.checkpoint), Path(args.output)
         if not ckpt.is_file():
@@ -171,6 +185,17 @@ def main(argv=None) -> int:
             if not args.class_prompt:
                 raise Refused("--class-data needs --class-prompt (e.g. 'a photo of a person')")
             class_items = load_caption_folder(args.class_data, args.resolution or items[0].image.shape[-1], args.class_prompt)
+        heldout_items = []
+        if args.heldout:
+            if args.stage != "stage1":
+                raise Refused("--heldout is a Stage-1 option (held-out gate evaluation)")
+            heldout_items = load_caption_folder(args.heldout, args.resolution, args.caption, require_captions=False)
+            want = tuple(items[0].image.shape[-2:])
+            if {tuple(it.image.shape[-2:]) for it in heldout_items} != {want}:
+                raise Refused(f"--heldout {args.heldout}: held-out images must have the training size {want[1]}x{want[0]} "
+                              f"px (use --resolution to resize both sets)")
+        if args.cache_max_gb is not None and args.cache_max_gb <= 0:
+            raise Refused(f"--cache-max-gb must be > 0, got {args.cache_max_gb}")
         find_comfyui(args.comfyui)
     except (Refused, DatasetError, ComfyUINotFound) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -187,7 +212,7 @@ def main(argv=None) -> int:
     log = JsonLog(out / "log.jsonl", rank == 0)
     show = rank == 0 and not args.quiet
     try:
-        return run(args, config, items, class_items, out, log, show, world)
+        return run(args, config, items, class_items, out, log, show, world, heldout_items)
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         log("error", message=str(e))
@@ -208,12 +233,12 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def run(args, config: TrainConfig, items, class_items, out: Path, log, show: bool, world: int) -> int:
+def run(args, config: TrainConfig, items, class_items, out: Path, log, show: bool, world: int, heldout_items=()) -> int:
     import torch
 
     from lord_ops import tool_version
     from lord_ops.comfy.patch import apply_lord, model_family
-    from lord_ops.comfy.train import TrainingData, kohya_metadata, train_stage1, train_stage2
+    from lord_ops.comfy.train import HeldOut, TrainingData, kohya_metadata, train_stage1, train_stage2
     from lord_ops.format import LoRDFileError, load_lord_file, save_kohya_lora, save_lord_file
 
     t0 = time.time()
@@ -251,8 +276,16 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
         if show:
             print(f"[{config.stage}] resuming from {checkpoint_path}")
     rank = torch.distributed.get_rank() if world > 1 else 0
+    max_cache = int(args.cache_max_gb * 1024 ** 3) if args.cache_max_gb is not None else None
     if config.stage == "stage1":
-        result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step, on_data)
+        heldout = None
+        if heldout_items:
+            heldout = HeldOut([it.image for it in heldout_items],
+                              [encode(it.caption or items[0].caption) for it in heldout_items],
+                              attack_steps=args.heldout_attack_steps)
+            log("heldout", images=len(heldout_items), attacks=list(heldout.attacks))
+        result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step, on_data,
+                              heldout=heldout, max_cache_bytes=max_cache)
         save = Path(args.save) if args.save else out / "lord.safetensors"
         if rank == 0:
             save.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,8 @@ class LoRDInjection:
         self.strength = float(strength)
         self.recorder = recorder
         self.spatial = {n for n in modules if not CONTEXT_FED.search(n)}
+        # context_gate "off": the gates of text-fed layers are forced to 0 (format.py, "context_gate")
+        self.gate_off = set(modules) - self.spatial if getattr(lord, "context_gate", "learned") == "off" else set()
         # Normal (not inference-mode) float32 copies: Load LoRD runs under the server's
         # inference_mode, and gradients through the hooks (Stage-2 training, attacks on a defended
         # model) need tensors autograd may save.
@@ -173,11 +175,12 @@ class LoRDInjection:
             if fused:
                 # with a forced gate the defense part is in the weight patch; hooks only record
                 mode = "learned" if recording else self.gate_mode
-                extra, lam = lord_defense_fused(x, rt, activation, mode, geometry)
+                extra, lam = lord_defense_fused(x, rt, activation, "clean" if name in self.gate_off else mode, geometry)
                 if self.gate_mode != "learned":
                     extra = None
             else:
-                extra, lam = lord_delta_plain(x, rt, activation, self.gate_mode, geometry)
+                extra, lam = lord_delta_plain(x, rt, activation, "clean" if name in self.gate_off else self.gate_mode,
+                                              geometry)
                 if recording and self.gate_mode != "learned":  # a recorder always sees the learned gate
                     _, lam = lord_delta_plain(x, rt, activation, "learned", geometry)
             if self.recorder is not None:
@@ -221,7 +224,7 @@ def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.T
     for name, w in lord.targets.items():
         up = w.scale * w.up.float()
         down = w.down.float()
-        if gate_mode == "defense":
+        if gate_mode == "defense" and not (lord.context_gate == "off" and CONTEXT_FED.search(name)):
             up = torch.cat([up, w.scale * w.up_defense.float()], dim=1)
             down = torch.cat([down, down], dim=0)
         sd[f"{name}.lora_up.weight"] = up

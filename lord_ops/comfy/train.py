@@ -7,6 +7,7 @@ the attack engine, and hooks the trainable LoRD / LoRA into the UNet's target la
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import datetime
@@ -15,7 +16,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import training as T
-from ..datasets import cached_perturbations, model_fingerprint, tensor_digest
+from ..datasets import (DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, evict_cache, model_fingerprint,
+                        tensor_digest, to_uint8, to_unit)
 from ..diffusion import denoising_loss
 from ..format import LoRDFile
 from ..keys import CONTEXT_FED, select_targets
@@ -23,11 +25,37 @@ from . import grad
 from .patch import _module, init_lord_for_model, lord_injections, model_family, prediction_type, unet_names
 
 EVAL_TIMESTEPS = (50, 200, 400)
+# Held-out evaluation: what a protected image on the web carries -- mist-v2's ACE against the fixed
+# model at mist-v2's budget, and Anti-DreamBooth's PGD (50 iterations) -- 8-bit rounded like a saved file.
+HELDOUT_ATTACKS = ("ace_fixed", "pgd_fixed")
+
+
+class Pixels(collections.abc.Sequence):
+    """Images held as uint8 ``[3, H, W]`` (a quarter of float32's memory); items read as float32 in
+    [0, 1], one at a time, so code that iterates or indexes sees the usual float images."""
+
+    def __init__(self, images=()):
+        self.raw = [to_uint8(im) for im in (images.raw if isinstance(images, Pixels) else images)]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [to_unit(im) for im in self.raw[i]]
+        return to_unit(self.raw[i])
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __repr__(self) -> str:
+        return f"Pixels({len(self.raw)} x {tuple(self.raw[0].shape) if self.raw else ()} uint8)"
 
 
 @dataclasses.dataclass
 class TrainingData:
-    """Images ``[3, H, W]`` in [0, 1] (one size, multiples of 8), one CONDITIONING and caption each.
+    """Images ``[3, H, W]`` (one size, multiples of 8), one CONDITIONING and caption each.
+
+    Images may be given as float32 in [0, 1] or uint8; they are kept as 8-bit levels
+    (:class:`Pixels`: reading ``images[i]`` gives float32 in [0, 1]), so a float input is rounded
+    to 8 bits -- what an image file holds.
 
     Stage-2 may be given ComfyUI LATENTs instead of images: ``latents`` (raw VAE latents
     ``[C, h, w]`` as VAE Encode makes them; ``images`` then stays empty). ``class_*``: DreamBooth
@@ -42,6 +70,7 @@ class TrainingData:
     latents: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        self.images, self.class_images = Pixels(self.images), Pixels(self.class_images)
         if self.images and self.latents:
             raise ValueError("give training images or latents, not both")
         count = len(self.images) or len(self.latents)
@@ -57,7 +86,7 @@ class TrainingData:
             self.class_conds = list(self.class_conds) * len(self.class_images)
         if len(self.class_conds) != len(self.class_images):
             raise ValueError(f"{len(self.class_images)} class images but {len(self.class_conds)} class conditionings")
-        sizes = {tuple(im.shape[-2:]) for im in self.images + self.class_images}
+        sizes = {tuple(im.shape[-2:]) for im in self.images.raw + self.class_images.raw}
         sizes |= {tuple(8 * d for d in z.shape[-2:]) for z in self.latents}
         if len(sizes) != 1:
             raise ValueError(f"training images have different sizes {sorted(sizes)} (px): resize them to one size")
@@ -71,7 +100,7 @@ class TrainingData:
     @property
     def image_hw(self) -> tuple[int, int]:
         if self.images:
-            return tuple(self.images[0].shape[-2:])
+            return tuple(self.images.raw[0].shape[-2:])
         return tuple(8 * d for d in self.latents[0].shape[-2:])
 
 
@@ -122,32 +151,109 @@ def conditioning_digest(conditioning) -> str:
     return h.hexdigest()[:32]
 
 
-def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
-                         on_item: Optional[Callable[[int, bool], None]] = None) -> list[torch.Tensor]:
-    """PGD perturbed copies (``config.attack_config()``, default PGD-2) of ``data.images`` against the
-    base MODEL, cached in ``cache_dir`` as PNG keyed by image, caption, attack and model. Under DDP
-    each process computes its share, then all read the cache."""
-    from .protect import protect_images
-
-    attack = config.attack_config()
+def _attack_params(attack) -> dict:
+    """The cache-key view of an attack (everything that changes its result)."""
     params = {k: v for k, v in dataclasses.asdict(attack).items() if k != "low_memory"}
+    if attack.method in ("ace", "ace_plus"):
+        params["target"] = "pack_pattern"  # grad.encode_target's default: attacks.high_contrast_target
+    return params
+
+
+def _attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, predict=None, acp=None,
+                  check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """One perturbed copy ``[1, 3, H, W]`` float32 in [0, 1] (not rounded to 8 bits) of ``image``
+    ``[1, 3, H, W]`` with a fixed-model attack (pgd / ace / ace_plus / photoguard); ACE targets the
+    pack's high-contrast pattern, as the Protect node does by default. ``predict``/``acp``: the noise
+    predictor to attack (default: the MODEL with ``conditioning``). ``check()`` (Cancel) runs after every
+    attack step."""
+    from ..attacks import run_attack
+
+    if attack.method not in T.STAGE1_METHODS:
+        raise ValueError(f"the Stage-1 perturbation path runs the fixed-model attacks {T.STAGE1_METHODS}, "
+                         f"not {attack.method!r}: choose a Stage-1 data preset ({', '.join(T.STAGE1_DATA_PRESETS)})")
+    uses_unet = attack.method != "photoguard"
+    encode = grad.latent_encoder(vae, model_patcher)
+    with torch.inference_mode(False):
+        img = image.float().clone()
+        if uses_unet and predict is None:
+            predict = grad.noise_predictor(model_patcher, conditioning, tuple(img.shape[-2:]))
+        if uses_unet and acp is None:
+            acp = grad.alphas_cumprod(model_patcher)
+        target = grad.encode_target(vae, model_patcher, None, img) if attack.method in ("ace", "ace_plus") else None
+        on_step = (lambda step, loss, current: check()) if check is not None else None
+        return run_attack(img, attack, encode, predict if uses_unet else None, acp if uses_unet else None,
+                          target, on_step).images.detach()
+
+
+def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
+                         on_item: Optional[Callable[[int, bool], None]] = None,
+                         max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
+                         check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
+    """Perturbed copies ``[3, H, W]`` (float32 in [0, 1], **not** rounded to 8 bits, so PGD-2's ~1.3-level
+    moves survive) of ``data.images`` with ``config.attack_configs()`` (the Stage-1 data preset; image
+    ``i`` gets attack ``i mod k``) against the base MODEL. Cached losslessly (float32 safetensors) in
+    ``cache_dir``, keyed by image, caption, attack and model; the folder is bounded to
+    ``max_cache_bytes`` (least recently used entries of other runs go first, see
+    ``datasets.evict_cache``). Every image uses the attack's seed (as the Protect node does for a
+    one-image batch). Under DDP each process computes its share, then all read the cache."""
+    attacks = config.attack_configs()
     # fingerprint the weights as loaded for this MODEL (ComfyUI patches shared weights in place, so
     # before a load they may still carry another clone's patches)
     grad.load_for_gradients(model_patcher, vae)
     fp = _fingerprint(model_patcher, vae)
     rank, world = T.distributed_context()
+    keys = [conditioning_digest(c) for c in data.conds]
+    out: list = [None] * len(data)
+    used = []
+    for j, attack in enumerate(attacks):
+        idx = [i for i in range(len(data)) if i % len(attacks) == j]
+        params = _attack_params(attack)
+        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], params, fp) for i in idx]
+
+        def compute(k: int, attack=attack, idx=idx) -> torch.Tensor:
+            i = idx[k]
+            return _attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack, check=check)[0]
+
+        item = (lambda k, cached, idx=idx: on_item(idx[k], cached)) if on_item is not None else None
+        args = ([data.images.raw[i] for i in idx], [keys[i] for i in idx], params, fp, cache_dir, compute)
+        if world > 1:
+            cached_perturbations(*args, owned=lambda k, idx=idx: idx[k] % world == rank, on_item=item, max_bytes=None)
+            torch.distributed.barrier()
+            copies = cached_perturbations(*args, owned=lambda k: False, max_bytes=None)
+        else:
+            copies = cached_perturbations(*args, on_item=item, max_bytes=None)
+        for i, c in zip(idx, copies):
+            out[i] = c
+    if max_cache_bytes is not None and rank == 0:
+        evict_cache(cache_dir, max_cache_bytes, keep=used)
+    return out
+
+
+def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_name: str, cache_dir,
+                     attack_steps: Optional[int] = None, seed: int = 0,
+                     on_item: Optional[Callable[[int, bool], None]] = None,
+                     max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
+                     check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
+    """``images`` protected as a user would publish them: attack preset ``attack_name`` against the base
+    MODEL, rounded to 8 bits within the budget (``attacks.quantize_uint8``); float32 ``[3, H, W]`` in
+    [0, 1] (exact 8-bit levels), cached like the Stage-1 copies. ``attack_steps`` caps the iterations."""
+    from ..attacks import PRESETS, quantize_uint8
+
+    attack = dataclasses.replace(PRESETS[attack_name], seed=seed)
+    if attack_steps is not None:
+        attack = dataclasses.replace(attack, steps=int(attack_steps))
+    attack.validate()
+    params = {**_attack_params(attack), "rounded": "uint8"}
+    grad.load_for_gradients(model_patcher, vae)
+    fp = _fingerprint(model_patcher, vae)
 
     def compute(i: int) -> torch.Tensor:
-        img = data.images[i][None].movedim(1, -1)
-        adv, _ = protect_images(model_patcher, vae, data.conds[i], img, attack)
-        return adv[0].movedim(-1, 0)
+        img = images[i][None]
+        adv = _attack_image(model_patcher, vae, conds[i], img, attack, check=check)
+        return quantize_uint8(adv, img, attack.epsilon)[0].float() / 255.0
 
-    args = (data.images, [conditioning_digest(c) for c in data.conds], params, fp, cache_dir, compute)
-    if world > 1:
-        cached_perturbations(*args, owned=lambda i: i % world == rank, on_item=on_item)
-        torch.distributed.barrier()
-        return cached_perturbations(*args, owned=lambda i: False)
-    return cached_perturbations(*args, on_item=on_item)
+    return cached_perturbations(images.raw, [conditioning_digest(c) for c in conds], params, fp, cache_dir, compute,
+                                on_item=on_item, max_bytes=max_cache_bytes)
 
 
 def encode_images(vae, model_patcher, images: list) -> torch.Tensor:
@@ -266,9 +372,16 @@ def _dataset_digest(data: TrainingData) -> str:
 def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult, extra: dict) -> dict:
     from .. import tool_version
 
+    attack = None
+    if config.needs_perturbations:
+        attacks = config.attack_configs()
+        attack = {**dataclasses.asdict(attacks[0]), "preset": config.attack_preset,
+                  "stored_as": "float32 (not rounded to 8 bits)"}
+        if len(attacks) > 1:
+            attack["attacks"] = [dataclasses.asdict(a) for a in attacks]  # image i: attack i mod k
     return {"stage": config.stage, "tool": f"ComfyUI-LoRD {tool_version()}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config.to_dict(), "attack": dataclasses.asdict(config.attack_config()) if config.needs_perturbations else None,
+            "config": config.to_dict(), "attack": attack,
             "dataset": {"images": len(data), "given_as": "latents" if data.latents else "images", "size_hw": list(data.image_hw), "digest": _dataset_digest(data),
                         "class_images": len(data.class_images)},
             "steps_trained": len(result.history),
@@ -276,13 +389,18 @@ def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult
 
 
 def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alphas_cumprod, gate_names, seed: int,
-                    limit: int = 64) -> dict:
-    """Mean gate of clean vs perturbed training samples at :data:`EVAL_TIMESTEPS`; AUROC of the score."""
+                    limit: int = 64, check: Optional[Callable[[], None]] = None) -> dict:
+    """Mean gate of clean vs perturbed latents at :data:`EVAL_TIMESTEPS`; AUROC of the score.
+
+    ``predict(z_t, t, [i])`` predicts the noise of item ``i``. ``check()`` runs before every item
+    (Cancel: ComfyUI's ``throw_exception_if_processing_interrupted``)."""
     n = min(limit, z_clean.shape[0])
     device = grad.compute_device(clone)
     clean_scores, adv_scores = [], []
     with torch.no_grad():
         for i in range(n):
+            if check is not None:
+                check()
             per = {"clean": [], "adv": []}
             for t in EVAL_TIMESTEPS:
                 t = min(t, len(alphas_cumprod) - 1)
@@ -298,25 +416,92 @@ def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alpha
             "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n}
 
 
-def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, predict, alphas_cumprod) -> Callable:
-    """``perturb(indices, draws) -> z_adv``: PGD (``config.attack_config()``) against the model *as it is
-    being trained* (LoRD hooks live, gate learned), 8-bit quantised, encoded without a graph. Seeded
-    per sample from the step's draws, so resumed and data-parallel runs stay reproducible."""
-    from ..attacks import quantize_uint8, run_attack
+@dataclasses.dataclass
+class HeldOut:
+    """Images not trained on (``[3, H, W]``, the training size) and one CONDITIONING each (or one for
+    all) for the held-out gate evaluation; ``attack_steps`` caps the protections' iterations (cheap
+    checks; None: the presets' own counts). ``seed``: the protections' seed, independent of the
+    training seed, so runs with different seeds are scored on the same protected images."""
 
-    attack = config.attack_config()
+    images: list
+    conds: list
+    attacks: tuple = HELDOUT_ATTACKS
+    attack_steps: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.images = Pixels(self.images)
+        if len(self.conds) == 1 and len(self.images) > 1:
+            self.conds = list(self.conds) * len(self.images)
+        if not self.images:
+            raise ValueError("held-out evaluation: give at least one held-out image")
+        if len(self.conds) != len(self.images):
+            raise ValueError(f"held-out evaluation: {len(self.images)} images but {len(self.conds)} conditionings")
+
+    def attack(self, name: str):
+        from ..attacks import PRESETS
+
+        attack = dataclasses.replace(PRESETS[name], seed=self.seed)
+        return attack if self.attack_steps is None else dataclasses.replace(attack, steps=int(self.attack_steps))
+
+
+def _prepare_heldout(model_patcher, vae, heldout: HeldOut, image_hw, cache_dir,
+                     check: Optional[Callable[[], None]]) -> dict:
+    """Protected copies of the held-out images per attack and the latents of every set (before training)."""
+    from ..attacks import PRESETS
+
+    sizes = {tuple(im.shape[-2:]) for im in heldout.images.raw}
+    if sizes != {tuple(image_hw)}:
+        raise ValueError(f"held-out images are {sorted(sizes)} px but the training images are {tuple(image_hw)}: "
+                         f"give held-out images of the training size")
+    unknown = [a for a in heldout.attacks if a not in PRESETS]
+    if unknown:
+        raise ValueError(f"held-out evaluation: unknown attack preset(s) {unknown}; known: {sorted(PRESETS)}")
+    on_item = (lambda i, cached: check()) if check is not None else None
+    latents = {"clean": encode_images(vae, model_patcher, heldout.images)}
+    for name in heldout.attacks:
+        copies = protected_copies(model_patcher, vae, heldout.images, heldout.conds, name, cache_dir,
+                                  heldout.attack_steps, heldout.seed, on_item, check=check)
+        latents[name] = encode_images(vae, model_patcher, copies)
+        del copies
+    return latents
+
+
+def heldout_separation(clone, hooks: T.AdapterHooks, heldout: HeldOut, latents: dict, alphas_cumprod, gate_names,
+                       seed: int, check: Optional[Callable[[], None]] = None) -> dict:
+    """Gate AUROC of held-out protected images vs their clean versions, per attack (see
+    :data:`HELDOUT_ATTACKS`): whether the gate flags protections of images it never saw, unlike the
+    in-sample ``gate_separation_train``."""
+    predict = grad.batched_noise_predictor(clone, heldout.conds, tuple(heldout.images.raw[0].shape[-2:]))
+    out = {"images": len(heldout.images), "in_sample": False, "attacks": {}}
+    for name in heldout.attacks:
+        sep = gate_separation(clone, hooks, predict, latents["clean"], latents[name], alphas_cumprod, gate_names,
+                              seed, limit=len(heldout.images), check=check)
+        out["attacks"][name] = {**sep, "attack": {**_attack_params(heldout.attack(name)), "rounded": "uint8"}}
+    return out
+
+
+NO_HELDOUT = {"images": 0, "note": "no held-out images were given: the gate was not evaluated on images it was "
+                                   "not trained on (give held-out images to measure it)"}
+
+
+def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, predict, alphas_cumprod) -> Callable:
+    """``perturb(indices, draws) -> z_adv``: the Stage-1 attacks (``config.attack_configs()``) against the
+    model *as it is being trained* (LoRD hooks live, gate learned), float32 like the cached copies,
+    encoded without a graph. Seeded per sample from the step's draws, so resumed and data-parallel
+    runs stay reproducible."""
+    attacks = config.attack_configs()
     encode = grad.latent_encoder(vae, clone)
     device = grad.compute_device(clone)
 
     def perturb(indices, draws):
         out = []
         for i, d in zip(indices, draws):
-            img = data.images[i][None].to(device)
-            cfg = dataclasses.replace(attack, seed=d.noise_seed % (2 ** 62))
-            adv = run_attack(img, cfg, encode, lambda z, tt: predict(z, tt, [i]), alphas_cumprod).images
-            q = quantize_uint8(adv, img, attack.epsilon).float() / 255.0
+            cfg = dataclasses.replace(attacks[i % len(attacks)], seed=d.noise_seed % (2 ** 62))
+            adv = _attack_image(clone, vae, data.conds[i], data.images[i][None].to(device), cfg,
+                                predict=lambda z, tt, i=i: predict(z, tt, [i]), acp=alphas_cumprod)
             with torch.no_grad():
-                out.append(encode(q).float())
+                out.append(encode(adv).float())
         return torch.cat(out)
 
     return perturb
@@ -324,8 +509,19 @@ def _online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, pre
 
 def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir, checkpoint_path=None,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
-                 evaluate: bool = True) -> StageResult:
-    """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + PGD-perturbed copies of ``data``; base frozen."""
+                 evaluate: bool = True, heldout: Optional[HeldOut] = None,
+                 check: Optional[Callable[[], None]] = None,
+                 max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> StageResult:
+    """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + perturbed copies of ``data`` (the Stage-1 data
+    preset ``config.attack_preset``); base frozen.
+
+    Pixels are encoded to latents before training; only the uint8 originals stay (for online
+    perturbations). With ``evaluate`` the report holds the gate AUROC on the training pairs
+    (``gate_separation_train``, in-sample) and, with ``heldout``, on held-out images protected with
+    each of ``heldout.attacks`` vs their clean versions (``gate_separation_heldout``); without
+    held-out images that entry says so. ``check()`` (Cancel) runs during data preparation and the
+    evaluation loops.
+    """
     config = dataclasses.replace(config, stage="stage1", mode="lord").validate()
     if not data.images:
         raise ValueError("Stage-1 perturbs pixels: give training images, not latents")
@@ -333,9 +529,14 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         raise ValueError("the MODEL already has a LoRD applied: Stage-1 trains a new LoRD on the base model; "
                          "connect the checkpoint's MODEL directly")
     online = config.online_perturbations
-    adv_images = None if online else stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
+    adv_images = None if online else stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data,
+                                                           max_cache_bytes, check)
     z_clean = encode_images(vae, model_patcher, data.images)
     z_adv = z_clean if online else encode_images(vae, model_patcher, adv_images)
+    del adv_images  # float pixels are not kept once encoded
+    heldout_latents = None
+    if evaluate and heldout is not None:
+        heldout_latents = _prepare_heldout(model_patcher, vae, heldout, data.image_hw, cache_dir, check)
     lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
                                 config.gate_activation, config.seed)
     gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
@@ -363,11 +564,14 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
                 if online:  # perturbed copies against the final model
                     n = min(64, len(data.images))
                     za = perturb(list(range(n)), [T.Draw(0, T._mix(config.seed, "eval-pgd", i)) for i in range(n)])
-                report = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed)
-        lord = trainable.export(_provenance(config, data, result, {"gate_separation_train": report,
-                                                                    "effective_dtype": effective_dtype(clone)}))
+                train_sep = gate_separation(clone, hooks, predict, zc, za, acp, gate_names, config.seed, check=check)
+                report["gate_separation_train"] = {**train_sep, "in_sample": True,
+                                                   "note": "in-sample: the training images and their own perturbed copies"}
+                report["gate_separation_heldout"] = (NO_HELDOUT if heldout is None else heldout_separation(
+                    clone, hooks, heldout, heldout_latents, acp, gate_names, config.seed, check))
+        lord = trainable.export(_provenance(config, data, result, {**report, "effective_dtype": effective_dtype(clone)}))
     lord.base_family = model_family(model_patcher)
-    return StageResult(result, lord=lord, report={"gate_separation_train": report, "final": result.history[-1]})
+    return StageResult(result, lord=lord, report={**report, "final": result.history[-1]})
 
 
 def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir=None, checkpoint_path=None,
