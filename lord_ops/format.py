@@ -164,11 +164,16 @@ def read_safetensors_header(path, kind: str = "LoRD file", float_only: bool = Tr
     if size == 0:
         raise _Err(path, "the file is empty (0 bytes).", "Re-download or re-create it.")
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = fh.read(9)
+        # a safetensors file starts with its header length (u64, little-endian) and then "{"; its
+        # first byte may be 0x80 or its first two "PK" by chance, so sniff pickle/zip only otherwise
+        plausible = len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8
+        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise _Err(path, "this is a pickle/zip (.ckpt/.pt) file, not safetensors; LoRD never "
                                 "loads pickles because they can execute code.",
                                 "Convert it to .safetensors with a trusted tool, or use the original .safetensors file.")
+        head = head[:8]
+        fh.seek(8)
         if len(head) < 8:
             raise _Err(path, f"the file is truncated ({size} bytes, shorter than a safetensors header).",
                                 "Re-download or re-create it.")

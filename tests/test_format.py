@@ -102,6 +102,25 @@ def test_pickle_is_refused_and_never_executed(tmp_path):
     expect_error(p, "pickle")
 
 
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_looks_like_pickle_or_zip_loads(tmp_path, first_bytes):
+    """The header length is the file's first 8 bytes: a length of 0x..80 or 0x..4B50 starts the file
+    with a pickle's 0x80 or a zip's "PK" by chance; such a file is still safetensors."""
+    target = first_bytes[0] if len(first_bytes) == 1 else struct.unpack("<H", first_bytes)[0]
+    modulus = 256 if len(first_bytes) == 1 else 65536
+    pad, path = 0, tmp_path / "a.safetensors"
+    for _ in range(400):
+        lord = make_lord()
+        lord.provenance = {"tool": "test", "pad": "x" * pad}
+        fmt.save_lord_file(path, lord)
+        (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if length % modulus == target:
+            break
+        pad += max(1, (target - length % modulus) % modulus) if (target - length % modulus) % modulus > 8 else 1
+    assert path.read_bytes()[: len(first_bytes)] == first_bytes
+    assert fmt.load_lord_file(path).provenance["pad"] == "x" * pad
+
+
 def test_garbage_header(tmp_path):
     p = tmp_path / "junk.safetensors"
     p.write_bytes(struct.pack("<Q", 20) + b"{not json at all....")

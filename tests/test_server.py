@@ -206,7 +206,8 @@ def test_every_shipped_workflow_runs_unchanged(server, workflow):
     workflows with TRAINING_STEPS steps, nothing else changed) and writes its images or model files."""
     prompt = shipped_prompt(server, workflow)
     entry = server.run_prompt(prompt, timeout=600)
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", {k: v for k, v in entry["status"]["messages"][-1][1].items()
+                                                             if k in ("node_type", "exception_message")}
     outputs = entry["outputs"].values()
     saved = [img for out in outputs for img in out.get("images", []) if img["type"] == "output"]
     written = [t for out in outputs for t in out.get("text", []) if t.startswith("models/")]  # Save LoRD / LoRA
