@@ -337,11 +337,9 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> Non
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny UNet, 64 px, 1 iteration, no markdown")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, no markdown",
+                      steps="iterations per timed run (default: 256 px 2, 512 px 1)", repeats="timed rounds (default 3)")
     ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
-    ap.add_argument("--steps", type=int, help="iterations per timed run (default: 256 px 2, 512 px 1)")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 3)")
     ap.add_argument("--unet", default=None, choices=("sd15", "tiny"), help="default sd15 (quick: tiny)")
     ap.add_argument("--vae", default="kl", choices=("kl", "taesd"), help="kl: real SD1.5 VAE geometry (default)")
     ap.add_argument("--budget-min", type=float, default=15.0, help="skip sizes that would not fit (default 15)")

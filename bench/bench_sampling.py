@@ -28,7 +28,6 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_sampling`` mark
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -191,10 +190,9 @@ def write_markdown(path: pathlib.Path, rows, facts, steps_repeats, max_other: fl
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 steps x 2 repeats, no markdown")
-    ap.add_argument("--steps", type=int, help="steps per timed run (default: tiny 20, sd15 2)")
-    ap.add_argument("--repeats", type=int, help="timed runs per variant (default: tiny 12, sd15 10)")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny model, 3 steps x 2 repeats, no markdown",
+                      steps="steps per timed run (default: tiny 20, sd15 2)",
+                      repeats="timed runs per variant (default: tiny 12, sd15 10)")
     ap.add_argument("--models", default=None, help="comma list of tiny,sd15 (default: both; --quick: tiny)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="image sizes in px (multiples of 8)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -430,8 +430,9 @@ EXPLAIN = (
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 64 px, 1 round of 1 step, no markdown")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny model, 64 px, 1 round of 1 step, no markdown",
+                      steps="timed optimizer steps per call (default: ckpt 4, sd15 2, tiny 3; 2 from 512 px)",
+                      repeats="rounds (default: ckpt 5, sd15 3, tiny 3; 2 from 512 px; quick 1)")
     ap.add_argument("--configs", default=None,
                     help="comma list of model:px[:gc[:variants joined by +]] (models tiny, ckpt, sd15; gc on/off, "
                          f"default --gc; variants default --variants); default {DEFAULT_CONFIGS} (quick: tiny:64)")
@@ -441,9 +442,6 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--images", type=int, default=None, help="training images (default max(2, batch))")
     ap.add_argument("--gc", default="off", choices=("off", "on"), help="gradient checkpointing for both (default off)")
-    ap.add_argument("--steps", type=int, help="timed optimizer steps per call (default: ckpt 4, sd15 2, tiny 3; "
-                                              "2 from 512 px)")
-    ap.add_argument("--repeats", type=int, help="rounds (default: ckpt 5, sd15 3, tiny 3; 2 from 512 px; quick 1)")
     B.add_machine_args(ap)
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory workers")
     ap.add_argument("--work", default=None, help="folder for the test checkpoint and PGD caches (default: a temp dir)")

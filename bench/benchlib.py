@@ -10,7 +10,7 @@
 * peak memory: :class:`PeakMemory`;
 * subprocess workers: :func:`run_worker`, :func:`emit_result`;
 * the report: :func:`machine_facts`, :func:`header_lines`, :func:`gib`, :func:`write_section`,
-  :func:`add_machine_args`, :func:`add_output_args`, :func:`finish`.
+  :func:`new_parser`, :func:`add_machine_args`, :func:`add_output_args`, :func:`finish`.
 
 Plain Python at import time: ComfyUI, torch and the pack are imported inside the functions, after
 :func:`import_comfy`.
@@ -374,6 +374,19 @@ def write_section(path: pathlib.Path, start: str, end: str, body: str) -> None:
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + body + "\n"
     path.write_text(text)
+
+
+def new_parser(doc: str, quick: str, steps: str, repeats: str):
+    """A benchmark's ``ArgumentParser`` (description: the first line of ``doc``) with the options every
+    benchmark has: ``--quick`` (a smoke run, no Markdown), ``--steps`` and ``--repeats``; the help
+    texts say what they mean for this benchmark."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--steps", type=int, help=steps)
+    ap.add_argument("--repeats", type=int, help=repeats)
+    return ap
 
 
 def add_machine_args(ap, retries: bool = True) -> None:
