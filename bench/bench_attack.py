@@ -39,98 +39,52 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` marker
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 
-from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa: E402
+import benchlib as B
+from benchlib import log, steady_malloc, sync
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
-
-ensure_comfyui_importable()  # adds ComfyUI to sys.path, forces --cpu when no CUDA
-import_pack()  # the pack as package ``comfyui_lord``
+B.import_comfy()
 from comfyui_lord.lord_ops import attacks  # noqa: E402
-from comfyui_lord.lord_ops.comfy import grad, tiny  # noqa: E402
+from comfyui_lord.lord_ops.comfy import grad  # noqa: E402
 
 import torch  # noqa: E402
 
-import comfy.model_management as mm  # noqa: E402
-
 MARK_START, MARK_END = "<!-- bench_attack:start -->", "<!-- bench_attack:end -->"
 PRESET = attacks.PRESETS["ace_fixed"]
-SD_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 CUDA = torch.cuda.is_available()
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and inputs
 
 
-def build_vae(kind: str, seed: int = 2):
-    """A random VAE loaded by ``comfy.sd.VAE`` from a state dict (``kl``: SD1.5 AutoencoderKL geometry;
-    ``taesd``: TAESD). Returns (VAE, description)."""
-    import comfy.ldm.models.autoencoder
-    import comfy.sd
-    import comfy.taesd.taesd
+VAE_NAMES = {"kl": "random KL VAE, real SD1.5 geometry (AutoencoderKL ch 128, mult 1-2-4-4)", "taesd": "random TAESD"}
 
-    with torch.inference_mode(False):
-        if kind == "kl":
-            net = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_DDCONFIG), embed_dim=4)
-            tiny.init_module_(net, seed)
-            sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-            desc = "random KL VAE, real SD1.5 geometry (AutoencoderKL ch 128, mult 1-2-4-4)"
-        elif kind == "taesd":
-            net = tiny.init_module_(comfy.taesd.taesd.TAESD(), seed)
-            with torch.no_grad():
-                net.vae_scale.fill_(1.0)
-                net.vae_shift.fill_(0.0)
-            sd = dict(net.state_dict())
-            desc = "random TAESD"
-        else:
-            raise ValueError(f"unknown VAE kind {kind!r}")
-        del net
-        vae = comfy.sd.VAE(sd=sd)
-    params = sum(p.numel() for p in vae.first_stage_model.parameters())
+
+def build_vae(kind: str):
+    """:func:`benchlib.random_vae` and its description (parameters, encoder parameters, dtype)."""
+    vae = B.random_vae(kind)
     enc = sum(p.numel() for n, p in vae.first_stage_model.named_parameters()
               if n.startswith(("encoder.", "quant_conv.", "taesd_encoder.")))
-    return vae, f"{desc}, {params / 1e6:.1f}M parameters ({enc / 1e6:.1f}M in the encoder), {vae.vae_dtype}"
+    return vae, (f"{VAE_NAMES[kind]}, {B.params_m(vae.first_stage_model):.1f}M parameters "
+                 f"({enc / 1e6:.1f}M in the encoder), {vae.vae_dtype}")
 
 
 def build_unet(kind: str):
-    if kind == "sd15":
-        mp = tiny.build_model_patcher(tiny.sd15_full_unet_config(), seed=0)
-    elif kind == "tiny":
-        mp = tiny.build_tiny_model_patcher(seed=0)
-    else:
-        raise ValueError(f"unknown UNet kind {kind!r}")
-    params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
-    name = "random UNet, real SD1.5 geometry" if kind == "sd15" else "tiny random SD1.x UNet"
-    return mp, f"{name}, {params / 1e6:.1f}M parameters, fp32"
+    mp = B.random_unet(kind)
+    return mp, f"{B.UNET_NAMES[kind]}, {B.params_m(mp.model.diffusion_model):.1f}M parameters, fp32"
 
 
 def make_inputs(model_patcher, px: int, seed: int = 3):
     """A smooth random image ``[1, 3, px, px]`` in [0, 1] and a random CONDITIONING."""
     g = torch.Generator().manual_seed(seed)
     ctx = model_patcher.model.model_config.unet_config["context_dim"]
-    low = torch.rand(1, 3, max(px // 16, 2), max(px // 16, 2), generator=g)
-    img = torch.nn.functional.interpolate(low, size=(px, px), mode="bilinear", align_corners=False)
-    img = (0.8 * img + 0.2 * torch.rand(1, 3, px, px, generator=g)).clamp(0, 1)
+    img = B.smooth_image(px, g)
     cond = [[torch.randn(1, 77, ctx, generator=g) * 0.5, {}]]
     return img, cond
 
@@ -154,11 +108,6 @@ class Setup:
 
 def config(steps: int, low_memory: bool = False) -> attacks.AttackConfig:
     return attacks.AttackConfig(**{**PRESET.__dict__, "steps": steps, "low_memory": low_memory})
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def glue_attack(s: Setup, steps: int, low_memory: bool = False) -> tuple[float, list]:
@@ -205,30 +154,6 @@ def bare_attack(s: Setup, steps: int) -> tuple[float, list]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Machine load (shared CI machines)
-
-
-def measured(fn):
-    """Run ``fn``; return (result, CPU cores used meanwhile by other processes)."""
-    (b0, o0), t0 = _jiffies(), time.perf_counter()
-    result = fn()
-    (b1, o1), dt = _jiffies(), time.perf_counter() - t0
-    return result, max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / max(dt, 1e-9)
-
-
-def wait_until_quiet(max_other: float, timeout: float) -> float:
-    """Wait (at most ``timeout`` s) until other processes use < ``max_other`` cores; returns seconds waited."""
-    t0 = time.time()
-    while time.time() - t0 < timeout and measured(lambda: time.sleep(0.5))[1] >= max_other:
-        time.sleep(2.0)
-    return time.time() - t0
-
-
-def _minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-# ----------------------------------------------------------------------------------------------
 # Workers (each runs in a fresh subprocess)
 
 
@@ -237,7 +162,7 @@ def worker_time(args) -> dict:
     s = Setup(args.unet, args.vae, args.px)
     log(f"[time {args.px}px] built in {s.build_s:.1f} s: {s.unet_desc}; {s.vae_desc}")
     # warm-up (one iteration each) and the same-computation check on the first step
-    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    B.wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
     gs, g_trace = glue_attack(s, 1)
     bs, b_trace = bare_attack(s, 1)
     first_diff = abs(g_trace[0] - b_trace[0]) / max(abs(b_trace[0]), 1e-12)
@@ -248,68 +173,31 @@ def worker_time(args) -> dict:
     faults = {"glue": [], "bare": []}
     waited, discarded = 0.0, 0
     for r in range(args.repeats):
-        for kind in (("glue", "bare") if r % 2 == 0 else ("bare", "glue")):
+        for kind in B.rotated(("glue", "bare"), r):
             fn = glue_attack if kind == "glue" else bare_attack
-            for attempt in range(args.retries + 1):  # a run disturbed by other processes is redone
-                waited += wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
-                f0 = _minflt()
-                (dt, _), other = measured(lambda: fn(s, args.steps))
-                if other < args.max_other_cpu or attempt == args.retries:
-                    break
-                discarded += 1
-                log(f"[time {args.px}px] {kind} run disturbed (other processes {other:.2f} cores): redo")
-            faults[kind].append((_minflt() - f0) / args.steps)
-            runs[kind].append(dt / args.steps)
-            others[kind].append(other)
+            run = B.quiet_run(lambda: fn(s, args.steps), args.max_other_cpu, args.retries, args.quiet_timeout,
+                              on_redo=lambda other: log(f"[time {args.px}px] {kind} run disturbed "
+                                                        f"(other processes {other:.2f} cores): redo"))
+            waited, discarded = waited + run["waited"], discarded + run["redone"]
+            faults[kind].append(run["minflt"] / args.steps)
+            runs[kind].append(run["result"][0] / args.steps)
+            others[kind].append(run["other"])
         log(f"[time {args.px}px] round {r + 1}/{args.repeats}: glue {runs['glue'][-1]:.3f} s/it, "
             f"bare {runs['bare'][-1]:.3f} s/it (other processes {max(others['glue'][-1], others['bare'][-1]):.2f} cores; "
             f"page faults/it glue {faults['glue'][-1]:.0f}, bare {faults['bare'][-1]:.0f})")
-    ratios = [g / b for g, b in zip(runs["glue"], runs["bare"])]
+    ratios = B.paired_ratios(runs["glue"], runs["bare"])
     return {"px": args.px, "steps": args.steps, "repeats": args.repeats, "runs": runs, "other_cores": others,
-            "minflt_per_iter": faults, "malloc": malloc, "discarded": discarded,
-            "median": {k: statistics.median(v) for k, v in runs.items()},
-            "min": {k: min(v) for k, v in runs.items()}, "max": {k: max(v) for k, v in runs.items()},
+            "minflt_per_iter": faults, "malloc": malloc, "discarded": discarded, **B.spread(runs),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ratio_of_medians": statistics.median(runs["glue"]) / statistics.median(runs["bare"]),
             "first_step_loss": {"glue": g_trace[0], "bare": b_trace[0], "rel_diff": first_diff},
             "waited_s": waited, "build_s": s.build_s, "unet": s.unet_desc, "vae": s.vae_desc}
 
 
-def _proc_status(field: str) -> int:
-    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
 def worker_mem(args) -> dict:
     s = Setup(args.unet, args.vae, args.px)
-    gc.collect()
-    if CUDA:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-            before = _proc_status("VmRSS")
-            method = "peak RSS (VmHWM after clear_refs) - RSS before"
-        except OSError:
-            before = _maxrss_bytes()
-            method = "ru_maxrss high-water mark (not reset)"
+    sync()
+    mem = B.PeakMemory()
     t = []
     trace = []
 
@@ -318,79 +206,34 @@ def worker_mem(args) -> dict:
         t.append(time.perf_counter())
         trace.append(loss)
 
-    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
-    j0 = _jiffies()
+    B.wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        attacks.run_attack(s.img, config(args.steps, bool(args.low_memory)), s.encode, s.predict, s.acp, s.target,
-                           on_step)
-    j1, wall = _jiffies(), time.perf_counter() - t0
-    other = max(0.0, (j1[0] - j0[0]) - (j1[1] - j0[1])) / os.sysconf("SC_CLK_TCK") / max(wall, 1e-9)
-    if CUDA:
-        peak = torch.cuda.max_memory_allocated()
-        resident = before
-    elif method.startswith("peak RSS"):
-        peak, resident = _proc_status("VmHWM"), before
-    else:
-        peak, resident = _maxrss_bytes(), _proc_status("VmRSS") if sys.platform.startswith("linux") else 0
+
+    def attack():
+        with torch.inference_mode():
+            attacks.run_attack(s.img, config(args.steps, bool(args.low_memory)), s.encode, s.predict, s.acp,
+                               s.target, on_step)
+
+    _, _, other = B.other_load(attack)
     iter_s = [b - a for a, b in zip([t0] + t[:-1], t)]
-    out = {"px": args.px, "low_memory": bool(args.low_memory), "method": method, "before_bytes": resident,
-           "peak_bytes": peak, "delta_bytes": max(0, peak - before), "iter_s": iter_s, "other_cores": other,
-           "trace": trace, "build_s": s.build_s}
+    out = {"px": args.px, "low_memory": bool(args.low_memory), **mem.result(), "iter_s": iter_s,
+           "other_cores": other, "trace": trace, "build_s": s.build_s}
     log(f"[mem {args.px}px low_memory={bool(args.low_memory)}] peak delta {out['delta_bytes'] / 2**30:.2f} GiB "
-        f"(before {resident / 2**30:.2f} GiB), iterations {', '.join(f'{x:.2f}' for x in iter_s)} s, "
+        f"(before {out['before_bytes'] / 2**30:.2f} GiB), iterations {', '.join(f'{x:.2f}' for x in iter_s)} s, "
         f"other processes {other:.2f} cores")
     return out
 
 
 def run_worker(kind: str, args, px: int, low_memory: int = 0, steps: int = 2, repeats: int = 1) -> dict:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--px", str(px),
-           "--unet", args.unet, "--vae", args.vae, "--steps", str(steps), "--repeats", str(repeats),
-           "--low-memory", str(low_memory), "--max-other-cpu", str(args.max_other_cpu),
-           "--quiet-timeout", str(args.quiet_timeout), "--retries", str(args.retries)]
-    cmd += ["--stock-malloc"] if args.stock_malloc else []
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"px": px, "error": f"worker {kind} exited with {proc.returncode} (killed for memory?)",
-                "low_memory": bool(low_memory)}
-    return json.loads(lines[-1][len("RESULT "):])
+    argv = ["--worker", kind, "--px", px, "--unet", args.unet, "--vae", args.vae, "--steps", steps,
+            "--repeats", repeats, "--low-memory", low_memory, "--max-other-cpu", args.max_other_cpu,
+            "--quiet-timeout", args.quiet_timeout, "--retries", args.retries]
+    argv += ["--stock-malloc"] if args.stock_malloc else []
+    return B.run_worker(__file__, argv, {"px": px, "low_memory": bool(low_memory)})
 
 
 # ----------------------------------------------------------------------------------------------
 # Report
-
-
-def machine_facts() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = "unknown"
-    try:
-        mem = f"{_meminfo('MemTotal') / 2**30:.1f} GiB"
-    except (OSError, KeyError):
-        pass
-    device = str(mm.get_torch_device())
-    if CUDA:
-        device += f" ({torch.cuda.get_device_name()})"
-    env = [f"COMFYUI_PATH={shlex.quote(os.environ['COMFYUI_PATH'])}"] if os.environ.get("COMFYUI_PATH") else []
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu,
-            "ram": mem, "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg()[0],
-            "command": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
-
-
-def _meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def gib(b) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 def tables(times: list, mems: list, skipped: list) -> str:
@@ -407,7 +250,7 @@ def tables(times: list, mems: list, skipped: list) -> str:
         if "error" in m:
             lines.append(f"| {m['px']} px | {m['low_memory']} | {m['error']} | | |")
             continue
-        lines.append(f"| {m['px']} px | {m['low_memory']} | {gib(m['delta_bytes'])} | {gib(m['before_bytes'])} | "
+        lines.append(f"| {m['px']} px | {m['low_memory']} | {B.gib(m['delta_bytes'])} | {B.gib(m['before_bytes'])} | "
                      f"{', '.join(f'{x:.2f}' for x in m['iter_s'])} |")
     for s in skipped:
         lines.append(f"\nSkipped: {s}")
@@ -455,7 +298,7 @@ def reading(times: list, mems: list) -> str:
         if (px, False) in by and (px, True) in by:
             a, b = by[(px, False)]["delta_bytes"], by[(px, True)]["delta_bytes"]
             slow = low_memory_slowdown(mems, px)
-            parts.append(f"at {px} px low_memory changes the attack's peak from {gib(a)} to {gib(b)} "
+            parts.append(f"at {px} px low_memory changes the attack's peak from {B.gib(a)} to {B.gib(b)} "
                          f"({(b - a) / max(a, 1) * 100:+.0f}%)" + (f" for x{slow:.2f} the iteration time" if slow else ""))
     return ("; ".join(parts) + ". The glue adds a sigma-space round trip, ComfyUI's `extra_conds`/`apply_model` "
             "wrappers and a loss trace per step, all negligible next to the VAE encoder and UNet forward/backward "
@@ -476,11 +319,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> Non
     method = next((m["method"] for m in mems if "method" in m), "n/a")
     body = "\n".join([
         MARK_START, "## Attack cost: LoRD Protect on SD1.5 geometry (bench/bench_attack.py)", "",
-        f"Command: `{facts['command']}`  ",
-        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram']} RAM, torch {facts['torch']}, "
-        f"{facts['threads']} threads, device {facts['device']}, Python {facts['python']}; 1-min load average "
-        f"{facts['loadavg_start']:.2f} at start / {facts['loadavg_end']:.2f} at end; total run "
-        f"{facts['total_min']:.1f} min.  ",
+        *B.header_lines(facts),
         f"Models: {times[0]['unet'] if times else args.unet}; {times[0]['vae'] if times else args.vae}; "
         "random conditioning [1, 77, 768]. Attack: ace with the mist-v2 step sizes (eps 4 levels, step "
         "0.6375 levels), uniform timesteps 0..999, default high-contrast target.  ",
@@ -494,26 +333,18 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> Non
         f"a memory run: {contended:.2f} cores.  ",
         f"Memory: 2 glue iterations in a fresh process per row; {method}.", "",
         tables(times, mems, skipped), "", extrapolation(times, mems), "", reading(times, mems), MARK_END])
-    write_section(path, MARK_START, MARK_END, body)
+    B.write_section(path, MARK_START, MARK_END, body)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny UNet, 64 px, 1 iteration, no markdown")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, no markdown",
+                      steps="iterations per timed run (default: 256 px 2, 512 px 1)", repeats="timed rounds (default 3)")
     ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
-    ap.add_argument("--steps", type=int, help="iterations per timed run (default: 256 px 2, 512 px 1)")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 3)")
     ap.add_argument("--unet", default=None, choices=("sd15", "tiny"), help="default sd15 (quick: tiny)")
     ap.add_argument("--vae", default="kl", choices=("kl", "taesd"), help="kl: real SD1.5 VAE geometry (default)")
     ap.add_argument("--budget-min", type=float, default=15.0, help="skip sizes that would not fit (default 15)")
-    ap.add_argument("--max-other-cpu", type=float, default=0.3,
-                    help="before each timed run wait until other processes use fewer cores than this")
-    ap.add_argument("--retries", type=int, default=2,
-                    help="redo a timed run disturbed by other processes (>= --max-other-cpu) up to this often")
-    ap.add_argument("--quiet-timeout", type=float, default=120.0, help="longest wait for a quiet machine (s)")
-    ap.add_argument("--stock-malloc", action="store_true", help="timing: leave glibc malloc as is (see steady_malloc)")
-    ap.add_argument("--md", default=None, help="markdown file to update ('' to skip; default BENCHMARKS.md)")
-    ap.add_argument("--json", type=pathlib.Path, help="also write the results as JSON here")
+    B.add_machine_args(ap)
+    B.add_output_args(ap)
     ap.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--low-memory", type=int, default=0, help=argparse.SUPPRESS)
@@ -525,11 +356,11 @@ def main(argv=None) -> None:
             res = worker_time(args)
         else:
             res = worker_mem(args)
-        print("RESULT " + json.dumps(res), flush=True)
+        B.emit_result(res)
         return
 
     start = time.time()
-    facts = machine_facts()
+    facts = B.machine_facts()
     log(json.dumps(facts))
     sizes = [int(x) for x in (args.sizes or ("64" if args.quick else "256,512")).split(",")]
     times, mems, skipped = [], [], []
@@ -566,13 +397,8 @@ def main(argv=None) -> None:
     print()
     print(extrapolation(times, mems))
     print(reading(times, mems))
-    md = args.md if args.md is not None else ("" if args.quick else str(ROOT / "BENCHMARKS.md"))
-    if md:
-        write_markdown(pathlib.Path(md), times, mems, skipped, facts, args)
-        log(f"updated {md}")
-    if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "times": times, "mems": mems, "skipped": skipped}, indent=1))
-        log(f"wrote {args.json}")
+    B.finish(args, lambda path: write_markdown(path, times, mems, skipped, facts, args),
+             {"facts": facts, "times": times, "mems": mems, "skipped": skipped})
 
 
 if __name__ == "__main__":

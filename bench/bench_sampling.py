@@ -28,26 +28,17 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_sampling`` mark
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
 import statistics
-import sys
 import time
 
-from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa: E402
+import benchlib as B
+from benchlib import steady_malloc
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
-
-ensure_comfyui_importable()  # adds ComfyUI to sys.path, forces --cpu when no CUDA
-import_pack()  # the pack as package ``comfyui_lord``
-from comfyui_lord.lord_ops.comfy import patch, tiny  # noqa: E402
+B.import_comfy()
+from comfyui_lord.lord_ops.comfy import patch  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -60,8 +51,8 @@ MARK_START, MARK_END = "<!-- bench_sampling:start -->", "<!-- bench_sampling:end
 CFG, SIZES = 7.5, (64, 256)
 # per model: builder, context_dim, default (steps, repeats); chosen to keep a full run near 10 min
 MODELS = {
-    "tiny": (lambda: tiny.build_tiny_model_patcher(seed=0), 64, (20, 12)),
-    "sd15": (lambda: tiny.build_model_patcher(tiny.sd15_full_unet_config(), seed=0), 768, (2, 10)),
+    "tiny": (lambda: B.random_unet("tiny"), 64, (20, 12)),
+    "sd15": (lambda: B.random_unet("sd15"), 768, (2, 10)),
 }
 
 
@@ -82,38 +73,23 @@ def hooked_modules(patcher) -> int:
     return sum(bool(m._forward_hooks) for m in patcher.model.diffusion_model.modules())
 
 
-def other_load(fn) -> tuple[object, float, float]:
-    """Run ``fn``; return (result, wall seconds, CPU cores used meanwhile by other processes)."""
-    (b0, o0), t0 = _jiffies(), time.perf_counter()
-    result = fn()
-    (b1, o1), dt = _jiffies(), time.perf_counter() - t0
-    return result, dt, max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / dt
-
-
-def wait_until_quiet(max_other: float, timeout: float = 600.0) -> None:
-    """Block until other processes use < ``max_other`` cores over a 0.5 s window (shared machines)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and other_load(lambda: time.sleep(0.5))[2] >= max_other:
-        time.sleep(2.0)
-
-
 def timed_sample(model, steps: int, inputs, expect_hooks: int, max_other: float = float("inf")) -> dict:
     """One ``sample`` call of ``steps`` steps; ``model`` is loaded untimed first. An attempt during
     which other processes used >= ``max_other`` cores is discarded and retried (at most 5 times) once
     the machine is quiet. Returns seconds ``s``, the output, other-process cores, retries and minor
     page faults (``minflt``, a sign of allocator churn)."""
     noise, positive, negative, latent = inputs
-    for attempt in range(6):
-        wait_until_quiet(max_other)
+
+    def load():
         mm.load_models_gpu([model])
         assert mm.current_loaded_models[0].model is model
         assert hooked_modules(model) == expect_hooks, (hooked_modules(model), expect_hooks)
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        out, dt, other = other_load(lambda: comfy.sample.sample(
-            model, noise, steps, CFG, "euler", "normal", positive, negative, latent, disable_pbar=True))
-        if other < max_other or attempt == 5:
-            return {"s": dt, "out": out, "other": other, "retries": attempt,
-                    "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+
+    run = B.quiet_run(lambda: comfy.sample.sample(model, noise, steps, CFG, "euler", "normal", positive, negative,
+                                                  latent, disable_pbar=True),
+                      max_other, retries=5, quiet_timeout=600.0, prepare=load)
+    return {"s": run["s"], "out": run["result"], "other": run["other"], "retries": run["redone"],
+            "minflt": run["minflt"]}
 
 
 def bench_model(key: str, steps: int, repeats: int, sizes, max_other: float, log) -> list[dict]:
@@ -139,7 +115,7 @@ def bench_model(key: str, steps: int, repeats: int, sizes, max_other: float, log
         with torch.inference_mode():
             warm = {v: timed_sample(variants[v], 1, inputs, hooks[v])["out"] for v in VARIANTS}
             for r in range(repeats):
-                for v in VARIANTS[r % 4:] + VARIANTS[:r % 4]:
+                for v in B.rotated(VARIANTS, r):
                     runs[v].append(timed_sample(variants[v], steps, inputs, hooks[v], max_other))
         # sanity (relative max abs difference of the 1-step outputs): adapters act, fused == plain
         diff = lambda a, b: float((warm[a] - warm[b]).abs().max() / warm[b].abs().max())  # noqa: E731
@@ -147,7 +123,7 @@ def bench_model(key: str, steps: int, repeats: int, sizes, max_other: float, log
                  "fused_vs_plain": diff("lord_fused", "lord_plain")}
         per_step = {v: [x["s"] / steps for x in runs[v]] for v in VARIANTS}
         med = {v: statistics.median(per_step[v]) for v in VARIANTS}
-        paired = lambda v, ref: [a / b for a, b in zip(per_step[v], per_step[ref])]  # noqa: E731
+        paired = lambda v, ref: B.paired_ratios(per_step[v], per_step[ref])  # noqa: E731
         for v in VARIANTS:
             rows.append({"model": key, "px": px, "variant": v, "steps": steps, "repeats": repeats,
                          "median_ms": 1e3 * med[v], "min_ms": 1e3 * min(per_step[v]),
@@ -165,19 +141,6 @@ def bench_model(key: str, steps: int, repeats: int, sizes, max_other: float, log
     del variants, base
     mm.unload_all_models()
     return rows
-
-
-def machine_facts() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    env = [f"COMFYUI_PATH={shlex.quote(os.environ['COMFYUI_PATH'])}"] if os.environ.get("COMFYUI_PATH") else []
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version(), "device": str(mm.get_torch_device()),
-            "loadavg_start": os.getloadavg()[0],
-            "command": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
 
 
 def table(rows) -> str:
@@ -223,28 +186,24 @@ def write_markdown(path: pathlib.Path, rows, facts, steps_repeats, max_other: fl
         "The allocator is pinned (see `steady_malloc`): with stock glibc, oneDNN convolution scratch buffers "
         "page-fault on every call for whichever variants' allocation history is unlucky (+0.5 s/step on sd15).",
         "", table(rows), "", reading(rows), MARK_END])
-    write_section(path, MARK_START, MARK_END, body)
+    B.write_section(path, MARK_START, MARK_END, body)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 steps x 2 repeats, no markdown")
-    ap.add_argument("--steps", type=int, help="steps per timed run (default: tiny 20, sd15 2)")
-    ap.add_argument("--repeats", type=int, help="timed runs per variant (default: tiny 12, sd15 10)")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny model, 3 steps x 2 repeats, no markdown",
+                      steps="steps per timed run (default: tiny 20, sd15 2)",
+                      repeats="timed runs per variant (default: tiny 12, sd15 10)")
     ap.add_argument("--models", default=None, help="comma list of tiny,sd15 (default: both; --quick: tiny)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="image sizes in px (multiples of 8)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--max-other-cpu", type=float, default=0.3,
-                    help="retry a timed run when other processes used this many cores meanwhile (default 0.3)")
-    ap.add_argument("--stock-malloc", action="store_true", help="leave glibc malloc as is (see steady_malloc)")
-    ap.add_argument("--json", type=pathlib.Path, help="also write the results as JSON here")
-    ap.add_argument("--md", default=None, help="markdown file to update ('' to skip; default BENCHMARKS.md)")
+    B.add_machine_args(ap, retries=False)
+    B.add_output_args(ap)
     args = ap.parse_args(argv)
     models = (args.models or ("tiny" if args.quick else "tiny,sd15")).split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    facts = machine_facts()
+    facts = B.machine_facts()
     facts["malloc"] = "stock" if args.stock_malloc else steady_malloc()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"{facts}")
@@ -256,13 +215,8 @@ def main(argv=None) -> None:
     facts["loadavg_end"] = os.getloadavg()[0]
     print(table(rows))
     print(reading(rows))
-    md = args.md if args.md is not None else ("" if args.quick else str(ROOT / "BENCHMARKS.md"))
-    if md:
-        write_markdown(pathlib.Path(md), rows, facts, steps_repeats, args.max_other_cpu)
-        log(f"updated {md}")
-    if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-        log(f"wrote {args.json}")
+    B.finish(args, lambda path: write_markdown(path, rows, facts, steps_repeats, args.max_other_cpu),
+             {"facts": facts, "rows": rows}, say=log)
 
 
 if __name__ == "__main__":

@@ -56,30 +56,20 @@ Writes its own section of ``BENCHMARKS.md`` (between the ``bench_train`` markers
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc as _gc
 import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 
-from benchlib import cpu_ticks as _jiffies, steady_malloc, write_section  # noqa: E402
+import benchlib as B
+from benchlib import log, pinned_malloc, sync
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
-
-ensure_comfyui_importable()  # adds ComfyUI to sys.path, forces --cpu when no CUDA
-import_pack()  # the pack as package ``comfyui_lord``
+B.import_comfy()
 from comfyui_lord.lord_ops import training as T  # noqa: E402
 from comfyui_lord.lord_ops.comfy import tiny  # noqa: E402
 from comfyui_lord.lord_ops.comfy import train as ctrain  # noqa: E402
@@ -87,7 +77,6 @@ from comfyui_lord.lord_ops.comfy import train as ctrain  # noqa: E402
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
-import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
@@ -96,51 +85,21 @@ warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype
 VARIANTS = ("core", "lord", "lord_proj")
 LORD_TARGETS = {"lord": "attn", "lord_proj": "attn+proj"}
 LEARNING_RATE = 1e-4
-SD_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 # per model: default (timed steps per call, rounds) below 512 px; from 512 px (2, 2)
 DEFAULTS = {"tiny": (3, 3), "ckpt": (4, 5), "sd15": (2, 3)}
 DEFAULT_CONFIGS = ("ckpt:64:off:core+lord,ckpt:256:off:core+lord,ckpt:256:on:core+lord,sd15:256:off:core+lord+lord_proj,"
                    "sd15:512:off:core+lord")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------------------------
 # Models and data
 
 
-def build_vae(kind: str, seed: int = 2):
-    """A random VAE loaded by ``comfy.sd.VAE`` from a state dict (``kl``: SD1.5 AutoencoderKL geometry;
-    ``taesd``: TAESD), as bench_attack builds it. Returns (VAE, description)."""
-    import comfy.ldm.models.autoencoder
-    import comfy.sd
-    import comfy.taesd.taesd
-
-    with torch.inference_mode(False):
-        if kind == "kl":
-            net = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_DDCONFIG), embed_dim=4)
-            tiny.init_module_(net, seed)
-            sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-            desc = "random KL VAE, SD1.5 geometry"
-        else:
-            net = tiny.init_module_(comfy.taesd.taesd.TAESD(), seed)
-            with torch.no_grad():
-                net.vae_scale.fill_(1.0)
-                net.vae_shift.fill_(0.0)
-            sd = dict(net.state_dict())
-            desc = "random TAESD"
-        del net
-        vae = comfy.sd.VAE(sd=sd)
-    params = sum(p.numel() for p in vae.first_stage_model.parameters())
-    return vae, f"{desc} ({params / 1e6:.1f}M)"
+def build_vae(kind: str):
+    """:func:`benchlib.random_vae` (``kl`` or ``taesd``) and its description."""
+    vae = B.random_vae(kind)
+    desc = "random KL VAE, SD1.5 geometry" if kind == "kl" else "random TAESD"
+    return vae, f"{desc} ({B.params_m(vae.first_stage_model):.1f}M)"
 
 
 class Setup:
@@ -148,14 +107,10 @@ class Setup:
 
     def __init__(self, model: str, px: int, images: int, work: pathlib.Path):
         t = time.perf_counter()
-        if model == "sd15":
-            self.model = tiny.build_model_patcher(tiny.sd15_full_unet_config(), seed=0)
-            self.vae, vdesc = build_vae("kl")
-            name = "random UNet, real SD1.5 geometry"
-        elif model == "tiny":
-            self.model = tiny.build_tiny_model_patcher(seed=0)
-            self.vae, vdesc = build_vae("taesd")
-            name = "tiny random SD1.x UNet"
+        if model in ("sd15", "tiny"):
+            self.model = B.random_unet(model)
+            self.vae, vdesc = build_vae("kl" if model == "sd15" else "taesd")
+            name = B.UNET_NAMES[model]
         elif model == "ckpt":
             import comfy.sd
 
@@ -168,15 +123,10 @@ class Setup:
             name, vdesc = "SD15-geometry test checkpoint UNet", "its TAESD"
         else:
             raise ValueError(f"unknown model {model!r}")
-        params = sum(p.numel() for p in self.model.model.diffusion_model.parameters())
-        self.desc = f"{name}, {params / 1e6:.1f}M parameters, fp32; VAE: {vdesc}"
+        self.desc = f"{name}, {B.params_m(self.model.model.diffusion_model):.1f}M parameters, fp32; VAE: {vdesc}"
         ctx = self.model.model.model_config.unet_config["context_dim"]
         g = torch.Generator().manual_seed(3)
-        imgs = []
-        for _ in range(images):  # smooth random images in [0, 1]
-            low = torch.rand(1, 3, max(px // 16, 2), max(px // 16, 2), generator=g)
-            im = torch.nn.functional.interpolate(low, size=(px, px), mode="bilinear", align_corners=False)
-            imgs.append((0.8 * im + 0.2 * torch.rand(1, 3, px, px, generator=g)).clamp(0, 1)[0])
+        imgs = [B.smooth_image(px, g)[0] for _ in range(images)]  # [3, px, px] in [0, 1]
         cond = [[torch.randn(1, 77, ctx, generator=g) * 0.5, {}]]
         self.data = ctrain.TrainingData(images=imgs, conds=[cond], captions=[f"image {i}" for i in range(images)])
         self.cond = cond
@@ -272,47 +222,7 @@ def stage1_data_cost(s: Setup, args, cache_dir: pathlib.Path) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Machine load (shared CI machines)
-
-
-def measured(fn):
-    """Run ``fn``; return (result, CPU cores used meanwhile by other processes)."""
-    (b0, o0), t0 = _jiffies(), time.perf_counter()
-    result = fn()
-    (b1, o1), dt = _jiffies(), time.perf_counter() - t0
-    return result, max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / max(dt, 1e-9)
-
-
-def wait_until_quiet(max_other: float, timeout: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout and measured(lambda: time.sleep(0.5))[1] >= max_other:
-        time.sleep(2.0)
-    return time.time() - t0
-
-
-def _minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-# ----------------------------------------------------------------------------------------------
 # Workers (each runs in a fresh subprocess)
-
-
-def pinned_malloc() -> str:
-    """:func:`benchlib.steady_malloc`, and never trim the heap at all.
-
-    steady_malloc's trim threshold (2^31 - 1 bytes, mallopt's int limit) is below what these runs free
-    at once: core's node rebuilds every adapted weight (3.2 GiB on the SD1.5 UNet) each step, so with
-    it glibc handed the memory back and page-faulted it in again every step (measured: ~2e5 page faults
-    and about +25% on core's SD1.5 256 px step, none on LoRD's). ``mallopt(M_TRIM_THRESHOLD, -1)`` sets
-    the threshold to SIZE_MAX.
-    """
-    base = steady_malloc()
-    try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(-1, -1) == 1  # M_TRIM_THRESHOLD = (size_t)-1
-    except (OSError, AttributeError):
-        ok = False
-    return base.replace("M_TRIM_THRESHOLD=2^31-1", "M_TRIM_THRESHOLD=-1, i.e. never trim") if ok else base
 
 
 def worker_time(args) -> dict:
@@ -324,7 +234,7 @@ def worker_time(args) -> dict:
     tag = f"[time {args.model} {args.px}px gc={args.gc}]"
     log(f"{tag} built in {s.build_s:.1f} s: {s.desc}")
     variants = args.variants.split(",")
-    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    B.wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
     pgd_s = stage1_data_cost(s, args, cache)
     log(f"{tag} PGD-2 data generation {pgd_s:.2f} s/image ({len(s.data)} images)")
     facts, failed = {}, {}
@@ -350,51 +260,31 @@ def worker_time(args) -> dict:
     faults = {v: [] for v in variants}
     discarded = 0
     for rnd in range(args.repeats):
-        k = rnd % len(variants)
-        for v in variants[k:] + variants[:k]:
-            for attempt in range(args.retries + 1):
-                wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
-                _gc.collect()
-                f0 = _minflt()
-                r, other = measured(lambda: run_call(s, v, args, n + 1, cache))
-                if other < args.max_other_cpu or attempt == args.retries:
-                    break
-                discarded += 1
-                log(f"{tag} {v} call disturbed (other processes {other:.2f} cores): redo")
+        for v in B.rotated(variants, rnd):
+            run = B.quiet_run(lambda: run_call(s, v, args, n + 1, cache), args.max_other_cpu, args.retries,
+                              args.quiet_timeout, prepare=_gc.collect,
+                              on_redo=lambda other: log(f"{tag} {v} call disturbed (other processes {other:.2f} "
+                                                        "cores): redo"))
+            r, other, discarded = run["result"], run["other"], discarded + run["redone"]
             st = r["stamps"]
             per_step = (st[-1] - st[0]) / n
             runs[v].append(per_step / args.batch)
             overhead[v].append(r["wall"] - (n + 1) * per_step)
             others[v].append(other)
-            faults[v].append((_minflt() - f0) / (n + 1))
+            faults[v].append(run["minflt"] / (n + 1))
             if (r["wrapped"], r["hooked"]) != (facts[v]["wrapped"], facts[v]["hooked"]):
                 raise RuntimeError(f"{v}: UNet state differs from the warm-up ({r['wrapped']}, {r['hooked']})")
         log(f"{tag} round {rnd + 1}/{args.repeats}: " + ", ".join(
             f"{v} {runs[v][-1]:.3f} s/sample (overhead {overhead[v][-1]:.1f} s, other {others[v][-1]:.2f} cores, "
             f"{faults[v][-1]:.0f} faults/step)" for v in variants))
-    ratios = {v: [a / b for a, b in zip(runs[v], runs["core"])] for v in variants if v != "core" and "core" in runs}
+    ratios = {v: B.paired_ratios(runs[v], runs["core"]) for v in variants if v != "core" and "core" in runs}
     return {"model": args.model, "px": args.px, "gc": args.gc, "batch": args.batch, "rank": args.rank,
             "images": len(s.data), "steps": n, "repeats": args.repeats, "desc": s.desc, "build_s": s.build_s,
             "pgd_s_per_image": pgd_s, "facts": facts, "failed": failed, "runs": runs, "overhead": overhead, "other_cores": others,
-            "minflt_per_step": faults, "malloc": malloc, "discarded": discarded,
-            "median": {v: statistics.median(x) for v, x in runs.items()},
-            "min": {v: min(x) for v, x in runs.items()}, "max": {v: max(x) for v, x in runs.items()},
+            "minflt_per_step": faults, "malloc": malloc, "discarded": discarded, **B.spread(runs),
             "overhead_median": {v: statistics.median(x) for v, x in overhead.items()},
             "ratio": {v: statistics.median(x) for v, x in ratios.items()},
             "ratio_min": {v: min(x) for v, x in ratios.items()}, "ratio_max": {v: max(x) for v, x in ratios.items()}}
-
-
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
 
 
 def worker_mem(args) -> dict:
@@ -408,83 +298,27 @@ def worker_mem(args) -> dict:
     from comfyui_lord.lord_ops.comfy import grad
 
     grad.load_for_gradients(s.model, s.vae)
-    _gc.collect()
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        method = "torch.cuda.max_memory_allocated - allocated before"
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-            before = _proc_status("VmRSS")
-            method = "peak RSS (VmHWM after clear_refs) - RSS before"
-        except OSError:
-            before = _maxrss_bytes()
-            method = "ru_maxrss high-water mark (not reset)"
-    wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
-    r, other = measured(lambda: run_call(s, v, args, 2, cache))
-    if CUDA:
-        peak = torch.cuda.max_memory_allocated()
-    elif method.startswith("peak RSS"):
-        peak = _proc_status("VmHWM")
-    else:
-        peak = _maxrss_bytes()
-    out = {"model": args.model, "px": args.px, "gc": args.gc, "variant": v, "method": method, "before_bytes": before,
-           "peak_bytes": peak, "delta_bytes": max(0, peak - before), "wall": r["wall"], "stamps": r["stamps"],
-           "other_cores": other}
+    mem = B.PeakMemory()
+    B.wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    r, _, other = B.other_load(lambda: run_call(s, v, args, 2, cache))
+    out = {"model": args.model, "px": args.px, "gc": args.gc, "variant": v, **mem.result(), "wall": r["wall"],
+           "stamps": r["stamps"], "other_cores": other}
     log(f"[mem {args.model} {args.px}px gc={args.gc} {v}] peak delta {out['delta_bytes'] / 2**30:.2f} GiB "
-        f"(before {before / 2**30:.2f} GiB), call {r['wall']:.1f} s, other processes {other:.2f} cores")
+        f"(before {out['before_bytes'] / 2**30:.2f} GiB), call {r['wall']:.1f} s, other processes {other:.2f} cores")
     return out
 
 
 def run_worker(kind: str, args, model: str, px: int, gc: str, variants: str, steps: int = 1, repeats: int = 1) -> dict:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--model", model,
-           "--px", str(px), "--gc", gc, "--variants", variants, "--steps", str(steps), "--repeats", str(repeats),
-           "--rank", str(args.rank), "--batch", str(args.batch), "--images", str(args.images),
-           "--work", str(args.work), "--max-other-cpu", str(args.max_other_cpu),
-           "--quiet-timeout", str(args.quiet_timeout), "--retries", str(args.retries)]
-    cmd += ["--stock-malloc"] if args.stock_malloc else []
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"model": model, "px": px, "gc": gc, "variant": variants,
-                "error": f"worker {kind} exited with {proc.returncode} (killed for memory?)"}
-    return json.loads(lines[-1][len("RESULT "):])
+    argv = ["--worker", kind, "--model", model, "--px", px, "--gc", gc, "--variants", variants, "--steps", steps,
+            "--repeats", repeats, "--rank", args.rank, "--batch", args.batch, "--images", args.images,
+            "--work", args.work, "--max-other-cpu", args.max_other_cpu, "--quiet-timeout", args.quiet_timeout,
+            "--retries", args.retries]
+    argv += ["--stock-malloc"] if args.stock_malloc else []
+    return B.run_worker(__file__, argv, {"model": model, "px": px, "gc": gc, "variant": variants})
 
 
 # ----------------------------------------------------------------------------------------------
 # Report
-
-
-def machine_facts() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = "unknown"
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    device = str(mm.get_torch_device())
-    if CUDA:
-        device += f" ({torch.cuda.get_device_name()})"
-    env = [f"COMFYUI_PATH={shlex.quote(os.environ['COMFYUI_PATH'])}"] if os.environ.get("COMFYUI_PATH") else []
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu,
-            "ram": mem, "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg()[0],
-            "command": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
-
-
-def gib(b) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 def _label(r) -> str:
@@ -506,7 +340,7 @@ def tables(times: list, mems: list, skipped: list) -> str:
             ratio = (f"**{r['ratio'][v]:.3f}x** ({r['ratio_min'][v]:.3f} - {r['ratio_max'][v]:.3f})"
                      if v in r["ratio"] else "1")
             m = memo.get((r["model"], r["px"], r["gc"], v))
-            mem = (m.get("error") or gib(m["delta_bytes"])) if m else "n/a"
+            mem = (m.get("error") or B.gib(m["delta_bytes"])) if m else "n/a"
             lines.append(f"| {_label(r)} | {v} | {what} | {f['params'] / 1e6:.2f}M | {f.get('passes_per_step')} | "
                          f"{1e3 * r['median'][v]:.0f} | "
                          f"{1e3 * r['min'][v]:.0f} - {1e3 * r['max'][v]:.0f} | {ratio} | "
@@ -528,7 +362,7 @@ def one_offs(times: list, mems: list) -> str:
     return ("LoRD's one-off PGD-2 data generation (2 attack iterations through VAE encoder + UNet per image, "
             "then cached on disk and reused by every later run on the same images/model): " + "; ".join(parts) +
             ". RSS before the memory calls (models loaded): " +
-            "; ".join(f"{k}: {gib(b)}" for k, b in befores.items()) + ".")
+            "; ".join(f"{k}: {B.gib(b)}" for k, b in befores.items()) + ".")
 
 
 def reading(times: list) -> str:
@@ -558,11 +392,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, explai
     models = "; ".join(dict.fromkeys(f"{r['model']}: {r['desc']}" for r in times))
     body = "\n".join([
         MARK_START, "## Training cost: Stage-1 LoRD vs core Train LoRA (bench/bench_train.py)", "",
-        f"Command: `{facts['command']}`  ",
-        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram']} RAM, torch {facts['torch']}, "
-        f"{facts['threads']} threads, device {facts['device']}, Python {facts['python']}; 1-min load average "
-        f"{facts['loadavg_start']:.2f} at start / {facts['loadavg_end']:.2f} at end; total run "
-        f"{facts['total_min']:.1f} min.  ",
+        *B.header_lines(facts),
         f"Models: {models}; random conditioning [1, 77, context]; {args.images} training images.  ",
         f"Settings, identical for both: rank {args.rank}, batch {args.batch}, AdamW lr {LEARNING_RATE:g}, fp32 "
         "training and adapter dtype, gradient checkpointing as given per row, fresh run per call. `core` = "
@@ -584,7 +414,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, explai
         f"{contended:.2f} cores.  ",
         f"Memory: one 2-step call per variant in a fresh process (models loaded, PGD cache filled first); {method}.",
         "", tables(times, mems, skipped), "", one_offs(times, mems), "", reading(times) + " " + explain, MARK_END])
-    write_section(path, MARK_START, MARK_END, body)
+    B.write_section(path, MARK_START, MARK_END, body)
 
 
 EXPLAIN = (
@@ -600,8 +430,9 @@ EXPLAIN = (
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 64 px, 1 round of 1 step, no markdown")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny model, 64 px, 1 round of 1 step, no markdown",
+                      steps="timed optimizer steps per call (default: ckpt 4, sd15 2, tiny 3; 2 from 512 px)",
+                      repeats="rounds (default: ckpt 5, sd15 3, tiny 3; 2 from 512 px; quick 1)")
     ap.add_argument("--configs", default=None,
                     help="comma list of model:px[:gc[:variants joined by +]] (models tiny, ckpt, sd15; gc on/off, "
                          f"default --gc; variants default --variants); default {DEFAULT_CONFIGS} (quick: tiny:64)")
@@ -611,18 +442,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--images", type=int, default=None, help="training images (default max(2, batch))")
     ap.add_argument("--gc", default="off", choices=("off", "on"), help="gradient checkpointing for both (default off)")
-    ap.add_argument("--steps", type=int, help="timed optimizer steps per call (default: ckpt 4, sd15 2, tiny 3; "
-                                              "2 from 512 px)")
-    ap.add_argument("--repeats", type=int, help="rounds (default: ckpt 5, sd15 3, tiny 3; 2 from 512 px; quick 1)")
-    ap.add_argument("--max-other-cpu", type=float, default=0.3,
-                    help="before each timed call wait until other processes use fewer cores than this")
-    ap.add_argument("--retries", type=int, default=2, help="redo a disturbed timed call up to this often")
-    ap.add_argument("--quiet-timeout", type=float, default=120.0, help="longest wait for a quiet machine (s)")
-    ap.add_argument("--stock-malloc", action="store_true", help="timing: leave glibc malloc as is (see pinned_malloc)")
+    B.add_machine_args(ap)
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory workers")
     ap.add_argument("--work", default=None, help="folder for the test checkpoint and PGD caches (default: a temp dir)")
-    ap.add_argument("--md", default=None, help="markdown file to update ('' to skip; default BENCHMARKS.md)")
-    ap.add_argument("--json", type=pathlib.Path, help="also write the results as JSON here")
+    B.add_output_args(ap)
     ap.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
@@ -630,11 +453,11 @@ def main(argv=None) -> None:
     args.images = args.images or max(2, args.batch)
     if args.worker:
         res = worker_time(args) if args.worker == "time" else worker_mem(args)
-        print("RESULT " + json.dumps(res), flush=True)
+        B.emit_result(res)
         return
 
     start = time.time()
-    facts = machine_facts()
+    facts = B.machine_facts()
     log(json.dumps(facts))
     own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="bench_train_")
@@ -671,13 +494,8 @@ def main(argv=None) -> None:
     print()
     print(one_offs(times, mems))
     print(reading(times))
-    md = args.md if args.md is not None else ("" if args.quick else str(ROOT / "BENCHMARKS.md"))
-    if md:
-        write_markdown(pathlib.Path(md), times, mems, skipped, facts, args, EXPLAIN)
-        log(f"updated {md}")
-    if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "times": times, "mems": mems, "skipped": skipped}, indent=1))
-        log(f"wrote {args.json}")
+    B.finish(args, lambda path: write_markdown(path, times, mems, skipped, facts, args, EXPLAIN),
+             {"facts": facts, "times": times, "mems": mems, "skipped": skipped})
 
 
 if __name__ == "__main__":
