@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..lord_ops.attacks import PRESETS
 from ..lord_ops.keys import TARGET_PRESETS
-from ..lord_ops.training import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
+from ..lord_ops.trainer import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
 
 LORD_WEIGHTS = io.Custom("LORD_WEIGHTS")
 LORD_LORA = io.Custom("LORD_LORA")

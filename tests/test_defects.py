@@ -138,7 +138,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     import torch
 
     from comfyui_lord.lord_ops import diffusion
-    from comfyui_lord.lord_ops import training as T
+    from comfyui_lord.lord_ops import trainer as T
     from comfyui_lord.lord_ops.comfy import train as CT
 
     seen = []
@@ -163,7 +163,7 @@ def test_loss_weighting_is_explicit_and_shared_by_stage1_losses():
     unchanged, and an unknown target is refused."""
     import torch
 
-    from comfyui_lord.lord_ops import training as T
+    from comfyui_lord.lord_ops import trainer as T
     from comfyui_lord.lord_ops.diffusion import denoising_loss
 
     g = torch.Generator().manual_seed(3)

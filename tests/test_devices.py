@@ -21,7 +21,7 @@ import torch
 import comfy.model_management as mm
 import comfy.sd
 
-from comfyui_lord.lord_ops import training as T
+from comfyui_lord.lord_ops import trainer as T
 from comfyui_lord.lord_ops.attacks import AttackConfig
 from comfyui_lord.lord_ops.comfy import train as CT
 from comfyui_lord.lord_ops.comfy.patch import apply_lord, init_lord_for_model

@@ -7,7 +7,7 @@
 
 ``CKPT`` is a ComfyUI checkpoint (read with ComfyUI's own loader). ``DIR`` holds images with
 same-name ``.txt`` captions (Stage-2: ``--instance-prompt`` replaces them). Options come from
-``lord_ops.training.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
+``lord_ops.trainer.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
 ``--set key=value`` (JSON values; bare words are strings). ``--batch-size`` is per process.
 
 ``RUN_DIR`` receives ``checkpoint.pt`` (weights + optimizer + RNG + step, written atomically every
@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lord_ops.datasets import DatasetError, load_caption_folder  # noqa: E402
-from lord_ops.training import TrainConfig  # noqa: E402
+from lord_ops.trainer import TrainConfig  # noqa: E402
 from training.comfy_runtime import ComfyUINotFound, ensure_comfyui_importable, find_comfyui  # noqa: E402
 
 

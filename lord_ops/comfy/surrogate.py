@@ -1,8 +1,8 @@
 """The published surrogate attacks (mist-v2, Anti-DreamBooth ASPL / FSMG) on ComfyUI models.
 
 The loop itself is plain torch (``lord_ops.attacks.run_alternating_attack``); this module supplies
-its callables on a ComfyUI MODEL: a surrogate LoRA (``training.TrainableLoRA``, hooked into the
-UNet with ``training.AdapterHooks``) on a loaded, differentiable **clone** of the MODEL (Stage-2's
+its callables on a ComfyUI MODEL: a surrogate LoRA (``trainer.TrainableLoRA``, hooked into the
+UNet with ``trainer.AdapterHooks``) on a loaded, differentiable **clone** of the MODEL (Stage-2's
 ``trainable_model``), fine-tuned with the denoising loss on the current images while the PGD rounds
 run against base + that LoRA. The MODEL given by the user is never patched: the hooks live only
 for the call and its weights are not changed (tested bit for bit).
@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import training as T
+from .. import trainer as T
 from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quantize_uint8, run_alternating_attack,
                        run_attack, train_surrogate_steps)
 from ..diffusion import denoising_loss

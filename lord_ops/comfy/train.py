@@ -1,6 +1,6 @@
 """Stage-1 / Stage-2 training on ComfyUI models (shared by the trainer nodes and ``training/train.py``).
 
-The engine (losses, schedule, checkpoints, DDP) is ``lord_ops.training``; this module makes a
+The engine (losses, schedule, checkpoints, DDP) is ``lord_ops.trainer``; this module makes a
 ComfyUI MODEL trainable (a clone, loaded, with inference-mode tensors swapped for normal ones and
 the base frozen), encodes images through the VAE, generates/caches the Stage-1 perturbations with
 the attack engine, and hooks the trainable LoRD / LoRA into the UNet's target layers.
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import training as T
+from .. import trainer as T
 from ..datasets import (DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, evict_cache, model_fingerprint,
                         tensor_digest, to_uint8, to_unit)
 from ..diffusion import denoising_loss
@@ -129,7 +129,7 @@ def _lord_fingerprint(model_patcher) -> str:
 
 
 def _identity(loaded_clone, vae, data: "TrainingData", with_lord: bool) -> dict[str, str]:
-    """What a checkpoint must have been trained on to be resumed (see ``training.train``); taken from
+    """What a checkpoint must have been trained on to be resumed (see ``trainer.train``); taken from
     the loaded training clone so the in-place weight patches are exactly this MODEL's."""
     ident = {"dataset": _dataset_digest(data), "model": _fingerprint(loaded_clone, vae),
              "dtype": dtype_label(effective_dtype(loaded_clone))}
@@ -308,7 +308,7 @@ def effective_dtype(clone) -> dict:
     """How the training clone computes: ``compute`` (the dtype set with ``set_model_compute_dtype``,
     else the weights'), ``weights`` (storage dtype of the UNet weights; cast per layer to the compute
     dtype when they differ) and ``grad_scaler`` (fp16 compute: the loss is scaled, see
-    ``lord_ops.training.train``). The adapters keep float32 master weights in every case."""
+    ``lord_ops.trainer.train``). The adapters keep float32 master weights in every case."""
     weights = clone.model_dtype()
     compute = clone.get_model_object("manual_cast_dtype") if "manual_cast_dtype" in clone.object_patches else None
     compute = compute or weights
