@@ -1,7 +1,7 @@
 """Training engine for Stage-1 (LoRD, Eq. 7-8) and Stage-2 (DreamBooth-LoRA, Eq. 9); plain torch.
 
 ComfyUI-specific glue (loading the MODEL for gradients, encoding images and captions) lives in
-``lord_ops/comfy/train.py``; this module owns the trainable parameter sets, the loss terms, the
+``lord_ops/comfy/stages.py``; this module owns the trainable parameter sets, the loss terms, the
 deterministic sample schedule, checkpoints and the optimisation loop (single process or PyTorch DDP).
 
 Determinism: which dataset item, timestep and noise a sample uses depends only on

@@ -213,7 +213,7 @@ class LoRDTrainStage1(io.ComfyNode):
         import comfy.model_management
 
         from ..lord_ops.comfy.patch import apply_lord
-        from ..lord_ops.comfy.train import HeldOut, TrainingData, train_stage1
+        from ..lord_ops.comfy.stages import HeldOut, TrainingData, train_stage1
 
         p = _scalars(kwargs)
         config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
@@ -273,7 +273,7 @@ class LoRDTrainStage2(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, vae=None, images=None, latents=None, class_images=None, class_positive=None,
                 **kwargs):
-        from ..lord_ops.comfy.train import TrainingData, kohya_metadata, train_stage2
+        from ..lord_ops.comfy.stages import TrainingData, kohya_metadata, train_stage2
         from ..lord_ops.comfy.patch import model_family
 
         p = _scalars(kwargs)

@@ -139,7 +139,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
 
     from comfyui_lord.lord_ops import diffusion
     from comfyui_lord.lord_ops import trainer as T
-    from comfyui_lord.lord_ops.comfy import train as CT
+    from comfyui_lord.lord_ops.comfy import stages as CT
 
     seen = []
 

@@ -23,7 +23,7 @@ import comfy.sd
 
 from comfyui_lord.lord_ops import trainer as T
 from comfyui_lord.lord_ops.attacks import AttackConfig
-from comfyui_lord.lord_ops.comfy import train as CT
+from comfyui_lord.lord_ops.comfy import stages as CT
 from comfyui_lord.lord_ops.comfy.patch import apply_lord, init_lord_for_model
 from comfyui_lord.lord_ops.comfy.protect import protect_images
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from comfyui_lord.lord_ops import trainer as T
-from comfyui_lord.lord_ops.comfy import train as CT
+from comfyui_lord.lord_ops.comfy import stages as CT
 from comfyui_lord.lord_ops.comfy.patch import apply_lord, unet_names
 from comfyui_lord.lord_ops.datasets import DatasetError, load_caption_folder
 from comfyui_lord.lord_ops.format import load_lord_file, save_kohya_lora

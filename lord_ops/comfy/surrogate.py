@@ -24,7 +24,7 @@ from ..diffusion import denoising_loss
 from . import grad
 from .patch import unet_names
 from .protect import pad_to_multiple
-from .train import _target_modules, trainable_model
+from .stages import _target_modules, trainable_model
 
 
 def surrogate_targets(model_patcher, targets: str) -> list[str]:
