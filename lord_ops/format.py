@@ -544,16 +544,29 @@ def save_lord_file(path, lord: LoRDFile, dtype: torch.dtype = torch.float32) -> 
     return atomic_save_safetensors(path, sd, lord.metadata())
 
 
-def save_kohya_lora(path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                    metadata: Optional[Mapping[str, str]] = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a standard kohya LoRA: ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``."""
+def kohya_state_dict(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, Optional[float]]],
+                     dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """A kohya LoRA state dict from ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``:
+    ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` (left out where alpha is
+    None: loaders then use scale 1). ``dtype``: cast the matrices (detached, on the CPU) for a file;
+    None keeps the tensors as given."""
     sd = {}
     for name, (down, up, alpha) in layers.items():
         if up.shape[1] != down.shape[0]:
             raise ValueError(f"{name}: rank mismatch between down {tuple(down.shape)} and up {tuple(up.shape)}")
-        sd[f"{name}.lora_down.weight"] = down.detach().cpu().to(dtype)
-        sd[f"{name}.lora_up.weight"] = up.detach().cpu().to(dtype)
-        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+        if dtype is not None:
+            down, up = down.detach().cpu().to(dtype), up.detach().cpu().to(dtype)
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = up
+        if alpha is not None:
+            sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def save_kohya_lora(path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                    metadata: Optional[Mapping[str, str]] = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a standard kohya LoRA: ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``."""
+    sd = kohya_state_dict(layers, dtype)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(next(iter(layers.values()))[0].shape[0])}
     meta.update(metadata or {})
     return atomic_save_safetensors(path, sd, meta)

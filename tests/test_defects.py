@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from comfyui_lord.lord_ops.comfy import files
 from comfyui_lord.nodes import train as train_nodes
 from training import workflow_api
 
@@ -41,15 +42,15 @@ def test_shipped_trainer_widget_values_match_the_nodes(workflow):
                                     "..\\b", "", "  "])
 def test_free_name_refuses_names_outside_the_folder(tmp_path, prefix):
     with pytest.raises(ValueError, match="not a usable file name"):
-        train_nodes._free_name(str(tmp_path), prefix, False)
+        files.free_name(str(tmp_path), prefix, False)
 
 
 def test_free_name_keeps_plain_names_and_numbers_existing_ones(tmp_path):
-    assert train_nodes._free_name(str(tmp_path), "lord_stage1", False) == str(tmp_path / "lord_stage1.safetensors")
-    assert train_nodes._free_name(str(tmp_path), "\\mine\\x.safetensors", False) == str(tmp_path / "mine" / "x.safetensors")
+    assert files.free_name(str(tmp_path), "lord_stage1", False) == str(tmp_path / "lord_stage1.safetensors")
+    assert files.free_name(str(tmp_path), "\\mine\\x.safetensors", False) == str(tmp_path / "mine" / "x.safetensors")
     (tmp_path / "a.safetensors").write_bytes(b"")
-    assert train_nodes._free_name(str(tmp_path), "a", False) == str(tmp_path / "a_00001.safetensors")
-    assert train_nodes._free_name(str(tmp_path), "a", True) == str(tmp_path / "a.safetensors")
+    assert files.free_name(str(tmp_path), "a", False) == str(tmp_path / "a_00001.safetensors")
+    assert files.free_name(str(tmp_path), "a", True) == str(tmp_path / "a.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
 
     from comfyui_lord.lord_ops import diffusion
     from comfyui_lord.lord_ops import trainer as T
-    from comfyui_lord.lord_ops.comfy import stages as CT
+    from comfyui_lord.lord_ops.comfy import data as data_mod, stages as CT
 
     seen = []
 
@@ -150,7 +151,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     monkeypatch.setattr(CT, "denoising_loss", spy)
     model = tiny_v_model() if v_model else tiny_model
     g = torch.Generator().manual_seed(1)
-    data = CT.TrainingData([], [[[torch.randn(1, 77, 64, generator=g), {}]]], [], latents=[torch.randn(4, 8, 8, generator=g)])
+    data = data_mod.TrainingData([], [[[torch.randn(1, 77, 64, generator=g), {}]]], [], latents=[torch.randn(4, 8, 8, generator=g)])
     config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=1e-4, checkpoint_every=100)
     with torch.inference_mode():
         out = CT.train_stage2(model, None, data, config)

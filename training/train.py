@@ -237,8 +237,11 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     import torch
 
     from lord_ops import tool_version
+    from lord_ops.comfy.data import TrainingData
+    from lord_ops.comfy.heldout import HeldOut
+    from lord_ops.comfy.kohya import kohya_metadata
     from lord_ops.comfy.patch import apply_lord, model_family
-    from lord_ops.comfy.stages import HeldOut, TrainingData, kohya_metadata, train_stage1, train_stage2
+    from lord_ops.comfy.stages import train_stage1, train_stage2
     from lord_ops.format import LoRDFileError, load_lord_file, save_kohya_lora, save_lord_file
 
     t0 = time.time()

@@ -22,9 +22,9 @@ from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quant
                        run_attack, train_surrogate_steps)
 from ..diffusion import denoising_loss
 from . import grad
-from .patch import unet_names
+from .patch import layer_shape, target_modules, unet_names
 from .protect import pad_to_multiple
-from .stages import _target_modules, trainable_model
+from .trainable import trainable_model
 
 
 def surrogate_targets(model_patcher, targets: str) -> list[str]:
@@ -96,11 +96,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
     names = surrogate_targets(model_patcher, surrogate.targets)
     with trainable_model(model_patcher, vae, train_config) as clone:
         device = clone.load_device
-        modules = _target_modules(clone, names)
-        shapes = {}
-        for name, m in modules.items():
-            kernel = tuple(m.kernel_size) if isinstance(m, torch.nn.Conv2d) else None
-            shapes[name] = (m.in_channels, m.out_channels, kernel) if kernel else (m.in_features, m.out_features, None)
+        modules = target_modules(clone, names)
+        shapes = {name: layer_shape(m) for name, m in modules.items()}
         with torch.inference_mode(False):
             lora = T.TrainableLoRA.create(shapes, surrogate.rank, surrogate.alpha, attack.seed).to(device)
         params = [p for p in lora.parameters() if p.requires_grad]
