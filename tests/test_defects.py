@@ -6,7 +6,7 @@ import pytest
 
 from comfyui_lord.lord_ops.comfy import files
 from comfyui_lord.nodes import train as train_nodes
-from training import workflow_api
+from tools import workflow_api
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = {"LoRDTrainStage1": train_nodes.LoRDTrainStage1, "LoRDTrainStage2": train_nodes.LoRDTrainStage2}
@@ -64,7 +64,7 @@ def tiny_v_model(seed=0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     cfg = dict(tiny.family_unet_config("sd2"), dtype=torch.float32)
     model_config = comfy.supported_models.SD20(cfg)

@@ -148,7 +148,7 @@ def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torc
 
 def write_sd15_geometry_checkpoint(path, seed: int = 0) -> Path:
     """Write :func:`sd15_geometry_checkpoint_state_dict` (fp16, about 265 MB) atomically."""
-    from ..format import atomic_save_safetensors
+    from lord_ops.format import atomic_save_safetensors
 
     return atomic_save_safetensors(path, sd15_geometry_checkpoint_state_dict(seed),
                                    {"comfyui_lord": "random-weight SD15-geometry test checkpoint", "seed": str(seed)})
