@@ -1,4 +1,5 @@
-"""Random-weight SD1.x-family models built from ComfyUI's own classes (tests, demo, benchmarks).
+"""Random-weight SD1.x-family models built from ComfyUI's own classes (developer tooling for the tests,
+the demo and the benchmarks; the node pack never imports it).
 
 Module names match real SD1.5, so code that works on these works on the real model. ComfyUI
 leaves weights uninitialised (``torch.empty``); everything here is initialised from a seed.

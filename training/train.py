@@ -38,11 +38,8 @@ if str(REPO) not in sys.path:
 
 from lord_ops.datasets import DatasetError, load_caption_folder  # noqa: E402
 from lord_ops.trainer import TrainConfig  # noqa: E402
-from training.comfy_runtime import ComfyUINotFound, ensure_comfyui_importable, find_comfyui  # noqa: E402
-
-
-class Refused(Exception):
-    """Bad arguments, config, checkpoint or data: reported, exit status 2."""
+from training.comfy_runtime import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,  # noqa: E402
+                                    load_checkpoint_models)
 
 
 def _parse_value(text: str):
@@ -147,22 +144,6 @@ def setup_distributed(cpu: bool):
         torch.cuda.set_device(local)  # ComfyUI picks torch.cuda.current_device()
     torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return torch.distributed.get_rank(), world, local
-
-
-def load_checkpoint_models(path: Path):
-    """UNet, CLIP and VAE of a checkpoint, loaded exactly as ComfyUI's CheckpointLoaderSimple loads
-    them (ComfyUI picks the storage dtype: fp16 weights of an fp16 checkpoint on a GPU). The training
-    compute dtype (``TrainConfig.dtype``) is applied by the trainer, so the CLI and the nodes train
-    the same way for the same config."""
-    import comfy.sd
-
-    try:
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    except Exception as e:  # noqa: BLE001
-        raise Refused(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-    if model is None or clip is None or vae is None:
-        raise Refused(f"checkpoint {path} lacks a diffusion model, text encoder or VAE")
-    return model, clip, vae
 
 
 def main(argv=None) -> int:
