@@ -52,12 +52,13 @@ def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list
     ]
 
 
-def _scalars(kwargs: dict) -> dict:
+def widget_scalars(kwargs: dict) -> dict:
     """``is_input_list`` nodes get every widget as a list: take the first value."""
     return {k: (v[0] if isinstance(v, list) and v else v) for k, v in kwargs.items()}
 
 
-def _config(stage: str, p: dict, **extra) -> TrainConfig:
+def train_config(stage: str, p: dict, **extra) -> TrainConfig:
+    """The trainers' common widgets (``widget_scalars`` of the inputs) as a validated TrainConfig."""
     return TrainConfig(stage=stage, steps=p["steps"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
                        learning_rate=p["learning_rate"], rank=p["rank"], targets=p["targets"], dtype=p["training_dtype"],
                        gradient_checkpointing=p["gradient_checkpointing"], seed=p["seed"] % (2 ** 63),
@@ -131,11 +132,12 @@ class LoRDTrainStage1(io.ComfyNode):
         from ..lord_ops.comfy.progress import TrainingProgress
         from ..lord_ops.comfy.stages import train_stage1
 
-        p = _scalars(kwargs)
-        config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
-                         attack_preset=p.get("perturbations", "pgd_2"),
-                         attack_epsilon=p["attack_strength"] or None, attack_step_size=p["attack_step_size"] or None,
-                         attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
+        p = widget_scalars(kwargs)
+        config = train_config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"],
+                              lambda_gate=p["lambda_gate"], attack_preset=p.get("perturbations", "pgd_2"),
+                              attack_epsilon=p["attack_strength"] or None,
+                              attack_step_size=p["attack_step_size"] or None,
+                              attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
         imgs = images_from_batches(images)
         data = TrainingData(imgs, conditionings_from_list(positive), [f"image {i}" for i in range(len(imgs))])
         heldout = None
@@ -196,8 +198,8 @@ class LoRDTrainStage2(io.ComfyNode):
         from ..lord_ops.comfy.progress import TrainingProgress
         from ..lord_ops.comfy.stages import train_stage2
 
-        p = _scalars(kwargs)
-        config = _config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
+        p = widget_scalars(kwargs)
+        config = train_config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
         if bool(images) == bool(latents):
             raise ValueError("connect either images or latents (the instance images), not both and not neither")
         imgs = images_from_batches(images) if images else []

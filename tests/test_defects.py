@@ -32,7 +32,7 @@ def test_shipped_trainer_widget_values_match_the_nodes(workflow):
         info = TRAINERS[node["type"]].GET_NODE_INFO_V1()
         widgets = workflow_api.widget_inputs(info)
         assert len(node["widgets_values"]) == sum(1 + extra for _, _, extra in widgets)
-        values = workflow_api._widget_values(node, info)
+        values = workflow_api.widget_values(node, info)
         assert isinstance(values["seed"], int) and isinstance(values["checkpoint_every"], int)
         assert values["run_name"].startswith("lord_stage")
         assert "fixed" not in node["widgets_values"]

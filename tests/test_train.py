@@ -278,7 +278,7 @@ def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
     for context_gate, expected in (("off", clean), ("learned", learned)):
         demo.context_gate = context_gate
         inj = LoRDInjection(demo, {name: "unused"}, "plain", "learned", 1.0)
-        got = inj._hook_for(name, None)(None, (x,), out)
+        got = inj.hook_for(name, None)(None, (x,), out)
         assert torch.allclose(got, expected, atol=1e-5), context_gate
     assert not torch.allclose(clean, learned)
     # an older file (no context_gate key) still loads, with its learned gate
@@ -716,10 +716,10 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     # widgets at 0 take the preset's numbers
     zero = node_widgets(gate_hidden=8, lambda_adv=1.0, lambda_gate=1.0, attack_strength=0.0, attack_step_size=0.0,
                         attack_steps=0, online_perturbations=False, perturbations="ace_fixed", heldout_attack_steps=0)
-    from comfyui_lord.nodes.train import _config, _scalars
+    from comfyui_lord.nodes.train import train_config, widget_scalars
 
-    p = _scalars(zero)
-    cfg = _config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
+    p = widget_scalars(zero)
+    cfg = train_config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
                   attack_step_size=p["attack_step_size"] or None, attack_steps=p["attack_steps"] or None)
     assert cfg.attack_config() == dataclasses.replace(T.PRESETS["ace_fixed"], seed=0)
 

@@ -185,7 +185,9 @@ class LoRDInjection:
             self._on_device[key] = self._runtime[name].to(device)
         return self._on_device[key]
 
-    def _hook_for(self, name: str, geometry: Optional[ConvGeometry]):
+    def hook_for(self, name: str, geometry: Optional[ConvGeometry]):
+        """The forward hook of target ``name``: adds ``strength * delta`` to the layer's output (and
+        records the gate when a recorder is set)."""
         fused = self.implementation == "fused"
         activation = self.lord.gate_activation
 
@@ -220,7 +222,7 @@ class LoRDInjection:
         for name, path in self.modules.items():
             module = module_at(patcher, path)
             geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
-            handles.append(module.register_forward_hook(self._hook_for(name, geometry)))
+            handles.append(module.register_forward_hook(self.hook_for(name, geometry)))
         self._handles[key] = handles
 
     def eject(self, patcher) -> None:
