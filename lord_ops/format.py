@@ -164,18 +164,21 @@ def read_safetensors_header(path, kind: str = "LoRD file", float_only: bool = Tr
     if size == 0:
         raise _Err(path, "the file is empty (0 bytes).", "Re-download or re-create it.")
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = fh.read(9)
+        # a pickle starts with 0x80 (protocol >= 2), a zip with "PK"; a safetensors header length may
+        # also start with byte 0x80 (length = 128 mod 256), but its JSON header then starts with "{"
+        if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):
             raise _Err(path, "this is a pickle/zip (.ckpt/.pt) file, not safetensors; LoRD never "
                                 "loads pickles because they can execute code.",
                                 "Convert it to .safetensors with a trusted tool, or use the original .safetensors file.")
         if len(head) < 8:
             raise _Err(path, f"the file is truncated ({size} bytes, shorter than a safetensors header).",
                                 "Re-download or re-create it.")
-        (header_len,) = struct.unpack("<Q", head)
+        (header_len,) = struct.unpack("<Q", head[:8])
         if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
             raise _Err(path, f"not a valid safetensors file (header length {header_len} does not fit "
                                 f"a {size}-byte file; truncated or not safetensors).", "Re-download or re-create it.")
+        fh.seek(8)
         raw = fh.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
