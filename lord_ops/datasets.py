@@ -130,6 +130,23 @@ def check_sizes(sizes: Sequence[tuple[object, tuple[int, int]]]) -> tuple[int, i
 # Stage-1 perturbation cache
 
 
+def float_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's values as float32 bytes (CPU): what the digests below hash."""
+    return t.detach().float().cpu().numpy().tobytes()
+
+
+def conditioning_digest(conditioning) -> str:
+    """sha256 of a ComfyUI CONDITIONING's tensors (``[[cross_attn, {extras}], ...]``: what the PGD
+    objective actually sees of the caption)."""
+    h = hashlib.sha256()
+    for cross_attn, extras in conditioning:
+        h.update(float_bytes(cross_attn))
+        for k in sorted(extras):
+            if isinstance(extras[k], torch.Tensor):
+                h.update(k.encode() + float_bytes(extras[k]))
+    return h.hexdigest()[:32]
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of an image's 8-bit levels (what a PNG of it would hold); float [0, 1] or uint8 input."""
     q = to_uint8(t)
@@ -275,5 +292,5 @@ def model_fingerprint(state: dict[str, torch.Tensor], samples: int = 4096) -> st
         t = state[k].detach().reshape(-1)
         step = max(1, t.numel() // samples)
         h.update(k.encode() + str(tuple(state[k].shape)).encode())
-        h.update(t[::step][:samples].float().cpu().numpy().tobytes())
+        h.update(float_bytes(t[::step][:samples]))
     return h.hexdigest()[:32]

@@ -177,10 +177,11 @@ def read_safetensors_header(path, kind: str = "LoRD file", float_only: bool = Tr
         if len(head) < 8:
             raise _Err(path, f"the file is truncated ({size} bytes, shorter than a safetensors header).",
                                 "Re-download or re-create it.")
-        (header_len,) = struct.unpack("<Q", head)
+        (header_len,) = struct.unpack("<Q", head[:8])
         if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
             raise _Err(path, f"not a valid safetensors file (header length {header_len} does not fit "
                                 f"a {size}-byte file; truncated or not safetensors).", "Re-download or re-create it.")
+        fh.seek(8)
         raw = fh.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -549,16 +550,29 @@ def save_lord_file(path, lord: LoRDFile, dtype: torch.dtype = torch.float32) -> 
     return atomic_save_safetensors(path, sd, lord.metadata())
 
 
-def save_kohya_lora(path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                    metadata: Optional[Mapping[str, str]] = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a standard kohya LoRA: ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``."""
+def kohya_state_dict(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, Optional[float]]],
+                     dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """A kohya LoRA state dict from ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``:
+    ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` (left out where alpha is
+    None: loaders then use scale 1). ``dtype``: cast the matrices (detached, on the CPU) for a file;
+    None keeps the tensors as given."""
     sd = {}
     for name, (down, up, alpha) in layers.items():
         if up.shape[1] != down.shape[0]:
             raise ValueError(f"{name}: rank mismatch between down {tuple(down.shape)} and up {tuple(up.shape)}")
-        sd[f"{name}.lora_down.weight"] = down.detach().cpu().to(dtype)
-        sd[f"{name}.lora_up.weight"] = up.detach().cpu().to(dtype)
-        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+        if dtype is not None:
+            down, up = down.detach().cpu().to(dtype), up.detach().cpu().to(dtype)
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = up
+        if alpha is not None:
+            sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def save_kohya_lora(path, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                    metadata: Optional[Mapping[str, str]] = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a standard kohya LoRA: ``{name: (down [r, d_in(,k,k)], up [d_out, r(,1,1)], alpha)}``."""
+    sd = kohya_state_dict(layers, dtype)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(next(iter(layers.values()))[0].shape[0])}
     meta.update(metadata or {})
     return atomic_save_safetensors(path, sd, meta)

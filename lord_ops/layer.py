@@ -127,6 +127,18 @@ def _as_matrix(up: torch.Tensor) -> torch.Tensor:
     return up.reshape(up.shape[0], up.shape[1]) if up.dim() == 4 else up
 
 
+def init_lora(in_features: int, out_features: int, rank: int, kernel_size: Optional[Sequence[int]] = None,
+              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new LoRA pair ``(down, up)``: ``A ~ N(0, (1/r)^2)`` (mist-v2's / diffusers' init) drawn from
+    ``generator``, ``B = 0`` (the untrained LoRA is a no-op). Shapes ``[r, d_in]`` / ``[d_out, r]``, or
+    ``[r, d_in, kh, kw]`` / ``[d_out, r, 1, 1]`` with ``kernel_size`` (Conv2d)."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    down_shape = (rank, in_features, *kernel_size) if kernel_size else (rank, in_features)
+    up_shape = (out_features, rank, 1, 1) if kernel_size else (out_features, rank)
+    return torch.randn(down_shape, generator=generator) / rank, torch.zeros(up_shape)
+
+
 def init_lord_weights(
     in_features: int,
     out_features: int,
@@ -144,18 +156,14 @@ def init_lord_weights(
     weights use PyTorch's Linear init and its biases are 0, so an untrained gate on ``v = 0`` says 0.5.
     ``kernel_size`` makes a Conv2d adapter.
     """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
     g = generator
-    down_shape = (rank, in_features, *kernel_size) if kernel_size else (rank, in_features)
-    up_shape = (out_features, rank, 1, 1) if kernel_size else (out_features, rank)
-    down = torch.randn(down_shape, generator=g) / rank
+    down, up = init_lora(in_features, out_features, rank, kernel_size, g)
     if random_up > 0:
-        up = torch.randn(up_shape, generator=g) * random_up
-        up_defense = torch.randn(up_shape, generator=g) * random_up
+        up = torch.randn(up.shape, generator=g) * random_up
+        up_defense = torch.randn(up.shape, generator=g) * random_up
     else:
-        up, up_defense = torch.zeros(up_shape), torch.zeros(up_shape)
+        up_defense = torch.zeros(up.shape)
     bound1 = 1.0 / math.sqrt(out_features)
     bound2 = 1.0 / math.sqrt(gate_hidden)
     gate_w1 = (torch.rand((gate_hidden, out_features), generator=g) * 2 - 1) * bound1

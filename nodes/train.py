@@ -16,100 +16,12 @@ from comfy_api.latest import io
 
 from ..lord_ops.attacks import PRESETS
 from ..lord_ops.keys import TARGET_PRESETS
-from ..lord_ops.training import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
+from ..lord_ops.trainer import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
 
 LORD_WEIGHTS = io.Custom("LORD_WEIGHTS")
 LORD_LORA = io.Custom("LORD_LORA")
 LOSS_MAP = io.Custom("LOSS_MAP")
 _PGD2 = PRESETS["pgd_2"]
-
-
-def _training_dir(run_name: str) -> str:
-    import folder_paths
-
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_name.strip()) or "run"
-    return os.path.join(folder_paths.get_output_directory(), "lord_training", safe)
-
-
-def _cache_dir() -> str:
-    import folder_paths
-
-    return os.path.join(folder_paths.get_output_directory(), "lord_training", "pgd_cache")
-
-
-def _flatten_images(images) -> list:
-    """IMAGE batches ``[B, H, W, C]`` in [0, 1] -> list of ``[3, H, W]`` uint8 levels (what the trainers
-    keep: a quarter of float32's memory; no float copy of the whole set is made)."""
-    from ..lord_ops.datasets import to_uint8
-
-    out = []
-    for batch in images:
-        for img in batch:
-            out.append(to_uint8(img[..., :3].movedim(-1, 0)))
-    return out
-
-
-def _flatten_conds(conds) -> list:
-    """A CONDITIONING per list item (core's text-encode-over-a-list gives one per caption)."""
-    return [c for c in conds if c is not None]
-
-
-def _loss_preview(history: list[dict]):
-    """Small loss curve (PIL image) for the node's progress preview."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 256, 128, 6
-    img = Image.new("RGB", (w, h), "white")
-    values = [e["loss"] for e in history]
-    if len(values) >= 2:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        pts = [(m + i * (w - 2 * m) / (len(values) - 1), h - m - (v - lo) / span * (h - 2 * m)) for i, v in enumerate(values)]
-        ImageDraw.Draw(img).line(pts, fill=(30, 90, 200), width=2)
-    ImageDraw.Draw(img).text((m, m), f"loss {values[-1]:.4f}" if values else "loss", fill=(0, 0, 0))
-    return img
-
-
-class _Progress:
-    """Progress bar over the optimizer steps with a loss-curve preview; Cancel checked every step."""
-
-    def __init__(self, steps: int, node_label: str, images: int = 0):
-        import comfy.utils
-
-        self.images, self.data_done = images, 0
-        self.data_pbar = comfy.utils.ProgressBar(images) if images else None
-        self.pbar = None
-        self.steps = steps
-        self.history: list[dict] = []
-        self.every = max(1, steps // 50)
-        self.label = node_label
-
-    def data_item(self, index: int, cached: bool) -> None:
-        """One PGD copy made (or read from the cache): the first bar counts images."""
-        import comfy.model_management
-
-        self.data_done += 1
-        if self.data_pbar is not None:
-            self.data_pbar.update_absolute(self.data_done, self.images)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    def step(self, rec) -> None:
-        import logging
-
-        import comfy.model_management
-
-        import comfy.utils
-
-        if self.pbar is None:  # the second bar counts optimizer steps
-            self.pbar = comfy.utils.ProgressBar(self.steps)
-        self.history.append({"loss": rec.loss})
-        preview = None
-        if rec.step % self.every == 0 or rec.step == rec.steps:
-            preview = ("PNG", _loss_preview(self.history), 256)
-            logging.info("%s step %d/%d loss %.5f %s", self.label, rec.step, rec.steps, rec.loss,
-                         " ".join(f"{k} {v:.4f}" for k, v in rec.parts.items()))
-        self.pbar.update_absolute(rec.step, rec.steps, preview)
-        comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def _data_inputs(model_tip: str, images_tip: str, positive_tip: str) -> list:
@@ -140,12 +52,13 @@ def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list
     ]
 
 
-def _scalars(kwargs: dict) -> dict:
+def widget_scalars(kwargs: dict) -> dict:
     """``is_input_list`` nodes get every widget as a list: take the first value."""
     return {k: (v[0] if isinstance(v, list) and v else v) for k, v in kwargs.items()}
 
 
-def _config(stage: str, p: dict, **extra) -> TrainConfig:
+def train_config(stage: str, p: dict, **extra) -> TrainConfig:
+    """The trainers' common widgets (``widget_scalars`` of the inputs) as a validated TrainConfig."""
     return TrainConfig(stage=stage, steps=p["steps"], batch_size=p["batch_size"], grad_accumulation=p["grad_accumulation"],
                        learning_rate=p["learning_rate"], rank=p["rank"], targets=p["targets"], dtype=p["training_dtype"],
                        gradient_checkpointing=p["gradient_checkpointing"], seed=p["seed"] % (2 ** 63),
@@ -212,24 +125,29 @@ class LoRDTrainStage1(io.ComfyNode):
     def execute(cls, model, vae, images, positive, heldout_images=None, heldout_positive=None, **kwargs):
         import comfy.model_management
 
+        from ..lord_ops.comfy.data import TrainingData, conditionings_from_list, images_from_batches
+        from ..lord_ops.comfy.files import cache_dir, training_dir
+        from ..lord_ops.comfy.heldout import HeldOut
         from ..lord_ops.comfy.patch import apply_lord
-        from ..lord_ops.comfy.train import HeldOut, TrainingData, train_stage1
+        from ..lord_ops.comfy.progress import TrainingProgress
+        from ..lord_ops.comfy.stages import train_stage1
 
-        p = _scalars(kwargs)
-        config = _config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"], lambda_gate=p["lambda_gate"],
-                         attack_preset=p.get("perturbations", "pgd_2"),
-                         attack_epsilon=p["attack_strength"] or None, attack_step_size=p["attack_step_size"] or None,
-                         attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
-        imgs = _flatten_images(images)
-        data = TrainingData(imgs, _flatten_conds(positive), [f"image {i}" for i in range(len(imgs))])
+        p = widget_scalars(kwargs)
+        config = train_config("stage1", p, gate_hidden=p["gate_hidden"], lambda_adv=p["lambda_adv"],
+                              lambda_gate=p["lambda_gate"], attack_preset=p.get("perturbations", "pgd_2"),
+                              attack_epsilon=p["attack_strength"] or None,
+                              attack_step_size=p["attack_step_size"] or None,
+                              attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
+        imgs = images_from_batches(images)
+        data = TrainingData(imgs, conditionings_from_list(positive), [f"image {i}" for i in range(len(imgs))])
         heldout = None
         if heldout_images:
-            held = _flatten_images(heldout_images)
-            conds = _flatten_conds(heldout_positive) if heldout_positive else data.conds[:1]
+            held = images_from_batches(heldout_images)
+            conds = conditionings_from_list(heldout_positive) if heldout_positive else data.conds[:1]
             heldout = HeldOut(held, conds, attack_steps=p.get("heldout_attack_steps") or None)
-        progress = _Progress(config.steps, "LoRD Stage-1", 0 if config.online_perturbations else len(data))
-        run_dir = _training_dir(p["run_name"])
-        out = train_stage1(model[0], vae[0], data, config, _cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
+        progress = TrainingProgress(config.steps, "LoRD Stage-1", 0 if config.online_perturbations else len(data))
+        run_dir = training_dir(p["run_name"])
+        out = train_stage1(model[0], vae[0], data, config, cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item, heldout=heldout,
                            check=comfy.model_management.throw_exception_if_processing_interrupted)
         trained = apply_lord(model[0], out.lord)
@@ -273,23 +191,27 @@ class LoRDTrainStage2(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, vae=None, images=None, latents=None, class_images=None, class_positive=None,
                 **kwargs):
-        from ..lord_ops.comfy.train import TrainingData, kohya_metadata, train_stage2
+        from ..lord_ops.comfy.data import TrainingData, conditionings_from_list, images_from_batches
+        from ..lord_ops.comfy.files import cache_dir, training_dir
+        from ..lord_ops.comfy.kohya import apply_lora_layers, kohya_metadata
         from ..lord_ops.comfy.patch import model_family
+        from ..lord_ops.comfy.progress import TrainingProgress
+        from ..lord_ops.comfy.stages import train_stage2
 
-        p = _scalars(kwargs)
-        config = _config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
+        p = widget_scalars(kwargs)
+        config = train_config("stage2", p, mode=p["mode"], prior_weight=p["prior_weight"])
         if bool(images) == bool(latents):
             raise ValueError("connect either images or latents (the instance images), not both and not neither")
-        imgs = _flatten_images(images) if images else []
+        imgs = images_from_batches(images) if images else []
         lats = [z for batch in (latents or []) for z in batch["samples"].float().cpu()]
-        class_imgs = _flatten_images(class_images) if class_images else []
-        class_conds = _flatten_conds(class_positive) if class_positive else []
+        class_imgs = images_from_batches(class_images) if class_images else []
+        class_conds = conditionings_from_list(class_positive) if class_positive else []
         if class_imgs and not class_conds:
             raise ValueError("class_images are connected but class_positive is not: connect the class prompt's conditioning")
-        data = TrainingData(imgs, _flatten_conds(positive), [], class_imgs, class_conds, lats)
-        progress = _Progress(config.steps, "LoRD Stage-2", len(imgs) if config.mode == "pgd2_defense" else 0)
-        run_dir = _training_dir(p["run_name"])
-        out = train_stage2(model[0], vae[0] if vae else None, data, config, _cache_dir(),
+        data = TrainingData(imgs, conditionings_from_list(positive), [], class_imgs, class_conds, lats)
+        progress = TrainingProgress(config.steps, "LoRD Stage-2", len(imgs) if config.mode == "pgd2_defense" else 0)
+        run_dir = training_dir(p["run_name"])
+        out = train_stage2(model[0], vae[0] if vae else None, data, config, cache_dir(),
                            os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item)
         lora = {"layers": out.lora, "metadata": kohya_metadata(config, model_family(model[0]), out.report)}
@@ -297,52 +219,10 @@ class LoRDTrainStage2(io.ComfyNode):
                              json.dumps({k: v for k, v in out.report.items() if k != "provenance"}, indent=1))
 
 
-def apply_lora_layers(model, layers: dict, strength: float = 1.0):
-    """A clone of ``model`` with a kohya LoRA (``{name: (down, up, alpha)}``) applied by ComfyUI's own loader."""
-    import comfy.sd
-    import torch
-
-    sd = {}
-    for name, (down, up, alpha) in layers.items():
-        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
-        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
-    patched, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
-    return patched
-
-
-def _free_name(folder: str, prefix: str, overwrite: bool) -> str:
-    """A path for ``<prefix>.safetensors`` inside ``folder`` (numbered unless ``overwrite``).
-
-    ``prefix`` may name sub-folders (``a/b``); it may not leave ``folder``: ``..`` components and
-    drive prefixes or colons (``C:x``, ``C:\\x``, ``x:stream``; on Windows these escape the folder or
-    write an alternate data stream) are refused.
-    """
-    raw = prefix
-    prefix = prefix.strip().replace("\\", "/").strip("/")
-    if not prefix or ".." in prefix.split("/") or ":" in prefix:
-        raise ValueError(f"filename_prefix {raw!r} is not a usable file name inside the models folder: use a plain "
-                         f"name or sub-folder path such as 'lord_stage1' or 'mine/lord_stage1' (no '..', no drive "
-                         f"prefix like 'C:', no ':').")
-    if prefix.endswith(".safetensors"):
-        prefix = prefix[: -len(".safetensors")]
-    path = os.path.join(folder, prefix + ".safetensors")
-    n = 1
-    while os.path.exists(path) and not overwrite:
-        path = os.path.join(folder, f"{prefix}_{n:05d}.safetensors")
-        n += 1
-    return path
-
-
-def _save_into_models(folder_name: str, prefix: str, overwrite: bool, write) -> io.NodeOutput:
-    """``write(path)`` into the first ``models/<folder_name>`` folder; returns the name + UI text."""
-    import folder_paths
-
-    folder = folder_paths.get_folder_paths(folder_name)[0]
-    path = _free_name(folder, prefix, overwrite)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write(path)
-    name = os.path.relpath(path, folder)
-    return io.NodeOutput(name, ui={"text": [f"models/{folder_name}/{name}"]})
+def _saved(saved: tuple[str, str]) -> io.NodeOutput:
+    """The save nodes' output: the file name inside the models folder, and its path as UI text."""
+    name, shown = saved
+    return io.NodeOutput(name, ui={"text": [shown]})
 
 
 def _save_schema(node_id: str, display_name: str, description: str, kind, input_name: str, prefix: str, folder: str):
@@ -363,9 +243,10 @@ class LoRDSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, lord, filename_prefix, overwrite):
+        from ..lord_ops.comfy.files import save_into_models
         from ..lord_ops.format import save_lord_file
 
-        return _save_into_models("lord", filename_prefix, overwrite, lambda path: save_lord_file(path, lord))
+        return _saved(save_into_models("lord", filename_prefix, overwrite, lambda path: save_lord_file(path, lord)))
 
 
 class LoRDSaveLoRA(io.ComfyNode):
@@ -377,7 +258,8 @@ class LoRDSaveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename_prefix, overwrite):
+        from ..lord_ops.comfy.files import save_into_models
         from ..lord_ops.format import save_kohya_lora
 
-        return _save_into_models("loras", filename_prefix, overwrite,
-                                 lambda path: save_kohya_lora(path, lora["layers"], lora["metadata"]))
+        return _saved(save_into_models("loras", filename_prefix, overwrite,
+                                       lambda path: save_kohya_lora(path, lora["layers"], lora["metadata"])))

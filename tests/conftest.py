@@ -27,7 +27,7 @@ def comfyui_path() -> Path:
 
 @pytest.fixture()
 def tiny_model():
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     return tiny.build_tiny_model_patcher(seed=0)
 
@@ -35,7 +35,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def sd15_checkpoint(tmp_path_factory) -> Path:
     """The random SD15-geometry checkpoint (built from a seed, never committed)."""
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     return tiny.write_sd15_geometry_checkpoint(tmp_path_factory.mktemp("ckpt") / "v1-5-pruned-emaonly-fp16.safetensors")
 

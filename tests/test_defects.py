@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from comfyui_lord.lord_ops.comfy import files
 from comfyui_lord.nodes import train as train_nodes
-from training import workflow_api
+from tools import workflow_api
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = {"LoRDTrainStage1": train_nodes.LoRDTrainStage1, "LoRDTrainStage2": train_nodes.LoRDTrainStage2}
@@ -31,7 +32,7 @@ def test_shipped_trainer_widget_values_match_the_nodes(workflow):
         info = TRAINERS[node["type"]].GET_NODE_INFO_V1()
         widgets = workflow_api.widget_inputs(info)
         assert len(node["widgets_values"]) == sum(1 + extra for _, _, extra in widgets)
-        values = workflow_api._widget_values(node, info)
+        values = workflow_api.widget_values(node, info)
         assert isinstance(values["seed"], int) and isinstance(values["checkpoint_every"], int)
         assert values["run_name"].startswith("lord_stage")
         assert "fixed" not in node["widgets_values"]
@@ -41,15 +42,15 @@ def test_shipped_trainer_widget_values_match_the_nodes(workflow):
                                     "..\\b", "", "  "])
 def test_free_name_refuses_names_outside_the_folder(tmp_path, prefix):
     with pytest.raises(ValueError, match="not a usable file name"):
-        train_nodes._free_name(str(tmp_path), prefix, False)
+        files.free_name(str(tmp_path), prefix, False)
 
 
 def test_free_name_keeps_plain_names_and_numbers_existing_ones(tmp_path):
-    assert train_nodes._free_name(str(tmp_path), "lord_stage1", False) == str(tmp_path / "lord_stage1.safetensors")
-    assert train_nodes._free_name(str(tmp_path), "\\mine\\x.safetensors", False) == str(tmp_path / "mine" / "x.safetensors")
+    assert files.free_name(str(tmp_path), "lord_stage1", False) == str(tmp_path / "lord_stage1.safetensors")
+    assert files.free_name(str(tmp_path), "\\mine\\x.safetensors", False) == str(tmp_path / "mine" / "x.safetensors")
     (tmp_path / "a.safetensors").write_bytes(b"")
-    assert train_nodes._free_name(str(tmp_path), "a", False) == str(tmp_path / "a_00001.safetensors")
-    assert train_nodes._free_name(str(tmp_path), "a", True) == str(tmp_path / "a.safetensors")
+    assert files.free_name(str(tmp_path), "a", False) == str(tmp_path / "a_00001.safetensors")
+    assert files.free_name(str(tmp_path), "a", True) == str(tmp_path / "a.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def tiny_v_model(seed=0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     cfg = dict(tiny.family_unet_config("sd2"), dtype=torch.float32)
     model_config = comfy.supported_models.SD20(cfg)
@@ -138,8 +139,8 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     import torch
 
     from comfyui_lord.lord_ops import diffusion
-    from comfyui_lord.lord_ops import training as T
-    from comfyui_lord.lord_ops.comfy import train as CT
+    from comfyui_lord.lord_ops import trainer as T
+    from comfyui_lord.lord_ops.comfy import data as data_mod, stages as CT
 
     seen = []
 
@@ -150,7 +151,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     monkeypatch.setattr(CT, "denoising_loss", spy)
     model = tiny_v_model() if v_model else tiny_model
     g = torch.Generator().manual_seed(1)
-    data = CT.TrainingData([], [[[torch.randn(1, 77, 64, generator=g), {}]]], [], latents=[torch.randn(4, 8, 8, generator=g)])
+    data = data_mod.TrainingData([], [[[torch.randn(1, 77, 64, generator=g), {}]]], [], latents=[torch.randn(4, 8, 8, generator=g)])
     config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=1e-4, checkpoint_every=100)
     with torch.inference_mode():
         out = CT.train_stage2(model, None, data, config)
@@ -163,7 +164,7 @@ def test_loss_weighting_is_explicit_and_shared_by_stage1_losses():
     unchanged, and an unknown target is refused."""
     import torch
 
-    from comfyui_lord.lord_ops import training as T
+    from comfyui_lord.lord_ops import trainer as T
     from comfyui_lord.lord_ops.diffusion import denoising_loss
 
     g = torch.Generator().manual_seed(3)

@@ -21,9 +21,9 @@ import torch
 import comfy.model_management as mm
 import comfy.sd
 
-from comfyui_lord.lord_ops import training as T
+from comfyui_lord.lord_ops import trainer as T
 from comfyui_lord.lord_ops.attacks import AttackConfig
-from comfyui_lord.lord_ops.comfy import train as CT
+from comfyui_lord.lord_ops.comfy import data as data_mod, stages as CT, trainable
 from comfyui_lord.lord_ops.comfy.patch import apply_lord, init_lord_for_model
 from comfyui_lord.lord_ops.comfy.protect import protect_images
 
@@ -93,7 +93,7 @@ def pictures(n, seed=0, size=SIZE):
 def make_data(clip, n=2):
     caps = [f"a photo of sks person, view {i}" for i in range(n)]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
-    return CT.TrainingData(pictures(n), conds, caps)
+    return data_mod.TrainingData(pictures(n), conds, caps)
 
 
 def fresh_session() -> None:
@@ -330,7 +330,7 @@ def test_checkpointing_keeps_a_replaced_forward(loaded):
 
     layer.forward = replaced
     try:
-        with CT.checkpointed_blocks(model.model.diffusion_model, True):
+        with trainable.checkpointed_blocks(model.model.diffusion_model, True):
             assert layer.forward is not replaced
         assert layer.forward is replaced
     finally:

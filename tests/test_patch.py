@@ -10,7 +10,8 @@ import comfy.sd
 import comfy.sample
 import comfy.utils
 
-from comfyui_lord.lord_ops.comfy import patch, tiny
+from comfyui_lord.lord_ops.comfy import patch
+from tools import tiny
 from comfyui_lord.lord_ops.format import LoRDFileError
 
 CTX = 64  # tiny UNet context_dim

@@ -165,7 +165,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
 def test_workflow_conversion_uses_object_info(server):
-    from training.workflow_api import load_workflow, ui_to_api
+    from tools.workflow_api import load_workflow, ui_to_api
 
     api = ui_to_api(load_workflow(ROOT / "workflows" / "lord_defended_generation.json"), server.object_info())
     by_type = {n["class_type"]: n["inputs"] for n in api.values()}
@@ -185,7 +185,7 @@ def shipped_prompt(server, workflow: Path, steps: int = TRAINING_STEPS, **traine
     """The API prompt of a shipped workflow (converted with the server's /object_info); for a
     training workflow with ``steps`` (and any ``trainer_values``) set on its trainer nodes."""
     from training.demo import is_training_workflow, with_trainer_settings
-    from training.workflow_api import load_workflow, ui_to_api
+    from tools.workflow_api import load_workflow, ui_to_api
 
     data = load_workflow(workflow)
     prompt = ui_to_api(data, server.object_info())

@@ -22,8 +22,8 @@ import comfy.sd
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from comfyui_lord.lord_ops import training as T
-from comfyui_lord.lord_ops.comfy import train as CT
+from comfyui_lord.lord_ops import trainer as T
+from comfyui_lord.lord_ops.comfy import data as data_mod, heldout as heldout_mod, kohya, perturb, stages as CT
 from comfyui_lord.lord_ops.comfy.patch import apply_lord, unet_names
 from comfyui_lord.lord_ops.datasets import DatasetError, load_caption_folder
 from comfyui_lord.lord_ops.format import load_lord_file, save_kohya_lora
@@ -48,7 +48,7 @@ def pictures(n, seed=0, size=SIZE):
 def make_data(clip, n=4, seed=0, prompt="a photo of sks person"):
     caps = [f"{prompt}, view {i}" for i in range(n)]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
-    return CT.TrainingData(pictures(n, seed), conds, caps)
+    return data_mod.TrainingData(pictures(n, seed), conds, caps)
 
 
 def write_folder(folder: Path, n=4, size=SIZE, captions=True, seed=0):
@@ -137,12 +137,12 @@ def test_stage1_cache_is_reused(loaded, tmp_path):
     data = make_data(clip, n=2)
     config = T.TrainConfig(steps=1, **FAST)
     seen = []
-    first = CT.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
-    again = CT.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
+    first = perturb.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
+    again = perturb.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
     assert seen == [False, False, True, True]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all((a - im).abs().max() * 255 <= 16 + 1e-3 for a, im in zip(first, data.images))
-    other = CT.stage1_perturbations(model, vae, data, dataclasses.replace(config, attack_steps=3), tmp_path,
+    other = perturb.stage1_perturbations(model, vae, data, dataclasses.replace(config, attack_steps=3), tmp_path,
                                     on_item=lambda i, c: seen.append(c))
     assert seen[-2:] == [False, False] and len(list(tmp_path.glob("*.safetensors"))) == 4
     assert not torch.equal(other[0], first[0])
@@ -202,12 +202,12 @@ def test_pgd2_copies_keep_their_sub_level_moves(loaded, tmp_path):
     data = make_data(clip, n=2)
     config = T.TrainConfig(steps=1)  # default Stage-1 data: pgd_2
     assert config.attack_config().steps == 2 and abs(config.attack_config().step_size - 0.6375) < 1e-9
-    copies = CT.stage1_perturbations(model, vae, data, config, tmp_path)
+    copies = perturb.stage1_perturbations(model, vae, data, config, tmp_path)
     for adv, im in zip(copies, data.images):
         d = (adv - im) * 255
         assert 0 < d.abs().max() <= 2 * 0.6375 + 1e-3
         assert (d - torch.round(d)).abs().max() > 0.2  # not on the 8-bit grid
-    again = CT.stage1_perturbations(model, vae, data, config, tmp_path)
+    again = perturb.stage1_perturbations(model, vae, data, config, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(copies, again))
     assert data.images.raw[0].dtype == torch.uint8  # images are held as 8-bit levels
 
@@ -225,7 +225,7 @@ def test_stage1_data_presets(loaded, tmp_path):
     copies = {}
     for preset in ("pgd_2", "pgd_full", "ace_fixed"):
         config = T.TrainConfig(attack_preset=preset, attack_steps=2)
-        copies[preset] = CT.stage1_perturbations(model, vae, data, config, tmp_path)[0]
+        copies[preset] = perturb.stage1_perturbations(model, vae, data, config, tmp_path)[0]
         d = (copies[preset] - data.images[0]).abs().max() * 255
         assert 0 < d <= config.attack_config().epsilon + 1e-3, (preset, d)
     # the random start reaches past what 2 plain steps can (1.275 levels)
@@ -236,10 +236,10 @@ def test_stage1_data_presets(loaded, tmp_path):
     mixed = T.TrainConfig(attack_preset="mixed", attack_steps=2)
     assert [a.method for a in mixed.attack_configs()] == ["pgd", "ace"]
     seen = []
-    got = CT.stage1_perturbations(model, vae, two, mixed, tmp_path, on_item=lambda i, c: seen.append((i, c)))
+    got = perturb.stage1_perturbations(model, vae, two, mixed, tmp_path, on_item=lambda i, c: seen.append((i, c)))
     assert sorted(seen) == [(0, True), (1, False)]  # image 0's pgd_full copy was cached above
     assert torch.equal(got[0], copies["pgd_full"])
-    ace_only = CT.stage1_perturbations(model, vae, two, T.TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
+    ace_only = perturb.stage1_perturbations(model, vae, two, T.TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
     assert torch.equal(got[1], ace_only[1])
 
 
@@ -278,7 +278,7 @@ def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
     for context_gate, expected in (("off", clean), ("learned", learned)):
         demo.context_gate = context_gate
         inj = LoRDInjection(demo, {name: "unused"}, "plain", "learned", 1.0)
-        got = inj._hook_for(name, None)(None, (x,), out)
+        got = inj.hook_for(name, None)(None, (x,), out)
         assert torch.allclose(got, expected, atol=1e-5), context_gate
     assert not torch.allclose(clean, learned)
     # an older file (no context_gate key) still loads, with its learned gate
@@ -293,7 +293,7 @@ def test_heldout_evaluation_is_reported_and_cancellable(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
-    heldout = CT.HeldOut(pictures(2, seed=11), [cond], attack_steps=2)
+    heldout = heldout_mod.HeldOut(pictures(2, seed=11), [cond], attack_steps=2)
     config = T.TrainConfig(steps=2, **FAST)
     calls = []
     with torch.inference_mode():
@@ -472,7 +472,7 @@ def test_stage2_file_loads_in_stock_lora_loader(loaded, tmp_path, caplog):
     config = T.TrainConfig(stage="stage2", mode="plain", steps=3, learning_rate=1e-2, checkpoint_every=100)
     with torch.inference_mode():
         out = CT.train_stage2(model, vae, data, config)
-    path = save_kohya_lora(tmp_path / "sks.safetensors", out.lora, CT.kohya_metadata(config, "sd1", out.report))
+    path = save_kohya_lora(tmp_path / "sks.safetensors", out.lora, kohya.kohya_metadata(config, "sd1", out.report))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert all(k.startswith("lora_unet_") for k in f.keys())
@@ -660,7 +660,7 @@ def test_stage2_node_takes_latents_and_saves_a_kohya_file(loaded, tmp_path, monk
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"), is_default=True)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
-    latents = {"samples": CT.encode_images(vae, None, pictures(2)).float()}  # raw VAE latents, like VAE Encode
+    latents = {"samples": data_mod.encode_images(vae, None, pictures(2)).float()}  # raw VAE latents, like VAE Encode
     with torch.inference_mode():
         out = LoRDTrainStage2.execute([model], [cond], latents=[latents], **node_widgets(mode="plain", prior_weight=1.0))
         lora, patched, loss_map, report = out.args
@@ -716,10 +716,10 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     # widgets at 0 take the preset's numbers
     zero = node_widgets(gate_hidden=8, lambda_adv=1.0, lambda_gate=1.0, attack_strength=0.0, attack_step_size=0.0,
                         attack_steps=0, online_perturbations=False, perturbations="ace_fixed", heldout_attack_steps=0)
-    from comfyui_lord.nodes.train import _config, _scalars
+    from comfyui_lord.nodes.train import train_config, widget_scalars
 
-    p = _scalars(zero)
-    cfg = _config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
+    p = widget_scalars(zero)
+    cfg = train_config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
                   attack_step_size=p["attack_step_size"] or None, attack_steps=p["attack_steps"] or None)
     assert cfg.attack_config() == dataclasses.replace(T.PRESETS["ace_fixed"], seed=0)
 

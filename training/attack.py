@@ -45,15 +45,12 @@ if str(REPO) not in sys.path:
 from lord_ops import tool_version  # noqa: E402
 from lord_ops.attacks import ALL_PRESETS, METHODS, AttackConfig, check_8bit_budget, preset  # noqa: E402
 from lord_ops.images import EXTENSIONS, load_image  # noqa: E402
-from training.comfy_runtime import ComfyUINotFound, ensure_comfyui_importable, find_comfyui  # noqa: E402
+from training.comfy_runtime import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,  # noqa: E402
+                                    load_checkpoint_models)
 
 
 TMP_SUFFIX = ".attack-tmp"
 VERSION = tool_version()
-
-
-class Refused(Exception):
-    """A problem with the arguments, folders or checkpoint: reported, exit status 2."""
 
 
 def sha256(path: Path) -> str:
@@ -236,15 +233,8 @@ def load_model(args, ckpt: Path, target: Path | None):
     import torch
     from PIL import Image
 
-    import comfy.sd
-
     t0 = time.time()
-    try:
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)
-    except Exception as e:  # noqa: BLE001
-        raise Refused(f"cannot load checkpoint {ckpt}: {type(e).__name__}: {e}") from e
-    if model is None or clip is None or vae is None:
-        raise Refused(f"checkpoint {ckpt} lacks a diffusion model, text encoder or VAE")
+    model, clip, vae = load_checkpoint_models(ckpt)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(args.prompt))
     target_img = None
     if target is not None:

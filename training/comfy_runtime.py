@@ -62,6 +62,27 @@ def ensure_comfyui_importable(explicit: Optional[str] = None, cpu: Optional[bool
     return root
 
 
+class Refused(Exception):
+    """A problem the user can fix (arguments, folders, config, checkpoint, data): the command-line
+    entry points report it and exit with status 2."""
+
+
+def load_checkpoint_models(path: Path):
+    """UNet, CLIP and VAE of a checkpoint, loaded exactly as ComfyUI's CheckpointLoaderSimple loads
+    them (ComfyUI picks the storage dtype: fp16 weights of an fp16 checkpoint on a GPU). The training
+    compute dtype (``TrainConfig.dtype``) is applied by the trainer, so the CLI and the nodes train
+    the same way for the same config."""
+    import comfy.sd
+
+    try:
+        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    except Exception as e:  # noqa: BLE001
+        raise Refused(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    if model is None or clip is None or vae is None:
+        raise Refused(f"checkpoint {path} lacks a diffusion model, text encoder or VAE")
+    return model, clip, vae
+
+
 def import_pack(name: str = "comfyui_lord"):
     """Import this repository as a package named ``name``, the way ComfyUI imports a custom node
     (its modules use relative imports, so ``nodes`` never clashes with ComfyUI's ``nodes.py``)."""

@@ -47,7 +47,7 @@ _INSTANCE_CROPS = [((100, 50, 700, 650), False), ((180, 80, 620, 520), True), ((
 def prepare_models(base: Path, seed: int) -> dict:
     """Write the random checkpoint under ``base/models`` (the LoRD and LoRA are trained on the
     server later); returns facts for the summary."""
-    from lord_ops.comfy import tiny
+    from tools import tiny
 
     models = base / "models"
     for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     comfy_root = ensure_comfyui_importable(args.comfyui)
-    from training.workflow_api import load_workflow, run_workflow, ui_to_api
+    from tools.workflow_api import load_workflow, run_workflow, ui_to_api
 
     out = Path(args.out).resolve()
     base = out / "comfyui_base"

@@ -7,7 +7,7 @@
 
 ``CKPT`` is a ComfyUI checkpoint (read with ComfyUI's own loader). ``DIR`` holds images with
 same-name ``.txt`` captions (Stage-2: ``--instance-prompt`` replaces them). Options come from
-``lord_ops.training.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
+``lord_ops.trainer.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
 ``--set key=value`` (JSON values; bare words are strings). ``--batch-size`` is per process.
 
 ``RUN_DIR`` receives ``checkpoint.pt`` (weights + optimizer + RNG + step, written atomically every
@@ -37,12 +37,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lord_ops.datasets import DatasetError, load_caption_folder  # noqa: E402
-from lord_ops.training import TrainConfig  # noqa: E402
-from training.comfy_runtime import ComfyUINotFound, ensure_comfyui_importable, find_comfyui  # noqa: E402
-
-
-class Refused(Exception):
-    """Bad arguments, config, checkpoint or data: reported, exit status 2."""
+from lord_ops.trainer import TrainConfig  # noqa: E402
+from training.comfy_runtime import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,  # noqa: E402
+                                    load_checkpoint_models)
 
 
 def _parse_value(text: str):
@@ -149,22 +146,6 @@ def setup_distributed(cpu: bool):
     return torch.distributed.get_rank(), world, local
 
 
-def load_checkpoint_models(path: Path):
-    """UNet, CLIP and VAE of a checkpoint, loaded exactly as ComfyUI's CheckpointLoaderSimple loads
-    them (ComfyUI picks the storage dtype: fp16 weights of an fp16 checkpoint on a GPU). The training
-    compute dtype (``TrainConfig.dtype``) is applied by the trainer, so the CLI and the nodes train
-    the same way for the same config."""
-    import comfy.sd
-
-    try:
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    except Exception as e:  # noqa: BLE001
-        raise Refused(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-    if model is None or clip is None or vae is None:
-        raise Refused(f"checkpoint {path} lacks a diffusion model, text encoder or VAE")
-    return model, clip, vae
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -237,8 +218,11 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     import torch
 
     from lord_ops import tool_version
+    from lord_ops.comfy.data import TrainingData
+    from lord_ops.comfy.heldout import HeldOut
+    from lord_ops.comfy.kohya import kohya_metadata
     from lord_ops.comfy.patch import apply_lord, model_family
-    from lord_ops.comfy.train import HeldOut, TrainingData, kohya_metadata, train_stage1, train_stage2
+    from lord_ops.comfy.stages import train_stage1, train_stage2
     from lord_ops.format import LoRDFileError, load_lord_file, save_kohya_lora, save_lord_file
 
     t0 = time.time()

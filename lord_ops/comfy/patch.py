@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..format import LoRDFile, check_against_model
+from ..datasets import model_fingerprint
+from ..format import LoRDFile, check_against_model, kohya_state_dict
 from ..keys import CONTEXT_FED, unet_name_map
 from ..layer import (GATE_MODES, ConvGeometry, FusedLoRD, LoRDWeights, lord_defense_fused,
                      lord_delta_plain)
@@ -69,14 +70,34 @@ def unet_names(model_patcher) -> dict[str, str]:
     return unet_name_map(comfy.lora.model_lora_keys_unet(model_patcher.model, {}))
 
 
-def _module(model_patcher, path: str) -> torch.nn.Module:
+def module_at(model_patcher, path: str) -> torch.nn.Module:
+    """The module at ``path`` (a module path inside ``diffusion_model``, see :func:`unet_names`)."""
     import comfy.utils
 
     return comfy.utils.get_attr(model_patcher.model.diffusion_model, path)
 
 
+def target_modules(model_patcher, names) -> dict[str, torch.nn.Module]:
+    """``{kohya name: module}`` of this MODEL's UNet for the given kohya target names."""
+    paths = unet_names(model_patcher)
+    return {n: module_at(model_patcher, paths[n]) for n in names}
+
+
+def layer_shape(module: torch.nn.Module) -> tuple[int, int, Optional[tuple]]:
+    """``(in_features, out_features, kernel_size or None)`` of a Linear or Conv2d target layer."""
+    kernel = tuple(module.kernel_size) if isinstance(module, torch.nn.Conv2d) else None
+    if kernel:
+        return module.in_channels, module.out_channels, kernel
+    return module.in_features, module.out_features, None
+
+
+def target_shapes(model_patcher, names) -> dict[str, tuple[int, int, Optional[tuple]]]:
+    """:func:`layer_shape` of each named target of this MODEL's UNet (what adapters are created from)."""
+    return {n: layer_shape(m) for n, m in target_modules(model_patcher, names).items()}
+
+
 def unet_weight_shapes(model_patcher, names: dict[str, str]) -> dict[str, tuple]:
-    return {n: tuple(_module(model_patcher, p).weight.shape) for n, p in names.items()}
+    return {n: tuple(module_at(model_patcher, p).weight.shape) for n, p in names.items()}
 
 
 def lora_weight_shapes(model_patcher) -> dict[str, tuple]:
@@ -164,7 +185,9 @@ class LoRDInjection:
             self._on_device[key] = self._runtime[name].to(device)
         return self._on_device[key]
 
-    def _hook_for(self, name: str, geometry: Optional[ConvGeometry]):
+    def hook_for(self, name: str, geometry: Optional[ConvGeometry]):
+        """The forward hook of target ``name``: adds ``strength * delta`` to the layer's output (and
+        records the gate when a recorder is set)."""
         fused = self.implementation == "fused"
         activation = self.lord.gate_activation
 
@@ -197,9 +220,9 @@ class LoRDInjection:
             return
         handles = []
         for name, path in self.modules.items():
-            module = _module(patcher, path)
+            module = module_at(patcher, path)
             geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
-            handles.append(module.register_forward_hook(self._hook_for(name, geometry)))
+            handles.append(module.register_forward_hook(self.hook_for(name, geometry)))
         self._handles[key] = handles
 
     def eject(self, patcher) -> None:
@@ -220,16 +243,15 @@ def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.T
 
     Gate learned or clean: ``s B A``. Gate defense: ``s (B + B') A`` (rank 2r: ``[B | B'] [A; A]``).
     """
-    sd = {}
+    layers = {}
     for name, w in lord.targets.items():
         up = w.scale * w.up.float()
         down = w.down.float()
         if gate_mode == "defense" and not (lord.context_gate == "off" and CONTEXT_FED.search(name)):
             up = torch.cat([up, w.scale * w.up_defense.float()], dim=1)
             down = torch.cat([down, down], dim=0)
-        sd[f"{name}.lora_up.weight"] = up
-        sd[f"{name}.lora_down.weight"] = down
-    return sd
+        layers[name] = (down, up, None)  # s folded into up: no alpha key (scale 1)
+    return kohya_state_dict(layers)
 
 
 def apply_lord(model_patcher, lord: LoRDFile, strength: float = 1.0, gate_mode: str = "learned",
@@ -300,10 +322,22 @@ def init_lord_for_model(model_patcher, preset: str = "attn", rank: int = 4, alph
         raise ValueError(f"the MODEL has no layer matching target preset {preset!r}")
     g = torch.Generator().manual_seed(seed)
     weights = {}
-    for name in targets:
-        module = _module(model_patcher, names[name])
-        kernel = tuple(module.kernel_size) if isinstance(module, torch.nn.Conv2d) else None
-        d_in = module.in_channels if kernel else module.in_features
-        d_out = module.out_channels if kernel else module.out_features
+    for name, (d_in, d_out, kernel) in target_shapes(model_patcher, targets).items():
         weights[name] = init_lord_weights(d_in, d_out, rank, alpha, gate_hidden, kernel, g, random_up)
     return LoRDFile(weights, gate_activation, model_family(model_patcher), dict(provenance or {}))
+
+
+def weights_fingerprint(model_patcher, vae=None) -> str:
+    """Identity of the UNet weights (+ VAE when given) and the number of weight patches on the MODEL."""
+    state = dict(model_patcher.model.diffusion_model.state_dict())
+    if vae is not None:
+        state.update({f"vae.{k}": v for k, v in vae.first_stage_model.state_dict().items()})
+    patches = sorted(model_patcher.patches.keys()) if getattr(model_patcher, "patches", None) else []
+    return model_fingerprint(state) + f":{len(patches)}"
+
+
+def lord_fingerprint(model_patcher) -> str:
+    """Identity of the LoRDs applied to a MODEL (weights, strength, gate mode, implementation)."""
+    parts = [f"{model_fingerprint(inj.lord.state_dict())}:{inj.strength}:{inj.gate_mode}:{inj.implementation}"
+             for _, inj in lord_injections(model_patcher)]
+    return ";".join(parts) or "none"

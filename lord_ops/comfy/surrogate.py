@@ -1,8 +1,8 @@
 """The published surrogate attacks (mist-v2, Anti-DreamBooth ASPL / FSMG) on ComfyUI models.
 
 The loop itself is plain torch (``lord_ops.attacks.run_alternating_attack``); this module supplies
-its callables on a ComfyUI MODEL: a surrogate LoRA (``training.TrainableLoRA``, hooked into the
-UNet with ``training.AdapterHooks``) on a loaded, differentiable **clone** of the MODEL (Stage-2's
+its callables on a ComfyUI MODEL: a surrogate LoRA (``trainer.TrainableLoRA``, hooked into the
+UNet with ``trainer.AdapterHooks``) on a loaded, differentiable **clone** of the MODEL (Stage-2's
 ``trainable_model``), fine-tuned with the denoising loss on the current images while the PGD rounds
 run against base + that LoRA. The MODEL given by the user is never patched: the hooks live only
 for the call and its weights are not changed (tested bit for bit).
@@ -17,14 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import training as T
+from .. import trainer as T
 from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quantize_uint8, run_alternating_attack,
                        run_attack, train_surrogate_steps)
 from ..diffusion import denoising_loss
 from . import grad
-from .patch import unet_names
+from .patch import layer_shape, target_modules, unet_names
 from .protect import pad_to_multiple
-from .train import _target_modules, trainable_model
+from .trainable import trainable_model
 
 
 def surrogate_targets(model_patcher, targets: str) -> list[str]:
@@ -96,11 +96,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
     names = surrogate_targets(model_patcher, surrogate.targets)
     with trainable_model(model_patcher, vae, train_config) as clone:
         device = clone.load_device
-        modules = _target_modules(clone, names)
-        shapes = {}
-        for name, m in modules.items():
-            kernel = tuple(m.kernel_size) if isinstance(m, torch.nn.Conv2d) else None
-            shapes[name] = (m.in_channels, m.out_channels, kernel) if kernel else (m.in_features, m.out_features, None)
+        modules = target_modules(clone, names)
+        shapes = {name: layer_shape(m) for name, m in modules.items()}
         with torch.inference_mode(False):
             lora = T.TrainableLoRA.create(shapes, surrogate.rank, surrogate.alpha, attack.seed).to(device)
         params = [p for p in lora.parameters() if p.requires_grad]

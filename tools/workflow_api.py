@@ -257,7 +257,7 @@ class _Resolver:
 # Conversion
 
 
-def _widget_values(node: dict, info: dict) -> dict[str, Any]:
+def widget_values(node: dict, info: dict) -> dict[str, Any]:
     """Widget input name -> saved value for one node."""
     widgets = widget_inputs(info)
     saved = node.get("widgets_values")
@@ -342,7 +342,7 @@ def ui_to_api(workflow: dict, object_info: dict, rng: Optional[random.Random] = 
         info = object_info[ntype]
         specs = dict(ordered_inputs(info))
         inputs: dict[str, Any] = {}
-        for name, value in _widget_values(node, info).items():
+        for name, value in widget_values(node, info).items():
             spec = specs[name]
             if _spec_type(spec) == "STRING" and _spec_options(spec).get("dynamicPrompts") and isinstance(value, str):
                 value = process_dynamic_prompt(value, rng)

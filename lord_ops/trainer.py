@@ -1,7 +1,7 @@
 """Training engine for Stage-1 (LoRD, Eq. 7-8) and Stage-2 (DreamBooth-LoRA, Eq. 9); plain torch.
 
 ComfyUI-specific glue (loading the MODEL for gradients, encoding images and captions) lives in
-``lord_ops/comfy/train.py``; this module owns the trainable parameter sets, the loss terms, the
+``lord_ops/comfy/stages.py``; this module owns the trainable parameter sets, the loss terms, the
 deterministic sample schedule, checkpoints and the optimisation loop (single process or PyTorch DDP).
 
 Determinism: which dataset item, timestep and noise a sample uses depends only on
@@ -31,7 +31,7 @@ from .attacks import PRESETS, AttackConfig
 from .diffusion import denoising_loss
 from .format import CONTEXT_GATE_OFF, LoRDFile
 from .keys import CONTEXT_FED
-from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, lora_delta, lord_delta_plain
+from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, init_lora, lora_delta, lord_delta_plain
 
 STAGES = ("stage1", "stage2")
 STAGE2_MODES = ("lord", "plain", "pgd2_defense")
@@ -224,7 +224,7 @@ class LoRAParameters(torch.nn.Module):
 class TrainableLoRA(torch.nn.Module):
     """A standard LoRA (kohya ``lora_down``/``lora_up``/``alpha``) on named targets.
 
-    Init as diffusers/mist-v2: ``A ~ N(0, (1/r)^2)``, ``B = 0`` (the untrained LoRA is a no-op).
+    Init: ``layer.init_lora`` (as diffusers/mist-v2: ``A ~ N(0, (1/r)^2)``, ``B = 0``, a no-op untrained).
     """
 
     def __init__(self, layers: dict[str, LoRAParameters]):
@@ -240,9 +240,7 @@ class TrainableLoRA(torch.nn.Module):
         layers = {}
         for name in sorted(shapes):
             d_in, d_out, kernel = shapes[name]
-            down_shape = (rank, d_in, *kernel) if kernel else (rank, d_in)
-            up_shape = (d_out, rank, 1, 1) if kernel else (d_out, rank)
-            layers[name] = LoRAParameters(torch.randn(down_shape, generator=g) / rank, torch.zeros(up_shape), alpha)
+            layers[name] = LoRAParameters(*init_lora(d_in, d_out, rank, kernel, g), alpha)
         return cls(layers)
 
     def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
@@ -372,13 +370,13 @@ def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor,
 # Deterministic sample schedule
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 @functools.lru_cache(maxsize=8)
 def _epoch_order(seed: int, epoch: int, size: int, stream: int) -> tuple[int, ...]:
-    g = torch.Generator().manual_seed(_mix(seed, "epoch", stream, epoch))
+    g = torch.Generator().manual_seed(mix_seed(seed, "epoch", stream, epoch))
     return tuple(torch.randperm(size, generator=g).tolist())
 
 
@@ -401,9 +399,9 @@ class Draw:
 
 
 def sample_draw(seed: int, step: int, position: int, t_min: int, t_max: int) -> Draw:
-    g = torch.Generator().manual_seed(_mix(seed, "draw", step, position))
+    g = torch.Generator().manual_seed(mix_seed(seed, "draw", step, position))
     t = int(torch.randint(t_min, t_max + 1, (1,), generator=g))
-    return Draw(t, _mix(seed, "noise", step, position))
+    return Draw(t, mix_seed(seed, "noise", step, position))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Random-weight SD1.x-family models built from ComfyUI's own classes (tests, demo, benchmarks).
+"""Random-weight SD1.x-family models built from ComfyUI's own classes (developer tooling for the tests,
+the demo and the benchmarks; the node pack never imports it).
 
 Module names match real SD1.5, so code that works on these works on the real model. ComfyUI
 leaves weights uninitialised (``torch.empty``); everything here is initialised from a seed.
@@ -148,7 +149,7 @@ def sd15_geometry_checkpoint_state_dict(seed: int = 0, dtype: torch.dtype = torc
 
 def write_sd15_geometry_checkpoint(path, seed: int = 0) -> Path:
     """Write :func:`sd15_geometry_checkpoint_state_dict` (fp16, about 265 MB) atomically."""
-    from ..format import atomic_save_safetensors
+    from lord_ops.format import atomic_save_safetensors
 
     return atomic_save_safetensors(path, sd15_geometry_checkpoint_state_dict(seed),
                                    {"comfyui_lord": "random-weight SD15-geometry test checkpoint", "seed": str(seed)})

@@ -1,0 +1,61 @@
+"""Progress of a training run in ComfyUI: progress bars (data preparation, optimizer steps), a
+loss-curve preview and Cancel checked at every step."""
+from __future__ import annotations
+
+
+def loss_preview(history: list[dict]):
+    """Small loss curve (PIL image) for the node's progress preview."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 256, 128, 6
+    img = Image.new("RGB", (w, h), "white")
+    values = [e["loss"] for e in history]
+    if len(values) >= 2:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        pts = [(m + i * (w - 2 * m) / (len(values) - 1), h - m - (v - lo) / span * (h - 2 * m)) for i, v in enumerate(values)]
+        ImageDraw.Draw(img).line(pts, fill=(30, 90, 200), width=2)
+    ImageDraw.Draw(img).text((m, m), f"loss {values[-1]:.4f}" if values else "loss", fill=(0, 0, 0))
+    return img
+
+
+class TrainingProgress:
+    """Progress bar over the optimizer steps with a loss-curve preview; Cancel checked every step."""
+
+    def __init__(self, steps: int, node_label: str, images: int = 0):
+        import comfy.utils
+
+        self.images, self.data_done = images, 0
+        self.data_pbar = comfy.utils.ProgressBar(images) if images else None
+        self.pbar = None
+        self.steps = steps
+        self.history: list[dict] = []
+        self.every = max(1, steps // 50)
+        self.label = node_label
+
+    def data_item(self, index: int, cached: bool) -> None:
+        """One PGD copy made (or read from the cache): the first bar counts images."""
+        import comfy.model_management
+
+        self.data_done += 1
+        if self.data_pbar is not None:
+            self.data_pbar.update_absolute(self.data_done, self.images)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def step(self, rec) -> None:
+        import logging
+
+        import comfy.model_management
+
+        import comfy.utils
+
+        if self.pbar is None:  # the second bar counts optimizer steps
+            self.pbar = comfy.utils.ProgressBar(self.steps)
+        self.history.append({"loss": rec.loss})
+        preview = None
+        if rec.step % self.every == 0 or rec.step == rec.steps:
+            preview = ("PNG", loss_preview(self.history), 256)
+            logging.info("%s step %d/%d loss %.5f %s", self.label, rec.step, rec.steps, rec.loss,
+                         " ".join(f"{k} {v:.4f}" for k, v in rec.parts.items()))
+        self.pbar.update_absolute(rec.step, rec.steps, preview)
+        comfy.model_management.throw_exception_if_processing_interrupted()
