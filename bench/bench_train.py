@@ -10,7 +10,7 @@ gradient-checkpointing setting, with a fresh run each call (no checkpoint to res
   *every* weight that has a ``weight_function`` (all Linear and Conv layers of the UNet, merged into
   the weight on every forward), plus a full-size difference for every 1-D weight (norms) and every
   bias. One UNet forward/backward per sample (the standard denoising loss).
-* ``lord`` -- ``lord_ops.comfy.train.train_stage1`` (what the Stage-1 trainer node runs), default
+* ``lord`` -- ``lord_ops.comfy.stages.train_stage1`` (what the Stage-1 trainer node runs), default
   targets ``attn`` (q, k, v, out of every attn1/attn2: a LoRD = LoRA A, B, defense B' and a gate MLP
   per target, applied as forward hooks), AdamW, ``evaluate=False``. Eq. 7: per sample one clean and one
   PGD-2-perturbed UNet forward/backward (same timestep and noise) plus the gate BCE -- two UNet
@@ -70,9 +70,9 @@ import benchlib as B
 from benchlib import log, pinned_malloc, sync
 
 B.import_comfy()
-from comfyui_lord.lord_ops import training as T  # noqa: E402
-from comfyui_lord.lord_ops.comfy import tiny  # noqa: E402
-from comfyui_lord.lord_ops.comfy import train as ctrain  # noqa: E402
+from comfyui_lord.lord_ops import trainer as T  # noqa: E402
+from comfyui_lord.lord_ops.comfy import data as cdata, perturb, stages  # noqa: E402
+from tools import tiny  # noqa: E402
 
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
@@ -128,7 +128,7 @@ class Setup:
         g = torch.Generator().manual_seed(3)
         imgs = [B.smooth_image(px, g)[0] for _ in range(images)]  # [3, px, px] in [0, 1]
         cond = [[torch.randn(1, 77, ctx, generator=g) * 0.5, {}]]
-        self.data = ctrain.TrainingData(images=imgs, conds=[cond], captions=[f"image {i}" for i in range(images)])
+        self.data = cdata.TrainingData(images=imgs, conds=[cond], captions=[f"image {i}" for i in range(images)])
         self.cond = cond
         with torch.inference_mode():  # VAE Encode node: raw latents for core's node
             self.latents = self.vae.encode(torch.stack(imgs).movedim(1, -1))
@@ -189,7 +189,7 @@ def run_call(s: Setup, variant: str, args, steps: int, cache_dir: pathlib.Path) 
                 out["losses"] = list(loss_map["loss"])
                 del res, lora_sd
             else:
-                r = ctrain.train_stage1(s.model, s.vae, s.data, lord_config(args, variant, steps), cache_dir,
+                r = stages.train_stage1(s.model, s.vae, s.data, lord_config(args, variant, steps), cache_dir,
                                         checkpoint_path=None, evaluate=False)
                 out["params"] = sum(getattr(w, f).numel() for w in r.lord.targets.values()
                                     for f in T.LoRDParameters.FIELDS)
@@ -216,7 +216,7 @@ def stage1_data_cost(s: Setup, args, cache_dir: pathlib.Path) -> float:
     sync()
     t = time.perf_counter()
     with torch.inference_mode():
-        ctrain.stage1_perturbations(s.model, s.vae, s.data, lord_config(args, "lord", 1), cache_dir)
+        perturb.stage1_perturbations(s.model, s.vae, s.data, lord_config(args, "lord", 1), cache_dir)
     sync()
     return (time.perf_counter() - t) / len(s.data)
 
@@ -294,7 +294,7 @@ def worker_mem(args) -> dict:
     cache = work / f"pgd-{args.model}-{args.px}"
     v = args.variants
     with torch.inference_mode():
-        ctrain.stage1_perturbations(s.model, s.vae, s.data, lord_config(args, "lord", 1), cache)  # cache hit
+        perturb.stage1_perturbations(s.model, s.vae, s.data, lord_config(args, "lord", 1), cache)  # cache hit
     from comfyui_lord.lord_ops.comfy import grad
 
     grad.load_for_gradients(s.model, s.vae)
@@ -377,7 +377,7 @@ def reading(times: list) -> str:
             notes.append(
                 f"In the {_label(r)} rows LoRD's gradient checkpointing did not recompute anything (2 UNet "
                 "passes per step, as without it, against core's 2 = 1 + 1 recomputed): "
-                "`lord_ops/comfy/train.py:checkpointed_blocks` wraps `block.forward` of the input/middle/output "
+                "`lord_ops/comfy/trainable.py:checkpointed_blocks` wraps `block.forward` of the input/middle/output "
                 "blocks, but ComfyUI's `UNetModel` runs every block through `forward_timestep_embed`, which calls "
                 "the block's layers and never `block.forward`; those rows compare core with checkpointing "
                 "against LoRD without.")

@@ -70,7 +70,7 @@ def random_vae(kind: str, seed: int = 2):
     import comfy.sd
     import comfy.taesd.taesd
     import torch
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     with torch.inference_mode(False):
         if kind == "kl":
@@ -95,7 +95,7 @@ UNET_NAMES = {"sd15": "random UNet, real SD1.5 geometry", "tiny": "tiny random S
 def random_unet(kind: str):
     """A random MODEL (ModelPatcher, fp32, seed 0): ``sd15``, the real SD1.5 UNet geometry (860M
     parameters); ``tiny``, the tiny SD1.x UNet. Its description is :data:`UNET_NAMES` ``[kind]``."""
-    from comfyui_lord.lord_ops.comfy import tiny
+    from tools import tiny
 
     if kind == "sd15":
         return tiny.build_model_patcher(tiny.sd15_full_unet_config(), seed=0)

@@ -9,7 +9,7 @@ failure. Steps, in order of value when device time is short:
                 before use (here load and offload devices really differ), dtype discipline.
 ``cli``         ``python -m training.train`` Stage 1 (PGD-2 cached), Stage 2 ``lord`` with that LoRD,
                 and Stage 2 ``plain`` with ``dtype=fp16`` (GradScaler path), on the random
-                SD15-geometry checkpoint (``lord_ops.comfy.tiny.write_sd15_geometry_checkpoint``,
+                SD15-geometry checkpoint (``tools.tiny.write_sd15_geometry_checkpoint``,
                 fp16, as ComfyUI stores it on a GPU); records the effective dtype from the files.
 ``mist_v2``     ``python -m training.attack --preset mist_v2`` (the surrogate loop) on one 512 px image, time and peak VRAM,
                 next to mist-v2's reported 3-5 min and about 6 GB per image on SD1.5. Pass
@@ -118,7 +118,7 @@ def make_inputs(work: Path, ckpt_override) -> dict:
     """The SD15-geometry checkpoint, the demo's small training sets and one 512 px image."""
     from PIL import Image
 
-    from lord_ops.comfy import tiny
+    from tools import tiny
     from training.comfy_runtime import find_comfyui
     from training.demo import prepare_training_inputs
 

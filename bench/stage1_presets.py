@@ -1,8 +1,8 @@
 """Which Stage-1 data preset trains a gate that flags held-out protected images?
 
-For each Stage-1 data preset (``lord_ops.training.STAGE1_DATA_PRESETS``) and seed, runs the command
+For each Stage-1 data preset (``lord_ops.trainer.STAGE1_DATA_PRESETS``) and seed, runs the command
 line ``python -m training.train stage1`` on the random SD15-geometry checkpoint
-(``lord_ops.comfy.tiny``; nothing downloaded) with the same training images, then reads the report it
+(``tools.tiny``; nothing downloaded) with the same training images, then reads the report it
 logs: the in-sample gate AUROC (training images vs their own perturbed copies) and the held-out gate
 AUROC per protection (``--heldout``: images never trained on, protected with mist-v2's ACE against
 the fixed model and with Anti-DreamBooth's PGD, rounded to 8 bits, vs their clean versions).
@@ -100,13 +100,13 @@ def main(argv=None) -> int:
     from training.comfy_runtime import ensure_comfyui_importable
 
     ensure_comfyui_importable()
-    from lord_ops.training import STAGE1_DATA_PRESETS
+    from lord_ops.trainer import STAGE1_DATA_PRESETS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "v1-5-pruned-emaonly-fp16.safetensors"
     if not ckpt.exists():
-        from lord_ops.comfy import tiny
+        from tools import tiny
 
         tiny.write_sd15_geometry_checkpoint(ckpt)
     synthetic_images(out / "train", args.train, args.size, 1, "a photo")
