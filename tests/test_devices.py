@@ -259,6 +259,22 @@ def test_fp16_compute_scales_the_loss(fp16_weights, tmp_path):
 # what the gradient paths take from the MODEL and from ComfyUI
 
 
+def test_protect_computes_gradients_in_fp32_on_an_fp16_model(fp16_weights):
+    """A GPU MODEL computes in fp16; the fixed-model attacks back-propagate through a float32-compute
+    clone (no loss scaling exists for them), and the MODEL passed in keeps its fp16 compute."""
+    model16, clip, vae = fp16_weights
+    seen = []
+    handle = model16.model.diffusion_model.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo"))
+        img = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+        protect_images(model16, vae, cond, img, AttackConfig("pgd", 4.0, 1.0, 1, seed=0))
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.float32}, seen
+    assert trainable.effective_dtype(model16)["compute"] == "fp16"
+
+
 def test_detect_in_a_fresh_session(loaded, spy):
     """Detect runs through ComfyUI's own VAE.encode and sampler, which load for themselves."""
     from comfyui_lord.nodes.detect import LoRDDetect

@@ -19,6 +19,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, t
     return x, (h, w)
 
 
+def gradient_precision(model_patcher):
+    """The MODEL to attack through: a clone computing in float32 when the MODEL computes in fp16 (an
+    fp16 checkpoint on a GPU), else the MODEL itself. fp16 backward without loss scaling underflows
+    small pixel gradients to 0, and ``sign(0)`` does not move the pixel; weights stay fp16 in memory
+    and are cast per layer (``set_model_compute_dtype``, as training does). bf16 and fp32 are kept."""
+    from .trainable import effective_dtype
+
+    if effective_dtype(model_patcher)["compute"] != "fp16":
+        return model_patcher
+    clone = model_patcher.clone()
+    clone.set_model_compute_dtype(torch.float32)
+    return clone
+
+
 def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, config: AttackConfig,
                    target_bhwc: Optional[torch.Tensor] = None,
                    on_step: Optional[Callable[[int, int, float, torch.Tensor], None]] = None) -> tuple[torch.Tensor, list]:
@@ -29,6 +43,8 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
     seed ``config.seed + i``. ``on_step(image_index, step, loss, current [1, 3, H, W])``.
     Returns ``(perturbed [B, H, W, 3] in [0, 1], per-image loss traces)``.
     """
+    if config.method != "photoguard":
+        model_patcher = gradient_precision(model_patcher)
     grad.load_for_gradients(model_patcher if config.method != "photoguard" else None, vae)
     encode = grad.latent_encoder(vae, model_patcher)
     acp = grad.alphas_cumprod(model_patcher) if config.method != "photoguard" else None
