@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 
 from comfyui_lord.lord_ops import format as fmt
+from tools.safetensors_edit import rewrite_header
 from comfyui_lord.lord_ops.keys import select_targets, unet_name_map
 from comfyui_lord.lord_ops.layer import init_lord_weights
 
@@ -306,15 +307,6 @@ def test_damaged_lora_half_pair(tmp_path, missing):
                       f"no partner '{NAMES[0]}.{missing}.weight'")
 
 
-def _rewrite_header(path, mutate):
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    mutate(header)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-
-
 def test_damaged_lora_overlapping_ranges(tmp_path):
     path = save_lora(tmp_path / "overlap.safetensors", stock_valid_lora_sd())
     up, down = f"{TE}.lora_up.weight", f"{TE}.lora_down.weight"  # same byte size: [32, 4] and [4, 32]
@@ -322,20 +314,20 @@ def test_damaged_lora_overlapping_ranges(tmp_path):
     def overlap(h):
         h[up]["data_offsets"] = h[down]["data_offsets"]
 
-    _rewrite_header(path, overlap)
+    rewrite_header(path, overlap)
     with pytest.raises(Exception, match="invalid offset"):  # what safetensors itself says (no file named)
         safetensors.torch.load_file(str(path))
     expect_lora_error(path, "overlaps", "Re-download")
     # the same header checks guard LoRD files (one owner)
     lord = fmt.save_lord_file(tmp_path / "lord.safetensors", make_lord())
-    _rewrite_header(lord, lambda h: h[f"{NAMES[0]}.lord_up.weight"].__setitem__(
+    rewrite_header(lord, lambda h: h[f"{NAMES[0]}.lord_up.weight"].__setitem__(
         "data_offsets", h[f"{NAMES[0]}.lord_up_defense.weight"]["data_offsets"]))
     expect_error(lord, "overlaps")
 
 
 def test_damaged_lora_header_and_size(tmp_path):
     path = save_lora(tmp_path / "size.safetensors", stock_valid_lora_sd())
-    _rewrite_header(path, lambda h: h[f"{TE}.lora_up.weight"].__setitem__("shape", [32, 5]))
+    rewrite_header(path, lambda h: h[f"{TE}.lora_up.weight"].__setitem__("shape", [32, 5]))
     expect_lora_error(path, f"{TE}.lora_up.weight", "header is damaged")
     path = save_lora(tmp_path / "trailing.safetensors", stock_valid_lora_sd())
     path.write_bytes(path.read_bytes() + b"\0" * 16)

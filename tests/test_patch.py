@@ -13,6 +13,7 @@ import comfy.utils
 from comfyui_lord.lord_ops.comfy import patch
 from tools import tiny
 from comfyui_lord.lord_ops.format import LoRDFileError
+from tools.safetensors_edit import rewrite_header
 
 CTX = 64  # tiny UNet context_dim
 
@@ -305,18 +306,10 @@ def test_families(family):
 
 def _write_with_header(path, sd, mutate):
     """Save ``sd``, then rewrite its safetensors header with ``mutate(header)`` (damage a container)."""
-    import json
-    import struct
-
     import safetensors.torch
 
     safetensors.torch.save_file(sd, str(path))
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    mutate(header)
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    rewrite_header(path, mutate)
 
 
 def test_load_lord_checks_its_lora_like_a_lord_file(tiny_model, tmp_path):
