@@ -153,3 +153,42 @@ def write_sd15_geometry_checkpoint(path, seed: int = 0) -> Path:
 
     return atomic_save_safetensors(path, sd15_geometry_checkpoint_state_dict(seed),
                                    {"comfyui_lord": "random-weight SD15-geometry test checkpoint", "seed": str(seed)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric networks with random weights (tests only: the files have the real layouts, not real weights)
+
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def write_tiny_open_clip(folder, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip model (ViT geometry, random weights): ``(config .json, weights .pt)``.
+    The config file's stem is the model name it registers as."""
+    import json
+
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "lord-tiny-clip.json"
+    config.write_text(json.dumps({**TINY_OPEN_CLIP}), encoding="utf-8")
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("lord-tiny-clip", pretrained=None)
+    weights = folder / "lord-tiny-clip.pt"
+    torch.save(model.state_dict(), weights)
+    return config, weights
+
+
+def write_random_inception(path, seed: int = 0) -> Path:
+    """Inception-v3 with the FID network's layout (pytorch-fid / torch-fidelity keys, 1008 classes)
+    and random weights."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

@@ -1,0 +1,143 @@
+"""The experiment runner end to end on the random test checkpoint (a miniature protocol): every
+stage runs for real (protect with mist-v2's loop, Stage-1, Detect, JPEG + DiffPure-style
+purification, Stage-2 for every method and sweep point, sampling, CLIP-IQA / FD / KD with random
+metric networks) and writes every report file; a second run recomputes nothing; a run killed in
+the middle of a stage and started again ends with the same results.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tools import tiny
+from tools.mini_experiment import write_mini_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord"]
+
+
+def _cmd(config: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "training.experiment", "--config", str(config), "--cpu", *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory, sd15_checkpoint, comfyui_path):
+    root = tmp_path_factory.mktemp("mini")
+    clip_config, clip_weights = tiny.write_tiny_open_clip(root / "weights")
+    inception = tiny.write_random_inception(root / "weights" / "inception.pth")
+    config = write_mini_experiment(root, sd15_checkpoint, comfyui_path / "input" / "example.png",
+                                   clip_iqa=(str(clip_config), clip_weights), inception=inception)
+    proc = subprocess.run(_cmd(config), cwd=ROOT, capture_output=True, text=True, timeout=1500, env=_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return config, root / "run", proc.stdout
+
+
+def _comparable(results: dict) -> dict:
+    """results.json without the run folder's own location (two runs in two folders)."""
+    out = json.loads(json.dumps(results))
+    for key in ("output", "config_path"):
+        out["provenance"]["config"].pop(key, None)
+    return out
+
+
+def test_the_miniature_protocol_writes_a_complete_report(mini):
+    _config, run, _stdout = mini
+    report = run / "report"
+    for name in ("results.json", "table1.md", "fig7.png", "roc.png", "index.html", "grid_all.png"):
+        assert (report / name).is_file(), name
+    results = json.loads((report / "results.json").read_text())
+    assert list(results["methods"]) == METHODS
+    for m, entry in results["methods"].items():
+        assert (report / f"grid_{m}.png").is_file()
+        assert len(entry["samples"]) == 4 and all((report / p).is_file() for p in entry["samples"])
+        iqa = entry["metrics"]["clip_iqa"]["per_image"]
+        assert len(iqa) == 4 and all(0.0 <= v <= 1.0 for v in iqa)
+        assert math.isfinite(entry["metrics"]["fid"]["value"]) and entry["metrics"]["fid"]["value"] >= 0
+        assert math.isfinite(entry["metrics"]["kid"]["mean"])
+    # random Inception at the 64-feature layer: a Frechet distance, never called FID
+    assert results["metrics"]["fid"]["label"] == "FD (inception-v3 pool 64)"
+    assert "FID" not in (report / "table1.md").read_text().replace("FD (inception-v3 pool 64)", "")
+    # different training data, different LoRAs, different samples
+    assert results["methods"]["clean"]["metrics"] != results["methods"]["attacking"]["metrics"]
+    det = results["detection"]
+    assert det["available"] and len(det["scores_clean"]) == len(det["scores_protected"]) == 3
+    assert 0.0 <= det["summary"]["auroc"] <= 1.0
+    pert = results["perturbation"]
+    assert all(p["linf_levels"] <= 4 for p in pert["per_image"]) and all(p["psnr_db"] > 30 for p in pert["per_image"])
+    sweep = results["sweep"]["series"]
+    assert [p["method"] for p in sweep["plain"]] == ["plain-clean", "plain-mix2", "plain-protected"]
+    assert [p["method"] for p in sweep["lord"]] == ["lord-clean", "lord-mix2", "lord-protected"]
+    prov = results["provenance"]
+    assert len(prov["checkpoint"]["sha256"]) == 64 and prov["attack"]["preset"] == "mist_v2"
+    assert prov["attack"]["surrogate"]["rounds"] == 2
+    assert results["metrics"]["clip_iqa"]["weights"]["sha256"]
+    html = (report / "index.html").read_text()
+    assert "table" in html and "fig7.png" in html and "roc.png" in html
+
+
+def test_a_second_run_recomputes_nothing(mini):
+    config, run, _ = mini
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "stages").rglob("*") if p.is_file()}
+    before = (run / "report" / "results.json").read_bytes()
+    proc = subprocess.run(_cmd(config), cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(0 stage(s) computed," in proc.stdout, proc.stdout[-2000:]
+    assert "running" not in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (run / "report" / "results.json").read_bytes() == before
+
+
+def test_a_killed_run_continues_to_the_same_results(mini, tmp_path):
+    config, run, _ = mini
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(config, "--output", str(out)), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    seen, killed_in = [], None
+    deadline = time.time() + 900
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            # kill inside a Stage-2 training, after its first checkpoint was written
+            if "train plain-protected: step 1/3" in line or "train lord-protected: step 1/3" in line:
+                killed_in = line.strip()
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            assert time.time() < deadline, "".join(seen[-30:])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_in, "".join(seen[-40:])
+    assert not (out / "report" / "results.json").exists()
+    again = subprocess.run(_cmd(config, "--output", str(out)), cwd=ROOT, capture_output=True, text=True,
+                           timeout=1500, env=_env())
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming an interrupted run" in again.stdout
+    first = json.loads((run / "report" / "results.json").read_text())
+    second = json.loads((out / "report" / "results.json").read_text())
+    assert _comparable(second) == _comparable(first)
+
+
+def test_list_shows_the_plan_and_only_runs_a_part(mini, tmp_path):
+    config, _run, _ = mini
+    out = tmp_path / "part"
+    proc = subprocess.run(_cmd(config, "--output", str(out), "--list"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "todo     protect" in proc.stdout and "train/lord-protected  (needs" in proc.stdout
+    proc = subprocess.run(_cmd(config, "--output", str(out), "--only", "purify/jpeg"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = sorted(p.parent.name for p in (out / "stages").glob("*/stage.json"))
+    assert done == ["protect", "purify__jpeg"]  # the stage and what it needs, nothing else
+    assert not (out / "report").exists()
