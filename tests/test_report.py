@@ -261,11 +261,11 @@ def test_artist_mode_paper_not_comparable(tmp_path):
 
 def test_unknown_paper_dataset_and_fd_label(tmp_path):
     out = tmp_path / "report"
-    res = make_results(out, paper_dataset="FFHQ")
+    res = make_results(out, paper_dataset="FFHQ", sweep=False, detection=False)
     md = (out / "table1.md")
     write_report(res, out)
     assert "not comparable: paper_dataset 'FFHQ'" in md.read_text(encoding="utf-8")
-    res = make_results(out, paper_dataset="celeba_hq")
+    res = make_results(out, paper_dataset="celeba_hq", sweep=False, detection=False)
     res["metrics"]["fid"]["label"] = "FD (clip:RN50)"
     res["metrics"]["kid"]["label"] = "KD (clip:RN50)"
     write_report(res, out)
@@ -285,6 +285,16 @@ def test_deterministic(tmp_path):
     for name in wa:
         assert wa2[name].read_bytes() == first[name], f"{name} differs on a rewrite"
         assert wb[name].read_bytes() == first[name], f"{name} differs in another folder"
+
+
+def test_cli_rerenders_identically(tmp_path):
+    from training.report import main
+
+    out = tmp_path / "report"
+    written = write_report(make_results(out), out)
+    before = {n: p.read_bytes() for n, p in written.items()}
+    assert main([str(out / "results.json")]) == 0
+    assert {n: p.read_bytes() for n, p in written.items()} == before
 
 
 def test_bad_results_are_refused(tmp_path):
@@ -307,3 +317,9 @@ def test_unreadable_sample_is_a_grey_tile_and_listed(tmp_path):
     assert "images/lord/gone.png" not in links
     with Image.open(out / "grid_lord.png") as im:  # tile 2 (index 1) is the light grey placeholder
         assert im.convert("RGB").getpixel((4 + 192 + 4 + 2, 34 + 2)) == (235, 235, 235)
+    res = make_results(tmp_path)
+    res["methods"]["lord"]["metrics"]["clip_iqa"]["mean"] = np.float32(0.5)
+    with pytest.raises(ValueError, match=r"results\['methods'\]\['lord'\]\['metrics'\]\['clip_iqa'\]\['mean'\] "
+                                         r"\(numpy.float32\)"):
+        write_report(res, tmp_path / "r")
+    assert not (tmp_path / "r").exists()

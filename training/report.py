@@ -56,7 +56,13 @@ Optional fields this module reads beyond the contract (all may be absent):
 * ``detection["fpr_target"]``: the false-positive rate the operating point was chosen for
   (default 0.05, ``detection_summary``'s default).
 
-``write_report`` returns ``{file name: Path}`` of every file it wrote.
+``write_report`` returns ``{file name: Path}`` of every file it wrote. Values must be plain JSON
+(``float``/``int``/``str``/``bool``/``None``/lists/dicts; no numpy scalars or tensors): anything
+else is refused with the path of the offending value before a file is written.
+
+Re-render a report from its ``results.json`` (e.g. after a change to this module):
+``python -m training.report REPORT_DIR/results.json`` (``--out DIR`` for another folder; the
+sample paths stay relative to the report folder).
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 __all__ = ["PAPER_TABLE1", "PAPER_ROWS", "PAPER_DATASETS", "write_report"]
@@ -870,6 +877,27 @@ def _check(results: dict) -> None:
                              "relative to the report folder")
 
 
+def _json_problem(value, where: str = "results") -> str | None:
+    """The path of the first value json cannot write (e.g. a numpy float32 or a tensor), or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} (key {k!r} is not a string)"
+            found = _json_problem(v, f"{where}[{k!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _json_problem(v, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    return f"{where} ({type(value).__module__}.{type(value).__name__})"
+
+
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write the report files for ``results`` into ``out_dir`` (created); returns ``{file name: Path}``.
 
@@ -877,6 +905,10 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     unreadable sample becomes a grey "missing file" tile and is listed on the page.
     """
     _check(results)
+    problem = _json_problem(results)
+    if problem:
+        raise ValueError(f"write_report: {problem} is not a plain JSON value; convert it with float()/int()/"
+                         ".tolist() before reporting")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -911,3 +943,27 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
             if old.name not in written and old.is_file():
                 old.unlink()
     return written
+
+
+def main(argv=None) -> int:
+    """``python -m training.report RESULTS_JSON [--out DIR]``: re-render a report from its results.json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, help="a results.json written by the experiment runner")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default: the folder of RESULTS_JSON; sample paths are relative to it)")
+    args = parser.parse_args(argv)
+    try:
+        results = json.loads(args.results.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
+        return 2
+    written = write_report(results, args.out if args.out is not None else args.results.parent)
+    for name in written:
+        print(written[name])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
