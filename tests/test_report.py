@@ -236,6 +236,11 @@ def test_no_sweep_no_detection_removes_stale_files(tmp_path):
     assert (out / "images/jpeg/0000.png").exists()  # samples are not report files: kept
     links = check_index(out)
     assert "fig7.png" not in links and "roc.png" not in links
+    for m in res["methods"].values():
+        m.pop("recovered", None)
+    written = write_report(res, out)
+    md = (out / "table1.md").read_text(encoding="utf-8")
+    assert all(r[-1] == "—" for r in table_rows(md)[1:]) and "Damage undone: not computed in this run" in md
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "No sweep in this run." in page
     assert "missing: no held-out images: set detection.heldout" in page
@@ -249,7 +254,7 @@ def test_artist_mode_paper_not_comparable(tmp_path):
     assert "grid_clean.png" not in written and "fig7.png" in written
     md = (out / "table1.md").read_text(encoding="utf-8")
     assert [r[0] for r in table_rows(md)[1:]] == [m[1] for m in METHODS if m[0] != "clean"]
-    assert "Mode: artist." in md
+    assert "Mode: artist." in md and "artist mode has no Clean row" in md
     assert "paper, not comparable: different model and data" in md
     for ds, rows in PAPER_TABLE1.items():  # the whole paper table, every number as printed
         for row, vals in rows.items():

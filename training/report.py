@@ -438,6 +438,12 @@ def _table_notes(results: dict) -> list[str]:
             notes.append(f"{label} is a Fréchet distance on another feature extractor, not FID: "
                          "its values are not comparable with the paper's FID.")
     definition = results.get("recovered_definition")
+    if not any(isinstance(m.get("recovered"), dict) and m["recovered"] for _, m in _ordered_methods(results)):
+        notes.append("Damage undone: not computed in this run (it needs a Clean and an Attacking row).")
+        return notes
+    if not definition and results.get("mode") == "artist":
+        definition = ("share of the quality gap the method closes, as recorded by the runner (artist mode has no "
+                      "Clean row; see results.json)")
     if not definition:
         definition = ("share of the gap between the Clean and the Attacking rows that the method closes, per "
                       "metric (100% = as good as Clean, 0% = no better than Attacking)")
