@@ -187,3 +187,10 @@ def test_purify_node(loaded):
                              negative=negative, sampler_name="euler", scheduler="normal").args[0]
     expected = G.diffpure(model, clip, vae, images, PROMPT, 0.3, 9, FAST)
     assert out.shape == image.shape and torch.equal((out * 255).round().byte(), expected)
+
+
+def test_purify_node_schema():
+    """The widget order a saved workflow relies on."""
+    inputs = LoRDPurify.INPUT_TYPES()
+    assert list(inputs["required"]) == ["image", "method", "jpeg_quality", "strength", "steps", "cfg", "seed"]
+    assert list(inputs["optional"]) == ["model", "vae", "positive", "negative", "sampler_name", "scheduler"]
