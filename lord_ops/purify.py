@@ -22,8 +22,8 @@ def check_u8_images(images, name: str = "images") -> torch.Tensor:
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"{name}: expected a torch.uint8 tensor [N, H, W, 3] (pixel levels 0..255), got "
                          f"{images.dtype} {list(images.shape)}; convert ComfyUI IMAGEs (0..1) with round(x * 255)")
-    if images.shape[1] == 0 or images.shape[2] == 0:
-        raise ValueError(f"{name}: empty images {list(images.shape)}")
+    if 0 in images.shape:
+        raise ValueError(f"{name}: no pixels (shape {list(images.shape)}); give at least one non-empty image")
     return images.cpu()
 
 

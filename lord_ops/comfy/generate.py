@@ -149,8 +149,8 @@ def sample_images(model_patcher, vae, positive, negative, seeds: Sequence[int], 
     seeds = [_seed(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds: give at least one seed (one image per seed)")
-    if vae is None:
-        raise ValueError("no VAE: connect one (or load a checkpoint that has one)")
+    if model_patcher is None or vae is None:
+        raise ValueError("text_to_image needs a MODEL and a VAE: load a checkpoint that has both (or connect them)")
     f = _block(vae)
     if config.width % f or config.height % f:
         raise ValueError(f"SamplingConfig.width/height: {config.width}x{config.height} must be multiples of the "
@@ -215,8 +215,8 @@ def diffpure_conditioned(model_patcher, vae, images_u8, positive, negative, stre
     strength = check_strength(strength)
     base = _seed(seed)
     images, stacked = _as_image_list(images_u8)
-    if vae is None:
-        raise ValueError("diffpure needs a VAE: connect one (or load a checkpoint that has one)")
+    if model_patcher is None or vae is None:
+        raise ValueError("diffpure needs a MODEL and a VAE: load the base checkpoint (or connect them)")
     f = _block(vae)
     out = []
     with torch.inference_mode():
