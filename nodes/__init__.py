@@ -8,10 +8,12 @@ from comfy_api.latest import ComfyExtension, io
 from .attack import LoRDProtect
 from .detect import LoRDDetect
 from .loaders import LoRDLoader
+from .purify import LoRDPurify
 from .train import LoRDSave, LoRDSaveLoRA, LoRDTrainStage1, LoRDTrainStage2
 
 LORD_FOLDER = "lord"
-NODES = [LoRDLoader, LoRDDetect, LoRDProtect, LoRDTrainStage1, LoRDTrainStage2, LoRDSave, LoRDSaveLoRA]
+NODES = [LoRDLoader, LoRDDetect, LoRDProtect, LoRDTrainStage1, LoRDTrainStage2, LoRDSave, LoRDSaveLoRA,
+         LoRDPurify]
 
 
 def register_model_folder() -> None:

@@ -167,6 +167,36 @@ def test_protect_in_a_fresh_session(loaded, spy, method):
     spy.check("VAE", *(["UNet"] if method != "photoguard" else []))
 
 
+def test_text_to_image_in_a_fresh_session(loaded, spy):
+    """Generation (the experiment runner's sampling) through ComfyUI's own CLIP encode, sampler and VAE
+    decode, which load for themselves."""
+    from comfyui_lord.lord_ops.comfy.generate import SamplingConfig, text_to_image
+
+    model, clip, vae = loaded
+    fresh_session()
+    text_to_image(model, clip, vae, "a photo of a person", [0, 1], SamplingConfig(steps=1, width=SIZE, height=SIZE))
+    spy.check("CLIP", "UNet", "VAE")
+
+
+@pytest.mark.parametrize("entry", ["diffpure", "node"])
+def test_diffpure_in_a_fresh_session(loaded, spy, entry):
+    from comfyui_lord.lord_ops.comfy.generate import SamplingConfig, diffpure
+    from comfyui_lord.nodes.purify import LoRDPurify
+
+    model, clip, vae = loaded
+    images = (torch.stack(pictures(1, size=SIZE - 3)).movedim(1, -1) * 255).round().to(torch.uint8)
+    if entry == "diffpure":
+        fresh_session()
+        diffpure(model, clip, vae, images, "a photo of a person", 0.5, 0, SamplingConfig(steps=1))
+        spy.check("CLIP", "UNet", "VAE")
+    else:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
+        fresh_session()
+        with torch.inference_mode():  # like the server
+            LoRDPurify.execute(images.float() / 255, "diffpure", 75, 0.5, 1, 7.5, 0, model=model, vae=vae, positive=cond)
+        spy.check("UNet", "VAE")
+
+
 def _write_folder(folder: Path, n=2) -> Path:
     from PIL import Image
 

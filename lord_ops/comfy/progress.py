@@ -59,3 +59,31 @@ class TrainingProgress:
                          " ".join(f"{k} {v:.4f}" for k, v in rec.parts.items()))
         self.pbar.update_absolute(rec.step, rec.steps, preview)
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class ImageProgress:
+    """Progress bar over sampled images x sampler steps (generation, purification), the latest image as
+    the preview, and Cancel checked at every step: pass ``check``, ``on_step`` and ``on_image`` to
+    ``lord_ops.comfy.generate``. Outside a running prompt ComfyUI's bar has no hook and costs nothing."""
+
+    def __init__(self, images: int, steps: int):
+        import comfy.utils
+
+        self.images, self.steps = max(1, images), max(1, steps)
+        self.pbar = comfy.utils.ProgressBar(self.images * self.steps)
+
+    @staticmethod
+    def check() -> None:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def on_step(self, index: int, step: int, total_steps: int) -> None:
+        self.steps = max(1, total_steps)
+        self.pbar.update_absolute(index * self.steps + step, self.images * self.steps)
+
+    def on_image(self, index: int, image_u8) -> None:
+        from PIL import Image
+
+        self.pbar.update_absolute((index + 1) * self.steps, self.images * self.steps,
+                                  ("JPEG", Image.fromarray(image_u8.numpy()), 512))
