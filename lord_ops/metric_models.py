@@ -25,7 +25,8 @@ INCEPTION_EXPECTED = ("the Inception-v3 FID weights: pt_inception-2015-12-05-672
                       "or weights-inception-2015-12-05-6726825d.pth (torch-fidelity's release), "
                       "or the same tensors saved as .safetensors")
 CLIP_EXPECTED = ("an open_clip checkpoint of that model (open_clip_model.safetensors or open_clip_pytorch_model.bin "
-                 "from the model's Hugging Face page, e.g. timm/resnet50_clip.openai for RN50-quickgelu)")
+                 "from the model's Hugging Face page, e.g. timm/resnet50_clip.openai for RN50-quickgelu; "
+                 "OpenAI's TorchScript .pt files are not accepted)")
 GOOD_PROMPT = "A good photo of a {}."
 BAD_PROMPT = "A bad photo of a {}."
 
@@ -178,32 +179,26 @@ class InceptionFeatures:
         return torch.cat(out) if out else torch.zeros(0, self.dims, dtype=torch.float64)
 
 
-def _inception_pth(path: Path, sd: dict[str, torch.Tensor]) -> Path:
-    """A .pth torch-fidelity can read: the user's own .pth, or a cached conversion of a .safetensors file
-    (in the temp folder, named by the source's sha256, written atomically)."""
-    if path.suffix != ".safetensors":
-        return path
-    cache = Path(tempfile.gettempdir()) / "comfyui-lord-metrics"
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"inception-{file_sha256(path)[:32]}.pth"
-    if not target.is_file():
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(sd, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return target
+def _inception_module(sd: dict[str, torch.Tensor], layer: int):
+    """torch-fidelity's Inception-v3 loaded from a private temporary ``.pth`` holding exactly the checked
+    tensors (torch-fidelity unpickles its file with ``weights_only=False``, so it never reads the
+    user's file itself; the copy is created exclusively, 0600, and removed right after loading)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    fd, tmp = tempfile.mkstemp(prefix="lord-inception-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({k: v.contiguous() for k, v in sd.items()}, f)
+        return FeatureExtractorInceptionV3(INCEPTION_NAME, [str(int(layer))], feature_extractor_weights_path=tmp)
+    finally:
+        os.remove(tmp)
 
 
 def load_inception(weights_path, features: int = 2048, device=None) -> InceptionFeatures:
     """Inception-v3 FID network from a local file (pytorch-fid's or torch-fidelity's ``.pth``, or the same
     tensors as ``.safetensors``), on pool layer ``features`` (64, 192, 768 or 2048; only 2048 is FID).
-    The file is checked with ``torch.load(weights_only=True)`` before torch-fidelity loads it."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+    The file is read with ``torch.load(weights_only=True)`` (or safetensors) and torch-fidelity gets a
+    private copy of the checked tensors (:func:`_inception_module`)."""
     if int(features) not in INCEPTION_LAYERS:
         raise ValueError(f"Inception-v3 features must be one of {INCEPTION_LAYERS} (pool layers), got {features}")
     path = _existing_file(weights_path, INCEPTION_EXPECTED)
@@ -212,15 +207,11 @@ def load_inception(weights_path, features: int = 2048, device=None) -> Inception
         raise MetricWeightsError(f"{path} is not an Inception-v3 FID checkpoint (no Mixed_7c / fc tensors); "
                                  f"expected {INCEPTION_EXPECTED}")
     try:
-        module = FeatureExtractorInceptionV3(INCEPTION_NAME, [str(int(features))],
-                                             feature_extractor_weights_path=str(_inception_pth(path, sd)))
+        module = _inception_module(sd, int(features))
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
         raise MetricWeightsError(f"{path} does not fit torch-fidelity's Inception-v3 ({_first_line(e)}); "
                                  f"expected {INCEPTION_EXPECTED}") from e
-    extractor = InceptionFeatures(module, int(features), _weights_info(path))
-    if device is not None:
-        extractor.module.to("cpu")  # moved to ``device`` for each features() call
-    return extractor
+    return InceptionFeatures(module, int(features), _weights_info(path))  # on the CPU; features() takes a device
 
 
 # ---------------------------------------------------------------- open_clip

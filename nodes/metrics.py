@@ -33,6 +33,7 @@ class LoRDImageQuality(io.ComfyNode):
             node_id="LoRDImageQuality",
             display_name="LoRD Image Quality (CLIP-IQA)",
             category="LoRD/metrics",
+            is_output_node=True,
             description="CLIP-IQA as the LoRD paper uses it: per image, P(good) from a softmax over the CLIP "
                         "similarities to 'A good photo of a {class}.' and 'A bad photo of a {class}.' "
                         "(0..1, higher is better). CLIP weights come from a file in models/lord_metrics.",
@@ -83,6 +84,7 @@ class LoRDImageMetrics(io.ComfyNode):
             node_id="LoRDImageMetrics",
             display_name="LoRD Image Metrics (FID / KID)",
             category="LoRD/metrics",
+            is_output_node=True,
             description="Compare generated images with a folder of reference images: FID and KID with the "
                         "Inception-v3 FID weights, or FD/KD (Frechet / kernel distance) with another feature "
                         "extractor such as clip:<open_clip model>. Lower is better.",

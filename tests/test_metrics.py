@@ -278,6 +278,13 @@ def test_inception_loader_features_labels_and_bad_files(inception_file, tmp_path
     torch.save({"weight": torch.zeros(3)}, other)
     with pytest.raises(MM.MetricWeightsError, match="other.pth is not an Inception-v3"):
         MM.load_inception(other)
+    sd = torch.load(inception_file, weights_only=True)
+    torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")  # a training-checkpoint wrapper is unwrapped
+    torch.testing.assert_close(MM.load_inception(tmp_path / "wrapped.pth", 64).features(images), f, rtol=1e-5, atol=1e-6)
+    del sd["Mixed_6b.branch1x1.conv.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(MM.MetricWeightsError, match="partial.pth does not fit torch-fidelity's Inception-v3"):
+        MM.load_inception(tmp_path / "partial.pth", 64)
     with pytest.raises(MM.MetricWeightsError, match="does not exist"):
         MM.load_inception(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="known: inception-v3, clip:<model>"):
