@@ -352,12 +352,33 @@ def test_image_metrics_node(metrics_folder, tmp_path):
         Image.fromarray(im.numpy()).save(ref / f"{i}.png")
     (ref / "notes.txt").write_text("not an image")
     generated = _images(3, 32, 32, seed=11)
+    import comfy.model_management as mm
+    import comfy.utils
+
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
     old_input = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(tmp_path / "input"))
     try:
         out = LoRDImageMetrics.execute(generated.float() / 255, "refs", f"clip:{TINY_CLIP}", "tiny_clip.pt", 1000, 5)
     finally:
         folder_paths.set_input_directory(old_input)
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen == [(3, 6), (6, 6)]  # one bar over generated + reference images
+
+    def cancel_at_first_update(value, total, preview, node_id=None):
+        seen.append(value)
+        mm.interrupt_current_processing(True)
+
+    seen.clear()
+    comfy.utils.set_progress_bar_global_hook(cancel_at_first_update)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            LoRDImageMetrics.execute(generated.float() / 255, str(ref), f"clip:{TINY_CLIP}", "tiny_clip.pt", 1000, 5)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen == [3]  # Cancel stops after the batch in flight, before the reference images
     fd, kid, kid_std, report = out.args
     rep = json.loads(report)
     fx = MM.load_feature_extractor(f"clip:{TINY_CLIP}", metrics_folder / "tiny_clip.pt")
@@ -377,3 +398,14 @@ def test_image_metrics_node(metrics_folder, tmp_path):
         LoRDImageMetrics.execute(generated.float() / 255, str(ref), "inception-v3", "evil.pth", 1000, 2)
     with pytest.raises(ValueError, match="reference_folder 'nowhere' not found"):
         LoRDImageMetrics.execute(generated.float() / 255, "nowhere", "inception-v3", "pt_inception.pth", 1000, 2)
+
+
+def test_image_level_conversions():
+    from comfyui_lord.lord_ops.images import from_uint8, to_uint8
+
+    u8 = _images(2, 5, 4, seed=12)
+    floats = from_uint8(u8)
+    assert floats.dtype == torch.float32 and float(floats.max()) <= 1.0
+    assert torch.equal(to_uint8(floats), u8)
+    rgba = torch.cat([floats, torch.ones(2, 5, 4, 1)], dim=-1)
+    assert torch.equal(to_uint8(rgba + 0.4 / 255), u8)  # alpha dropped, rounded to the nearest level
