@@ -175,7 +175,6 @@ def test_image_metrics_node_in_the_server(server):
     assert "pt_inception_random.pth" in json.dumps(info["LoRDImageMetrics"]["input"]["required"]["weights"])
     assert "LoRDImageQuality" in server.object_info()
     prompt = generation_prompt(seed=4)
-    prompt["2"]["inputs"]["lord_name"] = "lord_sd15.safetensors"
     prompt["4"]["inputs"]["batch_size"] = 2
     del prompt["7"]
     prompt["8"] = {"class_type": "LoRDImageMetrics", "inputs": {
