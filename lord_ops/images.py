@@ -41,3 +41,18 @@ def load_image(path: Path):
     if im.size[0] % 8 or im.size[1] % 8:
         policy.append("size not a multiple of 8: kept exactly (padded internally)")
     return rgba[..., :3].copy(), (rgba[..., 3].copy() if has_alpha else None), icc, facts, policy
+
+
+def to_uint8(images_bhwc01):
+    """ComfyUI IMAGE ``[B, H, W, C]`` floats in 0..1 -> uint8 pixel levels ``[B, H, W, 3]`` on the CPU
+    (rounded to the nearest level, clamped; an alpha channel is dropped)."""
+    import torch
+
+    return (images_bhwc01[..., :3].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def from_uint8(images_u8):
+    """uint8 pixel levels ``[..., H, W, C]`` -> float32 in 0..1 (ComfyUI IMAGE layout when ``[B, H, W, C]``)."""
+    import torch
+
+    return torch.as_tensor(images_u8).float() / 255.0

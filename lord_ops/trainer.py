@@ -32,6 +32,7 @@ from .diffusion import denoising_loss
 from .format import CONTEXT_GATE_OFF, LoRDFile
 from .keys import CONTEXT_FED
 from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, init_lora, lora_delta, lord_delta_plain
+from .metrics import auroc  # noqa: F401  (re-exported: lord_ops.metrics owns it)
 
 STAGES = ("stage1", "stage2")
 STAGE2_MODES = ("lord", "plain", "pgd2_defense")
@@ -325,15 +326,6 @@ def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set
     if not per_layer:
         raise ValueError("no gate values were recorded")
     return torch.stack(per_layer, dim=0).mean(dim=0)
-
-
-def auroc(negatives: Iterable[float], positives: Iterable[float]) -> float:
-    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney)."""
-    neg, pos = list(map(float, negatives)), list(map(float, positives))
-    if not neg or not pos:
-        raise ValueError("AUROC needs at least one negative and one positive score")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(neg) * len(pos))
 
 
 def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor, z_adv: torch.Tensor,

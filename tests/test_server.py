@@ -161,6 +161,31 @@ def test_bad_lora_input_fails_cleanly(server):
         (lora_dir / "evil_lora.safetensors").unlink()
 
 
+def test_image_metrics_node_in_the_server(server):
+    """LoRD Image Metrics inside the server (inference mode, models/lord_metrics registered by the
+    pack's entry point): two sampled images against input/lord_train with a random Inception-v3."""
+    import torchvision
+
+    folder = server.base_dir / "models" / "lord_metrics"
+    folder.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+    torch.save(net.state_dict(), folder / "pt_inception_random.pth")
+    info = server.get("/object_info/LoRDImageMetrics")  # refreshes the file lists
+    assert "pt_inception_random.pth" in json.dumps(info["LoRDImageMetrics"]["input"]["required"]["weights"])
+    assert "LoRDImageQuality" in server.object_info()
+    prompt = generation_prompt(seed=4)
+    prompt["4"]["inputs"]["batch_size"] = 2
+    del prompt["7"]
+    prompt["8"] = {"class_type": "LoRDImageMetrics", "inputs": {
+        "images": ["6", 0], "reference_folder": "lord_train", "extractor": "inception-v3",
+        "weights": "pt_inception_random.pth", "kid_subset_size": 1000, "kid_subsets": 10}}
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = entry["outputs"]["8"]["text"][0]
+    assert text.startswith("FID: ") and "KID: " in text and "2 generated vs 4 reference images" in text, text
+
+
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
