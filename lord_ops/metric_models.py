@@ -216,10 +216,28 @@ def load_inception(weights_path, features: int = 2048, device=None) -> Inception
 
 # ---------------------------------------------------------------- open_clip
 
-def _check_open_clip_name(model_name: str) -> dict:
+def open_clip_model_name(model_name) -> str:
+    """An open_clip model name, or the path of an open_clip model-config ``.json`` (a custom
+    architecture): that file is registered under its stem, which is returned."""
     import open_clip
 
     name = str(model_name).strip()
+    if name.lower().endswith(".json"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"open_clip model config not found: {path}")
+        try:
+            open_clip.add_model_config(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is not an open_clip model config ({type(e).__name__}: {e})") from e
+        return path.stem
+    return name
+
+
+def _check_open_clip_name(model_name: str) -> dict:
+    import open_clip
+
+    name = open_clip_model_name(model_name)
     if ":" in name:
         raise ValueError(f"open_clip model '{name}': give a built-in or registered model name (e.g. RN50-quickgelu, "
                          "ViT-B-32); hf-hub:/local-dir: sources are not used (weights come from the file)")
@@ -243,6 +261,7 @@ def load_open_clip(model_name: str, weights_path, device=None):
     import open_clip
 
     _check_open_clip_name(model_name)
+    model_name = open_clip_model_name(model_name)
     path = _existing_file(weights_path, CLIP_EXPECTED)
     read_state_dict(path, CLIP_EXPECTED)  # refuses pickled code and non-tensor files with a clear message
     try:
@@ -331,12 +350,12 @@ def load_clip_iqa(model_name: str, weights_path, device=None) -> ClipIQA:
     """CLIP-IQA scorer with the open_clip model ``model_name`` (e.g. ``RN50-quickgelu`` for OpenAI's RN50:
     OpenAI's weights need the QuickGELU variant) and weights from a local file (never a download)."""
     model, preprocess, tokenizer, weights = load_open_clip(model_name, weights_path, device)
-    return ClipIQA(str(model_name).strip(), model, preprocess, tokenizer, weights)
+    return ClipIQA(open_clip_model_name(model_name), model, preprocess, tokenizer, weights)
 
 
 def load_clip_features(model_name: str, weights_path, device=None) -> ClipFeatures:
     model, preprocess, _, weights = load_open_clip(model_name, weights_path, device)
-    return ClipFeatures(str(model_name).strip(), model, preprocess, weights)
+    return ClipFeatures(open_clip_model_name(model_name), model, preprocess, weights)
 
 
 # ---------------------------------------------------------------- registry

@@ -57,7 +57,7 @@ def test_the_miniature_protocol_writes_a_complete_report(mini):
     for name in ("results.json", "table1.md", "fig7.png", "roc.png", "index.html", "grid_all.png"):
         assert (report / name).is_file(), name
     results = json.loads((report / "results.json").read_text())
-    assert list(results["methods"]) == METHODS
+    assert sorted(results["methods"], key=lambda m: results["methods"][m]["row"]) == METHODS
     for m, entry in results["methods"].items():
         assert (report / f"grid_{m}.png").is_file()
         assert len(entry["samples"]) == 4 and all((report / p).is_file() for p in entry["samples"])
@@ -67,7 +67,9 @@ def test_the_miniature_protocol_writes_a_complete_report(mini):
         assert math.isfinite(entry["metrics"]["kid"]["mean"])
     # random Inception at the 64-feature layer: a Frechet distance, never called FID
     assert results["metrics"]["fid"]["label"] == "FD (inception-v3 pool 64)"
-    assert "FID" not in (report / "table1.md").read_text().replace("FD (inception-v3 pool 64)", "")
+    header = next(line for line in (report / "table1.md").read_text().splitlines() if line.startswith("| Method"))
+    assert "FID" not in header and "FD (inception-v3 pool 64)" in header
+    assert "the Clean-Attacking gap is within its noise" in (report / "table1.md").read_text()
     # different training data, different LoRAs, different samples
     assert results["methods"]["clean"]["metrics"] != results["methods"]["attacking"]["metrics"]
     det = results["detection"]
@@ -141,3 +143,49 @@ def test_list_shows_the_plan_and_only_runs_a_part(mini, tmp_path):
     done = sorted(p.parent.name for p in (out / "stages").glob("*/stage.json"))
     assert done == ["protect", "purify__jpeg"]  # the stage and what it needs, nothing else
     assert not (out / "report").exists()
+
+
+def test_damage_undone_is_the_closed_share_of_a_gap_larger_than_its_noise():
+    from training.experiment import damage_undone
+
+    iqa = lambda mean, std=0.01, n=100: {"mean": mean, "std": std, "per_image": [mean] * n}  # noqa: E731
+    clean = {"clip_iqa": iqa(0.60), "fid": {"value": 100.0, "std": 2.0}, "kid": {"mean": 0.010, "std": 0.004}}
+    attacking = {"clip_iqa": iqa(0.40), "fid": {"value": 160.0, "std": 2.0}, "kid": {"mean": 0.012, "std": 0.004}}
+    lord = {"clip_iqa": iqa(0.55), "fid": {"value": 115.0, "std": 2.0}, "kid": {"mean": 0.011, "std": 0.004}}
+    recovered, skipped = damage_undone(clean, attacking, lord)
+    assert recovered["clip_iqa"] == pytest.approx(0.75) and recovered["fid"] == pytest.approx(0.75)
+    assert "kid" not in recovered and "within twice its noise" in skipped["kid"]  # gap 0.002 vs noise 0.0057
+    # a missing metric in one row is simply not compared
+    recovered, skipped = damage_undone({"fid": {"value": 1.0}}, {}, {"fid": {"value": 2.0}})
+    assert recovered == {} and skipped == {}
+
+
+def test_artist_mode_measures_given_protected_images(mini, tmp_path):
+    """The artist's question on images protected elsewhere (here: the protocol run's mist-v2 images)
+    with a LoRD trained before: no protect and no Stage-1 stage; Clean, Attacking, JPEG, DiffPure, LoRD."""
+    import shutil
+
+    config, run, _ = mini
+    root = config.parent
+    shutil.copytree(run / "stages" / "protect" / "images", tmp_path / "published")
+    text = config.read_text()
+    text = text.replace('[experiment]\noutput = "run"', '[experiment]\nmode = "artist"\noutput = "artist_run"')
+    text = text.replace('instance_images = "instance"',
+                        f'instance_images = "{root / "instance"}"\nprotected_images = "{tmp_path / "published"}"')
+    text = text.replace("[attack]\npreset = \"mist_v2\"\nsteps = 2\nrounds = 2\n", "")
+    text = text.replace('[stage1]\ndata = "stage1"', f'[stage1]\nlord = "{run / "stages" / "stage1" / "lord.safetensors"}"')
+    text = text.replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "")
+    artist = tmp_path / "artist.toml"
+    artist.write_text(text)
+    proc = subprocess.run(_cmd(artist), cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "artist_run"
+    stages = sorted(p.parent.name for p in (out / "stages").glob("*/stage.json"))
+    assert "protect" not in stages and "stage1" not in stages
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["mode"] == "artist" and set(results["methods"]) == {"clean", "attacking", "jpeg", "diffpure", "lord"}
+    protocol = json.loads((run / "report" / "results.json").read_text())
+    # the same images, model, LoRD and seeds as the protocol run: the same Attacking numbers
+    assert results["methods"]["attacking"]["metrics"] == protocol["methods"]["attacking"]["metrics"]
+    assert results["detection"]["available"] and results["sweep"] is None
+    assert (out / "report" / "index.html").is_file()

@@ -116,7 +116,7 @@ def error_message(entry) -> str:
 
 def test_nodes_and_files_in_object_info(server):
     info = server.object_info()
-    assert {"LoRDLoader", "LoRDDetect"} <= set(info)
+    assert {"LoRDLoader", "LoRDDetect", "LoRDProtect", "LoRDPurify", "LoRDImageQuality", "LoRDImageMetrics"} <= set(info)
     loader = info["LoRDLoader"]
     assert loader["category"] == "loaders/LoRD"
     lord_opts = json.dumps(loader["input"]["required"]["lord_name"])

@@ -158,7 +158,7 @@ def write_sd15_geometry_checkpoint(path, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Metric networks with random weights (tests only: the files have the real layouts, not real weights)
 
-TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8},
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -47,14 +47,6 @@ from training.pipeline import Plan, Stage, StageFailed, digest, read_json  # noq
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FileDigests:
     """sha256 of files, cached by (path, size, mtime) in ``<output>/file_digests.json`` (a checkpoint
     of several GB is hashed once)."""
@@ -67,6 +59,8 @@ class FileDigests:
         st = file.stat()
         key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self.cache:
+            from lord_ops.metric_models import file_sha256
+
             self.cache[key] = file_sha256(file)
             from training.pipeline import write_json_atomic
 
@@ -368,7 +362,7 @@ class ExperimentRunner:
                 "clip_iqa": self.digests(m.clip_iqa_weights) if m.clip_iqa_weights else None,
                 "inception": self.digests(m.inception_weights) if m.inception_weights else None,
                 "extractor": self.digests(m.extractor_weights) if m.extractor_weights else None,
-                "kid": [m.kid_subsets, m.kid_subset_size], "seed": self.exp.seed}
+                "kid": [m.kid_subsets, m.kid_subset_size], "fd_bootstrap": m.fd_bootstrap, "seed": self.exp.seed}
 
     def add_reference(self) -> None:
         m = self.exp.metrics
@@ -636,6 +630,8 @@ class ExperimentRunner:
         return {"images": int(images.shape[0]), "features": out}
 
     def run_score(self, folder: Path, v: Variant) -> dict:
+        import numpy as np
+        import torch
         from safetensors.torch import load_file
 
         from lord_ops.metrics import frechet_distance, kernel_distance
@@ -657,6 +653,12 @@ class ExperimentRunner:
             feats = self.rt.metric_model(kind).features(images, m.batch_size)
             out[fd] = {"value": float(frechet_distance(feats, ref[kind])), "images": int(feats.shape[0]),
                        "reference_images": int(ref[kind].shape[0])}
+            if m.fd_bootstrap:  # FID at ~100 images is noisy: its spread over resampled generated sets
+                rng = np.random.RandomState(exp.seed)
+                boot = [frechet_distance(feats[torch.from_numpy(rng.randint(0, len(feats), len(feats)))], ref[kind])
+                        for _ in range(m.fd_bootstrap)]
+                out[fd].update(std=float(np.std(boot)), std_kind=f"bootstrap over the generated images "
+                                                                 f"({m.fd_bootstrap} resamples)")
             kid = kernel_distance(feats, ref[kind], m.kid_subsets, m.kid_subset_size, exp.seed)
             out[kd] = {k: (float(val) if isinstance(val, float) else val) for k, val in kid.items()}
         return out
@@ -685,13 +687,11 @@ class ExperimentRunner:
                           "train": self.plan.result(f"train/{vid}")}
         if "clean" in methods and "attacking" in methods:
             for m, entry in methods.items():
-                rec = {}
-                for metric, values in entry["metrics"].items():
-                    c, a, x = (_headline(methods[k]["metrics"].get(metric)) for k in ("clean", "attacking", m))
-                    if None not in (c, a, x) and abs(c - a) > 1e-12:
-                        rec[metric] = (x - a) / (c - a)
                 if m not in ("clean", "attacking"):
-                    entry["recovered"] = rec
+                    entry["recovered"], skipped = damage_undone(methods["clean"]["metrics"],
+                                                                methods["attacking"]["metrics"], entry["metrics"])
+                    if skipped:
+                        entry["recovered_skipped"] = skipped
         sweep = None
         if self.sweep:
             sweep = {"shares": list(exp.sweep_shares), "labels": dict(SWEEP_SERIES),
@@ -708,7 +708,8 @@ class ExperimentRunner:
             from lord_ops.metrics import perturbation_stats
 
             prot = self.protected()
-            per = [{"name": n, **perturbation_stats(hwc([self.clean[n]]), hwc([prot[n]]))} for n in self.names]
+            per = [{"name": n, **perturbation_stats(self.clean[n].permute(1, 2, 0), prot[n].permute(1, 2, 0))}
+                   for n in self.names]
             keys = [k for k in per[0] if k != "name"] if per else []
             perturbation = {"attack": self.plan.result("protect")["attack"] if exp.mode == "protocol" else "given",
                             "per_image": per,
@@ -725,7 +726,13 @@ class ExperimentRunner:
                 "subject": {"class_name": exp.class_name, "instance_prompt": exp.prompt, "instance_images": len(self.names),
                             "paper_dataset": exp.paper_dataset, "resolution": exp.resolution},
                 "metrics": metrics, "methods": methods, "sweep": sweep, "detection": detection,
-                "perturbation": perturbation, "provenance": self.provenance()}
+                "perturbation": perturbation, "provenance": self.provenance(),
+                "recovered_definition": "share of the Clean-Attacking gap a method closes, per metric: "
+                                        "(method - attacking) / (clean - attacking); 100% = as good as training "
+                                        "on the clean images, 0% = no better than training on the protected ones. "
+                                        "Computed only where the gap exceeds twice its noise (CLIP-IQA: standard "
+                                        "error over the images; KID: spread over subsets; FID/FD: bootstrap over "
+                                        "the generated images)"}
 
     def provenance(self) -> dict:
         exp = self.exp
@@ -739,6 +746,33 @@ class ExperimentRunner:
                 "attack": self.plan.result("protect")["attack"] if exp.mode == "protocol" else {
                     "given": str(exp.protected_images)},
                 "stage1": stage1, "stages": {n: self.plan.full_digest(n) for n in self.plan.stages}}
+
+
+def damage_undone(clean: dict, attacking: dict, method: dict) -> tuple[dict, dict]:
+    """Per metric, the share of the Clean-Attacking gap that ``method`` closes:
+    ``(method - attacking) / (clean - attacking)`` (1 = as good as Clean, 0 = no better than
+    Attacking), only where the gap exceeds twice its noise (:func:`_spread` of both rows); the
+    skipped metrics come back with the reason. Arguments: ``{metric: score entry}`` of each row."""
+    recovered, skipped = {}, {}
+    for metric, entry in method.items():
+        c, a, x = (_headline(row.get(metric)) for row in (clean, attacking, method))
+        if None in (c, a, x):
+            continue
+        gap, noise = c - a, math.hypot(_spread(clean[metric]), _spread(attacking[metric]))
+        if abs(gap) > 2 * noise and abs(gap) > 1e-12:
+            recovered[metric] = (x - a) / gap
+        else:
+            skipped[metric] = (f"Clean-Attacking gap {gap:.4g} is within twice its noise ({noise:.4g}): "
+                               f"the attack did not measurably change this metric")
+    return recovered, skipped
+
+
+def _spread(entry: dict) -> float:
+    """Noise of a method's headline number: the standard error over images for per-image metrics,
+    else the reported spread (KID subsets, FD bootstrap), else 0."""
+    if entry.get("per_image"):
+        return float(entry.get("std", 0.0)) / math.sqrt(len(entry["per_image"]))
+    return float(entry.get("std", 0.0) or 0.0)
 
 
 def _headline(entry):

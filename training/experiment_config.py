@@ -53,7 +53,7 @@ class Sampling:
 
 @dataclasses.dataclass
 class Metrics:
-    clip_iqa_model: str = "RN50"  # open_clip model name
+    clip_iqa_model: str = "RN50-quickgelu"  # open_clip model name (OpenAI RN50 weights need QuickGELU)
     clip_iqa_weights: Optional[Path] = None  # the open_clip weights file for that model
     inception_weights: Optional[Path] = None  # pytorch-fid / torch-fidelity Inception-v3 FID weights
     fid_features: int = 2048  # Inception layer; only 2048 is reported as FID
@@ -62,6 +62,7 @@ class Metrics:
     kid_subsets: int = 100
     kid_subset_size: int = 1000  # capped at the smaller set
     reference: Optional[Path] = None  # FID reference images (default: the clean instance images)
+    fd_bootstrap: int = 10  # resamples of the generated set for the FID/FD spread (0: none)
     batch_size: int = 16
 
 
@@ -138,7 +139,8 @@ SCHEMA = {
                 "inception_weights": ("metrics.inception_weights", "file"), "fid_features": ("metrics.fid_features", "int"),
                 "extractor": ("metrics.extractor", "str"), "extractor_weights": ("metrics.extractor_weights", "file"),
                 "kid_subsets": ("metrics.kid_subsets", "int"), "kid_subset_size": ("metrics.kid_subset_size", "int"),
-                "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int")},
+                "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int"),
+                "fd_bootstrap": ("metrics.fd_bootstrap", "int")},
     "detection": {"timestep": ("detection_timestep", "int"), "seed": ("detection_seed", "int")},
 }
 TRAIN_SECTIONS = ("stage1", "stage2")  # besides their own keys, any TrainConfig field
@@ -218,6 +220,8 @@ def parse_config(raw: dict, path: Path, output: Optional[str] = None) -> Experim
                 _fail(path, where, f"unknown key; known keys of [{section}]: {', '.join(known)}")
     if output:
         exp.output = Path(output).expanduser().resolve()
+    if exp.mode == "artist" and "run" not in raw.get("methods", {}):
+        exp.methods = tuple(m for m in ARTIST_METHODS if exp.has_originals or m != "clean")
     validate(exp, raw)
     return exp
 
@@ -297,6 +301,7 @@ def validate(exp: Experiment, raw: dict) -> None:
     need(m.kid_subsets >= 1, "[metrics] kid_subsets", f"must be >= 1, got {m.kid_subsets}")
     need(m.kid_subset_size >= 2, "[metrics] kid_subset_size", f"must be >= 2, got {m.kid_subset_size}")
     need(m.batch_size >= 1, "[metrics] batch_size", f"must be >= 1, got {m.batch_size}")
+    need(m.fd_bootstrap >= 0, "[metrics] fd_bootstrap", f"must be >= 0, got {m.fd_bootstrap}")
     need((m.extractor is None) == (m.extractor_weights is None), "[metrics] extractor",
          "extractor and extractor_weights go together (a named feature extractor and its weights file)")
     need(0 <= exp.detection_timestep <= 999, "[detection] timestep", f"must be 0..999, got {exp.detection_timestep}")

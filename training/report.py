@@ -439,7 +439,11 @@ def _table_notes(results: dict) -> list[str]:
                          "its values are not comparable with the paper's FID.")
     definition = results.get("recovered_definition")
     if not any(isinstance(m.get("recovered"), dict) and m["recovered"] for _, m in _ordered_methods(results)):
-        notes.append("Damage undone: not computed in this run (it needs a Clean and an Attacking row).")
+        if any(m.get("recovered_skipped") for _, m in _ordered_methods(results)):
+            notes.append("Damage undone: not computed -- the Clean-Attacking gap is within its noise for every "
+                         "metric (the attack did not measurably change them; see recovered_skipped in results.json).")
+        else:
+            notes.append("Damage undone: not computed in this run (it needs a Clean and an Attacking row).")
         return notes
     if not definition and results.get("mode") == "artist":
         definition = ("share of the quality gap the method closes, as recorded by the runner (artist mode has no "
