@@ -4,7 +4,7 @@ ComfyUI calls :func:`comfy_entrypoint`; importing this package anywhere else has
 and does not import ComfyUI.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 async def comfy_entrypoint():

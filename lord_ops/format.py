@@ -44,9 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -514,21 +512,10 @@ def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write a safetensors file via a temp file in the same folder + ``os.replace``."""
     import safetensors.torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # temp files are 0600; model files should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .atomic import atomic_write
+
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata)))
 
 
 def save_lord_file(path, lord: LoRDFile, dtype: torch.dtype = torch.float32) -> Path:

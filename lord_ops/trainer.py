@@ -18,8 +18,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -402,17 +400,9 @@ def sample_draw(seed: int, step: int, position: int, t_min: int, t_max: int) -> 
 
 def save_checkpoint(path, state: dict) -> Path:
     """Atomically write a training checkpoint (temp file + rename; never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .atomic import atomic_write
+
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path) -> dict:

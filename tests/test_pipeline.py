@@ -178,3 +178,11 @@ def test_the_cli_refuses_a_bad_config_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "[attack] preset" in proc.stderr and "mist3" in proc.stderr
     assert not out.exists()
+
+
+def test_the_cli_checks_sampler_names_against_this_comfyui(tmp_path):
+    path = _write(tmp_path, BASE + "[sampling]\nsampler = \"no_such_sampler\"\n")
+    proc = subprocess.run([sys.executable, "-m", "training.experiment", "--config", str(path), "--output",
+                           str(tmp_path / "run"), "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "[sampling] sampler" in proc.stderr and "no_such_sampler" in proc.stderr and "euler" in proc.stderr

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,16 +62,13 @@ def sha256(path: Path) -> str:
 
 def atomic_write(path: Path, write) -> None:
     """``write(file_object)`` into a hidden temp file next to ``path``, fsync, then ``os.replace``."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
-    try:
+    from lord_ops.atomic import atomic_write as write_atomically
+
+    def write_to(tmp: str) -> None:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomically(path, write_to, suffix=TMP_SUFFIX)
 
 
 def is_finished(png: Path, side: Path, params: dict, input_sha: str) -> bool:

@@ -35,6 +35,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -109,10 +110,10 @@ def save_png(path: Path, image_chw_u8) -> None:
     import numpy as np
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(image_chw_u8.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
-    tmp.replace(path)
+    from lord_ops.atomic import atomic_write
+
+    image = Image.fromarray(np.ascontiguousarray(image_chw_u8.permute(1, 2, 0).numpy()))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def read_png(path: Path):
@@ -535,12 +536,10 @@ class ExperimentRunner:
             for i, n in enumerate(self.names):
                 save_png(out / f"{n}.png", done[i].permute(2, 0, 1))
             return {"images": len(self.names), "jpeg_quality": exp.jpeg_quality}
-        from lord_ops.comfy.generate import SamplingConfig, diffpure
+        from lord_ops.comfy.generate import diffpure
 
         model, clip, vae = self.rt.models()
-        s = exp.sampling
-        cfg = SamplingConfig(steps=exp.diffpure_steps, cfg=s.cfg, sampler=s.sampler, scheduler=s.scheduler,
-                             width=exp.resolution, height=exp.resolution, batch_size=1, negative=s.negative).validate()
+        cfg = sampling_config(exp, steps=exp.diffpure_steps, batch_size=1)
         for i, n in enumerate(self.names):
             if (out / f"{n}.png").is_file():
                 continue
@@ -577,8 +576,7 @@ class ExperimentRunner:
                 "final_loss": result.report["final"]["loss"]}
 
     def run_sample(self, folder: Path, v: Variant) -> dict:
-        from lord_ops.comfy.generate import SamplingConfig, text_to_image
-        from lord_ops.comfy.kohya import apply_lora_layers  # noqa: F401 -- kohya files load with ComfyUI's loader
+        from lord_ops.comfy.generate import text_to_image
         from lord_ops.comfy.patch import load_lora_for_model
 
         import comfy.sd
@@ -589,8 +587,7 @@ class ExperimentRunner:
             model = self.lord_model(model)
         lora = load_lora_for_model(model, self.plan.folder(f"train/{v.id}") / "lora.safetensors")
         model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
-        cfg = SamplingConfig(steps=s.steps, cfg=s.cfg, sampler=s.sampler, scheduler=s.scheduler, width=exp.resolution,
-                             height=exp.resolution, batch_size=s.batch_size, negative=s.negative).validate()
+        cfg = sampling_config(exp)
         out = folder / "images"
         todo = [i for i in range(s.images) if not (out / f"{i:04d}.png").is_file()]
         if todo:
@@ -624,9 +621,9 @@ class ExperimentRunner:
                 tensors[kind] = self.rt.metric_model(kind).features(images, self.exp.metrics.batch_size).contiguous()
                 out[kind] = list(tensors[kind].shape)
         if tensors:
-            tmp = folder / ".features.tmp"
-            save_file(tensors, str(tmp))
-            tmp.replace(folder / "features.safetensors")
+            from lord_ops.atomic import atomic_write
+
+            atomic_write(folder / "features.safetensors", lambda tmp: save_file(tensors, tmp))
         return {"images": int(images.shape[0]), "features": out}
 
     def run_score(self, folder: Path, v: Variant) -> dict:
@@ -811,17 +808,19 @@ def versions() -> dict:
     return out
 
 
-def check_comfy_names(exp: Experiment) -> None:
-    """Sampler/scheduler names against this ComfyUI (before any work)."""
-    import comfy.samplers
+def sampling_config(exp: Experiment, steps: Optional[int] = None, batch_size: Optional[int] = None):
+    """The generation settings as ComfyUI's sampler takes them (``lord_ops.comfy.generate``), checked
+    against this ComfyUI (sampler/scheduler names): a problem becomes a ConfigError naming the field."""
+    from lord_ops.comfy.generate import SamplingConfig
 
     s = exp.sampling
-    if s.sampler not in comfy.samplers.KSampler.SAMPLERS:
-        raise ConfigError(f"{exp.config_path}: [sampling] sampler: unknown sampler {s.sampler!r}; this ComfyUI has "
-                          f"{', '.join(comfy.samplers.KSampler.SAMPLERS)}")
-    if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        raise ConfigError(f"{exp.config_path}: [sampling] scheduler: unknown scheduler {s.scheduler!r}; this ComfyUI "
-                          f"has {', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
+    try:
+        return SamplingConfig(steps=steps or s.steps, cfg=s.cfg, sampler=s.sampler, scheduler=s.scheduler,
+                              width=exp.resolution, height=exp.resolution, batch_size=batch_size or s.batch_size,
+                              negative=s.negative).validate()
+    except ValueError as e:
+        field = str(e).split(":", 1)[0].replace("SamplingConfig.", "")
+        raise ConfigError(f"{exp.config_path}: [sampling] {field}: {str(e).split(':', 1)[-1].strip()}") from e
 
 
 def main(argv=None) -> int:
@@ -844,7 +843,7 @@ def main(argv=None) -> int:
         exp = load_config(args.config, args.output)
         find_comfyui(args.comfyui)
         ensure_comfyui_importable(args.comfyui, cpu=True if args.cpu else None)
-        check_comfy_names(exp)
+        sampling_config(exp)
         runner = ExperimentRunner(exp, log)
         patterns = [p for item in args.only for p in item.split(",") if p]
         only = runner.stage_names(patterns) if patterns else None

@@ -69,7 +69,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -110,16 +109,9 @@ _TMP_SUFFIX = ".report-tmp"
 
 # --------------------------------------------------------------------------------------- files
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}{_TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from lord_ops.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), suffix=_TMP_SUFFIX)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
