@@ -118,6 +118,7 @@ def _write(tmp_path, text: str) -> Path:
     from PIL import Image
 
     Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "a.txt").write_text("a photo of a person\n")
     (tmp_path / "ckpt.safetensors").write_bytes(b"x")
     path = tmp_path / "exp.toml"
     path.write_text(text)
@@ -186,3 +187,21 @@ def test_the_cli_checks_sampler_names_against_this_comfyui(tmp_path):
                            str(tmp_path / "run"), "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "[sampling] sampler" in proc.stderr and "no_such_sampler" in proc.stderr and "euler" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, prepare, field, words", [
+    ("[metrics]\ninception_weights = \"bad.pth\"\n", lambda d: __import__("torch").save({"w": __import__("torch").zeros(2)}, d / "bad.pth"),
+     "[metrics] inception_weights", "Inception"),
+    ("", lambda d: (d / "imgs" / "a.txt").unlink(missing_ok=True), "[stage1] data", "a.png has no (or an empty) caption"),
+    ("[attack]\ntarget = \"target.png\"\n", lambda d: (d / "target.png").write_bytes(b"not a png"), "[attack] target",
+     "cannot read"),
+])
+def test_inputs_that_would_fail_late_are_refused_before_any_work(tmp_path, extra, prepare, field, words):
+    path = _write(tmp_path, BASE + extra)
+    prepare(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "training.experiment", "--config", str(path), "--output", str(out),
+                           "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert field in proc.stderr and words in proc.stderr, proc.stderr
+    assert not out.exists()

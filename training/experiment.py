@@ -220,11 +220,12 @@ class Variant:
 class ExperimentRunner:
     """Builds the stage plan of one experiment and assembles its results."""
 
-    def __init__(self, exp: Experiment, log=print):
+    def __init__(self, exp: Experiment, log=print, check_metric_weights: bool = True):
         self.exp, self.log = exp, log
+        self.rt = Runtime(exp, log)
+        self.check_inputs(check_metric_weights)
         exp.output.mkdir(parents=True, exist_ok=True)
         self.digests = FileDigests(exp.output / "file_digests.json")
-        self.rt = Runtime(exp, log)
         self.plan = Plan(exp.output, log)
         self.metrics = metric_plan(exp)
         self.clean = load_set(exp.instance_images, exp.resolution) if exp.instance_images else {}
@@ -240,6 +241,45 @@ class ExperimentRunner:
         self.variants: dict[str, Variant] = {}
         self.sweep: dict[str, list] = {}
         self.build()
+
+    def check_inputs(self, metric_weights: bool) -> None:
+        """What would otherwise fail hours into a run: Stage-1 captions, the LoRD file, the attack
+        target and the metric weight files (each loaded once). Raises ConfigError naming the field."""
+        exp = self.exp
+        where = lambda field: f"{exp.config_path}: {field}"  # noqa: E731
+        if exp.stage1_data is not None and exp.stage1_caption is None:
+            from lord_ops.datasets import image_files
+
+            for image in image_files(exp.stage1_data):
+                caption = image.with_suffix(".txt")
+                if not caption.is_file() or not caption.read_text(encoding="utf-8", errors="replace").strip():
+                    raise ConfigError(f"{where('[stage1] data')}: {image.name} has no (or an empty) caption file "
+                                      f"{caption.name}; add one, or set [stage1] caption for every image")
+        if exp.stage1_lord is not None:
+            from lord_ops.format import LoRDFileError, load_lord_file
+
+            try:
+                load_lord_file(exp.stage1_lord)
+            except LoRDFileError as e:
+                raise ConfigError(f"{where('[stage1] lord')}: {e}") from e
+        if exp.attack_target is not None:
+            try:
+                read_png(exp.attack_target)
+            except Exception as e:  # noqa: BLE001 -- PIL raises many types
+                raise ConfigError(f"{where('[attack] target')}: cannot read {exp.attack_target} as an image "
+                                  f"({type(e).__name__}: {e})") from e
+        if metric_weights:
+            from lord_ops.metric_models import MetricWeightsError
+
+            m = exp.metrics
+            for kind, field, given in (("clip_iqa", "clip_iqa_weights", m.clip_iqa_weights),
+                                       ("inception", "inception_weights", m.inception_weights),
+                                       ("extractor", "extractor_weights", m.extractor_weights)):
+                if given is not None:
+                    try:
+                        self.rt.metric_model(kind)
+                    except (MetricWeightsError, ValueError, RuntimeError) as e:
+                        raise ConfigError(f"{where('[metrics] ' + field)}: {e}") from e
 
     # ---- keys ------------------------------------------------------------------------------
     def image_key(self, images: dict) -> str:
@@ -844,7 +884,7 @@ def main(argv=None) -> int:
         find_comfyui(args.comfyui)
         ensure_comfyui_importable(args.comfyui, cpu=True if args.cpu else None)
         sampling_config(exp)
-        runner = ExperimentRunner(exp, log)
+        runner = ExperimentRunner(exp, log, check_metric_weights=not args.list)
         patterns = [p for item in args.only for p in item.split(",") if p]
         only = runner.stage_names(patterns) if patterns else None
     except (ConfigError, Refused, ComfyUINotFound, ValueError) as e:
