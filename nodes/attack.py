@@ -22,9 +22,10 @@ class LoRDProtect(io.ComfyNode):
                         "perturbation LoRD trains against. Strength is in pixel levels (0..255).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the perturbation targets (not used by photoguard)."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The VAE of that model; the gradients reach the pixels through its encoder."),
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning, e.g. 'a photo of a person'."),
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="Images to protect: IMAGE [B,H,W,C] in 0..1, any size (padded to a "
+                                                "multiple of 8 internally, cropped back)."),
                 io.Combo.Input("method", options=list(METHODS), default="ace",
                                tooltip="pgd: maximise the denoising loss; ace: pull the noise prediction to the "
                                        "target latent; ace_plus: ace + latent pull; photoguard: encoder attack."),
@@ -33,8 +34,9 @@ class LoRDProtect(io.ComfyNode):
                                        "(a smaller budget is erased by the 8-bit output)."),
                 io.Float.Input("step_size", default=round(published_to_levels(0.005), 4), min=0.05, max=16.0, step=0.05, round=0.0001,
                                tooltip="Step per iteration in pixel levels."),
-                io.Int.Input("steps", default=30, min=1, max=10000),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Attack iterations (PGD steps)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the attack's timesteps and noise; image i of a batch uses seed + i."),
                 io.Boolean.Input("low_memory", default=False, tooltip="Encode without a graph, back-propagate "
                                                                      "through a checkpointed re-encode (less VRAM)."),
                 io.Image.Input("target", optional=True, tooltip="ACE/ACE+/PhotoGuard target image (mist-v2 and the "

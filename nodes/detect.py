@@ -20,7 +20,7 @@ class LoRDDetect(io.ComfyNode):
                         "1 looks perturbed. Also returns where in the image the gate fires.",
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL with at least one LoRD applied (Load LoRD)."),
-                io.Vae.Input("vae"),
+                io.Vae.Input("vae", tooltip="The VAE of that model; encodes the images to latents."),
                 io.Image.Input("image", tooltip="Images to check."),
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning, e.g. 'a photo of a person'."),
                 io.Int.Input("timestep", default=200, min=0, max=999,

@@ -55,7 +55,8 @@ class LoRDLoader(io.ComfyNode):
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the optional LoRA."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the input MODEL with the LoRD "
+                                                                     "(and the LoRA) applied.")],
         )
 
     @classmethod

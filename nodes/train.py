@@ -25,7 +25,8 @@ _PGD2 = PRESETS["pgd_2"]
 
 
 def _data_inputs(model_tip: str, images_tip: str, positive_tip: str) -> list:
-    return [io.Model.Input("model", tooltip=model_tip), io.Vae.Input("vae"),
+    return [io.Model.Input("model", tooltip=model_tip),
+            io.Vae.Input("vae", tooltip="The VAE of that model; encodes the images (and their perturbed copies) to latents."),
             io.Image.Input("images", tooltip=images_tip), io.Conditioning.Input("positive", tooltip=positive_tip)]
 
 
@@ -35,8 +36,10 @@ def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list
         io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Samples per micro-step."),
         io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                      tooltip="Micro-steps per optimizer step (effective batch = batch_size x this)."),
-        io.Float.Input("learning_rate", default=default_lr, min=1e-7, max=1.0, step=1e-6, round=1e-7),
-        io.Int.Input("rank", default=4, min=1, max=128),
+        io.Float.Input("learning_rate", default=default_lr, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+                       tooltip="AdamW learning rate (weight decay 0.01)."),
+        io.Int.Input("rank", default=4, min=1, max=128,
+                     tooltip="Rank r of the low-rank adapters (alpha = r, so the scale alpha/r is 1)."),
         io.Combo.Input("targets", options=sorted(TARGET_PRESETS), default="attn",
                        tooltip="attn: q/k/v/out of every attention block; attn+proj also proj_in/proj_out."),
         io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32",
@@ -169,7 +172,10 @@ class LoRDTrainStage2(io.ComfyNode):
                 io.Model.Input("model", tooltip="mode lord: the MODEL from Load LoRD; otherwise the base model."),
                 io.Conditioning.Input("positive", tooltip="Instance prompt, e.g. 'a photo of sks person' (one for all, "
                                                           "or one per image)."),
-                io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord"),
+                io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord",
+                               tooltip="lord: LoRA with the LoRD frozen and live (MODEL from Load LoRD); plain: a "
+                                       "plain LoRA (what an attacked user gets); pgd2_defense: a plain LoRA on the "
+                                       "images plus their PGD-2 perturbed copies."),
                 *_common_inputs(400, 1e-4, "lord_stage2"),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the prior-preservation loss (with class images)."),
@@ -225,12 +231,16 @@ def _saved(saved: tuple[str, str]) -> io.NodeOutput:
     return io.NodeOutput(name, ui={"text": [shown]})
 
 
-def _save_schema(node_id: str, display_name: str, description: str, kind, input_name: str, prefix: str, folder: str):
+def _save_schema(node_id: str, display_name: str, description: str, kind, input_name: str, input_tip: str,
+                 prefix: str, folder: str):
     return io.Schema(
         node_id=node_id, display_name=display_name, category="LoRD/training", is_output_node=True,
         description=description + " Without overwrite an existing file is kept and a numbered name is used.",
-        inputs=[kind.Input(input_name), io.String.Input("filename_prefix", default=prefix),
-                io.Boolean.Input("overwrite", default=False)],
+        inputs=[kind.Input(input_name, tooltip=input_tip),
+                io.String.Input("filename_prefix", default=prefix,
+                                tooltip=f"File name inside models/{folder}, without .safetensors (sub-folders allowed)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of that name; off: keep it and write a numbered name.")],
         outputs=[io.String.Output(display_name="filename", tooltip=f"The file name inside models/{folder}.")],
     )
 
@@ -239,7 +249,8 @@ class LoRDSave(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return _save_schema("LoRDSave", "Save LoRD", "Write a trained LoRD to models/lord/<prefix>.safetensors "
-                            "(LoRD format v1, atomic).", LORD_WEIGHTS, "lord", "lord_stage1", "lord")
+                            "(LoRD format v1, atomic).", LORD_WEIGHTS, "lord",
+                            "The trained LoRD from Train LoRD (Stage 1).", "lord_stage1", "lord")
 
     @classmethod
     def execute(cls, lord, filename_prefix, overwrite):
@@ -254,7 +265,8 @@ class LoRDSaveLoRA(io.ComfyNode):
     def define_schema(cls):
         return _save_schema("LoRDSaveLoRA", "Save LoRA (kohya)", "Write a Stage-2 LoRA to models/loras/<prefix>."
                             "safetensors in kohya format with diffusers-derived names (loads in ComfyUI's LoraLoader, "
-                            "A1111/Forge and diffusers).", LORD_LORA, "lora", "lord_stage2_sks", "loras")
+                            "A1111/Forge and diffusers).", LORD_LORA, "lora",
+                            "The trained LoRA from Train LoRA with LoRD (Stage 2).", "lord_stage2_sks", "loras")
 
     @classmethod
     def execute(cls, lora, filename_prefix, overwrite):
