@@ -35,13 +35,15 @@ if str(REPO) not in sys.path:
 
 from training.comfy_runtime import ComfyServer, ensure_comfyui_importable  # noqa: E402
 
-THUMB_SIZE = 320  # a thumbnail is THUMB_SIZE x THUMB_SIZE pixels (the image fitted, padded with its corner colour)
+THUMB_SIZE = 320  # a thumbnail is THUMB_SIZE x THUMB_SIZE pixels (the image fitted, padded with white)
 EXAMPLE_SIZE = 256  # longest side of an example PNG when ComfyUI's full-size PNG is over MAX_BYTES
 MAX_BYTES = 150_000  # per generated file
 # workflow stem -> the output node (class_type) whose image becomes the thumbnail; others: the first image
 THUMBNAIL_NODE = {"lord_train_stage1": "LossGraphNode", "lord_train_stage2": "LossGraphNode",
                   "lord_detect": "SaveImage", "lord_protect_batch": "PreviewImage",
                   "lord_defended_generation": "SaveImage"}
+# workflows whose thumbnail shows the LoadImage input left of the output (detection: image | gate heatmap)
+WITH_INPUT = {"lord_detect"}
 # workflow stem -> README example image (the image SaveImage wrote, workflow embedded)
 EXAMPLES = {"lord_defended_generation": "defended_generation.png", "lord_detect": "detect_heatmap.png"}
 
@@ -57,18 +59,39 @@ def output_images(entry: dict, prompt: dict, base: Path, class_type: str | None 
     return files
 
 
-def write_thumbnail(src: Path, dest: Path, size: int = THUMB_SIZE) -> Path:
-    """``src`` fitted into a ``size`` x ``size`` square (the template cards are square; a wide loss
-    graph is padded with its corner colour, not cropped), as a JPEG (atomic write)."""
+def input_images(prompt: dict, base: Path) -> list[Path]:
+    """The files the prompt's LoadImage nodes read (``base/input/<image>``)."""
+    return [base / "input" / n["inputs"]["image"] for _, n in sorted(prompt.items())
+            if n["class_type"] == "LoadImage" and (base / "input" / n["inputs"]["image"]).is_file()]
+
+
+def side_by_side(left: Path, right: Path):
+    """``left`` and ``right`` scaled to the same height and placed next to each other (a PIL image)."""
+    from PIL import Image
+
+    with Image.open(left) as a, Image.open(right) as b:
+        a, b = a.convert("RGB"), b.convert("RGB")
+        h = min(a.height, b.height)
+        a = a.resize((round(a.width * h / a.height), h), Image.LANCZOS)
+        b = b.resize((round(b.width * h / b.height), h), Image.LANCZOS)
+        out = Image.new("RGB", (a.width + b.width + h // 32, h), (255, 255, 255))
+        out.paste(a, (0, 0))
+        out.paste(b, (a.width + h // 32, 0))
+    return out
+
+
+def write_thumbnail(src, dest: Path, size: int = THUMB_SIZE) -> Path:
+    """``src`` (a file or a PIL image) fitted into a ``size`` x ``size`` square (the template cards
+    are square; a wide loss graph is padded with white, not cropped), as a JPEG (atomic write)."""
     from PIL import Image
 
     from lord_ops.atomic import atomic_write_bytes
 
-    with Image.open(src) as im:
+    with (Image.open(src) if isinstance(src, Path) else src) as im:
         im = im.convert("RGB")
         scale = size / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-        square = Image.new("RGB", (size, size), im.getpixel((0, 0)))
+        square = Image.new("RGB", (size, size), (255, 255, 255))
         square.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
         buf = io.BytesIO()
         square.save(buf, "JPEG", quality=85, optimize=True)
@@ -181,7 +204,10 @@ def main(argv=None) -> int:
                     failed.append(wf.name)
                     print(f"[thumbnails] {wf.name}: no output image")
                     continue
-                thumb = write_thumbnail(images[0], wf.with_suffix(".jpg"))
+                shown = images[0]
+                if wf.stem in WITH_INPUT and input_images(prompt, base):
+                    shown = side_by_side(input_images(prompt, base)[0], images[0])
+                thumb = write_thumbnail(shown, wf.with_suffix(".jpg"))
                 line = f"[thumbnails] {wf.name}: {thumb.relative_to(REPO)} ({thumb.stat().st_size} B)"
                 if wf.stem in EXAMPLES:
                     saved = output_images(entry, prompt, base, "SaveImage")
