@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train clean
+.PHONY: setup test demo bench bench-train thumbnails clean
 setup:
 	bash tools/setup_env.sh
 
@@ -16,6 +16,9 @@ bench: setup
 
 bench-train: setup
 	$(PY) bench/bench_train.py
+
+thumbnails: setup
+	$(PY) tools/make_template_thumbnails.py
 
 clean:
 	rm -rf demo_output .pytest_cache

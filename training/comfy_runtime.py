@@ -108,10 +108,12 @@ class ComfyServer:
     """A real ComfyUI server (``main.py``) on 127.0.0.1 with this pack installed as a custom node.
 
     ``base_dir`` becomes ComfyUI's base directory (models/, input/, output/, custom_nodes/, user/).
+    Saved PNGs carry no workflow metadata unless ``metadata=True`` (``--disable-metadata`` otherwise).
     """
 
     def __init__(self, base_dir, comfyui: Optional[Path] = None, port: Optional[int] = None,
-                 extra_args: tuple = (), extra_model_paths: Optional[Path] = None, log_path: Optional[Path] = None):
+                 extra_args: tuple = (), extra_model_paths: Optional[Path] = None, log_path: Optional[Path] = None,
+                 metadata: bool = False):
         self.base_dir = Path(base_dir)
         self.comfyui = comfyui or find_comfyui()
         self.port = port or free_port()
@@ -119,6 +121,7 @@ class ComfyServer:
         self.extra_args = tuple(extra_args)
         self.extra_model_paths = extra_model_paths
         self.log_path = Path(log_path or self.base_dir / "comfyui.log")
+        self.metadata = metadata
         self.proc: Optional[subprocess.Popen] = None
 
     def install_pack(self) -> Path:
@@ -134,8 +137,9 @@ class ComfyServer:
         for sub in ("models", "input", "output", "user", "temp"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(self.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch", "--dont-print-server",
-               "--disable-metadata"]
+               "--base-directory", str(self.base_dir), "--disable-auto-launch", "--dont-print-server"]
+        if not self.metadata:
+            cmd.append("--disable-metadata")
         import torch
 
         if not torch.cuda.is_available():
@@ -195,12 +199,17 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read().decode() or "{}")
 
-    def run_prompt(self, prompt: dict, timeout: float = 300.0) -> dict:
-        """Queue an API-format prompt and wait for it; returns its /history entry.
+    def run_prompt(self, prompt: dict, timeout: float = 300.0, extra_data: Optional[dict] = None) -> dict:
+        """Queue an API-format prompt and wait for it; returns its /history entry. ``extra_data`` is
+        sent as the frontend sends it (``{"extra_pnginfo": {"workflow": <UI workflow>}}`` makes
+        SaveImage embed the workflow in its PNGs when the server runs with ``metadata=True``).
 
         Raises ``RuntimeError`` with the server's validation errors when the prompt is refused.
         """
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "comfyui-lord"})
+        payload = {"prompt": prompt, "client_id": "comfyui-lord"}
+        if extra_data:
+            payload["extra_data"] = extra_data
+        status, body = self.post("/prompt", payload)
         if status != 200:
             raise RuntimeError(f"prompt refused ({status}): {json.dumps(body)[:4000]}")
         prompt_id = body["prompt_id"]
