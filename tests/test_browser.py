@@ -187,8 +187,11 @@ def _open_page(browser, server: ComfyServer):
 
 
 def drop_file(page, name: str, data: bytes, mime: str) -> None:
-    """Drop a file on a free spot of the canvas the way a user's drag and drop does."""
+    """Drop a file on a free spot of the canvas the way a user's drag and drop does. The graph on
+    the canvas is cleared first, so that waiting for the dropped graph's nodes cannot be satisfied
+    by the previous graph (the shipped workflows share node ids)."""
     page.wait_for_function(_UNBLOCKED, timeout=TIMEOUT_MS)
+    page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
     point = page.evaluate(_FREE_POINT)
     assert point, "no free spot on the canvas to drop a file on"
     page.evaluate(_DROP, [base64.b64encode(data).decode(), name, mime, point[0], point[1]])
@@ -219,9 +222,12 @@ def artifacts(request, tmp_path_factory) -> Path:
     root = os.environ.get("LORD_ARTIFACTS")
     folder = Path(root) / "browser" if root else tmp_path_factory.mktemp("browser_screenshots")
     folder.mkdir(parents=True, exist_ok=True)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"[browser] screenshots: {folder}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture:
+        with capture.global_and_fixture_disabled():
+            print(f"\n[browser] screenshots: {folder}")
+    else:
+        print(f"[browser] screenshots: {folder}")
     return folder
 
 
@@ -459,9 +465,6 @@ def test_png_with_embedded_workflow_loads_from_a_drop(ui, artifacts, bare_errors
 
 
 def drop_and_check_png(ui: UI, png: Path, embedded: dict, bare_errors: set) -> None:
-    # start from another graph, so that the drop visibly replaces it
-    ui.page.evaluate("() => app.loadGraphData()")  # the default graph
-    ui.page.wait_for_function(_UNBLOCKED, timeout=TIMEOUT_MS)
     mark = ui.console.mark()
     drop_file(ui.page, png.name, png.read_bytes(), "image/png")
     graph = wait_for_graph(ui.page, [n["id"] for n in embedded["nodes"]])
@@ -480,3 +483,28 @@ def test_example_png_loads_its_workflow_from_a_drop(ui, bare_errors, png):
         assert "workflow" in im.info, f"{png} has no embedded workflow (PNG text chunk 'workflow')"
         embedded = json.loads(im.info["workflow"])
     drop_and_check_png(ui, png, embedded, bare_errors)
+
+
+def test_the_checks_catch_a_missing_node_and_an_unknown_file(ui, tmp_path):
+    """The checks above can fail: a workflow with a node type nobody registered opens the frontend's
+    missing-node dialog and a combo value the server does not offer is reported. (Runs last: it
+    leaves a dialog open.)"""
+    workflow = json.loads((ROOT / "workflows" / "lord_detect.json").read_text())
+    loader = next(n for n in workflow["nodes"] if n["type"] == "LoRDLoader")
+    loader["widgets_values"][0] = "no_such_file.safetensors"
+    bad = tmp_path / "bad_combo.json"
+    bad.write_text(json.dumps(workflow))
+    drop_file(ui.page, bad.name, bad.read_bytes(), "application/json")
+    graph = wait_for_graph(ui.page, [n["id"] for n in workflow["nodes"]])
+    with pytest.raises(AssertionError, match="no_such_file.safetensors"):
+        check_loaded(ui, workflow, graph)
+
+    workflow["nodes"][0]["type"] = "LoRDNoSuchNode"
+    missing = tmp_path / "missing_node.json"
+    missing.write_text(json.dumps(workflow))
+    drop_file(ui.page, missing.name, missing.read_bytes(), "application/json")
+    graph = wait_for_graph(ui.page, [n["id"] for n in workflow["nodes"]])
+    ui.page.wait_for_function(_DIALOGS.replace("() =>", "() => (") + ").length > 0", timeout=TIMEOUT_MS)
+    with pytest.raises(AssertionError, match="LoRDNoSuchNode"):
+        check_loaded(ui, workflow, graph)
+    assert any("LoRDNoSuchNode" in text for text in ui.page.evaluate(_DIALOGS))
