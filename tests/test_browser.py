@@ -137,7 +137,7 @@ def _require_browser():
 
 
 class Console:
-    """Console errors, uncaught exceptions and failed requests of a page, as comparable keys:
+    """Console errors (failed resource loads among them) and uncaught exceptions of a page, as keys:
     the first line of the message and the (path of the) URL it refers to, with the server's origin
     removed so that two servers on different ports compare equal. Requests to other hosts are left
     out (the test machine has no internet; the frontend asks api.comfy.org for news and node packs)."""
