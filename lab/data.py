@@ -1,0 +1,55 @@
+"""Fashion-MNIST as the lab model sees it: 32x32 RGB uint8 (the 28x28 grey images padded by 2 px of
+background and copied to 3 channels), labels 0..9, one class held out of pre-training.
+
+Data: Debian's ``dataset-fashion-mnist`` (MIT; ``apt-get install dataset-fashion-mnist``) installs the
+four idx files under ``/usr/share/datasets/fashion-mnist``; ``LAB_FASHION_MNIST`` points elsewhere.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(os.environ.get("LAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+HELDOUT_CLASS = 8  # "bag": the artist's subject, never seen in pre-training
+FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+class DataMissing(FileNotFoundError):
+    pass
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    dims = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load(split: str = "train", folder: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 32, 32, 3], labels int64 [N])`` of ``split`` (train: 60k, test: 10k)."""
+    images_file, labels_file = (Path(folder) / name for name in FILES[split])
+    if not images_file.is_file() or not labels_file.is_file():
+        raise DataMissing(f"Fashion-MNIST not found in {folder}: install Debian's dataset-fashion-mnist "
+                          f"(apt-get install dataset-fashion-mnist) or set LAB_FASHION_MNIST")
+    grey = _idx(images_file)
+    labels = _idx(labels_file).astype(np.int64)
+    padded = np.pad(grey, ((0, 0), (2, 2), (2, 2)))  # background is 0 (black) in Fashion-MNIST
+    return np.repeat(padded[..., None], 3, axis=-1), labels
+
+
+def pretraining_split(split: str = "train", folder: Path = DATA_DIR):
+    """Images and labels of every class but :data:`HELDOUT_CLASS`."""
+    images, labels = load(split, folder)
+    keep = labels != HELDOUT_CLASS
+    return images[keep], labels[keep]
+
+
+def prompt(label: int) -> str:
+    return f"a photo of a {CLASSES[label]}"
