@@ -9,6 +9,7 @@ output (keeps latents in the decoder's tanh range). Work in progress (issue 11).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,11 +51,13 @@ def main(argv=None) -> int:
             torch.nn.Conv2d.reset_parameters(m)
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     ckpt = out / "checkpoint.pt"
     step = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
+        from lab.files import load_state
+
+        state = load_state(ckpt)
         vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         step = state["step"]
         print(f"[vae] resumed at step {step}")
