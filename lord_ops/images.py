@@ -46,9 +46,9 @@ def load_image(path: Path):
 def to_uint8(images_bhwc01):
     """ComfyUI IMAGE ``[B, H, W, C]`` floats in 0..1 -> uint8 pixel levels ``[B, H, W, 3]`` on the CPU
     (rounded to the nearest level, clamped; an alpha channel is dropped)."""
-    import torch
+    from .datasets import to_uint8 as levels  # the one rounding rule (datasets imports this module)
 
-    return (images_bhwc01[..., :3].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return levels(images_bhwc01[..., :3])
 
 
 def from_uint8(images_u8):

@@ -69,15 +69,15 @@ class LoRDPurify(io.ComfyNode):
     @classmethod
     def execute(cls, image, method, jpeg_quality, strength, steps, cfg, seed, model=None, vae=None, positive=None,
                 negative=None, sampler_name="euler", scheduler="normal"):
-        import torch
 
         from ..lord_ops.comfy.progress import ImageProgress
+        from ..lord_ops.images import to_uint8
         from ..lord_ops.purify import jpeg_recompress
 
         ImageProgress.check()
         if image.dim() != 4 or image.shape[-1] < 3:
             raise ValueError(f"LoRD Purify: expected an IMAGE [B, H, W, C>=3], got {list(image.shape)}")
-        u8 = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        u8 = to_uint8(image)
         if method == "jpeg":
             out = jpeg_recompress(u8, int(jpeg_quality))
         elif method == "diffpure":

@@ -117,12 +117,11 @@ def save_png(path: Path, image_chw_u8) -> None:
 
 
 def read_png(path: Path):
-    import numpy as np
     import torch
-    from PIL import Image
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    from lord_ops.images import load_image
+
+    return torch.from_numpy(load_image(path)[0]).permute(2, 0, 1).contiguous()
 
 
 def hwc(images_chw: list):

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..datasets import to_uint8
 from ..purify import check_u8_images
 
 SEED_MODULUS = 2 ** 64  # ComfyUI's seed widgets go up to 0xFFFFFFFFFFFFFFFF; seed + i wraps around
@@ -116,7 +117,7 @@ def decode_u8(vae, samples: torch.Tensor) -> torch.Tensor:
     images = vae.decode(samples)
     if images.dim() == 5:  # video VAEs: frames into the batch, like VAEDecode
         images = images.reshape(-1, *images.shape[-3:])
-    return (images[..., :3].float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+    return to_uint8(images[..., :3])
 
 
 def _block(vae) -> int:
