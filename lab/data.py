@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(os.environ.get("LAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+from lord_ops.lab_classifier import CLASS_NAMES as CLASSES  # noqa: E402 -- one owner of the label order
 HELDOUT_CLASS = 8  # "bag": the artist's subject, never seen in pre-training
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -53,3 +53,40 @@ def pretraining_split(split: str = "train", folder: Path = DATA_DIR):
 
 def prompt(label: int) -> str:
     return f"a photo of a {CLASSES[label]}"
+
+
+# ---- the small subsets the demo and CI use (exported once into the repository) ---------------------
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_SETS = {  # folder: (split, classes, images per class, offset within the class)
+    "instance": ("test", (HELDOUT_CLASS,), 8, 0),      # the artist's subject: 8 bags (protected by the demo)
+    "reference": ("test", (HELDOUT_CLASS,), 120, 8),   # 120 other bags: the reference set of FD / KD
+    "stage1": ("test", tuple(c for c in range(len(CLASSES)) if c != HELDOUT_CLASS), 8, 0),  # Stage-1 data, captioned
+}
+
+
+def export_demo_sets(out: Path = DEMO_DIR, folder: Path = DATA_DIR) -> dict:
+    """Write the demo subsets as 32x32 PNGs (Stage-1 images with ``.txt`` captions) under ``out``:
+    the first images of each class of the *test* split, in file order (deterministic). Returns the
+    counts per folder."""
+    from PIL import Image
+
+    images, labels = load("test", folder)
+    counts = {}
+    for name, (_split, classes, per_class, offset) in DEMO_SETS.items():
+        target = Path(out) / name
+        target.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for c in classes:
+            idx = np.flatnonzero(labels == c)[offset:offset + per_class]
+            for j, i in enumerate(idx):
+                stem = f"{CLASSES[c].replace(' ', '_')}_{j:03d}"
+                Image.fromarray(images[i]).save(target / f"{stem}.png", optimize=True)
+                if name == "stage1":
+                    (target / f"{stem}.txt").write_text(prompt(c) + "\n", encoding="utf-8")
+                n += 1
+        counts[name] = n
+    return counts
+
+
+if __name__ == "__main__":
+    print(export_demo_sets())

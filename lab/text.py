@@ -3,7 +3,6 @@
 prompt is ``final_layer_norm(token_embedding[ids] + position_embedding)`` and only the embedding
 rows of the prompt words (and the 77 positions) carry weights. ComfyUI's stock loader reads the
 assembled CLIP-L as SD15's text encoder; the shipped file holds only the non-zero rows.
-Work in progress (issue 11).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ evaluator, so it must know the held-out class):
 
     python -m lab.train_classifier --out .cache/lab/lab_classifier.safetensors --epochs 5
 
-Prints test-set accuracy. Work in progress (issue 11).
+Prints test-set accuracy.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ and the lab text embeddings jointly on ``a photo of a {class}`` (10% empty promp
 classifier-free guidance), eps-prediction with SD15's schedule (the diffusion loss of
 ``lord_ops.diffusion``), EMA weights.
 
-    python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 10000
+    python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 5000 --lr 3e-4
 
-Resumable. Work in progress (issue 11).
+Resumable.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ def sd15_alphas_cumprod():
 
 
 def load_vae(path):
-    import torch
 
     import comfy.taesd.taesd as taesd_mod
 

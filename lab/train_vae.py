@@ -1,10 +1,10 @@
 """Stage A of the lab model: train a TAESD-architecture VAE (ComfyUI's own class, f=8, 4 latent
 channels) on 32 px Fashion-MNIST (all classes but the held-out one).
 
-    python -m lab.train_vae --out .cache/lab/vae --steps 3000     # resumable: run again to continue
+    python -m lab.train_vae --out .cache/lab/vae --steps 3000 --stop-after 1700   # the shipped VAE; resumable
 
 Loss: mean squared error of the reconstruction in [-1, 1] plus a small penalty on the encoder
-output (keeps latents in the decoder's tanh range). Work in progress (issue 11).
+output (keeps latents in the decoder's tanh range).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-penalty", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this many steps (the learning-rate schedule still spans --steps); 0: --steps")
     args = ap.parse_args(argv)
 
     from training.comfy_runtime import ensure_comfyui_importable
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
         print(f"[vae] resumed at step {step}")
     t0 = time.time()
     log = open(out / "log.txt", "a")
-    while step < args.steps:
+    stop = min(args.stop_after or args.steps, args.steps)
+    while step < stop:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
         x = x_all[idx].float() / 127.5 - 1  # [-1, 1]
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
                     f"z std {z.std().item():.3f} {(time.time() - t0) / max(1, step):.2f} s/step (this run)")
             print(f"[vae] {line}", flush=True)
             log.write(line + "\n"); log.flush()
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if step % args.checkpoint_every == 0 or step == stop:
             state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
     torch.save({"vae": vae.state_dict(), "step": step}, out / "vae_final.pt")

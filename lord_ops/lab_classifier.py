@@ -1,7 +1,7 @@
 """The lab classifier (issue 11): a small CNN trained on Fashion-MNIST (all 10 classes) that serves
 the evaluation as the feature extractor "lab-classifier" ("FD (lab-classifier)", never FID) and
 measures **subject accuracy** (the share of generated ``sks`` images it assigns to the held-out
-class). Plain torch; weights from a safetensors file. Work in progress.
+class). Plain torch; weights from a safetensors file.
 
 Input: uint8 ``[N, H, W, 3]`` images of any size; they are turned grey (channel mean), resized to
 32x32 (bilinear, antialiased) and scaled to [-1, 1].
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 FEATURES = 128
-CLASSES = 10
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+CLASSES = len(CLASS_NAMES)  # Fashion-MNIST's label order
 
 
 class LabClassifier(torch.nn.Module):
@@ -44,6 +45,7 @@ class LabClassifierFeatures:
     def __init__(self, model: LabClassifier, weights: dict):
         self.model, self.weights = model.eval().requires_grad_(False), weights
         self.name = "lab-classifier"
+        self.classes = list(CLASS_NAMES)
         self.dims = FEATURES
         self.label, self.kid_label = "FD (lab-classifier)", "KD (lab-classifier)"
 

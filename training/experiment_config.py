@@ -59,6 +59,7 @@ class Metrics:
     fid_features: int = 2048  # Inception layer; only 2048 is reported as FID
     extractor: Optional[str] = None  # another named feature extractor -> "FD (<name>)"
     extractor_weights: Optional[Path] = None
+    subject_class: Optional[str] = None  # a class the extractor predicts -> "subject accuracy" (share of samples in it)
     kid_subsets: int = 100
     kid_subset_size: int = 1000  # capped at the smaller set
     reference: Optional[Path] = None  # FID reference images (default: the clean instance images)
@@ -138,6 +139,7 @@ SCHEMA = {
     "metrics": {"clip_iqa_model": ("metrics.clip_iqa_model", "str"), "clip_iqa_weights": ("metrics.clip_iqa_weights", "file"),
                 "inception_weights": ("metrics.inception_weights", "file"), "fid_features": ("metrics.fid_features", "int"),
                 "extractor": ("metrics.extractor", "str"), "extractor_weights": ("metrics.extractor_weights", "file"),
+                "subject_class": ("metrics.subject_class", "str"),
                 "kid_subsets": ("metrics.kid_subsets", "int"), "kid_subset_size": ("metrics.kid_subset_size", "int"),
                 "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int"),
                 "fd_bootstrap": ("metrics.fd_bootstrap", "int")},
@@ -304,4 +306,6 @@ def validate(exp: Experiment, raw: dict) -> None:
     need(m.fd_bootstrap >= 0, "[metrics] fd_bootstrap", f"must be >= 0, got {m.fd_bootstrap}")
     need((m.extractor is None) == (m.extractor_weights is None), "[metrics] extractor",
          "extractor and extractor_weights go together (a named feature extractor and its weights file)")
+    need(m.subject_class is None or m.extractor is not None, "[metrics] subject_class",
+         "subject accuracy needs a classifier: set [metrics] extractor (e.g. \"lab-classifier\") and extractor_weights")
     need(0 <= exp.detection_timestep <= 999, "[detection] timestep", f"must be 0..999, got {exp.detection_timestep}")

@@ -1,0 +1,75 @@
+"""The evaluation runner's config for the lab model: Table I on Fashion-MNIST "bag" at 32 px.
+
+``write_config(root, checkpoint, classifier, scale)`` writes ``root/exp.toml`` for
+``python -m training.experiment``: the 8 held-out bags of ``lab/demo_data/instance`` are the
+artist's subject ("a photo of sks bag"), protected with the mist-v2 preset; Stage 1 learns LoRD
+on ``lab/demo_data/stage1`` (8 images of each of the 9 pre-training classes, PGD-2 copies);
+Stage 2 trains a rank-4 LoRA per method; every method samples the same seeds; FD / KD and subject
+accuracy come from the lab classifier against the 120 bags of ``lab/demo_data/reference``.
+
+Scales (same data and seeds, different effort): ``ci`` (structure only, ~2 min), ``demo`` (what
+``make demo`` runs, minutes on 2 CPU cores) and ``full`` (the run in RESULTS.md: more steps and
+images, the Fig. 7 sweep).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.data import DEMO_DIR
+
+# per scale: stage1 steps / batch, stage2 steps / batch / lr, sampled images per method / steps
+SCALES = {
+    "ci": dict(attack_rounds=1, attack_steps=5, stage1_steps=20, stage1_batch=4, stage2_steps=20, stage2_batch=4,
+               stage2_lr=5e-4, images=8, sample_steps=6, shares=None, kid_subset_size=8, bootstrap=4),
+    "demo": dict(attack_rounds=None, attack_steps=None, stage1_steps=300, stage1_batch=8, stage2_steps=300,
+                 stage2_batch=4, stage2_lr=5e-4, images=48, sample_steps=12, shares=None, kid_subset_size=40,
+                 bootstrap=20),
+    "full": dict(attack_rounds=None, attack_steps=None, stage1_steps=1500, stage1_batch=8, stage2_steps=600,
+                 stage2_batch=4, stage2_lr=5e-4, images=120, sample_steps=20, shares=(0.0, 0.5, 1.0),
+                 kid_subset_size=60, bootstrap=50),
+}
+
+
+def _q(path) -> str:
+    return '"' + str(Path(path).resolve()).replace("\\", "/") + '"'
+
+
+def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "demo", *,
+                 data: Path = DEMO_DIR, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Write ``root/exp.toml`` (absolute paths) for the lab model at ``scale``; returns its path."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    p = {**SCALES[scale], **(overrides or {})}
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    attack = ['preset = "mist_v2"']
+    if p["attack_rounds"]:
+        attack.append(f"rounds = {p['attack_rounds']}")
+    if p["attack_steps"]:
+        attack.append(f"steps = {p['attack_steps']}")
+    lines = [
+        f"# the lab model's Table I at scale {scale!r} (lab/experiment.py writes this file)",
+        "[experiment]", 'output = "run"', f"seed = {seed}", "",
+        "[model]", f"checkpoint = {_q(checkpoint)}", "",
+        "[subject]", 'class_name = "bag"', f"instance_images = {_q(Path(data) / 'instance')}", "resolution = 32", "",
+        "[attack]", *attack, "",
+        "[stage1]", f"data = {_q(Path(data) / 'stage1')}", f"steps = {p['stage1_steps']}",
+        f"batch_size = {p['stage1_batch']}", "learning_rate = 5e-4", 'attack_preset = "pgd_2"',
+        f"checkpoint_every = {max(1, p['stage1_steps'] // 4)}", "",
+        "[stage2]", f"steps = {p['stage2_steps']}", f"batch_size = {p['stage2_batch']}",
+        f"learning_rate = {p['stage2_lr']}", f"checkpoint_every = {max(1, p['stage2_steps'] // 2)}", "",
+        "[sampling]", f"images = {p['images']}", f"steps = {p['sample_steps']}", "cfg = 4.0", 'sampler = "euler"',
+        'scheduler = "normal"', "batch_size = 8", "",
+        "[purification]", "jpeg_quality = 75", "diffpure_strength = 0.2", "",
+    ]
+    if p["shares"]:
+        lines += ["[sweep]", f"shares = [{', '.join(str(float(s)) for s in p['shares'])}]", ""]
+    lines += [
+        "[metrics]", 'extractor = "lab-classifier"', f"extractor_weights = {_q(classifier)}",
+        'subject_class = "bag"', f"reference = {_q(Path(data) / 'reference')}",
+        "kid_subsets = 20", f"kid_subset_size = {p['kid_subset_size']}", f"fd_bootstrap = {p['bootstrap']}",
+        "batch_size = 64",
+    ]
+    path = root / "exp.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
