@@ -355,6 +355,8 @@ class ExperimentRunner:
     def attack_key(self) -> dict:
         exp = self.exp
         return {"preset": exp.attack_preset, "steps": exp.attack_steps, "rounds": exp.attack_rounds, "seed": exp.attack_seed,
+                **({"epsilon": exp.attack_epsilon, "step_size": exp.attack_step_size}
+                   if exp.attack_epsilon or exp.attack_step_size else {}),
                 "target": self.digests(exp.attack_target) if exp.attack_target else None, "prompt": exp.prompt,
                 "class_images": self.class_key()}
 
@@ -464,9 +466,10 @@ class ExperimentRunner:
 
         exp = self.exp
         chosen = preset(exp.attack_preset)
-        attack = dataclasses.replace(chosen.attack, seed=exp.attack_seed,
-                                     **({"steps": exp.attack_steps} if exp.attack_steps else {})).validate()
-        check_8bit_budget(attack.epsilon, "[attack] preset")
+        overrides = {k: v for k, v in (("steps", exp.attack_steps), ("epsilon", exp.attack_epsilon),
+                                       ("step_size", exp.attack_step_size)) if v}
+        attack = dataclasses.replace(chosen.attack, seed=exp.attack_seed, **overrides).validate()
+        check_8bit_budget(attack.epsilon, "[attack] epsilon" if exp.attack_epsilon else "[attack] preset")
         surrogate = chosen.surrogate
         if surrogate is not None and exp.attack_rounds:
             surrogate = dataclasses.replace(surrogate, rounds=exp.attack_rounds)

@@ -87,6 +87,8 @@ class Experiment:
     attack_target: Optional[Path] = None
     attack_steps: Optional[int] = None  # override the preset's PGD steps (per round for surrogate presets)
     attack_rounds: Optional[int] = None  # surrogate presets: override the number of rounds
+    attack_epsilon: Optional[float] = None  # override the preset's L-inf budget (pixel levels 0..255)
+    attack_step_size: Optional[float] = None  # override the preset's PGD step (pixel levels)
     attack_seed: int = 0
     stage1_lord: Optional[Path] = None  # a trained LoRD: skip Stage-1
     stage1_data: Optional[Path] = None  # images + .txt captions
@@ -127,7 +129,8 @@ SCHEMA = {
                 "class_images": ("class_images", "dir"), "resolution": ("resolution", "int"),
                 "paper_dataset": ("paper_dataset", "str")},
     "attack": {"preset": ("attack_preset", "str"), "target": ("attack_target", "file"),
-               "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int")},
+               "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int"),
+               "epsilon": ("attack_epsilon", "float"), "step_size": ("attack_step_size", "float")},
     "stage1": {"lord": ("stage1_lord", "file"), "data": ("stage1_data", "dir"), "caption": ("stage1_caption", "str")},
     "stage2": {},
     "sampling": {f.name: ("sampling." + f.name, {int: "int", float: "float", str: "str"}[type(f.default)])
@@ -267,6 +270,10 @@ def validate(exp: Experiment, raw: dict) -> None:
     for key in ("attack_steps", "attack_rounds"):
         value = getattr(exp, key)
         need(value is None or value >= 1, f"[attack] {key.split('_')[1]}", f"must be >= 1, got {value}")
+    for key in ("attack_epsilon", "attack_step_size"):
+        value = getattr(exp, key)
+        need(value is None or 0 < value <= 255, f"[attack] {key.split('_', 1)[1]}",
+             f"pixel levels in (0, 255], got {value}")
     if exp.stage1_lord is None:
         need(exp.stage1_data is not None, "[stage1] data",
              "give the Stage-1 training images (folder with .txt captions), or a trained LoRD as [stage1] lord")
