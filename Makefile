@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo demo-full bench bench-train thumbnails lab-data lab-retrain clean
+.PHONY: setup test demo bench bench-train thumbnails lab-data lab-retrain clean
 setup:
 	bash tools/setup_env.sh
 
@@ -10,10 +10,6 @@ test: setup
 
 demo: setup
 	$(PY) -m training.demo --out demo_output
-
-# the longer lab-model run whose numbers are in RESULTS.md
-demo-full: setup
-	$(PY) -m training.demo --out demo_full --scale full
 
 # Retraining the lab model (hours on 2 CPU cores; lab/MODEL_CARD.md): needs the full Fashion-MNIST
 lab-data:
@@ -39,4 +35,4 @@ thumbnails: setup
 	$(PY) tools/make_template_thumbnails.py
 
 clean:
-	rm -rf demo_output demo_full .pytest_cache
+	rm -rf demo_output .pytest_cache

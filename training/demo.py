@@ -12,7 +12,7 @@
    through its HTTP API (training workflows with fewer steps): the images in ``demo_output/images``
    are garments and bags, not noise.
 
-The ``--scale`` option picks the effort of step 2 (``ci`` ~2 min, ``demo``, ``full`` = RESULTS.md).
+``--scale`` picks step 2's config (``ci``: a few minutes, for CI; ``demo``: RESULTS.md).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def run_lab_experiment(root: Path, checkpoint: Path, scale: str) -> tuple[int, P
 
 def protected_images(run: Path) -> Path | None:
     """The folder of the protected instance images the experiment wrote (None when absent)."""
-    folder = run / "protect"
+    folder = run / "stages" / "protect" / "images"
     return folder if folder.is_dir() and any(folder.glob("*.png")) else None
 
 
@@ -153,11 +153,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_output", help="output folder (created)")
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the pinned copy)")
-    ap.add_argument("--scale", default="demo", choices=["ci", "demo", "full"],
-                    help="effort of the evaluation (lab/experiment.py): ci ~2 min, demo (default), full = RESULTS.md")
+    ap.add_argument("--scale", default="demo", choices=["ci", "demo", "demo-stage1-pgd32"],
+                    help="the evaluation's config (lab/experiment.py): ci (a few minutes), demo (default; RESULTS.md), "
+                         "demo-stage1-pgd32 (RESULTS.md's ablation)")
     ap.add_argument("--skip-workflows", action="store_true", help="only the evaluation, not the shipped workflows")
-    ap.add_argument("--stage1-steps", type=int, default=150, help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
-    ap.add_argument("--stage2-steps", type=int, default=150, help="steps of the Stage-2 workflow's trainer (shipped: 800)")
+    ap.add_argument("--stage1-steps", type=int, default=60, help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
+    ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the Stage-2 workflow's trainer (shipped: 800)")
     args = ap.parse_args(argv)
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
