@@ -19,7 +19,7 @@ lab-data:
 lab-retrain: setup lab-data
 	$(PY) -m lab.train_vae --out .cache/lab/vae --steps 3000 --stop-after 1700
 	$(PY) -m lab.train_classifier --out .cache/lab/lab_classifier.safetensors --epochs 4
-	$(PY) -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 5000 --lr 3e-4
+	$(PY) -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 1400 --lr 3e-4
 	$(PY) -m lab.ship pack --vae .cache/lab/vae/vae_final.pt --unet .cache/lab/unet/checkpoint.pt \
 	  --out lab/weights/lab_fashion_parts.safetensors
 	cp .cache/lab/lab_classifier.safetensors lab/weights/lab_classifier.safetensors

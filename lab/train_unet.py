@@ -4,7 +4,7 @@ and the lab text embeddings jointly on ``a photo of a {class}`` (10% empty promp
 classifier-free guidance), eps-prediction with SD15's schedule (the diffusion loss of
 ``lord_ops.diffusion``), EMA weights.
 
-    python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 5000 --lr 3e-4
+    python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 1400 --lr 3e-4
 
 Resumable.
 """

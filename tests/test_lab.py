@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord"]
+METHODS = ["clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord", "lord_clean"]
 
 
 @pytest.fixture(scope="module")
