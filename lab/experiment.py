@@ -31,7 +31,7 @@ METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord", "lo
 
 # per scale: stage1 steps / batch, stage2 steps / batch / lr, sampled images per method / steps
 SCALES = {
-    "ci": dict(attack_rounds=1, attack_steps=3, stage1_steps=20, stage1_batch=4, stage2_steps=20, stage2_batch=4,
+    "ci": dict(stage1_per_class=2, attack_rounds=1, attack_steps=3, stage1_steps=20, stage1_batch=4, stage2_steps=20, stage2_batch=4,
                stage2_lr=5e-4, images=8, sample_steps=6, shares=None, kid_subset_size=8, bootstrap=4),
     "demo": dict(attack_rounds=None, attack_steps=None, stage1_steps=300, stage1_batch=8, stage2_steps=250,
                  stage2_batch=4, stage2_lr=5e-4, images=40, sample_steps=12, shares=None, kid_subset_size=30,
@@ -60,6 +60,18 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
               f"rounds = {p['attack_rounds'] or ATTACK['rounds']}"]
     if p["attack_steps"]:
         attack.append(f"steps = {p['attack_steps']}")
+    stage1_dir = Path(data) / "stage1"
+    if p.get("stage1_per_class"):  # a smaller Stage-1 set: the first images of each class
+        import shutil
+
+        subset = root / "stage1_subset"
+        shutil.rmtree(subset, ignore_errors=True)
+        subset.mkdir()
+        for image in sorted(stage1_dir.glob("*.png")):
+            if int(image.stem.rsplit("_", 1)[1]) < p["stage1_per_class"]:
+                for f in (image, image.with_suffix(".txt")):
+                    shutil.copy(f, subset / f.name)
+        stage1_dir = subset
     data1 = p.get("stage1_data", STAGE1_DATA)
     stage1_data = ['attack_preset = "pgd_2"'] if not data1 else [
         f'attack_preset = "{data1["preset"]}"', f"attack_epsilon = {data1['epsilon']}",
@@ -70,7 +82,7 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         "[model]", f"checkpoint = {_q(checkpoint)}", "",
         "[subject]", 'class_name = "bag"', f"instance_images = {_q(Path(data) / 'instance')}", "resolution = 32", "",
         "[attack]", *attack, "",
-        "[stage1]", f"data = {_q(Path(data) / 'stage1')}", f"steps = {p['stage1_steps']}",
+        "[stage1]", f"data = {_q(stage1_dir)}", f"steps = {p['stage1_steps']}",
         f"batch_size = {p['stage1_batch']}", "learning_rate = 5e-4", *stage1_data,
         f"checkpoint_every = {max(1, p['stage1_steps'] // 4)}", "",
         "[stage2]", f"steps = {p['stage2_steps']}", f"batch_size = {p['stage2_batch']}",
