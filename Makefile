@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train thumbnails clean
+.PHONY: setup test demo bench bench-train thumbnails lab-data lab-retrain clean
 setup:
 	bash tools/setup_env.sh
 
@@ -10,6 +10,20 @@ test: setup
 
 demo: setup
 	$(PY) -m training.demo --out demo_output
+
+# Retraining the lab model (hours on 2 CPU cores; lab/MODEL_CARD.md): needs the full Fashion-MNIST
+lab-data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { echo "[lab] installing Debian's dataset-fashion-mnist"; apt-get install -y -q dataset-fashion-mnist; }
+
+lab-retrain: setup lab-data
+	$(PY) -m lab.train_vae --out .cache/lab/vae --steps 3000 --stop-after 1700
+	$(PY) -m lab.train_classifier --out .cache/lab/lab_classifier.safetensors --epochs 4
+	$(PY) -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 1400 --lr 3e-4
+	$(PY) -m lab.ship pack --vae .cache/lab/vae/vae_final.pt --unet .cache/lab/unet/checkpoint.pt \
+	  --out lab/weights/lab_fashion_parts.safetensors
+	cp .cache/lab/lab_classifier.safetensors lab/weights/lab_classifier.safetensors
+	$(PY) -m lab.data
 
 bench: setup
 	$(PY) bench/bench_sampling.py

@@ -389,3 +389,12 @@ def load_feature_extractor(name: str, weights_path, device=None, **options) -> F
 
 register_feature_extractor(INCEPTION_NAME, lambda name, path, device=None, features=2048: load_inception(path, features, device))
 register_feature_extractor("clip:", lambda name, path, device=None: load_clip_features(name.split(":", 1)[1], path, device))
+
+
+def _load_lab_classifier(name, weights_path, device=None, **options):
+    from .lab_classifier import load_lab_classifier
+
+    return load_lab_classifier(name, weights_path, device=device, **options)
+
+
+register_feature_extractor("lab-classifier", _load_lab_classifier)

@@ -57,7 +57,7 @@ def make_comfy_base(tmp_path_factory, sd15_checkpoint, comfyui_path):
     ``example`` replaces the image copied to ``input/example.png`` (e.g. a smaller one)."""
     import comfy.sd
 
-    from training.demo import prepare_inputs, prepare_training_inputs
+    from tools.example_inputs import prepare_inputs, prepare_training_inputs
 
     from comfyui_lord.lord_ops import format as fmt
     from comfyui_lord.lord_ops.comfy import patch

@@ -158,8 +158,8 @@ def main(argv=None) -> int:
 
     comfy_root = ensure_comfyui_importable(args.comfyui)
     from tools.workflow_api import load_workflow, ui_to_api
-    from training.demo import (TRAINER_NODES, is_training_workflow, prepare_inputs, prepare_models,
-                               prepare_training_inputs)
+    from tools.example_inputs import prepare_inputs, prepare_models, prepare_training_inputs
+    from training.demo import TRAINER_NODES, is_training_workflow
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="lord_thumbs_")
     base = Path(args.work or tmp.name).resolve()

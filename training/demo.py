@@ -1,20 +1,18 @@
-"""End-to-end demo on an embedded default: ``python -m training.demo --out demo_output`` (``make demo``).
+"""The demo on the lab model: ``python -m training.demo --out demo_output`` (``make demo``).
 
-1. builds a random-weight SD15-geometry checkpoint (ComfyUI's own classes, from a seed),
-2. cuts tiny (64x64) training sets from ComfyUI's ``example.png``: ``input/lord_train`` (images +
-   ``.txt`` captions) and ``input/lord_sks`` (instance images), plus the inputs of the other workflows,
-3. starts the pinned real ComfyUI with this pack installed and, through its HTTP API, **trains**:
-   ``workflows/lord_train_stage1.json`` (Train LoRD, Stage 1 -> ``models/lord/lord_sd15.safetensors``),
-   then ``workflows/lord_train_stage2.json`` (Train LoRA with that LoRD live, Stage 2 ->
-   ``models/loras/lord_stage2_sks.safetensors``); only the trainer nodes' ``steps`` are lowered
-   (``--stage1-steps`` / ``--stage2-steps``) so that this takes a few minutes on a CPU,
-4. runs every other workflow in ``workflows/`` unchanged with those trained files (defended
-   generation, detection, ACE protection of the images in ``input/protect_me``),
-5. writes the images, loss graphs, the gate heatmap and ``summary.json`` to the output folder.
+1. assembles the lab model (``lab/weights/``: a small SD1.x-family model trained here on
+   Fashion-MNIST without the class "bag"; see ``lab/MODEL_CARD.md``) into a checkpoint that ComfyUI's
+   stock loader reads as SD15,
+2. runs the evaluation (``training.experiment`` with ``lab/experiment.py``'s config): 8 held-out bags
+   are protected with the mist-v2 preset, Stage 1 learns a LoRD on 9 other classes, Stage 2 trains a
+   LoRA per method (Clean / Attacking / PGD-2 defense / JPEG / DiffPure-style / LoRD), each samples
+   "a photo of sks bag", and the lab classifier scores them (FD / KD vs 120 real bags, subject
+   accuracy); the gate's ROC on clean vs protected bags; the Table-I-style table is printed,
+3. starts the pinned real ComfyUI with this pack and runs every shipped workflow on the lab model
+   through its HTTP API (training workflows with fewer steps): the images in ``demo_output/images``
+   are garments and bags, not noise.
 
-The training is real (the same nodes, losses and checkpoints a user runs), but on a random model,
-tiny images and a few hundred steps: the outputs show the pipeline working end to end, not a
-useful defense of a real model.
+``--scale`` picks step 2's config (``ci``: a few minutes, for CI; ``demo``: RESULTS.md).
 """
 from __future__ import annotations
 
@@ -31,56 +29,8 @@ if str(REPO) not in sys.path:
 
 from training.comfy_runtime import ComfyServer, ensure_comfyui_importable  # noqa: E402
 
-CKPT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"  # the name the shipped workflows use
-LORD_NAME = "lord_sd15.safetensors"  # what lord_train_stage1 saves and the other workflows load
-LORA_NAME = "lord_stage2_sks.safetensors"  # what lord_train_stage2 saves
-TRAIN_FOLDER, INSTANCE_FOLDER = "lord_train", "lord_sks"  # input subfolders the training workflows read
+from tools.example_inputs import INSTANCE_FOLDER, LORA_NAME, LORD_NAME, TRAIN_FOLDER  # noqa: E402
 TRAINER_NODES = ("LoRDTrainStage1", "LoRDTrainStage2")
-# (crop box in example.png's 768x768 pixels, mirrored, caption)
-_TRAIN_CROPS = [((0, 0, 768, 768), False, "a drawing of a girl with yellow hair in a pink dress"),
-                ((200, 100, 600, 500), False, "a drawing of a smiling face with blue eyes"),
-                ((150, 250, 650, 750), True, "a drawing of a person in a pink dress on green grass"),
-                ((0, 0, 500, 500), True, "a drawing of yellow hair and a blue sky with clouds")]
-_INSTANCE_CROPS = [((100, 50, 700, 650), False), ((180, 80, 620, 520), True), ((60, 120, 700, 760), False)]
-
-
-def prepare_models(base: Path, seed: int) -> dict:
-    """Write the random checkpoint under ``base/models`` (the LoRD and LoRA are trained on the
-    server later); returns facts for the summary."""
-    from tools import tiny
-
-    models = base / "models"
-    for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
-        (models / sub).mkdir(parents=True, exist_ok=True)
-        (models / sub / (LORD_NAME if sub == "lord" else LORA_NAME)).unlink(missing_ok=True)
-    ckpt = tiny.write_sd15_geometry_checkpoint(models / "checkpoints" / CKPT_NAME, seed=seed)
-    return {"checkpoint": str(ckpt), "checkpoint_note": "random weights, SD15 geometry (13.6M-param UNet, CLIP-L, TAESD)"}
-
-
-def prepare_training_inputs(input_dir: Path, example: Path, size: int = 64) -> dict:
-    """Small training sets cut from ``example`` for the training workflows: ``input/lord_train``
-    (images + same-name ``.txt`` captions, Stage 1) and ``input/lord_sks`` (instance images,
-    Stage 2), ``size`` x ``size`` pixels (tiny, so that CPU training stays quick)."""
-    from PIL import Image, ImageOps
-
-    train, sks = Path(input_dir) / TRAIN_FOLDER, Path(input_dir) / INSTANCE_FOLDER
-    train.mkdir(parents=True, exist_ok=True)
-    sks.mkdir(parents=True, exist_ok=True)
-    with Image.open(example) as im:
-        im = im.convert("RGB")
-
-        def cut(box, mirror):
-            out = im.crop(box).resize((size, size), Image.LANCZOS)
-            return ImageOps.mirror(out) if mirror else out
-
-        for i, (box, mirror, caption) in enumerate(_TRAIN_CROPS):
-            cut(box, mirror).save(train / f"train_{i}.png")
-            (train / f"train_{i}.txt").write_text(caption + "\n", encoding="utf-8")
-        for i, (box, mirror) in enumerate(_INSTANCE_CROPS):
-            cut(box, mirror).save(sks / f"sks_{i}.png")
-    return {"stage1_images": len(_TRAIN_CROPS), "stage2_images": len(_INSTANCE_CROPS), "size": size}
-
-
 def is_training_workflow(workflow: dict) -> bool:
     """Whether a UI-format workflow contains a trainer node (Stage 1 or Stage 2)."""
     return any(n.get("type") in TRAINER_NODES for n in workflow.get("nodes") or [])
@@ -118,19 +68,6 @@ def trained_file_facts(base: Path) -> dict:
     return facts
 
 
-def prepare_inputs(input_dir: Path, example: Path) -> None:
-    """ComfyUI's bundled example.png for detection, and two small copies in ``input/protect_me``
-    (the folder the protect workflow reads; small so the CPU-only demo stays quick)."""
-    from PIL import Image
-
-    (input_dir / "protect_me").mkdir(parents=True, exist_ok=True)
-    shutil.copy(example, input_dir / "example.png")
-    with Image.open(example) as im:
-        im = im.convert("RGB")
-        im.resize((96, 96), Image.LANCZOS).save(input_dir / "protect_me" / "example_96.png")
-        im.crop((200, 150, 520, 390)).resize((80, 60), Image.LANCZOS).save(input_dir / "protect_me" / "crop_80x60.png")
-
-
 def collect_outputs(entry: dict, base: Path, dest: Path, stem: str, temp: bool = False) -> tuple[list[str], list[dict]]:
     """Copy the images a prompt saved (and with ``temp`` its previews, e.g. loss graphs) from the
     ComfyUI base folder ``base`` into ``dest``; return (copied paths, text outputs)."""
@@ -152,67 +89,135 @@ def collect_outputs(entry: dict, base: Path, dest: Path, stem: str, temp: bool =
     return copied, texts
 
 
+def lab_inputs(input_dir: Path, protected_dir: Path | None) -> dict:
+    """The inputs the shipped workflows read, from the lab data: ``input/lord_train`` (Stage-1 images
+    with captions), ``input/lord_sks`` (the subject's Stage-2 images: the protected bags when given,
+    else the clean ones), ``input/protect_me`` (2 clean bags) and ``input/example.png`` (a protected
+    bag, else a clean one, for detection)."""
+    from lab.data import DEMO_DIR
+
+    input_dir = Path(input_dir)
+    for sub in (TRAIN_FOLDER, INSTANCE_FOLDER, "protect_me"):
+        shutil.rmtree(input_dir / sub, ignore_errors=True)
+    shutil.copytree(DEMO_DIR / "stage1", input_dir / TRAIN_FOLDER)
+    subject = protected_dir if protected_dir is not None else DEMO_DIR / "instance"
+    shutil.copytree(subject, input_dir / INSTANCE_FOLDER, ignore=shutil.ignore_patterns("*.json", "*.txt"))
+    (input_dir / "protect_me").mkdir(parents=True)
+    clean = sorted((DEMO_DIR / "instance").glob("*.png"))
+    for f in clean[:2]:
+        shutil.copy(f, input_dir / "protect_me" / f.name)
+    shutil.copy(sorted(Path(subject).glob("*.png"))[0], input_dir / "example.png")
+    return {"stage1_images": len(list((input_dir / TRAIN_FOLDER).glob("*.png"))),
+            "stage2_images": len(list((input_dir / INSTANCE_FOLDER).glob("*.png"))),
+            "stage2_protected": protected_dir is not None}
+
+
+def for_lab_model(prompt: dict, checkpoint_name: str, steps: dict, batch: int = 8) -> dict:
+    """Adapt an API-format prompt of a shipped workflow to the lab model (in place; returned): its
+    checkpoint, 32x32 latents (``batch`` images), "person" -> "bag" in the prompts, an empty
+    negative prompt (the lab text encoder knows only its 19 tokens), CFG 4, and the trainer
+    ``steps``. Nothing else changes."""
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint_name
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=32, height=32, batch_size=batch)
+        elif kind == "CLIPTextEncode" and isinstance(inputs.get("text"), str):
+            text = inputs["text"]
+            inputs["text"] = text.replace("person", "bag") if "photo" in text else ""
+        elif kind == "KSampler":
+            inputs["cfg"] = 4.0
+        elif kind in steps:
+            inputs["steps"] = steps[kind]
+    return prompt
+
+
+def run_lab_experiment(root: Path, checkpoint: Path, scale: str) -> tuple[int, Path]:
+    """``training.experiment`` on the lab model at ``scale``; returns (exit code, output folder)."""
+    from lab.experiment import write_config
+    from lab.ship import SHIPPED_CLASSIFIER
+    from training import experiment
+
+    config = write_config(root, checkpoint, SHIPPED_CLASSIFIER, scale)
+    return experiment.main(["--config", str(config)]), root / "run"
+
+
+def protected_images(run: Path) -> Path | None:
+    """The folder of the protected instance images the experiment wrote (None when absent)."""
+    folder = run / "stages" / "protect" / "images"
+    return folder if folder.is_dir() and any(folder.glob("*.png")) else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo_output", help="output folder (created)")
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the pinned copy)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stage1-steps", type=int, default=200, help="steps of Train LoRD (Stage 1) (workflow: 1000)")
-    ap.add_argument("--stage2-steps", type=int, default=100, help="steps of Train LoRA with LoRD (Stage 2) (workflow: 800)")
+    ap.add_argument("--scale", default="demo", choices=["ci", "demo", "demo-stage1-pgd32"],
+                    help="the evaluation's config (lab/experiment.py): ci (a few minutes), demo (default; RESULTS.md), "
+                         "demo-stage1-pgd32 (RESULTS.md's ablation)")
+    ap.add_argument("--skip-workflows", action="store_true", help="only the evaluation, not the shipped workflows")
+    ap.add_argument("--stage1-steps", type=int, default=60, help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
+    ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the Stage-2 workflow's trainer (shipped: 800)")
     args = ap.parse_args(argv)
 
-    comfy_root = ensure_comfyui_importable(args.comfyui)
-    from tools.workflow_api import load_workflow, run_workflow, ui_to_api
+    comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
+    from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
+    from tools.workflow_api import load_workflow, ui_to_api
 
     out = Path(args.out).resolve()
     base = out / "comfyui_base"
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    print("NOTE: the demo trains a LoRD and a LoRA for real, but on a random model, 64x64 images and a few hundred "
-          "steps:\n      the outputs show the pipeline running end to end, not a useful defense.")
     t0 = time.time()
-    facts = prepare_models(base, args.seed)
-    prepare_inputs(base / "input", comfy_root / "input" / "example.png")
-    facts["training_data"] = prepare_training_inputs(base / "input", comfy_root / "input" / "example.png")
-    shutil.rmtree(base / "output" / "lord_training", ignore_errors=True)  # train from scratch, no resume
-    print(f"[demo] checkpoint and inputs ready in {time.time() - t0:.1f} s under {base}")
-
-    workflows = sorted((REPO / "workflows").glob("*.json"))
-    training = [wf for wf in workflows if is_training_workflow(load_workflow(wf))]  # stage1 before stage2
-    steps = {"LoRDTrainStage1": args.stage1_steps, "LoRDTrainStage2": args.stage2_steps}
-    summary = {"note": "LoRD and LoRA trained through the training workflows with fewer steps, on a random "
-                       "SD15-geometry checkpoint and 64x64 images: the pipeline end to end, not a defense.",
-               "comfyui": str(comfy_root), "models": facts, "workflows": {}}
+    checkpoint = ensure_checkpoint(base / "models" / "checkpoints" / CHECKPOINT_NAME)
+    print(f"[demo] lab model {checkpoint} ready in {time.time() - t0:.1f} s")
+    summary = {"note": "the lab model (lab/MODEL_CARD.md): a small SD1.x-family model trained on Fashion-MNIST "
+                       "without 'bag'; its numbers are about this model, not about Stable Diffusion.",
+               "comfyui": str(comfy_root), "checkpoint": str(checkpoint), "scale": args.scale, "workflows": {}}
+    t = time.time()
+    code, run = run_lab_experiment(out / "experiment", checkpoint, args.scale)
+    summary["experiment"] = {"exit_code": code, "seconds": round(time.time() - t, 1), "output": str(run),
+                             "report": str(run / "report" / "index.html")}
+    if code != 0:
+        print(f"[demo] the evaluation failed (exit code {code}); see the messages above")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return code
+    table = run / "report" / "table1.md"
+    print("\n" + table.read_text(encoding="utf-8"))
+    print(f"[demo] evaluation done in {time.time() - t:.0f} s; report: {run / 'report' / 'index.html'}")
     ok = True
-    with ComfyServer(base, comfyui=comfy_root) as server:
-        for wf in training + [wf for wf in workflows if wf not in training]:
-            t = time.time()
-            if wf in training:
-                prompt = ui_to_api(load_workflow(wf), server.object_info())
-                n = {k: v for k, v in steps.items() if any(p["class_type"] == k for p in prompt.values())}
-                for node in prompt.values():  # only the step counts differ from the shipped workflow
-                    if node["class_type"] in steps:
-                        node["inputs"]["steps"] = steps[node["class_type"]]
+    if not args.skip_workflows:
+        for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
+            (base / "models" / sub).mkdir(parents=True, exist_ok=True)
+            (base / "models" / sub / (LORD_NAME if sub == "lord" else LORA_NAME)).unlink(missing_ok=True)
+        summary["workflow_inputs"] = lab_inputs(base / "input", protected_images(run))
+        shutil.rmtree(base / "output" / "lord_training", ignore_errors=True)  # train from scratch, no resume
+        workflows = sorted((REPO / "workflows").glob("*.json"))
+        training = [wf for wf in workflows if is_training_workflow(load_workflow(wf))]  # stage1 before stage2
+        steps = {"LoRDTrainStage1": args.stage1_steps, "LoRDTrainStage2": args.stage2_steps}
+        with ComfyServer(base, comfyui=comfy_root) as server:
+            info = server.object_info()
+            for wf in training + [wf for wf in workflows if wf not in training]:
+                t = time.time()
+                prompt = for_lab_model(ui_to_api(load_workflow(wf), info), CHECKPOINT_NAME, steps)
                 entry = server.run_prompt(prompt, timeout=3600)
-            else:
-                entry = run_workflow(server, wf)
-            status = entry["status"]["status_str"]
-            copied, texts = collect_outputs(entry, base, images, wf.stem, temp=wf in training)
-            record = {"status": status, "seconds": round(time.time() - t, 2), "images": copied, "reports": texts}
-            if wf in training:
-                record["steps"] = n
-            summary["workflows"][wf.name] = record
-            print(f"[demo] {wf.name}: {status} in {time.time() - t:.1f} s, {len(copied)} image(s)"
-                  + (f", {' + '.join(str(v) for v in n.values())} training steps" if wf in training else ""))
-            if status != "success":
-                record["messages"] = entry["status"].get("messages")
-                ok = False
-                if wf in training:  # the other workflows need the trained files
-                    print(f"[demo] training failed; not running the other workflows. See {server.log_path}")
-                    break
-    summary["models"]["trained"] = trained_file_facts(base)
+                status = entry["status"]["status_str"]
+                copied, texts = collect_outputs(entry, base, images, wf.stem, temp=wf in training)
+                record = {"status": status, "seconds": round(time.time() - t, 2), "images": copied, "reports": texts}
+                summary["workflows"][wf.name] = record
+                print(f"[demo] workflow {wf.name}: {status} in {time.time() - t:.1f} s, {len(copied)} image(s)")
+                if status != "success":
+                    record["messages"] = entry["status"].get("messages")
+                    ok = False
+                    if wf in training:  # the other workflows need the trained files
+                        print(f"[demo] training failed; not running the other workflows. See {server.log_path}")
+                        break
+        summary["trained_by_workflows"] = trained_file_facts(base)
+    summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] {'done' if ok else 'FAILED'}: {out / 'summary.json'}, images in {images}")
+    print(f"[demo] {'done' if ok else 'FAILED'} in {time.time() - t0:.0f} s: report {run / 'report' / 'index.html'}, "
+          f"workflow images in {images}, {out / 'summary.json'}")
     return 0 if ok else 1
 
 

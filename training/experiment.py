@@ -201,6 +201,11 @@ def metric_plan(exp: Experiment) -> dict:
     if m.extractor is not None:
         out["fd"] = {"label": f"FD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
         out["kd"] = {"label": f"KD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
+    if m.subject_class is not None:
+        out["subject_acc"] = {"label": f"Subject accuracy ({m.extractor})", "available": True, "higher_is_better": True,
+                              "extractor": m.extractor, "subject_class": m.subject_class,
+                              "definition": f"share of the generated images that {m.extractor} classifies as "
+                                            f"{m.subject_class!r}"}
     return out
 
 
@@ -279,6 +284,12 @@ class ExperimentRunner:
                         self.rt.metric_model(kind)
                     except (MetricWeightsError, ValueError, RuntimeError) as e:
                         raise ConfigError(f"{where('[metrics] ' + field)}: {e}") from e
+            if m.subject_class is not None:
+                classes = list(getattr(self.rt.metric_model("extractor"), "classes", None) or [])
+                if m.subject_class not in classes:
+                    raise ConfigError(f"{where('[metrics] subject_class')}: {m.extractor} "
+                                      + (f"does not classify {m.subject_class!r}; its classes: {', '.join(classes)}"
+                                         if classes else "is a feature extractor without classes (no subject accuracy)"))
 
     # ---- keys ------------------------------------------------------------------------------
     def image_key(self, images: dict) -> str:
@@ -344,6 +355,8 @@ class ExperimentRunner:
     def attack_key(self) -> dict:
         exp = self.exp
         return {"preset": exp.attack_preset, "steps": exp.attack_steps, "rounds": exp.attack_rounds, "seed": exp.attack_seed,
+                **({"epsilon": exp.attack_epsilon, "step_size": exp.attack_step_size}
+                   if exp.attack_epsilon or exp.attack_step_size else {}),
                 "target": self.digests(exp.attack_target) if exp.attack_target else None, "prompt": exp.prompt,
                 "class_images": self.class_key()}
 
@@ -453,9 +466,10 @@ class ExperimentRunner:
 
         exp = self.exp
         chosen = preset(exp.attack_preset)
-        attack = dataclasses.replace(chosen.attack, seed=exp.attack_seed,
-                                     **({"steps": exp.attack_steps} if exp.attack_steps else {})).validate()
-        check_8bit_budget(attack.epsilon, "[attack] preset")
+        overrides = {k: v for k, v in (("steps", exp.attack_steps), ("epsilon", exp.attack_epsilon),
+                                       ("step_size", exp.attack_step_size)) if v}
+        attack = dataclasses.replace(chosen.attack, seed=exp.attack_seed, **overrides).validate()
+        check_8bit_budget(attack.epsilon, "[attack] epsilon" if exp.attack_epsilon else "[attack] preset")
         surrogate = chosen.surrogate
         if surrogate is not None and exp.attack_rounds:
             surrogate = dataclasses.replace(surrogate, rounds=exp.attack_rounds)
@@ -697,6 +711,14 @@ class ExperimentRunner:
                                                                  f"({m.fd_bootstrap} resamples)")
             kid = kernel_distance(feats, ref[kind], m.kid_subsets, m.kid_subset_size, exp.seed)
             out[kd] = {k: (float(val) if isinstance(val, float) else val) for k, val in kid.items()}
+        if "subject_acc" in self.metrics:
+            model = self.rt.metric_model("extractor")
+            predicted = model.predict(images, m.batch_size)
+            hits = (predicted == model.classes.index(m.subject_class)).double()
+            out["subject_acc"] = {"mean": float(hits.mean()), "std": float(hits.std(unbiased=False)),
+                                  "per_image": [int(h) for h in hits],
+                                  "predicted": {c: int((predicted == i).sum()) for i, c in enumerate(model.classes)
+                                                if int((predicted == i).sum())}}
         return out
 
     # ---- results ---------------------------------------------------------------------------

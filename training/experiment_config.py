@@ -59,6 +59,7 @@ class Metrics:
     fid_features: int = 2048  # Inception layer; only 2048 is reported as FID
     extractor: Optional[str] = None  # another named feature extractor -> "FD (<name>)"
     extractor_weights: Optional[Path] = None
+    subject_class: Optional[str] = None  # a class the extractor predicts -> "subject accuracy" (share of samples in it)
     kid_subsets: int = 100
     kid_subset_size: int = 1000  # capped at the smaller set
     reference: Optional[Path] = None  # FID reference images (default: the clean instance images)
@@ -86,6 +87,8 @@ class Experiment:
     attack_target: Optional[Path] = None
     attack_steps: Optional[int] = None  # override the preset's PGD steps (per round for surrogate presets)
     attack_rounds: Optional[int] = None  # surrogate presets: override the number of rounds
+    attack_epsilon: Optional[float] = None  # override the preset's L-inf budget (pixel levels 0..255)
+    attack_step_size: Optional[float] = None  # override the preset's PGD step (pixel levels)
     attack_seed: int = 0
     stage1_lord: Optional[Path] = None  # a trained LoRD: skip Stage-1
     stage1_data: Optional[Path] = None  # images + .txt captions
@@ -126,7 +129,8 @@ SCHEMA = {
                 "class_images": ("class_images", "dir"), "resolution": ("resolution", "int"),
                 "paper_dataset": ("paper_dataset", "str")},
     "attack": {"preset": ("attack_preset", "str"), "target": ("attack_target", "file"),
-               "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int")},
+               "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int"),
+               "epsilon": ("attack_epsilon", "float"), "step_size": ("attack_step_size", "float")},
     "stage1": {"lord": ("stage1_lord", "file"), "data": ("stage1_data", "dir"), "caption": ("stage1_caption", "str")},
     "stage2": {},
     "sampling": {f.name: ("sampling." + f.name, {int: "int", float: "float", str: "str"}[type(f.default)])
@@ -138,6 +142,7 @@ SCHEMA = {
     "metrics": {"clip_iqa_model": ("metrics.clip_iqa_model", "str"), "clip_iqa_weights": ("metrics.clip_iqa_weights", "file"),
                 "inception_weights": ("metrics.inception_weights", "file"), "fid_features": ("metrics.fid_features", "int"),
                 "extractor": ("metrics.extractor", "str"), "extractor_weights": ("metrics.extractor_weights", "file"),
+                "subject_class": ("metrics.subject_class", "str"),
                 "kid_subsets": ("metrics.kid_subsets", "int"), "kid_subset_size": ("metrics.kid_subset_size", "int"),
                 "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int"),
                 "fd_bootstrap": ("metrics.fd_bootstrap", "int")},
@@ -265,6 +270,10 @@ def validate(exp: Experiment, raw: dict) -> None:
     for key in ("attack_steps", "attack_rounds"):
         value = getattr(exp, key)
         need(value is None or value >= 1, f"[attack] {key.split('_')[1]}", f"must be >= 1, got {value}")
+    for key in ("attack_epsilon", "attack_step_size"):
+        value = getattr(exp, key)
+        need(value is None or 0 < value <= 255, f"[attack] {key.split('_', 1)[1]}",
+             f"pixel levels in (0, 255], got {value}")
     if exp.stage1_lord is None:
         need(exp.stage1_data is not None, "[stage1] data",
              "give the Stage-1 training images (folder with .txt captions), or a trained LoRD as [stage1] lord")
@@ -304,4 +313,6 @@ def validate(exp: Experiment, raw: dict) -> None:
     need(m.fd_bootstrap >= 0, "[metrics] fd_bootstrap", f"must be >= 0, got {m.fd_bootstrap}")
     need((m.extractor is None) == (m.extractor_weights is None), "[metrics] extractor",
          "extractor and extractor_weights go together (a named feature extractor and its weights file)")
+    need(m.subject_class is None or m.extractor is not None, "[metrics] subject_class",
+         "subject accuracy needs a classifier: set [metrics] extractor (e.g. \"lab-classifier\") and extractor_weights")
     need(0 <= exp.detection_timestep <= 999, "[detection] timestep", f"must be 0..999, got {exp.detection_timestep}")

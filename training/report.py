@@ -143,9 +143,20 @@ def _is_number(v) -> bool:
 
 
 def _metric_ids(results: dict) -> list[str]:
+    """The metrics shown as columns: the paper's (CLIP-IQA, FID, KID) first, then the others. A
+    paper metric without weights is a "missing: ..." column, unless the run measures with another
+    extractor instead (the lab model): then it is listed once in the notes (:func:`_hidden_metrics`)."""
     metrics = results.get("metrics") or {}
-    known = [m for m in _METRIC_ORDER if m in metrics]
+    hidden = _hidden_metrics(results)
+    known = [m for m in _METRIC_ORDER if m in metrics and m not in hidden]
     return known + sorted(m for m in metrics if m not in _METRIC_ORDER)
+
+
+def _hidden_metrics(results: dict) -> list[str]:
+    metrics = results.get("metrics") or {}
+    if not any((meta or {}).get("available") for m, meta in metrics.items() if m not in _METRIC_ORDER):
+        return []
+    return [m for m in _METRIC_ORDER if m in metrics and not (metrics[m] or {}).get("available")]
 
 
 def _metric_kind(metric_id: str, meta: dict) -> str:
@@ -419,10 +430,18 @@ def _table_notes(results: dict) -> list[str]:
         if _metric_kind(mid, meta) == "kd":
             notes.append(f"{_metric_label(mid, meta)} values are multiplied by 1000 (×10³); mean ± std over "
                          "the KID subsets.")
-    if any(_metric_kind(m, results["metrics"][m]) == "iqa" and results["metrics"][m].get("available")
-           for m in mids):
+    if "clip_iqa" in mids and results["metrics"]["clip_iqa"].get("available"):
         notes.append("CLIP-IQA: mean ± std over the generated images of P(good) for "
                      "'A good photo of a {class}.' vs 'A bad photo of a {class}.'.")
+    for mid in mids:
+        meta = results["metrics"][mid]
+        if meta.get("available") and meta.get("definition"):
+            notes.append(f"{_metric_label(mid, meta)}: {meta['definition']}; mean ± std over the generated images.")
+    hidden = _hidden_metrics(results)
+    if hidden:
+        notes.append("Not measured in this run: " + "; ".join(
+            f"{_metric_label(m, results['metrics'][m])} ({_missing(results['metrics'][m].get('missing'))})"
+            for m in hidden) + ".")
     for mid in mids:
         meta = results["metrics"][mid]
         label = _metric_label(mid, meta)
@@ -540,6 +559,17 @@ def _point_entry(results: dict, point: dict, metric_id: str):
     return metrics.get(metric_id)
 
 
+def _fig7_metrics(metrics: dict) -> tuple[str, str]:
+    """The two panels of Fig. 7: a quality score (CLIP-IQA, else subject accuracy) and a distance
+    (FID, else another extractor's FD); the paper's pair when neither alternative is available."""
+    def available(mid):
+        return (metrics.get(mid) or {}).get("available", False)
+
+    score = "clip_iqa" if available("clip_iqa") or not available("subject_acc") else "subject_acc"
+    distance = "fid" if available("fid") or not available("fd") else "fd"
+    return score, distance
+
+
 def _fig7(results: dict) -> bytes:
     from matplotlib.figure import Figure
 
@@ -548,7 +578,7 @@ def _fig7(results: dict) -> bytes:
     metrics = results.get("metrics") or {}
     fig = Figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2)
-    for ax, mid in zip(axes, ("clip_iqa", "fid")):
+    for ax, mid in zip(axes, _fig7_metrics(metrics)):
         meta = metrics.get(mid)
         title = _metric_header(mid, meta) if meta else {"clip_iqa": "CLIP-IQA ↑", "fid": "FID ↓"}[mid]
         ax.set_title(title)

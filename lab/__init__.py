@@ -1,0 +1,3 @@
+"""The lab model: a small SD1.x-family latent diffusion model trained here on Fashion-MNIST (Debian's
+``dataset-fashion-mnist``) without the class "bag", so the defense can be measured on a model that
+generates something, on a CPU. See ``lab/MODEL_CARD.md``."""

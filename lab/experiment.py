@@ -1,0 +1,105 @@
+"""The evaluation runner's config for the lab model: Table I on Fashion-MNIST "bag" at 32 px.
+
+``write_config(root, checkpoint, classifier, scale)`` writes ``root/exp.toml`` for
+``python -m training.experiment``: the 8 held-out bags of ``lab/demo_data/instance`` are the
+artist's subject ("a photo of sks bag"), protected with Anti-DreamBooth's ASPL loop at 32 levels
+(:data:`ATTACK`); Stage 1 learns LoRD on ``lab/demo_data/stage1`` (8 images of each of the 9
+pre-training classes and their PGD-2 copies, as in the paper);
+Stage 2 trains a rank-4 LoRA per method (:data:`METHODS`, with "LoRD, clean images" as the control
+that separates what LoRD changes anyway from what it undoes); every method samples the same seeds; FD / KD and subject
+accuracy come from the lab classifier against the 120 bags of ``lab/demo_data/reference``.
+
+Scales (same data and seeds): ``ci`` (structure only, a few minutes), ``demo`` (what ``make demo``
+runs and RESULTS.md reports) and ``demo-stage1-pgd32`` (RESULTS.md's ablation: Stage 1 on PGD
+copies at 32 levels).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.data import DEMO_DIR
+
+# The attack, chosen by measurement (RESULTS.md): at the published budgets (mist-v2 4 levels,
+# Anti-DreamBooth 6.375) nothing degrades this 32 px model, and mist-v2's ACE does not even at 32
+# levels; Anti-DreamBooth's ASPL loop (PGD on the diffusion loss alternating with surrogate LoRA
+# steps) at 32 levels does. Stage 1 uses the paper's PGD-2 copies (STAGE1_DATA = None: the runner's
+# default); RESULTS.md also reports Stage 1 on PGD copies at 32 levels (its gate separates, its
+# defense does not hold).
+ATTACK = {"preset": "anti_dreambooth_aspl", "epsilon": 32.0, "step_size": 2.0, "rounds": 10}
+STAGE1_DATA = None  # or {"preset": "pgd_full", "epsilon": 32.0, "step_size": 4.0}
+METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord", "lord_clean")
+
+# per scale: stage1 steps / batch, stage2 steps / batch / lr, sampled images per method / steps
+SCALES = {
+    "ci": dict(stage1_per_class=2, attack_rounds=1, attack_steps=3, stage1_steps=20, stage1_batch=4, stage2_steps=20, stage2_batch=4,
+               stage2_lr=5e-4, images=8, sample_steps=6, shares=None, kid_subset_size=8, bootstrap=4),
+    "demo": dict(attack_rounds=None, attack_steps=None, stage1_steps=300, stage1_batch=8, stage2_steps=250,
+                 stage2_batch=4, stage2_lr=5e-4, images=40, sample_steps=12, shares=None, kid_subset_size=30,
+                 bootstrap=20),
+    # the ablation of RESULTS.md: the demo with Stage 1 on PGD copies at 32 levels instead of PGD-2
+    "demo-stage1-pgd32": None,
+}
+
+
+SCALES["demo-stage1-pgd32"] = {**SCALES["demo"], "stage1_data": {"preset": "pgd_full", "epsilon": 32.0, "step_size": 4.0}}
+
+
+def _q(path) -> str:
+    return '"' + str(Path(path).resolve()).replace("\\", "/") + '"'
+
+
+def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "demo", *,
+                 data: Path = DEMO_DIR, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Write ``root/exp.toml`` (absolute paths) for the lab model at ``scale``; returns its path."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    p = {**SCALES[scale], **(overrides or {})}
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    attack = [f'preset = "{ATTACK["preset"]}"', f"epsilon = {ATTACK['epsilon']}", f"step_size = {ATTACK['step_size']}",
+              f"rounds = {p['attack_rounds'] or ATTACK['rounds']}"]
+    if p["attack_steps"]:
+        attack.append(f"steps = {p['attack_steps']}")
+    stage1_dir = Path(data) / "stage1"
+    if p.get("stage1_per_class"):  # a smaller Stage-1 set: the first images of each class
+        import shutil
+
+        subset = root / "stage1_subset"
+        shutil.rmtree(subset, ignore_errors=True)
+        subset.mkdir()
+        for image in sorted(stage1_dir.glob("*.png")):
+            if int(image.stem.rsplit("_", 1)[1]) < p["stage1_per_class"]:
+                for f in (image, image.with_suffix(".txt")):
+                    shutil.copy(f, subset / f.name)
+        stage1_dir = subset
+    data1 = p.get("stage1_data", STAGE1_DATA)
+    stage1_data = ['attack_preset = "pgd_2"'] if not data1 else [
+        f'attack_preset = "{data1["preset"]}"', f"attack_epsilon = {data1['epsilon']}",
+        f"attack_step_size = {data1['step_size']}"]
+    lines = [
+        f"# the lab model's Table I at scale {scale!r} (lab/experiment.py writes this file)",
+        "[experiment]", 'output = "run"', f"seed = {seed}", "",
+        "[model]", f"checkpoint = {_q(checkpoint)}", "",
+        "[subject]", 'class_name = "bag"', f"instance_images = {_q(Path(data) / 'instance')}", "resolution = 32", "",
+        "[attack]", *attack, "",
+        "[stage1]", f"data = {_q(stage1_dir)}", f"steps = {p['stage1_steps']}",
+        f"batch_size = {p['stage1_batch']}", "learning_rate = 5e-4", *stage1_data,
+        f"checkpoint_every = {max(1, p['stage1_steps'] // 4)}", "",
+        "[stage2]", f"steps = {p['stage2_steps']}", f"batch_size = {p['stage2_batch']}",
+        f"learning_rate = {p['stage2_lr']}", f"checkpoint_every = {max(1, p['stage2_steps'] // 2)}", "",
+        "[sampling]", f"images = {p['images']}", f"steps = {p['sample_steps']}", "cfg = 4.0", 'sampler = "euler"',
+        'scheduler = "normal"', "batch_size = 8", "",
+        "[purification]", "jpeg_quality = 75", "diffpure_strength = 0.2", "",
+    ]
+    lines += ["[methods]", "run = [" + ", ".join(f'"{m}"' for m in METHODS) + "]", ""]
+    if p["shares"]:
+        lines += ["[sweep]", f"shares = [{', '.join(str(float(s)) for s in p['shares'])}]", ""]
+    lines += [
+        "[metrics]", 'extractor = "lab-classifier"', f"extractor_weights = {_q(classifier)}",
+        'subject_class = "bag"', f"reference = {_q(Path(data) / 'reference')}",
+        "kid_subsets = 20", f"kid_subset_size = {p['kid_subset_size']}", f"fd_bootstrap = {p['bootstrap']}",
+        "batch_size = 64",
+    ]
+    path = root / "exp.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,162 @@
+"""Stage B of the lab model: encode the pre-training images with the trained lab VAE, then train the
+SD15-geometry UNet (ComfyUI's class; model_channels 320 is what ComfyUI's SD15 detection requires)
+and the lab text embeddings jointly on ``a photo of a {class}`` (10% empty prompts for
+classifier-free guidance), eps-prediction with SD15's schedule (the diffusion loss of
+``lord_ops.diffusion``), EMA weights.
+
+    python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 1400 --lr 3e-4
+
+Resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
+
+
+def sd15_alphas_cumprod():
+    import torch
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def load_vae(path):
+
+    import comfy.taesd.taesd as taesd_mod
+
+    vae = taesd_mod.TAESD()
+    from lab.files import load_state
+
+    state = load_state(path)
+    vae.load_state_dict(state["vae"] if "vae" in state else state)
+    return vae.eval().requires_grad_(False)
+
+
+def encode_all(vae, images_u8, batch: int = 500):
+    """Encoder outputs ``[N, 4, 4, 4]`` (float32) of uint8 ``[N, 32, 32, 3]`` images."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images_u8), batch):
+            x = torch.from_numpy(images_u8[i:i + batch]).permute(0, 3, 1, 2).float() / 255.0
+            out.append(vae.taesd_encoder(x))
+    return torch.cat(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vae", required=True)
+    ap.add_argument("--out", default=".cache/lab/unet")
+    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--uncond", type=float, default=0.1, help="share of empty prompts (classifier-free guidance)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N images (a quick check of the code)")
+    args = ap.parse_args(argv)
+
+    from training.comfy_runtime import ensure_comfyui_importable
+
+    ensure_comfyui_importable(cpu=True)
+    import torch
+
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+    from lab import data, text
+    from lord_ops.atomic import atomic_write
+    from lord_ops.diffusion import denoising_loss
+    from tools.tiny import sd15_unet_config
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = data.pretraining_split("train")
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    latents_file = out / (f"latents_first{args.limit}.pt" if args.limit else "latents.pt")
+    if latents_file.is_file():
+        cached = torch.load(latents_file, weights_only=True)
+        enc = cached["enc"]
+    else:
+        t0 = time.time()
+        enc = encode_all(load_vae(args.vae), images)
+        torch.save({"enc": enc}, latents_file)
+        print(f"[unet] encoded {len(enc)} images in {time.time() - t0:.0f} s")
+    # the VAE's scale/shift so that the UNet's input (raw latent x 0.18215) has zero mean and unit std
+    vae_scale = float(SD15_LATENT_SCALE * enc.std())
+    vae_shift = float(-enc.mean() / vae_scale)
+    z_all = (enc / vae_scale + vae_shift) * SD15_LATENT_SCALE
+    labels_t = torch.from_numpy(labels)
+    prompts = [data.prompt(i) for i in range(len(data.CLASSES))] + ["a photo of sks bag", ""]
+    ids = text.token_ids(prompts)
+    empty = ids[-1]
+    class_ids = ids[:len(data.CLASSES)]
+
+    torch.manual_seed(args.seed)
+    unet = openaimodel.UNetModel(**sd15_unet_config(320, (1,), 1, 768, middle_block=False),
+                                 operations=comfy.ops.disable_weight_init)
+    for m in unet.modules():  # ComfyUI's layers skip init: torch's defaults
+        if isinstance(m, torch.nn.Conv2d):  # the base class's init (ComfyUI's override does nothing)
+            torch.nn.Conv2d.reset_parameters(m)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.Linear.reset_parameters(m)
+        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+            torch.nn.init.ones_(m.weight); torch.nn.init.zeros_(m.bias)
+    lab_text = text.LabText(ids.flatten().tolist(), seed=args.seed)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    params = list(unet.parameters()) + list(lab_text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    acp = sd15_alphas_cumprod()
+    ckpt = out / "checkpoint.pt"
+    step = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(state["unet"]); ema.load_state_dict(state["ema"]); lab_text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"]); step = state["step"]
+        print(f"[unet] resumed at step {step}")
+    t0, first = time.time(), step
+    log = open(out / "log.txt", "a")
+    while step < args.steps:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(z_all), (args.batch_size,), generator=g)
+        t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+        noise = torch.randn(z_all[idx].shape, generator=g)
+        drop = torch.rand(args.batch_size, generator=g) < args.uncond
+        tokens = torch.where(drop[:, None], empty[None], class_ids[labels_t[idx]])
+        context = lab_text(tokens)
+        loss = denoising_loss(lambda zt, tt: unet(zt, tt.float(), context=context), z_all[idx], t, noise, acp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 500)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - args.ema)
+        step += 1
+        if step % 20 == 0 or step == args.steps:
+            line = f"step {step}/{args.steps} loss {loss.item():.5f} {(time.time() - t0) / max(1, step - first):.2f} s/step"
+            print(f"[unet] {line}", flush=True)
+            log.write(line + "\n"); log.flush()
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "text": lab_text.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "vae_scale": vae_scale, "vae_shift": vae_shift}
+            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

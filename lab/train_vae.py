@@ -1,0 +1,95 @@
+"""Stage A of the lab model: train a TAESD-architecture VAE (ComfyUI's own class, f=8, 4 latent
+channels) on 32 px Fashion-MNIST (all classes but the held-out one).
+
+    python -m lab.train_vae --out .cache/lab/vae --steps 3000 --stop-after 1700   # the shipped VAE; resumable
+
+Loss: mean squared error of the reconstruction in [-1, 1] plus a small penalty on the encoder
+output (keeps latents in the decoder's tanh range).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".cache/lab/vae")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--latent-penalty", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this many steps (the learning-rate schedule still spans --steps); 0: --steps")
+    args = ap.parse_args(argv)
+
+    from training.comfy_runtime import ensure_comfyui_importable
+
+    ensure_comfyui_importable(cpu=True)
+    import numpy as np
+    import torch
+
+    import comfy.taesd.taesd as taesd_mod
+    from lab import data
+    from lord_ops.atomic import atomic_write
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, _labels = data.pretraining_split("train")
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
+    torch.manual_seed(args.seed)
+    vae = taesd_mod.TAESD()
+    for m in vae.modules():  # ComfyUI's disable_weight_init layers skip init: give them torch's default
+        if hasattr(m, "reset_parameters") and isinstance(m, torch.nn.Conv2d):
+            torch.nn.Conv2d.reset_parameters(m)
+    params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    ckpt = out / "checkpoint.pt"
+    step = 0
+    if ckpt.is_file():
+        from lab.files import load_state
+
+        state = load_state(ckpt)
+        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        step = state["step"]
+        print(f"[vae] resumed at step {step}")
+    t0 = time.time()
+    log = open(out / "log.txt", "a")
+    stop = min(args.stop_after or args.steps, args.steps)
+    while step < stop:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
+        x = x_all[idx].float() / 127.5 - 1  # [-1, 1]
+        z = vae.taesd_encoder(x * 0.5 + 0.5)
+        recon = vae.taesd_decoder(z).sub(0.5).mul(2)
+        mse = torch.nn.functional.mse_loss(recon, x)
+        loss = mse + args.latent_penalty * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+        step += 1
+        if step % 20 == 0 or step == args.steps:
+            line = (f"step {step}/{args.steps} mse {mse.item():.5f} psnr {10 * np.log10(4 / max(mse.item(), 1e-12)):.2f} dB "
+                    f"z std {z.std().item():.3f} {(time.time() - t0) / max(1, step):.2f} s/step (this run)")
+            print(f"[vae] {line}", flush=True)
+            log.write(line + "\n"); log.flush()
+        if step % args.checkpoint_every == 0 or step == stop:
+            state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
+            atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+    torch.save({"vae": vae.state_dict(), "step": step}, out / "vae_final.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""The lab classifier (issue 11): a small CNN trained on Fashion-MNIST (all 10 classes) that serves
+the evaluation as the feature extractor "lab-classifier" ("FD (lab-classifier)", never FID) and
+measures **subject accuracy** (the share of generated ``sks`` images it assigns to the held-out
+class). Plain torch; weights from a safetensors file.
+
+Input: uint8 ``[N, H, W, 3]`` images of any size; they are turned grey (channel mean), resized to
+32x32 (bilinear, antialiased) and scaled to [-1, 1].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FEATURES = 128
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+CLASSES = len(CLASS_NAMES)  # Fashion-MNIST's label order
+
+
+class LabClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        c = torch.nn.Conv2d
+        self.body = torch.nn.Sequential(
+            c(1, 32, 3, padding=1), torch.nn.GroupNorm(8, 32), torch.nn.SiLU(), torch.nn.MaxPool2d(2),     # 16
+            c(32, 64, 3, padding=1), torch.nn.GroupNorm(8, 64), torch.nn.SiLU(), torch.nn.MaxPool2d(2),    # 8
+            c(64, FEATURES, 3, padding=1), torch.nn.GroupNorm(8, FEATURES), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(FEATURES, CLASSES)
+
+    @staticmethod
+    def prepare(images_u8: torch.Tensor) -> torch.Tensor:
+        x = images_u8.float().mean(dim=-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
+        if x.shape[-2:] != (32, 32):
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.body(x)
+        return feats, self.head(feats)
+
+
+class LabClassifierFeatures:
+    """The feature-extractor protocol of ``lord_ops.metric_models`` plus ``predict`` (class ids)."""
+
+    def __init__(self, model: LabClassifier, weights: dict):
+        self.model, self.weights = model.eval().requires_grad_(False), weights
+        self.name = "lab-classifier"
+        self.classes = list(CLASS_NAMES)
+        self.dims = FEATURES
+        self.label, self.kid_label = "FD (lab-classifier)", "KD (lab-classifier)"
+
+    def _run(self, images_u8, batch_size, device):
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        self.model.to(dev)
+        feats, logits = [], []
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(images_u8), max(1, int(batch_size))):
+                    f, lg = self.model(LabClassifier.prepare(images_u8[i:i + batch_size]).to(dev))
+                    feats.append(f.double().cpu()); logits.append(lg.float().cpu())
+        finally:
+            self.model.to("cpu")
+        return torch.cat(feats), torch.cat(logits)
+
+    def features(self, images_u8, batch_size: int = 64, device=None, progress=None) -> torch.Tensor:
+        out = self._run(images_u8, batch_size, device)[0]
+        if progress is not None:
+            progress(len(out), len(out))
+        return out
+
+    def predict(self, images_u8, batch_size: int = 64, device=None) -> torch.Tensor:
+        return self._run(images_u8, batch_size, device)[1].argmax(dim=1)
+
+
+def load_lab_classifier(name: str, weights_path, device=None, **_options) -> LabClassifierFeatures:
+    from safetensors.torch import load_file
+
+    from .metric_models import MetricWeightsError, file_sha256
+
+    model = LabClassifier()
+    try:
+        model.load_state_dict(load_file(str(weights_path)))
+    except Exception as e:  # noqa: BLE001 -- safetensors/torch raise several types
+        raise MetricWeightsError(f"{weights_path} is not the lab classifier's weights ({type(e).__name__}: {e}); "
+                                 f"expected the lab_classifier.safetensors shipped beside the lab model") from e
+    return LabClassifierFeatures(model, {"path": str(weights_path), "sha256": file_sha256(weights_path)})

@@ -1,0 +1,98 @@
+"""The lab model (``lab/``): the shipped parts assemble deterministically into a checkpoint that
+ComfyUI's stock loader reads as SD15; it samples recognisable garments (the shipped lab classifier
+recognises the prompted class far above chance); and ``make demo`` at CI scale runs the evaluation and
+every shipped workflow on it, writing a complete report with finite numbers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord", "lord_clean"]
+
+
+@pytest.fixture(scope="module")
+def lab_checkpoint(tmp_path_factory):
+    from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
+
+    return ensure_checkpoint(tmp_path_factory.mktemp("lab") / CHECKPOINT_NAME)
+
+
+def test_the_shipped_parts_assemble_deterministically_into_an_sd15_checkpoint(lab_checkpoint):
+    import comfy.sd
+    import comfy.supported_models
+    from safetensors.torch import load_file
+
+    from lab.ship import SHIPPED_PARTS, checkpoint_state_dict, ensure_checkpoint
+
+    again = checkpoint_state_dict(SHIPPED_PARTS)
+    on_disk = load_file(str(lab_checkpoint))
+    assert sorted(again) == sorted(on_disk)
+    assert all(torch.equal(again[k], on_disk[k]) for k in again)
+    mtime = lab_checkpoint.stat().st_mtime_ns
+    assert ensure_checkpoint(lab_checkpoint) == lab_checkpoint and lab_checkpoint.stat().st_mtime_ns == mtime
+
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(lab_checkpoint), output_vae=True, output_clip=True)
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    assert clip is not None and vae is not None
+    # 32 px images <-> 4x4x4 latents through ComfyUI's own VAE object
+    image = torch.rand(1, 32, 32, 3)
+    latent = vae.encode(image)
+    assert latent.shape == (1, 4, 4, 4) and torch.isfinite(latent).all()
+    assert vae.decode(latent).shape[-3:] == (32, 32, 3)
+
+
+def test_the_lab_model_samples_the_prompted_class(lab_checkpoint):
+    from lab.evaluate import sample_accuracy
+    from lab.ship import SHIPPED_CLASSIFIER
+
+    result, images = sample_accuracy(lab_checkpoint, SHIPPED_CLASSIFIER, per_class=4, steps=12, cfg=4.0)
+    assert images.shape == (36, 32, 32, 3) and images.dtype == torch.uint8
+    assert images.float().std() > 10  # not blank
+    print(f"lab model: classifier accuracy on samples of the 9 trained classes {result['accuracy']:.2f} "
+          f"{result['per_class']}")
+    assert result["accuracy"] >= 0.6, f"the lab model's samples are not recognisable (chance is 0.1): {result}"
+
+
+def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "training.demo", "--out", str(out), "--scale", "ci",
+                           "--stage1-steps", "4", "--stage2-steps", "4"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "| LoRD | protected (LoRD live) |" in proc.stdout  # the table is printed
+    summary = json.loads((out / "summary.json").read_text())
+    results = json.loads((Path(summary["experiment"]["output"]) / "report" / "results.json").read_text())
+    assert sorted(results["methods"]) == sorted(METHODS)
+    for method in results["methods"].values():
+        metrics = method["metrics"]
+        assert {"fd", "kd", "subject_acc"} <= set(metrics)
+        assert math.isfinite(metrics["fd"]["value"]) and metrics["fd"]["value"] >= 0
+        assert 0.0 <= metrics["subject_acc"]["mean"] <= 1.0
+        assert len(metrics["subject_acc"]["per_image"]) == len(method["samples"]) == 8
+        assert sum(metrics["subject_acc"]["predicted"].values()) == 8
+    assert not results["metrics"]["clip_iqa"]["available"]  # no CLIP weights here: not measured, not faked
+    detection = results["detection"]
+    assert detection["available"] and 0.0 <= detection["summary"]["auroc"] <= 1.0
+    assert results["perturbation"]["mean"]["linf_levels"] > 0
+    report = Path(summary["experiment"]["output"]) / "report"
+    for name in ("table1.md", "index.html", "roc.png", "grid_all.png"):
+        assert (report / name).is_file(), name
+    table = (report / "table1.md").read_text(encoding="utf-8")
+    assert "Subject accuracy (lab-classifier)" in table and "missing:" not in table.split("Not measured")[0]
+    # every shipped workflow ran on the lab model and saved 32 px images
+    workflows = sorted(p.name for p in (ROOT / "workflows").glob("*.json"))
+    assert sorted(summary["workflows"]) == workflows
+    assert all(w["status"] == "success" for w in summary["workflows"].values()), summary["workflows"]
+    from PIL import Image
+
+    generated = summary["workflows"]["lord_defended_generation.json"]["images"]
+    assert generated and all(Image.open(p).size == (32, 32) for p in generated)
+    assert summary["workflow_inputs"]["stage2_protected"] is True
