@@ -133,13 +133,15 @@ def for_lab_model(prompt: dict, checkpoint_name: str, steps: dict, batch: int = 
     return prompt
 
 
-def run_lab_experiment(root: Path, checkpoint: Path, scale: str) -> tuple[int, Path]:
-    """``training.experiment`` on the lab model at ``scale``; returns (exit code, output folder)."""
+def run_lab_experiment(root: Path, checkpoint: Path, scale: str, seed: int = 0) -> tuple[int, Path]:
+    """``training.experiment`` on the lab model at ``scale`` with experiment ``seed`` (Stage-1 and
+    Stage-2 training; the attack and the sampling noise keep their own seeds); returns (exit code,
+    output folder)."""
     from lab.experiment import write_config
     from lab.ship import SHIPPED_CLASSIFIER
     from training import experiment
 
-    config = write_config(root, checkpoint, SHIPPED_CLASSIFIER, scale)
+    config = write_config(root, checkpoint, SHIPPED_CLASSIFIER, scale, seed=seed)
     return experiment.main(["--config", str(config)]), root / "run"
 
 
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="demo", choices=["ci", "demo", "demo-stage1-pgd32"],
                     help="the evaluation's config (lab/experiment.py): ci (a few minutes), demo (default; RESULTS.md), "
                          "demo-stage1-pgd32 (RESULTS.md's ablation)")
+    ap.add_argument("--seed", type=int, default=0, help="the evaluation's training seed (RESULTS.md: 0 and 1)")
     ap.add_argument("--skip-workflows", action="store_true", help="only the evaluation, not the shipped workflows")
     ap.add_argument("--stage1-steps", type=int, default=60, help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
     ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the Stage-2 workflow's trainer (shipped: 800)")
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
                        "without 'bag'; its numbers are about this model, not about Stable Diffusion.",
                "comfyui": str(comfy_root), "checkpoint": str(checkpoint), "scale": args.scale, "workflows": {}}
     t = time.time()
-    code, run = run_lab_experiment(out / "experiment", checkpoint, args.scale)
+    code, run = run_lab_experiment(out / "experiment", checkpoint, args.scale, args.seed)
     summary["experiment"] = {"exit_code": code, "seconds": round(time.time() - t, 1), "output": str(run),
                              "report": str(run / "report" / "index.html")}
     if code != 0:
