@@ -57,10 +57,10 @@ def prompt(label: int) -> str:
 
 # ---- the small subsets the demo and CI use (exported once into the repository) ---------------------
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-DEMO_SETS = {  # folder: (split, classes, images per class, offset within the class)
-    "instance": ("test", (HELDOUT_CLASS,), 8, 0),      # the artist's subject: 8 bags (protected by the demo)
-    "reference": ("test", (HELDOUT_CLASS,), 120, 8),   # 120 other bags: the reference set of FD / KD
-    "stage1": ("test", tuple(c for c in range(len(CLASSES)) if c != HELDOUT_CLASS), 8, 0),  # Stage-1 data, captioned
+DEMO_SETS = {  # folder: (classes, images per class, offset within the class), all from the test split
+    "instance": ((HELDOUT_CLASS,), 8, 0),      # the artist's subject: 8 bags (protected by the demo)
+    "reference": ((HELDOUT_CLASS,), 120, 8),   # 120 other bags: the reference set of FD / KD
+    "stage1": (tuple(c for c in range(len(CLASSES)) if c != HELDOUT_CLASS), 8, 0),  # Stage-1 data, captioned
 }
 
 
@@ -72,7 +72,7 @@ def export_demo_sets(out: Path = DEMO_DIR, folder: Path = DATA_DIR) -> dict:
 
     images, labels = load("test", folder)
     counts = {}
-    for name, (_split, classes, per_class, offset) in DEMO_SETS.items():
+    for name, (classes, per_class, offset) in DEMO_SETS.items():
         target = Path(out) / name
         target.mkdir(parents=True, exist_ok=True)
         n = 0

@@ -54,13 +54,10 @@ def main(argv=None) -> int:
     from training.comfy_runtime import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
-    import tempfile
+    from lab.ship import ensure_checkpoint
 
-    from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = ensure_checkpoint(Path(tmp) / CHECKPOINT_NAME, Path(args.parts))
-        result, images = sample_accuracy(ckpt, Path(args.classifier), args.per_class, args.steps, args.cfg)
+    ckpt = ensure_checkpoint(parts=Path(args.parts))  # .cache/lab/, rebuilt only when the parts change
+    result, images = sample_accuracy(ckpt, Path(args.classifier), args.per_class, args.steps, args.cfg)
     print(f"[lab] classifier accuracy on samples of the 9 trained classes: {result['accuracy']:.3f} "
           f"({args.per_class} per class, {args.steps} steps, cfg {args.cfg}): {result['per_class']}")
     if args.grid:

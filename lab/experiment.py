@@ -36,11 +36,10 @@ SCALES = {
     "demo": dict(attack_rounds=None, attack_steps=None, stage1_steps=300, stage1_batch=8, stage2_steps=250,
                  stage2_batch=4, stage2_lr=5e-4, images=40, sample_steps=12, shares=None, kid_subset_size=30,
                  bootstrap=20),
-    # the ablation of RESULTS.md: the demo with Stage 1 on PGD copies at 32 levels instead of PGD-2
-    "demo-stage1-pgd32": None,
 }
 
 
+# the ablation of RESULTS.md: the demo with Stage 1 on PGD copies at 32 levels instead of PGD-2
 SCALES["demo-stage1-pgd32"] = {**SCALES["demo"], "stage1_data": {"preset": "pgd_full", "epsilon": 32.0, "step_size": 4.0}}
 
 

@@ -8,13 +8,10 @@ deterministically, for ``models/checkpoints/`` (setup or the demo run it).
 
     python -m lab.ship pack --vae .cache/lab/vae/vae_final.pt --unet .cache/lab/unet/checkpoint.pt --out lab/weights/lab_fashion_parts.safetensors
     python -m lab.ship unpack --parts lab/weights/lab_fashion_parts.safetensors --out ComfyUI/models/checkpoints/lab_fashion.safetensors
-
-
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +22,7 @@ if str(REPO) not in sys.path:
 FORMAT = "comfyui-lord-lab-model-parts"
 
 
-def pack(vae_path, unet_path, out, dtype_name: str = "fp16", info: dict | None = None) -> Path:
+def pack(vae_path, unet_path, out, dtype_name: str = "int8") -> Path:
     import torch
 
     from lab.files import load_state
@@ -46,8 +43,7 @@ def pack(vae_path, unet_path, out, dtype_name: str = "fp16", info: dict | None =
     tensors["text.rows"] = unet["text"]["rows"].float()
     tensors["text.position"] = unet["text"]["position"].float()
     meta = {"format": FORMAT, "version": "1", "vae_scale": repr(float(unet["vae_scale"])),
-            "vae_shift": repr(float(unet["vae_shift"])), "unet_steps": str(unet["step"]),
-            "info": json.dumps(info or {}, sort_keys=True)}
+            "vae_shift": repr(float(unet["vae_shift"])), "unet_steps": str(unet["step"]), "info": "{}"}
     return atomic_save_safetensors(out, tensors, meta)
 
 
@@ -116,7 +112,7 @@ def ensure_checkpoint(out: Path = REPO / ".cache" / "lab" / CHECKPOINT_NAME, par
     out, parts = Path(out), Path(parts)
     if not parts.is_file():
         raise FileNotFoundError(f"the lab model's parts file {parts} is missing (it ships in the repository; "
-                                f"retrain with lab/README or restore it with git checkout)")
+                                f"restore it with git checkout, or retrain with make lab-retrain: lab/MODEL_CARD.md)")
     if out.is_file():
         try:
             with safe_open(str(out), "pt") as f:

@@ -20,14 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
-
 
 def sd15_alphas_cumprod():
-    import torch
+    """SD15's noise schedule as ComfyUI samples the assembled checkpoint (its SD15 model config)."""
+    import comfy.model_sampling
+    import comfy.supported_models
 
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    from lord_ops.comfy.grad import schedule_alphas_cumprod
+
+    return schedule_alphas_cumprod(comfy.model_sampling.ModelSamplingDiscrete(comfy.supported_models.SD15({})))
 
 
 def load_vae(path):
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     ensure_comfyui_importable(cpu=True)
     import torch
 
+    import comfy.latent_formats
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.ops
     from lab import data, text
@@ -95,9 +97,10 @@ def main(argv=None) -> int:
         torch.save({"enc": enc}, latents_file)
         print(f"[unet] encoded {len(enc)} images in {time.time() - t0:.0f} s")
     # the VAE's scale/shift so that the UNet's input (raw latent x 0.18215) has zero mean and unit std
-    vae_scale = float(SD15_LATENT_SCALE * enc.std())
+    sd15_latent_scale = comfy.latent_formats.SD15().scale_factor  # what ComfyUI multiplies VAE latents by
+    vae_scale = float(sd15_latent_scale * enc.std())
     vae_shift = float(-enc.mean() / vae_scale)
-    z_all = (enc / vae_scale + vae_shift) * SD15_LATENT_SCALE
+    z_all = (enc / vae_scale + vae_shift) * sd15_latent_scale
     labels_t = torch.from_numpy(labels)
     prompts = [data.prompt(i) for i in range(len(data.CLASSES))] + ["a photo of sks bag", ""]
     ids = text.token_ids(prompts)

@@ -163,7 +163,14 @@ def latent_encoder(vae, model_patcher=None) -> Callable[[torch.Tensor], torch.Te
 
 def alphas_cumprod(model_patcher) -> torch.Tensor:
     """The discrete DDPM schedule of the MODEL: ``1 / (1 + sigma_t^2)``, ``[T]``."""
-    sigmas = model_patcher.get_model_object("model_sampling").sigmas.float().cpu()
+    return schedule_alphas_cumprod(model_patcher.get_model_object("model_sampling"))
+
+
+def schedule_alphas_cumprod(model_sampling) -> torch.Tensor:
+    """``1 / (1 + sigma_t^2)`` ``[T]`` of a ComfyUI ``model_sampling`` object (discrete schedules),
+    e.g. ``comfy.model_sampling.ModelSamplingDiscrete(comfy.supported_models.SD15({}))`` when a
+    script trains a UNet before any checkpoint exists."""
+    sigmas = model_sampling.sigmas.float().cpu()
     return 1.0 / (1.0 + sigmas ** 2)
 
 
