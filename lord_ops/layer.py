@@ -17,11 +17,13 @@ Two evaluation forms give the same result:
 
 * **plain** (training, reference): computes ``v``, the gate on ``v`` and the defense branch.
 * **fused** (inference): ``s B A`` is a static weight delta merged into ``W0`` like any LoRA; the
-  first gate layer composes with ``s B`` (``W1 (s B u) = (s W1 B) u``), so at run time only
-  ``u = A x``, a gate on the rank-r ``u`` and ``lambda * (s B') u`` are computed.
+  first gate layer composes with ``s B`` (``W1 (s B u) = (s W1 B) u``) and ``strength * s`` folds
+  into ``B'`` at load, so at run time only ``u = A x``, a gate on the rank-r ``u`` and one
+  ``B' (lambda u)`` added into the layer output (in place when sampling) are computed.
 
-All LoRD arithmetic runs in float32 whatever the dtype of the base model; results are cast back
-to the dtype of the layer output.
+The plain form and the gate run in float32 whatever the dtype of the base model; results are cast
+back to the dtype of the layer output. The fused form projects ``x`` and adds ``B' (lambda u)`` in the
+activations' dtype (as a merged LoRA computes), with ``u`` and the gate in float32.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ GATE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # Gate modes: "learned" uses the MLP, the two forced modes pin lambda for every feature.
 GATE_MODES = ("learned", "clean", "defense")
 FORCED_GATE_VALUE = {"clean": 0.0, "defense": 1.0}
+_F32 = torch.float32
 
 
 @dataclasses.dataclass
@@ -249,7 +252,10 @@ def lord_delta_plain(x: torch.Tensor, w: LoRDWeights, activation: str = "silu", 
 class FusedLoRD:
     """Run-time part of the fused form (the clean branch lives in the merged weight).
 
-    ``down``: A; ``gate_w1``: ``s W1 B`` ``[hidden, r]``; ``defense_up``: ``s B'`` ``[d_out, r]``.
+    ``down``: A (``[r, d_in]``, or the conv kernel ``[r, d_in, kh, kw]``); ``gate_w1``: ``s W1 B``
+    ``[hidden, r]``; ``defense_up``: ``strength * s * B'`` ``[d_out, r]`` (strength and scale folded in
+    once, at load). Gate tensors stay float32; :meth:`to` may give ``down`` / ``defense_up`` the model's
+    dtype, so a half-precision model's activations are projected without a full-size float32 copy.
     """
 
     down: torch.Tensor
@@ -260,8 +266,14 @@ class FusedLoRD:
     defense_up: torch.Tensor
     is_conv: bool
 
+    def __post_init__(self):
+        # contiguous transposes for the no-grad hot path (tiny: rank-r and gate-sized matrices)
+        self.down_t = self.down.t().contiguous() if not self.is_conv and self.down.dtype is _F32 else None
+        self.gate_w1_t, self.gate_w2_t = self.gate_w1.t().contiguous(), self.gate_w2.t().contiguous()
+        self.defense_up_t = self.defense_up.t().contiguous()
+
     @classmethod
-    def from_weights(cls, w: LoRDWeights) -> "FusedLoRD":
+    def from_weights(cls, w: LoRDWeights, strength: float = 1.0) -> "FusedLoRD":
         up = _as_matrix(w.up).float()
         return cls(
             down=w.down.float(),
@@ -269,20 +281,212 @@ class FusedLoRD:
             gate_b1=w.gate_b1.float(),
             gate_w2=w.gate_w2.float(),
             gate_b2=w.gate_b2.float(),
-            defense_up=w.scale * _as_matrix(w.up_defense).float(),
+            defense_up=(float(strength) * w.scale) * _as_matrix(w.up_defense).float(),
             is_conv=w.is_conv,
         )
 
-    def to(self, device) -> "FusedLoRD":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "FusedLoRD":
+        """A copy on ``device``; ``down`` and ``defense_up`` in ``dtype``, the gate in float32."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return FusedLoRD(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
+        moved = {k: (v.to(device=device, dtype=dtype if k in ("down", "defense_up") else torch.float32)
+                     if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
+        return FusedLoRD(**moved)
+
+
+def _code(x: torch.Tensor, down: torch.Tensor, geometry: Optional[ConvGeometry]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``u = A x`` as float32 rows ``[N, r]`` (one row per token / output pixel), computed in ``down``'s
+    dtype, and the leading shape the rows unflatten to (``x.shape[:-1]``, or ``(B, H', W')`` for a conv)."""
+    if down.dim() == 4:
+        geo = geometry or ConvGeometry()
+        u = F.conv2d(x.to(down.dtype), down, None, geo.stride, geo.padding, geo.dilation).permute(0, 2, 3, 1)
+        lead = tuple(u.shape[:3])
+    else:
+        u = F.linear(x.to(down.dtype), down)
+        lead = tuple(x.shape[:-1])
+    return u.reshape(-1, down.shape[0]).float(), lead
+
+
+def _add_rows(output: torch.Tensor, code: torch.Tensor, up: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """``output + up code`` out of place, as one ``addmm`` / ``baddbmm`` (autograd-safe): ``code`` rows
+    ``[N, k]``, ``up`` ``[d_out, k]``, in the output's dtype."""
+    code, up = code.to(output.dtype), up.to(output.dtype)
+    if is_conv:
+        b, d_out = output.shape[:2]
+        new = torch.baddbmm(output.reshape(b, d_out, -1), up.expand(b, -1, -1), code.reshape(b, -1, code.shape[1]).transpose(1, 2))
+        return new.reshape(output.shape)
+    return torch.addmm(output.reshape(-1, output.shape[-1]), code, up.t()).reshape(output.shape)
+
+
+def lord_add_lowrank(output: torch.Tensor, x: torch.Tensor, w: LoRDWeights, activation: str = "silu",
+                     gate_mode: str = "learned", geometry: Optional[ConvGeometry] = None):
+    """``output + v + lambda * s B' u`` (the plain form's delta added to the layer output), evaluated through
+    the rank-r code for training: the gate's first layer composes with ``s B`` (``(s W1 B) u``), and both
+    branches leave as one ``addmm`` of ``[u, lambda u]`` with ``s [B | B']``. Same value and gradients as
+    :func:`lord_delta_plain` (different association), but no full-size intermediate is made or saved for
+    backward. Returns ``(new output, gate logit)``: the logit in the output layout, None for a forced gate."""
+    u, lead = _code(x, w.down, geometry)
+    up = _as_matrix(w.up).float()
+    if gate_mode == "clean":  # lambda = 0: the LoRA branch alone
+        return _add_rows(output, u, w.scale * up, w.is_conv), None
+    logit = None
+    if gate_mode == "learned":
+        logit = gate_logit(u, w.scale * (w.gate_w1.float() @ up), w.gate_b1, w.gate_w2, w.gate_b2, activation)
+        lam = torch.sigmoid(logit)
+    else:
+        lam = _gate_or_forced(lambda: None, u, gate_mode)
+    code = torch.cat([u, lam * u], dim=1)
+    new = _add_rows(output, code, w.scale * torch.cat([up, _as_matrix(w.up_defense).float()], dim=1), w.is_conv)
+    return new, (None if logit is None else _rows_to_layout(logit, lead, w.is_conv))
+
+
+def lora_add(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float,
+             geometry: Optional[ConvGeometry] = None) -> torch.Tensor:
+    """``output + s B (A x)``: a standard LoRA added to the layer output as one ``addmm`` of the rank-r code
+    (Stage-2 training, surrogate LoRAs); same value as ``output + lora_delta(...)``."""
+    u, _ = _code(x, down, geometry)
+    return _add_rows(output, u, scale * _as_matrix(up).float(), down.dim() == 4)
+
+
+def _rows_to_layout(rows: torch.Tensor, lead: tuple[int, ...], is_conv: bool) -> torch.Tensor:
+    """``[N, c]`` rows -> the layer output layout (``[..., c]``, or ``[B, c, H', W']`` for a conv)."""
+    return _features_to_output_layout(rows.reshape(*lead, -1), is_conv)
+
+
+def gate_rows_to_layout(lam: torch.Tensor, output: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """Gate rows ``[N, 1]`` (from :func:`add_fused_defense`) -> the layout of the layer's ``output``."""
+    if is_conv:
+        b, _, h, w = output.shape
+        return lam.reshape(b, h, w, 1).permute(0, 3, 1, 2)
+    return lam.reshape(*output.shape[:-1], 1)
+
+
+def fused_gate(x: torch.Tensor, f: FusedLoRD, activation: str = "silu",
+               geometry: Optional[ConvGeometry] = None) -> torch.Tensor:
+    """The learned gate alone: ``lambda`` in the output layout (``[..., 1]`` / ``[B, 1, H', W']``)."""
+    u, lead = _code(x, f.down, geometry)
+    return _rows_to_layout(gate_mlp(u, f.gate_w1, f.gate_b1, f.gate_w2, f.gate_b2, activation), lead, f.is_conv)
 
 
 def lord_defense_fused(x: torch.Tensor, f: FusedLoRD, activation: str = "silu", gate_mode: str = "learned",
                        geometry: Optional[ConvGeometry] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused form: returns ``(lambda * s B' u, lambda)``; add it to a layer whose weight already
-    holds ``W0 + s B A``. Same layouts as :func:`lord_delta_plain`."""
-    u = _down_project(x, f.down, geometry)
+    """Fused form, out of place: returns ``(lambda * strength * s B' u, lambda)`` in float32; add it to a
+    layer whose weight already holds ``W0 + s B A``. Same layouts as :func:`lord_delta_plain`. The gate
+    scales the rank-r code, ``B' (lambda u)``, so only one full-size tensor is made."""
+    u, lead = _code(x, f.down, geometry)
     lam = _gate_or_forced(lambda: gate_mlp(u, f.gate_w1, f.gate_b1, f.gate_w2, f.gate_b2, activation), u, gate_mode)
-    extra = lam * F.linear(u, f.defense_up)
-    return _features_to_output_layout(extra, f.is_conv), _features_to_output_layout(lam, f.is_conv)
+    extra = F.linear(u * lam, f.defense_up.float())
+    return _rows_to_layout(extra, lead, f.is_conv), _rows_to_layout(lam, lead, f.is_conv)
+
+
+_INPLACE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": lambda h: F.silu(h, inplace=True),
+    "gelu": torch.ops.aten.gelu_,
+    "relu": torch.relu_,
+}
+
+
+class Workspace:
+    """Scratch matrices reused by :func:`add_fused_defense` across calls, so the no-grad hot path allocates
+    nothing once warm: for each row count (tokens x batch) and adapter size, one ``u`` ``[N, r]``, gate
+    hidden ``[N, hidden]`` and ``lambda`` ``[N, 1]`` (float32) per device and inference mode, shared by
+    every target of that size. Only sequential use is safe (one forward at a time, as ComfyUI samples)."""
+
+    def __init__(self):
+        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, n: int, rank: int, hidden: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (n, rank, hidden, device, torch.is_inference_mode_enabled())
+        bufs = self._rows.get(key)
+        if bufs is None:
+            bufs = self._rows[key] = tuple(torch.empty((n, c), device=device) for c in (rank, hidden, 1))
+        return bufs
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+def add_fused_defense(output: torch.Tensor, x: torch.Tensor, f: FusedLoRD, activation: str = "silu",
+                      geometry: Optional[ConvGeometry] = None,
+                      workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``output + lambda * strength * s B' (A x)`` for a layer whose weight holds ``W0 + s B A``, with the
+    learned gate; returns ``(new output, lambda rows [N, 1] float32)`` (:func:`gate_rows_to_layout`
+    gives the layer layout).
+
+    With gradients off (sampling) and a ``workspace``, the sum is written **into** ``output`` (one
+    ``addmm_`` / ``baddbmm_`` of the gated rank-r code) and, for a float32 Linear target, every
+    intermediate (``u``, the gate's hidden layer, ``lambda``) lives in ``workspace``: such a call
+    allocates nothing once warm (Conv2d and half-precision targets still make rank-r sized temporaries).
+    ``lambda`` then is a workspace view, valid until the next call: copy it to keep it. With gradients
+    on, the same arithmetic runs out of place (autograd-safe).
+    """
+    if workspace is None or torch.is_grad_enabled() or not output.is_contiguous():
+        u, _ = _code(x, f.down, geometry)
+        lam = gate_mlp(u, f.gate_w1, f.gate_b1, f.gate_w2, f.gate_b2, activation)
+        return _add_rows(output, u * lam, f.defense_up, f.is_conv), lam
+    fp32 = f.down_t is not None and x.dtype is _F32 and output.dtype is _F32  # Linear, float32 throughout
+    if fp32:
+        x2 = x.reshape(-1, x.shape[-1])
+        u, hidden, lam = workspace.rows(x2.shape[0], f.down_t.shape[1], f.gate_w1_t.shape[1], x.device)
+        torch.mm(x2, f.down_t, out=u)
+    else:
+        u, _ = _code(x, f.down, geometry)  # [N, r] float32: rank-r temporaries only
+        _, hidden, lam = workspace.rows(u.shape[0], u.shape[1], f.gate_w1_t.shape[1], u.device)
+    torch.addmm(f.gate_b1, u, f.gate_w1_t, out=hidden)
+    _INPLACE_ACTIVATIONS[activation](hidden)
+    torch.addmm(f.gate_b2, hidden, f.gate_w2_t, out=lam).sigmoid_()
+    code = u.mul_(lam)
+    if fp32:
+        output.view(-1, output.shape[-1]).addmm_(code, f.defense_up_t)
+        return output, lam
+    code = code.to(output.dtype)
+    up_t = f.defense_up_t.to(output.dtype)
+    if f.is_conv:
+        b, d_out = output.shape[:2]
+        output.view(b, d_out, -1).baddbmm_(up_t.t().expand(b, -1, -1), code.view(b, -1, code.shape[1]).transpose(1, 2))
+    else:
+        output.view(-1, output.shape[-1]).addmm_(code, up_t)
+    return output, lam
+
+
+def _version_of(x: torch.Tensor) -> Optional[int]:
+    """Autograd's in-place edit counter, None for inference tensors (which have none)."""
+    return None if x.is_inference() else x._version
+
+
+class ContextCache:
+    """The defense branch of text-fed targets (cross-attention ``to_k`` / ``to_v``), per context tensor.
+
+    The text context does not change between sampling steps (cond and uncond are two contexts), so the
+    gated defense output of a layer fed by it is the same at every step. :meth:`entry` finds the cache
+    entry of a context: by identity (the same tensor object at the same version, as every cross-attention
+    layer of one step sees) or else by value (``torch.equal`` with a stored copy: ComfyUI concatenates
+    cond and uncond anew each step), so each new context object costs one comparison (one device sync on
+    a GPU) per step. Inference tensors (ComfyUI samples under ``inference_mode``) have no version
+    counter: for them the identity match assumes the context is not edited in place between the layers
+    of one forward (ComfyUI's attention patches return new tensors). The ``capacity`` most recently
+    used contexts are kept. Entries map a
+    target name to ``(delta, lambda rows)``. Only for gradient-free use (sampling).
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity  # contexts kept (cond, uncond, and a few more for area / regional prompts)
+        self._entries: list[dict] = []  # most recent first: {"key", "obj", "version", "deltas"}
+
+    def entry(self, x: torch.Tensor) -> dict:
+        version = _version_of(x)
+        for e in self._entries:
+            if e["obj"] is x and e["version"] == version:
+                return e
+        for i, e in enumerate(self._entries):
+            k = e["key"]
+            if k.shape == x.shape and k.dtype == x.dtype and k.device == x.device and torch.equal(k, x):
+                e["obj"], e["version"] = x, version
+                self._entries.insert(0, self._entries.pop(i))
+                return e
+        e = {"key": x.clone(), "obj": x, "version": version, "deltas": {}}
+        self._entries.insert(0, e)
+        del self._entries[self.capacity:]
+        return e
+
+    def clear(self) -> None:
+        self._entries.clear()

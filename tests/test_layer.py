@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_lord.lord_ops.layer import (FusedLoRD, LoRDWeights, ConvGeometry, init_lord_weights,
-                                         lord_defense_fused, lord_delta_plain)
+from comfyui_lord.lord_ops.layer import (ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense,
+                                         gate_rows_to_layout, init_lord_weights, lord_defense_fused, lord_delta_plain)
 
 
 def random_weights(d_in=12, d_out=10, rank=3, hidden=5, kernel=None, seed=0):
@@ -116,3 +116,99 @@ def test_gradients_reach_every_parameter():
     (delta.square().mean() + lam.mean()).backward()
     for name, p in params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _allocated_bytes(fn) -> int:
+    """CPU bytes allocated by the aten ops ``fn`` runs (torch profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("kernel", [None, (3, 3)])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_in_place_fused_defense_equals_out_of_place_and_plain(kernel, strength):
+    """add_fused_defense (in place, workspace; and with gradients on, out of place) == merged weight +
+    lord_defense_fused == strength * plain; strength is folded into B' once."""
+    w = random_weights(d_in=6, d_out=8, kernel=kernel) if kernel else random_weights()
+    geo = ConvGeometry(padding=(1, 1)) if kernel else None
+    x = torch.randn(2, 6, 5, 4) if kernel else torch.randn(2, 7, 12)
+    f = FusedLoRD.from_weights(w, strength)
+    merged = (F.conv2d(x, w.clean_delta_weight(), padding=1) if kernel else F.linear(x, w.clean_delta_weight()))
+    plain, lam_plain = lord_delta_plain(x, w, geometry=geo)
+    extra, lam_ref = lord_defense_fused(x, f, geometry=geo)
+    torch.testing.assert_close(strength * merged + extra, strength * plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lam_ref, lam_plain, rtol=1e-5, atol=1e-6)
+    ws = Workspace()
+    for _ in range(2):  # the second call reuses the workspace
+        out = merged.clone()
+        with torch.inference_mode():
+            got, lam = add_fused_defense(out, x, f, geometry=geo, workspace=ws)
+        assert got is out  # written in place
+        torch.testing.assert_close(got, merged + extra, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gate_rows_to_layout(lam, got, f.is_conv), lam_plain, rtol=1e-5, atol=1e-6)
+    base = merged.clone().requires_grad_(True)
+    got, _ = add_fused_defense(base, x, f, geometry=geo, workspace=ws)  # gradients on: out of place
+    assert got is not base
+    torch.testing.assert_close(got, merged + extra, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    torch.testing.assert_close(base.grad, 2 * got.detach())
+
+
+def test_in_place_fused_defense_allocates_nothing_once_warm():
+    w = random_weights(d_in=64, d_out=80, rank=4, hidden=32)
+    f, ws = FusedLoRD.from_weights(w, 0.7), Workspace()
+    x, out = torch.randn(2, 100, 64), torch.randn(2, 100, 80)
+    with torch.inference_mode():
+        add_fused_defense(out, x, f, workspace=ws)
+        assert _allocated_bytes(lambda: add_fused_defense(out, x, f, workspace=ws)) == 0
+        assert _allocated_bytes(lambda: lord_defense_fused(x, f)) > 0  # the gauge does see allocations
+
+
+@pytest.mark.parametrize("kernel", [None, (3, 3)])
+@pytest.mark.parametrize("gate_mode", ["learned", "clean", "defense"])
+def test_lowrank_training_form_equals_plain_in_value_and_gradients(kernel, gate_mode):
+    """lord_add_lowrank (Stage 1: gate on (s W1 B) u, one addmm of [u, lambda u]) == output + plain
+    delta, with the same gradients for every LoRD parameter, the input and the layer output."""
+    from comfyui_lord.lord_ops.layer import lord_add_lowrank
+
+    w = random_weights(d_in=6, d_out=8, kernel=kernel) if kernel else random_weights()
+    geo = ConvGeometry(padding=(1, 1)) if kernel else None
+    x0 = torch.randn(2, 6, 5, 4) if kernel else torch.randn(2, 7, 12)
+    out0 = torch.randn(2, 8, 5, 4) if kernel else torch.randn(2, 7, 10)
+    results = []
+    for form in ("plain", "lowrank"):
+        params = {k: v.clone().requires_grad_(True) for k, v in w.tensors().items()}
+        wp = LoRDWeights(**params, alpha=w.alpha)
+        x, out = x0.clone().requires_grad_(True), out0.clone().requires_grad_(True)
+        if form == "plain":
+            delta, _, logit = lord_delta_plain(x, wp, gate_mode=gate_mode, geometry=geo, return_logit=True)
+            new = out + delta
+        else:
+            new, logit = lord_add_lowrank(out, x, wp, gate_mode=gate_mode, geometry=geo)
+        loss = new.square().mean() + (0 if logit is None else torch.sigmoid(logit).sum())
+        loss.backward()
+        results.append((new.detach(), logit, {k: p.grad for k, p in params.items()}, x.grad, out.grad))
+    (n1, l1, g1, x1, o1), (n2, l2, g2, x2, o2) = results
+    torch.testing.assert_close(n2, n1, rtol=1e-5, atol=1e-5)
+    assert (l1 is None) == (l2 is None)
+    if l1 is not None:
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    zero = lambda g, k: torch.zeros_like(w.tensors()[k]) if g is None else g  # noqa: E731  (no path = zero gradient)
+    for k in g1:
+        torch.testing.assert_close(zero(g2[k], k), zero(g1[k], k), rtol=1e-4, atol=1e-6, msg=k)
+    torch.testing.assert_close(x2, x1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(o2, o1)
+
+
+def test_lora_add_equals_lora_delta():
+    from comfyui_lord.lord_ops.layer import init_lora, lora_add, lora_delta
+
+    for kernel, x, geo in ((None, torch.randn(2, 5, 12), None), ((3, 3), torch.randn(2, 12, 6, 6), ConvGeometry(padding=(1, 1)))):
+        down, _ = init_lora(12, 9, 3, kernel)
+        up = torch.randn((9, 3, 1, 1) if kernel else (9, 3))
+        out = torch.randn(2, 9, 6, 6) if kernel else torch.randn(2, 5, 9)
+        torch.testing.assert_close(lora_add(out, x, down, up, 0.7, geo), out + lora_delta(x, down, up, 0.7, geo),
+                                   rtol=1e-5, atol=1e-5)

@@ -248,8 +248,10 @@ def test_low_precision_base_model(dtype):
     out32, base32 = forward(patch.apply_lord(m32, lord, 1.0, "learned", "fused"), x, ctx), forward(m32, x, ctx)
     assert mlow.model.get_dtype() == dtype and torch.isfinite(out_low).all()
     inj = patch.lord_injections(lorded)[0][1]
-    assert all(t.dtype == torch.float32 for t in vars(inj.runtime_on(next(iter(lord.targets)), torch.device("cpu"))).values()
-               if isinstance(t, torch.Tensor))
+    rt = inj.runtime_on(next(iter(lord.targets)), torch.device("cpu"), dtype)  # what the hooks use on this model
+    assert rt.down.dtype == rt.defense_up.dtype == dtype  # projections in the activations' dtype (no full-size copy)
+    assert all(t.dtype == torch.float32 for t in (rt.gate_w1, rt.gate_b1, rt.gate_w2, rt.gate_b2))  # gate in float32
+    assert inj.runtime_on(next(iter(lord.targets)), torch.device("cpu"), dtype) is rt  # copied once
     delta_low, delta32 = out_low - base_low, out32 - base32
     rel = (delta_low - delta32).norm() / delta32.norm()
     assert rel < 0.1, rel
@@ -374,3 +376,48 @@ def test_load_lord_checks_its_lora_like_a_lord_file(tiny_model, tmp_path):
     stock, _ = comfy.sd.load_lora_for_models(patch.apply_lord(tiny_model, lord), None, good, 1.0, 0)
     assert torch.equal(out, forward(stock, x, ctx))
     assert not torch.allclose(out, forward(load("None"), x, ctx))
+
+
+def test_fused_sampling_hooks_allocate_nothing(tiny_model):
+    """Issue 13: once warm, a fused learned-gate LoRD step allocates exactly what the base step does
+    (the defense branch is added into each layer's output in place, intermediates live in a workspace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lord = make_lord(tiny_model)
+    lorded = patch.apply_lord(tiny_model, lord, 0.8, "learned", "fused")
+    x, ctx = inputs()
+
+    def allocated(mp) -> int:
+        mm.load_models_gpu([mp])
+        sigma = mp.model.model_sampling.sigma(torch.full((x.shape[0],), 500.0))
+        with torch.inference_mode():
+            mp.model.apply_model(x, sigma, c_crossattn=ctx)  # warm: workspace and device copies
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                mp.model.apply_model(x, sigma, c_crossattn=ctx)
+        return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+    base, fused = allocated(tiny_model), allocated(lorded)
+    assert base > 0 and fused == base, (base, fused)
+
+
+def test_text_context_cache_follows_the_context(tiny_model):
+    """Cross-attention k/v defense outputs are cached per context (issue 13): within one load (one
+    sampling call), a new context, a context seen before, a copy of it and one edited in place all
+    give the plain form's output, and the cache stays bounded."""
+    lord = make_lord(tiny_model)
+    fused = patch.apply_lord(tiny_model, lord, 0.9, "learned", "fused")
+    plain = patch.apply_lord(tiny_model, lord, 0.9, "learned", "plain")
+    x, ctx_a = inputs(seed=0)
+    ctxs = [ctx_a, inputs(seed=1)[1], ctx_a.clone(), ctx_a, ctx_a * 0.5] + [inputs(seed=s)[1] for s in (2, 3, 4)]
+    expected = [forward(plain, x, c) for c in ctxs]
+    mm.load_models_gpu([fused])
+    inj = patch.lord_injections(fused)[0][1]
+    sigma = fused.model.model_sampling.sigma(torch.full((x.shape[0],), 500.0))
+    with torch.inference_mode():
+        for i, (c, want) in enumerate(zip(ctxs, expected)):
+            if i == 4:
+                c, want = ctx_a.mul_(0.5), expected[4]  # the same object, edited in place
+            torch.testing.assert_close(fused.model.apply_model(x, sigma, c_crossattn=c).float(), want, rtol=1e-4, atol=1e-4)
+            if i == 3:
+                assert len(inj._contexts._entries) == 2  # a, b: the copy and the repeat hit a's entry
+    assert len(inj._contexts._entries) == inj._contexts.capacity

@@ -23,8 +23,8 @@ import torch
 from ..datasets import model_fingerprint
 from ..format import LoRDFile, check_against_model, kohya_state_dict
 from ..keys import CONTEXT_FED, unet_name_map
-from ..layer import (GATE_MODES, ConvGeometry, FusedLoRD, LoRDWeights, lord_defense_fused,
-                     lord_delta_plain)
+from ..layer import (GATE_MODES, ContextCache, ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense, fused_gate,
+                     gate_rows_to_layout, lord_delta_plain)
 
 INJECTION_PREFIX = "lord:"
 IMPLEMENTATIONS = ("fused", "plain")
@@ -153,11 +153,13 @@ class LoRDInjection:
         with torch.inference_mode(False):
             weights = {n: LoRDWeights(**{k: v.detach().float().clone() for k, v in w.tensors().items()}, alpha=w.alpha)
                        for n, w in lord.targets.items()}
-            if implementation == "fused":
-                self._runtime = {n: FusedLoRD.from_weights(w) for n, w in weights.items()}
+            if implementation == "fused":  # strength and scale folded into B' once, here
+                self._runtime = {n: FusedLoRD.from_weights(w, strength) for n, w in weights.items()}
             else:
                 self._runtime = weights
-        self._on_device: dict[tuple[str, torch.device], object] = {}
+        self._on_device: dict[tuple, object] = {}
+        self._workspace = Workspace()
+        self._contexts = ContextCache()
         self._handles: dict[int, list] = {}
 
     @property
@@ -172,44 +174,71 @@ class LoRDInjection:
         twin.recorder, twin._handles = recorder, {}
         return twin
 
-    def runtime_on(self, name: str, device: torch.device):
-        """The adapter's run-time tensors on ``device``, copied there on first use.
+    def runtime_on(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+        """The adapter's run-time tensors on ``device``, copied there on first use (fused: projections
+        in ``dtype``, the activations' dtype; gate float32. Plain: all float32).
 
         These copies are not counted by ComfyUI's memory management (they are small: the LoRD
         adapters, not the base weights), so they live only while the hooks are injected:
         :meth:`eject` -- which ComfyUI calls whenever it unpatches, detaches, partially unloads or
         re-patches the model -- drops them, and the next hooked forward copies them again.
         """
-        key = (name, device)
-        if key not in self._on_device:
-            self._on_device[key] = self._runtime[name].to(device)
-        return self._on_device[key]
+        key = (name, device, dtype)
+        rt = self._on_device.get(key)
+        if rt is None:
+            rt = self._runtime[name]
+            rt = self._on_device[key] = rt.to(device, dtype) if isinstance(rt, FusedLoRD) else rt.to(device)
+        return rt
 
     def hook_for(self, name: str, geometry: Optional[ConvGeometry]):
         """The forward hook of target ``name``: adds ``strength * delta`` to the layer's output (and
-        records the gate when a recorder is set)."""
-        fused = self.implementation == "fused"
+        records the gate when a recorder is set).
+
+        Fused with the learned gate, the hook adds only the gated defense branch: sampling (gradients
+        off) writes it into the layer's output in place through the shared :class:`Workspace`, so a
+        Linear target allocates nothing per step; with gradients on it runs out of place.
+        """
         activation = self.lord.gate_activation
+        recorder = self.recorder
+        gate_off = name in self.gate_off
+        if self.implementation == "fused":
+            adds = self.gate_mode == "learned" and not gate_off  # forced gates live in the weight patch
+            text_fed = name not in self.spatial
+
+            def hook(module, args, output):
+                x = args[0]
+                rt = self.runtime_on(name, x.device, x.dtype)
+                if adds:
+                    if text_fed and not torch.is_grad_enabled() and output.is_contiguous():
+                        # the same text context every step: its defense output is computed once
+                        cached = self._contexts.entry(x)["deltas"]
+                        hit = cached.get(name)
+                        if hit is None:
+                            delta, lam = add_fused_defense(torch.zeros_like(output), x, rt, activation, geometry,
+                                                           self._workspace)
+                            hit = cached[name] = (delta, lam.clone())
+                        output.add_(hit[0])
+                        lam = hit[1]
+                    else:
+                        output, lam = add_fused_defense(output, x, rt, activation, geometry, self._workspace)
+                    if recorder is not None:
+                        recorder.append((name, gate_rows_to_layout(lam, output, rt.is_conv).clone()))
+                    return output
+                if recorder is not None:  # a recorder always sees the learned gate (0 where gated off)
+                    lam = fused_gate(x, rt, activation, geometry)
+                    recorder.append((name, torch.zeros_like(lam) if gate_off else lam))
+                return output
+
+            return hook
 
         def hook(module, args, output):
             x = args[0]
             rt = self.runtime_on(name, x.device)
-            recording = self.recorder is not None
-            if fused:
-                # with a forced gate the defense part is in the weight patch; hooks only record
-                mode = "learned" if recording else self.gate_mode
-                extra, lam = lord_defense_fused(x, rt, activation, "clean" if name in self.gate_off else mode, geometry)
-                if self.gate_mode != "learned":
-                    extra = None
-            else:
-                extra, lam = lord_delta_plain(x, rt, activation, "clean" if name in self.gate_off else self.gate_mode,
-                                              geometry)
-                if recording and self.gate_mode != "learned":  # a recorder always sees the learned gate
+            extra, lam = lord_delta_plain(x, rt, activation, "clean" if gate_off else self.gate_mode, geometry)
+            if recorder is not None:
+                if self.gate_mode != "learned":  # a recorder always sees the learned gate
                     _, lam = lord_delta_plain(x, rt, activation, "learned", geometry)
-            if self.recorder is not None:
-                self.recorder.append((name, lam.detach()))
-            if extra is None:
-                return output
+                recorder.append((name, lam.detach()))
             return output + (self.strength * extra).to(output.dtype)
 
         return hook
@@ -236,6 +265,8 @@ class LoRDInjection:
         The dict is shared with :meth:`with_recorder` twins, so their copies go too; every copy
         is rebuilt on demand."""
         self._on_device.clear()
+        self._workspace.clear()
+        self._contexts.clear()
 
 
 def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.Tensor]:
