@@ -29,7 +29,7 @@ from .attacks import PRESETS, AttackConfig
 from .diffusion import denoising_loss
 from .format import CONTEXT_GATE_OFF, LoRDFile
 from .keys import CONTEXT_FED
-from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, init_lora, lora_delta, lord_delta_plain
+from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, init_lora, lora_add, lord_add_lowrank
 from .metrics import auroc  # noqa: F401  (re-exported: lord_ops.metrics owns it)
 
 STAGES = ("stage1", "stage2")
@@ -171,9 +171,10 @@ class LoRDParameters(torch.nn.Module):
 
 
 class TrainableLoRD(torch.nn.Module):
-    """All targets of a LoRD, trainable. ``delta(name, x)`` is the plain LoRD forward of
-    ``layer.lord_delta_plain`` (gate learned), so training and inference share one definition; it
-    returns ``(delta, gate logit)``.
+    """All targets of a LoRD, trainable. ``add(name, output, x)`` adds the LoRD delta of
+    ``layer.lord_delta_plain`` (gate learned) to a layer's output, evaluated by ``layer.lord_add_lowrank``
+    (the same value and gradients through the rank-r code, no full-size intermediates); it returns
+    ``(new output, gate logit)``.
 
     Text-fed layers (cross-attention ``to_k``/``to_v``, :data:`lord_ops.keys.CONTEXT_FED`) read the
     caption, identical for clean and perturbed samples, so no BCE can supervise their gate: it is
@@ -192,11 +193,9 @@ class TrainableLoRD(torch.nn.Module):
             for f in ("up_defense", "gate_w1", "gate_b1", "gate_w2", "gate_b2"):
                 getattr(self.layers[n], f).requires_grad_(False)
 
-    def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
+    def add(self, name: str, output: torch.Tensor, x: torch.Tensor, geometry: Optional[ConvGeometry]):
         mode = "clean" if name in self.gate_off else "learned"
-        delta, _lam, logit = lord_delta_plain(x, self.layers[name].weights(), self.gate_activation, mode, geometry,
-                                              return_logit=True)
-        return delta, logit
+        return lord_add_lowrank(output, x, self.layers[name].weights(), self.gate_activation, mode, geometry)
 
     def export(self, provenance: Optional[dict] = None) -> LoRDFile:
         targets = {}
@@ -242,9 +241,10 @@ class TrainableLoRA(torch.nn.Module):
             layers[name] = LoRAParameters(*init_lora(d_in, d_out, rank, kernel, g), alpha)
         return cls(layers)
 
-    def delta(self, name: str, x: torch.Tensor, geometry: Optional[ConvGeometry]):
+    def add(self, name: str, output: torch.Tensor, x: torch.Tensor, geometry: Optional[ConvGeometry]):
+        """``(output + s B A x, None)`` (``layer.lora_add``)."""
         p = self.layers[name]
-        return lora_delta(x, p.down, p.up, p.scale, geometry), None
+        return lora_add(output, x, p.down, p.up, p.scale, geometry), None
 
     def export(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """``{kohya name: (down, up, alpha)}`` for ``format.save_kohya_lora``."""
@@ -252,7 +252,8 @@ class TrainableLoRA(torch.nn.Module):
 
 
 class AdapterHooks:
-    """Forward hooks adding ``adapter.delta(name, x)`` to the outputs of named modules.
+    """Forward hooks adding an adapter to the outputs of named modules (``adapter.add(name, output, x,
+    geometry) -> (new output, gate logit or None)``).
 
     Gate logits (LoRD) of every hooked call are collected in ``records`` as ``(name, logit)``;
     :meth:`take` hands them over and starts a new list (gradient checkpointing re-runs hooks during
@@ -268,10 +269,10 @@ class AdapterHooks:
 
     def _hook(self, adapter, name, geometry):
         def hook(module, args, output):
-            delta, logit = adapter.delta(name, args[0], geometry)
+            output, logit = adapter.add(name, output, args[0], geometry)
             if logit is not None:
                 self.records.append((name, logit))
-            return output + delta.to(output.dtype)
+            return output
 
         return hook
 
@@ -329,12 +330,19 @@ def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set
 def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor, z_adv: torch.Tensor,
                   t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, lambda_adv: float,
                   lambda_gate: float, gate_names: Optional[set] = None,
-                  autocast: Callable = contextlib.nullcontext, prediction: str = "eps") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  autocast: Callable = contextlib.nullcontext, prediction: str = "eps",
+                  backward: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 7: ``L_clean + lambda1 L_adv + lambda2 BCE(lambda, y)`` per sample ``[B]``.
 
     Both samples of a pair share timestep and noise; ``prediction`` is the model's native loss
     weighting (:func:`lord_ops.diffusion.denoising_loss`). With ``lambda_gate == 0`` (or no hooks) this is
     the "PGD-2 defense" baseline: a plain LoRA on clean + perturbed samples.
+
+    The sum splits into a clean term (``L_clean + lambda2/2 BCE(lambda_clean, 0)``) and a perturbed term.
+    With ``backward`` (see :func:`train`), the clean term is back-propagated as soon as the clean pass is
+    done, so its autograd graph is freed before the perturbed pass runs (peak memory of one pass, not
+    two); the returned total then carries gradients of the perturbed term only (same value, same
+    accumulated gradients).
     """
     use_gate = hooks is not None and lambda_gate > 0
     if hooks is not None:
@@ -342,15 +350,24 @@ def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor,
     with autocast():
         l_clean = denoising_loss(predict, z_clean, t, noise, alphas_cumprod, prediction)
     gates_clean = hooks.take() if hooks is not None else []
+    first = l_clean.float()
+    if use_gate:
+        bce_clean = gate_bce(gates_clean, 0.0, gate_names)
+        first = first + 0.5 * lambda_gate * bce_clean
+    if backward is not None:
+        backward(first)
+        first = first.detach()
+        if hooks is not None:  # gradient checkpointing re-ran the clean pass's hooks during that backward
+            hooks.take()
     with autocast():
         l_adv = denoising_loss(predict, z_adv, t, noise, alphas_cumprod, prediction)
     gates_adv = hooks.take() if hooks is not None else []
-    total = l_clean.float() + lambda_adv * l_adv.float()
+    total = first + lambda_adv * l_adv.float()
     parts = {"clean": l_clean.detach().float(), "adv": l_adv.detach().float()}
     if use_gate:
-        bce = 0.5 * (gate_bce(gates_clean, 0.0, gate_names) + gate_bce(gates_adv, 1.0, gate_names))
-        total = total + lambda_gate * bce
-        parts["gate_bce"] = bce.detach()
+        bce_adv = gate_bce(gates_adv, 1.0, gate_names)
+        total = total + 0.5 * lambda_gate * bce_adv
+        parts["gate_bce"] = 0.5 * (bce_clean.detach() + bce_adv.detach())
         parts["gate_clean"] = gate_scores(gates_clean, gate_names)
         parts["gate_adv"] = gate_scores(gates_adv, gate_names)
     return total, parts
@@ -451,8 +468,8 @@ class _StepModule(torch.nn.Module):
         self.trainable = trainable
         self._sample_losses = sample_losses
 
-    def forward(self, indices: list[int], draws: list[Draw]):
-        losses, parts = self._sample_losses(indices, draws)
+    def forward(self, indices: list[int], draws: list[Draw], backward: Optional[Callable] = None):
+        losses, parts = self._sample_losses(indices, draws, backward)
         return losses.mean(), {k: v.detach().float().sum() for k, v in parts.items()}
 
 
@@ -468,8 +485,12 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
           device: Optional[torch.device] = None, identity: Optional[dict[str, str]] = None) -> TrainResult:
     """Optimise ``trainable`` with AdamW for ``config.steps`` steps.
 
-    ``sample_losses(indices, draws) -> (losses [b], {part: [b]})`` computes one micro-batch (items
-    ``indices`` of the dataset, randomness ``draws``). One optimizer step sees
+    ``sample_losses(indices, draws, backward) -> (losses [b], {part: [b]})`` computes one micro-batch
+    (items ``indices`` of the dataset, randomness ``draws``). ``backward`` (None under DDP, which needs
+    one backward per forward) back-propagates per-sample losses ``[b]`` right away, with the same
+    scaling as the final loss: a micro-batch made of several UNet passes may call it on each finished
+    term that later terms do not depend on (freeing that pass's graph) and return the rest, with the
+    finished terms detached. One optimizer step sees
     ``batch_size * grad_accumulation * world_size`` samples. Under an initialised process group the
     parameters are wrapped in DDP; only rank 0 writes checkpoints. ``on_step`` runs after each
     optimizer step (progress, logs, cancellation: raise to stop -- the last checkpoint stays).
@@ -533,6 +554,16 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
                                          broadcast_buffers=False)
     b, accum = config.batch_size, config.grad_accumulation
     global_batch = b * accum * world
+
+    def backward_mean(loss: torch.Tensor) -> None:
+        (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
+
+    early_calls = [0]
+
+    def early_backward(losses: torch.Tensor) -> None:
+        early_calls[0] += 1
+        backward_mean(losses.mean())
+
     t0, seen = time.perf_counter(), 0
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
@@ -544,8 +575,10 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
             draws = [sample_draw(config.seed, step, p, config.t_min, config.t_max) for p in positions]
             sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else runner.no_sync()
             with sync:
-                loss, parts = runner(indices, draws)
-                (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
+                early_calls[0] = 0
+                loss, parts = runner(indices, draws, early_backward if world == 1 else None)
+                if loss.requires_grad or not early_calls[0]:  # all of it may have gone back early
+                    backward_mean(loss)
             loss_sum += loss.detach().float().cpu() * b
             for k, v in parts.items():
                 part_sums[k] = part_sums.get(k, torch.zeros(())) + v.cpu()

@@ -180,3 +180,42 @@ def test_loss_weighting_is_explicit_and_shared_by_stage1_losses():
     total_e, parts_e = T.paired_losses(predict, None, z, z * 0.9, t, noise, acp, 1.0, 0.0)
     torch.testing.assert_close(parts_v["clean"], parts_e["clean"] / acp[t])
     torch.testing.assert_close(total_v, total_e / acp[t])
+
+
+def test_early_backward_of_the_clean_term_gives_the_same_loss_and_gradients():
+    """Issue 13: paired_losses(backward=...) back-propagates the clean term (its denoising loss + half the
+    gate BCE) right after the clean pass; the value and the accumulated gradients of every LoRD
+    parameter equal one backward of the whole Eq. 7 sum."""
+    import torch
+
+    from comfyui_lord.lord_ops import trainer as T
+    from comfyui_lord.lord_ops.format import LoRDFile
+    from comfyui_lord.lord_ops.layer import init_lord_weights
+
+    g = torch.Generator().manual_seed(5)
+    conv_in, conv_out = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1)
+    net = torch.nn.Sequential(conv_in, torch.nn.SiLU(), conv_out).requires_grad_(False)
+    lord = LoRDFile({"in": init_lord_weights(4, 16, 2, kernel_size=(3, 3), generator=g, random_up=0.2),
+                     "out": init_lord_weights(16, 4, 2, kernel_size=(3, 3), generator=g, random_up=0.2)})
+    acp = torch.linspace(0.999, 0.005, 1000)
+    z, za, noise = (torch.randn(2, 4, 6, 6, generator=g) for _ in range(3))
+    t = torch.tensor([100, 700])
+    results = []
+    for early in (False, True):
+        adapter = T.TrainableLoRD(lord)
+        with T.AdapterHooks({"in": conv_in, "out": conv_out}, adapter) as hooks:
+            calls = []
+            backward = (lambda part: (calls.append(1), part.mean().backward())) if early else None
+            total, parts = T.paired_losses(lambda zt, tt: net(zt), hooks, z, za, t, noise, acp, 0.7, 0.5,
+                                           {"in", "out"}, backward=backward)
+            total.mean().backward()
+        assert len(calls) == (1 if early else 0)
+        results.append((total.detach(), parts, {n: p.grad.clone() for n, p in adapter.named_parameters()
+                                                if p.grad is not None}))
+    (t1, p1, g1), (t2, p2, g2) = results
+    torch.testing.assert_close(t2, t1)
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k])
+    assert g1.keys() == g2.keys() and any("gate" in k for k in g1)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)

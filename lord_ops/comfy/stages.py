@@ -107,12 +107,13 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         with T.AdapterHooks(target_modules(clone, sorted(lord0.targets)), trainable) as hooks:
             perturb = online_perturber(clone, vae, data, config, predict, acp) if online else None
 
-            def sample_losses(indices, draws):
+            def sample_losses(indices, draws, backward=None):
                 t = torch.tensor([d.t for d in draws])
                 noise = torch.stack([d.noise(zc.shape[1:]) for d in draws]).to(device)
                 z_adv = perturb(indices, draws) if online else za[indices]
                 return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
-                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast, prediction_type(clone))
+                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast, prediction_type(clone),
+                                       backward=backward)
 
             result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
                              identity=_identity(clone, vae, data, with_lord=False))
@@ -173,18 +174,22 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
         zk = z_class.to(device) if z_class is not None else None
         autocast = autocast_for(config, device)
         with T.AdapterHooks(target_modules(clone, names), trainable):
-            def sample_losses(indices, draws):
+            def sample_losses(indices, draws, backward=None):
                 t = torch.tensor([d.t for d in draws])
                 noise = torch.stack([d.noise(zi.shape[1:]) for d in draws]).to(device)
                 pred = lambda zt, tt: predict(zt, tt, indices)  # noqa: E731
                 if za is not None:
                     total, parts = T.paired_losses(pred, None, zi[indices], za[indices], t, noise, acp,
-                                                   config.lambda_adv, 0.0, autocast=autocast, prediction=prediction_type(clone))
+                                                   config.lambda_adv, 0.0, autocast=autocast, prediction=prediction_type(clone),
+                                                   backward=backward)
                 else:
                     with autocast():
                         total = denoising_loss(pred, zi[indices], t, noise, acp, prediction_type(clone)).float()
                     parts = {"instance": total.detach()}
                 if zk is not None:
+                    if backward is not None and total.requires_grad:  # free the instance pass before the prior pass
+                        backward(total)
+                        total = total.detach()
                     which = [d.noise_seed % zk.shape[0] for d in draws]
                     class_noise = torch.stack([T.Draw(d.t, d.noise_seed + 1).noise(zk.shape[1:]) for d in draws]).to(device)
                     with autocast():
