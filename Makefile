@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train thumbnails lab-data lab-retrain clean
+.PHONY: setup test demo bench bench-train bench-attack thumbnails lab-data lab-retrain clean
 setup:
 	bash tools/setup_env.sh
 
@@ -25,11 +25,16 @@ lab-retrain: setup lab-data
 	cp .cache/lab/lab_classifier.safetensors lab/weights/lab_classifier.safetensors
 	$(PY) -m lab.data
 
-bench: setup
+# Benchmarks (BENCHMARKS.md): each target runs one script with its defaults and rewrites that script's
+# section of BENCHMARKS.md, whose "Command:" line names the target. Estimated times on 2 CPU cores.
+bench: setup                # sampling cost per step, LoRD vs stock LoRA (~10 min)
 	$(PY) bench/bench_sampling.py
 
-bench-train: setup
+bench-train: setup          # Stage-1 training cost vs core Train LoRA (~18 min)
 	$(PY) bench/bench_train.py
+
+bench-attack: setup         # LoRD Protect attack cost (~10 min)
+	$(PY) bench/bench_attack.py
 
 thumbnails: setup
 	$(PY) tools/make_template_thumbnails.py

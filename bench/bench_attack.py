@@ -360,7 +360,7 @@ def main(argv=None) -> None:
         return
 
     start = time.time()
-    facts = B.machine_facts()
+    facts = B.machine_facts("bench-attack")
     log(json.dumps(facts))
     sizes = [int(x) for x in (args.sizes or ("64" if args.quick else "256,512")).split(",")]
     times, mems, skipped = [], [], []

@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    facts = B.machine_facts()
+    facts = B.machine_facts("bench")
     facts["malloc"] = "stock" if args.stock_malloc else steady_malloc()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"{facts}")

@@ -457,7 +457,7 @@ def main(argv=None) -> None:
         return
 
     start = time.time()
-    facts = B.machine_facts()
+    facts = B.machine_facts("bench-train")
     log(json.dumps(facts))
     own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="bench_train_")

@@ -9,8 +9,8 @@
 * statistics: :func:`spread`, :func:`paired_ratios`;
 * peak memory: :class:`PeakMemory`;
 * subprocess workers: :func:`run_worker`, :func:`emit_result`;
-* the report: :func:`machine_facts`, :func:`header_lines`, :func:`gib`, :func:`write_section`,
-  :func:`new_parser`, :func:`add_machine_args`, :func:`add_output_args`, :func:`finish`.
+* the report: :func:`repro_command`, :func:`machine_facts`, :func:`header_lines`, :func:`gib`,
+  :func:`write_section`, :func:`new_parser`, :func:`add_machine_args`, :func:`add_output_args`, :func:`finish`.
 
 Plain Python at import time: ComfyUI, torch and the pack are imported inside the functions, after
 :func:`import_comfy`.
@@ -324,9 +324,40 @@ def run_worker(script: str, argv: list, on_error: dict) -> dict:
 # The report
 
 
-def machine_facts() -> dict:
+# options that only name where results go: not needed to reproduce a run
+OUTPUT_OPTIONS = ("--json", "--md", "--work")
+
+
+def repro_command(make_target: str, argv=None, script=None) -> str:
+    """The command a user runs from the repository root to reproduce this run: ``make <make_target>``
+    when ``argv`` (default ``sys.argv[1:]``) holds nothing but output options (:data:`OUTPUT_OPTIONS`,
+    ``--opt VALUE`` or ``--opt=VALUE``), else ``python <script> <the other arguments>`` with ``script``
+    (default ``sys.argv[0]``) relative to the repository root. No interpreter path, no output path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in OUTPUT_OPTIONS:
+            i += 2
+            continue
+        if not a.startswith(tuple(o + "=" for o in OUTPUT_OPTIONS)):
+            kept.append(a)
+        i += 1
+    if not kept:
+        return f"make {make_target}"
+    path = pathlib.Path(script or sys.argv[0]).resolve()
+    try:
+        rel = path.relative_to(ROOT).as_posix()
+    except ValueError:
+        rel = path.name
+    return " ".join(shlex.quote(a) for a in ["python", rel, *kept])
+
+
+def machine_facts(make_target: str) -> dict:
     """What a reader needs to weigh the numbers: CPU, cores, RAM, torch, threads, device, Python, the
-    1-min load average at start and the command line (with ``COMFYUI_PATH`` when set)."""
+    1-min load average at start, ``command`` (:func:`repro_command` with ``make_target``: what a user
+    runs to reproduce the run) and ``invocation`` (the literal command line, with ``COMFYUI_PATH`` when
+    set; for the JSON only)."""
     import torch
 
     import comfy.model_management as mm
@@ -347,7 +378,8 @@ def machine_facts() -> dict:
     env = [f"COMFYUI_PATH={shlex.quote(os.environ['COMFYUI_PATH'])}"] if os.environ.get("COMFYUI_PATH") else []
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu,
             "ram": mem, "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg()[0],
-            "command": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
+            "command": repro_command(make_target),
+            "invocation": " ".join(env + [shlex.quote(a) for a in [sys.executable, *sys.argv]])}
 
 
 def header_lines(facts: dict) -> list:
