@@ -72,7 +72,6 @@ from benchlib import log, pinned_malloc, sync
 B.import_comfy()
 from comfyui_lord.lord_ops import trainer as T  # noqa: E402
 from comfyui_lord.lord_ops.comfy import data as cdata, perturb, stages  # noqa: E402
-from tools import tiny  # noqa: E402
 
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
@@ -112,14 +111,7 @@ class Setup:
             self.vae, vdesc = build_vae("kl" if model == "sd15" else "taesd")
             name = B.UNET_NAMES[model]
         elif model == "ckpt":
-            import comfy.sd
-
-            path = work / "sd15-geometry-test.safetensors"
-            if not path.exists():
-                tiny.write_sd15_geometry_checkpoint(path, seed=0)
-            with torch.inference_mode():  # like CheckpointLoaderSimple under ComfyUI's executor
-                out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)
-            self.model, self.vae = out[0], out[2]
+            self.model, self.vae = B.test_checkpoint(work)
             name, vdesc = "SD15-geometry test checkpoint UNet", "its TAESD"
         else:
             raise ValueError(f"unknown model {model!r}")
@@ -429,7 +421,9 @@ EXPLAIN = (
     "plus a merged copy of every adapted weight saved for its backward.")
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """The command line (``--images`` resolved to its default); :mod:`bench_scaling` builds its worker
+    options here too."""
     ap = B.new_parser(__doc__, quick="smoke run: tiny model, 64 px, 1 round of 1 step, no markdown",
                       steps="timed optimizer steps per call (default: ckpt 4, sd15 2, tiny 3; 2 from 512 px)",
                       repeats="rounds (default: ckpt 5, sd15 3, tiny 3; 2 from 512 px; quick 1)")
@@ -451,6 +445,11 @@ def main(argv=None) -> None:
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.images = args.images or max(2, args.batch)
+    return ap, args
+
+
+def main(argv=None) -> None:
+    ap, args = parse_args(argv)
     if args.worker:
         res = worker_time(args) if args.worker == "time" else worker_mem(args)
         B.emit_result(res)

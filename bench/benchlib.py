@@ -1,7 +1,7 @@
 """The scaffolding the benchmarks share, one owner per idea.
 
 * start-up: :func:`import_comfy` (ComfyUI and the pack importable, ``--cpu`` without CUDA);
-* models and inputs: :func:`random_vae`, :func:`random_unet`, :func:`smooth_image`;
+* models and inputs: :func:`random_vae`, :func:`random_unet`, :func:`test_checkpoint`, :func:`smooth_image`;
 * a shared machine: :func:`cpu_ticks`, :func:`other_load`, :func:`wait_until_quiet`,
   :func:`quiet_run` (a timed run redone when other processes were busy), :func:`rotated` (round-robin
   order of interleaved rounds), :func:`minflt`;
@@ -102,6 +102,28 @@ def random_unet(kind: str):
     if kind == "tiny":
         return tiny.build_tiny_model_patcher(seed=0)
     raise ValueError(f"unknown UNet kind {kind!r} (sd15 or tiny)")
+
+
+TEST_CHECKPOINT = "sd15-geometry-test.safetensors"
+
+
+def test_checkpoint(work):
+    """The SD15-geometry test checkpoint (``tiny.write_sd15_geometry_checkpoint``: SD1.5's first-level
+    UNet geometry, 320 channels, 8 heads, context 768; TAESD; CLIP-L; random weights), written into the
+    folder ``work`` unless already there, and loaded by ``comfy.sd.load_checkpoint_guess_config`` under
+    inference mode like CheckpointLoaderSimple under ComfyUI's executor: ``(MODEL, VAE)``."""
+    import comfy.sd
+    import torch
+
+    from tools import tiny
+
+    path = pathlib.Path(work) / TEST_CHECKPOINT
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tiny.write_sd15_geometry_checkpoint(path, seed=0)
+    with torch.inference_mode():
+        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)
+    return out[0], out[2]
 
 
 def params_m(module) -> float:
