@@ -27,7 +27,7 @@ lab-retrain: setup lab-data
 
 # Benchmarks (BENCHMARKS.md): each target runs one script with its defaults and rewrites that script's
 # section of BENCHMARKS.md, whose "Command:" line names the target. Estimated times on 2 CPU cores.
-bench: setup                # sampling cost per step, LoRD vs stock LoRA (~10 min)
+bench: setup                # sampling cost per step, LoRD vs stock LoRA (~11 min)
 	$(PY) bench/bench_sampling.py
 
 bench-train: setup          # Stage-1 training cost vs core Train LoRA (~18 min)
