@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train bench-attack thumbnails lab-data lab-retrain clean
+.PHONY: setup test demo bench bench-train bench-attack bench-scaling bench-all thumbnails lab-data lab-retrain clean
 setup:
 	bash tools/setup_env.sh
 
@@ -35,6 +35,15 @@ bench-train: setup          # Stage-1 training cost vs core Train LoRA (~18 min)
 
 bench-attack: setup         # LoRD Protect attack cost (~10 min)
 	$(PY) bench/bench_attack.py
+
+bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~11 min)
+	$(PY) bench/bench_scaling.py
+
+bench-all: setup            # all four in sequence, each rewriting its own section (~50 min)
+	$(MAKE) --no-print-directory bench
+	$(MAKE) --no-print-directory bench-train
+	$(MAKE) --no-print-directory bench-attack
+	$(MAKE) --no-print-directory bench-scaling
 
 thumbnails: setup
 	$(PY) tools/make_template_thumbnails.py

@@ -347,7 +347,7 @@ def run_worker(script: str, argv: list, on_error: dict) -> dict:
 
 
 # options that only name where results go: not needed to reproduce a run
-OUTPUT_OPTIONS = ("--json", "--md", "--work")
+OUTPUT_OPTIONS = ("--json", "--md", "--png", "--work")
 
 
 def repro_command(make_target: str, argv=None, script=None) -> str:
