@@ -30,6 +30,7 @@ Measured:
 * **Seconds per 512 px image** for ``attacks.PRESETS["ace_fixed"]`` (150 iterations), extrapolated
   as 150 x the measured per-iteration time (plus nothing for the one-off target encode).
 
+    make bench-attack    # the defaults (last full run: 10 min on 2 CPU cores)
     python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``

@@ -43,6 +43,7 @@ fp32) + a random KL VAE with the SD1.5 geometry; ``ckpt`` = the SD15-geometry te
 ``comfy.sd.load_checkpoint_guess_config`` under inference mode like CheckpointLoaderSimple;
 ``tiny`` = the tiny SD1.x UNet + a random TAESD (smoke runs).
 
+    make bench-train    # the defaults (last full run: 18 min on 2 CPU cores)
     python bench/bench_train.py [--quick] [--configs MODEL:PX[:GC[:VARIANTS]],...] [--variants core,lord,lord_proj]
                                 [--rank 4] [--batch 1] [--gc off|on] [--steps N] [--repeats R] [--md PATH]
 
