@@ -14,10 +14,10 @@ benchmark's machinery (same timing method, see those scripts):
   ratio: median of per-round LoRD / core ratios.
 
 Points: resolution at batch 1 (sampling 256, 384, 512, 768 px; training 256, 384, 512 px) and batch
-size 1, 2, 4 at 256 px. Training stops at 512 px: there LoRD's Stage-1 call already peaks at 7.6 GiB
-(measured), and the cost grows faster than the pixel count (see :data:`TRAIN_768_NOTE`).
+size 1, 2, 4 at 256 px. Training stops at 512 px: a 768 px point would take about 8 min and 8-18 GiB
+(estimated from the 512 px point; see :func:`train_768_note`).
 
-    make bench-scaling    # the defaults, about 11-15 min on 2 CPU cores (estimate)
+    make bench-scaling    # the defaults, about 11 min on 2 CPU cores (estimate, not a measured run)
     python bench/bench_scaling.py [--quick] [--workloads sampling,training] [--steps N] [--repeats R]
                                   [--work DIR] [--json PATH] [--md PATH] [--png PATH]
 
@@ -55,13 +55,22 @@ QUICK_BATCH_PX = 64
 STOCK = {"sampling": "stock LoRA", "training": "core Train LoRA"}
 LORD = {"sampling": "fused LoRD", "training": "Stage-1 LoRD"}
 UNIT = {"sampling": "ms/step", "training": "ms/sample"}
-TRAIN_768_NOTE = (
-    "Stage-1 training has no 768 px point: measured with bench_train's memory worker on the 2-core VM, "
-    "LoRD's Stage-1 call on this model peaks at 1.2 GiB at 256 px and 7.6 GiB at 512 px (6x for 4x the "
-    "pixels: LoRD keeps the autograd graphs of its clean and perturbed passes, and ComfyUI's CPU attention "
-    "(sub-quadratic, no checkpointing) keeps per-layer score matrices that grow with the square of the "
-    "token count), and costs 8.9 s per sample at 512 px; at 768 px that extrapolates (estimate) to "
-    "roughly 30 GiB, past the machine's 23.5 GiB, and several minutes per point.")
+# measured once on the shared 2-core VM: bench_train's memory worker, ckpt 512 px, variant lord, on the
+# code that back-propagates each UNet pass at once (commit 079abc9; 7.6 GiB before it)
+LORD_512_PEAK_GIB = 3.6
+
+
+def train_768_note(points: list) -> str:
+    """Why Stage-1 training has no 768 px point, with this run's 512 px cost when measured."""
+    at512 = next((p for p in points if p["workload"] == "training" and (p["px"], p["batch"]) == (512, 1)
+                  and "error" not in p), None)
+    cost = (f"costs {at512['lord_ms'] / 1e3:.1f} s per sample (core {at512['stock_ms'] / 1e3:.1f} s) in this run and "
+            if at512 else "")
+    return ("Stage-1 training has no 768 px point: at 512 px LoRD's Stage-1 call on this model " + cost +
+            f"peaked at {LORD_512_PEAK_GIB} GiB (measured once with bench_train's memory worker); 768 px has 2.25x "
+            "the pixels and 5x the squared token count of the attention layers, which extrapolates (estimate, not "
+            "measured) to 3-4x the time per sample, about 8 min for the point with its warm-up and PGD-2 data, and "
+            "roughly 8-18 GiB: past this benchmark's ~15 min budget and ~8 GB memory target.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +241,7 @@ def write_markdown(path: pathlib.Path, points, skipped, facts, args, png, batch_
         (f"Runs: {runs}. Runs disturbed by other processes (>= {args.max_other_cpu} cores) redone: {discarded}; "
          f"most CPU used by other processes during a kept run: {contended:.2f} cores.  "),
         "", table(points), "", *figure,
-        reading(points, batch_px) + (" " + TRAIN_768_NOTE if any(p["workload"] == "training" for p in points)
+        reading(points, batch_px) + (" " + train_768_note(points) if any(p["workload"] == "training" for p in points)
                                      and not args.quick else "")
         + "".join(f" Skipped: {s}." for s in skipped), MARK_END])
     B.write_section(path, MARK_START, MARK_END, body)
