@@ -23,8 +23,10 @@ min - max of the per-round ratio vs ``lora`` as a noise gauge. Runs use
 ``torch.inference_mode()`` like ComfyUI's executor. For shared machines, each timed run first waits
 until other processes are quiet, and a run during which they used >= ``--max-other-cpu`` cores (read
 from /proc/stat) is discarded and retried; the number of discarded runs is reported. Unless
-``--stock-malloc``, glibc is told not to use mmap or trim the heap (:func:`steady_malloc`), which
-removes a page-fault artefact of oneDNN convolutions on CPU; page faults per step are reported.
+``--stock-malloc``, glibc is told not to use mmap and never to trim the heap (:func:`pinned_malloc`),
+which removes a page-fault artefact of oneDNN convolutions on CPU (with a 2 GiB trim threshold the
+SD1.5 UNet at 512 px still page-faulted ~2.6e6 times per step in every variant, ~10 GB of zeroed pages
+a step); page faults per step are reported.
 
     make bench    # the defaults, about 11 min on 2 CPU cores (estimate)
     python bench/bench_sampling.py [--quick] [--models tiny,sd15] [--sizes PX,...] [--variants V,...]
@@ -45,7 +47,7 @@ import time
 from typing import NamedTuple
 
 import benchlib as B
-from benchlib import steady_malloc
+from benchlib import pinned_malloc
 
 B.import_comfy()
 from comfyui_lord.lord_ops.comfy import patch  # noqa: E402
@@ -280,8 +282,9 @@ def write_markdown(path: pathlib.Path, rows, facts, max_other: float) -> None:
         "ratios are medians of per-round ratios (variants run round-robin, so paired runs are adjacent in time). "
         f"Runs disturbed by other processes (>= {max_other} cores) discarded and retried: {discarded}. "
         + ("The allocator is left stock (`--stock-malloc`)" if facts["malloc"] == "stock" else
-         "The allocator is pinned (see `steady_malloc`)") + ": with stock glibc, oneDNN convolution scratch "
-        "buffers page-fault on every call for whichever variants' allocation history is unlucky (+0.5 s/step on sd15).",
+         "The allocator is pinned (see `pinned_malloc`: no mmap, never trim)") + ": with stock glibc, oneDNN "
+        "convolution scratch buffers page-fault on every call for whichever variants' allocation history is unlucky "
+        "(+0.5 s/step on sd15), and with a 2 GiB trim threshold every variant page-faulted ~2.6e6 times per step at 512 px.",
         "", table(rows), "", reading(rows), MARK_END])
     B.write_section(path, MARK_START, MARK_END, body)
 
@@ -311,7 +314,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     start = time.time()
     facts = B.machine_facts("bench")
-    facts["malloc"] = "stock" if args.stock_malloc else steady_malloc()
+    facts["malloc"] = "stock" if args.stock_malloc else pinned_malloc()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     log(f"{facts}")
     rows = []

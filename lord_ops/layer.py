@@ -394,15 +394,69 @@ class Workspace:
     def __init__(self):
         self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def rows(self, n: int, rank: int, hidden: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (n, rank, hidden, device, torch.is_inference_mode_enabled())
+    def rows(self, n: int, rank: int, hidden: int, device: torch.device, gates: int = 1,
+             owner=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u [n, rank], hidden [n, hidden], lambda [n, gates])`` float32 buffers; ``owner`` keeps a
+        caller's buffers apart from everyone else's (a group's codes must survive other targets' calls)."""
+        key = (n, rank, hidden, gates, owner, device, torch.is_inference_mode_enabled())
         bufs = self._rows.get(key)
         if bufs is None:
-            bufs = self._rows[key] = tuple(torch.empty((n, c), device=device) for c in (rank, hidden, 1))
+            bufs = self._rows[key] = tuple(torch.empty((n, c), device=device) for c in (rank, hidden, gates))
         return bufs
 
     def clear(self) -> None:
         self._rows.clear()
+
+
+class FusedGroup:
+    """Fused LoRDs of Linear targets that read the same input (a self-attention's ``to_q``, ``to_k``,
+    ``to_v``): one down projection ``[A_1; ...; A_G]`` and one block-diagonal gate compute every member's
+    gated code in a handful of ops (:func:`gated_group_codes`); each member then adds its own
+    ``B'_i (lambda_i u_i)``. Members share ``d_in``, rank and gate width (:meth:`fits`)."""
+
+    def __init__(self, members: Sequence[FusedLoRD]):
+        self.members = list(members)
+        self.rank = int(members[0].down.shape[0])
+        self.down_t = torch.cat([m.down.t() for m in members], dim=1).contiguous()  # [d_in, G r], members' dtype
+        self.gate_w1_t = torch.block_diag(*[m.gate_w1_t for m in members])  # [G r, G hidden]
+        self.gate_b1 = torch.cat([m.gate_b1 for m in members])
+        self.gate_w2_t = torch.block_diag(*[m.gate_w2_t for m in members])  # [G hidden, G]
+        self.gate_b2 = torch.cat([m.gate_b2 for m in members])
+
+    @staticmethod
+    def fits(members: Sequence[FusedLoRD]) -> bool:
+        first = members[0]
+        return len(members) > 1 and all(
+            not m.is_conv and m.down.shape == first.down.shape and m.down.dtype == first.down.dtype
+            and m.gate_w1.shape == first.gate_w1.shape for m in members)
+
+
+def gated_group_codes(x: torch.Tensor, g: FusedGroup, activation: str, workspace: Workspace,
+                      owner=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad: every member's gated code ``lambda_i u_i`` as columns ``[i r, (i + 1) r)`` of ``[N, G r]``
+    and the gates ``[N, G]``, both float32 workspace buffers of ``owner`` (valid until its next call)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n, members = x2.shape[0], len(g.members)
+    u, hidden, lam = workspace.rows(n, members * g.rank, g.gate_w1_t.shape[1], x.device, members, owner)
+    if x2.dtype is _F32 and g.down_t.dtype is _F32:
+        torch.mm(x2, g.down_t, out=u)
+    else:
+        u.copy_(torch.mm(x2.to(g.down_t.dtype), g.down_t))
+    torch.addmm(g.gate_b1, u, g.gate_w1_t, out=hidden)
+    _INPLACE_ACTIVATIONS[activation](hidden)
+    torch.addmm(g.gate_b2, hidden, g.gate_w2_t, out=lam).sigmoid_()
+    u.view(n, members, g.rank).mul_(lam.unsqueeze(2))
+    return u, lam
+
+
+def add_gated_code_(output: torch.Tensor, code: torch.Tensor, f: FusedLoRD) -> torch.Tensor:
+    """No-grad, in place: ``output += B'_folded code`` for a Linear target (``code`` ``[N, r]`` float32)."""
+    out2 = output.view(-1, output.shape[-1])
+    if output.dtype is _F32:
+        out2.addmm_(code, f.defense_up_t)
+    else:
+        out2.addmm_(code.to(output.dtype), f.defense_up_t.to(output.dtype))
+    return output
 
 
 def add_fused_defense(output: torch.Tensor, x: torch.Tensor, f: FusedLoRD, activation: str = "silu",
@@ -448,7 +502,7 @@ def add_fused_defense(output: torch.Tensor, x: torch.Tensor, f: FusedLoRD, activ
     return output, lam
 
 
-def _version_of(x: torch.Tensor) -> Optional[int]:
+def tensor_version(x: torch.Tensor) -> Optional[int]:
     """Autograd's in-place edit counter, None for inference tensors (which have none)."""
     return None if x.is_inference() else x._version
 
@@ -473,7 +527,7 @@ class ContextCache:
         self._entries: list[dict] = []  # most recent first: {"key", "obj", "version", "deltas"}
 
     def entry(self, x: torch.Tensor) -> dict:
-        version = _version_of(x)
+        version = tensor_version(x)
         for e in self._entries:
             if e["obj"] is x and e["version"] == version:
                 return e

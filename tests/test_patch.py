@@ -421,3 +421,22 @@ def test_text_context_cache_follows_the_context(tiny_model):
             if i == 3:
                 assert len(inj._contexts._entries) == 2  # a, b: the copy and the repeat hit a's entry
     assert len(inj._contexts._entries) == inj._contexts.capacity
+
+
+def test_self_attention_qkv_share_one_gated_projection(tiny_model):
+    """attn1 to_q / to_k / to_v read the same x: sampling computes their gated codes together (one
+    projection, one block-diagonal gate); the output equals the per-target computation and the plain form."""
+    lord = make_lord(tiny_model)
+    x, ctx = inputs()
+    plain = forward(patch.apply_lord(tiny_model, lord, 0.7, "learned", "plain"), x, ctx)
+    grouped_model = patch.apply_lord(tiny_model, lord, 0.7, "learned", "fused")
+    inj = patch.lord_injections(grouped_model)[0][1]
+    attn1 = [n for n in lord.targets if patch.SAME_INPUT.match(n)]
+    assert attn1 and set(inj._groups) == set(attn1)
+    grouped = forward(grouped_model, x, ctx)
+    assert len(inj._group_state) == len(attn1) // 3  # every group ran
+    single_model = patch.apply_lord(tiny_model, lord, 0.7, "learned", "fused")
+    patch.lord_injections(single_model)[0][1]._groups.clear()
+    single = forward(single_model, x, ctx)
+    torch.testing.assert_close(grouped, single, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, plain, rtol=1e-4, atol=1e-4)

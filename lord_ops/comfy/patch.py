@@ -15,7 +15,9 @@ LoRD tensors live on the injection object (float32), never in ``model_options``.
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
+import weakref
 from typing import Optional
 
 import torch
@@ -23,10 +25,13 @@ import torch
 from ..datasets import model_fingerprint
 from ..format import LoRDFile, check_against_model, kohya_state_dict
 from ..keys import CONTEXT_FED, unet_name_map
-from ..layer import (GATE_MODES, ContextCache, ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense, fused_gate,
-                     gate_rows_to_layout, lord_delta_plain)
+from ..layer import (GATE_MODES, ContextCache, ConvGeometry, FusedGroup, FusedLoRD, LoRDWeights, Workspace,
+                     tensor_version, add_fused_defense, add_gated_code_, fused_gate, gate_rows_to_layout,
+                     gated_group_codes, lord_delta_plain)
 
 INJECTION_PREFIX = "lord:"
+# targets that read the same input tensor in ComfyUI's CrossAttention: a self-attention's q, k and v
+SAME_INPUT = re.compile(r"^(?P<block>.*_attn1)_to_(q|k|v)$")
 IMPLEMENTATIONS = ("fused", "plain")
 
 
@@ -158,6 +163,18 @@ class LoRDInjection:
             else:
                 self._runtime = weights
         self._on_device: dict[tuple, object] = {}
+        # fused, learned gate: same-input targets computed together (name -> (group, index)); see hook_for
+        self._groups: dict[str, tuple[tuple[str, ...], int]] = {}
+        if implementation == "fused" and gate_mode == "learned":
+            blocks: dict[str, list[str]] = {}
+            for n in sorted(self._runtime):
+                m = SAME_INPUT.match(n)
+                if m and n not in self.gate_off:
+                    blocks.setdefault(m["block"], []).append(n)
+            for members in blocks.values():
+                if FusedGroup.fits([self._runtime[n] for n in members]):
+                    self._groups.update({n: (tuple(members), i) for i, n in enumerate(members)})
+        self._group_state: dict[tuple[str, ...], dict] = {}
         self._workspace = Workspace()
         self._contexts = ContextCache()
         self._handles: dict[int, list] = {}
@@ -190,6 +207,14 @@ class LoRDInjection:
             rt = self._on_device[key] = rt.to(device, dtype) if isinstance(rt, FusedLoRD) else rt.to(device)
         return rt
 
+    def group_on(self, members: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> FusedGroup:
+        """The :class:`FusedGroup` of ``members`` on ``device`` (released with the per-device copies)."""
+        key = (members, device, dtype)
+        g = self._on_device.get(key)
+        if g is None:
+            g = self._on_device[key] = FusedGroup([self.runtime_on(n, device, dtype) for n in members])
+        return g
+
     def hook_for(self, name: str, geometry: Optional[ConvGeometry]):
         """The forward hook of target ``name``: adds ``strength * delta`` to the layer's output (and
         records the gate when a recorder is set).
@@ -204,12 +229,25 @@ class LoRDInjection:
         if self.implementation == "fused":
             adds = self.gate_mode == "learned" and not gate_off  # forced gates live in the weight patch
             text_fed = name not in self.spatial
+            members, index = self._groups.get(name, (None, 0))
+            rank = self._runtime[name].down.shape[0]
 
             def hook(module, args, output):
                 x = args[0]
                 rt = self.runtime_on(name, x.device, x.dtype)
                 if adds:
-                    if text_fed and not torch.is_grad_enabled() and output.is_contiguous():
+                    if members is not None and not torch.is_grad_enabled() and output.is_contiguous():
+                        # q, k, v read the same x: the first of them computes all gated codes (one
+                        # projection, one block-diagonal gate), the others reuse them for this same x
+                        state = self._group_state.setdefault(members, {})
+                        ref = state.get("x")
+                        if ref is None or ref() is not x or state["version"] != tensor_version(x):
+                            code, lam = gated_group_codes(x, self.group_on(members, x.device, x.dtype), activation,
+                                                          self._workspace, owner=members)
+                            state.update(x=weakref.ref(x), version=tensor_version(x), code=code, lam=lam)
+                        output = add_gated_code_(output, state["code"][:, index * rank:(index + 1) * rank], rt)
+                        lam = state["lam"][:, index:index + 1]
+                    elif text_fed and not torch.is_grad_enabled() and output.is_contiguous():
                         # the same text context every step: its defense output is computed once
                         cached = self._contexts.entry(x)["deltas"]
                         hit = cached.get(name)
@@ -267,6 +305,7 @@ class LoRDInjection:
         self._on_device.clear()
         self._workspace.clear()
         self._contexts.clear()
+        self._group_state.clear()
 
 
 def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.Tensor]:
