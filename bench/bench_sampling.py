@@ -253,10 +253,11 @@ def reading(rows) -> str:
             bits.append(f"stock LoRA {lo['vs_base']:.3f}x base")
         parts.append(head + ": " + (", ".join(bits) or "no LoRD / stock LoRA pair measured"))
     return ("; ".join(parts) + ". ComfyUI merges the stock LoRA and the static clean branch of fused LoRD "
-            "into the weights, so what fused LoRD adds per step is its forward hooks, which now add the gated "
-            "defense branch in place (rank-r down projection, rank-r gate MLP, one addmm into the layer output; "
-            "cross-attention k/v outputs cached per text context), a fixed per-call cost that weighs most on "
-            "small layers. Measured on a shared 2-core VM: single rounds vary by several percent, so read "
+            "into the weights, so what fused LoRD adds per step is its forward hooks, which add the gated "
+            "defense branch in place and allocate nothing once warm (rank-r down projection, rank-r gate MLP, one "
+            "addmm into the layer output; a self-attention's q, k, v share one projection and one block-diagonal "
+            "gate; cross-attention k/v outputs cached per text context): about 6-9 small ops per target, a "
+            "fixed per-call cost (tens of microseconds of dispatch on this CPU) that weighs most on small layers. Measured on a shared 2-core VM: single rounds vary by several percent, so read "
             "differences under ~3% as noise, and a goal counts as met only when a second run agrees.")
 
 

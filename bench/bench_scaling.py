@@ -14,8 +14,7 @@ benchmark's machinery (same timing method, see those scripts):
   ratio: median of per-round LoRD / core ratios.
 
 Points: resolution at batch 1 (sampling 256, 384, 512, 768 px; training 256, 384, 512 px) and batch
-size 1, 2, 4 at 256 px. Training stops at 512 px: a 768 px point would take about 8 min and 8-18 GiB
-(estimated from the 512 px point; see :func:`train_768_note`).
+size 1, 2, 4 at 256 px. Training stops at 512 px to keep the run near 15 min (see :func:`train_768_note`).
 
     make bench-scaling    # the defaults, about 11 min on 2 CPU cores (estimate, not a measured run)
     python bench/bench_scaling.py [--quick] [--workloads sampling,training] [--steps N] [--repeats R]
@@ -55,22 +54,18 @@ QUICK_BATCH_PX = 64
 STOCK = {"sampling": "stock LoRA", "training": "core Train LoRA"}
 LORD = {"sampling": "fused LoRD", "training": "Stage-1 LoRD"}
 UNIT = {"sampling": "ms/step", "training": "ms/sample"}
-# measured once on the shared 2-core VM: bench_train's memory worker, ckpt 512 px, variant lord, on the
-# code that back-propagates each UNet pass at once (commit 079abc9; 7.6 GiB before it)
-LORD_512_PEAK_GIB = 3.6
 
 
 def train_768_note(points: list) -> str:
     """Why Stage-1 training has no 768 px point, with this run's 512 px cost when measured."""
     at512 = next((p for p in points if p["workload"] == "training" and (p["px"], p["batch"]) == (512, 1)
                   and "error" not in p), None)
-    cost = (f"costs {at512['lord_ms'] / 1e3:.1f} s per sample (core {at512['stock_ms'] / 1e3:.1f} s) in this run and "
+    cost = (f"costs {at512['lord_ms'] / 1e3:.1f} s per sample (core {at512['stock_ms'] / 1e3:.1f} s) in this run; "
             if at512 else "")
-    return ("Stage-1 training has no 768 px point: at 512 px LoRD's Stage-1 call on this model " + cost +
-            f"peaked at {LORD_512_PEAK_GIB} GiB (measured once with bench_train's memory worker); 768 px has 2.25x "
-            "the pixels and 5x the squared token count of the attention layers, which extrapolates (estimate, not "
-            "measured) to 3-4x the time per sample, about 8 min for the point with its warm-up and PGD-2 data, and "
-            "roughly 8-18 GiB: past this benchmark's ~15 min budget and ~8 GB memory target.")
+    return ("Stage-1 training has no 768 px point: at 512 px LoRD's Stage-1 step on this model " + cost +
+            "768 px has 2.25x the pixels and about 5x the attention work (squared token count), so the point would "
+            "take several minutes with its warm-up and PGD-2 data, past this benchmark's ~15 min budget on 2 cores "
+            "(an estimate, not measured; run `python bench/bench_train.py --configs ckpt:768` for it).")
 
 
 # ----------------------------------------------------------------------------------------------
