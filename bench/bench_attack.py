@@ -528,20 +528,24 @@ def mist_reading(mists: list, facts: dict) -> str:
                  f"{B.gib(on['delta_bytes'])} ({(on['delta_bytes'] - off['delta_bytes']) / max(off['delta_bytes'], 1) * 100:+.0f}%) "
                  f"for x{on['full']['ace_s'] / off['full']['ace_s']:.2f} the ACE iteration time "
                  f"(x{on['full']['total_s'] / off['full']['total_s']:.2f} the whole preset).")
+    if "cuda" not in facts.get("device", ""):
+        text += (" On CPU a phase's peak RSS includes what the allocator kept from the phase before it (the "
+                 "high-water mark restarts at the current RSS), so the LoRA-phase figure, read after an ACE round, "
+                 "is an upper bound; the overall peak is read as in the rows above.")
     ref = by.get(True, ok[0])
     total = ref["before_bytes"] + ref["delta_bytes"]
     if "cuda" in facts.get("device", ""):
         text += (f" mist-v2 reports {MIST_PUBLISHED}. This run, on {facts['device']}: "
                  f"{ref['full']['total_s'] / 60:.1f} min (low_memory {ref['low_memory']}, extrapolated) and a peak of "
-                 f"{B.gib(total)} allocated ({B.gib(ref['before_bytes'])} models + {B.gib(ref['delta_bytes'])} "
-                 f"during the attack), compute {ref['compute_dtype']}.")
+                 f"{B.gib(total)} allocated (the models, loaded onto the GPU during the call, included), compute "
+                 f"{ref['compute_dtype']}.")
     else:
         text += (f" mist-v2 reports {MIST_PUBLISHED}. No GPU was available for this run (device "
                  f"{facts.get('device', 'cpu')}): the minutes above are **not comparable** with those (2 CPU cores "
                  f"against a GPU, {ref['compute_dtype']} against mist-v2's mixed precision); memory is comparable in "
                  f"order only: the low_memory {ref['low_memory']} run peaked at {B.gib(ref['delta_bytes'])} over the "
-                 f"{B.gib(ref['before_bytes'])} the {ref['compute_dtype']} models already held ({B.gib(total)} in all, "
-                 f"CPU RSS with the allocator's caches) against ~6 GB.")
+                 f"{B.gib(ref['before_bytes'])} the process already held with its {ref['compute_dtype']} models ({B.gib(total)} "
+                 f"in all, CPU RSS with the allocator's caches) against ~6 GB.")
     return text
 
 
@@ -650,9 +654,10 @@ def main(argv=None) -> None:
             cost = build + 10 + rounds * steps * it * (1.25 if low else 1.05) + (rounds - 1) * (train * 0.5 + 0.3) * it
             left = budget - (time.time() - start)
             if cost > left:
-                skipped.append(f"mist_v2 {mist_px} px low_memory={bool(low)} (projected {cost / 60:.1f} min from the "
-                               f"{p0} px timings, {left / 60:.1f} min of the {args.budget_min:.0f} min budget left)")
-                log("skip: " + skipped[-1])
+                mists.append({"px": mist_px, "low_memory": bool(low),
+                              "error": f"skipped: projected {cost / 60:.1f} min from the {p0} px timings, "
+                                       f"{left / 60:.1f} min of the {args.budget_min:.0f} min budget left"})
+                log(f"skip mist_v2 {mist_px} px low_memory={bool(low)}: {mists[-1]['error']}")
                 continue
         m = run_worker("mist", args, mist_px, low_memory=low, steps=steps,
                        extra=("--rounds", rounds, "--train-steps", train))
