@@ -45,10 +45,10 @@ Measured:
                                  [--mist-schedule 2,2,2] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
-(a smoke run: tiny UNet, 64 px, 1 iteration, mist_v2 at 64 px) or ``--md ''``. The full run keeps to
-``--budget-min`` (default 18, above the ~15 min the defaults take) minutes: a size or a mist_v2 run
-whose projected cost does not fit is skipped and the section says so. Default timed rounds: 2 at
-256 px (was 3, to make room for the mist_v2 runs), 3 at 512 px.
+(a smoke run: tiny UNet, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration, 1 LoRA step)
+or ``--md ''``. The full run keeps to ``--budget-min`` (default 18, above the ~15 min the defaults
+take) minutes: a size or a mist_v2 run whose projected cost does not fit is skipped and the section
+says so. Default timed rounds: 2 at 256 px (was 3, to make room for the mist_v2 runs), 3 at 512 px.
 """
 from __future__ import annotations
 
@@ -580,7 +580,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, mists=
 
 
 def main(argv=None) -> None:
-    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, no markdown",
+    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, mist_v2 2x1+1, no markdown",
                       steps="iterations per timed run (default: 256 px 2, 512 px 1)",
                       repeats="timed rounds (default: 2 below 512 px, 3 at 512 px)")
     ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
@@ -591,9 +591,10 @@ def main(argv=None) -> None:
                          "take about 15)")
     ap.add_argument("--mist-px", type=int, default=None, help="image size of the mist_v2 runs (default 512, quick 64; "
                                                               "0: skip them)")
-    ap.add_argument("--mist-schedule", default=",".join(map(str, MIST_REDUCED)),
+    ap.add_argument("--mist-schedule", default=None,
                     help="reduced mist_v2 schedule run: rounds,ACE iterations per round,LoRA steps between rounds "
-                         f"(default {','.join(map(str, MIST_REDUCED))}; rounds >= 2 so that a LoRA phase is timed)")
+                         f"(default {','.join(map(str, MIST_REDUCED))}, quick 2,1,1; rounds >= 2 so that a LoRA "
+                         f"phase is timed)")
     B.add_machine_args(ap)
     B.add_output_args(ap)
     ap.add_argument("--worker", choices=("time", "mem", "mist"), help=argparse.SUPPRESS)
@@ -608,7 +609,8 @@ def main(argv=None) -> None:
         res = {"time": worker_time, "mem": worker_mem, "mist": worker_mist}[args.worker](args)
         B.emit_result(res)
         return
-    mist_schedule = [int(x) for x in args.mist_schedule.split(",")]
+    mist_schedule = ([int(x) for x in args.mist_schedule.split(",")] if args.mist_schedule
+                     else [2, 1, 1] if args.quick else list(MIST_REDUCED))
     if len(mist_schedule) != 3 or mist_schedule[0] < 2 or min(mist_schedule) < 1:
         ap.error("--mist-schedule needs rounds >= 2, ACE iterations >= 1, LoRA steps >= 1")
 
