@@ -470,9 +470,9 @@ def mist_table(mists: list) -> str:
     if not mists:
         return ""
     px = mists[0]["px"]
-    lines = [f"| low_memory | s per ACE iteration | s per LoRA step | overhead per round (s) | one-off (s) | "
-             f"mist_v2 per {px} px image, **extrapolated** | reduced run: measured / same formula | peak memory "
-             f"delta: overall (ACE phase / LoRA phase) | RSS/allocated before |",
+    lines = [(f"| low_memory | s per ACE iteration | s per LoRA step | overhead per round (s) | one-off (s) | "
+              f"mist_v2 per {px} px image, **extrapolated** | reduced run: measured / same formula | peak memory "
+              f"delta: overall (ACE phase / LoRA phase) | RSS/allocated before |"),
              "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for m in mists:
         if "error" in m:
@@ -494,7 +494,7 @@ def mist_reading(mists: list, facts: dict) -> str:
     a, sur = MIST.attack, MIST.surrogate
     rm, sm, tm = ok[0]["schedule"]
     px = ok[0]["px"]
-    parts = [
+    parts = [(
         f"`mist_v2` as it stands ({sur.rounds} rounds x {a.steps} ACE iterations, {sur.train_steps} surrogate LoRA "
         f"steps between rounds: rank {sur.rank}, `{sur.targets}` targets ({ok[0]['surrogate_layers']} layers here), "
         f"lr {sur.learning_rate:g}, prior_weight {sur.prior_weight:g} (no class images here, so no prior term)) "
@@ -509,7 +509,7 @@ def mist_reading(mists: list, facts: dict) -> str:
         f"of the run's ACE iterations but its first, s/LoRA step = median of the LoRA steps but each phase's first, "
         f"overhead per round = the measured time between two ACE rounds minus its LoRA steps at that median (the "
         f"phase's image encode, a fresh optimizer, first-step excess), one-off = setup (clone, LoRA, target encode) "
-        f"+ the first iteration's excess + the tail: "]
+        f"+ the first iteration's excess + the tail: ")]
     for m in ok:
         f = m["full"]
         parts.append(f"low_memory {m['low_memory']}: {f['one_off_s']:.0f} + {sur.rounds * a.steps} x {f['ace_s']:.2f} "
