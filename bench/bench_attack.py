@@ -29,17 +29,31 @@ Measured:
   ``torch.cuda.max_memory_allocated`` minus the allocation before the attack.
 * **Seconds per 512 px image** for ``attacks.PRESETS["ace_fixed"]`` (150 iterations), extrapolated
   as 150 x the measured per-iteration time (plus nothing for the one-off target encode).
+* **The mist_v2 preset** (``attacks.SURROGATE_PRESETS["mist_v2"]``: 5 rounds x 30 ACE iterations,
+  10 surrogate LoRA steps between rounds, low_memory on) through the real entry point
+  ``lord_ops.comfy.protect.protect`` (what the Protect node and ``training/attack.py`` call) on one
+  512 px image, with low_memory on and off, each in a fresh process: a **reduced** schedule of the
+  same code path (``--mist-schedule``, default 2 rounds x 2 ACE iterations, 2 LoRA steps; only the
+  counts changed through ``dataclasses.replace``) is run with its phases time-stamped (pass-through
+  wrappers around ``surrogate.run_attack`` / ``surrogate.train_surrogate_steps`` in the worker, steps
+  from protect's ``on_progress``) and the peak memory of each phase read (:meth:`PeakMemory.lap`);
+  the full preset's time is **extrapolated** from the per-phase times (:func:`mist_extrapolate`).
 
-    make bench-attack    # the defaults (last full run: 10 min on 2 CPU cores)
-    python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--md PATH]
+    make bench-attack    # the defaults (estimated ~15 min on 2 CPU cores: the last full run without the
+                         # mist_v2 part took 9.8 min with 3 rounds at 256 px, now 2)
+    python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--mist-px 512]
+                                 [--mist-schedule 2,2,2] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
-(a smoke run: tiny UNet, 64 px, 1 iteration) or ``--md ''``. The full run keeps to ``--budget-min``
-(default 15) minutes: a size whose projected cost does not fit is skipped and the section says so.
+(a smoke run: tiny UNet, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration, 1 LoRA step)
+or ``--md ''``. The full run keeps to ``--budget-min`` (default 18, above the ~15 min the defaults
+take) minutes: a size or a mist_v2 run whose projected cost does not fit is skipped and the section
+says so. Default timed rounds: 2 at 256 px (was 3, to make room for the mist_v2 runs), 3 at 512 px.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -57,6 +71,9 @@ import torch  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_attack:start -->", "<!-- bench_attack:end -->"
 PRESET = attacks.PRESETS["ace_fixed"]
+MIST = attacks.SURROGATE_PRESETS["mist_v2"]
+# the reduced mist_v2 schedule that is run (rounds, ACE iterations per round, LoRA steps between rounds)
+MIST_REDUCED = (2, 2, 2)
 CUDA = torch.cuda.is_available()
 
 
@@ -225,10 +242,146 @@ def worker_mem(args) -> dict:
     return out
 
 
-def run_worker(kind: str, args, px: int, low_memory: int = 0, steps: int = 2, repeats: int = 1) -> dict:
+def mist_configs(rounds: int, steps: int, train_steps: int, low_memory: bool):
+    """The mist_v2 preset with only the counts (and low_memory) changed: the same code path."""
+    return (dataclasses.replace(MIST.attack, steps=steps, low_memory=low_memory),
+            dataclasses.replace(MIST.surrogate, rounds=rounds, train_steps=train_steps))
+
+
+def mist_phases(events: list) -> dict:
+    """Per-phase durations from the time line of a surrogate run: ``events`` = ``(kind, seconds)``
+    with kinds ``call``, ``ace_start``, ``lora_start``, ``step`` (a progress callback), ``ace_end``,
+    ``lora_end``, ``return``. ``ace`` / ``lora``: step durations per round / per LoRA phase (a step =
+    from the previous step or the phase start to its callback); ``setup_s``: call -> first ACE round;
+    ``between_s``: per transition, last ACE step of a round -> first ACE step's start of the next (the
+    LoRA phase with its image encode, and the loop's bookkeeping); ``tail_s``: last step -> return."""
+    ace, lora, between = [], [], []
+    cur, prev, last_step, t_call, setup = None, None, None, None, None
+    for kind, t in events:
+        if kind == "call":
+            t_call = t
+        elif kind in ("ace_start", "lora_start"):
+            if kind == "ace_start":
+                if setup is None:
+                    setup = t - t_call
+                else:
+                    between.append(t - last_step)
+            cur, prev = [], t
+            (ace if kind == "ace_start" else lora).append(cur)
+        elif kind == "step":
+            cur.append(t - prev)
+            prev = t
+            if ace and cur is ace[-1]:
+                last_step = t
+        elif kind == "return":
+            return {"ace": ace, "lora": lora, "between": between, "setup_s": setup, "tail_s": t - last_step,
+                    "wall_s": t - t_call}
+    raise ValueError("the time line has no return")
+
+
+def mist_extrapolate(ph: dict, rounds: int, steps: int, train_steps: int) -> dict:
+    """Seconds of a surrogate run with ``rounds`` x ``steps`` ACE iterations and ``train_steps`` LoRA
+    steps between rounds, from the measured phases ``ph`` (:func:`mist_phases`):
+    ``one_off + rounds*steps*ace_s + (rounds-1)*(train_steps*lora_s + overhead_s)`` where ``ace_s`` =
+    median ACE iteration except the run's first (warm-up), ``lora_s`` = median LoRA step except the
+    first of each phase (all when a phase has one), ``overhead_s`` = mean between-rounds time minus
+    its LoRA steps at ``lora_s`` (image encode, fresh optimizer, first-step excess), ``one_off`` =
+    setup + the first iteration's excess + tail."""
+    flat = [x for r in ph["ace"] for x in r]
+    ace_s = statistics.median(flat[1:] or flat)
+    later = [x for p in ph["lora"] for x in p[1:]] or [x for p in ph["lora"] for x in p]
+    lora_s = statistics.median(later) if later else 0.0
+    measured_t = statistics.mean(len(p) for p in ph["lora"]) if ph["lora"] else 0
+    overhead = statistics.mean(ph["between"]) - measured_t * lora_s if ph["between"] else 0.0
+    one_off = ph["setup_s"] + (flat[0] - ace_s) + ph["tail_s"]
+    total = one_off + rounds * steps * ace_s + (rounds - 1) * (train_steps * lora_s + overhead)
+    return {"ace_s": ace_s, "lora_s": lora_s, "overhead_s": overhead, "one_off_s": one_off, "total_s": total,
+            "ace_samples": len(flat[1:] or flat), "lora_samples": len(later)}
+
+
+def worker_mist(args) -> dict:
+    """The mist_v2 preset through ``lord_ops.comfy.protect.protect`` (what the Protect node and the
+    CLI call) on one image, with the reduced schedule; phase time stamps and per-phase peak memory.
+
+    The two phase functions that ``comfy/surrogate.py`` calls (``run_attack``: one ACE round;
+    ``train_surrogate_steps``: one LoRA phase) are wrapped, for this process only, by pass-throughs
+    that record a time stamp and a memory lap at their start and end; the steps are timed from
+    protect's own ``on_progress`` callback."""
+    from comfyui_lord.lord_ops.comfy import protect as P
+    from comfyui_lord.lord_ops.comfy import surrogate as S
+
+    malloc = "stock" if (args.stock_malloc or CUDA) else steady_malloc()
+    t = time.perf_counter()
+    model, unet_desc = build_unet(args.unet)
+    vae, vae_desc = build_vae(args.vae)
+    img, cond = make_inputs(model, args.px)
+    build_s = time.perf_counter() - t
+    attack, sur = mist_configs(args.rounds, args.steps, args.train_steps, bool(args.low_memory))
+    events, laps = [], []
+    B.wait_until_quiet(args.max_other_cpu, args.quiet_timeout)
+    sync()
+    mem = B.PeakMemory()
+
+    def mark(kind: str, ended: str = "") -> None:
+        sync()
+        events.append((kind, time.perf_counter()))
+        if ended:
+            laps.append((ended, mem.lap()))
+
+    real_run, real_train = S.run_attack, S.train_surrogate_steps
+
+    def run_attack(*a, **k):
+        mark("ace_start", "setup" if not laps else "lora")
+        res = real_run(*a, **k)
+        mark("ace_end", "ace")
+        return res
+
+    def train_surrogate_steps(*a, **k):
+        mark("lora_start", "lora")  # the phase's image encode ran since the ACE round ended
+        res = real_train(*a, **k)
+        mark("lora_end", "lora")
+        return res
+
+    def attack_once():
+        mark("call")
+        with torch.inference_mode():
+            out = P.protect(model, vae, cond, img.movedim(1, -1), attack, sur, None,
+                            lambda done, total, loss, preview: mark("step"))
+        mark("return", "tail")
+        return out
+
+    S.run_attack, S.train_surrogate_steps = run_attack, train_surrogate_steps
+    try:
+        (_, report), _, other = B.other_load(attack_once)
+    finally:
+        S.run_attack, S.train_surrogate_steps = real_run, real_train
+    ph = mist_phases(events)
+    counts = ([len(r) for r in ph["ace"]], [len(p) for p in ph["lora"]])
+    expected = ([args.steps] * args.rounds, [args.train_steps] * (args.rounds - 1 if args.train_steps else 0))
+    if counts != expected:
+        raise RuntimeError(f"phase counts {counts} != schedule {expected}")
+    peaks = {}
+    for label, b in laps:
+        peaks[label] = max(peaks.get(label, 0), b)
+    out = {"px": args.px, "low_memory": bool(args.low_memory), **mem.result(), "peaks": peaks,
+           "schedule": [args.rounds, args.steps, args.train_steps], "phases": ph,
+           "fit": mist_extrapolate(ph, args.rounds, args.steps, args.train_steps),
+           "full": mist_extrapolate(ph, MIST.surrogate.rounds, MIST.attack.steps, MIST.surrogate.train_steps),
+           "surrogate_layers": report["surrogate_layers"], "compute_dtype": report["compute_dtype"],
+           "other_cores": other, "malloc": malloc, "build_s": build_s, "unet": unet_desc, "vae": vae_desc}
+    log(f"[mist {args.px}px low_memory={bool(args.low_memory)}] ACE {out['full']['ace_s']:.2f} s/it, LoRA "
+        f"{out['full']['lora_s']:.2f} s/step, per-round overhead {out['full']['overhead_s']:.2f} s, one-off "
+        f"{out['full']['one_off_s']:.1f} s; peak delta {B.gib(out['delta_bytes'])} (ACE "
+        f"{B.gib(peaks.get('ace', 0))}, LoRA {B.gib(peaks.get('lora', 0))}); full preset extrapolated "
+        f"{out['full']['total_s'] / 60:.1f} min; other processes {other:.2f} cores")
+    return out
+
+
+def run_worker(kind: str, args, px: int, low_memory: int = 0, steps: int = 2, repeats: int = 1,
+               extra: tuple = ()) -> dict:
     argv = ["--worker", kind, "--px", px, "--unet", args.unet, "--vae", args.vae, "--steps", steps,
             "--repeats", repeats, "--low-memory", low_memory, "--max-other-cpu", args.max_other_cpu,
-            "--quiet-timeout", args.quiet_timeout, "--retries", args.retries]
+            "--quiet-timeout", args.quiet_timeout, "--retries", args.retries, *extra]
     argv += ["--stock-malloc"] if args.stock_malloc else []
     return B.run_worker(__file__, argv, {"px": px, "low_memory": bool(low_memory)})
 
@@ -309,14 +462,101 @@ def reading(times: list, mems: list) -> str:
             "Single runs on a shared 2-core VM vary by several percent.")
 
 
-def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> None:
+# mist-v2's own figures as cited in issue 13 (a quotation, not a result of this benchmark)
+MIST_PUBLISHED = "3-5 min and about 6 GB of GPU memory per image on an A100-class GPU"
+
+
+def mist_table(mists: list) -> str:
+    if not mists:
+        return ""
+    px = mists[0]["px"]
+    lines = [(f"| low_memory | s per ACE iteration | s per LoRA step | overhead per round (s) | one-off (s) | "
+              f"mist_v2 per {px} px image, **extrapolated** | reduced run: measured / same formula | peak memory "
+              f"delta: overall (ACE phase / LoRA phase) | RSS/allocated before |"),
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for m in mists:
+        if "error" in m:
+            lines.append(f"| {m['low_memory']} | {m['error']} | | | | | | | |")
+            continue
+        f, r = m["full"], m["fit"]
+        lines.append(f"| {m['low_memory']} | {f['ace_s']:.2f} | {f['lora_s']:.2f} | {f['overhead_s']:.1f} | "
+                     f"{f['one_off_s']:.1f} | **{f['total_s'] / 60:.1f} min** | {m['phases']['wall_s']:.0f} s / "
+                     f"{r['total_s']:.0f} s | {B.gib(m['delta_bytes'])} ({B.gib(m['peaks'].get('ace', 0))} / "
+                     f"{B.gib(m['peaks'].get('lora', 0))}) | {B.gib(m['before_bytes'])} |")
+    return "\n".join(lines)
+
+
+def mist_reading(mists: list, facts: dict) -> str:
+    """The mist_v2 lines: what was run, the extrapolation with its numbers, low_memory, the published figures."""
+    ok = [m for m in mists if "error" not in m]
+    if not ok:
+        return ""
+    a, sur = MIST.attack, MIST.surrogate
+    rm, sm, tm = ok[0]["schedule"]
+    px = ok[0]["px"]
+    parts = [(
+        f"`mist_v2` as it stands ({sur.rounds} rounds x {a.steps} ACE iterations, {sur.train_steps} surrogate LoRA "
+        f"steps between rounds: rank {sur.rank}, `{sur.targets}` targets ({ok[0]['surrogate_layers']} layers here), "
+        f"lr {sur.learning_rate:g}, prior_weight {sur.prior_weight:g} (no class images here, so no prior term)) "
+        f"through the real entry point `lord_ops.comfy.protect.protect` (what the LoRD Protect node and "
+        f"`training/attack.py` call), one {px} px image, compute {ok[0]['compute_dtype']}. Run: a **reduced** "
+        f"schedule of the same code path, only the counts changed ({rm} rounds x {sm} ACE iterations, {tm} LoRA "
+        f"steps between), in a fresh process per row (malloc: {ok[0]['malloc']}); pass-through wrappers around the "
+        f"two phase functions `comfy/surrogate.py` calls (`run_attack`, `train_surrogate_steps`) stamp each phase's "
+        f"start and end and read the phase's peak memory, the steps are timed from protect's `on_progress` callback. "
+        f"The full preset is **extrapolated, not measured**: one-off + {sur.rounds * a.steps} x s/ACE iteration + "
+        f"{sur.rounds - 1} x ({sur.train_steps} x s/LoRA step + overhead per round), with s/ACE iteration = median "
+        f"of the run's ACE iterations but its first, s/LoRA step = median of the LoRA steps but each phase's first, "
+        f"overhead per round = the measured time between two ACE rounds minus its LoRA steps at that median (the "
+        f"phase's image encode, a fresh optimizer, first-step excess), one-off = setup (clone, LoRA, target encode) "
+        f"+ the first iteration's excess + the tail: ")]
+    for m in ok:
+        f = m["full"]
+        parts.append(f"low_memory {m['low_memory']}: {f['one_off_s']:.0f} + {sur.rounds * a.steps} x {f['ace_s']:.2f} "
+                     f"+ {sur.rounds - 1} x ({sur.train_steps} x {f['lora_s']:.2f} + {f['overhead_s']:.1f}) = "
+                     f"{f['total_s']:.0f} s = **{f['total_s'] / 60:.1f} min** "
+                     f"({f['ace_samples']} ACE / {f['lora_samples']} LoRA samples); ")
+    text = "".join(parts).rstrip("; ") + (". Check of the formula: on the reduced schedule it gives " + ", ".join(
+        f"{m['fit']['total_s']:.0f} s against the measured {m['phases']['wall_s']:.0f} s (low_memory {m['low_memory']})"
+        for m in ok) + f". For a set of n images the ACE iterations scale with n, the "
+        f"{(sur.rounds - 1) * sur.train_steps} LoRA steps do not.")
+    by = {m["low_memory"]: m for m in ok}
+    if True in by and False in by:
+        on, off = by[True], by[False]
+        text += (f" low_memory (the preset's default; off = the CLI's `--no-low-memory`, the Protect node keeps it "
+                 f"on for this preset) changes the peak from {B.gib(off['delta_bytes'])} to "
+                 f"{B.gib(on['delta_bytes'])} ({(on['delta_bytes'] - off['delta_bytes']) / max(off['delta_bytes'], 1) * 100:+.0f}%) "
+                 f"for x{on['full']['ace_s'] / off['full']['ace_s']:.2f} the ACE iteration time "
+                 f"(x{on['full']['total_s'] / off['full']['total_s']:.2f} the whole preset).")
+    if "cuda" not in facts.get("device", ""):
+        text += (" On CPU a phase's peak RSS includes what the allocator kept from the phase before it (the "
+                 "high-water mark restarts at the current RSS), so the LoRA-phase figure, read after an ACE round, "
+                 "is an upper bound; the overall peak is read as in the rows above.")
+    ref = by.get(True, ok[0])
+    total = ref["before_bytes"] + ref["delta_bytes"]
+    if "cuda" in facts.get("device", ""):
+        text += (f" mist-v2 reports {MIST_PUBLISHED}. This run, on {facts['device']}: "
+                 f"{ref['full']['total_s'] / 60:.1f} min (low_memory {ref['low_memory']}, extrapolated) and a peak of "
+                 f"{B.gib(total)} allocated (the models, loaded onto the GPU during the call, included), compute "
+                 f"{ref['compute_dtype']}.")
+    else:
+        text += (f" mist-v2 reports {MIST_PUBLISHED}. No GPU was available for this run (device "
+                 f"{facts.get('device', 'cpu')}): the minutes above are **not comparable** with those (2 CPU cores "
+                 f"against a GPU, {ref['compute_dtype']} against mist-v2's mixed precision); memory is comparable in "
+                 f"order only: the low_memory {ref['low_memory']} run peaked at {B.gib(ref['delta_bytes'])} over the "
+                 f"{B.gib(ref['before_bytes'])} the process already held with its {ref['compute_dtype']} models ({B.gib(total)} "
+                 f"in all, CPU RSS with the allocator's caches) against ~6 GB.")
+    return text
+
+
+def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, mists=()) -> None:
     rt = "; ".join(f"{r['px']} px: {r['repeats']} rounds x {r['steps']} iteration(s) per path"
                    for r in times) or "none"
     checks = "; ".join(f"{r['px']} px first-step loss glue {r['first_step_loss']['glue']:.6g} vs bare "
                        f"{r['first_step_loss']['bare']:.6g} (rel. diff {r['first_step_loss']['rel_diff']:.1e})"
                        for r in times)
     contended = max([max(v) for r in times for v in r["other_cores"].values()]
-                    + [m["other_cores"] for m in mems if "other_cores" in m], default=0.0)
+                    + [m["other_cores"] for m in [*mems, *mists] if "other_cores" in m], default=0.0)
     method = next((m["method"] for m in mems if "method" in m), "n/a")
     body = "\n".join([
         MARK_START, "## Attack cost: LoRD Protect on SD1.5 geometry (bench/bench_attack.py)", "",
@@ -331,34 +571,48 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args) -> Non
         f". Timing workers' malloc: {times[0]['malloc'] if times else 'n/a'}. Timed runs during which other "
         f"processes used >= {args.max_other_cpu} cores were redone (at most {args.retries} times): "
         f"{sum(r['discarded'] for r in times)} redone; most CPU used by other processes during a kept timed run or "
-        f"a memory run: {contended:.2f} cores.  ",
+        f"a memory run or a mist_v2 run: {contended:.2f} cores.  ",
         f"Memory: 2 glue iterations in a fresh process per row; {method}.", "",
-        tables(times, mems, skipped), "", extrapolation(times, mems), "", reading(times, mems), MARK_END])
+        tables(times, mems, skipped), "", extrapolation(times, mems), "", reading(times, mems), "",
+        "### The mist_v2 preset (surrogate LoRA loop)", "", mist_table(list(mists)) or "(not run)", "",
+        mist_reading(list(mists), facts), MARK_END])
     B.write_section(path, MARK_START, MARK_END, body)
 
 
 def main(argv=None) -> None:
-    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, no markdown",
-                      steps="iterations per timed run (default: 256 px 2, 512 px 1)", repeats="timed rounds (default 3)")
+    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, mist_v2 2x1+1, no markdown",
+                      steps="iterations per timed run (default: 256 px 2, 512 px 1)",
+                      repeats="timed rounds (default: 2 below 512 px, 3 at 512 px)")
     ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
     ap.add_argument("--unet", default=None, choices=("sd15", "tiny"), help="default sd15 (quick: tiny)")
     ap.add_argument("--vae", default="kl", choices=("kl", "taesd"), help="kl: real SD1.5 VAE geometry (default)")
-    ap.add_argument("--budget-min", type=float, default=15.0, help="skip sizes that would not fit (default 15)")
+    ap.add_argument("--budget-min", type=float, default=18.0,
+                    help="skip a size or a mist_v2 run whose projected cost would not fit (default 18; the defaults "
+                         "take about 15)")
+    ap.add_argument("--mist-px", type=int, default=None, help="image size of the mist_v2 runs (default 512, quick 64; "
+                                                              "0: skip them)")
+    ap.add_argument("--mist-schedule", default=None,
+                    help="reduced mist_v2 schedule run: rounds,ACE iterations per round,LoRA steps between rounds "
+                         f"(default {','.join(map(str, MIST_REDUCED))}, quick 2,1,1; rounds >= 2 so that a LoRA "
+                         f"phase is timed)")
     B.add_machine_args(ap)
     B.add_output_args(ap)
-    ap.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("time", "mem", "mist"), help=argparse.SUPPRESS)
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--low-memory", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--train-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.unet is None:
         args.unet = "tiny" if args.quick else "sd15"
     if args.worker:
-        if args.worker == "time":
-            res = worker_time(args)
-        else:
-            res = worker_mem(args)
+        res = {"time": worker_time, "mem": worker_mem, "mist": worker_mist}[args.worker](args)
         B.emit_result(res)
         return
+    mist_schedule = ([int(x) for x in args.mist_schedule.split(",")] if args.mist_schedule
+                     else [2, 1, 1] if args.quick else list(MIST_REDUCED))
+    if len(mist_schedule) != 3 or mist_schedule[0] < 2 or min(mist_schedule) < 1:
+        ap.error("--mist-schedule needs rounds >= 2, ACE iterations >= 1, LoRA steps >= 1")
 
     start = time.time()
     facts = B.machine_facts("bench-attack")
@@ -369,7 +623,7 @@ def main(argv=None) -> None:
     budget = args.budget_min * 60
     for px in sorted(sizes):
         steps = args.steps or (1 if args.quick or px >= 512 else 2)
-        repeats = args.repeats or (1 if args.quick else 3)
+        repeats = args.repeats or (1 if args.quick else (2 if px < 512 else 3))
         if per_iter is not None:
             p0, s0, build = per_iter
             guess = s0 * (px / p0) ** 2 * 1.1
@@ -392,14 +646,38 @@ def main(argv=None) -> None:
             f"ratio {t['ratio']:.3f}x")
         for low in (0, 1):
             mems.append(run_worker("mem", args, px, low_memory=low, steps=2))
+    mists = []
+    mist_px = args.mist_px if args.mist_px is not None else (64 if args.quick else 512)
+    rounds, steps, train = mist_schedule
+    for low in ((1, 0) if mist_px else ()):  # the preset's default (low_memory on) first
+        if per_iter is not None:
+            p0, s0, build = per_iter
+            it = s0 * (mist_px / p0) ** 2  # an ACE iteration; a LoRA step (UNet only) is cheaper
+            cost = build + 10 + rounds * steps * it * (1.25 if low else 1.05) + (rounds - 1) * (train * 0.5 + 0.3) * it
+            left = budget - (time.time() - start)
+            if cost > left:
+                mists.append({"px": mist_px, "low_memory": bool(low),
+                              "error": f"skipped: projected {cost / 60:.1f} min from the {p0} px timings, "
+                                       f"{left / 60:.1f} min of the {args.budget_min:.0f} min budget left"})
+                log(f"skip mist_v2 {mist_px} px low_memory={bool(low)}: {mists[-1]['error']}")
+                continue
+        m = run_worker("mist", args, mist_px, low_memory=low, steps=steps,
+                       extra=("--rounds", rounds, "--train-steps", train))
+        if "error" in m:
+            log(f"mist_v2 {mist_px} px low_memory={bool(low)}: {m['error']}")
+        mists.append(m)
     facts["loadavg_end"] = os.getloadavg()[0]
     facts["total_min"] = (time.time() - start) / 60
     print(tables(times, mems, skipped))
     print()
     print(extrapolation(times, mems))
     print(reading(times, mems))
-    B.finish(args, lambda path: write_markdown(path, times, mems, skipped, facts, args),
-             {"facts": facts, "times": times, "mems": mems, "skipped": skipped})
+    print()
+    print(mist_table(mists))
+    print()
+    print(mist_reading(mists, facts))
+    B.finish(args, lambda path: write_markdown(path, times, mems, skipped, facts, args, mists),
+             {"facts": facts, "times": times, "mems": mems, "mists": mists, "skipped": skipped})
 
 
 if __name__ == "__main__":

@@ -279,12 +279,14 @@ class PeakMemory:
     CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at construction. CPU (Linux): peak
     RSS minus RSS at construction, the peak reset through ``/proc/self/clear_refs`` after
     ``gc.collect`` and ``malloc_trim``; elsewhere the ``ru_maxrss`` high-water mark, which is not
-    reset and can hide a peak lower than what came before."""
+    reset and can hide a peak lower than what came before. :meth:`lap` splits a run into phases: the
+    peak since the previous lap, with the high-water mark restarted there (CUDA, Linux)."""
 
     def __init__(self):
         import torch
 
         self.cuda = torch.cuda.is_available()
+        self.high = 0  # highest peak seen by lap()
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -305,17 +307,35 @@ class PeakMemory:
             self.before = _maxrss_bytes()
             self.method = "ru_maxrss high-water mark (not reset)"
 
-    def result(self) -> dict:
-        """``method``, ``before_bytes``, ``peak_bytes`` and ``delta_bytes`` (peak - before, >= 0)."""
+    def _peak(self) -> int:
         import torch
 
         if self.cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            return torch.cuda.max_memory_allocated()
+        if self.method.startswith("peak RSS"):
+            return _proc_field("/proc/self/status", "VmHWM")
+        return _maxrss_bytes()
+
+    def lap(self) -> int:
+        """Peak - before (>= 0) since construction or the previous lap, and restart the high-water
+        mark at the current use (CUDA: ``reset_peak_memory_stats``; Linux: ``clear_refs``; elsewhere
+        nothing is reset, so a lap reads the peak so far). Cheap: no ``gc``, no ``malloc_trim``."""
+        import torch
+
+        peak = self._peak()
+        self.high = max(self.high, peak)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
         elif self.method.startswith("peak RSS"):
-            peak = _proc_field("/proc/self/status", "VmHWM")
-        else:
-            peak = _maxrss_bytes()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return max(0, peak - self.before)
+
+    def result(self) -> dict:
+        """``method``, ``before_bytes``, ``peak_bytes`` and ``delta_bytes`` (peak - before, >= 0);
+        the peak covers every lap."""
+        peak = max(self._peak(), self.high)
         return {"method": self.method, "before_bytes": self.before, "peak_bytes": peak,
                 "delta_bytes": max(0, peak - self.before)}
 
