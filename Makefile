@@ -33,7 +33,7 @@ bench: setup                # sampling cost per step, LoRD vs stock LoRA (~11 mi
 bench-train: setup          # Stage-1 training cost vs core Train LoRA (~18 min)
 	$(PY) bench/bench_train.py
 
-bench-attack: setup         # LoRD Protect attack cost (~10 min)
+bench-attack: setup         # LoRD Protect attack cost incl. the mist-v2 preset (~15 min)
 	$(PY) bench/bench_attack.py
 
 bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~11 min)
