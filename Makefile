@@ -30,16 +30,16 @@ lab-retrain: setup lab-data
 bench: setup                # sampling cost per step, LoRD vs stock LoRA (~11 min)
 	$(PY) bench/bench_sampling.py
 
-bench-train: setup          # Stage-1 training cost vs core Train LoRA (~18 min)
+bench-train: setup          # Stage-1 training cost vs core Train LoRA (~24 min)
 	$(PY) bench/bench_train.py
 
-bench-attack: setup         # LoRD Protect attack cost incl. the mist-v2 preset (~15 min)
+bench-attack: setup         # LoRD Protect attack cost incl. the mist-v2 preset (~20 min)
 	$(PY) bench/bench_attack.py
 
-bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~11 min)
+bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~12 min)
 	$(PY) bench/bench_scaling.py
 
-bench-all: setup            # all four in sequence, each rewriting its own section (~50 min)
+bench-all: setup            # all four in sequence, each rewriting its own section (~70 min)
 	$(MAKE) --no-print-directory bench
 	$(MAKE) --no-print-directory bench-train
 	$(MAKE) --no-print-directory bench-attack

@@ -261,7 +261,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown workloads: {', '.join(sorted(set(workloads) - set(WORKLOADS)))}")
     start = time.time()
     facts = B.machine_facts("bench-scaling")
-    facts["malloc"] = "stock" if args.stock_malloc else B.steady_malloc()  # this process: sampling
+    facts["malloc"] = "stock" if args.stock_malloc else B.pinned_malloc()  # this process: sampling
     log(json.dumps(facts))
     batch_px = QUICK_BATCH_PX if args.quick else BATCH_PX
     own_work = args.work is None

@@ -88,7 +88,7 @@ LEARNING_RATE = 1e-4
 # per model: default (timed steps per call, rounds) below 512 px; from 512 px (2, 2)
 DEFAULTS = {"tiny": (3, 3), "ckpt": (4, 5), "sd15": (2, 3)}
 # the issue-13 goal is sd15 at 512 px; gradient-checkpointing and attn+proj rows run on request
-# (--configs ckpt:256:on:core+lord,sd15:256:off:core+lord+lord_proj), to keep make bench-train near 20 min
+# (--configs ckpt:256:on:core+lord,sd15:256:off:core+lord+lord_proj), to keep make bench-train near 25 min
 DEFAULT_CONFIGS = "ckpt:64:off:core+lord,ckpt:256:off:core+lord,sd15:256:off:core+lord,sd15:512:off:core+lord"
 
 
