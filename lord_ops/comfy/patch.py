@@ -26,8 +26,8 @@ from ..datasets import model_fingerprint
 from ..format import LoRDFile, check_against_model, kohya_state_dict
 from ..keys import CONTEXT_FED, unet_name_map
 from ..layer import (GATE_MODES, ContextCache, ConvGeometry, FusedGroup, FusedLoRD, LoRDWeights, Workspace,
-                     tensor_version, add_fused_defense, add_gated_code_, fused_gate, gate_rows_to_layout,
-                     gated_group_codes, lord_delta_plain)
+                     add_fused_defense, add_gated_code_, fused_gate, gate_rows_to_layout, gated_group_codes,
+                     lord_delta_plain, tensor_version)
 
 INJECTION_PREFIX = "lord:"
 # targets that read the same input tensor in ComfyUI's CrossAttention: a self-attention's q, k and v
