@@ -9,7 +9,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m training.demo --out demo_output
+	$(PY) -m lab.demo --out demo_output
 
 # Retraining the lab model (hours on 2 CPU cores; lab/MODEL_CARD.md): needs the full Fashion-MNIST
 lab-data:
@@ -28,16 +28,16 @@ lab-retrain: setup lab-data
 # Benchmarks (BENCHMARKS.md): each target runs one script with its defaults and rewrites that script's
 # section of BENCHMARKS.md, whose "Command:" line names the target. Estimated times on 2 CPU cores.
 bench: setup                # sampling cost per step, LoRD vs stock LoRA (~11 min)
-	$(PY) bench/bench_sampling.py
+	$(PY) -m bench.bench_sampling
 
 bench-train: setup          # Stage-1 training cost vs core Train LoRA (~24 min)
-	$(PY) bench/bench_train.py
+	$(PY) -m bench.bench_train
 
 bench-attack: setup         # LoRD Protect attack cost incl. the mist-v2 preset (~20 min)
-	$(PY) bench/bench_attack.py
+	$(PY) -m bench.bench_attack
 
 bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~12 min)
-	$(PY) bench/bench_scaling.py
+	$(PY) -m bench.bench_scaling
 
 bench-all: setup            # all four in sequence, each rewriting its own section (~70 min)
 	$(MAKE) --no-print-directory bench
@@ -46,7 +46,7 @@ bench-all: setup            # all four in sequence, each rewriting its own secti
 	$(MAKE) --no-print-directory bench-scaling
 
 thumbnails: setup
-	$(PY) tools/make_template_thumbnails.py
+	$(PY) -m tools.make_template_thumbnails
 
 clean:
 	rm -rf demo_output .pytest_cache

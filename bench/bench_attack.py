@@ -41,7 +41,7 @@ Measured:
 
     make bench-attack    # the defaults (estimated ~15 min on 2 CPU cores: the last full run without the
                          # mist_v2 part took 9.8 min with 3 rounds at 256 px, now 2)
-    python bench/bench_attack.py [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--mist-px 512]
+    python -m bench.bench_attack [--quick] [--sizes 256,512] [--steps N] [--repeats R] [--mist-px 512]
                                  [--mist-schedule 2,2,2] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
@@ -60,14 +60,13 @@ import pathlib
 import statistics
 import time
 
-import benchlib as B
-from benchlib import log, steady_malloc, sync
+from bench import benchlib as B
+from bench.benchlib import log, steady_malloc, sync
 
-B.import_comfy()
-from comfyui_lord.lord_ops import attacks  # noqa: E402
-from comfyui_lord.lord_ops.comfy import grad  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+from lord_ops import attacks
+from lord_ops.comfy import grad
 
 MARK_START, MARK_END = "<!-- bench_attack:start -->", "<!-- bench_attack:end -->"
 PRESET = attacks.PRESETS["ace_fixed"]
@@ -307,8 +306,8 @@ def worker_mist(args) -> dict:
     ``train_surrogate_steps``: one LoRA phase) are wrapped, for this process only, by pass-throughs
     that record a time stamp and a memory lap at their start and end; the steps are timed from
     protect's own ``on_progress`` callback."""
-    from comfyui_lord.lord_ops.comfy import protect as P
-    from comfyui_lord.lord_ops.comfy import surrogate as S
+    from lord_ops.comfy import protect as P
+    from lord_ops.comfy import surrogate as S
 
     malloc = "stock" if (args.stock_malloc or CUDA) else steady_malloc()
     t = time.perf_counter()
@@ -580,6 +579,7 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, mists=
 
 
 def main(argv=None) -> None:
+    B.import_comfy()
     ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, mist_v2 2x1+1, no markdown",
                       steps="iterations per timed run (default: 256 px 2, 512 px 1)",
                       repeats="timed rounds (default: 2 below 512 px, 3 at 512 px)")

@@ -29,7 +29,7 @@ SD1.5 UNet at 512 px still page-faulted ~2.6e6 times per step in every variant, 
 a step); page faults per step are reported.
 
     make bench    # the defaults, about 11 min on 2 CPU cores (estimate)
-    python bench/bench_sampling.py [--quick] [--models tiny,sd15] [--sizes PX,...] [--variants V,...]
+    python -m bench.bench_sampling [--quick] [--models tiny,sd15] [--sizes PX,...] [--variants V,...]
                                    [--batch B] [--steps N] [--repeats R] [--json PATH] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_sampling`` markers) unless
@@ -46,17 +46,12 @@ import tempfile
 import time
 from typing import NamedTuple
 
-import benchlib as B
-from benchlib import pinned_malloc
+from bench import benchlib as B
+from bench.benchlib import pinned_malloc
 
-B.import_comfy()
-from comfyui_lord.lord_ops.comfy import patch  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-import comfy.model_management as mm  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
+from lord_ops.comfy import patch
 
 VARIANTS = ("base", "lora", "lord_plain", "lord_fused")
 MARK_START, MARK_END = "<!-- bench_sampling:start -->", "<!-- bench_sampling:end -->"
@@ -97,6 +92,8 @@ def default_runs(model: str, px: int) -> tuple:
 
 def stock_lora(model, lord, seed: int = 2):
     """A kohya LoRA with LoRD's rank, alpha and down weights and random up weights, loaded the stock way."""
+    import comfy.sd
+
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, w in lord.targets.items():
@@ -117,6 +114,9 @@ def timed_sample(model, steps: int, inputs, expect_hooks: int, max_other: float 
     which other processes used >= ``max_other`` cores is discarded and retried (at most 5 times) once
     the machine is quiet. Returns seconds ``s``, the output, other-process cores, retries and minor
     page faults (``minflt``, a sign of allocator churn)."""
+    import comfy.model_management as mm
+    import comfy.sample
+
     noise, positive, negative, latent = inputs
 
     def load():
@@ -152,6 +152,9 @@ def bench_model(key: str, points, max_other: float, log, variants=VARIANTS, work
     """Time ``variants`` (a subset of :data:`VARIANTS`, at least one of ``lora`` and ``base`` as the
     reference) of model ``key`` at each :class:`Point`; one row per (point, variant). ``work``: folder
     for the ``ckpt`` model's checkpoint (default: a temporary one)."""
+    import comfy.model_management as mm
+    import comfy.sample
+
     variants = tuple(v for v in VARIANTS if v in variants)
     if not {"lora", "base"} & set(variants):
         raise ValueError("variants need a reference: lora or base")
@@ -291,6 +294,7 @@ def write_markdown(path: pathlib.Path, rows, facts, max_other: float) -> None:
 
 
 def main(argv=None) -> None:
+    B.import_comfy()
     ap = B.new_parser(__doc__, quick="smoke run: tiny model, 64 px, 3 steps x 2 repeats, no markdown",
                       steps="steps per timed run (default: tiny 20; sd15 2 at 256 px, 1 at 512 px; ckpt 4)",
                       repeats="timed runs per variant (default: tiny 12; sd15 10 at 256 px, 6 at 512 px; ckpt 4)")

@@ -17,7 +17,7 @@ Points: resolution at batch 1 (sampling 256, 384, 512, 768 px; training 256, 384
 size 1, 2, 4 at 256 px. Training stops at 512 px to keep the run near 15 min (see :func:`train_768_note`).
 
     make bench-scaling    # the defaults, about 11 min on 2 CPU cores (estimate, not a measured run)
-    python bench/bench_scaling.py [--quick] [--workloads sampling,training] [--steps N] [--repeats R]
+    python -m bench.bench_scaling [--quick] [--workloads sampling,training] [--steps N] [--repeats R]
                                   [--work DIR] [--json PATH] [--md PATH] [--png PATH]
 
 Writes ``docs/bench/scaling.png`` and its own section of ``BENCHMARKS.md`` (between the
@@ -35,10 +35,10 @@ import shutil
 import tempfile
 import time
 
-import bench_sampling as S
-import bench_train as T
-import benchlib as B
-from benchlib import log
+from bench import bench_sampling as S
+from bench import bench_train as T
+from bench import benchlib as B
+from bench.benchlib import log
 
 MARK_START, MARK_END = "<!-- bench_scaling:start -->", "<!-- bench_scaling:end -->"
 MODEL = "ckpt"
@@ -65,7 +65,7 @@ def train_768_note(points: list) -> str:
     return ("Stage-1 training has no 768 px point: at 512 px LoRD's Stage-1 step on this model " + cost +
             "768 px has 2.25x the pixels and about 5x the attention work (squared token count), so the point would "
             "take several minutes with its warm-up and PGD-2 data, past this benchmark's ~15 min budget on 2 cores "
-            "(an estimate, not measured; run `python bench/bench_train.py --configs ckpt:768` for it).")
+            "(an estimate, not measured; run `python -m bench.bench_train --configs ckpt:768` for it).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +246,7 @@ def write_markdown(path: pathlib.Path, points, skipped, facts, args, png, batch_
 
 
 def main(argv=None) -> None:
+    B.import_comfy()
     ap = B.new_parser(__doc__, quick="smoke run: 64/128 px, batch 1/2 at 64 px, 1 step x 2 rounds, no markdown/PNG",
                       steps="steps per timed run / timed optimizer steps per call, for every point (default per point)",
                       repeats="rounds, for every point (default per point: 2-3)")

@@ -44,7 +44,7 @@ fp32) + a random KL VAE with the SD1.5 geometry; ``ckpt`` = the SD15-geometry te
 ``tiny`` = the tiny SD1.x UNet + a random TAESD (smoke runs).
 
     make bench-train    # the defaults (last full run: 18 min on 2 CPU cores)
-    python bench/bench_train.py [--quick] [--configs MODEL:PX[:GC[:VARIANTS]],...] [--variants core,lord,lord_proj]
+    python -m bench.bench_train [--quick] [--configs MODEL:PX[:GC[:VARIANTS]],...] [--variants core,lord,lord_proj]
                                 [--rank 4] [--batch 1] [--gc off|on] [--steps N] [--repeats R] [--md PATH]
 
 Default configs: ``ckpt`` at 64 and 256 px (gradient checkpointing off, and on at 256 px; ``core`` and
@@ -67,17 +67,14 @@ import tempfile
 import time
 import warnings
 
-import benchlib as B
-from benchlib import log, pinned_malloc, sync
+from bench import benchlib as B
+from bench.benchlib import log, pinned_malloc, sync
 
-B.import_comfy()
-from comfyui_lord.lord_ops import trainer as T  # noqa: E402
-from comfyui_lord.lord_ops.comfy import data as cdata, perturb, stages  # noqa: E402
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import torch  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
-
-import comfy.utils  # noqa: E402
+from lord_ops import trainer as T
+from lord_ops.comfy import data as cdata, perturb, stages
 
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
 CUDA = torch.cuda.is_available()
@@ -220,6 +217,8 @@ def stage1_data_cost(s: Setup, args, cache_dir: pathlib.Path) -> float:
 
 
 def worker_time(args) -> dict:
+    import comfy.utils
+
     malloc = "stock" if (args.stock_malloc or CUDA) else pinned_malloc()
     comfy.utils.set_progress_bar_enabled(False)
     work = pathlib.Path(args.work)
@@ -282,6 +281,8 @@ def worker_time(args) -> dict:
 
 
 def worker_mem(args) -> dict:
+    import comfy.utils
+
     comfy.utils.set_progress_bar_enabled(False)
     work = pathlib.Path(args.work)
     s = Setup(args.model, args.px, args.images, work)
@@ -289,7 +290,7 @@ def worker_mem(args) -> dict:
     v = args.variants
     with torch.inference_mode():
         perturb.stage1_perturbations(s.model, s.vae, s.data, lord_config(args, "lord", 1), cache)  # cache hit
-    from comfyui_lord.lord_ops.comfy import grad
+    from lord_ops.comfy import grad
 
     grad.load_for_gradients(s.model, s.vae)
     mem = B.PeakMemory()
@@ -467,6 +468,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    B.import_comfy()
     ap, args = parse_args(argv)
     if args.worker:
         res = worker_time(args) if args.worker == "time" else worker_mem(args)

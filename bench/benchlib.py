@@ -1,6 +1,6 @@
 """The scaffolding the benchmarks share, one owner per idea.
 
-* start-up: :func:`import_comfy` (ComfyUI and the pack importable, ``--cpu`` without CUDA);
+* start-up: :func:`import_comfy` (ComfyUI importable, ``--cpu`` without CUDA);
 * models and inputs: :func:`random_vae`, :func:`random_unet`, :func:`test_checkpoint`, :func:`smooth_image`;
 * a shared machine: :func:`cpu_ticks`, :func:`other_load`, :func:`wait_until_quiet`,
   :func:`quiet_run` (a timed run redone when other processes were busy), :func:`rotated` (round-robin
@@ -12,7 +12,7 @@
 * the report: :func:`repro_command`, :func:`machine_facts`, :func:`header_lines`, :func:`gib`,
   :func:`write_section`, :func:`new_parser`, :func:`add_machine_args`, :func:`add_output_args`, :func:`finish`.
 
-Plain Python at import time: ComfyUI, torch and the pack are imported inside the functions, after
+Plain Python at import time: ComfyUI, torch and the pack are imported inside the functions; ComfyUI after
 :func:`import_comfy`.
 """
 from __future__ import annotations
@@ -46,13 +46,17 @@ def log(msg: str) -> None:
 
 
 def import_comfy() -> None:
-    """Make ComfyUI importable (forcing ``--cpu`` when there is no CUDA) and import the pack as the
-    package ``comfyui_lord``; call before importing torch, ``comfy`` or ``comfyui_lord``."""
-    sys.path.insert(0, str(ROOT))
-    from training.comfy_runtime import ensure_comfyui_importable, import_pack
+    """Make ComfyUI importable (forcing ``--cpu`` when there is no CUDA); call before importing ``comfy``."""
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable()
-    import_pack()
+
+
+def script_module(script) -> str:
+    """The module name of a script file under the repository root (``bench/bench_train.py`` ->
+    ``bench.bench_train``): scripts run as ``python -m <module>`` from the root."""
+    rel = pathlib.Path(script).resolve().relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts)
 
 
 def sync() -> None:
@@ -350,10 +354,10 @@ def emit_result(res: dict) -> None:
 
 
 def run_worker(script: str, argv: list, on_error: dict) -> dict:
-    """Run ``python script argv`` in a fresh process from the repository root and return the dict of
-    its last ``RESULT`` line, or ``on_error`` plus an ``error`` message when it failed (a worker
-    killed for memory prints none)."""
-    cmd = [sys.executable, str(pathlib.Path(script).resolve()), *[str(a) for a in argv]]
+    """Run ``python -m <script's module> argv`` in a fresh process from the repository root and return
+    the dict of its last ``RESULT`` line, or ``on_error`` plus an ``error`` message when it failed (a
+    worker killed for memory prints none)."""
+    cmd = [sys.executable, "-m", script_module(script), *[str(a) for a in argv]]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -373,8 +377,8 @@ OUTPUT_OPTIONS = ("--json", "--md", "--png", "--work")
 def repro_command(make_target: str, argv=None, script=None) -> str:
     """The command a user runs from the repository root to reproduce this run: ``make <make_target>``
     when ``argv`` (default ``sys.argv[1:]``) holds nothing but output options (:data:`OUTPUT_OPTIONS`,
-    ``--opt VALUE`` or ``--opt=VALUE``), else ``python <script> <the other arguments>`` with ``script``
-    (default ``sys.argv[0]``) relative to the repository root. No interpreter path, no output path."""
+    ``--opt VALUE`` or ``--opt=VALUE``), else ``python -m <module> <the other arguments>`` with the
+    module of ``script`` (default ``sys.argv[0]``). No interpreter path, no output path."""
     argv = list(sys.argv[1:] if argv is None else argv)
     kept, i = [], 0
     while i < len(argv):
@@ -389,10 +393,10 @@ def repro_command(make_target: str, argv=None, script=None) -> str:
         return f"make {make_target}"
     path = pathlib.Path(script or sys.argv[0]).resolve()
     try:
-        rel = path.relative_to(ROOT).as_posix()
+        module = script_module(path)
     except ValueError:
-        rel = path.name
-    return " ".join(shlex.quote(a) for a in ["python", rel, *kept])
+        module = path.stem
+    return " ".join(shlex.quote(a) for a in ["python", "-m", module, *kept])
 
 
 def machine_facts(make_target: str) -> dict:

@@ -15,7 +15,7 @@ failure. Steps, in order of value when device time is short:
                 next to mist-v2's reported 3-5 min and about 6 GB per image on SD1.5. Pass
                 ``--sd15 PATH`` to use a real SD1.5 checkpoint; the default random SD15-geometry
                 checkpoint has a smaller UNet (13.6M parameters, TAESD), so its numbers are a floor.
-``workflows``   ``python -m training.demo``: every shipped workflow through a real ComfyUI server on
+``workflows``   ``python -m lab.demo``: every shipped workflow through a real ComfyUI server on
                 the GPU (the fp16 checkpoint loads in fp16 there), the two training workflows with
                 ``--train-steps`` steps.
 ``bench``       ``bench/bench_sampling.py``, ``bench/bench_train.py``, ``bench/bench_attack.py``
@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 STEPS = ("devices", "cli", "mist_v2", "workflows", "bench")
 
 
@@ -119,8 +118,8 @@ def make_inputs(work: Path, ckpt_override) -> dict:
     from PIL import Image
 
     from tools import tiny
-    from training.comfy_runtime import find_comfyui
-    from training.demo import prepare_training_inputs
+    from lord_ops.comfy.bootstrap import find_comfyui
+    from tools.example_inputs import prepare_training_inputs
 
     example = find_comfyui(None) / "input" / "example.png"
     ckpt = work / "sd15_geometry_fp16.safetensors"
@@ -159,7 +158,7 @@ def main(argv=None) -> int:
               "and a CUDA build of PyTorch; the CPU test suite is `make test`.", file=sys.stderr)
         return 2
 
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     comfy_root = ensure_comfyui_importable()
     work = Path(args.out).resolve()
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
         steps["mist_v2"] = rec
         save()
     if "workflows" in only:
-        rec = run_step("workflows", [py, "-m", "training.demo", "--out", work / "demo", "--stage1-steps", n, "--stage2-steps", n],
+        rec = run_step("workflows", [py, "-m", "lab.demo", "--out", work / "demo", "--stage1-steps", n, "--stage2-steps", n],
                        args.step_timeout * 2, logs)
         summary = work / "demo" / "summary.json"
         if summary.is_file():
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
         quick = ["--quick"] if args.bench == "quick" else []
         for name in ("bench_sampling", "bench_train", "bench_attack"):
             js = work / f"{name}.json"
-            rec = run_step(name, [py, f"bench/{name}.py", *quick, "--md", "", "--json", js], args.step_timeout * 2, logs)
+            rec = run_step(name, [py, "-m", f"bench.{name}", *quick, "--md", "", "--json", js], args.step_timeout * 2, logs)
             if js.is_file():
                 rec["result"] = json.loads(js.read_text())
             steps[name] = rec

@@ -15,4 +15,4 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     "$PY" -c 'import torch; print(f"error: no CUDA device: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no GPU. This check needs an NVIDIA GPU and a CUDA build of PyTorch; the CPU test suite is make test.")' >&2 || echo "error: no CUDA device (PyTorch not importable)" >&2
     exit 2
 fi
-exec "$PY" bench/gpu_check.py "$@"
+exec "$PY" -m bench.gpu_check "$@"

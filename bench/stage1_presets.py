@@ -12,7 +12,7 @@ model has random weights, so they say whether the perturbations a preset makes c
 the LoRD's gate learns to read *and* that transfers to other images and to the other attack -- on
 this model. They do not predict the AUROC on a real SD 1.5 checkpoint with real photos.
 
-    python bench/stage1_presets.py --out /tmp/presets [--steps 60 --train 8 --heldout 4 --size 64 --seeds 0 1]
+    python -m bench.stage1_presets --out /tmp/presets [--steps 60 --train 8 --heldout 4 --size 64 --seeds 0 1]
 
 Writes ``OUT/results.json`` (``results_<set>.json`` with ``--set``) and prints a Markdown table.
 """
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def synthetic_images(folder: Path, n: int, size: int, seed: int, caption: str) -> None:
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the CLI (e.g. lambda_gate=10)")
     args = ap.parse_args(argv)
 
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable()
     from lord_ops.trainer import STAGE1_DATA_PRESETS

@@ -7,12 +7,7 @@ the lab classifier's accuracy on them (chance: 1/10) and a grid (one row per cla
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def sample_accuracy(checkpoint: Path, classifier: Path, per_class: int = 8, steps: int = 12, cfg: float = 4.0,
@@ -23,7 +18,7 @@ def sample_accuracy(checkpoint: Path, classifier: Path, per_class: int = 8, step
     from lab.data import CLASSES, HELDOUT_CLASS, prompt
     from lord_ops.comfy.generate import SamplingConfig, text_to_image
     from lord_ops.metric_models import load_feature_extractor
-    from training.comfy_runtime import load_checkpoint_models
+    from lord_ops.comfy.bootstrap import load_checkpoint_models
 
     per_class_count = int(per_class)
     model, clip, vae = load_checkpoint_models(checkpoint)[:3]
@@ -51,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--grid", default=None, help="write the samples as a PNG grid (one row per class)")
     args = ap.parse_args(argv)
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
     from lab.ship import ensure_checkpoint

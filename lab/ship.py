@@ -12,12 +12,8 @@ deterministically, for ``models/checkpoints/`` (setup or the demo run it).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 FORMAT = "comfyui-lord-lab-model-parts"
 
@@ -97,6 +93,7 @@ def unpack(parts_path, out) -> Path:
                                     "lab_parts_sha256": file_sha256(parts_path)})
 
 
+REPO = Path(__file__).resolve().parents[1]
 SHIPPED_PARTS = REPO / "lab" / "weights" / "lab_fashion_parts.safetensors"
 SHIPPED_CLASSIFIER = REPO / "lab" / "weights" / "lab_classifier.safetensors"
 CHECKPOINT_NAME = "lord_lab_fashion.safetensors"
@@ -137,7 +134,7 @@ def main(argv=None) -> int:
     u.add_argument("--parts", required=True)
     u.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
     if args.cmd == "pack":

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def sd15_alphas_cumprod():
@@ -69,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images (a quick check of the code)")
     args = ap.parse_args(argv)
 
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
     import torch

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
@@ -32,7 +27,7 @@ def main(argv=None) -> int:
                     help="stop after this many steps (the learning-rate schedule still spans --steps); 0: --steps")
     args = ap.parse_args(argv)
 
-    from training.comfy_runtime import ensure_comfyui_importable
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
     import numpy as np

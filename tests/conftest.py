@@ -1,21 +1,20 @@
 """Shared fixtures. Tests run against the pinned real ComfyUI (``make setup``) or ``$COMFYUI_PATH``.
 
-The pack is imported the way ComfyUI imports it: as a package (named ``comfyui_lord`` here) whose
-modules use relative imports, so ``nodes`` never clashes with ComfyUI's own ``nodes.py``.
+Imports (docs/design.md, "Importing"): the repository root is on ``sys.path`` (pytest's
+``pythonpath`` in pyproject.toml), so the math, the entry points and the tooling are imported by
+their own names (``lord_ops``, ``training``, ``lab``, ``tools``); the node glue is imported the way
+ComfyUI imports it, as a package (named ``comfyui_lord`` here) whose modules use relative imports, so
+``nodes`` never clashes with ComfyUI's own ``nodes.py`` (``comfyui_lord.lord_ops`` is ``lord_ops``).
 """
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from training.comfy_runtime import ensure_comfyui_importable, import_pack  # noqa: E402
+from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
 
 COMFYUI = ensure_comfyui_importable()
 PACK = import_pack()
@@ -59,8 +58,8 @@ def make_comfy_base(tmp_path_factory, sd15_checkpoint, comfyui_path):
 
     from tools.example_inputs import prepare_inputs, prepare_training_inputs
 
-    from comfyui_lord.lord_ops import format as fmt
-    from comfyui_lord.lord_ops.comfy import patch
+    from lord_ops import format as fmt
+    from lord_ops.comfy import patch
 
     model = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=False, output_clip=False)[0]
     lord = patch.init_lord_for_model(model, random_up=0.05, seed=1, provenance={"made_by": "tests"})

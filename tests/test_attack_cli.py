@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from comfyui_lord.lord_ops import tool_version
-from comfyui_lord.lord_ops.attacks import PRESETS
+from lord_ops import tool_version
+from lord_ops.attacks import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--method", "ace", "--epsilon", "4", "--step-size", "1.5", "--seed", "7"]

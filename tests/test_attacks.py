@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from comfyui_lord.lord_ops import attacks
-from comfyui_lord.lord_ops.attacks import AttackConfig
+from lord_ops import attacks
+from lord_ops.attacks import AttackConfig
 
 
 class StandIns(torch.nn.Module):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from training.comfy_runtime import ComfyServer
+from tools.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]

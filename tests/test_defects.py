@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_lord.lord_ops.comfy import files
+from lord_ops.comfy import files
 from comfyui_lord.nodes import train as train_nodes
 from tools import workflow_api
 
@@ -85,8 +85,8 @@ def test_v_prediction_loss_identity_on_a_tiny_v_model():
 
     import comfy.model_management as mm
 
-    from comfyui_lord.lord_ops.comfy import grad, patch
-    from comfyui_lord.lord_ops.diffusion import add_noise, denoising_loss, loss_weight
+    from lord_ops.comfy import grad, patch
+    from lord_ops.diffusion import add_noise, denoising_loss, loss_weight
 
     mp = tiny_v_model()
     assert patch.prediction_type(mp) == "v"
@@ -122,7 +122,7 @@ def test_prediction_type_follows_model_sampling(tiny_model):
 
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    from comfyui_lord.lord_ops.comfy import patch
+    from lord_ops.comfy import patch
 
     assert patch.prediction_type(tiny_model) == "eps"
     for sampling, expected in (("v_prediction", "v"), ("x0", "x0"), ("eps", "eps")):
@@ -138,9 +138,9 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     """The Stage-2 glue passes the MODEL's prediction type to the loss (v-loss for a v model)."""
     import torch
 
-    from comfyui_lord.lord_ops import diffusion
-    from comfyui_lord.lord_ops import trainer as T
-    from comfyui_lord.lord_ops.comfy import data as data_mod, stages as CT
+    from lord_ops import diffusion
+    from lord_ops import trainer as T
+    from lord_ops.comfy import data as data_mod, stages as CT
 
     seen = []
 
@@ -164,8 +164,8 @@ def test_loss_weighting_is_explicit_and_shared_by_stage1_losses():
     unchanged, and an unknown target is refused."""
     import torch
 
-    from comfyui_lord.lord_ops import trainer as T
-    from comfyui_lord.lord_ops.diffusion import denoising_loss
+    from lord_ops import trainer as T
+    from lord_ops.diffusion import denoising_loss
 
     g = torch.Generator().manual_seed(3)
     acp = torch.linspace(0.999, 0.005, 1000)
@@ -188,9 +188,9 @@ def test_early_backward_of_the_clean_term_gives_the_same_loss_and_gradients():
     parameter equal one backward of the whole Eq. 7 sum."""
     import torch
 
-    from comfyui_lord.lord_ops import trainer as T
-    from comfyui_lord.lord_ops.format import LoRDFile
-    from comfyui_lord.lord_ops.layer import init_lord_weights
+    from lord_ops import trainer as T
+    from lord_ops.format import LoRDFile
+    from lord_ops.layer import init_lord_weights
 
     g = torch.Generator().manual_seed(5)
     conv_in, conv_out = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3, padding=1)

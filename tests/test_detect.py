@@ -6,8 +6,8 @@ import torch
 
 import comfy.sd
 
-from comfyui_lord.lord_ops import detect
-from comfyui_lord.lord_ops.comfy import patch
+from lord_ops import detect
+from lord_ops.comfy import patch
 from comfyui_lord.nodes.detect import LoRDDetect
 
 

@@ -21,11 +21,11 @@ import torch
 import comfy.model_management as mm
 import comfy.sd
 
-from comfyui_lord.lord_ops import trainer as T
-from comfyui_lord.lord_ops.attacks import AttackConfig
-from comfyui_lord.lord_ops.comfy import data as data_mod, stages as CT, trainable
-from comfyui_lord.lord_ops.comfy.patch import apply_lord, init_lord_for_model
-from comfyui_lord.lord_ops.comfy.protect import protect_images
+from lord_ops import trainer as T
+from lord_ops.attacks import AttackConfig
+from lord_ops.comfy import data as data_mod, stages as CT, trainable
+from lord_ops.comfy.patch import apply_lord, init_lord_for_model
+from lord_ops.comfy.protect import protect_images
 
 SIZE = 32
 
@@ -170,7 +170,7 @@ def test_protect_in_a_fresh_session(loaded, spy, method):
 def test_text_to_image_in_a_fresh_session(loaded, spy):
     """Generation (the experiment runner's sampling) through ComfyUI's own CLIP encode, sampler and VAE
     decode, which load for themselves."""
-    from comfyui_lord.lord_ops.comfy.generate import SamplingConfig, text_to_image
+    from lord_ops.comfy.generate import SamplingConfig, text_to_image
 
     model, clip, vae = loaded
     fresh_session()
@@ -180,7 +180,7 @@ def test_text_to_image_in_a_fresh_session(loaded, spy):
 
 @pytest.mark.parametrize("entry", ["diffpure", "node"])
 def test_diffpure_in_a_fresh_session(loaded, spy, entry):
-    from comfyui_lord.lord_ops.comfy.generate import SamplingConfig, diffpure
+    from lord_ops.comfy.generate import SamplingConfig, diffpure
     from comfyui_lord.nodes.purify import LoRDPurify
 
     model, clip, vae = loaded

@@ -8,10 +8,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfyui_lord.lord_ops import format as fmt
+from lord_ops import format as fmt
 from tools.safetensors_edit import rewrite_header
-from comfyui_lord.lord_ops.keys import select_targets, unet_name_map
-from comfyui_lord.lord_ops.layer import init_lord_weights
+from lord_ops.keys import select_targets, unet_name_map
+from lord_ops.layer import init_lord_weights
 
 NAMES = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
          "lora_unet_down_blocks_0_attentions_0_proj_in"]

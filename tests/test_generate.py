@@ -10,8 +10,8 @@ import torch
 
 import comfy.sd
 
-from comfyui_lord.lord_ops.comfy import generate as G, patch
-from comfyui_lord.lord_ops.purify import jpeg_recompress
+from lord_ops.comfy import generate as G, patch
+from lord_ops.purify import jpeg_recompress
 from comfyui_lord.nodes.purify import LoRDPurify
 
 FAST = G.SamplingConfig(steps=2, cfg=4.0, width=32, height=32, batch_size=2)

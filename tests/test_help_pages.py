@@ -114,7 +114,7 @@ def fetch(url: str) -> tuple[int, bytes]:
 
 @pytest.mark.server
 def test_server_serves_each_page_and_picture_at_the_frontends_url(tmp_path_factory, comfyui_path, infos):
-    from training.comfy_runtime import ComfyServer
+    from tools.comfy_server import ComfyServer
 
     with ComfyServer(tmp_path_factory.mktemp("help_base"), comfyui=comfyui_path) as srv:
         for node_id in infos:

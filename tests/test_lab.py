@@ -63,7 +63,7 @@ def test_the_lab_model_samples_the_prompted_class(lab_checkpoint):
 
 def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "training.demo", "--out", str(out), "--scale", "ci",
+    proc = subprocess.run([sys.executable, "-m", "lab.demo", "--out", str(out), "--scale", "ci",
                            "--stage1-steps", "4", "--stage2-steps", "4"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_lord.lord_ops.layer import (ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense,
+from lord_ops.layer import (ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense,
                                          gate_rows_to_layout, init_lord_weights, lord_defense_fused, lord_delta_plain)
 
 
@@ -172,7 +172,7 @@ def test_in_place_fused_defense_allocates_nothing_once_warm():
 def test_lowrank_training_form_equals_plain_in_value_and_gradients(kernel, gate_mode):
     """lord_add_lowrank (Stage 1: gate on (s W1 B) u, one addmm of [u, lambda u]) == output + plain
     delta, with the same gradients for every LoRD parameter, the input and the layer output."""
-    from comfyui_lord.lord_ops.layer import lord_add_lowrank
+    from lord_ops.layer import lord_add_lowrank
 
     w = random_weights(d_in=6, d_out=8, kernel=kernel) if kernel else random_weights()
     geo = ConvGeometry(padding=(1, 1)) if kernel else None
@@ -204,7 +204,7 @@ def test_lowrank_training_form_equals_plain_in_value_and_gradients(kernel, gate_
 
 
 def test_lora_add_equals_lora_delta():
-    from comfyui_lord.lord_ops.layer import init_lora, lora_add, lora_delta
+    from lord_ops.layer import init_lora, lora_add, lora_delta
 
     for kernel, x, geo in ((None, torch.randn(2, 5, 12), None), ((3, 3), torch.randn(2, 12, 6, 6), ConvGeometry(padding=(1, 1)))):
         down, _ = init_lora(12, 9, 3, kernel)

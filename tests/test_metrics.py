@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_lord.lord_ops import metric_models as MM
-from comfyui_lord.lord_ops import metrics as M
-from comfyui_lord.lord_ops import trainer as T
+from lord_ops import metric_models as MM
+from lord_ops import metrics as M
+from lord_ops import trainer as T
 
 TINY_CLIP = "lord-test-tiny-clip"
 TINY_CLIP_CFG = {"embed_dim": 16,
@@ -307,7 +307,7 @@ def metrics_folder(tmp_path, inception_file, tiny_clip_file):
 
     import folder_paths
 
-    from comfyui_lord.lord_ops.comfy.metrics import METRICS_FOLDER
+    from lord_ops.comfy.metrics import METRICS_FOLDER
     from comfyui_lord.nodes import register_model_folder
 
     register_model_folder()
@@ -401,7 +401,7 @@ def test_image_metrics_node(metrics_folder, tmp_path):
 
 
 def test_image_level_conversions():
-    from comfyui_lord.lord_ops.images import from_uint8, to_uint8
+    from lord_ops.images import from_uint8, to_uint8
 
     u8 = _images(2, 5, 4, seed=12)
     floats = from_uint8(u8)

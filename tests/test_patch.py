@@ -10,9 +10,9 @@ import comfy.sd
 import comfy.sample
 import comfy.utils
 
-from comfyui_lord.lord_ops.comfy import patch
+from lord_ops.comfy import patch
 from tools import tiny
-from comfyui_lord.lord_ops.format import LoRDFileError
+from lord_ops.format import LoRDFileError
 from tools.safetensors_edit import rewrite_header
 
 CTX = 64  # tiny UNet context_dim
@@ -322,7 +322,7 @@ def test_load_lord_checks_its_lora_like_a_lord_file(tiny_model, tmp_path):
     import folder_paths
     import safetensors.torch
 
-    from comfyui_lord.lord_ops import format as fmt
+    from lord_ops import format as fmt
     from comfyui_lord.nodes.loaders import LoRDLoader
 
     lord = make_lord(tiny_model)

@@ -7,9 +7,9 @@ import torch
 
 import comfy.sd
 
-from comfyui_lord.lord_ops import attacks
-from comfyui_lord.lord_ops.attacks import AttackConfig
-from comfyui_lord.lord_ops.comfy import grad, patch, protect
+from lord_ops import attacks
+from lord_ops.attacks import AttackConfig
+from lord_ops.comfy import grad, patch, protect
 from comfyui_lord.nodes.attack import LoRDProtect
 
 

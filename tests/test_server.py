@@ -8,8 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfyui_lord.lord_ops import format as fmt
-from training.comfy_runtime import ComfyServer
+from lord_ops import format as fmt
+from tools.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ TRAINING_STEPS = 2
 def shipped_prompt(server, workflow: Path, steps: int = TRAINING_STEPS, **trainer_values) -> dict:
     """The API prompt of a shipped workflow (converted with the server's /object_info); for a
     training workflow with ``steps`` (and any ``trainer_values``) set on its trainer nodes."""
-    from training.demo import is_training_workflow, with_trainer_settings
+    from tools.workflow_api import is_training_workflow, with_trainer_settings
     from tools.workflow_api import load_workflow, ui_to_api
 
     data = load_workflow(workflow)

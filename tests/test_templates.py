@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from training.comfy_runtime import ComfyServer
+from tools.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.png"))
 MAX_BYTES = 150_000
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # never sent to the server
-REGENERATE = "run: python tools/make_template_thumbnails.py"
+REGENERATE = "run: python -m tools.make_template_thumbnails"
 
 
 @pytest.fixture(scope="module")

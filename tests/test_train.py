@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from tools.comfy_server import free_port
 
 import pytest
 import torch
@@ -22,11 +23,11 @@ import comfy.sd
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from comfyui_lord.lord_ops import trainer as T
-from comfyui_lord.lord_ops.comfy import data as data_mod, heldout as heldout_mod, kohya, perturb, stages as CT
-from comfyui_lord.lord_ops.comfy.patch import apply_lord, unet_names
-from comfyui_lord.lord_ops.datasets import DatasetError, load_caption_folder
-from comfyui_lord.lord_ops.format import load_lord_file, save_kohya_lora
+from lord_ops import trainer as T
+from lord_ops.comfy import data as data_mod, heldout as heldout_mod, kohya, perturb, stages as CT
+from lord_ops.comfy.patch import apply_lord, unet_names
+from lord_ops.datasets import DatasetError, load_caption_folder
+from lord_ops.format import load_lord_file, save_kohya_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -151,7 +152,7 @@ def test_stage1_cache_is_reused(loaded, tmp_path):
 def test_perturbation_cache_is_lossless_atomic_and_bounded(tmp_path):
     """Float entries keep sub-level perturbations bit for bit (8-bit PNG entries rounded them away);
     the folder is bounded, least recently used first, never evicting what the current call uses."""
-    from comfyui_lord.lord_ops import datasets as D
+    from lord_ops import datasets as D
 
     imgs = pictures(3, size=16)
     keys = ["cap a", "cap b", "cap c"]
@@ -247,10 +248,10 @@ def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
     """Cross-attention to_k/to_v read the caption: their gate is forced to 0 in training (B' stays 0,
     the gate MLP untouched) and at inference for files marked context_gate=off; files without the
     key (older ones) load and run as before."""
-    from comfyui_lord.lord_ops.comfy.patch import LoRDInjection, init_lord_for_model
-    from comfyui_lord.lord_ops.format import save_lord_file
-    from comfyui_lord.lord_ops.keys import CONTEXT_FED
-    from comfyui_lord.lord_ops.layer import lord_delta_plain
+    from lord_ops.comfy.patch import LoRDInjection, init_lord_for_model
+    from lord_ops.format import save_lord_file
+    from lord_ops.keys import CONTEXT_FED
+    from lord_ops.layer import lord_delta_plain
 
     model, clip, vae = loaded
     config = T.TrainConfig(steps=3, **FAST)
@@ -618,7 +619,7 @@ def test_torchrun_gloo_two_processes_match_one(sd15_checkpoint, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), "-m", "training.train",
+                          str(free_port()), "-m", "training.train",
                           *map(str, stage1_args(sd15_checkpoint, data, tmp_path / "two", *common, "--set", "batch_size=1"))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -634,14 +635,6 @@ def test_torchrun_gloo_two_processes_match_one(sd15_checkpoint, tmp_path):
     losses = [[e["loss"] for e in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
                if e["event"] == "step"] for d in ("one", "two")]
     assert len(losses[0]) == 4 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(*losses)), losses
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_widgets(**over):

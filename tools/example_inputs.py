@@ -1,6 +1,6 @@
 """Inputs cut from ComfyUI's bundled ``example.png`` and the random SD15-geometry checkpoint: what the
 tests' ComfyUI base folders and the template thumbnails (``tools/make_template_thumbnails.py``) feed
-the shipped workflows. (``make demo`` runs them on the lab model instead: ``training/demo.py``.)
+the shipped workflows. (``make demo`` runs them on the lab model instead: ``lab/demo.py``.)
 """
 from __future__ import annotations
 

@@ -11,13 +11,12 @@ checkpoint (``tools/tiny.py``; built from a seed, nothing downloaded) and ComfyU
 The model and the LoRD are random, so the pictures show what the outputs look like, not how well a
 trained LoRD detects. Usage (a few minutes on a CPU)::
 
-    python tools/make_doc_images.py [--checkpoint sd15_geometry.safetensors] [--out web/docs/images]
+    python -m tools.make_doc_images [--checkpoint sd15_geometry.safetensors] [--out web/docs/images]
 """
 from __future__ import annotations
 
 import argparse
 import io as _io
-import sys
 import tempfile
 from pathlib import Path
 
@@ -52,8 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="image side in pixels the nodes run on (default 96)")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
-    from training.comfy_runtime import ensure_comfyui_importable, import_pack
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
 
     comfyui = ensure_comfyui_importable()
     import_pack()
@@ -62,8 +60,8 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from comfyui_lord.lord_ops.atomic import atomic_write_bytes
-    from comfyui_lord.lord_ops.comfy import patch
+    from lord_ops.atomic import atomic_write_bytes
+    from lord_ops.comfy import patch
     from comfyui_lord.nodes.attack import LoRDProtect
     from comfyui_lord.nodes.detect import LoRDDetect
     from comfyui_lord.nodes.purify import LoRDPurify

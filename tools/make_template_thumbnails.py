@@ -1,8 +1,8 @@
 """Template thumbnails and README example images, made by the pack's own run.
 
-``python tools/make_template_thumbnails.py`` (from the repository root):
+``python -m tools.make_template_thumbnails`` (from the repository root):
 
-1. builds the random SD15-geometry checkpoint and the small inputs of ``training/demo.py``,
+1. builds the random SD15-geometry checkpoint and the small inputs of ``lab/demo.py``,
 2. starts the pinned real ComfyUI with this pack installed, **with** PNG metadata on,
 3. runs every workflow in ``workflows/`` through the server as the frontend queues it: the
    training workflows first (only their trainer nodes' ``steps`` lowered, a fresh ``run_name``),
@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from training.comfy_runtime import ComfyServer, ensure_comfyui_importable  # noqa: E402
+from lord_ops.comfy.bootstrap import REPO_ROOT as REPO, ensure_comfyui_importable
+from tools.comfy_server import ComfyServer
+from tools.example_inputs import prepare_inputs, prepare_models, prepare_training_inputs
+from tools.workflow_api import TRAINER_NODES, is_training_workflow, load_workflow, ui_to_api
 
 THUMB_SIZE = 320  # a thumbnail is THUMB_SIZE x THUMB_SIZE pixels (the image fitted, padded with white)
 EXAMPLE_SIZE = 256  # longest side of an example PNG when ComfyUI's full-size PNG is over MAX_BYTES
@@ -157,9 +155,6 @@ def main(argv=None) -> int:
         ap.error("--only needs --work: the folder of an earlier full run (its checkpoint and trained files)")
 
     comfy_root = ensure_comfyui_importable(args.comfyui)
-    from tools.workflow_api import load_workflow, ui_to_api
-    from tools.example_inputs import prepare_inputs, prepare_models, prepare_training_inputs
-    from training.demo import TRAINER_NODES, is_training_workflow
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="lord_thumbs_")
     base = Path(args.work or tmp.name).resolve()

@@ -37,6 +37,8 @@ from typing import Any, Optional
 VIRTUAL_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 # LiteGraph node modes.
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+# The pack's trainer nodes (the workflows whose steps the demo, the tests and the thumbnails lower).
+TRAINER_NODES = ("LoRDTrainStage1", "LoRDTrainStage2")
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "MARKDOWN", "TEXTAREA", "COLOR"}
 # Frontend widgets whose values this converter cannot reproduce (webcam capture, 3D viewers...).
@@ -390,7 +392,7 @@ def load_workflow(path) -> dict:
 
 
 def run_workflow(server, path, timeout: float = 900.0, check: bool = False) -> dict:
-    """Run a workflow file on a running :class:`training.comfy_runtime.ComfyServer`; returns the
+    """Run a workflow file on a running :class:`tools.comfy_server.ComfyServer`; returns the
     prompt's ``/history`` entry (``entry["status"]["status_str"]`` is ``"success"`` or ``"error"``).
     UI-format files are converted with the server's ``/object_info``; API-format files are sent as
     they are. With ``check=True`` a run that ends in error raises ``RuntimeError`` with the
@@ -403,3 +405,19 @@ def run_workflow(server, path, timeout: float = 900.0, check: bool = False) -> d
         messages = [m for m in status.get("messages") or [] if m and m[0] == "execution_error"]
         raise RuntimeError(f"workflow {path} failed: {json.dumps(messages or status)[:4000]}")
     return entry
+
+
+def is_training_workflow(workflow: dict) -> bool:
+    """Whether a UI-format workflow contains a trainer node (Stage 1 or Stage 2)."""
+    return any(n.get("type") in TRAINER_NODES for n in workflow.get("nodes") or [])
+
+
+def with_trainer_settings(prompt: dict, **values) -> dict:
+    """Set widget ``values`` (e.g. ``steps=20``) on every trainer node of an API-format prompt
+    (in place; returned for convenience). Raises ``ValueError`` when the prompt has none."""
+    trainers = [n for n in prompt.values() if n.get("class_type") in TRAINER_NODES]
+    if not trainers:
+        raise ValueError("the prompt has no Train LoRD / Train LoRA with LoRD node")
+    for node in trainers:
+        node["inputs"].update(values)
+    return prompt

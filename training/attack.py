@@ -37,15 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from lord_ops import tool_version  # noqa: E402
-from lord_ops.attacks import ALL_PRESETS, METHODS, AttackConfig, check_8bit_budget, preset  # noqa: E402
-from lord_ops.images import EXTENSIONS, load_image  # noqa: E402
-from training.comfy_runtime import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,  # noqa: E402
-                                    load_checkpoint_models)
+from lord_ops import tool_version
+from lord_ops.attacks import ALL_PRESETS, METHODS, AttackConfig, check_8bit_budget, preset
+from lord_ops.images import EXTENSIONS, load_image
+from lord_ops.comfy.bootstrap import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,
+                                     load_checkpoint_models)
 
 
 TMP_SUFFIX = ".attack-tmp"

@@ -37,13 +37,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from training.experiment_config import (METHODS, SWEEP_SERIES, ConfigError, Experiment, load_config,  # noqa: E402
+from training.experiment_config import (METHODS, SWEEP_SERIES, ConfigError, Experiment, load_config,
                                         train_config)
-from training.pipeline import Plan, Stage, StageFailed, digest, read_json  # noqa: E402
+from training.pipeline import Plan, Stage, StageFailed, digest, read_json
 
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
 
@@ -144,7 +141,7 @@ class Runtime:
 
     def models(self):
         if self._models is None:
-            from training.comfy_runtime import load_checkpoint_models
+            from lord_ops.comfy.bootstrap import load_checkpoint_models
 
             t0 = time.time()
             self._models = load_checkpoint_models(self.exp.checkpoint)
@@ -897,7 +894,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     args = ap.parse_args(argv)
 
-    from training.comfy_runtime import ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui
+    from lord_ops.comfy.bootstrap import ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui
 
     log = lambda text: print(f"[experiment] {text}", flush=True)  # noqa: E731
     try:

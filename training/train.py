@@ -32,14 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from lord_ops.datasets import DatasetError, load_caption_folder  # noqa: E402
-from lord_ops.trainer import TrainConfig  # noqa: E402
-from training.comfy_runtime import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,  # noqa: E402
-                                    load_checkpoint_models)
+from lord_ops.datasets import DatasetError, load_caption_folder
+from lord_ops.trainer import TrainConfig
+from lord_ops.comfy.bootstrap import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,
+                                     load_checkpoint_models)
 
 
 def _parse_value(text: str):

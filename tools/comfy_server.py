@@ -1,9 +1,5 @@
-"""Find and bootstrap a ComfyUI installation for scripts, tests and benchmarks.
-
-ComfyUI is located, in order, by an explicit path, ``$COMFYUI_PATH``, the parent of the
-``custom_nodes`` folder this pack sits in, or the pinned copy that ``make setup`` installs into
-``.cache/ComfyUI``.
-"""
+"""The test harness's real ComfyUI server: ``main.py`` started on 127.0.0.1 with this pack installed as
+a custom node, driven through its HTTP API (the tests, the demo, the template thumbnails)."""
 from __future__ import annotations
 
 import json
@@ -17,88 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PINNED_COMFYUI = REPO_ROOT / ".cache" / "ComfyUI"
-
-
-class ComfyUINotFound(RuntimeError):
-    pass
-
-
-def find_comfyui(explicit: Optional[str] = None) -> Path:
-    """The ComfyUI source folder (the one holding ``main.py`` and ``comfy/``)."""
-    candidates = []
-    if explicit:
-        candidates.append(Path(explicit))
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]))
-    if REPO_ROOT.parent.name == "custom_nodes":
-        candidates.append(REPO_ROOT.parent.parent)
-    candidates.append(PINNED_COMFYUI)
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy").is_dir():
-            return c.resolve()
-    raise ComfyUINotFound(
-        "ComfyUI not found (looked at: " + ", ".join(str(c) for c in candidates) + "). "
-        "Pass --comfyui PATH, set COMFYUI_PATH, or run `make setup` to install the pinned copy.")
-
-
-def ensure_comfyui_importable(explicit: Optional[str] = None, cpu: Optional[bool] = None) -> Path:
-    """Put ComfyUI on ``sys.path`` for in-process use; ``cpu=None`` picks the CPU when CUDA is absent.
-
-    Must run before anything imports ``comfy.model_management``.
-    """
-    import torch
-
-    root = find_comfyui(explicit)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    return root
-
-
-class Refused(Exception):
-    """A problem the user can fix (arguments, folders, config, checkpoint, data): the command-line
-    entry points report it and exit with status 2."""
-
-
-def load_checkpoint_models(path: Path):
-    """UNet, CLIP and VAE of a checkpoint, loaded exactly as ComfyUI's CheckpointLoaderSimple loads
-    them (ComfyUI picks the storage dtype: fp16 weights of an fp16 checkpoint on a GPU). The training
-    compute dtype (``TrainConfig.dtype``) is applied by the trainer, so the CLI and the nodes train
-    the same way for the same config."""
-    import comfy.sd
-
-    try:
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    except Exception as e:  # noqa: BLE001
-        raise Refused(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-    if model is None or clip is None or vae is None:
-        raise Refused(f"checkpoint {path} lacks a diffusion model, text encoder or VAE")
-    return model, clip, vae
-
-
-def import_pack(name: str = "comfyui_lord"):
-    """Import this repository as a package named ``name``, the way ComfyUI imports a custom node
-    (its modules use relative imports, so ``nodes`` never clashes with ComfyUI's ``nodes.py``)."""
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pkg
-    spec.loader.exec_module(pkg)
-    return pkg
+from lord_ops.comfy.bootstrap import REPO_ROOT, find_comfyui
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

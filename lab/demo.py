@@ -1,11 +1,13 @@
-"""The demo on the lab model: ``python -m training.demo --out demo_output`` (``make demo``).
+"""The demo on the lab model: ``python -m lab.demo --out demo_output`` (``make demo``).
 
 1. assembles the lab model (``lab/weights/``: a small SD1.x-family model trained here on
    Fashion-MNIST without the class "bag"; see ``lab/MODEL_CARD.md``) into a checkpoint that ComfyUI's
    stock loader reads as SD15,
 2. runs the evaluation (``training.experiment`` with ``lab/experiment.py``'s config): 8 held-out bags
-   are protected with the mist-v2 preset, Stage 1 learns a LoRD on 9 other classes, Stage 2 trains a
-   LoRA per method (Clean / Attacking / PGD-2 defense / JPEG / DiffPure-style / LoRD), each samples
+   are protected with Anti-DreamBooth's ASPL loop at 32 pixel levels (``lab.experiment.ATTACK``: at the
+   published budgets nothing degrades this model, see RESULTS.md), Stage 1 learns a LoRD on 9 other
+   classes, Stage 2 trains a LoRA per method (Clean / Attacking / PGD-2 defense / JPEG /
+   DiffPure-style / LoRD / LoRD on the clean images), each samples
    "a photo of sks bag", and the lab classifier scores them (FD / KD vs 120 real bags, subject
    accuracy); the gate's ROC on clean vs protected bags; the Table-I-style table is printed,
 3. starts the pinned real ComfyUI with this pack and runs every shipped workflow on the lab model
@@ -19,32 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from training.comfy_runtime import ComfyServer, ensure_comfyui_importable  # noqa: E402
-
-from tools.example_inputs import INSTANCE_FOLDER, LORA_NAME, LORD_NAME, TRAIN_FOLDER  # noqa: E402
-TRAINER_NODES = ("LoRDTrainStage1", "LoRDTrainStage2")
-def is_training_workflow(workflow: dict) -> bool:
-    """Whether a UI-format workflow contains a trainer node (Stage 1 or Stage 2)."""
-    return any(n.get("type") in TRAINER_NODES for n in workflow.get("nodes") or [])
-
-
-def with_trainer_settings(prompt: dict, **values) -> dict:
-    """Set widget ``values`` (e.g. ``steps=20``) on every trainer node of an API-format prompt
-    (in place; returned for convenience). Raises ``ValueError`` when the prompt has none."""
-    trainers = [n for n in prompt.values() if n.get("class_type") in TRAINER_NODES]
-    if not trainers:
-        raise ValueError("the prompt has no Train LoRD / Train LoRA with LoRD node")
-    for node in trainers:
-        node["inputs"].update(values)
-    return prompt
+from lord_ops.comfy.bootstrap import REPO_ROOT, ensure_comfyui_importable
+from tools.comfy_server import ComfyServer
+from tools.example_inputs import INSTANCE_FOLDER, LORA_NAME, LORD_NAME, TRAIN_FOLDER
+from tools.workflow_api import is_training_workflow, load_workflow, ui_to_api
 
 
 def trained_file_facts(base: Path) -> dict:
@@ -166,7 +149,6 @@ def main(argv=None) -> int:
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
     from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
-    from tools.workflow_api import load_workflow, ui_to_api
 
     out = Path(args.out).resolve()
     base = out / "comfyui_base"
@@ -196,7 +178,7 @@ def main(argv=None) -> int:
             (base / "models" / sub / (LORD_NAME if sub == "lord" else LORA_NAME)).unlink(missing_ok=True)
         summary["workflow_inputs"] = lab_inputs(base / "input", protected_images(run))
         shutil.rmtree(base / "output" / "lord_training", ignore_errors=True)  # train from scratch, no resume
-        workflows = sorted((REPO / "workflows").glob("*.json"))
+        workflows = sorted((REPO_ROOT / "workflows").glob("*.json"))
         training = [wf for wf in workflows if is_training_workflow(load_workflow(wf))]  # stage1 before stage2
         steps = {"LoRDTrainStage1": args.stage1_steps, "LoRDTrainStage2": args.stage2_steps}
         with ComfyServer(base, comfyui=comfy_root) as server:
