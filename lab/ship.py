@@ -86,7 +86,7 @@ def checkpoint_state_dict(parts_path, dtype=None) -> dict:
 
 def unpack(parts_path, out) -> Path:
     from lord_ops.format import atomic_save_safetensors
-    from lord_ops.metric_models import file_sha256
+    from lord_ops.weights import file_sha256
 
     return atomic_save_safetensors(out, checkpoint_state_dict(parts_path),
                                    {"comfyui_lord": "lab model (Fashion-MNIST), assembled from " + Path(parts_path).name,
@@ -104,7 +104,7 @@ def ensure_checkpoint(out: Path = REPO / ".cache" / "lab" / CHECKPOINT_NAME, par
     (its metadata names the parts' sha256). Deterministic: the same parts give the same file."""
     from safetensors import safe_open
 
-    from lord_ops.metric_models import file_sha256
+    from lord_ops.weights import file_sha256
 
     out, parts = Path(out), Path(parts)
     if not parts.is_file():

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .images import EXTENSIONS, load_image
+from .images import EXTENSIONS, load_image, resize_center_crop, to_uint8, to_unit
 
 
 class DatasetError(ValueError):
@@ -30,34 +30,11 @@ class DatasetError(ValueError):
         super().__init__(f"{path}: {problem}" + (f" -- {fix}" if fix else ""))
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """``[..., H, W]`` in [0, 1] (float) or 0..255 (uint8) -> uint8 levels on the CPU (rounded)."""
-    if image.dtype == torch.uint8:
-        return image.detach().cpu().contiguous()
-    return torch.round(image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
-
-
-def to_unit(image: torch.Tensor) -> torch.Tensor:
-    """uint8 levels -> float32 in [0, 1]; float input passes through as float32."""
-    return image.float().div(255) if image.dtype == torch.uint8 else image.float()
-
-
 @dataclasses.dataclass
 class CaptionedImage:
     path: Path
     image: torch.Tensor  # [3, H, W] uint8 (0..255); to_unit(image) for [0, 1]
     caption: str
-
-
-def _resize_center_crop(rgb: torch.Tensor, size: int) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    _, h, w = rgb.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    out = F.interpolate(rgb[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return out[:, top:top + size, left:left + size].clamp(0, 1)
 
 
 def image_files(folder) -> list[Path]:
@@ -92,7 +69,7 @@ def load_caption_folder(folder, resolution: Optional[int] = None, caption: Optio
         if image.dtype != torch.uint8:
             image = to_uint8(image.float().div(255 if rgb.dtype.kind in "ui" else 1))
         if resolution is not None:
-            image = to_uint8(_resize_center_crop(to_unit(image), resolution))
+            image = to_uint8(resize_center_crop(to_unit(image), resolution))
         text = caption
         if text is None:
             cap_path = path.with_suffix(".txt")

@@ -1,12 +1,18 @@
-"""Reading user images with one documented policy (the attack CLI and the training datasets).
+"""Images: reading user files with one documented policy, and the one conversion between float
+pixels and 8-bit levels.
 
 ``load_image`` returns 8-bit RGB ``[H, W, 3]`` plus the alpha channel when there is one:
 EXIF orientation applied; greyscale/palette/CMYK converted to RGB; 16-bit samples reduced to 8 bits
 by keeping the high byte (value // 256); 32-bit float images refused.
+
+Units: *levels* are uint8 0..255; *unit* pixels are float32 in [0, 1] (ComfyUI's IMAGE range).
+:func:`to_uint8` is the one rounding rule (nearest level, clamped); :func:`to_unit` its inverse.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -43,16 +49,34 @@ def load_image(path: Path):
     return rgba[..., :3].copy(), (rgba[..., 3].copy() if has_alpha else None), icc, facts, policy
 
 
-def to_uint8(images_bhwc01):
-    """ComfyUI IMAGE ``[B, H, W, C]`` floats in 0..1 -> uint8 pixel levels ``[B, H, W, 3]`` on the CPU
-    (rounded to the nearest level, clamped; an alpha channel is dropped)."""
-    from .datasets import to_uint8 as levels  # the one rounding rule (datasets imports this module)
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """Pixels of any layout, float in [0, 1] (or already uint8 0..255) -> uint8 levels on the CPU,
+    contiguous: rounded to the nearest level, clamped to 0..255."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().contiguous()
+    return torch.round(image.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().contiguous()
 
-    return levels(images_bhwc01[..., :3])
+
+def to_unit(image) -> torch.Tensor:
+    """uint8 levels (a tensor or a numpy array, any layout) -> float32 in [0, 1]; float input passes
+    through as float32."""
+    image = torch.as_tensor(image)
+    return image.float().div(255) if image.dtype == torch.uint8 else image.float()
 
 
-def from_uint8(images_u8):
-    """uint8 pixel levels ``[..., H, W, C]`` -> float32 in 0..1 (ComfyUI IMAGE layout when ``[B, H, W, C]``)."""
-    import torch
+def image_to_uint8(images_bhwc: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` in [0, 1] -> uint8 levels ``[B, H, W, 3]`` on the CPU (alpha dropped)."""
+    return to_uint8(images_bhwc[..., :3])
 
-    return torch.as_tensor(images_u8).float() / 255.0
+
+def resize_center_crop(rgb: torch.Tensor, size: int) -> torch.Tensor:
+    """``[3, H, W]`` float in [0, 1] -> ``[3, size, size]``: scaled (bicubic, antialiased) so that the
+    shorter side is ``size``, then the centre cropped; clamped to [0, 1]."""
+    import torch.nn.functional as F
+
+    _, h, w = rgb.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = F.interpolate(rgb[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[:, top:top + size, left:left + size].clamp(0, 1)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .metric_models import register_feature_extractor
+from .weights import MetricWeightsError, file_sha256
+
 FEATURES = 128
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 CLASSES = len(CLASS_NAMES)  # Fashion-MNIST's label order
@@ -73,9 +76,9 @@ class LabClassifierFeatures:
 
 
 def load_lab_classifier(name: str, weights_path, device=None, **_options) -> LabClassifierFeatures:
+    """The lab classifier from its safetensors weights (``lab/weights/lab_classifier.safetensors``), as
+    the feature extractor "lab-classifier"; :class:`MetricWeightsError` when the file is not those weights."""
     from safetensors.torch import load_file
-
-    from .metric_models import MetricWeightsError, file_sha256
 
     model = LabClassifier()
     try:
@@ -84,3 +87,6 @@ def load_lab_classifier(name: str, weights_path, device=None, **_options) -> Lab
         raise MetricWeightsError(f"{weights_path} is not the lab classifier's weights ({type(e).__name__}: {e}); "
                                  f"expected the lab_classifier.safetensors shipped beside the lab model") from e
     return LabClassifierFeatures(model, {"path": str(weights_path), "sha256": file_sha256(weights_path)})
+
+
+register_feature_extractor("lab-classifier", load_lab_classifier)

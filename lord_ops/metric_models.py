@@ -9,7 +9,7 @@ or layer is reported as "FD (<extractor>)" / "KD (<extractor>)".
 """
 from __future__ import annotations
 
-import hashlib
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 import torch
 
 from .metrics import clip_iqa_from_features
+from .weights import MetricWeightsError, existing_file, file_sha256, first_line, read_state_dict
 
 INCEPTION_NAME = "inception-v3"
 INCEPTION_LAYERS = (64, 192, 768, 2048)
@@ -32,69 +33,6 @@ BAD_PROMPT = "A bad photo of a {}."
 
 Progress = Optional[Callable[[int, int], None]]
 ImagesU8 = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-class MetricWeightsError(ValueError):
-    """A metric's weight file is missing or is not the expected file (the message names the file and
-    which file is expected)."""
-
-
-# ---------------------------------------------------------------- files
-
-_sha_cache: dict[str, tuple[tuple, str]] = {}
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file (hex), cached while the file's size and mtime are unchanged."""
-    path = str(path)
-    st = os.stat(path)
-    stamp = (st.st_size, st.st_mtime_ns)
-    hit = _sha_cache.get(path)
-    if hit and hit[0] == stamp:
-        return hit[1]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    _sha_cache[path] = (stamp, h.hexdigest())
-    return h.hexdigest()
-
-
-def _existing_file(path, expected: str) -> Path:
-    if path is None or str(path) == "":
-        raise MetricWeightsError(f"no weights file given; expected {expected}")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MetricWeightsError(f"weights file {p} does not exist; expected {expected}")
-    return p
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
-
-
-def read_state_dict(path, expected: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or of a plain PyTorch state dict (read with
-    ``torch.load(weights_only=True)``: no arbitrary pickled code runs). ``{"state_dict": ...}``
-    wrappers are unwrapped. Anything else -> :class:`MetricWeightsError` naming the file."""
-    p = _existing_file(path, expected)
-    try:
-        if p.suffix == ".safetensors":
-            import safetensors.torch
-
-            sd = safetensors.torch.load_file(str(p), device="cpu")
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every reader error means "not the expected file"
-        raise MetricWeightsError(f"{p} is not a tensor checkpoint readable without running pickled code "
-                                 f"({_first_line(e)}); expected {expected}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise MetricWeightsError(f"{p} does not hold a dict of named tensors (got {type(sd).__name__}); "
-                                 f"expected {expected}")
-    return sd
 
 
 def _weights_info(path: Path) -> dict:
@@ -201,7 +139,7 @@ def load_inception(weights_path, features: int = 2048, device=None) -> Inception
     private copy of the checked tensors (:func:`_inception_module`)."""
     if int(features) not in INCEPTION_LAYERS:
         raise ValueError(f"Inception-v3 features must be one of {INCEPTION_LAYERS} (pool layers), got {features}")
-    path = _existing_file(weights_path, INCEPTION_EXPECTED)
+    path = existing_file(weights_path, INCEPTION_EXPECTED)
     sd = read_state_dict(path, INCEPTION_EXPECTED)
     if "Mixed_7c.branch_pool.conv.weight" not in sd or "fc.weight" not in sd:
         raise MetricWeightsError(f"{path} is not an Inception-v3 FID checkpoint (no Mixed_7c / fc tensors); "
@@ -209,7 +147,7 @@ def load_inception(weights_path, features: int = 2048, device=None) -> Inception
     try:
         module = _inception_module(sd, int(features))
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
-        raise MetricWeightsError(f"{path} does not fit torch-fidelity's Inception-v3 ({_first_line(e)}); "
+        raise MetricWeightsError(f"{path} does not fit torch-fidelity's Inception-v3 ({first_line(e)}); "
                                  f"expected {INCEPTION_EXPECTED}") from e
     return InceptionFeatures(module, int(features), _weights_info(path))  # on the CPU; features() takes a device
 
@@ -262,13 +200,13 @@ def load_open_clip(model_name: str, weights_path, device=None):
 
     _check_open_clip_name(model_name)
     model_name = open_clip_model_name(model_name)
-    path = _existing_file(weights_path, CLIP_EXPECTED)
+    path = existing_file(weights_path, CLIP_EXPECTED)
     read_state_dict(path, CLIP_EXPECTED)  # refuses pickled code and non-tensor files with a clear message
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(str(model_name).strip(), pretrained=str(path),
                                                                      device="cpu", weights_only=True)
     except RuntimeError as e:
-        raise MetricWeightsError(f"{path} does not fit open_clip model '{model_name}' ({_first_line(e)}); "
+        raise MetricWeightsError(f"{path} does not fit open_clip model '{model_name}' ({first_line(e)}); "
                                  f"expected {CLIP_EXPECTED}") from e
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(str(model_name).strip())
@@ -362,6 +300,8 @@ def load_clip_features(model_name: str, weights_path, device=None) -> ClipFeatur
 
 Loader = Callable[..., FeatureExtractor]
 _REGISTRY: dict[str, Loader] = {}
+# extractors of this package that live in their own module and register themselves when it is imported
+_BUILTIN_MODULES = {"lab-classifier": ".lab_classifier"}
 
 
 def register_feature_extractor(name: str, loader: Loader) -> None:
@@ -371,13 +311,18 @@ def register_feature_extractor(name: str, loader: Loader) -> None:
 
 
 def known_feature_extractors() -> list[str]:
-    return [k + "<model>" if k.endswith(":") else k for k in _REGISTRY]
+    """The names :func:`load_feature_extractor` accepts (``clip:<model>`` for the open_clip prefix)."""
+    names = list(_REGISTRY) + [n for n in _BUILTIN_MODULES if n not in _REGISTRY]
+    return [k + "<model>" if k.endswith(":") else k for k in names]
 
 
 def load_feature_extractor(name: str, weights_path, device=None, **options) -> FeatureExtractor:
     """Feature extractor by name: ``"inception-v3"`` (option ``features``: pool layer, default 2048 = FID),
-    ``"clip:<open_clip model>"``, or one added with :func:`register_feature_extractor`."""
+    ``"clip:<open_clip model>"``, ``"lab-classifier"`` (:mod:`lord_ops.lab_classifier`), or one added with
+    :func:`register_feature_extractor`."""
     name = str(name).strip()
+    if name in _BUILTIN_MODULES and name not in _REGISTRY:  # a built-in extractor that registers itself on import
+        importlib.import_module(_BUILTIN_MODULES[name], __package__)
     loader = _REGISTRY.get(name)
     if loader is None:
         prefix = name.split(":", 1)[0] + ":" if ":" in name else None
@@ -389,12 +334,3 @@ def load_feature_extractor(name: str, weights_path, device=None, **options) -> F
 
 register_feature_extractor(INCEPTION_NAME, lambda name, path, device=None, features=2048: load_inception(path, features, device))
 register_feature_extractor("clip:", lambda name, path, device=None: load_clip_features(name.split(":", 1)[1], path, device))
-
-
-def _load_lab_classifier(name, weights_path, device=None, **options):
-    from .lab_classifier import load_lab_classifier
-
-    return load_lab_classifier(name, weights_path, device=device, **options)
-
-
-register_feature_extractor("lab-classifier", _load_lab_classifier)

@@ -8,6 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..lord_ops import metric_models as MM
 from ..lord_ops.comfy import metrics as CM
+from ..lord_ops.images import image_to_uint8
 from ..lord_ops.metrics import frechet_distance, kernel_distance
 
 
@@ -64,7 +65,7 @@ class LoRDImageQuality(io.ComfyNode):
         comfy.model_management.throw_exception_if_processing_interrupted()
         path = CM.metric_weights_path(weights, f"an open_clip checkpoint for '{clip_model}' ({MM.CLIP_EXPECTED})")
         iqa = CM.cached("clip_iqa", clip_model, path, lambda: MM.load_clip_iqa(clip_model, path))
-        images = CM.to_uint8(image)
+        images = image_to_uint8(image)
         progress = CM.ImageProgress(len(images))
         scores = iqa.score(images, class_name, device=comfy.model_management.get_torch_device(), progress=progress.part(0))
         per_image = [round(float(s), 6) for s in scores]
@@ -133,7 +134,7 @@ class LoRDImageMetrics(io.ComfyNode):
         path = CM.metric_weights_path(weights, expected)
         fx = CM.cached("features", extractor, path, lambda: MM.load_feature_extractor(extractor, path))
         reference, names = CM.load_reference_images(folder)
-        generated = CM.to_uint8(images)
+        generated = image_to_uint8(images)
         if len(generated) < 2 or len(reference) < 2:
             raise ValueError(f"{fx.label} needs at least 2 generated and 2 reference images "
                              f"(got {len(generated)} generated, {len(reference)} in {folder})")

@@ -71,13 +71,13 @@ class LoRDPurify(io.ComfyNode):
                 negative=None, sampler_name="euler", scheduler="normal"):
 
         from ..lord_ops.comfy.progress import ImageProgress
-        from ..lord_ops.images import to_uint8
+        from ..lord_ops.images import image_to_uint8
         from ..lord_ops.purify import jpeg_recompress
 
         ImageProgress.check()
         if image.dim() != 4 or image.shape[-1] < 3:
             raise ValueError(f"LoRD Purify: expected an IMAGE [B, H, W, C>=3], got {list(image.shape)}")
-        u8 = to_uint8(image)
+        u8 = image_to_uint8(image)
         if method == "jpeg":
             out = jpeg_recompress(u8, int(jpeg_quality))
         elif method == "diffpure":

@@ -146,7 +146,7 @@ def test_list_shows_the_plan_and_only_runs_a_part(mini, tmp_path):
 
 
 def test_damage_undone_is_the_closed_share_of_a_gap_larger_than_its_noise():
-    from training.experiment import damage_undone
+    from training.experiment.results import damage_undone
 
     iqa = lambda mean, std=0.01, n=100: {"mean": mean, "std": std, "per_image": [mean] * n}  # noqa: E731
     clean = {"clip_iqa": iqa(0.60), "fid": {"value": 100.0, "std": 2.0}, "kid": {"mean": 0.010, "std": 0.004}}

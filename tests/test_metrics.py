@@ -14,6 +14,7 @@ import torch
 from lord_ops import metric_models as MM
 from lord_ops import metrics as M
 from lord_ops import trainer as T
+from lord_ops.weights import MetricWeightsError, file_sha256
 
 TINY_CLIP = "lord-test-tiny-clip"
 TINY_CLIP_CFG = {"embed_dim": 16,
@@ -205,7 +206,7 @@ def test_clip_iqa_equals_a_hand_computation(tiny_clip_file):
 
     iqa = MM.load_clip_iqa(TINY_CLIP, tiny_clip_file)
     assert iqa.backbone == TINY_CLIP and iqa.logit_scale == pytest.approx(30.0, rel=1e-5)
-    assert iqa.weights["sha256"] == MM.file_sha256(tiny_clip_file) and len(iqa.weights["sha256"]) == 64
+    assert iqa.weights["sha256"] == file_sha256(tiny_clip_file) and len(iqa.weights["sha256"]) == 64
     assert isinstance(iqa.tokenizer, open_clip.tokenizer.SimpleTokenizer)  # ships its vocab: no download
     images = _images(3, 45, 38, seed=5)
     scores = iqa.score(images, "dog", batch_size=2)
@@ -231,13 +232,13 @@ def test_clip_iqa_equals_a_hand_computation(tiny_clip_file):
 def test_clip_loader_refuses_bad_files_and_names(tiny_clip_file, tmp_path):
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-model'"):
         MM.load_clip_iqa("no-such-model", tiny_clip_file)
-    with pytest.raises(MM.MetricWeightsError, match="does not exist"):
+    with pytest.raises(MetricWeightsError, match="does not exist"):
         MM.load_clip_iqa(TINY_CLIP, tmp_path / "missing.pt")
     wrong = tmp_path / "wrong.pt"
     sd = torch.load(tiny_clip_file, weights_only=True)
     sd["ln_final.weight"] = sd["ln_final.weight"][:10]
     torch.save(sd, wrong)
-    with pytest.raises(MM.MetricWeightsError, match="wrong.pt does not fit open_clip model"):
+    with pytest.raises(MetricWeightsError, match="wrong.pt does not fit open_clip model"):
         MM.load_clip_iqa(TINY_CLIP, wrong)
 
 
@@ -258,7 +259,7 @@ def test_inception_loader_features_labels_and_bad_files(inception_file, tmp_path
     # images of different sizes in one list
     mixed = fx.features([images[0], _images(1, 30, 31, seed=7)[0], images[2]])
     torch.testing.assert_close(mixed[[0, 2]], f[[0, 2]], rtol=1e-5, atol=1e-6)
-    assert fx.weights == {"path": str(inception_file), "sha256": MM.file_sha256(inception_file)}
+    assert fx.weights == {"path": str(inception_file), "sha256": file_sha256(inception_file)}
     # the same tensors as .safetensors load to the same network
     import safetensors.torch
 
@@ -271,21 +272,21 @@ def test_inception_loader_features_labels_and_bad_files(inception_file, tmp_path
     # a pickle that is not a tensor dict is refused before torch-fidelity unpickles it
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"fc.weight": _NotATensor()}))
-    with pytest.raises(MM.MetricWeightsError) as e:
+    with pytest.raises(MetricWeightsError) as e:
         MM.load_inception(evil)
     assert "evil.pth" in str(e.value) and "pt_inception-2015-12-05-6726825d.pth" in str(e.value)
     other = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(MM.MetricWeightsError, match="other.pth is not an Inception-v3"):
+    with pytest.raises(MetricWeightsError, match="other.pth is not an Inception-v3"):
         MM.load_inception(other)
     sd = torch.load(inception_file, weights_only=True)
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")  # a training-checkpoint wrapper is unwrapped
     torch.testing.assert_close(MM.load_inception(tmp_path / "wrapped.pth", 64).features(images), f, rtol=1e-5, atol=1e-6)
     del sd["Mixed_6b.branch1x1.conv.weight"]
     torch.save(sd, tmp_path / "partial.pth")
-    with pytest.raises(MM.MetricWeightsError, match="partial.pth does not fit torch-fidelity's Inception-v3"):
+    with pytest.raises(MetricWeightsError, match="partial.pth does not fit torch-fidelity's Inception-v3"):
         MM.load_inception(tmp_path / "partial.pth", 64)
-    with pytest.raises(MM.MetricWeightsError, match="does not exist"):
+    with pytest.raises(MetricWeightsError, match="does not exist"):
         MM.load_inception(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="known: inception-v3, clip:<model>"):
         MM.load_feature_extractor("vgg", inception_file)
@@ -335,7 +336,7 @@ def test_image_quality_node(metrics_folder, tiny_clip_file):
     assert score == pytest.approx(float(expected.mean()), abs=1e-6)
     assert rep["prompts"] == ["A good photo of a cat.", "A bad photo of a cat."] and rep["backbone"] == TINY_CLIP
     assert "mean" in out.ui.as_dict()["text"][0]
-    with pytest.raises(MM.MetricWeightsError, match="not found in .*lord_metrics"):
+    with pytest.raises(MetricWeightsError, match="not found in .*lord_metrics"):
         LoRDImageQuality.execute(u8.float() / 255, TINY_CLIP, "missing.pt", "cat")
 
 
@@ -393,7 +394,7 @@ def test_image_metrics_node(metrics_folder, tmp_path):
     rep = json.loads(out.args[3])
     assert rep["fd"]["label"] == "FID" and rep["kid"]["label"] == "KID" and math.isfinite(out.args[0])
     assert "FID" in out.ui.as_dict()["text"][0]
-    with pytest.raises(MM.MetricWeightsError, match="evil.pth"):
+    with pytest.raises(MetricWeightsError, match="evil.pth"):
         (metrics_folder / "evil.pth").write_bytes(pickle.dumps({"x": _NotATensor()}))
         LoRDImageMetrics.execute(generated.float() / 255, str(ref), "inception-v3", "evil.pth", 1000, 2)
     with pytest.raises(ValueError, match="reference_folder 'nowhere' not found"):
@@ -401,11 +402,11 @@ def test_image_metrics_node(metrics_folder, tmp_path):
 
 
 def test_image_level_conversions():
-    from lord_ops.images import from_uint8, to_uint8
+    from lord_ops.images import image_to_uint8, to_unit
 
     u8 = _images(2, 5, 4, seed=12)
-    floats = from_uint8(u8)
+    floats = to_unit(u8)
     assert floats.dtype == torch.float32 and float(floats.max()) <= 1.0
-    assert torch.equal(to_uint8(floats), u8)
+    assert torch.equal(image_to_uint8(floats), u8)
     rgba = torch.cat([floats, torch.ones(2, 5, 4, 1)], dim=-1)
-    assert torch.equal(to_uint8(rgba + 0.4 / 255), u8)  # alpha dropped, rounded to the nearest level
+    assert torch.equal(image_to_uint8(rgba + 0.4 / 255), u8)  # alpha dropped, rounded to the nearest level

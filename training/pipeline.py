@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from lord_ops.atomic import atomic_write_json
+
 
 def digest(value) -> str:
     """sha256 (16 hex) of a JSON-able value (sorted keys)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-from lord_ops.atomic import atomic_write_json as write_json_atomic  # noqa: E402 -- one owner of atomic writes
 
 
 def read_json(path: Path):
@@ -152,13 +151,13 @@ class Plan:
             elif started is not None:
                 self.log(f"{counter} {name}: resuming an interrupted run")
             (folder / "stage.json").unlink(missing_ok=True)
-            write_json_atomic(folder / "key.json", {"digest": want, "key": stage.key})
+            atomic_write_json(folder / "key.json", {"digest": want, "key": stage.key})
             self.log(f"{counter} {name}: running{' -- ' + stage.describe if stage.describe else ''}")
             t0 = time.time()
             result = stage.run(folder)
             self.timings[name] = round(time.time() - t0, 2)
             json.dumps(result)  # must be JSON-able
-            write_json_atomic(folder / "stage.json", {"digest": want, "name": name, "result": result})
+            atomic_write_json(folder / "stage.json", {"digest": want, "name": name, "result": result})
             self.ran.append(name)
             self.log(f"{counter} {name}: done in {self.timings[name]:.1f} s")
             return result

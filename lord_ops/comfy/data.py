@@ -12,7 +12,8 @@ import hashlib
 
 import torch
 
-from ..datasets import conditioning_digest, float_bytes, tensor_digest, to_uint8, to_unit
+from ..datasets import conditioning_digest, float_bytes, tensor_digest
+from ..images import to_uint8, to_unit
 from . import grad
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..datasets import to_uint8
+from ..images import image_to_uint8
 from ..purify import check_u8_images
 
 SEED_MODULUS = 2 ** 64  # ComfyUI's seed widgets go up to 0xFFFFFFFFFFFFFFFF; seed + i wraps around
@@ -117,7 +117,7 @@ def decode_u8(vae, samples: torch.Tensor) -> torch.Tensor:
     images = vae.decode(samples)
     if images.dim() == 5:  # video VAEs: frames into the batch, like VAEDecode
         images = images.reshape(-1, *images.shape[-3:])
-    return to_uint8(images[..., :3])
+    return image_to_uint8(images)
 
 
 def _block(vae) -> int:

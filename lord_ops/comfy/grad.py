@@ -27,6 +27,7 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def make_differentiable(module: torch.nn.Module) -> int:
@@ -242,3 +243,12 @@ def encode_target(vae, model_patcher, target: Optional[torch.Tensor], like: torc
     with torch.no_grad():
         z = latent_encoder(vae, model_patcher)(img.float())
     return z.expand(like.shape[0], -1, -1, -1) if z.shape[0] == 1 else z
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad ``[B, C, H, W]`` on the bottom/right to a multiple; returns (padded, (H, W))."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .. import metric_models as MM
-from ..images import EXTENSIONS, load_image, to_uint8  # noqa: F401  (to_uint8: the nodes' IMAGE -> levels)
+from ..weights import MetricWeightsError
+from ..images import EXTENSIONS, load_image
 
 METRICS_FOLDER = "lord_metrics"
 METRICS_EXTENSIONS = {".pth", ".pt", ".bin", ".safetensors"}
@@ -40,10 +40,10 @@ def metric_weights_path(name: str, what: str) -> str:
     folders = folder_paths.get_folder_paths(METRICS_FOLDER) if METRICS_FOLDER in folder_paths.folder_names_and_paths else []
     where = ", ".join(folders) or os.path.join(folder_paths.models_dir, METRICS_FOLDER)
     if not name:
-        raise MM.MetricWeightsError(f"no weights file chosen: put {what} into {where} and pick it in the node's weights input")
+        raise MetricWeightsError(f"no weights file chosen: put {what} into {where} and pick it in the node's weights input")
     path = folder_paths.get_full_path(METRICS_FOLDER, name) if folders else None
     if not path or not os.path.isfile(path):
-        raise MM.MetricWeightsError(f"weights file '{name}' not found in {where}: put {what} there "
+        raise MetricWeightsError(f"weights file '{name}' not found in {where}: put {what} there "
                                     f"(and press R in ComfyUI to refresh the list)")
     return path
 

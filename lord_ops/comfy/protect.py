@@ -4,19 +4,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks import AlternatingConfig, AttackConfig, AttackResult, check_8bit_budget, quantize_uint8, run_attack
 from . import grad
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Replicate-pad ``[B, C, H, W]`` on the bottom/right to a multiple; returns (padded, (H, W))."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return x, (h, w)
 
 
 def gradient_precision(model_patcher):
@@ -53,7 +43,7 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
     for i in range(images_bhwc.shape[0]):
         with torch.inference_mode(False):
             img = images_bhwc[i:i + 1, ..., :3].movedim(-1, 1).float().clone()
-            padded, (h, w) = pad_to_multiple(img)
+            padded, (h, w) = grad.pad_to_multiple(img)
             tgt_img = None if target is None else target[min(i, target.shape[0] - 1):][:1]
             target_latent = None
             if config.method != "pgd":

@@ -23,7 +23,6 @@ from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quant
 from ..diffusion import denoising_loss
 from . import grad
 from .patch import layer_shape, target_modules, unet_names
-from .protect import pad_to_multiple
 from .trainable import trainable_model
 
 
@@ -69,7 +68,7 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
     with torch.inference_mode(False):
         items = list(images_bhwc) if as_list else [images_bhwc[i:i + 1] for i in range(images_bhwc.shape[0])]
         clean = [im[..., :3].movedim(-1, 1).float().clone() for im in items]
-        padded, sizes = zip(*(pad_to_multiple(c) for c in clean)) if clean else ((), ())
+        padded, sizes = zip(*(grad.pad_to_multiple(c) for c in clean)) if clean else ((), ())
     n = len(padded)
     if n == 0:
         raise ValueError("no images to protect")
@@ -80,7 +79,7 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
             class_items = list(class_images)
         else:
             class_items = [class_images[i:i + 1] for i in range(class_images.shape[0])]
-        class_padded = [pad_to_multiple(im[..., :3].movedim(-1, 1).float().clone())[0] for im in class_items]
+        class_padded = [grad.pad_to_multiple(im[..., :3].movedim(-1, 1).float().clone())[0] for im in class_items]
     class_conditioning = conditioning if class_conditioning is None else class_conditioning
     total = attack.steps * n * surrogate.rounds + surrogate.surrogate_steps()
     done = 0

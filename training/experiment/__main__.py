@@ -1,0 +1,4 @@
+"""``python -m training.experiment``."""
+from training.experiment.cli import main
+
+raise SystemExit(main())

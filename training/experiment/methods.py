@@ -1,0 +1,79 @@
+"""The Stage-2 runs an experiment compares (Table I's methods and the Fig. 7 sweep points) and the
+training image set each one uses.
+
+A :class:`Variant` is one Stage-2 run: a mode (``plain`` | ``pgd2_defense`` | ``lord``) on an image
+set: ``clean``, ``protected``, a purified copy of the protected images (``jpeg``, ``diffpure``) or a
+mix (``mix<k>``: k of the N instance images protected, a seeded choice).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from training.experiment_config import METHODS
+from training.experiment.context import ExperimentContext
+
+PURIFIERS = ("jpeg", "diffpure")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One Stage-2 run: a mode on a set of training images."""
+
+    mode: str  # plain | pgd2_defense | lord
+    images: str  # clean | protected | jpeg | diffpure | mix<k>
+
+    @property
+    def id(self) -> str:
+        return f"{self.mode}-{self.images}"
+
+
+def plan_variants(ctx: ExperimentContext) -> tuple[list[Variant], dict[str, list]]:
+    """The Stage-2 runs in order (the methods, then the sweep points; a run shared by both listed once)
+    and the sweep ``{series: [{"share", "method"}, ...]}``."""
+    exp = ctx.exp
+    wanted = [Variant(METHODS[m][1], METHODS[m][2]) for m in exp.methods]
+    sweep: dict[str, list] = {}
+    n = len(ctx.names)
+    for series in exp.sweep_series if exp.sweep_shares else ():
+        for share in exp.sweep_shares:
+            k = round(share * n)
+            images = "clean" if k == 0 else "protected" if k == n else f"mix{k}"
+            v = Variant("plain" if series == "plain" else "lord", images)
+            sweep.setdefault(series, []).append({"share": share, "method": v.id})
+            wanted.append(v)
+    unique: dict[str, Variant] = {}
+    for v in wanted:
+        unique.setdefault(v.id, v)
+    return list(unique.values()), sweep
+
+
+def set_needs(ctx: ExperimentContext, images: str) -> tuple:
+    """The stages that make the image set ``images``."""
+    if images == "clean":
+        return ()
+    if images in PURIFIERS:
+        return (f"purify/{images}",)
+    return ctx.protected_needs()
+
+
+def set_key(ctx: ExperimentContext, images: str):
+    """What the image set ``images`` is made of (a piece of a stage key)."""
+    if images == "clean":
+        return {"clean": ctx.image_key(ctx.clean)}
+    if images.startswith("mix"):
+        return {"clean": ctx.image_key(ctx.clean), "protected": ctx.protected_key(),
+                "protected_names": ctx.mix_names(int(images[3:]))}
+    return {images: ctx.protected_key() if images == "protected" else {"stage": f"purify/{images}"}}
+
+
+def image_set(ctx: ExperimentContext, images: str) -> dict:
+    """``{name: uint8 [3, H, W]}`` of the image set ``images``."""
+    if images == "clean":
+        return ctx.clean
+    if images == "protected":
+        return ctx.protected()
+    if images in PURIFIERS:
+        return ctx.purified(images)
+    chosen = set(ctx.mix_names(int(images[3:])))
+    prot = ctx.protected()
+    return {n: (prot[n] if n in chosen else ctx.clean[n]) for n in ctx.names}

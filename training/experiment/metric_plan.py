@@ -1,0 +1,38 @@
+"""Which metrics an experiment can compute with the weights it was given (missing weights are reported
+as missing, never replaced by something else under the same name)."""
+from __future__ import annotations
+
+from training.experiment_config import Experiment
+
+
+def metric_plan(exp: Experiment) -> dict:
+    """Which metrics this run can compute: ``{id: {label, available, ...}}``; missing weights are
+    reported as missing, never replaced."""
+    m = exp.metrics
+    out = {}
+    if m.clip_iqa_weights is not None:
+        out["clip_iqa"] = {"label": "CLIP-IQA", "available": True, "higher_is_better": True, "backbone": m.clip_iqa_model,
+                           "prompts": [f"A good photo of a {exp.class_name}.", f"A bad photo of a {exp.class_name}."]}
+    else:
+        out["clip_iqa"] = {"label": "CLIP-IQA", "available": False, "higher_is_better": True,
+                           "missing": "no CLIP weights: set [metrics] clip_iqa_weights (an open_clip file for "
+                                      f"{m.clip_iqa_model!r})"}
+    fid_label = "FID" if m.fid_features == 2048 else f"FD (inception-v3 pool {m.fid_features})"
+    kid_label = "KID" if m.fid_features == 2048 else f"KD (inception-v3 pool {m.fid_features})"
+    if m.inception_weights is not None:
+        out["fid"] = {"label": fid_label, "available": True, "higher_is_better": False, "extractor": "inception-v3",
+                      "features": m.fid_features}
+        out["kid"] = {"label": kid_label, "available": True, "higher_is_better": False, "extractor": "inception-v3"}
+    else:
+        why = "no Inception weights: set [metrics] inception_weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
+        out["fid"] = {"label": fid_label, "available": False, "higher_is_better": False, "missing": why}
+        out["kid"] = {"label": kid_label, "available": False, "higher_is_better": False, "missing": why}
+    if m.extractor is not None:
+        out["fd"] = {"label": f"FD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
+        out["kd"] = {"label": f"KD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
+    if m.subject_class is not None:
+        out["subject_acc"] = {"label": f"Subject accuracy ({m.extractor})", "available": True, "higher_is_better": True,
+                              "extractor": m.extractor, "subject_class": m.subject_class,
+                              "definition": f"share of the generated images that {m.extractor} classifies as "
+                                            f"{m.subject_class!r}"}
+    return out

@@ -1,0 +1,82 @@
+"""Stage ``protect`` (protocol mode): the clean instance images protected with the attack preset
+(``[attack]``), rounded to 8 bits as a published protected image is."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lord_ops.atomic import atomic_write_json
+from lord_ops.attacks import check_8bit_budget, preset
+from lord_ops.comfy.protect import protect
+from training.experiment.context import ExperimentContext
+from training.experiment.images import load_set, read_png, save_png, u8_chw, unit_hwc
+from training.pipeline import Stage, read_json
+
+
+def stages(ctx: ExperimentContext) -> list[Stage]:
+    if not ctx.protocol:
+        return []
+    key = {**ctx.base_key(), "images": ctx.image_key(ctx.clean), "attack": attack_key(ctx)}
+    return [Stage("protect", key, lambda folder: run(ctx, folder),
+                  describe=f"protect {len(ctx.names)} image(s) with {ctx.exp.attack_preset}")]
+
+
+def attack_key(ctx: ExperimentContext) -> dict:
+    exp = ctx.exp
+    return {"preset": exp.attack_preset, "steps": exp.attack_steps, "rounds": exp.attack_rounds, "seed": exp.attack_seed,
+            **({"epsilon": exp.attack_epsilon, "step_size": exp.attack_step_size}
+               if exp.attack_epsilon or exp.attack_step_size else {}),
+            "target": ctx.digests(exp.attack_target) if exp.attack_target else None, "prompt": exp.prompt,
+            "class_images": ctx.class_key()}
+
+
+def run(ctx: ExperimentContext, folder: Path) -> dict:
+    exp = ctx.exp
+    chosen = preset(exp.attack_preset)
+    overrides = {k: v for k, v in (("steps", exp.attack_steps), ("epsilon", exp.attack_epsilon),
+                                   ("step_size", exp.attack_step_size)) if v}
+    attack = dataclasses.replace(chosen.attack, seed=exp.attack_seed, **overrides).validate()
+    check_8bit_budget(attack.epsilon, "[attack] epsilon" if exp.attack_epsilon else "[attack] preset")
+    surrogate = chosen.surrogate
+    if surrogate is not None and exp.attack_rounds:
+        surrogate = dataclasses.replace(surrogate, rounds=exp.attack_rounds)
+    model, clip, vae = ctx.rt.models()
+    cond = ctx.rt.encode(exp.prompt)
+    target = None
+    if exp.attack_target is not None:
+        target = unit_hwc(read_png(exp.attack_target))[None]
+    classes, class_cond = None, None
+    if surrogate is not None and exp.class_images is not None:
+        classes = [unit_hwc(im)[None] for im in load_set(exp.class_images, exp.resolution).values()]
+        class_cond = ctx.rt.encode(exp.class_text)
+    out = folder / "images"
+    todo = [n for n in ctx.names if not (out / f"{n}.png").is_file()]
+    reports = read_json(folder / "reports.json") or {}
+    step = [0]
+
+    def progress(done, total, loss, _preview):
+        step[0] += 1
+        if done == total or step[0] % max(1, total // 10) == 0:
+            ctx.log(f"    protect: step {done}/{total} loss {loss:.4g}")
+
+    if surrogate is not None and todo:  # the published loops attack the set as a whole
+        todo = list(ctx.names)
+        images = [unit_hwc(ctx.clean[n])[None] for n in todo]
+        perturbed, report = protect(model, vae, cond, images, attack, surrogate, target, progress, classes, class_cond)
+        for i, n in enumerate(todo):
+            save_png(out / f"{n}.png", u8_chw(perturbed[i]))
+        reports = {"set": {k: v for k, v in report.items() if k != "loss_traces"},
+                   "final_loss": [tr[-1] if tr else None for tr in report["loss_traces"]]}
+    else:
+        for n in todo:
+            one = dataclasses.replace(attack, seed=exp.attack_seed + ctx.names.index(n))
+            perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None], one, None, target, progress)
+            save_png(out / f"{n}.png", u8_chw(perturbed))
+            reports[n] = {"final_loss": report["loss_traces"][0][-1] if report["loss_traces"][0] else None}
+            atomic_write_json(folder / "reports.json", reports)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"images": len(ctx.names), "attack": {"preset": exp.attack_preset, **dataclasses.asdict(attack),
+                                                 "surrogate": dataclasses.asdict(surrogate) if surrogate else None,
+                                                 "target": str(exp.attack_target) if exp.attack_target else "pattern"}}

@@ -1,0 +1,53 @@
+"""Stages ``purify/<purifier>``: the protected images purified, for the baselines that train on them
+(``jpeg``: JPEG re-compression; ``diffpure``: DiffPure-style img2img with the model itself). Only the
+purifiers some method trains on are planned."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lord_ops.comfy.generate import diffpure
+from lord_ops.purify import jpeg_recompress
+from training.experiment.context import ExperimentContext, sampling_config
+from training.experiment.images import hwc, save_png
+from training.experiment.methods import PURIFIERS, Variant
+from training.pipeline import Stage
+
+
+def stages(ctx: ExperimentContext, variants: list[Variant]) -> list[Stage]:
+    out = []
+    for purifier in PURIFIERS:
+        if any(v.images == purifier for v in variants):
+            key = {**ctx.base_key(), "protected": ctx.protected_key(), **settings_key(ctx, purifier)}
+            out.append(Stage(f"purify/{purifier}", key, lambda folder, p=purifier: run(ctx, folder, p),
+                             needs=ctx.protected_needs(), describe=f"{purifier} purification of the protected images"))
+    return out
+
+
+def settings_key(ctx: ExperimentContext, purifier: str) -> dict:
+    exp = ctx.exp
+    if purifier == "jpeg":
+        return {"jpeg_quality": exp.jpeg_quality}
+    return {"strength": exp.diffpure_strength, "steps": exp.diffpure_steps, "prompt": exp.class_text,
+            "seed": exp.seed, "sampler": exp.sampling.sampler, "scheduler": exp.sampling.scheduler,
+            "cfg": exp.sampling.cfg, "negative": exp.sampling.negative}
+
+
+def run(ctx: ExperimentContext, folder: Path, purifier: str) -> dict:
+    exp = ctx.exp
+    prot = ctx.protected()
+    out = folder / "images"
+    if purifier == "jpeg":
+        done = jpeg_recompress(hwc([prot[n] for n in ctx.names]), exp.jpeg_quality)
+        for i, n in enumerate(ctx.names):
+            save_png(out / f"{n}.png", done[i].permute(2, 0, 1))
+        return {"images": len(ctx.names), "jpeg_quality": exp.jpeg_quality}
+    model, clip, vae = ctx.rt.models()
+    cfg = sampling_config(exp, steps=exp.diffpure_steps, batch_size=1)
+    for i, n in enumerate(ctx.names):
+        if (out / f"{n}.png").is_file():
+            continue
+        done = diffpure(model, clip, vae, hwc([prot[n]]), exp.class_text, exp.diffpure_strength, exp.seed + i, cfg)
+        save_png(out / f"{n}.png", done[0].permute(2, 0, 1))
+        ctx.log(f"    diffpure: {i + 1}/{len(ctx.names)}")
+    return {"images": len(ctx.names), "strength": exp.diffpure_strength, "steps": exp.diffpure_steps,
+            "prompt": exp.class_text}

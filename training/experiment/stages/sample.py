@@ -1,0 +1,47 @@
+"""Stages ``sample/<variant>``: ``[sampling] images`` images of the instance prompt from the base model
+with the method's LoRA (and its LoRD, for LoRD methods); image ``i`` uses seed ``[sampling] seed + i``
+in every method."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lord_ops.comfy.generate import text_to_image
+from lord_ops.comfy.patch import load_lora_for_model
+from training.experiment.context import ExperimentContext, sampling_config
+from training.experiment.images import save_png
+from training.experiment.methods import Variant
+from training.pipeline import Stage
+
+
+def stage(ctx: ExperimentContext, v: Variant) -> Stage:
+    exp = ctx.exp
+    key = {"prompt": exp.prompt, "sampling": dataclasses.asdict(exp.sampling)}
+    return Stage(f"sample/{v.id}", key, lambda folder: run(ctx, folder, v),
+                 needs=(f"train/{v.id}",) + (ctx.lord_needs() if v.mode == "lord" else ()),
+                 describe=f"{exp.sampling.images} image(s) of {exp.prompt!r}")
+
+
+def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
+    import comfy.sd
+
+    exp, s = ctx.exp, ctx.exp.sampling
+    model, clip, vae = ctx.rt.models()
+    if v.mode == "lord":
+        model = ctx.lord_model(model)
+    lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.id}") / "lora.safetensors")
+    model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    cfg = sampling_config(exp)
+    out = folder / "images"
+    todo = [i for i in range(s.images) if not (out / f"{i:04d}.png").is_file()]
+    if todo:
+        if len(todo) < s.images:
+            ctx.log(f"    sample {v.id}: {s.images - len(todo)} image(s) already written, {len(todo)} to go")
+
+        def on_image(j, image_u8):
+            save_png(out / f"{todo[j]:04d}.png", image_u8.permute(2, 0, 1))
+            if (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo):
+                ctx.log(f"    sample {v.id}: {j + 1}/{len(todo)}")
+
+        text_to_image(model, clip, vae, exp.prompt, [s.seed + i for i in todo], cfg, on_image=on_image)
+    return {"images": [f"images/{i:04d}.png" for i in range(s.images)], "seeds": [s.seed + i for i in range(s.images)]}

@@ -1,0 +1,57 @@
+"""Stages ``score/<variant>``: the metrics of a method's samples (CLIP-IQA per image; FID + KID, or
+FD / KD of another extractor, against the reference features; subject accuracy)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from lord_ops.metrics import frechet_distance, kernel_distance
+from training.experiment.context import ExperimentContext
+from training.experiment.images import hwc, read_png
+from training.experiment.methods import Variant
+from training.pipeline import Stage
+
+
+def stage(ctx: ExperimentContext, v: Variant) -> Stage:
+    return Stage(f"score/{v.id}", {"metrics": ctx.metrics_key()}, lambda folder: run(ctx, folder, v),
+                 needs=(f"sample/{v.id}", "reference"), describe="metrics of the samples")
+
+
+def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
+    exp, m = ctx.exp, ctx.exp.metrics
+    sample_dir = ctx.plan.folder(f"sample/{v.id}")
+    files = ctx.plan.result(f"sample/{v.id}")["images"]
+    images = hwc([read_png(sample_dir / f) for f in files])
+    out = {}
+    if ctx.metrics["clip_iqa"]["available"]:
+        s = ctx.rt.metric_model("clip_iqa").score(images, exp.class_name, m.batch_size)
+        out["clip_iqa"] = {"mean": float(s.mean()), "std": float(s.std(unbiased=False)),
+                           "per_image": [round(float(x), 6) for x in s]}
+    ref_file = ctx.plan.folder("reference") / "features.safetensors"
+    ref = load_file(str(ref_file)) if ref_file.is_file() else {}
+    for kind, fd, kd in (("inception", "fid", "kid"), ("extractor", "fd", "kd")):
+        if kind not in ref:
+            continue
+        feats = ctx.rt.metric_model(kind).features(images, m.batch_size)
+        out[fd] = {"value": float(frechet_distance(feats, ref[kind])), "images": int(feats.shape[0]),
+                   "reference_images": int(ref[kind].shape[0])}
+        if m.fd_bootstrap:  # FID at ~100 images is noisy: its spread over resampled generated sets
+            rng = np.random.RandomState(exp.seed)
+            boot = [frechet_distance(feats[torch.from_numpy(rng.randint(0, len(feats), len(feats)))], ref[kind])
+                    for _ in range(m.fd_bootstrap)]
+            out[fd].update(std=float(np.std(boot)), std_kind=f"bootstrap over the generated images "
+                                                             f"({m.fd_bootstrap} resamples)")
+        kid = kernel_distance(feats, ref[kind], m.kid_subsets, m.kid_subset_size, exp.seed)
+        out[kd] = {k: (float(val) if isinstance(val, float) else val) for k, val in kid.items()}
+    if "subject_acc" in ctx.metrics:
+        model = ctx.rt.metric_model("extractor")
+        predicted = model.predict(images, m.batch_size)
+        hits = (predicted == model.classes.index(m.subject_class)).double()
+        out["subject_acc"] = {"mean": float(hits.mean()), "std": float(hits.std(unbiased=False)),
+                              "per_image": [int(h) for h in hits],
+                              "predicted": {c: int((predicted == i).sum()) for i, c in enumerate(model.classes)
+                                            if int((predicted == i).sum())}}
+    return out
