@@ -1,0 +1,83 @@
+"""The replicate analysis (lord_ops/analysis.py) against scipy and hand computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lord_ops import analysis as A
+
+
+def test_paired_interval_and_effect_size_match_scipy_and_hand_values():
+    x = [0.31, 0.29, 0.35, 0.40, 0.28, 0.33, 0.37]
+    y = [0.30, 0.25, 0.30, 0.33, 0.29, 0.27, 0.31]
+    s = A.paired(x, y)
+    d = np.subtract(x, y)
+    assert s.n == 7 and s.mean == pytest.approx(d.mean()) and s.sd == pytest.approx(d.std(ddof=1))
+    ci = stats.ttest_rel(x, y).confidence_interval(0.95)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert s.d_z == pytest.approx(d.mean() / d.std(ddof=1))
+    # a hand value: differences 1, 2, 3 -> mean 2, sd 1, t(0.975, 2) = 4.302652729...
+    h = A.describe([1.0, 2.0, 3.0])
+    assert (h.ci_low, h.ci_high) == (pytest.approx(2 - 4.302652729749464 / math.sqrt(3)),
+                                     pytest.approx(2 + 4.302652729749464 / math.sqrt(3)))
+    assert h.d_z == pytest.approx(2.0)
+
+
+def test_sign_flip_p_is_exact_and_matches_scipys_paired_permutation_test():
+    x = [3.1, 2.4, 2.9, 3.3, 2.2, 2.8, 3.6, 2.5]
+    y = [2.9, 2.5, 2.1, 2.8, 2.3, 2.2, 3.0, 2.4]
+    s = A.paired(x, y)
+    ref = stats.permutation_test((x, y), lambda a, b, axis: np.mean(a - b, axis=axis), permutation_type="samples",
+                                 n_resamples=np.inf, alternative="two-sided", vectorized=True)
+    assert s.p == pytest.approx(ref.pvalue) and s.p_method.startswith("exact (256")
+    # by hand: all of 4 differences positive and equal -> only the observed pattern and its mirror reach it
+    assert A.sign_flip_p([1.0, 1.0, 1.0, 1.0])[0] == pytest.approx(2 / 16)
+    assert A.sign_flip_p([0.0, 0.0, 0.0])[0] == 1.0
+
+
+def test_monte_carlo_p_above_the_exact_limit_is_close_to_the_exact_value():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.3, 1.0, size=A.EXACT_MAX + 2)
+    p_mc, how = A.sign_flip_p(d, permutations=100_000, seed=1)
+    assert how.startswith("Monte Carlo")
+    ref = stats.permutation_test((d,), lambda a, axis: np.mean(a, axis=axis), permutation_type="samples",
+                                 n_resamples=100_000, alternative="two-sided", vectorized=True, random_state=2)
+    assert abs(p_mc - ref.pvalue) < 0.01
+
+
+def test_holm_by_hand():
+    adj = A.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.20})
+    # sorted: a 0.01 x4 = 0.04; c 0.03 x3 = 0.09; b 0.04 x2 = 0.08 -> max(0.09, 0.08) = 0.09; d 0.20 x1 -> 0.20
+    assert adj == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.20})
+    family = {"x": A.describe([1, 2, 3, 4.0]), "y": A.describe([0.1, -0.2, 0.3, 0.0])}
+    A.apply_holm(family)
+    assert family["x"].p_holm == pytest.approx(min(1.0, 2 * family["x"].p))
+    assert family["y"].p_holm >= family["y"].p
+
+
+def test_ratio_of_means_and_its_bootstrap_interval():
+    r = A.ratio_of_means([1.0, 2.0, 3.0, 2.0], [2.0, 4.0, 6.0, 4.0], resamples=2000)
+    assert r["value"] == pytest.approx(0.5) and r["ci_low"] == pytest.approx(0.5) and r["ci_high"] == pytest.approx(0.5)
+    r = A.ratio_of_means([1.0, 0.0, 2.0, 1.5, 0.5], [2.0, 1.0, 2.5, 2.0, 1.5], resamples=4000, seed=3)
+    assert r["ci_low"] < r["value"] < r["ci_high"]
+
+
+def test_required_replicates_matches_the_standard_power_table():
+    # paired t test, two-sided alpha 0.05, power 0.8: d 0.5 -> 34 pairs, d 0.8 -> 15 (G*Power's values)
+    assert A.required_replicates(0.5) == 34
+    assert A.required_replicates(0.8) == 15
+    assert A.required_replicates(0.0) is None
+
+
+def test_alignment_pairs_by_replicate_and_refuses_bad_input():
+    reps, (a, b) = A.aligned({0: 1.0, 1: 2.0, 3: 4.0}, {1: 5.0, 3: 6.0, 4: 7.0})
+    assert reps == [1, 3] and a == [2.0, 4.0] and b == [5.0, 6.0]
+    with pytest.raises(ValueError, match="given twice"):
+        A.per_replicate([(0, 1.0), (0, 2.0)])
+    with pytest.raises(ValueError, match="same replicates"):
+        A.paired([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        A.describe([1.0, float("nan")])
