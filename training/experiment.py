@@ -257,7 +257,8 @@ class ExperimentRunner:
                     raise ConfigError(f"{where('[stage1] data')}: {image.name} has no (or an empty) caption file "
                                       f"{caption.name}; add one, or set [stage1] caption for every image")
         if exp.stage1_lord is not None:
-            from lord_ops.format import LoRDFileError, load_lord_file
+            from lord_ops.format import load_lord_file
+            from lord_ops.safetensors_file import LoRDFileError
 
             try:
                 load_lord_file(exp.stage1_lord)
