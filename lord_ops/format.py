@@ -44,13 +44,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
 from .layer import GATE_ACTIVATIONS, LoRDWeights
+from .safetensors_file import LoRDFileError, read_safetensors_header
 
 FORMAT_NAME = "lord"
 FORMAT_VERSION = "1"
@@ -69,23 +69,6 @@ SUFFIX_TO_FIELD = {
 }
 FIELD_TO_SUFFIX = {v: k for k, v in SUFFIX_TO_FIELD.items()}
 ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-_SAFETENSORS_FLOAT_DTYPES = {"F32", "F16", "BF16"}
-# bytes per element of every safetensors dtype (to check an entry's byte range against its shape)
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                         "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-class LoRDFileError(ValueError):
-    """A LoRD (or LoRA) file that cannot be used; the message names the file, the key and the fix."""
-
-    def __init__(self, path, problem: str, fix: str = "", key: Optional[str] = None, kind: str = "LoRD file"):
-        where = f"{kind} '{path}'" + (f", key '{key}'" if key else "")
-        message = f"{where}: {problem}"
-        if fix:
-            message += f" {fix}"
-        super().__init__(message)
-        self.path, self.key, self.problem, self.fix = str(path), key, problem, fix
 
 
 @dataclasses.dataclass
@@ -137,108 +120,6 @@ class LoRDFile:
 
 # ----------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_safetensors_header(path, kind: str = "LoRD file", float_only: bool = True) -> tuple[dict, dict[str, str]]:
-    """Parse and check a safetensors container without reading tensor data.
-
-    ``kind`` names the file in error messages ("LoRD file", "LoRA file"). ``float_only``: refuse
-    tensors that are not float32/float16/bfloat16 (``.alpha`` excepted) -- LoRD files; LoRA files
-    may hold other dtypes that stock loaders read (e.g. an integer ``reshape_weight``).
-
-    Returns ``(tensor_entries, metadata)``. Rejects empty, truncated, pickle/zip and otherwise
-    malformed files (unreadable header, a byte range that does not match its shape and dtype,
-    overlapping or non-contiguous tensor data -- everything safetensors itself would refuse with
-    a bare ``SafetensorError``) with a :class:`LoRDFileError`; nothing in the file is ever executed.
-    """
-    path = Path(path)
-
-    def _Err(*a, **k):
-        return LoRDFileError(*a, kind=kind, **k)
-
-    if not path.is_file():
-        raise _Err(path, "file not found.", "Check the file name and the models/lord folder.")
-    size = path.stat().st_size
-    if size == 0:
-        raise _Err(path, "the file is empty (0 bytes).", "Re-download or re-create it.")
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-        # a safetensors file starts with its header length (u64, little-endian) and then "{"; its
-        # first byte may be 0x80 or its first two "PK" by chance, so sniff pickle/zip only otherwise
-        plausible = len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8
-        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
-            raise _Err(path, "this is a pickle/zip (.ckpt/.pt) file, not safetensors; LoRD never "
-                                "loads pickles because they can execute code.",
-                                "Convert it to .safetensors with a trusted tool, or use the original .safetensors file.")
-        head = head[:8]
-        fh.seek(8)
-        if len(head) < 8:
-            raise _Err(path, f"the file is truncated ({size} bytes, shorter than a safetensors header).",
-                                "Re-download or re-create it.")
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
-            raise _Err(path, f"not a valid safetensors file (header length {header_len} does not fit "
-                                f"a {size}-byte file; truncated or not safetensors).", "Re-download or re-create it.")
-        fh.seek(8)
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _Err(path, f"not a valid safetensors file (unreadable header: {exc}).",
-                            "Re-download or re-create it.") from None
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _Err(path, "not a valid safetensors file (__metadata__ is not a JSON object).", "Re-download or re-create it.")
-    data_len = size - 8 - header_len
-    ranges = []
-    for key, entry in header.items():
-        try:
-            start, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-            if not (isinstance(start, int) and isinstance(end, int) and isinstance(dtype, str)
-                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise ValueError
-        except (TypeError, KeyError, ValueError):
-            raise _Err(path, "malformed safetensors entry (needs dtype, shape and data_offsets).",
-                       "Re-download or re-create it.", key=key) from None
-        if not (0 <= start <= end <= data_len):
-            raise _Err(path, f"tensor data runs past the end of the file (needs bytes {start}..{end}, "
-                                f"file holds {data_len}): the file is truncated.", "Re-download or re-create it.", key=key)
-        if float_only and dtype not in _SAFETENSORS_FLOAT_DTYPES and not key.endswith(".alpha"):
-            raise _Err(path, f"dtype {dtype} is not allowed (float32, float16 or bfloat16 only).",
-                                "Re-save the file with a float dtype.", key=key)
-        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
-        if itemsize is None:
-            raise _Err(path, f"unknown safetensors dtype {dtype!r}.", "Re-download or re-create it.", key=key)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * itemsize != end - start:
-            raise _Err(path, f"shape {shape} in {dtype} needs {numel * itemsize} bytes but the header gives it "
-                       f"{end - start} (bytes {start}..{end}): the header is damaged.", "Re-download or re-create it.", key=key)
-        ranges.append((start, end, key))
-    # safetensors requires the tensors' byte ranges to tile the data exactly: overlaps first (the
-    # more telling fault: a moved range also leaves a gap), then gaps and trailing bytes
-    ranges.sort()
-    covered, previous = 0, None
-    for start, end, key in ranges:
-        if start < covered and end > start:
-            raise _Err(path, f"tensor data (bytes {start}..{end}) overlaps that of key '{previous}': the header is "
-                       f"damaged or was crafted.", "Re-download or re-create it.", key=key)
-        if end > covered:
-            covered, previous = end, key
-    covered = 0
-    for start, end, key in ranges:
-        if start > covered:
-            raise _Err(path, f"{start - covered} bytes before this tensor's data belong to no tensor (a gap in the "
-                       f"data): the header is damaged.", "Re-download or re-create it.", key=key)
-        covered = max(covered, end)
-    if covered != data_len:
-        raise _Err(path, f"{data_len - covered} bytes after the last tensor belong to no tensor: the file is damaged "
-                   f"(or was appended to).", "Re-download or re-create it.")
-    return header, dict(metadata)
 
 
 def _load_tensors(path, kind: str = "LoRD file") -> dict[str, torch.Tensor]:
@@ -450,12 +331,12 @@ def lora_pairs(path, sd: Mapping[str, torch.Tensor]) -> dict[str, LoRAPair]:
 def load_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, LoRAPair]]:
     """Read and validate a LoRA file the way :func:`load_lord_file` validates LoRD files.
 
-    Container checks as for LoRD files (:func:`read_safetensors_header`: pickles, empty, truncated,
-    garbage or overlapping headers); every floating tensor finite; every alpha one finite number;
-    every low-rank pair complete with matching ranks (:func:`lora_pairs`). Accepted as stock
-    loaders accept them: extra keys, text-encoder layers, ``dora_scale``, other network types and
-    other dtypes. Returns ``(state dict, pairs)``; check the pairs against a MODEL with
-    :func:`check_lora_against_model`. Raises :class:`LoRDFileError` (file, key, fix).
+    Container checks as for LoRD files (:func:`lord_ops.safetensors_file.read_safetensors_header`:
+    pickles, empty, truncated, garbage or overlapping headers); every floating tensor finite; every
+    alpha one finite number; every low-rank pair complete with matching ranks (:func:`lora_pairs`).
+    Accepted as stock loaders accept them: extra keys, text-encoder layers, ``dora_scale``, other
+    network types and other dtypes. Returns ``(state dict, pairs)``; check the pairs against a MODEL
+    with :func:`check_lora_against_model`. Raises :class:`LoRDFileError` (file, key, fix).
     """
     read_safetensors_header(path, kind=LORA_KIND, float_only=False)
     sd = _load_tensors(path, kind=LORA_KIND)

@@ -12,6 +12,7 @@ from lord_ops import format as fmt
 from tools.safetensors_edit import rewrite_header
 from lord_ops.keys import select_targets, unet_name_map
 from lord_ops.layer import init_lord_weights
+from lord_ops.safetensors_file import LoRDFileError
 
 NAMES = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
          "lora_unet_down_blocks_0_attentions_0_proj_in"]
@@ -67,7 +68,7 @@ def good_file(tmp_path):
 
 
 def expect_error(path, *fragments):
-    with pytest.raises(fmt.LoRDFileError) as info:
+    with pytest.raises(LoRDFileError) as info:
         fmt.load_lord_file(path)
     msg = str(info.value)
     assert str(path) in msg
@@ -162,11 +163,11 @@ def test_check_against_model_family_and_shapes():
     lord = make_lord()
     shapes = {NAMES[0]: (16, 16), NAMES[1]: (16, 8, 1, 1)}
     fmt.check_against_model(lord, "sd1", shapes)
-    with pytest.raises(fmt.LoRDFileError, match="made for a 'sd1' model, but the MODEL is 'sdxl'"):
+    with pytest.raises(LoRDFileError, match="made for a 'sd1' model, but the MODEL is 'sdxl'"):
         fmt.check_against_model(lord, "sdxl", shapes)
-    with pytest.raises(fmt.LoRDFileError, match="has no layer"):
+    with pytest.raises(LoRDFileError, match="has no layer"):
         fmt.check_against_model(lord, "sd1", {NAMES[0]: (16, 16)})
-    with pytest.raises(fmt.LoRDFileError, match=r"\(16, 16\).*\(32, 16\)"):
+    with pytest.raises(LoRDFileError, match=r"\(16, 16\).*\(32, 16\)"):
         fmt.check_against_model(lord, "sd1", {NAMES[0]: (32, 16), NAMES[1]: (16, 8, 1, 1)})
 
 
@@ -246,7 +247,7 @@ def save_lora(path, sd):
 
 
 def expect_lora_error(path, *fragments, shapes=None):
-    with pytest.raises(fmt.LoRDFileError) as info:
+    with pytest.raises(LoRDFileError) as info:
         sd, pairs = fmt.load_lora_file(path)
         fmt.check_lora_against_model(path, sd, pairs, LORA_SHAPES if shapes is None else shapes)
     msg = str(info.value)

@@ -1,10 +1,10 @@
-"""LoRD layer math (lord_ops.layer) against straightforward per-feature computations."""
+"""LoRD layer math (lord_ops.layer, lord_ops.fused) against straightforward per-feature computations."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lord_ops.layer import (ConvGeometry, FusedLoRD, LoRDWeights, Workspace, add_fused_defense,
-                                         gate_rows_to_layout, init_lord_weights, lord_defense_fused, lord_delta_plain)
+from lord_ops.fused import FusedLoRD, Workspace, add_fused_defense, gate_rows_to_layout, lord_defense_fused
+from lord_ops.layer import ConvGeometry, LoRDWeights, init_lord_weights, lord_delta_plain
 
 
 def random_weights(d_in=12, d_out=10, rank=3, hidden=5, kernel=None, seed=0):

@@ -12,7 +12,7 @@ import comfy.utils
 
 from lord_ops.comfy import patch
 from tools import tiny
-from lord_ops.format import LoRDFileError
+from lord_ops.safetensors_file import LoRDFileError
 from tools.safetensors_edit import rewrite_header
 
 CTX = 64  # tiny UNet context_dim
@@ -365,7 +365,7 @@ def test_load_lord_checks_its_lora_like_a_lord_file(tiny_model, tmp_path):
         return LoRDLoader.execute(tiny_model, "l.safetensors", 1.0, "learned", "fused", lora_name, 1.0).result[0]
 
     for name, fragments in expected.items():
-        with pytest.raises(fmt.LoRDFileError) as info:
+        with pytest.raises(LoRDFileError) as info:
             load(name)
         msg = str(info.value)
         assert msg.startswith(f"LoRA file '{loras / name}'"), msg

@@ -219,7 +219,8 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     from lord_ops.comfy.kohya import kohya_metadata
     from lord_ops.comfy.patch import apply_lord, model_family
     from lord_ops.comfy.stages import train_stage1, train_stage2
-    from lord_ops.format import LoRDFileError, load_lord_file, save_kohya_lora, save_lord_file
+    from lord_ops.format import load_lord_file, save_kohya_lora, save_lord_file
+    from lord_ops.safetensors_file import LoRDFileError
 
     t0 = time.time()
     model, clip, vae = load_checkpoint_models(Path(args.checkpoint))

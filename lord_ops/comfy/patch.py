@@ -24,10 +24,10 @@ import torch
 
 from ..datasets import model_fingerprint
 from ..format import LoRDFile, check_against_model, kohya_state_dict
+from ..fused import (ContextCache, FusedGroup, FusedLoRD, Workspace, add_fused_defense, add_gated_code_, fused_gate,
+                     gate_rows_to_layout, gated_group_codes, tensor_version)
 from ..keys import CONTEXT_FED, unet_name_map
-from ..layer import (GATE_MODES, ContextCache, ConvGeometry, FusedGroup, FusedLoRD, LoRDWeights, Workspace,
-                     add_fused_defense, add_gated_code_, fused_gate, gate_rows_to_layout, gated_group_codes,
-                     lord_delta_plain, tensor_version)
+from ..layer import GATE_MODES, ConvGeometry, LoRDWeights, lord_delta_plain
 
 INJECTION_PREFIX = "lord:"
 # targets that read the same input tensor in ComfyUI's CrossAttention: a self-attention's q, k and v
@@ -120,7 +120,7 @@ def lora_weight_shapes(model_patcher) -> dict[str, tuple]:
 
 def load_lora_for_model(model_patcher, path) -> dict[str, torch.Tensor]:
     """A LoRA file's state dict, validated as a file (:func:`lord_ops.format.load_lora_file`) and
-    against this MODEL's layer shapes; raises :class:`lord_ops.format.LoRDFileError` naming the
+    against this MODEL's layer shapes; raises :class:`lord_ops.safetensors_file.LoRDFileError` naming the
     file, the key and the fix."""
     from ..format import check_lora_against_model, load_lora_file, lora_pairs
 
@@ -329,7 +329,7 @@ def apply_lord(model_patcher, lord: LoRDFile, strength: float = 1.0, gate_mode: 
     """Return a clone of ``model_patcher`` with ``lord`` applied; the input is never modified.
 
     ``strength`` scales the whole LoRD delta (both branches); the gate always reads the
-    unscaled clean branch. Raises :class:`lord_ops.format.LoRDFileError` when the file does not fit.
+    unscaled clean branch. Raises :class:`lord_ops.safetensors_file.LoRDFileError` when the file does not fit.
     """
     import comfy.lora
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from lord_ops.datasets import image_files
-from lord_ops.format import LoRDFileError, load_lord_file
+from lord_ops.format import load_lord_file
+from lord_ops.safetensors_file import LoRDFileError
 from lord_ops.weights import MetricWeightsError
 from training.experiment_config import ConfigError, Experiment
 from training.experiment.context import ExperimentContext
