@@ -1,4 +1,4 @@
-"""The experiment report writer (``training/report.py``) on synthetic results dicts (no ComfyUI needed).
+"""The experiment report writer (``training/report/``) on synthetic results dicts (no ComfyUI needed).
 
 Covers: every file written, results.json round trip, Table I layout and number formatting, the paper's
 numbers, missing metrics shown as "missing: ..." and never as numbers, index.html links only to files
