@@ -74,6 +74,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lord_ops import trainer as T
+from lord_ops.train_config import TrainConfig
 from lord_ops.comfy import data as cdata, perturb, stages
 
 MARK_START, MARK_END = "<!-- bench_train:start -->", "<!-- bench_train:end -->"
@@ -126,10 +127,10 @@ class Setup:
         self.build_s = time.perf_counter() - t
 
 
-def lord_config(args, variant: str, steps: int) -> T.TrainConfig:
-    return T.TrainConfig(stage="stage1", steps=steps, batch_size=args.batch, rank=args.rank,
-                         learning_rate=LEARNING_RATE, targets=LORD_TARGETS[variant], dtype="fp32",
-                         gradient_checkpointing=args.gc == "on", checkpoint_every=10 ** 9, seed=0)
+def lord_config(args, variant: str, steps: int) -> TrainConfig:
+    return TrainConfig(stage="stage1", steps=steps, batch_size=args.batch, rank=args.rank,
+                       learning_rate=LEARNING_RATE, targets=LORD_TARGETS[variant], dtype="fp32",
+                       gradient_checkpointing=args.gc == "on", checkpoint_every=10 ** 9, seed=0)
 
 
 def wrapped_weights(s: Setup) -> int:

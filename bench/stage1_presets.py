@@ -1,6 +1,6 @@
 """Which Stage-1 data preset trains a gate that flags held-out protected images?
 
-For each Stage-1 data preset (``lord_ops.trainer.STAGE1_DATA_PRESETS``) and seed, runs the command
+For each Stage-1 data preset (``lord_ops.train_config.STAGE1_DATA_PRESETS``) and seed, runs the command
 line ``python -m training.train stage1`` on the random SD15-geometry checkpoint
 (``tools.tiny``; nothing downloaded) with the same training images, then reads the report it
 logs: the in-sample gate AUROC (training images vs their own perturbed copies) and the held-out gate
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable()
-    from lord_ops.trainer import STAGE1_DATA_PRESETS
+    from lord_ops.train_config import STAGE1_DATA_PRESETS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,7 @@ class AttackResult:
     loss_trace: list[float]  # the objective (mean over the batch) before each step
 
 
-# Attack presets that the Stage-1 data presets (lord_ops/trainer.py STAGE1_DATA_PRESETS) name; kept
+# Attack presets that the Stage-1 data presets (lord_ops/train_config.py STAGE1_DATA_PRESETS) name; kept
 # when defined above. ace_fixed: mist-v2's ACE objective, budget and step, against the fixed model
 # (no LoRA steps in between). pgd_full: Anti-DreamBooth's eps/step from a random start in the ball,
 # 10 iterations (10 x 0.6375 = 6.375 levels: every pixel can reach the full budget).

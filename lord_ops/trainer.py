@@ -1,5 +1,6 @@
 """Training engine for Stage-1 (LoRD, Eq. 7-8) and Stage-2 (DreamBooth-LoRA, Eq. 9); plain torch.
 
+A run's settings are :class:`lord_ops.train_config.TrainConfig` (defaults, validation, help text).
 ComfyUI-specific glue (loading the MODEL for gradients, encoding images and captions) lives in
 ``lord_ops/comfy/stages.py``; this module owns the trainable parameter sets, the loss terms, the
 deterministic sample schedule, checkpoints and the optimisation loop (single process or PyTorch DDP).
@@ -16,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -25,130 +25,15 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .attacks import PRESETS, AttackConfig
 from .diffusion import denoising_loss
 from .format import CONTEXT_GATE_OFF, LoRDFile
 from .keys import CONTEXT_FED
-from .layer import GATE_ACTIVATIONS, ConvGeometry, LoRDWeights, init_lora, lora_add, lord_add_lowrank
-from .metrics import auroc  # noqa: F401  (re-exported: lord_ops.metrics owns it)
+from .layer import ConvGeometry, LoRDWeights, init_lora, lora_add, lord_add_lowrank
+from .train_config import RESUMABLE_FIELDS, TrainConfig
 
-STAGES = ("stage1", "stage2")
-STAGE2_MODES = ("lord", "plain", "pgd2_defense")
-# compute dtype of the frozen model (adapters keep float32 master weights); fp16 scales the loss
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "comfyui-lord-train-checkpoint"
 # 2: float32 Stage-1 copies, gate BCE on logits, text-fed gates off (version-1 runs trained differently)
 CHECKPOINT_VERSION = 2
-# fields that do not change the trajectory of a run (a resumed run may change them)
-_RESUMABLE_FIELDS = {"steps", "checkpoint_every"}
-
-# Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names attack
-# presets of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
-# float32); with several, image ``i`` gets attack ``i mod k``. ``attack_epsilon``/``attack_step_size``/
-# ``attack_steps`` override the numbers of every one.
-STAGE1_DATA_PRESETS = {
-    "pgd_2": ("pgd_2",),  # the paper's PGD-2: Anti-DreamBooth's eps/step, 2 iterations (faithful default)
-    "pgd_full": ("pgd_full",),  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
-    "ace_fixed": ("ace_fixed",),  # mist-v2's ACE objective and budget against the fixed base model
-    "mixed": ("pgd_full", "ace_fixed"),  # even images pgd_full, odd images ace_fixed
-}
-# attack methods the Stage-1 perturbation path runs (fixed-model attacks of ``lord_ops.attacks.run_attack``)
-STAGE1_METHODS = ("pgd", "ace", "ace_plus", "photoguard")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """One training run. Perturbation sizes are in pixel levels 0..255 (``attack_*``)."""
-
-    stage: str = "stage1"
-    mode: str = "lord"  # stage2: lord (LoRD live) | plain | pgd2_defense; stage1: lord
-    steps: int = 1000
-    batch_size: int = 1  # per process and micro-step
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-2
-    rank: int = 4
-    alpha: Optional[float] = None  # default: rank (s = 1)
-    gate_hidden: int = 32
-    gate_activation: str = "silu"
-    targets: str = "attn"
-    lambda_adv: float = 1.0  # lambda1 of Eq. 7 (weight of the perturbed-sample denoising loss)
-    lambda_gate: float = 1.0  # lambda2 of Eq. 7 (weight of the gate BCE)
-    prior_weight: float = 1.0  # DreamBooth prior preservation (needs class images)
-    t_min: int = 0
-    t_max: int = 999
-    seed: int = 0
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    attack_preset: str = "pgd_2"  # the Stage-1 data preset (STAGE1_DATA_PRESETS) or another fixed-model attack preset
-    attack_epsilon: Optional[float] = None  # pixel levels; None: the preset's
-    attack_step_size: Optional[float] = None
-    attack_steps: Optional[int] = None
-    online_perturbations: bool = False  # stage1: PGD against the current model+LoRD each step (no cache)
-
-    def validate(self) -> "TrainConfig":
-        def need(ok, message):
-            if not ok:
-                raise ValueError(f"training config: {message}")
-
-        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.stage == "stage1":
-            need(self.mode == "lord", f"stage1 trains a LoRD (mode 'lord'), got mode {self.mode!r}")
-        need(self.mode in STAGE2_MODES, f"mode must be one of {STAGE2_MODES}, got {self.mode!r}")
-        for name in ("steps", "batch_size", "grad_accumulation", "rank", "gate_hidden", "checkpoint_every"):
-            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
-        need(self.gate_activation in GATE_ACTIVATIONS, f"gate_activation must be one of {tuple(GATE_ACTIVATIONS)}")
-        need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
-        need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
-        need(self.attack_preset in STAGE1_DATA_PRESETS
-             or (self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS),
-             f"attack_preset (the Stage-1 data preset) must be one of {tuple(STAGE1_DATA_PRESETS)} or another "
-             f"fixed-model attack preset ({', '.join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS)}), "
-             f"got {self.attack_preset!r}")
-        self.attack_configs()
-        return self
-
-    @property
-    def needs_perturbations(self) -> bool:
-        return self.stage == "stage1" or self.mode == "pgd2_defense"
-
-    def attack_configs(self) -> list[AttackConfig]:
-        """The Stage-1 perturbations: the attacks of the ``attack_preset`` (a Stage-1 data preset, or
-        one attack preset; default PGD-2: Anti-DreamBooth's eps/step, 2 iterations) with the
-        ``attack_*`` overrides. Image ``i`` of the training set gets attack ``i mod k``."""
-        out = []
-        for name in STAGE1_DATA_PRESETS.get(self.attack_preset, (self.attack_preset,)):
-            base = PRESETS[name]
-            out.append(dataclasses.replace(
-                base, seed=self.seed,
-                epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
-                step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
-                steps=base.steps if self.attack_steps is None else int(self.attack_steps)).validate())
-        return out
-
-    def attack_config(self) -> AttackConfig:
-        """The (first) Stage-1 attack, see :meth:`attack_configs`."""
-        return self.attack_configs()[0]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"training config: unknown option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values).validate()
-
-    def trajectory_digest(self) -> str:
-        """Hash of every field that changes the weights a step produces (resume guard)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _RESUMABLE_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +401,7 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
                              f"another run name / output folder, or delete the checkpoint to start over")
         if state["digest"] != config.trajectory_digest():
             old = state.get("config", {})
-            changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS and old.get(k) != v)
+            changed = sorted(k for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS and old.get(k) != v)
             raise ValueError(f"checkpoint {checkpoint_path} is from a run with different settings ({', '.join(changed)}); "
                              f"use another run name / output folder, or delete the checkpoint to start over")
         changed = sorted(k for k in set(identity or {}) | set(state.get("identity") or {})

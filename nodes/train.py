@@ -14,14 +14,21 @@ import os
 
 from comfy_api.latest import io
 
-from ..lord_ops.attacks import PRESETS
 from ..lord_ops.keys import TARGET_PRESETS
-from ..lord_ops.trainer import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig
+from ..lord_ops.train_config import DTYPES, STAGE1_DATA_PRESETS, STAGE2_MODES, TrainConfig, field_help
 
 LORD_WEIGHTS = io.Custom("LORD_WEIGHTS")
 LORD_LORA = io.Custom("LORD_LORA")
 LOSS_MAP = io.Custom("LOSS_MAP")
-_PGD2 = PRESETS["pgd_2"]
+# trainer widgets named differently from the TrainConfig field they set (the others share the name)
+WIDGET_FIELDS = {"training_dtype": "dtype", "perturbations": "attack_preset", "attack_strength": "attack_epsilon"}
+_UNSET_AT_0 = "0 here = unset."
+
+
+def config_tip(widget: str, note: str = "") -> str:
+    """A trainer widget's tooltip: the help text of the TrainConfig field it sets (one source,
+    ``lord_ops.train_config``), then what is particular to the node."""
+    return field_help(WIDGET_FIELDS.get(widget, widget)) + (f" {note}" if note else "")
 
 
 def _data_inputs(model_tip: str, images_tip: str, positive_tip: str) -> list:
@@ -32,24 +39,21 @@ def _data_inputs(model_tip: str, images_tip: str, positive_tip: str) -> list:
 
 def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list:
     return [
-        io.Int.Input("steps", default=default_steps, min=1, max=1000000, tooltip="Optimizer steps."),
-        io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Samples per micro-step."),
-        io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
-                     tooltip="Micro-steps per optimizer step (effective batch = batch_size x this)."),
+        io.Int.Input("steps", default=default_steps, min=1, max=1000000, tooltip=config_tip("steps")),
+        io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip=config_tip("batch_size")),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip=config_tip("grad_accumulation")),
         io.Float.Input("learning_rate", default=default_lr, min=1e-7, max=1.0, step=1e-6, round=1e-7,
-                       tooltip="AdamW learning rate (weight decay 0.01)."),
+                       tooltip=config_tip("learning_rate", f"Weight decay here: {TrainConfig.weight_decay}.")),
         io.Int.Input("rank", default=4, min=1, max=128,
-                     tooltip="Rank r of the low-rank adapters (alpha = r, so the scale alpha/r is 1)."),
-        io.Combo.Input("targets", options=sorted(TARGET_PRESETS), default="attn",
-                       tooltip="attn: q/k/v/out of every attention block; attn+proj also proj_in/proj_out."),
-        io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32",
-                       tooltip="Compute dtype of the frozen model (adapters keep fp32 master weights)."),
-        io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute UNet blocks in backward (less memory)."),
+                     tooltip=config_tip("rank", "alpha = r here (scale 1).")),
+        io.Combo.Input("targets", options=sorted(TARGET_PRESETS), default="attn", tooltip=config_tip("targets")),
+        io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32", tooltip=config_tip("training_dtype")),
+        io.Boolean.Input("gradient_checkpointing", default=False, tooltip=config_tip("gradient_checkpointing")),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                     tooltip="Seed of the run (adapter init, sampling, noise). Fixed: the frontend never changes it "
-                             "after a run, so queueing again resumes the same run instead of starting a different one."),
+                     tooltip=config_tip("seed", "Fixed: the frontend never changes it after a run, so queueing "
+                                                "again resumes the same run instead of starting a different one.")),
         io.Int.Input("checkpoint_every", default=100, min=1, max=1000000,
-                     tooltip="Write weights + optimizer + step to output/lord_training/<run_name>/ every N steps."),
+                     tooltip=config_tip("checkpoint_every", "Written to output/lord_training/<run_name>/.")),
         io.String.Input("run_name", default=run_name,
                         tooltip="Checkpoint folder name; running again with the same name and settings resumes."),
     ]
@@ -85,25 +89,18 @@ class LoRDTrainStage1(io.ComfyNode):
                 *_data_inputs("The base model (without LoRD).", "Training images (one size; a list or a batch).",
                               "One conditioning per image (captions), or one for all."),
                 *_common_inputs(500, 1e-4, "lord_stage1"),
-                io.Int.Input("gate_hidden", default=32, min=1, max=1024, tooltip="Width of the gate MLP."),
-                io.Float.Input("lambda_adv", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda1: weight of L_adv."),
-                io.Float.Input("lambda_gate", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="lambda2: weight of the gate BCE."),
+                io.Int.Input("gate_hidden", default=32, min=1, max=1024, tooltip=config_tip("gate_hidden")),
+                io.Float.Input("lambda_adv", default=1.0, min=0.0, max=100.0, step=0.01, tooltip=config_tip("lambda_adv")),
+                io.Float.Input("lambda_gate", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip=config_tip("lambda_gate")),
                 io.Float.Input("attack_strength", default=0.0, min=0.0, max=64.0, step=0.5, round=0.0001,
-                               tooltip="L-inf budget in pixel levels 0..255; 0 = the perturbations preset's "
-                                       f"(pgd_2: {_PGD2.epsilon}, Anti-DreamBooth's)."),
+                               tooltip=config_tip("attack_strength", _UNSET_AT_0)),
                 io.Float.Input("attack_step_size", default=0.0, min=0.0, max=16.0, step=0.05, round=0.0001,
-                               tooltip=f"Attack step in pixel levels; 0 = the preset's (pgd_2: {_PGD2.step_size})."),
-                io.Int.Input("attack_steps", default=0, min=0, max=1000,
-                             tooltip=f"Attack iterations; 0 = the preset's (pgd_2: {_PGD2.steps}, the paper's PGD-2)."),
-                io.Boolean.Input("online_perturbations", default=False,
-                                 tooltip="Regenerate the perturbations every step against the model being trained "
-                                         "(costs attack_steps extra passes per sample; nothing cached)."),
+                               tooltip=config_tip("attack_step_size", _UNSET_AT_0)),
+                io.Int.Input("attack_steps", default=0, min=0, max=1000, tooltip=config_tip("attack_steps", _UNSET_AT_0)),
+                io.Boolean.Input("online_perturbations", default=False, tooltip=config_tip("online_perturbations")),
                 io.Combo.Input("perturbations", options=list(STAGE1_DATA_PRESETS), default="pgd_2",
-                               tooltip="Stage-1 data preset. pgd_2: the paper's PGD-2 (2 steps of 0.6375 levels, "
-                                       "faithful default); pgd_full: random start + 10 steps, Anti-DreamBooth's full "
-                                       "6.375-level budget; ace_fixed: mist-v2's ACE (4 levels, 150 steps) against the "
-                                       "fixed model; mixed: even images pgd_full, odd images ace_fixed. Stored as "
-                                       "float (not rounded to 8 bits)."),
+                               tooltip=config_tip("perturbations")),
                 io.Int.Input("heldout_attack_steps", default=0, min=0, max=1000,
                              tooltip="Held-out evaluation: iterations of each protection (0 = the presets': ACE 150, "
                                      "PGD 50). Only used with heldout_images."),
@@ -173,12 +170,10 @@ class LoRDTrainStage2(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Instance prompt, e.g. 'a photo of sks person' (one for all, "
                                                           "or one per image)."),
                 io.Combo.Input("mode", options=list(STAGE2_MODES), default="lord",
-                               tooltip="lord: LoRA with the LoRD frozen and live (MODEL from Load LoRD); plain: a "
-                                       "plain LoRA (what an attacked user gets); pgd2_defense: a plain LoRA on the "
-                                       "images plus their PGD-2 perturbed copies."),
+                               tooltip=config_tip("mode", "lord needs the MODEL from Load LoRD.")),
                 *_common_inputs(400, 1e-4, "lord_stage2"),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="Weight of the prior-preservation loss (with class images)."),
+                               tooltip=config_tip("prior_weight", "Connect class_images and class_positive.")),
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images (not with latents)."),
                 io.Image.Input("images", optional=True, tooltip="Few-shot instance images (possibly protected/attacked)."),
                 io.Latent.Input("latents", optional=True, tooltip="Or: the instance images as LATENTs (e.g. from VAE Encode); "

@@ -139,8 +139,8 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     import torch
 
     from lord_ops import diffusion
-    from lord_ops import trainer as T
     from lord_ops.comfy import data as data_mod, stages as CT
+    from lord_ops.train_config import TrainConfig
 
     seen = []
 
@@ -152,7 +152,7 @@ def test_stage2_trains_with_the_models_native_loss(v_model, tiny_model, monkeypa
     model = tiny_v_model() if v_model else tiny_model
     g = torch.Generator().manual_seed(1)
     data = data_mod.TrainingData([], [[[torch.randn(1, 77, 64, generator=g), {}]]], [], latents=[torch.randn(4, 8, 8, generator=g)])
-    config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=1e-4, checkpoint_every=100)
+    config = TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=1e-4, checkpoint_every=100)
     with torch.inference_mode():
         out = CT.train_stage2(model, None, data, config)
     assert seen and set(seen) == {"v" if v_model else "eps"}

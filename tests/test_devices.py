@@ -22,6 +22,7 @@ import comfy.model_management as mm
 import comfy.sd
 
 from lord_ops import trainer as T
+from lord_ops.train_config import TrainConfig
 from lord_ops.attacks import AttackConfig
 from lord_ops.comfy import data as data_mod, stages as CT, trainable
 from lord_ops.comfy.patch import apply_lord, init_lord_for_model
@@ -128,7 +129,7 @@ def test_stage2_from_images_in_a_fresh_session(loaded, spy, tmp_path):
     data.class_images, data.class_conds = pictures(1, seed=3), [data.conds[0]]
     fresh_session()
     with torch.inference_mode():  # like the server
-        CT.train_stage2(model, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+        CT.train_stage2(model, vae, data, TrainConfig(stage="stage2", mode="plain", **STEPS))
     spy.check("VAE", "UNet")
 
 
@@ -139,9 +140,9 @@ def test_stage2_lord_mode_and_pgd2_defense(loaded, spy, tmp_path):
     with torch.inference_mode():
         defended = apply_lord(model, lord)
         fresh_session()
-        CT.train_stage2(defended, vae, data, T.TrainConfig(stage="stage2", mode="lord", **STEPS))
+        CT.train_stage2(defended, vae, data, TrainConfig(stage="stage2", mode="lord", **STEPS))
         fresh_session()
-        CT.train_stage2(model, vae, data, T.TrainConfig(stage="stage2", mode="pgd2_defense", **STEPS),
+        CT.train_stage2(model, vae, data, TrainConfig(stage="stage2", mode="pgd2_defense", **STEPS),
                         cache_dir=tmp_path / "cache")
     spy.check("VAE", "UNet")
 
@@ -152,7 +153,7 @@ def test_stage1_in_a_fresh_session(loaded, spy, tmp_path, online):
     data = make_data(clip)
     fresh_session()
     with torch.inference_mode():
-        CT.train_stage1(model, vae, data, T.TrainConfig(online_perturbations=online, **STEPS), tmp_path / "cache")
+        CT.train_stage1(model, vae, data, TrainConfig(online_perturbations=online, **STEPS), tmp_path / "cache")
     spy.check("VAE", "UNet")
 
 
@@ -256,7 +257,7 @@ def test_fp32_config_trains_in_fp32_on_fp16_weights(sd15_checkpoint, fp16_weight
     model16 = fp16_weights[0]
     assert model32.model_dtype() == torch.float32
     data = make_data(clip)
-    config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1)
+    config = TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1)
     with torch.inference_mode():
         a = CT.train_stage2(model32, vae, data, config)
         b = CT.train_stage2(model16, vae, data, config, checkpoint_path=tmp_path / "run.pt")
@@ -275,7 +276,7 @@ def test_fp32_config_trains_in_fp32_on_fp16_weights(sd15_checkpoint, fp16_weight
 def test_fp16_compute_scales_the_loss(fp16_weights, tmp_path):
     model16, clip, vae = fp16_weights
     data = make_data(clip)
-    config = T.TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1, dtype="fp16")
+    config = TrainConfig(stage="stage2", mode="plain", steps=2, learning_rate=3e-3, checkpoint_every=1, dtype="fp16")
     with torch.inference_mode():
         out = CT.train_stage2(model16, vae, data, config, checkpoint_path=tmp_path / "run.pt")
     assert out.report["provenance"]["effective_dtype"] == {"compute": "fp16", "weights": "fp16", "grad_scaler": True}
@@ -334,7 +335,7 @@ def test_model_patches_reach_the_gradient_paths(loaded):
     patched.set_model_attn1_patch(attn1_patch)
     data = make_data(clip)
     with torch.inference_mode():
-        CT.train_stage2(patched, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+        CT.train_stage2(patched, vae, data, TrainConfig(stage="stage2", mode="plain", **STEPS))
         assert seen and all(has_sigmas for has_sigmas, _ in seen) and any(grad for _, grad in seen)
         seen.clear()
         protect_images(patched, vae, data.conds[0], torch.stack(pictures(1)).movedim(1, -1),
@@ -343,7 +344,7 @@ def test_model_patches_reach_the_gradient_paths(loaded):
         wrapped = model.clone()
         wrapped.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
         with pytest.raises(ValueError, match="model_function_wrapper"):
-            CT.train_stage2(wrapped, vae, data, T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+            CT.train_stage2(wrapped, vae, data, TrainConfig(stage="stage2", mode="plain", **STEPS))
 
 
 def test_in_training_is_set_during_gradient_work_where_comfyui_has_it(loaded, monkeypatch):
@@ -356,7 +357,7 @@ def test_in_training_is_set_during_gradient_work_where_comfyui_has_it(loaded, mo
     handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a: states.append(mm.in_training))
     try:
         with torch.inference_mode():
-            CT.train_stage2(model, vae, make_data(clip), T.TrainConfig(stage="stage2", mode="plain", **STEPS))
+            CT.train_stage2(model, vae, make_data(clip), TrainConfig(stage="stage2", mode="plain", **STEPS))
     finally:
         handle.remove()
     assert states and all(states) and mm.in_training is False

@@ -24,6 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lord_ops import trainer as T
+from lord_ops.attacks import PRESETS
+from lord_ops.metrics import auroc
+from lord_ops.train_config import STAGE1_DATA_PRESETS, TrainConfig
 from lord_ops.comfy import data as data_mod, heldout as heldout_mod, kohya, perturb, stages as CT
 from lord_ops.comfy.patch import apply_lord, unet_names
 from lord_ops.datasets import DatasetError, load_caption_folder
@@ -91,17 +94,17 @@ def test_gate_bce_and_auroc():
     loss = T.gate_bce([("a", far)], 0.0)
     loss.sum().backward()
     assert float(loss.detach()) > 39 and float(far.grad) > 0.9
-    assert T.auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and T.auroc([0.5], [0.5]) == 0.5
+    assert auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and auroc([0.5], [0.5]) == 0.5
     with pytest.raises(ValueError, match="no gate values"):
         T.gate_bce([("b", lam)], 1.0, names={"a"})
 
 
 def test_config_validation_and_resume_guard(tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
-        T.TrainConfig.from_dict({"stepz": 3})
+        TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="stage1 trains a LoRD"):
-        T.TrainConfig(stage="stage1", mode="plain").validate()
-    a = T.TrainConfig(steps=10)
+        TrainConfig(stage="stage1", mode="plain").validate()
+    a = TrainConfig(steps=10)
     assert a.trajectory_digest() == dataclasses.replace(a, steps=99, checkpoint_every=7).trajectory_digest()
     assert a.trajectory_digest() != dataclasses.replace(a, learning_rate=1e-3).trajectory_digest()
 
@@ -113,7 +116,7 @@ def test_config_validation_and_resume_guard(tmp_path):
 def test_stage1_losses_fall_and_gate_separates(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=6)
-    config = T.TrainConfig(steps=60, batch_size=2, **FAST)
+    config = TrainConfig(steps=60, batch_size=2, **FAST)
     with torch.inference_mode():  # like the server
         out = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
     hist = out.result.history
@@ -136,7 +139,7 @@ def test_stage1_losses_fall_and_gate_separates(loaded, tmp_path):
 def test_stage1_cache_is_reused(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)
-    config = T.TrainConfig(steps=1, **FAST)
+    config = TrainConfig(steps=1, **FAST)
     seen = []
     first = perturb.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
     again = perturb.stage1_perturbations(model, vae, data, config, tmp_path, on_item=lambda i, c: seen.append(c))
@@ -201,7 +204,7 @@ def test_pgd2_copies_keep_their_sub_level_moves(loaded, tmp_path):
     (the 8-bit PNG cache turned it into a +-1-level sign pattern)."""
     model, clip, vae = loaded
     data = make_data(clip, n=2)
-    config = T.TrainConfig(steps=1)  # default Stage-1 data: pgd_2
+    config = TrainConfig(steps=1)  # default Stage-1 data: pgd_2
     assert config.attack_config().steps == 2 and abs(config.attack_config().step_size - 0.6375) < 1e-9
     copies = perturb.stage1_perturbations(model, vae, data, config, tmp_path)
     for adv, im in zip(copies, data.images):
@@ -217,15 +220,15 @@ def test_stage1_data_presets(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=1)
     with pytest.raises(ValueError, match="Stage-1 data preset.*pgd_2.*pgd_full.*ace_fixed"):
-        T.TrainConfig(attack_preset="nope").validate()
-    assert set(T.STAGE1_DATA_PRESETS) >= {"pgd_2", "pgd_full", "ace_fixed"}
-    full = T.TrainConfig(attack_preset="pgd_full").attack_config()
+        TrainConfig(attack_preset="nope").validate()
+    assert set(STAGE1_DATA_PRESETS) >= {"pgd_2", "pgd_full", "ace_fixed"}
+    full = TrainConfig(attack_preset="pgd_full").attack_config()
     assert full.method == "pgd" and full.random_start and full.steps * full.step_size >= full.epsilon - 1e-9
-    ace = T.TrainConfig(attack_preset="ace_fixed").attack_config()
+    ace = TrainConfig(attack_preset="ace_fixed").attack_config()
     assert ace.method == "ace" and ace.epsilon == 4.0 and ace.steps == 150
     copies = {}
     for preset in ("pgd_2", "pgd_full", "ace_fixed"):
-        config = T.TrainConfig(attack_preset=preset, attack_steps=2)
+        config = TrainConfig(attack_preset=preset, attack_steps=2)
         copies[preset] = perturb.stage1_perturbations(model, vae, data, config, tmp_path)[0]
         d = (copies[preset] - data.images[0]).abs().max() * 255
         assert 0 < d <= config.attack_config().epsilon + 1e-3, (preset, d)
@@ -234,13 +237,13 @@ def test_stage1_data_presets(loaded, tmp_path):
     assert not torch.equal(copies["ace_fixed"], copies["pgd_2"])
     # mixed: image i gets attack i mod 2 (pgd_full, ace_fixed); the same entries as the single presets
     two = make_data(clip, n=2)
-    mixed = T.TrainConfig(attack_preset="mixed", attack_steps=2)
+    mixed = TrainConfig(attack_preset="mixed", attack_steps=2)
     assert [a.method for a in mixed.attack_configs()] == ["pgd", "ace"]
     seen = []
     got = perturb.stage1_perturbations(model, vae, two, mixed, tmp_path, on_item=lambda i, c: seen.append((i, c)))
     assert sorted(seen) == [(0, True), (1, False)]  # image 0's pgd_full copy was cached above
     assert torch.equal(got[0], copies["pgd_full"])
-    ace_only = perturb.stage1_perturbations(model, vae, two, T.TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
+    ace_only = perturb.stage1_perturbations(model, vae, two, TrainConfig(attack_preset="ace_fixed", attack_steps=2), tmp_path)
     assert torch.equal(got[1], ace_only[1])
 
 
@@ -254,7 +257,7 @@ def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
     from lord_ops.layer import lord_delta_plain
 
     model, clip, vae = loaded
-    config = T.TrainConfig(steps=3, **FAST)
+    config = TrainConfig(steps=3, **FAST)
     with torch.inference_mode():
         lord = CT.train_stage1(model, vae, make_data(clip, n=2), config, tmp_path / "cache", evaluate=False).lord
     init = init_lord_for_model(model, config.targets, config.rank, config.alpha, config.gate_hidden,
@@ -295,7 +298,7 @@ def test_heldout_evaluation_is_reported_and_cancellable(loaded, tmp_path):
     data = make_data(clip, n=2)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
     heldout = heldout_mod.HeldOut(pictures(2, seed=11), [cond], attack_steps=2)
-    config = T.TrainConfig(steps=2, **FAST)
+    config = TrainConfig(steps=2, **FAST)
     calls = []
     with torch.inference_mode():
         out = CT.train_stage1(model, vae, data, config, tmp_path / "cache", heldout=heldout,
@@ -335,7 +338,7 @@ def test_heldout_evaluation_is_reported_and_cancellable(loaded, tmp_path):
 def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=3)
-    config = T.TrainConfig(steps=9, batch_size=2, grad_accumulation=2, checkpoint_every=3,
+    config = TrainConfig(steps=9, batch_size=2, grad_accumulation=2, checkpoint_every=3,
                            **{k: v for k, v in FAST.items() if k != "checkpoint_every"})
     with torch.inference_mode():
         straight = CT.train_stage1(model, vae, data, config, tmp_path / "cache", tmp_path / "a.pt", evaluate=False)
@@ -373,7 +376,7 @@ def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
 def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)
-    config = T.TrainConfig(steps=2, **FAST)
+    config = TrainConfig(steps=2, **FAST)
     with torch.inference_mode():
         plain = CT.train_stage1(model, vae, data, config, tmp_path, evaluate=False)
         ckpt = CT.train_stage1(model, vae, data, dataclasses.replace(config, gradient_checkpointing=True), tmp_path,
@@ -402,7 +405,7 @@ def test_gradient_checkpointing_and_bf16(loaded, tmp_path):
 def test_online_perturbations_against_the_current_model(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)
-    config = T.TrainConfig(steps=3, online_perturbations=True, **FAST)
+    config = TrainConfig(steps=3, online_perturbations=True, **FAST)
     with torch.inference_mode():
         a = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
         b = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
@@ -420,7 +423,7 @@ def test_online_perturbations_against_the_current_model(loaded, tmp_path):
 
 def lord_for(model, clip, vae, tmp_path):
     with torch.inference_mode():
-        return CT.train_stage1(model, vae, make_data(clip, n=2), T.TrainConfig(steps=2, **FAST), tmp_path / "c1",
+        return CT.train_stage1(model, vae, make_data(clip, n=2), TrainConfig(steps=2, **FAST), tmp_path / "c1",
                                evaluate=False).lord
 
 
@@ -431,7 +434,7 @@ def test_stage2_modes(loaded, tmp_path):
         defended = apply_lord(model, lord)
     data = make_data(clip, n=3, seed=5)
     data.class_images, data.class_conds = pictures(2, seed=9), [clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))] * 2
-    config = T.TrainConfig(stage="stage2", mode="lord", steps=12, learning_rate=3e-3, batch_size=2, checkpoint_every=100)
+    config = TrainConfig(stage="stage2", mode="lord", steps=12, learning_rate=3e-3, batch_size=2, checkpoint_every=100)
     frozen = {n: w.up_defense.clone() for n, w in lord.targets.items()}
     with torch.inference_mode():
         out = CT.train_stage2(defended, vae, data, config)
@@ -454,7 +457,7 @@ def test_stage2_resume_refuses_another_lord(loaded, tmp_path):
     model, clip, vae = loaded
     lord = lord_for(model, clip, vae, tmp_path)
     data = make_data(clip, n=2, seed=5)
-    config = T.TrainConfig(stage="stage2", mode="lord", steps=2, learning_rate=3e-3, checkpoint_every=1)
+    config = TrainConfig(stage="stage2", mode="lord", steps=2, learning_rate=3e-3, checkpoint_every=1)
     with torch.inference_mode():
         CT.train_stage2(apply_lord(model, lord), vae, data, config, checkpoint_path=tmp_path / "s2.pt")
         again = CT.train_stage2(apply_lord(model, lord), vae, data, dataclasses.replace(config, steps=3),
@@ -470,7 +473,7 @@ def test_stage2_file_loads_in_stock_lora_loader(loaded, tmp_path, caplog):
 
     model, clip, vae = loaded
     data = make_data(clip, n=2)
-    config = T.TrainConfig(stage="stage2", mode="plain", steps=3, learning_rate=1e-2, checkpoint_every=100)
+    config = TrainConfig(stage="stage2", mode="plain", steps=3, learning_rate=1e-2, checkpoint_every=100)
     with torch.inference_mode():
         out = CT.train_stage2(model, vae, data, config)
     path = save_kohya_lora(tmp_path / "sks.safetensors", out.lora, kohya.kohya_metadata(config, "sd1", out.report))
@@ -714,7 +717,7 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     p = widget_scalars(zero)
     cfg = train_config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
                   attack_step_size=p["attack_step_size"] or None, attack_steps=p["attack_steps"] or None)
-    assert cfg.attack_config() == dataclasses.replace(T.PRESETS["ace_fixed"], seed=0)
+    assert cfg.attack_config() == dataclasses.replace(PRESETS["ace_fixed"], seed=0)
 
 
 @pytest.mark.parametrize("name", ["stage1_sd15.toml", "stage2_sks.toml"])

@@ -148,7 +148,12 @@ SCHEMA = {
                 "fd_bootstrap": ("metrics.fd_bootstrap", "int")},
     "detection": {"timestep": ("detection_timestep", "int"), "seed": ("detection_seed", "int")},
 }
-TRAIN_SECTIONS = ("stage1", "stage2")  # besides their own keys, any TrainConfig field
+TRAIN_SECTIONS = ("stage1", "stage2")  # besides their own keys, any TrainConfig field but RUNNER_FIELDS
+RUNNER_FIELDS = ("stage", "mode")  # TrainConfig fields the runner sets (per stage and method)
+# docs/experiment.md's generated reference of those keys (train_fields_markdown), between these markers
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "experiment.md"
+DOC_START, DOC_END = "<!-- train-config:start -->", "<!-- train-config:end -->"
+DOC_COMMAND = "python -m training.experiment_config --write-doc"
 
 
 def _fail(path: Path, where: str, message: str):
@@ -198,11 +203,11 @@ def load_config(path, output: Optional[str] = None) -> Experiment:
 
 
 def parse_config(raw: dict, path: Path, output: Optional[str] = None) -> Experiment:
-    from lord_ops.trainer import TrainConfig
+    from lord_ops.train_config import TrainConfig
 
     base = path.parent
     exp = Experiment(config_path=path, output=base / "experiment_output")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stage", "mode"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(RUNNER_FIELDS)
     for section, values in raw.items():
         if section not in SCHEMA:
             _fail(path, f"[{section}]", f"unknown section; known: {', '.join(SCHEMA)}")
@@ -233,7 +238,7 @@ def parse_config(raw: dict, path: Path, output: Optional[str] = None) -> Experim
 
 def train_config(exp: Experiment, stage: str, mode: str = "lord"):
     """The TrainConfig of Stage-1 or of one Stage-2 method (defaults, then the config's section)."""
-    from lord_ops.trainer import TrainConfig
+    from lord_ops.train_config import TrainConfig
 
     defaults = STAGE1_DEFAULTS if stage == "stage1" else STAGE2_DEFAULTS
     values = {**defaults, "seed": exp.seed, **getattr(exp, stage), "stage": stage, "mode": mode}
@@ -316,3 +321,57 @@ def validate(exp: Experiment, raw: dict) -> None:
     need(m.subject_class is None or m.extractor is not None, "[metrics] subject_class",
          "subject accuracy needs a classifier: set [metrics] extractor (e.g. \"lab-classifier\") and extractor_weights")
     need(0 <= exp.detection_timestep <= 999, "[detection] timestep", f"must be 0..999, got {exp.detection_timestep}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The [stage1]/[stage2] key reference of docs/experiment.md, generated from TrainConfig's help text
+
+
+def train_fields_markdown() -> str:
+    """Markdown table of the ``[stage1]``/``[stage2]`` keys (TrainConfig fields but ``RUNNER_FIELDS``)
+    with this runner's defaults and the fields' help text (``lord_ops.train_config.field_help``)."""
+    from lord_ops.train_config import FIELDS, format_default, markdown_reference
+
+    base = {f.name: f.default for f in FIELDS}
+    shown = {"seed": "`[experiment] seed`"}
+    for key in sorted(set(STAGE1_DEFAULTS) | set(STAGE2_DEFAULTS)):
+        one, two = (f"`{format_default({**base, **d}[key])}`" for d in (STAGE1_DEFAULTS, STAGE2_DEFAULTS))
+        shown[key] = one if one == two else f"stage1 {one}, stage2 {two}"
+    return markdown_reference(exclude=RUNNER_FIELDS, defaults=shown)
+
+
+def doc_block(text: str) -> str:
+    """The text between ``DOC_START`` and ``DOC_END`` (without the markers' lines)."""
+    if DOC_START not in text or DOC_END not in text:
+        raise ValueError(f"{DOC_PATH.name} lacks the markers {DOC_START} / {DOC_END}")
+    return text.split(DOC_START, 1)[1].split(DOC_END, 1)[0].strip("\n") + "\n"
+
+
+def with_doc_block(text: str, block: str) -> str:
+    """``text`` with the part between the markers replaced by ``block``."""
+    doc_block(text)  # the markers are there
+    head, rest = text.split(DOC_START, 1)
+    return f"{head}{DOC_START}\n{block.rstrip()}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.experiment_config",
+                                 description="The [stage1]/[stage2] key reference of docs/experiment.md.")
+    ap.add_argument("--write-doc", action="store_true", help=f"rewrite the generated block of {DOC_PATH}")
+    args = ap.parse_args(argv)
+    table = train_fields_markdown()
+    if not args.write_doc:
+        print(table, end="")
+        return 0
+    text = DOC_PATH.read_text(encoding="utf-8")
+    new = with_doc_block(text, table)
+    if new != text:
+        DOC_PATH.write_text(new, encoding="utf-8")
+    print(f"{DOC_PATH}: {'updated' if new != text else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,8 +7,9 @@
 
 ``CKPT`` is a ComfyUI checkpoint (read with ComfyUI's own loader). ``DIR`` holds images with
 same-name ``.txt`` captions (Stage-2: ``--instance-prompt`` replaces them). Options come from
-``lord_ops.trainer.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
-``--set key=value`` (JSON values; bare words are strings). ``--batch-size`` is per process.
+``lord_ops.train_config.TrainConfig``: defaults, then ``--config`` (JSON or TOML, flat keys), then
+``--set key=value`` (JSON values; bare words are strings); ``--help`` lists the keys with their help
+text (``lord_ops.train_config.help_table``). ``--batch-size`` is per process.
 
 ``RUN_DIR`` receives ``checkpoint.pt`` (weights + optimizer + RNG + step, written atomically every
 ``checkpoint_every`` steps), ``log.jsonl`` (one JSON object per event/step), ``pgd_cache/`` (Stage-1
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 from lord_ops.datasets import DatasetError, load_caption_folder
-from lord_ops.trainer import TrainConfig
+from lord_ops.train_config import STAGE2_MODES, TrainConfig, field_help, help_table
 from lord_ops.comfy.bootstrap import (ComfyUINotFound, Refused, ensure_comfyui_importable, find_comfyui,
                                      load_checkpoint_models)
 
@@ -75,36 +76,44 @@ def build_config(stage: str, config_file, overrides: list[str], extra: dict) -> 
         raise Refused(str(e)) from e
 
 
+def _sets(key: str) -> str:
+    """Help of an option that sets config key ``key`` (its help text is in the key list below)."""
+    field_help(key)  # a config key
+    return f"sets the config key {key} (see below)"
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="config keys (--config FILE, --set KEY=VALUE; defaults after '='; stage is the "
+                                        "positional argument):\n" + help_table(exclude=("stage",)))
     ap.add_argument("stage", choices=["stage1", "stage2"])
     ap.add_argument("--checkpoint", required=True, help="ComfyUI checkpoint (.safetensors) with UNet, CLIP and VAE")
     ap.add_argument("--data", required=True, help="folder of images with same-name .txt captions")
     ap.add_argument("--output", required=True, help="run folder (checkpoint.pt, log.jsonl, result)")
-    ap.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--config", help="JSON or TOML file of TrainConfig fields (flat keys, listed below)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field (keys listed below; JSON values, bare words are strings)")
     ap.add_argument("--save", help="where to write the result (.safetensors)")
     ap.add_argument("--resolution", type=int, help="resize + centre-crop every image to this square size")
     ap.add_argument("--caption", help="use this caption for every image (no .txt files needed)")
     ap.add_argument("--instance-prompt", help="stage2: DreamBooth instance prompt, e.g. 'a photo of sks person'")
     ap.add_argument("--class-data", help="stage2: class images for prior preservation")
     ap.add_argument("--class-prompt", help="stage2: class prompt, e.g. 'a photo of a person'")
-    ap.add_argument("--mode", choices=["lord", "plain", "pgd2_defense"], help="stage2 mode (default lord)")
+    ap.add_argument("--mode", choices=list(STAGE2_MODES), help=_sets("mode"))
     ap.add_argument("--lord", help="stage2 mode lord: the Stage-1 LoRD file (kept frozen and live)")
     ap.add_argument("--cache-dir", help="Stage-1 perturbation cache (default RUN_DIR/pgd_cache)")
     ap.add_argument("--cache-max-gb", type=float, default=4.0,
                     help="stage1: bound of the perturbation cache folder in GiB (least recently used entries of other "
                          "runs are deleted first; default 4; stage2 pgd2_defense uses the default)")
-    ap.add_argument("--stage1-data", help="stage1: data preset pgd_2 (default, the paper's PGD-2) | pgd_full | ace_fixed "
-                                          "| mixed (sets attack_preset)")
+    ap.add_argument("--stage1-data", help=_sets("attack_preset"))
     ap.add_argument("--heldout", help="stage1: folder of held-out images (not trained on) for the held-out gate AUROC")
     ap.add_argument("--heldout-attack-steps", type=int,
                     help="stage1: iterations of each held-out protection (default: the presets': ACE 150, PGD 50)")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--learning-rate", type=float)
-    ap.add_argument("--seed", type=int)
+    ap.add_argument("--steps", type=int, help=_sets("steps"))
+    ap.add_argument("--batch-size", type=int, help=_sets("batch_size"))
+    ap.add_argument("--learning-rate", type=float, help=_sets("learning_rate"))
+    ap.add_argument("--seed", type=int, help=_sets("seed"))
     ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, parent custom_nodes, pinned copy)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stdout (log.jsonl is still written)")

@@ -10,6 +10,7 @@ import torch
 
 from .. import trainer as T
 from ..diffusion import denoising_loss
+from ..metrics import auroc
 from . import grad
 from .data import Pixels, encode_images
 from .perturb import attack_params, protected_copies
@@ -44,7 +45,7 @@ def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alpha
                     per[label].append(float(T.gate_scores(hooks.take(), gate_names)[0]))
             clean_scores.append(sum(per["clean"]) / len(per["clean"]))
             adv_scores.append(sum(per["adv"]) / len(per["adv"]))
-    return {"auroc": T.auroc(clean_scores, adv_scores), "samples": n, "timesteps": list(EVAL_TIMESTEPS),
+    return {"auroc": auroc(clean_scores, adv_scores), "samples": n, "timesteps": list(EVAL_TIMESTEPS),
             "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n}
 
 

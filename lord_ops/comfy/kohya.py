@@ -3,11 +3,11 @@ alpha)}`` layers to a MODEL with ComfyUI's own LoRA loader.
 """
 from __future__ import annotations
 
-from .. import trainer as T
 from ..format import kohya_state_dict
+from ..train_config import TrainConfig
 
 
-def kohya_metadata(config: T.TrainConfig, family: str, report: dict) -> dict[str, str]:
+def kohya_metadata(config: TrainConfig, family: str, report: dict) -> dict[str, str]:
     """kohya ``ss_*`` fields (shown by A1111/Forge) plus the pack's provenance."""
     import json
 

@@ -11,6 +11,7 @@ import torch
 
 from .. import trainer as T
 from ..datasets import DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, conditioning_digest, evict_cache
+from ..train_config import STAGE1_DATA_PRESETS, STAGE1_METHODS, TrainConfig
 from . import grad
 from .data import Pixels, TrainingData
 from .patch import weights_fingerprint
@@ -33,9 +34,9 @@ def attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, 
     attack step."""
     from ..attacks import run_attack
 
-    if attack.method not in T.STAGE1_METHODS:
-        raise ValueError(f"the Stage-1 perturbation path runs the fixed-model attacks {T.STAGE1_METHODS}, "
-                         f"not {attack.method!r}: choose a Stage-1 data preset ({', '.join(T.STAGE1_DATA_PRESETS)})")
+    if attack.method not in STAGE1_METHODS:
+        raise ValueError(f"the Stage-1 perturbation path runs the fixed-model attacks {STAGE1_METHODS}, "
+                         f"not {attack.method!r}: choose a Stage-1 data preset ({', '.join(STAGE1_DATA_PRESETS)})")
     uses_unet = attack.method != "photoguard"
     encode = grad.latent_encoder(vae, model_patcher)
     with torch.inference_mode(False):
@@ -50,7 +51,7 @@ def attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, 
                           target, on_step).images.detach()
 
 
-def stage1_perturbations(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir,
+def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir,
                          on_item: Optional[Callable[[int, bool], None]] = None,
                          max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
                          check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
@@ -121,7 +122,7 @@ def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_n
                                 on_item=on_item, max_bytes=max_cache_bytes)
 
 
-def online_perturber(clone, vae, data: TrainingData, config: T.TrainConfig, predict, alphas_cumprod) -> Callable:
+def online_perturber(clone, vae, data: TrainingData, config: TrainConfig, predict, alphas_cumprod) -> Callable:
     """``perturb(indices, draws) -> z_adv``: the Stage-1 attacks (``config.attack_configs()``) against the
     model *as it is being trained* (LoRD hooks live, gate learned), float32 like the cached copies,
     encoded without a graph. Seeded per sample from the step's draws, so resumed and data-parallel

@@ -18,6 +18,7 @@ from ..datasets import DEFAULT_CACHE_MAX_BYTES
 from ..diffusion import denoising_loss
 from ..format import LoRDFile
 from ..keys import CONTEXT_FED, select_targets
+from ..train_config import TrainConfig
 from . import grad
 from .data import TrainingData, dataset_digest, encode_images
 from .heldout import NO_HELDOUT, HeldOut, gate_separation, heldout_separation, prepare_heldout
@@ -45,7 +46,7 @@ def _identity(loaded_clone, vae, data: "TrainingData", with_lord: bool) -> dict[
     return ident
 
 
-def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult, extra: dict) -> dict:
+def _provenance(config: TrainConfig, data: TrainingData, result: T.TrainResult, extra: dict) -> dict:
     from .. import tool_version
 
     attack = None
@@ -64,7 +65,7 @@ def _provenance(config: T.TrainConfig, data: TrainingData, result: T.TrainResult
             "final_loss": result.history[-1]["loss"] if result.history else None, **extra}
 
 
-def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir, checkpoint_path=None,
+def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir, checkpoint_path=None,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
                  evaluate: bool = True, heldout: Optional[HeldOut] = None,
                  check: Optional[Callable[[], None]] = None,
@@ -132,7 +133,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: T.TrainConfig, 
     return StageResult(result, lord=lord, report={**report, "final": result.history[-1]})
 
 
-def train_stage2(model_patcher, vae, data: TrainingData, config: T.TrainConfig, cache_dir=None, checkpoint_path=None,
+def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir=None, checkpoint_path=None,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None) -> StageResult:
     """Eq. 9: a new standard LoRA, DreamBooth-style (optional prior preservation).
 

@@ -21,6 +21,7 @@ from .. import trainer as T
 from ..attacks import (AlternatingConfig, AttackConfig, SURROGATE_TARGETS, quantize_uint8, run_alternating_attack,
                        run_attack, train_surrogate_steps)
 from ..diffusion import denoising_loss
+from ..train_config import TrainConfig
 from . import grad
 from .patch import layer_shape, target_modules, unet_names
 from .trainable import trainable_model
@@ -90,8 +91,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
         if on_progress is not None:
             on_progress(done, total, loss, preview)
 
-    train_config = T.TrainConfig(stage="stage2", mode="plain", rank=surrogate.rank, alpha=surrogate.alpha,
-                                 learning_rate=surrogate.learning_rate, seed=attack.seed)
+    train_config = TrainConfig(stage="stage2", mode="plain", rank=surrogate.rank, alpha=surrogate.alpha,
+                               learning_rate=surrogate.learning_rate, seed=attack.seed)
     names = surrogate_targets(model_patcher, surrogate.targets)
     with trainable_model(model_patcher, vae, train_config) as clone:
         device = clone.load_device

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .. import trainer as T
+from ..train_config import DTYPES, TrainConfig
 from . import grad
 
 
@@ -65,7 +65,7 @@ def dtype_label(eff: dict) -> str:
 
 
 @contextlib.contextmanager
-def trainable_model(model_patcher, vae, config: T.TrainConfig):
+def trainable_model(model_patcher, vae, config: TrainConfig):
     """A loaded, differentiable clone of the MODEL (base frozen) for the duration of training.
 
     The compute dtype is ``config.dtype``, set explicitly (``set_model_compute_dtype``, as core's
@@ -76,7 +76,7 @@ def trainable_model(model_patcher, vae, config: T.TrainConfig):
     import comfy.model_management as mm
 
     clone = model_patcher.clone()
-    clone.set_model_compute_dtype(T.DTYPES[config.dtype])
+    clone.set_model_compute_dtype(DTYPES[config.dtype])
     with torch.inference_mode(False), torch.enable_grad(), grad.training_flag():
         grad.use_models(clone, vae)
         with checkpointed_blocks(clone.model.diffusion_model, config.gradient_checkpointing):
@@ -86,9 +86,9 @@ def trainable_model(model_patcher, vae, config: T.TrainConfig):
                 mm.soft_empty_cache()
 
 
-def autocast_for(config: T.TrainConfig, device) -> Callable:
+def autocast_for(config: TrainConfig, device) -> Callable:
     """Autocast to the compute dtype (bf16/fp16; fp32 runs without autocast)."""
-    dtype = T.DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     if dtype != torch.float32:
         return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext
