@@ -11,20 +11,34 @@ failure. Steps, in order of value when device time is short:
                 and Stage 2 ``plain`` with ``dtype=fp16`` (GradScaler path), on the random
                 SD15-geometry checkpoint (``tools.tiny.write_sd15_geometry_checkpoint``,
                 fp16, as ComfyUI stores it on a GPU); records the effective dtype from the files.
-``mist_v2``     ``python -m training.attack --preset mist_v2`` (the surrogate loop) on one 512 px image, time and peak VRAM,
-                next to mist-v2's reported 3-5 min and about 6 GB per image on SD1.5. Pass
-                ``--sd15 PATH`` to use a real SD1.5 checkpoint; the default random SD15-geometry
+``mist_v2``     ``python -m training.attack --preset mist_v2`` (the surrogate loop) on one 512 px image,
+                time and peak VRAM, next to mist-v2's reported 3-5 min and about 6 GB per image on
+                SD1.5. Pass ``--sd15 PATH`` to use a real SD1.5 checkpoint; the default random SD15-geometry
                 checkpoint has a smaller UNet (13.6M parameters, TAESD), so its numbers are a floor.
 ``workflows``   ``python -m lab.demo``: every shipped workflow through a real ComfyUI server on
                 the GPU (the fp16 checkpoint loads in fp16 there), the two training workflows with
                 ``--train-steps`` steps.
 ``bench``       ``bench/bench_sampling.py``, ``bench/bench_train.py``, ``bench/bench_attack.py``
                 (``--bench quick`` for their smoke runs; ``full`` for the real-geometry runs),
-                JSON results kept, ``BENCHMARKS.md`` left alone.
+                JSON results kept, ``BENCHMARKS.md`` left alone. A quick run whose JSON shows a
+                skipped or failed worker counts as failed.
 
     bash bench/gpu_check.sh [--out DIR] [--only devices,cli,mist_v2,workflows,bench] [--bench quick|full]
+    bash bench/gpu_check.sh --dry-run [--out DIR] [--only ...]
 
-Exit status: 0 every step passed, 1 a step failed, 2 no CUDA device (nothing is run).
+``--dry-run`` runs every step on the CPU (CUDA hidden from every step: ``CUDA_VISIBLE_DEVICES=""``)
+at tiny sizes, so that CI, which has no GPU, catches a broken check: the same commands with smaller
+arguments -- ``devices`` a selection of ``tests/test_devices.py`` (``-k``), ``cli`` 2 training steps
+(``--train-steps``), ``mist_v2`` one 64 px image with 1 PGD step per round (the preset's 5 rounds and
+LoRA steps kept: the CLI has no flag for them), ``workflows`` ``lab.demo --skip-evaluation
+--stage1-per-class 1 --node-steps 2`` with 2 trainer steps, ``bench`` the ``--quick`` runs (not
+waiting for a quiet machine: ``--max-other-cpu 1000``; their Markdown sections go to
+``OUT/BENCHMARKS_dry_run.md``). The JSON has the same shape, with ``"dry_run": true``; the CUDA-only
+measurements are ``null`` and named in ``"skipped"`` (top level: ``device``; per step:
+``peak_vram_mib``). Its numbers say nothing about a GPU. About 2 minutes on 2 idle CPU cores.
+
+Exit status: 0 every step passed, 1 a step failed, 2 no CUDA device without ``--dry-run`` (nothing
+is run) or bad arguments.
 """
 from __future__ import annotations
 
@@ -42,13 +56,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("devices", "cli", "mist_v2", "workflows", "bench")
+DRY_RUN_SKIP = "dry run: CPU only, no CUDA"  # why a CUDA-only measurement is null in a dry run
+# the devices step's selection in a dry run: one test of each kind (load spy, protect, purify, CLI,
+# in_training, checkpointing); the whole file takes minutes on a CPU
+DRY_RUN_DEVICE_TESTS = ("spy_sees or protect_in_a_fresh or diffpure or (cli_in_process and stage2) "
+                        "or in_training_is_set or checkpointing_keeps")
 
 
 class VramPeak:
     """Device-wide GPU memory in use (MiB), sampled from ``nvidia-smi`` in a thread."""
 
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.tool = interval, shutil.which("nvidia-smi")
+    def __init__(self, interval: float = 0.2, enabled: bool = True):
+        self.interval, self.tool = interval, shutil.which("nvidia-smi") if enabled else None
         self.baseline = self.peak = None
         self._stop = threading.Event()
         self._thread = None
@@ -85,12 +104,13 @@ class VramPeak:
         return None if self.baseline is None else round(self.peak - self.baseline, 1)
 
 
-def run_step(name: str, cmd: list, timeout: float, log_dir: Path, env=None) -> dict:
-    """Run ``cmd`` from the repository root; returns the step record (stdout+stderr to ``log_dir``)."""
+def run_step(name: str, cmd: list, timeout: float, log_dir: Path, env=None, dry_run: bool = False) -> dict:
+    """Run ``cmd`` from the repository root; returns the step record (stdout+stderr to ``log_dir``).
+    ``dry_run``: no VRAM sampling; ``peak_vram_mib`` is null and named in the record's ``skipped``."""
     log = log_dir / f"{name}.log"
     print(f"[gpu_check] {name}: {' '.join(map(str, cmd))}", flush=True)
     t0 = time.time()
-    with VramPeak() as vram, open(log, "w", encoding="utf-8") as f:
+    with VramPeak(enabled=not dry_run) as vram, open(log, "w", encoding="utf-8") as f:
         try:
             rc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
                                 env={**os.environ, **(env or {})}).returncode
@@ -98,10 +118,25 @@ def run_step(name: str, cmd: list, timeout: float, log_dir: Path, env=None) -> d
             rc = "timeout"
     rec = {"status": "ok" if rc == 0 else "failed", "returncode": rc, "seconds": round(time.time() - t0, 1),
            "peak_vram_mib": vram.used_mib, "log": str(log)}
+    if dry_run:
+        rec["skipped"] = {"peak_vram_mib": DRY_RUN_SKIP}
     if rc != 0:
         rec["output_tail"] = log.read_text(encoding="utf-8", errors="replace")[-3000:]
-    print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s, peak VRAM {rec['peak_vram_mib']} MiB", flush=True)
+    vram_text = "skipped (dry run)" if dry_run else f"{rec['peak_vram_mib']} MiB"
+    print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s, peak VRAM {vram_text}", flush=True)
     return rec
+
+
+def bench_problems(name: str, result: dict) -> list[str]:
+    """What a benchmark's JSON says went wrong: nothing measured, a skipped size or a failed worker
+    (benchmarks record those and still exit 0)."""
+    problems = [f"skipped: {s}" for s in result.get("skipped", [])]
+    measured = {"bench_sampling": "rows", "bench_train": "times", "bench_attack": "times"}.get(name)
+    if measured and not result.get(measured):
+        problems.append(f"no {measured} measured")
+    for key in ("mems", "mists"):
+        problems += [f"{key}: {r['error']}" for r in result.get(key, []) if isinstance(r, dict) and "error" in r]
+    return problems
 
 
 def file_provenance(path: Path, key: str) -> dict:
@@ -113,8 +148,8 @@ def file_provenance(path: Path, key: str) -> dict:
         return json.loads((f.metadata() or {}).get(key, "{}") or "{}")
 
 
-def make_inputs(work: Path, ckpt_override) -> dict:
-    """The SD15-geometry checkpoint, the demo's small training sets and one 512 px image."""
+def make_inputs(work: Path, ckpt_override, image_px: int = 512) -> dict:
+    """The SD15-geometry checkpoint, the demo's small training sets and one ``image_px`` image."""
     from PIL import Image
 
     from tools import tiny
@@ -127,35 +162,50 @@ def make_inputs(work: Path, ckpt_override) -> dict:
         tiny.write_sd15_geometry_checkpoint(ckpt)
     prepare_training_inputs(work / "data", example, size=64)
     one = work / "mist_input"
-    one.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(one, ignore_errors=True)  # one image only (an earlier run may have used another size)
+    one.mkdir(parents=True)
     with Image.open(example) as im:
-        im.convert("RGB").resize((512, 512), Image.LANCZOS).save(one / "example_512.png")
+        im.convert("RGB").resize((image_px, image_px), Image.LANCZOS).save(one / f"example_{image_px}.png")
     return {"checkpoint": str(ckpt), "attack_checkpoint": str(ckpt_override or ckpt), "data": str(work / "data"),
-            "mist_input": str(one)}
+            "mist_input": str(one), "mist_image_px": image_px}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check_output", help="work folder; the JSON is OUT/gpu_check.json")
-    ap.add_argument("--only", default=",".join(STEPS), help=f"comma list of steps to run (default all: {','.join(STEPS)})")
+    ap.add_argument("--only", default=",".join(STEPS),
+                    help=f"comma list of steps to run (default all: {','.join(STEPS)})")
     ap.add_argument("--bench", default="quick", choices=("quick", "full"), help="benchmark size (default quick)")
-    ap.add_argument("--train-steps", type=int, default=20, help="steps of each training run (CLI and workflows)")
-    ap.add_argument("--sd15", default=None, help="a real SD1.5 checkpoint for the mist-v2 timing (default: the random one)")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="steps of each training run (CLI and workflows; default 20, dry run 2)")
+    ap.add_argument("--sd15", default=None,
+                    help="a real SD1.5 checkpoint for the mist-v2 timing (default: the random one)")
     ap.add_argument("--step-timeout", type=float, default=900.0, help="seconds before a step is stopped")
-    ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # development smoke runs only
+    ap.add_argument("--dry-run", action="store_true",
+                    help="every step on the CPU at tiny sizes (no CUDA needed; CUDA-only fields null, marked skipped): "
+                         "checks that this script and the commands it runs still work")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(STEPS))
     if unknown:
         print(f"error: unknown step(s) {unknown}; choose from {', '.join(STEPS)}", file=sys.stderr)
         return 2
+    dry = args.dry_run
+    if dry and args.bench != "quick":
+        print("error: --dry-run runs the benchmarks' --quick runs; --bench full needs a GPU", file=sys.stderr)
+        return 2
+    if args.train_steps is None:
+        args.train_steps = 2 if dry else 20
+    if dry:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, here and in every step (set before torch starts)
 
     import torch
 
-    if not torch.cuda.is_available() and not args.allow_cpu:
+    if not torch.cuda.is_available() and not dry:
         print("error: no CUDA device: torch.cuda.is_available() is False (torch "
               f"{torch.__version__}, CUDA build {torch.version.cuda}). This check is for a machine with an NVIDIA GPU "
-              "and a CUDA build of PyTorch; the CPU test suite is `make test`.", file=sys.stderr)
+              "and a CUDA build of PyTorch (`--dry-run` runs the steps on the CPU at tiny sizes); the CPU test "
+              "suite is `make test`.", file=sys.stderr)
         return 2
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
@@ -166,81 +216,110 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     result = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (--allow-cpu)",
+              "dry_run": dry, "device": None if dry else torch.cuda.get_device_name(0),
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
               "comfyui": str(comfy_root), "steps": {}}
+    if dry:
+        result["skipped"] = {"device": DRY_RUN_SKIP}
     try:
         from comfyui_version import __version__ as comfy_version  # type: ignore
 
         result["comfyui_version"] = comfy_version
     except ImportError:
         pass
-    inputs = make_inputs(work, args.sd15)
+    inputs = make_inputs(work, args.sd15, image_px=64 if dry else 512)
     result["inputs"] = inputs
     n = str(args.train_steps)
     steps = result["steps"]
+
+    def run(name, cmd, timeout):
+        return run_step(name, cmd, timeout, logs, dry_run=dry)
 
     def save():
         (work / "gpu_check.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     if "devices" in only:
-        steps["devices"] = run_step("devices", [py, "-m", "pytest", "-q", "tests/test_devices.py"], args.step_timeout, logs)
+        select = ["-k", DRY_RUN_DEVICE_TESTS] if dry else []
+        steps["devices"] = run("devices", [py, "-m", "pytest", "-q", "tests/test_devices.py", *select],
+                               args.step_timeout)
         save()
     if "cli" in only:
         ckpt, data = inputs["checkpoint"], Path(inputs["data"])
         runs = work / "cli"
         shutil.rmtree(runs, ignore_errors=True)
         common = ["--checkpoint", ckpt, "--quiet", "--steps", n]
-        steps["cli_stage1"] = rec = run_step("cli_stage1", [py, "-m", "training.train", "stage1", *common, "--data", data / "lord_train",
-                                                            "--output", runs / "s1"], args.step_timeout, logs)
+        train = [py, "-m", "training.train"]
+        sks = ["--data", data / "lord_sks", "--instance-prompt", "a photo of sks person"]
+        steps["cli_stage1"] = rec = run("cli_stage1", [*train, "stage1", *common, "--data", data / "lord_train",
+                                                       "--output", runs / "s1"], args.step_timeout)
         rec["effective_dtype"] = file_provenance(runs / "s1" / "lord.safetensors", "provenance").get("effective_dtype")
-        steps["cli_stage2_lord"] = rec = run_step("cli_stage2_lord", [py, "-m", "training.train", "stage2", *common, "--data", data / "lord_sks",
-                                                                      "--output", runs / "s2", "--mode", "lord", "--lord", runs / "s1" / "lord.safetensors",
-                                                                      "--instance-prompt", "a photo of sks person"], args.step_timeout, logs)
-        rec["effective_dtype"] = file_provenance(runs / "s2" / "lora.safetensors", "lord_provenance").get("effective_dtype")
-        steps["cli_stage2_fp16"] = rec = run_step("cli_stage2_fp16", [py, "-m", "training.train", "stage2", *common, "--data", data / "lord_sks",
-                                                                      "--output", runs / "s2_fp16", "--mode", "plain", "--set", "dtype=fp16",
-                                                                      "--instance-prompt", "a photo of sks person"], args.step_timeout, logs)
-        rec["effective_dtype"] = file_provenance(runs / "s2_fp16" / "lora.safetensors", "lord_provenance").get("effective_dtype")
+        lord = ["--mode", "lord", "--lord", runs / "s1" / "lord.safetensors"]
+        steps["cli_stage2_lord"] = rec = run("cli_stage2_lord", [*train, "stage2", *common, *sks, "--output",
+                                                                 runs / "s2", *lord], args.step_timeout)
+        rec["effective_dtype"] = file_provenance(runs / "s2" / "lora.safetensors",
+                                                 "lord_provenance").get("effective_dtype")
+        fp16 = ["--mode", "plain", "--set", "dtype=fp16"]
+        steps["cli_stage2_fp16"] = rec = run("cli_stage2_fp16", [*train, "stage2", *common, *sks, "--output",
+                                                                 runs / "s2_fp16", *fp16], args.step_timeout)
+        rec["effective_dtype"] = file_provenance(runs / "s2_fp16" / "lora.safetensors",
+                                                 "lord_provenance").get("effective_dtype")
         save()
     if "mist_v2" in only:
         preset = "mist_v2"
         out = work / "mist_v2_out"
         shutil.rmtree(out, ignore_errors=True)
-        rec = run_step("mist_v2", [py, "-m", "training.attack", "--checkpoint", inputs["attack_checkpoint"], "--input",
-                                   inputs["mist_input"], "--output", out, "--preset", preset], args.step_timeout, logs)
-        rec.update(preset=preset,
-                   checkpoint=inputs["attack_checkpoint"], image_px=512,
+        px = inputs["mist_image_px"]
+        small = ["--steps", "1"] if dry else []  # PGD steps per round (the preset: 30)
+        rec = run("mist_v2", [py, "-m", "training.attack", "--checkpoint", inputs["attack_checkpoint"], "--input",
+                              inputs["mist_input"], "--output", out, "--preset", preset, *small], args.step_timeout)
+        rec.update(preset=preset, checkpoint=inputs["attack_checkpoint"], image_px=px,
                    reference="mist-v2 README: 3-5 min and about 6 GB VRAM per 512 px image on SD1.5")
-        side = out / "example_512.json"
+        if dry:
+            rec["note"] = "dry run: 1 PGD step per round instead of 30, 64 px; not comparable with the reference"
+        side = out / f"example_{px}.json"
         if side.is_file():
             rec["attack_seconds"] = json.loads(side.read_text()).get("seconds")
         steps["mist_v2"] = rec
         save()
     if "workflows" in only:
-        rec = run_step("workflows", [py, "-m", "lab.demo", "--out", work / "demo", "--stage1-steps", n, "--stage2-steps", n],
-                       args.step_timeout * 2, logs)
+        small = ["--skip-evaluation", "--stage1-per-class", "1", "--node-steps", "2"] if dry else []
+        rec = run("workflows", [py, "-m", "lab.demo", "--out", work / "demo", "--stage1-steps", n, "--stage2-steps", n,
+                                *small], args.step_timeout * 2)
         summary = work / "demo" / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
-            rec["workflows"] = {k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in s.get("workflows", {}).items()}
-            rec["trained"] = s.get("models", {}).get("trained")
+            rec["workflows"] = {k: {"status": v.get("status"), "seconds": v.get("seconds")}
+                                for k, v in s.get("workflows", {}).items()}
+            rec["trained"] = s.get("trained_by_workflows")  # what the trained LoRD / LoRA files record
         steps["workflows"] = rec
         save()
     if "bench" in only:
         quick = ["--quick"] if args.bench == "quick" else []
+        md = ""  # BENCHMARKS.md left alone
+        if dry:  # a smoke run: no waiting for a quiet machine; the sections go to a scratch file
+            quick += ["--max-other-cpu", "1000"]
+            md = work / "BENCHMARKS_dry_run.md"
+            md.unlink(missing_ok=True)
         for name in ("bench_sampling", "bench_train", "bench_attack"):
             js = work / f"{name}.json"
-            rec = run_step(name, [py, "-m", f"bench.{name}", *quick, "--md", "", "--json", js], args.step_timeout * 2, logs)
+            js.unlink(missing_ok=True)
+            rec = run(name, [py, "-m", f"bench.{name}", *quick, "--md", md, "--json", js], args.step_timeout * 2)
             if js.is_file():
                 rec["result"] = json.loads(js.read_text())
+                rec["problems"] = bench_problems(name, rec["result"])
+                if rec["problems"] and args.bench == "quick" and rec["status"] == "ok":
+                    rec["status"] = "failed"  # a smoke run skips nothing
+                    print(f"[gpu_check] {name}: failed: {'; '.join(rec['problems'])}", flush=True)
+            elif rec["status"] == "ok":
+                rec.update(status="failed", problems=[f"no JSON written ({js})"])
             steps[name] = rec
             save()
     result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["ok"] = all(r["status"] == "ok" for r in steps.values())
     save()
-    print(f"[gpu_check] {'all steps passed' if result['ok'] else 'FAILED: ' + ', '.join(k for k, r in steps.items() if r['status'] != 'ok')}"
-          f" -> {work / 'gpu_check.json'}")
+    failed = [k for k, r in steps.items() if r["status"] != "ok"]
+    verdict = "FAILED: " + ", ".join(failed) if failed else "all steps passed"
+    print(f"[gpu_check] {'dry run (CPU): ' if dry else ''}{verdict} -> {work / 'gpu_check.json'}")
     return 0 if result["ok"] else 1
 
 

@@ -13,8 +13,12 @@ the LoRD's gate learns to read *and* that transfers to other images and to the o
 this model. They do not predict the AUROC on a real SD 1.5 checkpoint with real photos.
 
     python -m bench.stage1_presets --out /tmp/presets [--steps 60 --train 8 --heldout 4 --size 64 --seeds 0 1]
+    python -m bench.stage1_presets --out /tmp/presets --quick   # smoke run, under a minute on 2 CPU cores
 
 Writes ``OUT/results.json`` (``results_<set>.json`` with ``--set``) and prints a Markdown table.
+``--quick`` checks that the script still runs, nothing more: the presets ``pgd_2`` and ``mixed``
+(which runs ``pgd_full`` and ``ace_fixed``), 2 steps, 2 training and 2 held-out images of 32 px, 2
+attack steps for the held-out protections (options given explicitly still apply).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# --quick: the defaults it changes (an option given on the command line wins)
+QUICK = {"presets": ["pgd_2", "mixed"], "steps": 2, "train": 2, "heldout": 2, "size": 32, "heldout_attack_steps": 2}
 
 
 def synthetic_images(folder: Path, n: int, size: int, seed: int, caption: str) -> None:
@@ -75,7 +81,8 @@ def run_one(args, ckpt: Path, preset: str, seed: int, out: Path) -> dict:
     held = done["gate_separation_heldout"]
     return {"preset": preset, "seed": seed, "seconds": round(time.time() - t0, 1),
             "in_sample_auroc": done["gate_separation_train"]["auroc"],
-            "in_sample_gap": done["gate_separation_train"]["mean_gate_perturbed"] - done["gate_separation_train"]["mean_gate_clean"],
+            "in_sample_gap": (done["gate_separation_train"]["mean_gate_perturbed"]
+                              - done["gate_separation_train"]["mean_gate_clean"]),
             "heldout": {k: {"auroc": v["auroc"], "gap": v["mean_gate_perturbed"] - v["mean_gate_clean"]}
                         for k, v in held["attacks"].items()},
             "final": done["final"]}
@@ -84,7 +91,8 @@ def run_one(args, ckpt: Path, preset: str, seed: int, out: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--presets", nargs="+", default=None)
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help="default: every Stage-1 data preset (quick: pgd_2 mixed)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -93,7 +101,12 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--heldout-attack-steps", type=int, default=0, help="0: the presets' own (ACE 150, PGD 50)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the CLI (e.g. lambda_gate=10)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to the CLI (e.g. lambda_gate=10)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: presets pgd_2 and mixed, 2 steps, 2 + 2 images of 32 px, 2 held-out attack steps")
+    if ap.parse_known_args(argv)[0].quick:
+        ap.set_defaults(**QUICK)
     args = ap.parse_args(argv)
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable

@@ -15,6 +15,11 @@
    are garments and bags, not noise.
 
 ``--scale`` picks step 2's config (``ci``: a few minutes, for CI; ``demo``: RESULTS.md).
+``--skip-evaluation`` leaves out step 2 (the workflows then train Stage 2 on the clean bags) and
+``--stage1-per-class N`` gives the Stage-1 workflow only the first N images of each class and
+``--node-steps N`` sets the steps of the sampler and Protect nodes: with ``--stage1-steps 2
+--stage2-steps 2`` too, every shipped workflow runs in well under a minute on a CPU (the GPU
+check's ``--dry-run``).
 """
 from __future__ import annotations
 
@@ -72,17 +77,25 @@ def collect_outputs(entry: dict, base: Path, dest: Path, stem: str, temp: bool =
     return copied, texts
 
 
-def lab_inputs(input_dir: Path, protected_dir: Path | None) -> dict:
+def lab_inputs(input_dir: Path, protected_dir: Path | None, stage1_per_class: int | None = None) -> dict:
     """The inputs the shipped workflows read, from the lab data: ``input/lord_train`` (Stage-1 images
-    with captions), ``input/lord_sks`` (the subject's Stage-2 images: the protected bags when given,
-    else the clean ones), ``input/protect_me`` (2 clean bags) and ``input/example.png`` (a protected
-    bag, else a clean one, for detection)."""
+    with captions; with ``stage1_per_class`` only the first that many of each class), ``input/lord_sks``
+    (the subject's Stage-2 images: the protected bags when given, else the clean ones),
+    ``input/protect_me`` (2 clean bags) and ``input/example.png`` (a protected bag, else a clean one,
+    for detection)."""
     from lab.data import DEMO_DIR
 
     input_dir = Path(input_dir)
     for sub in (TRAIN_FOLDER, INSTANCE_FOLDER, "protect_me"):
         shutil.rmtree(input_dir / sub, ignore_errors=True)
-    shutil.copytree(DEMO_DIR / "stage1", input_dir / TRAIN_FOLDER)
+    if stage1_per_class:  # the files are <class>_<index>.png with a same-name .txt caption
+        (input_dir / TRAIN_FOLDER).mkdir(parents=True)
+        for image in sorted((DEMO_DIR / "stage1").glob("*.png")):
+            if int(image.stem.rsplit("_", 1)[1]) < stage1_per_class:
+                for f in (image, image.with_suffix(".txt")):
+                    shutil.copy(f, input_dir / TRAIN_FOLDER / f.name)
+    else:
+        shutil.copytree(DEMO_DIR / "stage1", input_dir / TRAIN_FOLDER)
     subject = protected_dir if protected_dir is not None else DEMO_DIR / "instance"
     shutil.copytree(subject, input_dir / INSTANCE_FOLDER, ignore=shutil.ignore_patterns("*.json", "*.txt"))
     (input_dir / "protect_me").mkdir(parents=True)
@@ -95,11 +108,13 @@ def lab_inputs(input_dir: Path, protected_dir: Path | None) -> dict:
             "stage2_protected": protected_dir is not None}
 
 
-def for_lab_model(prompt: dict, checkpoint_name: str, steps: dict, batch: int = 8) -> dict:
+def for_lab_model(prompt: dict, checkpoint_name: str, steps: dict, batch: int = 8,
+                  node_steps: int | None = None) -> dict:
     """Adapt an API-format prompt of a shipped workflow to the lab model (in place; returned): its
     checkpoint, 32x32 latents (``batch`` images), "person" -> "bag" in the prompts, an empty
     negative prompt (the lab text encoder knows only its 19 tokens), CFG 4, and the trainer
-    ``steps``. Nothing else changes."""
+    ``steps`` (class_type -> steps); with ``node_steps`` also the steps of the KSampler and LoRD
+    Protect nodes. Nothing else changes."""
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -111,8 +126,10 @@ def for_lab_model(prompt: dict, checkpoint_name: str, steps: dict, batch: int = 
             inputs["text"] = text.replace("person", "bag") if "photo" in text else ""
         elif kind == "KSampler":
             inputs["cfg"] = 4.0
-        elif kind in steps:
+        if kind in steps:
             inputs["steps"] = steps[kind]
+        elif kind in ("KSampler", "LoRDProtect") and node_steps:
+            inputs["steps"] = node_steps
     return prompt
 
 
@@ -143,9 +160,19 @@ def main(argv=None) -> int:
                          "demo-stage1-pgd32 (RESULTS.md's ablation)")
     ap.add_argument("--seed", type=int, default=0, help="the evaluation's training seed (RESULTS.md: 0 and 1)")
     ap.add_argument("--skip-workflows", action="store_true", help="only the evaluation, not the shipped workflows")
-    ap.add_argument("--stage1-steps", type=int, default=60, help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
-    ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the Stage-2 workflow's trainer (shipped: 800)")
+    ap.add_argument("--skip-evaluation", action="store_true",
+                    help="only the shipped workflows, not the evaluation (Stage 2 then trains on the clean bags)")
+    ap.add_argument("--stage1-per-class", type=int, default=None, metavar="N",
+                    help="the Stage-1 workflow's images: the first N of each of the 9 classes (default all 8)")
+    ap.add_argument("--stage1-steps", type=int, default=60,
+                    help="steps of the Stage-1 workflow's trainer (shipped: 1000)")
+    ap.add_argument("--stage2-steps", type=int, default=60,
+                    help="steps of the Stage-2 workflow's trainer (shipped: 800)")
+    ap.add_argument("--node-steps", type=int, default=None, metavar="N",
+                    help="steps of the KSampler and LoRD Protect nodes (default: as shipped, 20 and 30)")
     args = ap.parse_args(argv)
+    if args.skip_evaluation and args.skip_workflows:
+        ap.error("--skip-evaluation and --skip-workflows leave nothing to run")
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
     from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
@@ -160,23 +187,28 @@ def main(argv=None) -> int:
     summary = {"note": "the lab model (lab/MODEL_CARD.md): a small SD1.x-family model trained on Fashion-MNIST "
                        "without 'bag'; its numbers are about this model, not about Stable Diffusion.",
                "comfyui": str(comfy_root), "checkpoint": str(checkpoint), "scale": args.scale, "workflows": {}}
-    t = time.time()
-    code, run = run_lab_experiment(out / "experiment", checkpoint, args.scale, args.seed)
-    summary["experiment"] = {"exit_code": code, "seconds": round(time.time() - t, 1), "output": str(run),
-                             "report": str(run / "report" / "index.html")}
-    if code != 0:
-        print(f"[demo] the evaluation failed (exit code {code}); see the messages above")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return code
-    table = run / "report" / "table1.md"
-    print("\n" + table.read_text(encoding="utf-8"))
-    print(f"[demo] evaluation done in {time.time() - t:.0f} s; report: {run / 'report' / 'index.html'}")
+    run = None
+    if args.skip_evaluation:
+        summary["experiment"] = {"skipped": "--skip-evaluation"}
+    else:
+        t = time.time()
+        code, run = run_lab_experiment(out / "experiment", checkpoint, args.scale, args.seed)
+        summary["experiment"] = {"exit_code": code, "seconds": round(time.time() - t, 1), "output": str(run),
+                                 "report": str(run / "report" / "index.html")}
+        if code != 0:
+            print(f"[demo] the evaluation failed (exit code {code}); see the messages above")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            return code
+        table = run / "report" / "table1.md"
+        print("\n" + table.read_text(encoding="utf-8"))
+        print(f"[demo] evaluation done in {time.time() - t:.0f} s; report: {run / 'report' / 'index.html'}")
     ok = True
     if not args.skip_workflows:
         for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
             (base / "models" / sub).mkdir(parents=True, exist_ok=True)
             (base / "models" / sub / (LORD_NAME if sub == "lord" else LORA_NAME)).unlink(missing_ok=True)
-        summary["workflow_inputs"] = lab_inputs(base / "input", protected_images(run))
+        summary["workflow_inputs"] = lab_inputs(base / "input", protected_images(run) if run else None,
+                                                args.stage1_per_class)
         shutil.rmtree(base / "output" / "lord_training", ignore_errors=True)  # train from scratch, no resume
         workflows = sorted((REPO_ROOT / "workflows").glob("*.json"))
         training = [wf for wf in workflows if is_training_workflow(load_workflow(wf))]  # stage1 before stage2
@@ -185,7 +217,8 @@ def main(argv=None) -> int:
             info = server.object_info()
             for wf in training + [wf for wf in workflows if wf not in training]:
                 t = time.time()
-                prompt = for_lab_model(ui_to_api(load_workflow(wf), info), CHECKPOINT_NAME, steps)
+                prompt = for_lab_model(ui_to_api(load_workflow(wf), info), CHECKPOINT_NAME, steps,
+                                       node_steps=args.node_steps)
                 entry = server.run_prompt(prompt, timeout=3600)
                 status = entry["status"]["status_str"]
                 copied, texts = collect_outputs(entry, base, images, wf.stem, temp=wf in training)
@@ -201,7 +234,8 @@ def main(argv=None) -> int:
         summary["trained_by_workflows"] = trained_file_facts(base)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] {'done' if ok else 'FAILED'} in {time.time() - t0:.0f} s: report {run / 'report' / 'index.html'}, "
+    report = f"report {run / 'report' / 'index.html'}, " if run else ""
+    print(f"[demo] {'done' if ok else 'FAILED'} in {time.time() - t0:.0f} s: {report}"
           f"workflow images in {images}, {out / 'summary.json'}")
     return 0 if ok else 1
 

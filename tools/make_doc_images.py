@@ -12,6 +12,10 @@ The model and the LoRD are random, so the pictures show what the outputs look li
 trained LoRD detects. Usage (a few minutes on a CPU)::
 
     python -m tools.make_doc_images [--checkpoint sd15_geometry.safetensors] [--out web/docs/images]
+    python -m tools.make_doc_images --quick --out DIR    # smoke run: 32 px, 2 attack steps, into DIR
+
+``--quick`` makes the same three strips at 32 px with 2 ACE steps (seconds), only into a folder given
+with ``--out`` (never the committed ``web/docs/images``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC_IMAGES = ROOT / "web" / "docs" / "images"
 TILE = 128
 LABEL_H = 16
 
@@ -47,9 +52,17 @@ def _tiles_to_png(tiles: list, labels: list[str]) -> bytes:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="the SD15-geometry test checkpoint (default: build it from seed 0)")
-    ap.add_argument("--out", type=Path, default=ROOT / "web" / "docs" / "images")
-    ap.add_argument("--size", type=int, default=96, help="image side in pixels the nodes run on (default 96)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default web/docs/images; --quick: required)")
+    ap.add_argument("--size", type=int, default=None, help="image side in px the nodes run on (default 96, quick 32)")
+    ap.add_argument("--steps", type=int, default=None, help="LoRD Protect's ACE steps (default 30, quick 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 32 px, 2 attack steps, into --out (not the committed pictures)")
     args = ap.parse_args(argv)
+    if args.quick and (args.out is None or args.out.resolve() == DOC_IMAGES.resolve()):
+        ap.error(f"--quick writes smoke-run pictures: give --out DIR (not {DOC_IMAGES.relative_to(ROOT)})")
+    args.out = args.out or DOC_IMAGES
+    args.size = args.size or (32 if args.quick else 96)
+    args.steps = args.steps or (2 if args.quick else 30)
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
 
@@ -76,7 +89,8 @@ def main(argv=None) -> int:
         image = torch.from_numpy(np.array(im)).float().div(255).unsqueeze(0)  # IMAGE [1, H, W, 3] in 0..1
 
     torch.manual_seed(0)
-    protected, view, _ = LoRDProtect.execute(model, vae, cond, image, "ace", 4.0, 0.6375, 30, 0, False, None).args
+    protected, view, _ = LoRDProtect.execute(model, vae, cond, image, "ace", 4.0, 0.6375, args.steps, 0, False,
+                                             None).args
     moved = int(((protected - image).abs() * 255).round().max())
     args.out.mkdir(parents=True, exist_ok=True)
     written = [atomic_write_bytes(args.out / "protect_ace.png", _tiles_to_png(

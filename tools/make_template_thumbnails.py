@@ -18,6 +18,10 @@
 The checkpoint has random weights, so the images show what the workflows produce, not a useful
 model's pictures. Binaries stay small (thumbnails about 256 px JPEG; example PNGs re-encoded with
 an adaptive palette when ComfyUI's PNG is over ``MAX_BYTES``, their text chunks kept as written).
+
+``--out DIR`` writes ``DIR/workflows/<name>.jpg`` and ``DIR/examples/<name>.png`` instead of the
+committed files. ``--quick`` (a smoke run, under a minute on 2 CPU cores; needs ``--out``) runs the same
+steps with 2 trainer steps, 2 sampler / attack steps and a 64 px latent.
 """
 from __future__ import annotations
 
@@ -44,6 +48,20 @@ THUMBNAIL_NODE = {"lord_train_stage1": "LossGraphNode", "lord_train_stage2": "Lo
 WITH_INPUT = {"lord_detect"}
 # workflow stem -> README example image (the image SaveImage wrote, workflow embedded)
 EXAMPLES = {"lord_defended_generation": "defended_generation.png", "lord_detect": "detect_heatmap.png"}
+QUICK_STEPS = 2  # --quick: trainer, sampler and attack steps
+QUICK_LATENT_PX = 64  # --quick: EmptyLatentImage width and height
+
+
+def shrink_for_quick(prompt: dict) -> dict:
+    """``--quick``: the sampler and LoRD Protect nodes get :data:`QUICK_STEPS` steps and the empty latent
+    is :data:`QUICK_LATENT_PX` px (in place; returned). Everything else stays as shipped."""
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in ("KSampler", "LoRDProtect"):
+            inputs["steps"] = QUICK_STEPS
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=QUICK_LATENT_PX, height=QUICK_LATENT_PX)
+    return prompt
 
 
 def output_images(entry: dict, prompt: dict, base: Path, class_type: str | None = None) -> list[Path]:
@@ -140,19 +158,42 @@ def write_example_png(src: Path, dest: Path) -> Path:
     return dest
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (the committed files), else as it is."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=None, help="ComfyUI base folder to use (default: a temporary folder, removed)")
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or the pinned copy)")
-    ap.add_argument("--stage1-steps", type=int, default=40, help="Train LoRD steps (workflow: 1000)")
-    ap.add_argument("--stage2-steps", type=int, default=20, help="Train LoRA with LoRD steps (workflow: 800)")
+    ap.add_argument("--stage1-steps", type=int, default=None,
+                    help="Train LoRD steps (default 40, quick 2; workflow: 1000)")
+    ap.add_argument("--stage2-steps", type=int, default=None,
+                    help="Train LoRA with LoRD steps (default 20, quick 2; workflow: 800)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random checkpoint")
     ap.add_argument("--only", nargs="+", metavar="NAME", default=None,
                     help="run only these workflows (file stems), reusing the checkpoint and trained files an "
                          "earlier full run left in --work")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write DIR/workflows/<name>.jpg and DIR/examples/<name>.png (default: workflows/ and "
+                         "docs/examples/ of the repository)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run into --out: {QUICK_STEPS} trainer/sampler/attack steps, "
+                         f"{QUICK_LATENT_PX} px latents")
     args = ap.parse_args(argv)
     if args.only and not args.work:
         ap.error("--only needs --work: the folder of an earlier full run (its checkpoint and trained files)")
+    committed = (REPO / "workflows", REPO / "docs" / "examples")
+    thumbs, examples = (args.out / "workflows", args.out / "examples") if args.out else committed
+    if args.quick and (not args.out or {thumbs.resolve(), examples.resolve()} & {c.resolve() for c in committed}):
+        ap.error("--quick makes smoke-run pictures: give --out DIR (not where the committed thumbnails and "
+                 "examples are)")
+    args.stage1_steps = args.stage1_steps or (QUICK_STEPS if args.quick else 40)
+    args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else 20)
 
     comfy_root = ensure_comfyui_importable(args.comfyui)
 
@@ -172,7 +213,7 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"no such workflow(s) in workflows/: {sorted(unknown)}")
         order = [wf for wf in order if wf.stem in args.only]
-    examples = REPO / "docs" / "examples"
+    thumbs.mkdir(parents=True, exist_ok=True)
     examples.mkdir(parents=True, exist_ok=True)
     failed = []
     try:
@@ -186,6 +227,8 @@ def main(argv=None) -> int:
                     for node in prompt.values():
                         if node["class_type"] in steps:
                             node["inputs"].update(steps=steps[node["class_type"]], run_name=f"thumbnail_{wf.stem}")
+                elif args.quick:
+                    shrink_for_quick(prompt)
                 entry = server.run_prompt(prompt, timeout=3600, extra_data={"extra_pnginfo": {"workflow": ui}})
                 if entry["status"]["status_str"] != "success":
                     failed.append(wf.name)
@@ -202,14 +245,14 @@ def main(argv=None) -> int:
                 shown = images[0]
                 if wf.stem in WITH_INPUT and input_images(prompt, base):
                     shown = side_by_side(input_images(prompt, base)[0], images[0])
-                thumb = write_thumbnail(shown, wf.with_suffix(".jpg"))
-                line = f"[thumbnails] {wf.name}: {thumb.relative_to(REPO)} ({thumb.stat().st_size} B)"
+                thumb = write_thumbnail(shown, thumbs / f"{wf.stem}.jpg")
+                line = f"[thumbnails] {wf.name}: {shown_path(thumb)} ({thumb.stat().st_size} B)"
                 if wf.stem in EXAMPLES:
                     saved = output_images(entry, prompt, base, "SaveImage")
                     if not saved or "workflow" not in png_text_chunks(saved[0]):
                         raise RuntimeError(f"{wf.name}: SaveImage wrote no PNG with an embedded workflow")
                     ex = write_example_png(saved[0], examples / EXAMPLES[wf.stem])
-                    line += f", {ex.relative_to(REPO)} ({ex.stat().st_size} B)"
+                    line += f", {shown_path(ex)} ({ex.stat().st_size} B)"
                 print(line + f" in {time.time() - t0:.1f} s")
     finally:
         if tmp is not None:
