@@ -344,7 +344,7 @@ def worker_mist(args) -> dict:
     def attack_once():
         mark("call")
         with torch.inference_mode():
-            out = P.protect(model, vae, cond, img.movedim(1, -1), attack, sur, None,
+            out = P.protect(model, vae, cond, img.movedim(1, -1), P.Protection(attack, sur),
                             lambda done, total, loss, preview: mark("step"))
         mark("return", "tail")
         return out

@@ -212,16 +212,38 @@ def gate_scores(records: Iterable[tuple[str, torch.Tensor]], names: Optional[set
     return torch.stack(per_layer, dim=0).mean(dim=0)
 
 
-def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor, z_adv: torch.Tensor,
-                  t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, lambda_adv: float,
-                  lambda_gate: float, gate_names: Optional[set] = None,
-                  autocast: Callable = contextlib.nullcontext, prediction: str = "eps",
+@dataclasses.dataclass
+class PairedBatch:
+    """Stage-1 pairs: clean and perturbed latents ``[B, C, h, w]`` (the model's scaled latents) sharing
+    integer timesteps ``t`` ``[B]`` and ``noise`` (like the latents)."""
+
+    z_clean: torch.Tensor
+    z_adv: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+@dataclasses.dataclass
+class PairedLoss:
+    """The terms of Eq. 7 and how they are computed: the schedule ``alphas_cumprod`` ``[T]``, lambda1
+    (``lambda_adv``), lambda2 (``lambda_gate``), the layers whose gates the BCE reads (None: all that
+    recorded one), the model's prediction type (native loss weighting) and the autocast context."""
+
+    alphas_cumprod: torch.Tensor
+    lambda_adv: float = 1.0
+    lambda_gate: float = 1.0
+    gate_names: Optional[set] = None
+    prediction: str = "eps"
+    autocast: Callable = contextlib.nullcontext
+
+
+def paired_losses(predict, hooks: Optional[AdapterHooks], batch: PairedBatch, loss: PairedLoss,
                   backward: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 7: ``L_clean + lambda1 L_adv + lambda2 BCE(lambda, y)`` per sample ``[B]``.
 
-    Both samples of a pair share timestep and noise; ``prediction`` is the model's native loss
+    Both samples of a pair share timestep and noise; ``loss.prediction`` is the model's native loss
     weighting (:func:`lord_ops.diffusion.denoising_loss`). With ``lambda_gate == 0`` (or no hooks) this is
-    the "PGD-2 defense" baseline: a plain LoRA on clean + perturbed samples.
+    adversarial training of a plain LoRA on clean + perturbed samples.
 
     The sum splits into a clean term (``L_clean + lambda2/2 BCE(lambda_clean, 0)``) and a perturbed term.
     With ``backward`` (see :func:`train`), the clean term is back-propagated as soon as the clean pass is
@@ -229,6 +251,9 @@ def paired_losses(predict, hooks: Optional[AdapterHooks], z_clean: torch.Tensor,
     two); the returned total then carries gradients of the perturbed term only (same value, same
     accumulated gradients).
     """
+    z_clean, z_adv, t, noise = batch.z_clean, batch.z_adv, batch.t, batch.noise
+    alphas_cumprod, lambda_adv, lambda_gate = loss.alphas_cumprod, loss.lambda_adv, loss.lambda_gate
+    gate_names, autocast, prediction = loss.gate_names, loss.autocast, loss.prediction
     use_gate = hooks is not None and lambda_gate > 0
     if hooks is not None:
         hooks.take()

@@ -73,7 +73,7 @@ class LoRDProtect(io.ComfyNode):
         import comfy.utils
         from PIL import Image
 
-        from ..lord_ops.comfy.protect import perturbation_view, protect
+        from ..lord_ops.comfy.protect import Protection, perturbation_view, protect
 
         surrogate = None
         if preset in (None, "", "custom"):
@@ -95,8 +95,8 @@ class LoRDProtect(io.ComfyNode):
                 shown = ("JPEG", Image.fromarray(arr), 512)
             pbar.update_absolute(done, total, shown)
 
-        perturbed, rep = protect(model, vae, positive, image, config, surrogate, target, on_progress,
-                                 class_images, class_positive)
+        perturbed, rep = protect(model, vae, positive, image, Protection(config, surrogate, target, class_images,
+                                                                        class_positive), on_progress)
         report = {"preset": preset or "custom", "method": config.method, "strength_levels": config.epsilon,
                   "step_size_levels": config.step_size, "steps": config.steps, "seed": config.seed,
                   "surrogate": dataclasses.asdict(surrogate) if surrogate is not None else None,

@@ -176,8 +176,9 @@ def test_loss_weighting_is_explicit_and_shared_by_stage1_losses():
     torch.testing.assert_close(denoising_loss(predict, z, t, noise, acp, prediction="x0"), eps * (1 - acp[t]) / acp[t])
     with pytest.raises(ValueError, match="prediction must be one of"):
         denoising_loss(predict, z, t, noise, acp, prediction="flow")
-    total_v, parts_v = T.paired_losses(predict, None, z, z * 0.9, t, noise, acp, 1.0, 0.0, prediction="v")
-    total_e, parts_e = T.paired_losses(predict, None, z, z * 0.9, t, noise, acp, 1.0, 0.0)
+    pair = T.PairedBatch(z, z * 0.9, t, noise)
+    total_v, parts_v = T.paired_losses(predict, None, pair, T.PairedLoss(acp, 1.0, 0.0, prediction="v"))
+    total_e, parts_e = T.paired_losses(predict, None, pair, T.PairedLoss(acp, 1.0, 0.0))
     torch.testing.assert_close(parts_v["clean"], parts_e["clean"] / acp[t])
     torch.testing.assert_close(total_v, total_e / acp[t])
 
@@ -206,8 +207,8 @@ def test_early_backward_of_the_clean_term_gives_the_same_loss_and_gradients():
         with T.AdapterHooks({"in": conv_in, "out": conv_out}, adapter) as hooks:
             calls = []
             backward = (lambda part: (calls.append(1), part.mean().backward())) if early else None
-            total, parts = T.paired_losses(lambda zt, tt: net(zt), hooks, z, za, t, noise, acp, 0.7, 0.5,
-                                           {"in", "out"}, backward=backward)
+            total, parts = T.paired_losses(lambda zt, tt: net(zt), hooks, T.PairedBatch(z, za, t, noise),
+                                           T.PairedLoss(acp, 0.7, 0.5, {"in", "out"}), backward=backward)
             total.mean().backward()
         assert len(calls) == (1 if early else 0)
         results.append((total.detach(), parts, {n: p.grad.clone() for n, p in adapter.named_parameters()

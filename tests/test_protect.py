@@ -139,8 +139,9 @@ def test_surrogate_loop_alternates_and_pgd_sees_the_surrogate(loaded):
     images = picture(b=2, h=40, w=36, seed=4)
     attack = AttackConfig("ace", epsilon=4.0, step_size=1.0, steps=2, seed=11)
     trained = attacks.AlternatingConfig(rounds=2, train_steps=3, learning_rate=1e-3)
-    out, rep = protect.protect(model, vae, cond, images, attack, trained)
-    untrained, rep0 = protect.protect(model, vae, cond, images, attack, attacks.AlternatingConfig(rounds=2, train_steps=0))
+    out, rep = protect.protect(model, vae, cond, images, protect.Protection(attack, trained))
+    untrained, rep0 = protect.protect(model, vae, cond, images,
+                                      protect.Protection(attack, attacks.AlternatingConfig(rounds=2, train_steps=0)))
     r_t, r_0 = rep["rounds"], rep0["rounds"]
     assert len(r_t[0]["train_losses"]) == 3 and r_t[1]["train_losses"] == [] and r_0[0]["train_losses"] == []
     assert r_t[0]["pgd_losses"] == r_0[0]["pgd_losses"]  # same start, same (untrained) surrogate
@@ -151,12 +152,12 @@ def test_surrogate_loop_alternates_and_pgd_sees_the_surrogate(loaded):
     assert 1 <= diff.abs().max() <= 4
     torch.testing.assert_close((out * 255).round(), out * 255, rtol=0, atol=1e-4)  # 8-bit exact
     assert len(rep["loss_traces"]) == 2 and len(rep["loss_traces"][0]) == 4  # 2 rounds x 2 steps
-    again, _ = protect.protect(model, vae, cond, images, attack, trained)
+    again, _ = protect.protect(model, vae, cond, images, protect.Protection(attack, trained))
     assert torch.equal(again, out)  # same seed, same result
-    other, _ = protect.protect(model, vae, cond, images, dataclasses.replace(attack, seed=12), trained)
+    other, _ = protect.protect(model, vae, cond, images, protect.Protection(dataclasses.replace(attack, seed=12), trained))
     assert not torch.equal(other, out)
     white = torch.ones(1, 24, 24, 3)  # a user-supplied target (e.g. mist-v2's MIST.png) replaces the pattern
-    targeted, _ = protect.protect(model, vae, cond, images, attack, trained, white)
+    targeted, _ = protect.protect(model, vae, cond, images, protect.Protection(attack, trained, white))
     assert not torch.equal(targeted, out)
     _assert_untouched(model, snap)
 
@@ -170,12 +171,12 @@ def test_aspl_restores_the_clean_surrogate_and_uses_class_images(loaded):
     attack = AttackConfig("pgd", epsilon=6.375, step_size=0.6375, steps=1, seed=2)
     cfg = attacks.AlternatingConfig(rounds=2, clean_steps=2, train_steps=2, learning_rate=1e-3, targets="attn")
     with torch.inference_mode():  # like the server
-        out, rep = protect.protect(model, vae, cond, images, attack, cfg)
+        out, rep = protect.protect(model, vae, cond, images, protect.Protection(attack, cfg))
     assert [len(r["clean_losses"]) for r in rep["rounds"]] == [2, 2]
     assert [len(r["train_losses"]) for r in rep["rounds"]] == [2, 0]
     assert rep["surrogate_layers"] == 24
-    with_class, rep_c = protect.protect(model, vae, cond, images, attack, cfg,
-                                        class_images=picture(b=2, h=24, w=40, seed=8))
+    with_class, rep_c = protect.protect(model, vae, cond, images,
+                                        protect.Protection(attack, cfg, class_images=picture(b=2, h=24, w=40, seed=8)))
     assert rep_c["class_images"] == 2 and rep_c["rounds"][0]["clean_losses"] != rep["rounds"][0]["clean_losses"]
     assert 1 <= ((with_class - images) * 255).round().abs().max() <= 6
     _assert_untouched(model, snap)
@@ -236,4 +237,4 @@ def test_sub_level_budgets_are_refused(loaded):
     with pytest.raises(ValueError, match="below one pixel level"):
         LoRDProtect.execute(model, vae, cond, picture(), "pgd", 0.5, 0.1, 1, 0, False, None)
     with pytest.raises(ValueError, match="below one pixel level"):
-        protect.protect(model, vae, cond, picture(), AttackConfig("pgd", epsilon=0.9, step_size=0.1, steps=1))
+        protect.protect(model, vae, cond, picture(), protect.Protection(AttackConfig("pgd", epsilon=0.9, step_size=0.1, steps=1)))

@@ -282,7 +282,7 @@ def run_images(todo, model, vae, cond, target_img, config: AttackConfig, params:
     import torch
     from tqdm import tqdm
 
-    from lord_ops.comfy.protect import protect
+    from lord_ops.comfy.protect import Protection, protect
 
     done = failed = 0
     bar = tqdm(total=len(todo) * config.steps, unit="step", dynamic_ncols=True)
@@ -297,7 +297,7 @@ def run_images(todo, model, vae, cond, target_img, config: AttackConfig, params:
             rgb, alpha, icc, facts, policy = load_image(path)
             bar.set_description(path.name[:24])
             images = torch.from_numpy(rgb).float().div(255).unsqueeze(0)
-            perturbed, report = protect(model, vae, cond, images, config, None, target_img, on_progress)
+            perturbed, report = protect(model, vae, cond, images, Protection(config, target=target_img), on_progress)
             write_result(tag, path, digest, png, side, perturbed[0], alpha, icc, facts, policy, params, config,
                          report["loss_traces"][0], t0, bar)
             done += 1
@@ -317,7 +317,7 @@ def run_set(todo, model, vae, cond, target_img, config: AttackConfig, surrogate,
     import torch
     from tqdm import tqdm
 
-    from lord_ops.comfy.protect import protect
+    from lord_ops.comfy.protect import Protection, protect
 
     loaded, failed = [], 0
     for item in todo:
@@ -338,7 +338,8 @@ def run_set(todo, model, vae, cond, target_img, config: AttackConfig, surrogate,
 
     t0 = time.time()
     try:
-        perturbed, report = protect(model, vae, cond, images, config, surrogate, target_img, on_progress, *classes)
+        perturbed, report = protect(model, vae, cond, images, Protection(config, surrogate, target_img, *classes),
+                                    on_progress)
     except Exception as e:  # noqa: BLE001 -- the whole set failed
         bar.close()
         for (tag, path, *_), _ in loaded:

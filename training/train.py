@@ -274,7 +274,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
                               [encode(it.caption or items[0].caption) for it in heldout_items],
                               attack_steps=args.heldout_attack_steps)
             log("heldout", images=len(heldout_items), attacks=list(heldout.attacks))
-        result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step, on_data,
+        result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data,
                               heldout=heldout, max_cache_bytes=max_cache)
         save = Path(args.save) if args.save else out / "lord.safetensors"
         if rank == 0:
@@ -286,7 +286,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
                 model = apply_lord(model, load_lord_file(args.lord))
             except LoRDFileError as e:
                 raise Refused(str(e)) from e
-        result = train_stage2(model, vae, data, config, cache_dir, checkpoint_path, on_step, on_data)
+        result = train_stage2(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data)
         save = Path(args.save) if args.save else out / "lora.safetensors"
         if rank == 0:
             save.parent.mkdir(parents=True, exist_ok=True)

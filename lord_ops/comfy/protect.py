@@ -1,6 +1,7 @@
 """Run the attack engine on ComfyUI models (shared by the Protect node and the batch CLI)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -61,19 +62,35 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
     return torch.cat(outs, dim=0), traces
 
 
-def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, attack: AttackConfig,
-            surrogate: Optional[AlternatingConfig] = None, target_bhwc: Optional[torch.Tensor] = None,
-            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
-            class_images=None, class_conditioning=None) -> tuple[torch.Tensor, dict]:
+@dataclasses.dataclass
+class Protection:
+    """What :func:`protect` does: the attack (budgets in pixel levels 0..255), optionally the published
+    surrogate schedule around it, an ACE / PhotoGuard target IMAGE ``[1|B, H, W, C]`` in [0, 1] (default:
+    the pack's pattern / the zero latent), and class images (IMAGEs ``[1, H, W, C]``) with their
+    CONDITIONING for the surrogate's prior preservation (surrogate presets only)."""
+
+    attack: AttackConfig
+    surrogate: Optional[AlternatingConfig] = None
+    target: Optional[torch.Tensor] = None
+    class_images: Optional[list] = None
+    class_conditioning: Optional[object] = None
+
+
+def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, protection: Protection,
+            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None
+            ) -> tuple[torch.Tensor, dict]:
     """8-bit protected IMAGEs ``[B, H, W, 3]`` in [0, 1] and a report (the Protect node and the CLI).
 
-    Without ``surrogate``: a fixed-model attack, image by image (:func:`protect_images`); with one:
-    the published surrogate loop (``surrogate.protect_with_surrogate``) over the whole batch, with
-    optional class images for prior preservation in its fine-tuning steps.
-    ``on_progress(done, total, loss, preview [1, 3, H, W] or None)`` after every step (raise to
-    cancel). A budget below one pixel level is refused (the 8-bit output would equal the input).
-    The report has ``loss_traces``: per image, the PGD objective before each of its steps.
+    Without ``protection.surrogate``: a fixed-model attack, image by image (:func:`protect_images`);
+    with one: the published surrogate loop (``surrogate.protect_with_surrogate``) over the whole batch
+    (``images_bhwc`` may then be a list of ``[1, H_i, W_i, C]``), with optional class images for prior
+    preservation in its fine-tuning steps. ``on_progress(done, total, loss, preview [1, 3, H, W] or
+    None)`` after every step (raise to cancel). A budget below one pixel level is refused (the 8-bit
+    output would equal the input). The report has ``loss_traces``: per image, the PGD objective before
+    each of its steps.
     """
+    attack, surrogate, target_bhwc = protection.attack, protection.surrogate, protection.target
+    class_images, class_conditioning = protection.class_images, protection.class_conditioning
     check_8bit_budget(attack.epsilon, "strength (epsilon)")
     if surrogate is not None:
         from .surrogate import protect_with_surrogate

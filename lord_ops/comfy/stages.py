@@ -65,7 +65,7 @@ def _provenance(config: TrainConfig, data: TrainingData, result: T.TrainResult, 
             "final_loss": result.history[-1]["loss"] if result.history else None, **extra}
 
 
-def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir, checkpoint_path=None,
+def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir, checkpoint_path=None, *,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
                  evaluate: bool = True, heldout: Optional[HeldOut] = None,
                  check: Optional[Callable[[], None]] = None,
@@ -108,13 +108,15 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         with T.AdapterHooks(target_modules(clone, sorted(lord0.targets)), trainable) as hooks:
             perturb = online_perturber(clone, vae, data, config, predict, acp) if online else None
 
+            loss_terms = T.PairedLoss(acp, config.lambda_adv, config.lambda_gate, gate_names, prediction_type(clone),
+                                      autocast)
+
             def sample_losses(indices, draws, backward=None):
                 t = torch.tensor([d.t for d in draws])
                 noise = torch.stack([d.noise(zc.shape[1:]) for d in draws]).to(device)
                 z_adv = perturb(indices, draws) if online else za[indices]
-                return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks, zc[indices], z_adv, t, noise,
-                                       acp, config.lambda_adv, config.lambda_gate, gate_names, autocast, prediction_type(clone),
-                                       backward=backward)
+                return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks,
+                                       T.PairedBatch(zc[indices], z_adv, t, noise), loss_terms, backward=backward)
 
             result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
                              identity=_identity(clone, vae, data, with_lord=False))
@@ -133,7 +135,7 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
     return StageResult(result, lord=lord, report={**report, "final": result.history[-1]})
 
 
-def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir=None, checkpoint_path=None,
+def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir=None, checkpoint_path=None, *,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None) -> StageResult:
     """Eq. 9: a new standard LoRA, DreamBooth-style (optional prior preservation).
 
@@ -180,8 +182,9 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                 noise = torch.stack([d.noise(zi.shape[1:]) for d in draws]).to(device)
                 pred = lambda zt, tt: predict(zt, tt, indices)  # noqa: E731
                 if za is not None:
-                    total, parts = T.paired_losses(pred, None, zi[indices], za[indices], t, noise, acp,
-                                                   config.lambda_adv, 0.0, autocast=autocast, prediction=prediction_type(clone),
+                    total, parts = T.paired_losses(pred, None, T.PairedBatch(zi[indices], za[indices], t, noise),
+                                                   T.PairedLoss(acp, config.lambda_adv, 0.0,
+                                                                prediction=prediction_type(clone), autocast=autocast),
                                                    backward=backward)
                 else:
                     with autocast():

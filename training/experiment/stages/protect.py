@@ -9,7 +9,7 @@ import torch
 
 from lord_ops.atomic import atomic_write_json
 from lord_ops.attacks import check_8bit_budget, preset
-from lord_ops.comfy.protect import protect
+from lord_ops.comfy.protect import Protection, protect
 from training.experiment.context import ExperimentContext
 from training.experiment.images import load_set, read_png, save_png, u8_chw, unit_hwc
 from training.pipeline import Stage, read_json
@@ -64,7 +64,8 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     if surrogate is not None and todo:  # the published loops attack the set as a whole
         todo = list(ctx.names)
         images = [unit_hwc(ctx.clean[n])[None] for n in todo]
-        perturbed, report = protect(model, vae, cond, images, attack, surrogate, target, progress, classes, class_cond)
+        perturbed, report = protect(model, vae, cond, images, Protection(attack, surrogate, target, classes, class_cond),
+                                    progress)
         for i, n in enumerate(todo):
             save_png(out / f"{n}.png", u8_chw(perturbed[i]))
         reports = {"set": {k: v for k, v in report.items() if k != "loss_traces"},
@@ -72,7 +73,8 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     else:
         for n in todo:
             one = dataclasses.replace(attack, seed=exp.attack_seed + ctx.names.index(n))
-            perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None], one, None, target, progress)
+            perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None], Protection(one, target=target),
+                                        progress)
             save_png(out / f"{n}.png", u8_chw(perturbed))
             reports[n] = {"final_loss": report["loss_traces"][0][-1] if report["loss_traces"][0] else None}
             atomic_write_json(folder / "reports.json", reports)
