@@ -30,6 +30,7 @@ published numbers (source file and line of each: README, "Attack presets").
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Optional
 
 import torch
@@ -440,17 +441,39 @@ def evaluate_objective(images: torch.Tensor, config: AttackConfig, encode, predi
     return total / samples
 
 
-def high_contrast_target(height: int, width: int, cells: int = 8) -> torch.Tensor:
+def image_seed(seed: int, index: int) -> int:
+    """The attack seed of image ``index`` of a set attacked with ``seed``: a hash of both (not
+    ``seed + index``, which gives seed s's image 1 the draws of seed s+1's image 0), so every copy has
+    its own timesteps, noise and random start and no common fingerprint ties the perturbed copies."""
+    digest = hashlib.sha256(f"attack-image:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62
+
+
+def high_contrast_target(height: int, width: int, cells: int = 8, min_cell: int = 8) -> torch.Tensor:
     """The pack's own default ACE target: a black/white checkerboard with a diagonal stripe,
-    ``[1, 3, H, W]`` in [0, 1] (no copied asset)."""
-    ys = torch.arange(height).reshape(-1, 1) * cells // max(height, 1)
-    xs = torch.arange(width).reshape(1, -1) * cells // max(width, 1)
+    ``[1, 3, H, W]`` in [0, 1] (no copied asset).
+
+    ``cells`` squares along the shorter side, but none smaller than ``min_cell`` pixels (the VAE's
+    downscale factor, 8 for SD): a finer pattern falls inside one latent cell and encodes to a nearly
+    featureless latent, so ACE would aim at nothing (at 32 px, 8 cells of 4 px did). The stripe is at
+    least ``min_cell`` pixels wide for the same reason. From 64 px up the pattern is unchanged."""
+    n = max(1, min(cells, min(height, width) // max(1, min_cell)))
+    ys = torch.arange(height).reshape(-1, 1) * n // max(height, 1)
+    xs = torch.arange(width).reshape(1, -1) * n // max(width, 1)
     board = ((ys + xs) % 2).float()
     yy = torch.arange(height).reshape(-1, 1) / max(height - 1, 1)
     xx = torch.arange(width).reshape(1, -1) / max(width - 1, 1)
-    stripe = ((yy - xx).abs() < 0.08).float()
+    half_width = max(0.08, min_cell / (2 * max(height, width, 1)))
+    stripe = ((yy - xx).abs() < half_width).float()
     img = torch.where(stripe > 0, 1.0 - board, board)
     return img.expand(3, height, width).unsqueeze(0).contiguous()
+
+
+def latent_contrast(latent: torch.Tensor) -> float:
+    """How much a target latent ``[B, C, h, w]`` varies over the latent grid: the spatial standard
+    deviation per channel, averaged (0 = featureless, nothing for ACE to aim at)."""
+    z = latent.float()
+    return float(z.flatten(2).std(dim=-1, unbiased=False).mean())
 
 
 def resize_target(target: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -214,14 +214,15 @@ def cache_entry_path(cache_dir, image: torch.Tensor, conditioning_key: str, atta
     return Path(cache_dir) / f"{cache_key(image, conditioning_key, attack, model_fingerprint)}{CACHE_SUFFIX}"
 
 
-def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequence[str], attack: dict,
+def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequence[str], attack,
                          model_fingerprint: str, cache_dir, compute: Callable[[int], torch.Tensor],
                          owned: Optional[Callable[[int], bool]] = None,
                          on_item: Optional[Callable[[int, bool], None]] = None,
                          max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> list[Optional[torch.Tensor]]:
     """Perturbed copies ``[3, H, W]`` (float32 in [0, 1]) of ``images``, from ``cache_dir`` when present.
 
-    ``images`` only feed the cache key (their 8-bit levels) and the expected shape. Missing copies are
+    ``images`` only feed the cache key (their 8-bit levels) and the expected shape; ``attack`` is the
+    attack's parameters (a dict, part of the key), or one dict per image. Missing copies are
     computed with ``compute(i)`` and stored losslessly as float32 safetensors (atomic write), so a
     perturbation smaller than one 8-bit level survives (PGD-2 moves pixels by about 1.3 levels). With
     ``owned`` (data-parallel runs) an item not owned by this process is neither computed nor read
@@ -235,8 +236,9 @@ def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequ
     cache.mkdir(parents=True, exist_ok=True)
     out: list[Optional[torch.Tensor]] = []
     used: list[Path] = []
+    attacks = list(attack) if isinstance(attack, (list, tuple)) else [attack] * len(images)
     for i, (img, cap) in enumerate(zip(images, conditioning_keys)):
-        path = cache_entry_path(cache, img, cap, attack, model_fingerprint)
+        path = cache_entry_path(cache, img, cap, attacks[i], model_fingerprint)
         shape = tuple(img.shape)
         if path.exists():
             cached = _read_entry(path, shape)
@@ -252,7 +254,7 @@ def cached_perturbations(images: Sequence[torch.Tensor], conditioning_keys: Sequ
             out.append(None)
             continue
         adv = compute(i)
-        _write_entry(path, adv, attack)
+        _write_entry(path, adv, attacks[i])
         out.append(adv.detach().float().clamp(0, 1).cpu())
         used.append(path)
         if on_item:

@@ -145,6 +145,28 @@ def test_default_target_pattern():
     assert 0.3 < float(t.mean()) < 0.7
 
 
+def test_default_target_is_representable_on_the_latent_grid():
+    """At 32 px (the lab model) the squares and the stripe are at least one latent cell (8 px) wide:
+    averaged over 8x8 cells (what one latent cell of an SD VAE sees) the pattern keeps its contrast;
+    the old pattern (8 squares of 4 px) averaged to a nearly flat grey."""
+    import torch.nn.functional as F
+
+    def pooled(t):
+        return F.avg_pool2d(t[:, :1], 8)
+
+    assert float(pooled(attacks.high_contrast_target(32, 32)).std()) > 0.35  # measured 0.39
+    assert float(pooled(attacks.high_contrast_target(32, 32, min_cell=1)).std()) < 0.2  # the old pattern: 0.17
+    assert attacks.latent_contrast(pooled(attacks.high_contrast_target(32, 32))) > 0.35
+    assert attacks.latent_contrast(torch.ones(1, 4, 4, 4)) == 0.0
+    assert torch.equal(attacks.high_contrast_target(64, 64), attacks.high_contrast_target(64, 64, min_cell=1))
+
+
+def test_image_seeds_are_distinct_and_stable():
+    seeds = {attacks.image_seed(s, i) for s in range(20) for i in range(20)}
+    assert len(seeds) == 400 and all(0 <= x < 2 ** 62 for x in seeds)  # no seed s+1/image 0 = seed s/image 1
+    assert attacks.image_seed(3, 5) == attacks.image_seed(3, 5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets against their sources (the README's "Attack presets" table; file:line of each number)
 

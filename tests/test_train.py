@@ -152,6 +152,19 @@ def test_stage1_cache_is_reused(loaded, tmp_path):
     assert not torch.equal(other[0], first[0])
 
 
+def test_every_copy_has_its_own_attack_seed(loaded, tmp_path):
+    """Stage-1 and protected copies are seeded per image (attacks.image_seed): two copies of the same
+    picture get different random starts / noise draws, so the copies share no common fingerprint."""
+    model, clip, vae = loaded
+    data = make_data(clip, n=1)
+    twice = data_mod.TrainingData([data.images[0], data.images[0]], [data.conds[0]] * 2, [data.captions[0]] * 2)
+    config = TrainConfig(steps=1, attack_preset="pgd_full", attack_steps=2)
+    a, b = perturb.stage1_perturbations(model, vae, twice, config, tmp_path / "s1")
+    assert not torch.equal(a, b)
+    p0, p1 = perturb.protected_copies(model, vae, twice.images, twice.conds, "pgd_fixed", tmp_path / "p", attack_steps=2)
+    assert not torch.equal(p0, p1)
+
+
 def test_perturbation_cache_is_lossless_atomic_and_bounded(tmp_path):
     """Float entries keep sub-level perturbations bit for bit (8-bit PNG entries rounded them away);
     the folder is bounded, least recently used first, never evicting what the current call uses."""

@@ -239,10 +239,16 @@ def encode_target(vae, model_patcher, target: Optional[torch.Tensor], like: torc
     from ..attacks import high_contrast_target, resize_target
 
     h, w = like.shape[-2:]
-    img = high_contrast_target(h, w) if target is None else resize_target(target, h, w)
+    img = high_contrast_target(h, w, min_cell=vae_downscale(vae)) if target is None else resize_target(target, h, w)
     with torch.no_grad():
         z = latent_encoder(vae, model_patcher)(img.float())
     return z.expand(like.shape[0], -1, -1, -1) if z.shape[0] == 1 else z
+
+
+def vae_downscale(vae) -> int:
+    """Pixels per latent cell of a ComfyUI VAE (8 for SD1.x/SDXL)."""
+    ratio = getattr(vae, "downscale_ratio", 8)
+    return int(ratio) if isinstance(ratio, (int, float)) else 8
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import trainer as T
+from ..attacks import image_seed
 from ..datasets import DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, conditioning_digest, evict_cache
 from ..train_config import STAGE1_DATA_PRESETS, STAGE1_METHODS, TrainConfig
 from . import grad
@@ -60,8 +61,9 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainCo
     ``i`` gets attack ``i mod k``) against the base MODEL. Cached losslessly (float32 safetensors) in
     ``cache_dir``, keyed by image, caption, attack and model; the folder is bounded to
     ``max_cache_bytes`` (least recently used entries of other runs go first, see
-    ``datasets.evict_cache``). Every image uses the attack's seed (as the Protect node does for a
-    one-image batch). Under DDP each process computes its share, then all read the cache."""
+    ``datasets.evict_cache``). Image ``i`` is attacked with seed ``attacks.image_seed(seed, i)``: its
+    own timesteps, noise and random start (one seed for all copies would give them a common
+    fingerprint that a gate or B' could learn instead of "perturbed"). Under DDP each process computes its share, then all read the cache."""
     attacks = config.attack_configs()
     # fingerprint the weights as loaded for this MODEL (ComfyUI patches shared weights in place, so
     # before a load they may still carry another clone's patches)
@@ -73,12 +75,13 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainCo
     used = []
     for j, attack in enumerate(attacks):
         idx = [i for i in range(len(data)) if i % len(attacks) == j]
-        params = attack_params(attack)
-        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], params, fp) for i in idx]
+        per_image = [dataclasses.replace(attack, seed=image_seed(attack.seed, i)) for i in idx]
+        params = [attack_params(a) for a in per_image]
+        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], p, fp) for i, p in zip(idx, params)]
 
-        def compute(k: int, attack=attack, idx=idx) -> torch.Tensor:
+        def compute(k: int, per_image=per_image, idx=idx) -> torch.Tensor:
             i = idx[k]
-            return attack_image(model_patcher, vae, data.conds[i], data.images[i][None], attack, check=check)[0]
+            return attack_image(model_patcher, vae, data.conds[i], data.images[i][None], per_image[k], check=check)[0]
 
         item = (lambda k, cached, idx=idx: on_item(idx[k], cached)) if on_item is not None else None
         args = ([data.images.raw[i] for i in idx], [keys[i] for i in idx], params, fp, cache_dir, compute)
@@ -102,20 +105,22 @@ def protected_copies(model_patcher, vae, images: "Pixels", conds: list, attack_n
                      check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
     """``images`` protected as a user would publish them: attack preset ``attack_name`` against the base
     MODEL, rounded to 8 bits within the budget (``attacks.quantize_uint8``); float32 ``[3, H, W]`` in
-    [0, 1] (exact 8-bit levels), cached like the Stage-1 copies. ``attack_steps`` caps the iterations."""
+    [0, 1] (exact 8-bit levels), cached like the Stage-1 copies. ``attack_steps`` caps the iterations;
+    image ``i`` uses seed ``attacks.image_seed(seed, i)``."""
     from ..attacks import PRESETS, quantize_uint8
 
     attack = dataclasses.replace(PRESETS[attack_name], seed=seed)
     if attack_steps is not None:
         attack = dataclasses.replace(attack, steps=int(attack_steps))
     attack.validate()
-    params = {**attack_params(attack), "rounded": "uint8"}
+    per_image = [dataclasses.replace(attack, seed=image_seed(seed, i)) for i in range(len(images))]
+    params = [{**attack_params(a), "rounded": "uint8"} for a in per_image]
     grad.load_for_gradients(model_patcher, vae)
     fp = weights_fingerprint(model_patcher, vae)
 
     def compute(i: int) -> torch.Tensor:
         img = images[i][None]
-        adv = attack_image(model_patcher, vae, conds[i], img, attack, check=check)
+        adv = attack_image(model_patcher, vae, conds[i], img, per_image[i], check=check)
         return quantize_uint8(adv, img, attack.epsilon)[0].float() / 255.0
 
     return cached_perturbations(images.raw, [conditioning_digest(c) for c in conds], params, fp, cache_dir, compute,

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from lord_ops.atomic import atomic_write_json
-from lord_ops.attacks import check_8bit_budget, preset
+from lord_ops.attacks import check_8bit_budget, image_seed, latent_contrast, preset
+from lord_ops.comfy import grad
 from lord_ops.comfy.protect import Protection, protect
 from training.experiment.context import ExperimentContext
 from training.experiment.images import load_set, read_png, save_png, u8_chw, unit_hwc
@@ -72,13 +73,19 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
                    "final_loss": [tr[-1] if tr else None for tr in report["loss_traces"]]}
     else:
         for n in todo:
-            one = dataclasses.replace(attack, seed=exp.attack_seed + ctx.names.index(n))
+            one = dataclasses.replace(attack, seed=image_seed(exp.attack_seed, ctx.names.index(n)))
             perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None], Protection(one, target=target),
                                         progress)
             save_png(out / f"{n}.png", u8_chw(perturbed))
             reports[n] = {"final_loss": report["loss_traces"][0][-1] if report["loss_traces"][0] else None}
             atomic_write_json(folder / "reports.json", reports)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    contrast = None
+    if attack.method in ("ace", "ace_plus"):  # is the target representable on this model's latent grid?
+        like = unit_hwc(ctx.clean[ctx.names[0]])[None].movedim(-1, 1)
+        contrast = round(latent_contrast(grad.encode_target(vae, model, None if target is None
+                                                             else target.movedim(-1, 1), like)), 6)
     return {"images": len(ctx.names), "attack": {"preset": exp.attack_preset, **dataclasses.asdict(attack),
+                                                 "target_latent_contrast": contrast,
                                                  "surrogate": dataclasses.asdict(surrogate) if surrogate else None,
                                                  "target": str(exp.attack_target) if exp.attack_target else "pattern"}}
