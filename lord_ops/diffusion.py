@@ -27,6 +27,10 @@ import torch
 PREDICTIONS = ("eps", "v", "x0")
 
 
+# the held-out loss's fixed grid over the DDPM schedule (1000 steps): the middle of each tenth
+HELDOUT_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
+
+
 def add_noise(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps`` (DDPM forward process)."""
     a = alphas_cumprod.to(z.device, torch.float32)[t.to(z.device)].reshape(-1, *([1] * (z.dim() - 1)))

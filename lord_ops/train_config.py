@@ -89,6 +89,10 @@ class TrainConfig:
     lambda_gate: float = field(default=1.0, metadata={"help": (
         "lambda2 of Eq. 7 (>= 0): weight of the gate BCE (gate pushed to 0 on clean, 1 on perturbed samples); "
         "stage1.")})
+    defense_branch: bool = field(default=True, metadata={"help": (
+        "stage1: False trains the paper's one-branch control instead of a LoRD: the gate forced to 0 and no B' "
+        "(B' stays 0) on every layer, i.e. a plain LoRA (A, B) on the same clean + perturbed copies, same steps; "
+        "its file still loads as a LoRD and adds only B A x.")})
     prior_weight: float = field(default=1.0, metadata={"help": (
         "stage2: weight (>= 0) of DreamBooth's prior-preservation loss; used only with class images.")})
     t_min: int = field(default=0, metadata={"help": (

@@ -64,16 +64,18 @@ class TrainableLoRD(torch.nn.Module):
     Text-fed layers (cross-attention ``to_k``/``to_v``, :data:`lord_ops.keys.CONTEXT_FED`) read the
     caption, identical for clean and perturbed samples, so no BCE can supervise their gate: it is
     forced to 0 there (``context_gate = "off"`` in the file), their ``B'`` and gate MLP are frozen
-    (``B'`` stays 0), and those layers train as a plain LoRA. Their logit is None.
+    (``B'`` stays 0), and those layers train as a plain LoRA. Their logit is None. With
+    ``defense_branch=False`` every layer is treated so (the paper's one-branch control).
     """
 
-    def __init__(self, lord: LoRDFile):
+    def __init__(self, lord: LoRDFile, defense_branch: bool = True):
         super().__init__()
         self.layers = torch.nn.ModuleDict({n: LoRDParameters(w) for n, w in sorted(lord.targets.items())})
         self.gate_activation = lord.gate_activation
         self.base_family = lord.base_family
         self.provenance = dict(lord.provenance)
-        self.gate_off = {n for n in self.layers if CONTEXT_FED.search(n)}
+        # defense_branch=False: the one-branch control -- every gate off, B' frozen at 0 (a plain LoRA A, B)
+        self.gate_off = {n for n in self.layers if CONTEXT_FED.search(n) or not defense_branch}
         for n in self.gate_off:  # never used with the gate off: frozen (DDP refuses parameters without gradients)
             for f in ("up_defense", "gate_w1", "gate_b1", "gate_w2", "gate_b2"):
                 getattr(self.layers[n], f).requires_grad_(False)

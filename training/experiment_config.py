@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Optional
 
+from lord_ops.diffusion import HELDOUT_TIMESTEPS
+
 MODES = ("protocol", "artist")
 # method id -> (label, Stage-2 mode, training images); the rows of Table I, in this order
 METHODS = {
@@ -25,6 +27,8 @@ METHODS = {
     "diffpure": ("DiffPure-style", "plain", "diffpure"),
     "lord": ("LoRD", "lord", "protected"),
     "lord_clean": ("LoRD, clean images", "lord", "clean"),
+    "onebranch": ("One-branch control", "onebranch", "protected"),
+    "onebranch_clean": ("One-branch control, clean images", "onebranch", "clean"),
 }
 DEFAULT_METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord")
 ARTIST_METHODS = ("clean", "attacking", "jpeg", "diffpure", "lord")
@@ -65,6 +69,10 @@ class Metrics:
     reference: Optional[Path] = None  # FID reference images (default: the clean instance images)
     fd_bootstrap: int = 10  # resamples of the generated set for the FID/FD spread (0: none)
     batch_size: int = 16
+    heldout_images: Optional[Path] = None  # clean subject images never trained on -> held-out denoising loss
+    heldout_timesteps: tuple = HELDOUT_TIMESTEPS  # its fixed timestep grid
+    heldout_draws: int = 4  # noise draws per image and timestep
+    heldout_seed: int = 0  # seeds the draws (the same for every method: paired)
 
 
 @dataclasses.dataclass
@@ -145,7 +153,9 @@ SCHEMA = {
                 "subject_class": ("metrics.subject_class", "str"),
                 "kid_subsets": ("metrics.kid_subsets", "int"), "kid_subset_size": ("metrics.kid_subset_size", "int"),
                 "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int"),
-                "fd_bootstrap": ("metrics.fd_bootstrap", "int")},
+                "fd_bootstrap": ("metrics.fd_bootstrap", "int"), "heldout_images": ("metrics.heldout_images", "dir"),
+                "heldout_timesteps": ("metrics.heldout_timesteps", "list"), "heldout_draws": ("metrics.heldout_draws", "int"),
+                "heldout_seed": ("metrics.heldout_seed", "int")},
     "detection": {"timestep": ("detection_timestep", "int"), "seed": ("detection_seed", "int")},
 }
 TRAIN_SECTIONS = ("stage1", "stage2")  # besides their own keys, any TrainConfig field but RUNNER_FIELDS
@@ -287,6 +297,13 @@ def validate(exp: Experiment, raw: dict) -> None:
             train_config(exp, stage, "lord")
         except (TypeError, ValueError) as e:
             _fail(p, f"[{stage}]", str(e))
+    if any(METHODS.get(m, ("", ""))[1] == "onebranch" for m in exp.methods):
+        need(exp.stage1_data is not None, "[methods] run",
+             "the one-branch control trains its own Stage-1 adapter: give [stage1] data (a given LoRD is not enough)")
+    need(exp.metrics.heldout_draws >= 1, "[metrics] heldout_draws", f"must be >= 1, got {exp.metrics.heldout_draws}")
+    need(all(isinstance(t, int) and 0 <= t <= 999 for t in exp.metrics.heldout_timesteps)
+         and len(exp.metrics.heldout_timesteps) > 0, "[metrics] heldout_timesteps",
+         f"integer DDPM timesteps in 0..999, at least one; got {list(exp.metrics.heldout_timesteps)}")
     known = METHODS if exp.mode == "protocol" else {m: METHODS[m] for m in ARTIST_METHODS}
     need(len(exp.methods) > 0, "[methods] run", "name at least one method")
     for m in exp.methods:

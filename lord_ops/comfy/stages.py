@@ -97,10 +97,11 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         heldout_latents = prepare_heldout(model_patcher, vae, heldout, data.image_hw, cache_dir, check)
     lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
                                 config.gate_activation, config.seed)
-    gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)}
+    # the one-branch control (defense_branch False) has no gate to supervise or evaluate
+    gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)} if config.defense_branch else set()
     with trainable_model(model_patcher, vae, config) as clone:
         device = grad.compute_device(clone)
-        trainable = T.TrainableLoRD(lord0).to(device)
+        trainable = T.TrainableLoRD(lord0, config.defense_branch).to(device)
         predict = grad.batched_noise_predictor(clone, data.conds, data.image_hw)
         acp = grad.alphas_cumprod(clone)
         zc, za = z_clean.to(device), z_adv.to(device)
@@ -108,8 +109,8 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         with T.AdapterHooks(target_modules(clone, sorted(lord0.targets)), trainable) as hooks:
             perturb = online_perturber(clone, vae, data, config, predict, acp) if online else None
 
-            loss_terms = T.PairedLoss(acp, config.lambda_adv, config.lambda_gate, gate_names, prediction_type(clone),
-                                      autocast)
+            loss_terms = T.PairedLoss(acp, config.lambda_adv, config.lambda_gate if gate_names else 0.0, gate_names,
+                                      prediction_type(clone), autocast)
 
             def sample_losses(indices, draws, backward=None):
                 t = torch.tensor([d.t for d in draws])
@@ -121,7 +122,10 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
             result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
                              identity=_identity(clone, vae, data, with_lord=False))
             report = {}
-            if evaluate:
+            if not config.defense_branch:
+                report["one_branch"] = ("the one-branch control: gate forced to 0 and B' = 0 on every layer "
+                                        "(a plain LoRA on the clean + perturbed copies); no gate to evaluate")
+            elif evaluate:
                 if online:  # perturbed copies against the final model
                     n = min(64, len(data.images))
                     za = perturb(list(range(n)), [T.Draw(0, T.mix_seed(config.seed, "eval-pgd", i)) for i in range(n)])

@@ -130,11 +130,13 @@ class ExperimentContext:
         return {"files": {f.name: self.digests(f) for f in image_files(self.exp.class_images)},
                 "prompt": self.exp.class_text}
 
-    def lord_key(self):
-        return {"file": self.digests(self.exp.stage1_lord)} if self.exp.stage1_lord else {"stage": "stage1"}
+    def lord_key(self, which: str = "stage1"):
+        """The Stage-1 adapter ``which`` (``stage1``: the LoRD, ``stage1_onebranch``: the control)."""
+        given = self.exp.stage1_lord and which == "stage1"
+        return {"file": self.digests(self.exp.stage1_lord)} if given else {"stage": which}
 
-    def lord_needs(self) -> tuple:
-        return () if self.exp.stage1_lord else ("stage1",)
+    def lord_needs(self, which: str = "stage1") -> tuple:
+        return () if (self.exp.stage1_lord and which == "stage1") else (which,)
 
     def protected_needs(self) -> tuple:
         return ("protect",) if self.protocol else ()
@@ -168,12 +170,14 @@ class ExperimentContext:
         folder = self.plan.folder(f"purify/{purifier}") / "images"
         return {n: read_png(folder / f"{n}.png") for n in self.names}
 
-    def lord_path(self) -> Path:
-        return self.exp.stage1_lord or (self.plan.folder("stage1") / "lord.safetensors")
+    def lord_path(self, which: str = "stage1") -> Path:
+        if which == "stage1" and self.exp.stage1_lord:
+            return self.exp.stage1_lord
+        return self.plan.folder(which) / "lord.safetensors"
 
-    def lord_model(self, model):
-        """``model`` with the experiment's LoRD applied (a patched clone)."""
-        return apply_lord(model, load_lord_file(self.lord_path()))
+    def lord_model(self, model, which: str = "stage1"):
+        """``model`` with the experiment's LoRD (or the one-branch control's adapter) applied (a patched clone)."""
+        return apply_lord(model, load_lord_file(self.lord_path(which)))
 
     def on_step(self, what: str):
         """A trainer ``on_step`` that logs about ten lines per run."""

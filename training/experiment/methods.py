@@ -1,8 +1,8 @@
 """The Stage-2 runs an experiment compares (Table I's methods and the Fig. 7 sweep points) and the
 training image set each one uses.
 
-A :class:`Variant` is one Stage-2 run: a mode (``plain`` | ``pgd2_defense`` | ``lord``) on an image
-set: ``clean``, ``protected``, a purified copy of the protected images (``jpeg``, ``diffpure``) or a
+A :class:`Variant` is one Stage-2 run: a mode (``plain`` | ``pgd2_defense`` | ``lord`` | ``onebranch``:
+Stage-2 with the one-branch control's Stage-1 adapter live instead of the LoRD) on an image set: ``clean``, ``protected``, a purified copy of the protected images (``jpeg``, ``diffpure``) or a
 mix (``mix<k>``: k of the N instance images protected, a seeded choice).
 """
 from __future__ import annotations
@@ -13,18 +13,29 @@ from training.experiment_config import METHODS
 from training.experiment.context import ExperimentContext
 
 PURIFIERS = ("jpeg", "diffpure")
+STAGE1_OF = {"lord": "stage1", "onebranch": "stage1_onebranch"}  # Stage-2 mode -> its Stage-1 stage
 
 
 @dataclasses.dataclass
 class Variant:
     """One Stage-2 run: a mode on a set of training images."""
 
-    mode: str  # plain | pgd2_defense | lord
+    mode: str  # plain | pgd2_defense | lord | onebranch
     images: str  # clean | protected | jpeg | diffpure | mix<k>
 
     @property
     def id(self) -> str:
         return f"{self.mode}-{self.images}"
+
+    @property
+    def lord(self):
+        """The Stage-1 stage whose adapter is live in this run (``stage1``, ``stage1_onebranch``) or None."""
+        return STAGE1_OF.get(self.mode)
+
+    @property
+    def stage2_mode(self) -> str:
+        """The Stage-2 trainer's mode (a one-branch run trains like a LoRD run: ``lord``)."""
+        return "lord" if self.lord else self.mode
 
 
 def plan_variants(ctx: ExperimentContext) -> tuple[list[Variant], dict[str, list]]:

@@ -35,4 +35,11 @@ def metric_plan(exp: Experiment) -> dict:
                               "extractor": m.extractor, "subject_class": m.subject_class,
                               "definition": f"share of the generated images that {m.extractor} classifies as "
                                             f"{m.subject_class!r}"}
+    if m.heldout_images is not None:
+        out["heldout_loss"] = {"label": "Held-out denoising loss", "available": True, "higher_is_better": False,
+                               "images": str(m.heldout_images), "timesteps": list(m.heldout_timesteps),
+                               "draws": m.heldout_draws,
+                               "definition": "mean native denoising loss of the fine-tuned model (base + LoRA, "
+                                             "+ its Stage-1 adapter) on clean subject images it never trained "
+                                             "on, over a fixed grid of timesteps and seeded noise draws"}
     return out

@@ -21,6 +21,14 @@ from training.experiment.methods import Variant
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
 
 
+def method_metrics(ctx: ExperimentContext, vid: str) -> dict:
+    """The metrics of Stage-2 run ``vid``: its samples' scores and, when measured, its held-out loss."""
+    out = dict(ctx.plan.result(f"score/{vid}"))
+    if f"heldout/{vid}" in ctx.plan.stages:
+        out.update(ctx.plan.result(f"heldout/{vid}"))
+    return out
+
+
 def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path) -> dict:
     """The experiment's ``results.json`` (every stage must be done); sample paths relative to ``report_dir``."""
     exp = ctx.exp
@@ -30,10 +38,11 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
         label, mode, images = METHODS[m]
         vid = Variant(mode, images).id
         sample = ctx.plan.result(f"sample/{vid}")
-        methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": mode, "lord": mode == "lord",
+        methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": Variant(mode, images).stage2_mode,
+                      "lord": mode == "lord", "one_branch": mode == "onebranch",
                       "trained_on": {"jpeg": "jpeg(protected)", "diffpure": "diffpure(protected)"}.get(images, images),
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
-                      "metrics": ctx.plan.result(f"score/{vid}"),
+                      "metrics": method_metrics(ctx, vid),
                       "train": ctx.plan.result(f"train/{vid}")}
     if "clean" in methods and "attacking" in methods:
         for m, entry in methods.items():
@@ -45,7 +54,7 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
     sweep = None
     if sweep_points:
         sweep = {"shares": list(exp.sweep_shares), "labels": dict(SWEEP_SERIES),
-                 "series": {s: [{**p, "metrics": ctx.plan.result(f"score/{p['method']}")} for p in points]
+                 "series": {s: [{**p, "metrics": method_metrics(ctx, p['method'])} for p in points]
                             for s, points in sweep_points.items()}}
     detection = {"available": False, "missing": "needs the clean originals ([subject] instance_images)"}
     if "detect" in ctx.plan.stages:

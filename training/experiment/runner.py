@@ -1,9 +1,10 @@
 """The experiment runner: checks the inputs, builds the plan of stages from the stage modules
 (``stages/<name>.py``: each owns its stage's key, what it needs and its run) and collects the results.
 
-Stage order (the plan runs them in this order, each after what it needs): ``protect``, ``stage1``,
-``detect``, ``purify/*``, ``reference``, then per Stage-2 run ``train/<id>``, ``sample/<id>``,
-``score/<id>``.
+Stage order (the plan runs them in this order, each after what it needs): ``protect``, ``stage1``
+(and ``stage1_onebranch`` when a method uses the one-branch control), ``detect``, ``purify/*``,
+``reference``, then per Stage-2 run ``train/<id>``, ``sample/<id>``, ``score/<id>`` and, with
+``[metrics] heldout_images``, ``heldout/<id>``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from training.experiment.context import ExperimentContext
 from training.experiment.images import read_png
 from training.experiment.methods import plan_variants
 from training.experiment.results import collect_results
-from training.experiment.stages import detect, protect, purify, reference, sample, score, stage1, train
+from training.experiment.stages import detect, heldout, protect, purify, reference, sample, score, stage1, train
 
 
 class ExperimentRunner:
@@ -81,10 +82,11 @@ class ExperimentRunner:
         ctx = self.ctx
         ctx.prepare()
         variants, self.sweep = plan_variants(ctx)
-        planned = [*protect.stages(ctx), *stage1.stages(ctx), *detect.stages(ctx), *purify.stages(ctx, variants),
-                   *reference.stages(ctx)]
+        planned = [*protect.stages(ctx), *stage1.stages(ctx, variants), *detect.stages(ctx),
+                   *purify.stages(ctx, variants), *reference.stages(ctx)]
         for v in variants:
             planned += [train.stage(ctx, v), sample.stage(ctx, v), score.stage(ctx, v)]
+            planned += [st for st in (heldout.stage(ctx, v),) if st is not None]
         for st in planned:
             ctx.plan.add(st)
 

@@ -18,7 +18,7 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     exp = ctx.exp
     key = {"prompt": exp.prompt, "sampling": dataclasses.asdict(exp.sampling)}
     return Stage(f"sample/{v.id}", key, lambda folder: run(ctx, folder, v),
-                 needs=(f"train/{v.id}",) + (ctx.lord_needs() if v.mode == "lord" else ()),
+                 needs=(f"train/{v.id}",) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe=f"{exp.sampling.images} image(s) of {exp.prompt!r}")
 
 
@@ -27,8 +27,8 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
 
     exp, s = ctx.exp, ctx.exp.sampling
     model, clip, vae = ctx.rt.models()
-    if v.mode == "lord":
-        model = ctx.lord_model(model)
+    if v.lord:
+        model = ctx.lord_model(model, v.lord)
     lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.id}") / "lora.safetensors")
     model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
     cfg = sampling_config(exp)

@@ -1,7 +1,12 @@
 """Stage ``stage1``: a LoRD trained on the Stage-1 data set (``[stage1] data``, images with captions)
-and its perturbed copies; skipped when ``[stage1] lord`` gives a trained one."""
+and its perturbed copies; skipped when ``[stage1] lord`` gives a trained one. Stage
+``stage1_onebranch`` (when a method uses it): the paper's one-branch control, the same training with
+the gate forced to 0 and no B' (``TrainConfig.defense_branch = False``): a plain LoRA pre-trained on
+the same clean + perturbed copies, so that "LoRD defends" can be told apart from "a Stage-1 adapter is
+extra pre-training"."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from lord_ops.comfy.data import TrainingData
@@ -13,11 +18,22 @@ from training.experiment.context import ExperimentContext
 from training.pipeline import Stage
 
 
-def stages(ctx: ExperimentContext) -> list[Stage]:
-    if ctx.exp.stage1_lord is not None:
-        return []
-    key = {**ctx.base_key(), "data": data_key(ctx), "config": train_config(ctx.exp, "stage1").to_dict()}
-    return [Stage("stage1", key, lambda folder: run(ctx, folder), describe="train the LoRD (Stage 1)")]
+def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
+    out = []
+    if ctx.exp.stage1_lord is None:
+        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1").to_dict()}
+        out.append(Stage("stage1", key, lambda folder: run(ctx, folder, "stage1"), describe="train the LoRD (Stage 1)"))
+    if any(v.lord == "stage1_onebranch" for v in variants):
+        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1_onebranch").to_dict()}
+        out.append(Stage("stage1_onebranch", key, lambda folder: run(ctx, folder, "stage1_onebranch"),
+                         describe="train the one-branch control (Stage 1 without gate and B')"))
+    return out
+
+
+def config_of(ctx: ExperimentContext, which: str):
+    """The Stage-1 TrainConfig of ``which`` (``stage1`` or ``stage1_onebranch``)."""
+    config = train_config(ctx.exp, "stage1")
+    return dataclasses.replace(config, defense_branch=False) if which == "stage1_onebranch" else config
 
 
 def data_key(ctx: ExperimentContext) -> dict:
@@ -27,15 +43,15 @@ def data_key(ctx: ExperimentContext) -> dict:
             "captions": {c.name: ctx.digests(c) for c in caps if c.is_file()}, "caption": ctx.exp.stage1_caption}
 
 
-def run(ctx: ExperimentContext, folder: Path) -> dict:
+def run(ctx: ExperimentContext, folder: Path, which: str = "stage1") -> dict:
     exp = ctx.exp
-    config = train_config(exp, "stage1")
+    config = config_of(ctx, which)
     items = load_caption_folder(exp.stage1_data, exp.resolution, exp.stage1_caption)
     model, clip, vae = ctx.rt.models()
     data = TrainingData([it.image for it in items], [ctx.rt.encode(it.caption) for it in items],
                         [it.caption for it in items])
     result = train_stage1(model, vae, data, config, folder / "pgd_cache", folder / "checkpoint.pt",
-                          on_step=ctx.on_step("stage1"))
+                          on_step=ctx.on_step(which))
     save_lord_file(folder / "lord.safetensors", result.lord)
     report = {k: v for k, v in result.report.items() if k != "final"}
     return {"lord": "lord.safetensors", "images": len(items), "steps": config.steps,

@@ -18,21 +18,20 @@ from training.pipeline import Stage
 
 def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     exp = ctx.exp
-    uses_lord = v.mode == "lord"
     key = {**ctx.base_key(), "images": set_key(ctx, v.images), "prompt": exp.prompt, "class_images": ctx.class_key(),
-           "config": train_config(exp, "stage2", v.mode).to_dict(), "lord": ctx.lord_key() if uses_lord else None}
+           "config": train_config(exp, "stage2", v.stage2_mode).to_dict(), "lord": ctx.lord_key(v.lord) if v.lord else None}
     return Stage(f"train/{v.id}", key, lambda folder: run(ctx, folder, v),
-                 needs=set_needs(ctx, v.images) + (ctx.lord_needs() if uses_lord else ()),
+                 needs=set_needs(ctx, v.images) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe=f"Stage-2 LoRA, mode {v.mode}, on the {v.images} images")
 
 
 def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     exp = ctx.exp
-    config = train_config(exp, "stage2", v.mode)
+    config = train_config(exp, "stage2", v.stage2_mode)
     images = image_set(ctx, v.images)
     model, clip, vae = ctx.rt.models()
-    if v.mode == "lord":
-        model = ctx.lord_model(model)
+    if v.lord:
+        model = ctx.lord_model(model, v.lord)
     cond = ctx.rt.encode(exp.prompt)
     class_images, class_conds = [], []
     if exp.class_images is not None:
