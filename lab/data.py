@@ -88,5 +88,39 @@ def export_demo_sets(out: Path = DEMO_DIR, folder: Path = DATA_DIR) -> dict:
     return counts
 
 
+# ---- the replicate experiments' subjects (lab/evidence.py): 8 bags per replicate, disjoint ------------
+REPLICATE_BAGS = 8  # subject images per replicate
+REPLICATE_OFFSET = 128  # the demo's instance (0..7) and reference (8..127) bags come first
+REPLICATES_DIR = DEMO_DIR / "replicates"
+REPLICATE_SETS = 32  # exported (and committed): replicates 0..31
+
+
+def replicate_bag_indices(replicate: int) -> range:
+    """Which bags of the test split (in file order, within the class) replicate ``replicate`` uses."""
+    start = REPLICATE_OFFSET + REPLICATE_BAGS * int(replicate)
+    return range(start, start + REPLICATE_BAGS)
+
+
+def replicate_folder(replicate: int) -> Path:
+    return REPLICATES_DIR / f"r{int(replicate):03d}"
+
+
+def export_replicate_sets(count: int = REPLICATE_SETS, out: Path = REPLICATES_DIR, folder: Path = DATA_DIR) -> int:
+    """Write the subject bags of replicates ``0..count-1`` as 32x32 PNGs ``out/rNNN/bag_<index>.png``
+    (disjoint from each other and from the demo's sets). Returns the number of images."""
+    from PIL import Image
+
+    images, labels = load("test", folder)
+    bags = np.flatnonzero(labels == HELDOUT_CLASS)
+    n = 0
+    for r in range(count):
+        target = Path(out) / f"r{r:03d}"
+        target.mkdir(parents=True, exist_ok=True)
+        for j in replicate_bag_indices(r):
+            Image.fromarray(images[bags[j]]).save(target / f"bag_{j:03d}.png", optimize=True)
+            n += 1
+    return n
+
+
 if __name__ == "__main__":
-    print(export_demo_sets())
+    print(export_demo_sets(), export_replicate_sets())

@@ -48,15 +48,25 @@ def _q(path) -> str:
 
 
 def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "demo", *,
-                 data: Path = DEMO_DIR, seed: int = 0, overrides: dict | None = None) -> Path:
-    """Write ``root/exp.toml`` (absolute paths) for the lab model at ``scale``; returns its path."""
+                 data: Path = DEMO_DIR, seed: int = 0, overrides: dict | None = None, instance: Path | None = None,
+                 attack: dict | None = None, methods: tuple | None = None, heldout: Path | None = None) -> Path:
+    """Write ``root/exp.toml`` (absolute paths) for the lab model at ``scale``; returns its path.
+
+    The replicate experiments (``lab/evidence.py``) change the subject (``instance``: a folder of bags),
+    the attack (``attack``: ``{"preset", "epsilon", "step_size"[, "rounds"]}``, default :data:`ATTACK`),
+    the methods (default :data:`METHODS`) and add held-out images for the held-out denoising loss;
+    ``seed`` seeds everything (Stage 1, Stage 2, the attack; the samples use seeds ``1000 * seed + i``, so
+    the sample seeds of different ``seed`` values never overlap)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     p = {**SCALES[scale], **(overrides or {})}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    attack = [f'preset = "{ATTACK["preset"]}"', f"epsilon = {ATTACK['epsilon']}", f"step_size = {ATTACK['step_size']}",
-              f"rounds = {p['attack_rounds'] or ATTACK['rounds']}"]
+    a = {**ATTACK, **(attack or {})}
+    attack = [f'preset = "{a["preset"]}"', f"epsilon = {a['epsilon']}", f"step_size = {a['step_size']}",
+              f"seed = {seed}"]
+    if a.get("rounds") is not None or p["attack_rounds"]:
+        attack.append(f"rounds = {p['attack_rounds'] or a['rounds']}")
     if p["attack_steps"]:
         attack.append(f"steps = {p['attack_steps']}")
     stage1_dir = Path(data) / "stage1"
@@ -79,7 +89,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         f"# the lab model's Table I at scale {scale!r} (lab/experiment.py writes this file)",
         "[experiment]", 'output = "run"', f"seed = {seed}", "",
         "[model]", f"checkpoint = {_q(checkpoint)}", "",
-        "[subject]", 'class_name = "bag"', f"instance_images = {_q(Path(data) / 'instance')}", "resolution = 32", "",
+        "[subject]", 'class_name = "bag"', f"instance_images = {_q(instance or Path(data) / 'instance')}",
+        "resolution = 32", "",
         "[attack]", *attack, "",
         "[stage1]", f"data = {_q(stage1_dir)}", f"steps = {p['stage1_steps']}",
         f"batch_size = {p['stage1_batch']}", "learning_rate = 5e-4", *stage1_data,
@@ -87,10 +98,10 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         "[stage2]", f"steps = {p['stage2_steps']}", f"batch_size = {p['stage2_batch']}",
         f"learning_rate = {p['stage2_lr']}", f"checkpoint_every = {max(1, p['stage2_steps'] // 2)}", "",
         "[sampling]", f"images = {p['images']}", f"steps = {p['sample_steps']}", "cfg = 4.0", 'sampler = "euler"',
-        'scheduler = "normal"', "batch_size = 8", "",
+        'scheduler = "normal"', "batch_size = 8", f"seed = {1000 * seed}", "",
         "[purification]", "jpeg_quality = 75", "diffpure_strength = 0.2", "",
     ]
-    lines += ["[methods]", "run = [" + ", ".join(f'"{m}"' for m in METHODS) + "]", ""]
+    lines += ["[methods]", "run = [" + ", ".join(f'"{m}"' for m in (methods or METHODS)) + "]", ""]
     if p["shares"]:
         lines += ["[sweep]", f"shares = [{', '.join(str(float(s)) for s in p['shares'])}]", ""]
     lines += [
@@ -99,6 +110,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         "kid_subsets = 20", f"kid_subset_size = {p['kid_subset_size']}", f"fd_bootstrap = {p['bootstrap']}",
         "batch_size = 64",
     ]
+    if heldout is not None:
+        lines += [f"heldout_images = {_q(heldout)}", f"heldout_draws = {p.get('heldout_draws', 4)}"]
     path = root / "exp.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

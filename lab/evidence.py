@@ -1,0 +1,351 @@
+"""Replicated, paired experiments on the lab model: does LoRD defend? (EVIDENCE.md declares them.)
+
+A *replicate* is one whole run of the lab protocol (``lab/experiment.py``'s config: protect the
+subject, Stage 1, Stage 2 per method, sample, score) with **its own subject** (8 bags of the test
+split, disjoint across replicates: ``lab.data.replicate_folder``) and **its own seed** (Stage 1,
+Stage 2, the attack and the samples: :func:`replicate_seed`); everything else is equal. Each
+replicate is an ordinary ``training.experiment`` run in ``<out>/<experiment>/rNNN/`` (resumable,
+stage by stage). Replicates are independent, so several processes share the work
+(``--worker k/K`` takes the replicates ``r`` with ``r % K == k``).
+
+Seed ranges (never reuse an exploration replicate to confirm): replicates 0-9 are **exploration**
+(the pilot), 10-31 **confirmatory**; replicate ``r`` uses seed ``1000 + r`` and the bags
+``lab.data.replicate_bag_indices(r)``.
+
+``python -m lab.evidence run defense --scale demo --worker 0/2``: run (or resume) replicates;
+``python -m lab.evidence report defense``: the paired analysis (``lord_ops.analysis``) of every
+finished replicate -> ``analysis.json``, ``analysis.md`` and ``forest.png`` in ``<out>/<experiment>/``.
+
+Metrics per method and replicate: the **held-out denoising loss** (primary; 32 bags never trained on,
+10 timesteps x 4 seeded noise draws, the same for every method: ``lord_ops.comfy.subject_loss``),
+subject accuracy and FD (lab classifier) of the samples (secondary).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lab.data import DEMO_DIR, replicate_folder
+from lab.experiment import ATTACK
+
+SEED_BASE = 1000
+EXPLORATION = range(0, 10)
+CONFIRMATORY = range(10, 32)
+
+
+def replicate_seed(replicate: int) -> int:
+    """The one seed of replicate ``replicate`` (Stage 1, Stage 2, attack, samples)."""
+    return SEED_BASE + int(replicate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """A paired difference over replicates: ``sum(weight * value of method)`` per replicate."""
+
+    name: str
+    weights: tuple  # ((method, weight), ...)
+    question: str
+
+    def value(self, per_method: dict) -> float:
+        return sum(w * per_method[m] for m, w in self.weights)
+
+    @property
+    def methods(self) -> tuple:
+        return tuple(m for m, _ in self.weights)
+
+
+CONTRASTS = (
+    Contrast("A", (("attacking", 1), ("clean", -1)),
+             "attack effect: plain LoRA on protected minus plain LoRA on clean images"),
+    Contrast("removal_lord", (("lord", 1), ("lord_clean", -1), ("attacking", -1), ("clean", 1)),
+             "LoRD's protected-minus-clean difference minus A (negative: LoRD removes part of the attack's damage)"),
+    Contrast("lord_vs_plain_prot", (("lord", 1), ("attacking", -1)),
+             "LoRD on protected minus plain LoRA on protected (what a user gains from LoRD on protected images)"),
+    Contrast("lord_vs_onebranch_prot", (("lord", 1), ("onebranch", -1)),
+             "LoRD on protected minus the one-branch control on protected (LoRD beyond extra pre-training)"),
+    Contrast("cost_lord", (("lord_clean", 1), ("clean", -1)),
+             "LoRD on clean minus plain LoRA on clean (LoRD's effect when nothing is attacked)"),
+    Contrast("attack_under_lord", (("lord", 1), ("lord_clean", -1)),
+             "the attack's effect with LoRD live: LoRD on protected minus LoRD on clean"),
+    Contrast("removal_onebranch", (("onebranch", 1), ("onebranch_clean", -1), ("attacking", -1), ("clean", 1)),
+             "the one-branch control's protected-minus-clean difference minus A"),
+    Contrast("cost_onebranch", (("onebranch_clean", 1), ("clean", -1)),
+             "one-branch control on clean minus plain LoRA on clean (the effect of Stage-1 pre-training alone)"),
+    Contrast("lord_vs_onebranch_clean", (("lord_clean", 1), ("onebranch_clean", -1)),
+             "LoRD on clean minus the one-branch control on clean"),
+)
+
+# metric id in results.json -> (label, how to read one method's value, lower is better)
+METRICS = {
+    "heldout_loss": ("held-out denoising loss", lambda m: m["heldout_loss"]["mean"], True),
+    "subject_acc": ("subject accuracy", lambda m: m["subject_acc"]["mean"], False),
+    "fd": ("FD (lab classifier, 128-d)", lambda m: m["fd"]["value"], True),
+}
+PRIMARY = "heldout_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One declared experiment (EVIDENCE.md): methods, attack, replicates, and the confirmatory family
+    (contrasts of the primary metric, Holm-adjusted together)."""
+
+    name: str
+    methods: tuple
+    replicates: range
+    attack: dict
+    family: tuple
+    purpose: str
+
+
+DEFENSE_METHODS = ("clean", "attacking", "lord_clean", "lord", "onebranch_clean", "onebranch")
+EXPERIMENTS = {
+    "pilot": Declared("pilot", DEFENSE_METHODS, range(0, 3), dict(ATTACK), (),
+                      "exploration: sizes the confirmatory run, checks the protocol end to end"),
+    "defense": Declared("defense", DEFENSE_METHODS, range(10, 18), dict(ATTACK),
+                        ("A", "removal_lord", "lord_vs_plain_prot", "lord_vs_onebranch_prot"),
+                        "confirmatory: does the attack damage a plain LoRA, and does LoRD remove that damage "
+                        "beyond what a one-branch Stage-1 adapter does?"),
+}
+HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
+HELDOUT_DRAWS = {"ci": 1, "demo": 4}
+
+
+def replicate_dir(out: Path, experiment: str, replicate: int) -> Path:
+    return Path(out) / experiment / f"r{int(replicate):03d}"
+
+
+def heldout_folder(out: Path, scale: str) -> Path:
+    """A copy of the first bags of ``lab/demo_data/reference``: the held-out images (never trained on)."""
+    folder = Path(out) / f"heldout_{scale}"
+    names = sorted((DEMO_DIR / "reference").glob("*.png"))[:HELDOUT_IMAGES[scale]]
+    if sorted(p.name for p in folder.glob("*.png")) != [p.name for p in names]:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for p in names:
+            shutil.copy(p, folder / p.name)
+    return folder
+
+
+def write_replicate_config(out: Path, declared: Declared, replicate: int, scale: str, checkpoint: Path,
+                           classifier: Path) -> Path:
+    from lab.experiment import write_config
+
+    if not replicate_folder(replicate).is_dir():
+        raise SystemExit(f"no subject images for replicate {replicate}: {replicate_folder(replicate)} is missing "
+                         f"(python -m lab.data exports them)")
+    return write_config(replicate_dir(out, declared.name, replicate), checkpoint, classifier, scale,
+                        seed=replicate_seed(replicate), instance=replicate_folder(replicate), attack=declared.attack,
+                        methods=declared.methods, heldout=heldout_folder(out, scale),
+                        overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
+
+
+def parse_replicates(text: str | None, default: range) -> list[int]:
+    """``"10-17"`` or ``"10,12"`` -> replicate indices (default: the experiment's declared range)."""
+    if not text:
+        return list(default)
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def run(args) -> int:
+    from lab.ship import CHECKPOINT_NAME, SHIPPED_CLASSIFIER, ensure_checkpoint
+    from lord_ops.comfy.bootstrap import ensure_comfyui_importable
+    from training.experiment.cli import main as run_experiment
+
+    declared = EXPERIMENTS[args.experiment]
+    replicates = parse_replicates(args.replicates, declared.replicates)
+    k, _, workers = (args.worker or "0/1").partition("/")
+    mine = [r for r in replicates if r % int(workers) == int(k)]
+    ensure_comfyui_importable(cpu=True if args.cpu else None)
+    out = Path(args.out)
+    checkpoint = ensure_checkpoint(out / "checkpoint" / CHECKPOINT_NAME)
+    failed = []
+    for r in mine:
+        t0 = time.time()
+        config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER)
+        print(f"[evidence] {declared.name} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
+        code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else []))
+        print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
+        if code:
+            failed.append(r)
+    if failed:
+        print(f"[evidence] replicates {failed} failed (finished stages are kept; run the same command)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def replicate_values(out: Path, declared: Declared) -> dict:
+    """``{metric: {method: {replicate: value}}}`` of every finished replicate (its report written)."""
+    values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
+    for folder in sorted((Path(out) / declared.name).glob("r[0-9][0-9][0-9]")):
+        results = folder / "run" / "report" / "results.json"
+        if not results.is_file():
+            continue
+        r = int(folder.name[1:])
+        methods = json.loads(results.read_text(encoding="utf-8"))["methods"]
+        for metric, (_, read, _) in METRICS.items():
+            for meth in declared.methods:
+                try:
+                    values[metric][meth][r] = float(read(methods[meth]["metrics"]))
+                except (KeyError, TypeError):
+                    pass
+    return values
+
+
+def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
+    """Every contrast whose methods were run, per metric: paired summary over the replicates every
+    method of the contrast has; the primary metric's declared family Holm-adjusted; LoRD's share of A."""
+    from lord_ops import analysis as an
+
+    out = {"experiment": declared.name, "purpose": declared.purpose, "methods": list(declared.methods),
+           "primary": PRIMARY, "family": list(declared.family), "metrics": {}}
+    for metric, (label, _, lower_better) in METRICS.items():
+        per = values.get(metric, {})
+        rows = {}
+        for c in CONTRASTS:
+            if not all(m in declared.methods for m in c.methods):
+                continue
+            reps, series = an.aligned(*(per.get(m, {}) for m in c.methods))
+            if len(reps) < 2:
+                continue
+            d = [sum(w * series[i][j] for i, (_, w) in enumerate(c.weights)) for j in range(len(reps))]
+            summary = an.describe(d, seed=seed)
+            rows[c.name] = {"question": c.question, "replicates": reps, **summary.to_dict(), "_summary": summary}
+        if metric == PRIMARY:
+            family = {k: rows[k]["_summary"] for k in declared.family if k in rows}
+            if family:
+                an.apply_holm(family)
+                for k, s in family.items():
+                    rows[k]["p_holm"] = s.p_holm
+        for row in rows.values():
+            row.pop("_summary")
+        share = None
+        if "removal_lord" in rows and "A" in rows:
+            reps, (lp, lc, at, cl) = an.aligned(*(per.get(m, {}) for m in ("lord", "lord_clean", "attacking", "clean")))
+            if len(reps) >= 2:
+                share = an.ratio_of_means([a - b for a, b in zip(lp, lc)], [a - b for a, b in zip(at, cl)], seed=seed)
+                share["definition"] = ("mean(LoRD protected - LoRD clean) / mean(A): the share of the attack's "
+                                       "effect that remains under LoRD (1: none removed, 0: all removed)")
+        means = {m: an.mean_interval(list(per.get(m, {}).values()))[0] if len(per.get(m, {})) >= 2 else None
+                 for m in declared.methods}
+        out["metrics"][metric] = {"label": label, "lower_is_better": lower_better, "contrasts": rows,
+                                  "method_means": means, "remaining_share_under_lord": share,
+                                  "replicates": {m: sorted(per.get(m, {})) for m in declared.methods}}
+    a = out["metrics"][PRIMARY]["contrasts"].get("A")
+    out["threat_gate"] = None if a is None else {
+        "d_z": a["d_z"], "rule": "if |d_z(A)| < 0.3 the attack does no measurable damage at this budget",
+        "measurable": abs(a["d_z"]) >= 0.3}
+    return out
+
+
+def verdict(row: dict, confirmatory: bool) -> str:
+    low, high = row["ci_low"], row["ci_high"]
+    excludes = low > 0 or high < 0
+    if confirmatory:
+        ok = excludes and row.get("p_holm") is not None and row["p_holm"] < 0.05
+        return ("established: " + ("> 0" if low > 0 else "< 0")) if ok else "not established"
+    return "interval excludes 0 (exploratory)" if excludes else "interval includes 0"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Replicate analysis: {result['experiment']}", "", result["purpose"], "",
+             "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
+             "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
+             "declared family of the primary metric Holm's adjusted p. Decision rule (declared in EVIDENCE.md): "
+             "a confirmatory question is answered when its Holm-adjusted p < 0.05 and its interval excludes 0.", ""]
+    for metric, block in result["metrics"].items():
+        primary = metric == result["primary"]
+        lines += [f"## {block['label']}" + (" (primary)" if primary else " (secondary, exploratory)"),
+                  "", "lower is better" if block["lower_is_better"] else "higher is better", ""]
+        means = ", ".join(f"{m} {v:.5g}" for m, v in block["method_means"].items() if v is not None)
+        lines += [f"Method means over replicates: {means}.", ""]
+        lines += ["| contrast | n | mean | 95% interval | d_z | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for name, row in block["contrasts"].items():
+            conf = primary and name in result["family"]
+            holm = f"{row['p_holm']:.4g}" if row.get("p_holm") is not None else ""
+            lines.append(f"| {name}{' *' if conf else ''} | {row['n']} | {row['mean']:+.4g} | "
+                         f"{row['ci_low']:+.4g} to {row['ci_high']:+.4g} | {row['d_z']:+.2f} | {row['p']:.4g} | {holm} | "
+                         f"{verdict(row, conf)} |")
+        share = block.get("remaining_share_under_lord")
+        if share:
+            lines += ["", f"Share of A remaining under LoRD: {share['value']:.3g} (95% bootstrap "
+                          f"{share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
+        lines += ["", "Contrasts: " + "; ".join(f"{c.name} = {c.question}" for c in CONTRASTS
+                                                if c.name in block["contrasts"]) + ".", ""]
+    gate = result.get("threat_gate")
+    if gate:
+        lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
+                  + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+    lines.append("`*`: the declared confirmatory family (Holm-adjusted together).")
+    return "\n".join(lines) + "\n"
+
+
+def forest_png(result: dict) -> bytes:
+    """Each contrast of the primary metric with its 95% interval (a forest plot), as PNG bytes."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    block = result["metrics"][result["primary"]]
+    rows = list(block["contrasts"].items())
+    fig = Figure(figsize=(7, 0.45 * max(len(rows), 1) + 1.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, row) in enumerate(reversed(rows)):
+        conf = name in result["family"]
+        ax.plot([row["ci_low"], row["ci_high"]], [i, i], color="black" if conf else "grey")
+        ax.plot([row["mean"]], [i], "o", color="black" if conf else "grey")
+    ax.axvline(0, color="red", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([n + (" *" if n in result["family"] else "") for n, _ in reversed(rows)])
+    ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
+    ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def report(args) -> int:
+    from lord_ops.atomic import atomic_write, atomic_write_json
+
+    declared = EXPERIMENTS[args.experiment]
+    values = replicate_values(Path(args.out), declared)
+    result = analyse(values, declared)
+    result["values"] = values
+    folder = Path(args.out) / declared.name
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "analysis.json", result)
+    text = markdown(result)
+    atomic_write(folder / "analysis.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    if result["metrics"][PRIMARY]["contrasts"]:
+        png = forest_png(result)
+        atomic_write(folder / "forest.png", lambda tmp: Path(tmp).write_bytes(png))
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
+    ap.add_argument("command", choices=("run", "report"))
+    ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
+    ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
+                    help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
+    ap.add_argument("--replicates", help="which replicates, e.g. 10-17 (default: the experiment's declared ones)")
+    ap.add_argument("--worker", help="k/K: run the replicates r with r %% K == k (several processes share the work)")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    args = ap.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
