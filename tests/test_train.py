@@ -136,6 +136,40 @@ def test_stage1_losses_fall_and_gate_separates(loaded, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())
 
 
+def test_one_branch_control_is_a_plain_lora_on_the_same_stage1_data(loaded, tmp_path):
+    """defense_branch=False (the paper's one-branch control): same data, steps and seed, but no gate
+    supervision and B' frozen at 0 on every layer -- the file adds only B A x at inference."""
+    model, clip, vae = loaded
+    data = make_data(clip, n=2)
+    config = TrainConfig(steps=4, batch_size=2, defense_branch=False, **FAST)
+    out = CT.train_stage1(model, vae, data, config, tmp_path / "cache")
+    assert all(torch.count_nonzero(w.up_defense) == 0 for w in out.lord.targets.values())
+    assert any(torch.count_nonzero(w.up) > 0 for w in out.lord.targets.values())  # B trained
+    assert "gate_bce" not in out.result.history[-1] and "one_branch" in out.report
+    assert "gate_separation_train" not in out.report
+    assert out.lord.provenance["config"]["defense_branch"] is False
+
+
+def test_heldout_loss_is_paired_and_sees_the_patched_model(loaded):
+    """The held-out denoising loss: identical arguments give identical numbers (the same noisy latents
+    for every model), and it measures the MODEL with its patches (a LoRD applied changes it)."""
+    from lord_ops.comfy.patch import init_lord_for_model
+    from lord_ops.comfy.subject_loss import heldout_loss
+
+    model, clip, vae = loaded
+    images = pictures(3, seed=5)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
+    a = heldout_loss(model, vae, images, cond, timesteps=(100, 500), draws=2, seed=3, batch_size=2)
+    b = heldout_loss(model, vae, images, cond, timesteps=(100, 500), draws=2, seed=3, batch_size=3)
+    assert a["mean"] == pytest.approx(b["mean"], rel=1e-6) and len(a["per_image"]) == 3
+    assert set(a["per_timestep"]) == {"100", "500"} and a["mean"] > 0
+    lord = init_lord_for_model(model, "attn", 4, None, 8, "silu", 0, random_up=0.5)
+    patched = heldout_loss(apply_lord(model, lord), vae, images, cond, timesteps=(100, 500), draws=2, seed=3)
+    assert abs(patched["mean"] - a["mean"]) > 1e-6
+    other = heldout_loss(model, vae, images, cond, timesteps=(100, 500), draws=2, seed=4)
+    assert other["mean"] != a["mean"]
+
+
 def test_stage1_cache_is_reused(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)

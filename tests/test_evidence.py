@@ -1,0 +1,96 @@
+"""lab.evidence: the replicate protocol (own subject bags and seeds per replicate, paired analysis).
+
+CI runs the pilot's first 2 replicates at the ``ci`` scale end to end (real runner, lab model) and
+checks the analysis against values recomputed by hand from each replicate's results.json; the
+subject sets are checked to be disjoint; the analysis maths (intervals, sign-flip p, Holm) are
+tested against scipy and hand values in tests/test_analysis.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lab import evidence as E
+from lab.data import DEMO_DIR, REPLICATE_BAGS, REPLICATE_SETS, replicate_folder
+from lord_ops import analysis as an
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pixels(path: Path) -> str:
+    from PIL import Image
+
+    return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
+
+
+def test_replicate_subjects_are_disjoint_from_each_other_and_the_demo():
+    seen: dict[str, str] = {}
+    for folder in [DEMO_DIR / "instance", DEMO_DIR / "reference"] + [replicate_folder(r) for r in range(REPLICATE_SETS)]:
+        files = sorted(folder.glob("*.png"))
+        if folder.parent.name == "replicates":
+            assert len(files) == REPLICATE_BAGS, folder
+        for f in files:
+            h = _pixels(f)
+            assert h not in seen, f"{f} repeats {seen.get(h)}"
+            seen[h] = str(f)
+    assert len({E.replicate_seed(r) for r in range(REPLICATE_SETS)}) == REPLICATE_SETS
+    assert set(E.EXPERIMENTS["defense"].replicates) <= set(E.CONFIRMATORY)
+    assert not set(E.EXPERIMENTS["pilot"].replicates) & set(E.CONFIRMATORY)
+
+
+def test_analysis_of_synthetic_replicates_matches_hand_values():
+    rng = np.random.default_rng(0)
+    declared = E.EXPERIMENTS["defense"]
+    reps = [10, 11, 12, 13, 14]
+    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in E.METRICS}
+    values["heldout_loss"]["lord"].pop(14)  # a replicate without this method: contrasts with it use 4
+    result = E.analyse(values, declared)
+    v = values["heldout_loss"]
+    rows = result["metrics"]["heldout_loss"]["contrasts"]
+    a = [v["attacking"][r] - v["clean"][r] for r in reps]
+    assert rows["A"]["n"] == 5 and rows["A"]["mean"] == pytest.approx(np.mean(a))
+    assert rows["A"]["values"] == pytest.approx(a)
+    rem = [v["lord"][r] - v["lord_clean"][r] - v["attacking"][r] + v["clean"][r] for r in reps[:4]]
+    assert rows["removal_lord"]["n"] == 4 and rows["removal_lord"]["mean"] == pytest.approx(np.mean(rem))
+    assert rows["removal_lord"]["replicates"] == reps[:4]
+    family = {k: rows[k]["p"] for k in declared.family}
+    assert {k: rows[k]["p_holm"] for k in declared.family} == pytest.approx(an.holm(family))
+    assert rows["cost_lord"]["p_holm"] is None and result["metrics"]["subject_acc"]["contrasts"]["A"]["p_holm"] is None
+    assert result["threat_gate"]["measurable"] == (abs(rows["A"]["d_z"]) >= 0.3)
+    text = E.markdown(result)
+    assert "| A * | 5 |" in text and "held-out denoising loss (primary)" in text
+    assert E.forest_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_two_replicates_at_ci_scale_run_and_are_analysed(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, "-m", "lab.evidence", "run", "pilot", "--scale", "ci", "--replicates", "0-1",
+                          "--out", str(tmp_path), "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rep = subprocess.run([sys.executable, "-m", "lab.evidence", "report", "pilot", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert rep.returncode == 0, rep.stdout[-4000:] + rep.stderr[-4000:]
+    by_hand = {}
+    for r in (0, 1):
+        folder = tmp_path / "pilot" / f"r{r:03d}"
+        config = (folder / "exp.toml").read_text()
+        assert f"seed = {1000 + r}" in config and f"replicates/r{r:03d}" in config  # own seed, own subject
+        methods = json.loads((folder / "run" / "report" / "results.json").read_text())["methods"]
+        assert set(methods) == set(E.DEFENSE_METHODS)
+        loss = {m: methods[m]["metrics"]["heldout_loss"] for m in methods}
+        assert all(len(x["per_image"]) == E.HELDOUT_IMAGES["ci"] and x["mean"] > 0 for x in loss.values())
+        by_hand[r] = loss["attacking"]["mean"] - loss["clean"]["mean"]
+        assert methods["onebranch"]["one_branch"] and methods["lord"]["lord"]
+    result = json.loads((tmp_path / "pilot" / "analysis.json").read_text())
+    a = result["metrics"]["heldout_loss"]["contrasts"]["A"]
+    assert a["n"] == 2 and a["replicates"] == [0, 1] and a["values"] == pytest.approx([by_hand[0], by_hand[1]])
+    assert (tmp_path / "pilot" / "forest.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Replicate analysis: pilot" in (tmp_path / "pilot" / "analysis.md").read_text()
