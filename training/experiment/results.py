@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import platform
 from pathlib import Path
@@ -19,6 +18,10 @@ from training.experiment.context import ExperimentContext
 from training.experiment.methods import Variant
 
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
+SINGLE_RUN_NOTE = ("one training run per method: a difference between two rows includes the seed-to-seed spread "
+                   "of training, which on the lab model is as large as the attack's effect. Whether a defense "
+                   "undoes the attack's damage is a question for independent replicates with paired differences "
+                   "and intervals: python -m lab.evidence (EVIDENCE.md)")
 
 
 def method_metrics(ctx: ExperimentContext, vid: str) -> dict:
@@ -44,13 +47,6 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
                       "metrics": method_metrics(ctx, vid),
                       "train": ctx.plan.result(f"train/{vid}")}
-    if "clean" in methods and "attacking" in methods:
-        for m, entry in methods.items():
-            if m not in ("clean", "attacking"):
-                entry["recovered"], skipped = damage_undone(methods["clean"]["metrics"],
-                                                            methods["attacking"]["metrics"], entry["metrics"])
-                if skipped:
-                    entry["recovered_skipped"] = skipped
     sweep = None
     if sweep_points:
         sweep = {"shares": list(exp.sweep_shares), "labels": dict(SWEEP_SERIES),
@@ -84,12 +80,7 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
                         "paper_dataset": exp.paper_dataset, "resolution": exp.resolution},
             "metrics": metrics, "methods": methods, "sweep": sweep, "detection": detection,
             "perturbation": perturbation, "provenance": provenance(ctx),
-            "recovered_definition": "share of the Clean-Attacking gap a method closes, per metric: "
-                                    "(method - attacking) / (clean - attacking); 100% = as good as training "
-                                    "on the clean images, 0% = no better than training on the protected ones. "
-                                    "Computed only where the gap exceeds twice its noise (CLIP-IQA: standard "
-                                    "error over the images; KID: spread over subsets; FID/FD: bootstrap over "
-                                    "the generated images)"}
+            "single_run_note": SINGLE_RUN_NOTE}
 
 
 def provenance(ctx: ExperimentContext) -> dict:
@@ -105,42 +96,6 @@ def provenance(ctx: ExperimentContext) -> dict:
             "attack": ctx.plan.result("protect")["attack"] if exp.mode == "protocol" else {
                 "given": str(exp.protected_images)},
             "stage1": stage1, "stages": {n: ctx.plan.full_digest(n) for n in ctx.plan.stages}}
-
-
-def damage_undone(clean: dict, attacking: dict, method: dict) -> tuple[dict, dict]:
-    """Per metric, the share of the Clean-Attacking gap that ``method`` closes:
-    ``(method - attacking) / (clean - attacking)`` (1 = as good as Clean, 0 = no better than
-    Attacking), only where the gap exceeds twice its noise (:func:`_spread` of both rows); the
-    skipped metrics come back with the reason. Arguments: ``{metric: score entry}`` of each row."""
-    recovered, skipped = {}, {}
-    for metric, entry in method.items():
-        c, a, x = (_headline(row.get(metric)) for row in (clean, attacking, method))
-        if None in (c, a, x):
-            continue
-        gap, noise = c - a, math.hypot(_spread(clean[metric]), _spread(attacking[metric]))
-        if abs(gap) > 2 * noise and abs(gap) > 1e-12:
-            recovered[metric] = (x - a) / gap
-        else:
-            skipped[metric] = (f"Clean-Attacking gap {gap:.4g} is within twice its noise ({noise:.4g}): "
-                               f"the attack did not measurably change this metric")
-    return recovered, skipped
-
-
-def _spread(entry: dict) -> float:
-    """Noise of a method's headline number: the standard error over images for per-image metrics,
-    else the reported spread (KID subsets, FD bootstrap), else 0."""
-    if entry.get("per_image"):
-        return float(entry.get("std", 0.0)) / math.sqrt(len(entry["per_image"]))
-    return float(entry.get("std", 0.0) or 0.0)
-
-
-def _headline(entry):
-    if not entry:
-        return None
-    for k in ("mean", "value"):
-        if k in entry:
-            return float(entry[k])
-    return None
 
 
 def _jsonable(value):

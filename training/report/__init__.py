@@ -26,8 +26,7 @@ every other block may be absent or null)::
      "methods": {"<id>": {"label", "row": int, "trained_on", "stage2_mode", "lord": bool,
                           "samples": ["images/<id>/0000.png", ...],      # relative to out_dir
                           "metrics": {"clip_iqa": {"mean", "std", "per_image"}, "fid": {"value"},
-                                      "kid": {"mean", "std"}, "<id>": {"missing": "<reason>"}},
-                          "recovered": {"<metric id>": fraction}}},      # optional
+                                      "kid": {"mean", "std"}, "<id>": {"missing": "<reason>"}}}},
      "sweep": {"shares": [0, 0.5, 1.0],                                  # fractions 0..1 (plotted as %)
                "series": {"plain": [{"share", "method", "metrics"?}], "lord": [...]}} | null,
      "detection": {"available": true, "attack", "summary": lord_ops.metrics.detection_summary(...),
@@ -48,8 +47,8 @@ Optional fields this module reads beyond the contract (all may be absent):
 * ``methods[id]["paper_row"]``: the paper's Table I row (``"Attacking"``, ``"PGD-2 defense"``,
   ``"LoRD"``) the method corresponds to, for the side-by-side table; without it a method whose
   ``label`` equals a paper row name (case-insensitive) is matched.
-* ``results["recovered_definition"]``: one sentence that defines the "damage undone" column
-  (default: the share of the Clean - Attacking gap the method closes).
+* ``results["single_run_note"]``: how to read differences between the rows of one run (shown under
+  the table).
 * ``provenance["attack"]``: the attack preset, a string or a dict with ``"preset"``; else
   ``provenance["config"]["attack"]["preset"]``, else ``perturbation["attack"]["preset"]`` (or
   ``["name"]``), else ``detection["attack"]``.

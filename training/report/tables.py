@@ -3,7 +3,6 @@ the matching dataset, else whole and marked not comparable) and ``table1.md``.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -35,31 +34,6 @@ PAPER_ROWS = ("Attacking", "PGD-2 defense", "LoRD")
 PAPER_DATASETS = ("CelebA-HQ", "VGGFace2", "Landscape")
 PAPER_SETTING = ("Stable Diffusion 1.x, the mist-v2 ACE attack, 100 generated images per row, FID against the "
                  "clean Stage-2 images, CLIP-IQA with 'A good/bad photo of a {class}'")
-
-
-def _percent(v) -> str:
-    return f"{v * 100:.0f}%"
-
-
-def _recovered_cell(results: dict, method: dict) -> str:
-    rec = method.get("recovered")
-    if not isinstance(rec, dict) or not rec:
-        return "—"
-    metrics = results.get("metrics") or {}
-    parts = []
-    for mid in metric_ids(results) + sorted(k for k in rec if k not in metrics):
-        if mid not in rec:
-            continue
-        meta = metrics.get(mid) or {}
-        label = metric_label(mid, meta)
-        v = rec[mid]
-        if mid in metrics and not meta.get("available", False):
-            parts.append(f"{label} missing")
-        elif is_number(v) and math.isfinite(v):
-            parts.append(f"{label} {_percent(v)}")
-        else:
-            parts.append(f"{label} n/a")
-    return " · ".join(parts) if parts else "—"
 
 
 def _norm_dataset(name) -> str:
@@ -147,7 +121,7 @@ def setting_lines(results: dict) -> list[str]:
 
 def table1(results: dict) -> tuple[list[str], list[list[str]]]:
     mids = metric_ids(results)
-    header = ["Method", "Trained on"] + [metric_header(m, results["metrics"][m]) for m in mids] + ["Damage undone"]
+    header = ["Method", "Trained on"] + [metric_header(m, results["metrics"][m]) for m in mids]
     rows = []
     for _mid, m in ordered_methods(results):
         label = str(m.get("label", _mid))
@@ -157,7 +131,6 @@ def table1(results: dict) -> tuple[list[str], list[list[str]]]:
         cells = [label, trained]
         for metric_id in mids:
             cells.append(metric_cell(results, metric_id, (m.get("metrics") or {}).get(metric_id)))
-        cells.append(_recovered_cell(results, m))
         rows.append(cells)
     return header, rows
 
@@ -188,21 +161,8 @@ def table_notes(results: dict) -> list[str]:
         if mid == "fid" and label != "FID" and meta.get("available"):
             notes.append(f"{label} is a Fréchet distance on another feature extractor, not FID: "
                          "its values are not comparable with the paper's FID.")
-    definition = results.get("recovered_definition")
-    if not any(isinstance(m.get("recovered"), dict) and m["recovered"] for _, m in ordered_methods(results)):
-        if any(m.get("recovered_skipped") for _, m in ordered_methods(results)):
-            notes.append("Damage undone: not computed -- the Clean-Attacking gap is within its noise for every "
-                         "metric (the attack did not measurably change them; see recovered_skipped in results.json).")
-        else:
-            notes.append("Damage undone: not computed in this run (it needs a Clean and an Attacking row).")
-        return notes
-    if not definition and results.get("mode") == "artist":
-        definition = ("share of the quality gap the method closes, as recorded by the runner (artist mode has no "
-                      "Clean row; see results.json)")
-    if not definition:
-        definition = ("share of the gap between the Clean and the Attacking rows that the method closes, per "
-                      "metric (100% = as good as Clean, 0% = no better than Attacking)")
-    notes.append(f"Damage undone: {definition}; — where it does not apply.")
+    if results.get("single_run_note"):
+        notes.append(f"Reading the rows: {results['single_run_note']}.")
     return notes
 
 
