@@ -1,8 +1,9 @@
-"""Purification baselines that need no model: JPEG re-compression.
+"""Purification baselines that need no model: JPEG re-compression and Gaussian noise.
 
 Hönig et al. 2024 ("Adversarial perturbations cannot reliably protect artists from generative AI")
 show that simple purifications often remove protective perturbations; the pack measures them beside
-LoRD. The model-based baseline (DiffPure-style img2img) is ``lord_ops.comfy.generate.diffpure``.
+LoRD. Their ICLR 2025 version finds plain Gaussian noise (sigma 0.05 on [0, 1] pixels) a strong
+baseline. The model-based baseline (DiffPure-style img2img) is ``lord_ops.comfy.generate.diffpure``.
 
 Images are "U8 images": ``torch.uint8`` tensors ``[N, H, W, 3]`` (pixel levels 0..255, RGB).
 """
@@ -54,4 +55,22 @@ def jpeg_recompress(images_u8: torch.Tensor, quality: int = 75) -> torch.Tensor:
         buffer.seek(0)
         with Image.open(buffer) as decoded:
             out.append(torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()))
+    return torch.stack(out)
+
+
+GAUSSIAN_SIGMA = 0.05  # Hönig et al. (ICLR 2025): noise on [0, 1] pixels
+
+
+def gaussian_noise(images_u8: torch.Tensor, sigma: float = GAUSSIAN_SIGMA, seed: int = 0) -> torch.Tensor:
+    """Add ``N(0, sigma^2)`` noise to every pixel (``sigma`` on the [0, 1] scale, i.e. ``255 * sigma``
+    levels), clamp and round back to 8 bits: ``[N, H, W, 3]`` uint8 in, same out. Image ``i`` draws
+    its noise from seed ``(seed, i)`` (reproducible, independent of the batch it is in)."""
+    images = check_u8_images(images_u8, "gaussian_noise images")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma <= 1:
+        raise ValueError(f"gaussian noise sigma is a share of the [0, 1] pixel range in (0, 1], got {sigma!r}")
+    out = []
+    for i, image in enumerate(images):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
+        noisy = image.float() / 255 + sigma * torch.randn(image.shape, generator=g)
+        out.append((noisy.clamp(0, 1) * 255).round().to(torch.uint8))
     return torch.stack(out)

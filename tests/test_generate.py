@@ -71,6 +71,21 @@ def test_jpeg_refuses_float_images():
         jpeg_recompress(noisy(1).float() / 255)
 
 
+def test_gaussian_noise_purification_has_the_stated_sigma_and_is_reproducible():
+    from lord_ops.purify import gaussian_noise
+
+    images = torch.full((2, 64, 64, 3), 128, dtype=torch.uint8)
+    a, b = gaussian_noise(images, 0.05, seed=1), gaussian_noise(images.clone(), 0.05, seed=1)
+    assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
+    sd = (a.float() - 128).std().item()
+    assert abs(sd - 0.05 * 255) < 0.5, sd  # 12.75 levels (rounding adds ~0.3 % of variance)
+    assert not torch.equal(gaussian_noise(images, 0.05, seed=2), a)
+    assert torch.equal(gaussian_noise(images[1:], 0.05, seed=1)[0], a[1]) is False  # image i draws from (seed, i)
+    assert torch.equal(gaussian_noise(images, 0.05, seed=1)[1], a[1])
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_noise(images, 5.0)
+
+
 # ----------------------------------------------------------------------------------------------- text to image
 
 

@@ -25,6 +25,7 @@ METHODS = {
     "pgd2_defense": ("PGD-2 defense", "pgd2_defense", "protected"),
     "jpeg": ("JPEG", "plain", "jpeg"),
     "diffpure": ("DiffPure-style", "plain", "diffpure"),
+    "noise": ("Gaussian noise", "plain", "noise"),
     "lord": ("LoRD", "lord", "protected"),
     "lord_clean": ("LoRD, clean images", "lord", "clean"),
     "onebranch": ("One-branch control", "onebranch", "protected"),
@@ -107,6 +108,7 @@ class Experiment:
     methods: tuple = DEFAULT_METHODS
     jpeg_quality: int = 75
     diffpure_strength: float = 0.2
+    noise_sigma: float = 0.05  # Gaussian-noise purification, share of the [0, 1] pixel range (Hönig et al. 2025)
     diffpure_steps: int = 20
     sweep_shares: tuple = ()
     sweep_series: tuple = ("plain", "lord")
@@ -145,6 +147,7 @@ SCHEMA = {
                  for f in dataclasses.fields(Sampling)},
     "methods": {"run": ("methods", "list")},
     "purification": {"jpeg_quality": ("jpeg_quality", "int"), "diffpure_strength": ("diffpure_strength", "float"),
+                     "noise_sigma": ("noise_sigma", "float"),
                      "diffpure_steps": ("diffpure_steps", "int")},
     "sweep": {"shares": ("sweep_shares", "list"), "series": ("sweep_series", "list")},
     "metrics": {"clip_iqa_model": ("metrics.clip_iqa_model", "str"), "clip_iqa_weights": ("metrics.clip_iqa_weights", "file"),
@@ -317,6 +320,8 @@ def validate(exp: Experiment, raw: dict) -> None:
         need(getattr(s, key) >= 1, f"[sampling] {key}", f"must be >= 1, got {getattr(s, key)}")
     need(s.cfg > 0, "[sampling] cfg", f"must be > 0, got {s.cfg}")
     need(1 <= exp.jpeg_quality <= 95, "[purification] jpeg_quality", f"must be 1..95, got {exp.jpeg_quality}")
+    need(0 < exp.noise_sigma <= 1, "[purification] noise_sigma",
+         f"must be in (0, 1] (a share of the [0, 1] pixel range; Hönig et al. use 0.05), got {exp.noise_sigma}")
     need(0 < exp.diffpure_strength <= 1, "[purification] diffpure_strength",
          f"must be in (0, 1] (img2img denoise), got {exp.diffpure_strength}")
     need(exp.diffpure_steps >= 1, "[purification] diffpure_steps", f"must be >= 1, got {exp.diffpure_steps}")

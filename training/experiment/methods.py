@@ -12,7 +12,7 @@ import dataclasses
 from training.experiment_config import METHODS
 from training.experiment.context import ExperimentContext
 
-PURIFIERS = ("jpeg", "diffpure")
+PURIFIERS = ("jpeg", "diffpure", "noise")
 STAGE1_OF = {"lord": "stage1", "onebranch": "stage1_onebranch"}  # Stage-2 mode -> its Stage-1 stage
 
 

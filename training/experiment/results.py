@@ -15,7 +15,7 @@ from lord_ops import tool_version
 from lord_ops.metrics import perturbation_stats
 from training.experiment_config import METHODS, SWEEP_SERIES, train_config
 from training.experiment.context import ExperimentContext
-from training.experiment.methods import Variant
+from training.experiment.methods import PURIFIERS, Variant
 
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
 SINGLE_RUN_NOTE = ("one training run per method: a difference between two rows includes the seed-to-seed spread "
@@ -43,7 +43,7 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
         sample = ctx.plan.result(f"sample/{vid}")
         methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": Variant(mode, images).stage2_mode,
                       "lord": mode == "lord", "one_branch": mode == "onebranch",
-                      "trained_on": {"jpeg": "jpeg(protected)", "diffpure": "diffpure(protected)"}.get(images, images),
+                      "trained_on": (f"{images}(protected)" if images in PURIFIERS else images),
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
                       "metrics": method_metrics(ctx, vid),
                       "train": ctx.plan.result(f"train/{vid}")}

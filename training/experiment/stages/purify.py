@@ -1,12 +1,12 @@
 """Stages ``purify/<purifier>``: the protected images purified, for the baselines that train on them
-(``jpeg``: JPEG re-compression; ``diffpure``: DiffPure-style img2img with the model itself). Only the
-purifiers some method trains on are planned."""
+(``jpeg``: JPEG re-compression; ``diffpure``: DiffPure-style img2img with the model itself; ``noise``:
+Gaussian noise, Hönig et al. 2025). Only the purifiers some method trains on are planned."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lord_ops.comfy.generate import diffpure
-from lord_ops.purify import jpeg_recompress
+from lord_ops.purify import gaussian_noise, jpeg_recompress
 from training.experiment.context import ExperimentContext, sampling_config
 from training.experiment.images import hwc, save_png
 from training.experiment.methods import PURIFIERS, Variant
@@ -27,6 +27,8 @@ def settings_key(ctx: ExperimentContext, purifier: str) -> dict:
     exp = ctx.exp
     if purifier == "jpeg":
         return {"jpeg_quality": exp.jpeg_quality}
+    if purifier == "noise":
+        return {"sigma": exp.noise_sigma, "seed": exp.seed}
     return {"strength": exp.diffpure_strength, "steps": exp.diffpure_steps, "prompt": exp.class_text,
             "seed": exp.seed, "sampler": exp.sampling.sampler, "scheduler": exp.sampling.scheduler,
             "cfg": exp.sampling.cfg, "negative": exp.sampling.negative}
@@ -41,6 +43,11 @@ def run(ctx: ExperimentContext, folder: Path, purifier: str) -> dict:
         for i, n in enumerate(ctx.names):
             save_png(out / f"{n}.png", done[i].permute(2, 0, 1))
         return {"images": len(ctx.names), "jpeg_quality": exp.jpeg_quality}
+    if purifier == "noise":
+        done = gaussian_noise(hwc([prot[n] for n in ctx.names]), exp.noise_sigma, exp.seed)
+        for i, n in enumerate(ctx.names):
+            save_png(out / f"{n}.png", done[i].permute(2, 0, 1))
+        return {"images": len(ctx.names), "sigma": exp.noise_sigma}
     model, clip, vae = ctx.rt.models()
     cfg = sampling_config(exp, steps=exp.diffpure_steps, batch_size=1)
     for i, n in enumerate(ctx.names):
