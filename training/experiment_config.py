@@ -31,6 +31,15 @@ METHODS = {
     "onebranch": ("One-branch control", "onebranch", "protected"),
     "onebranch_clean": ("One-branch control, clean images", "onebranch", "clean"),
 }
+# the oracle gate factorial: lord_g<t><s> = gate t during Stage-2 training, s at sampling (l learned, 0, 1)
+_GATE_WORDS = {"l": "learned", "0": "0", "1": "1"}
+for _t in "l01":
+    for _s in "l01":
+        if _t + _s != "ll":
+            METHODS[f"lord_g{_t}{_s}"] = (f"LoRD, gate {_GATE_WORDS[_t]} in training / {_GATE_WORDS[_s]} at sampling",
+                                          f"lord_g{_t}{_s}", "protected")
+            METHODS[f"lord_clean_g{_t}{_s}"] = (f"LoRD, clean images, gate {_GATE_WORDS[_t]} in training / "
+                                                f"{_GATE_WORDS[_s]} at sampling", f"lord_g{_t}{_s}", "clean")
 DEFAULT_METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord")
 ARTIST_METHODS = ("clean", "attacking", "jpeg", "diffpure", "lord")
 SWEEP_SERIES = {"plain": "LoRA (plain)", "lord": "LoRD"}

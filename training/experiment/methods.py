@@ -14,23 +14,41 @@ from training.experiment.context import ExperimentContext
 
 PURIFIERS = ("jpeg", "diffpure", "noise")
 STAGE1_OF = {"lord": "stage1", "onebranch": "stage1_onebranch"}  # Stage-2 mode -> its Stage-1 stage
+# the oracle gate settings of a ``lord_g<t><s>`` mode: t = gate during Stage-2 training, s = at sampling
+GATE_CODES = {"l": "learned", "0": "clean", "1": "defense"}
 
 
 @dataclasses.dataclass
 class Variant:
     """One Stage-2 run: a mode on a set of training images."""
 
-    mode: str  # plain | pgd2_defense | lord | onebranch
-    images: str  # clean | protected | jpeg | diffpure | mix<k>
+    mode: str  # plain | pgd2_defense | lord | lord_g<t><s> | onebranch
+    images: str  # clean | protected | jpeg | diffpure | noise | mix<k>
 
     @property
     def id(self) -> str:
         return f"{self.mode}-{self.images}"
 
     @property
+    def gates(self) -> tuple[str, str]:
+        """The LoRD's gate mode (``lord_ops.layer.GATE_MODES``) during Stage-2 training and at sampling:
+        learned for ``lord``; ``lord_g<t><s>`` forces them (t, s in l = learned, 0 = clean, 1 = defense)."""
+        if self.mode.startswith("lord_g") and len(self.mode) == 8:
+            return GATE_CODES[self.mode[6]], GATE_CODES[self.mode[7]]
+        return "learned", "learned"
+
+    @property
+    def train_id(self) -> str:
+        """The Stage-2 training run this variant samples from (gate variants that train alike share it)."""
+        if self.mode.startswith("lord_g"):
+            code = self.mode[6]
+            return f"lord-{self.images}" if code == "l" else f"lord_g{code}-{self.images}"
+        return self.id
+
+    @property
     def lord(self):
         """The Stage-1 stage whose adapter is live in this run (``stage1``, ``stage1_onebranch``) or None."""
-        return STAGE1_OF.get(self.mode)
+        return STAGE1_OF.get("lord" if self.mode.startswith("lord_g") else self.mode)
 
     @property
     def stage2_mode(self) -> str:

@@ -39,14 +39,16 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
     methods = {}
     for row, m in enumerate(exp.methods):
         label, mode, images = METHODS[m]
-        vid = Variant(mode, images).id
+        variant = Variant(mode, images)
+        vid = variant.id
         sample = ctx.plan.result(f"sample/{vid}")
-        methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": Variant(mode, images).stage2_mode,
-                      "lord": mode == "lord", "one_branch": mode == "onebranch",
+        methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": variant.stage2_mode,
+                      "lord": variant.lord == "stage1", "one_branch": mode == "onebranch",
+                      "gates": dict(zip(("training", "sampling"), variant.gates)) if variant.lord else None,
                       "trained_on": (f"{images}(protected)" if images in PURIFIERS else images),
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
                       "metrics": method_metrics(ctx, vid),
-                      "train": ctx.plan.result(f"train/{vid}")}
+                      "train": ctx.plan.result(f"train/{variant.train_id}")}
     sweep = None
     if sweep_points:
         sweep = {"shares": list(exp.sweep_shares), "labels": dict(SWEEP_SERIES),

@@ -84,8 +84,12 @@ class ExperimentRunner:
         variants, self.sweep = plan_variants(ctx)
         planned = [*protect.stages(ctx), *stage1.stages(ctx, variants), *detect.stages(ctx),
                    *purify.stages(ctx, variants), *reference.stages(ctx)]
+        trained = set()
         for v in variants:
-            planned += [train.stage(ctx, v), sample.stage(ctx, v), score.stage(ctx, v)]
+            if v.train_id not in trained:  # gate variants that train alike share one Stage-2 run
+                trained.add(v.train_id)
+                planned.append(train.stage(ctx, v))
+            planned += [sample.stage(ctx, v), score.stage(ctx, v)]
             planned += [st for st in (heldout.stage(ctx, v),) if st is not None]
         for st in planned:
             ctx.plan.add(st)

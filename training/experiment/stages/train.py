@@ -20,9 +20,12 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     exp = ctx.exp
     key = {**ctx.base_key(), "images": set_key(ctx, v.images), "prompt": exp.prompt, "class_images": ctx.class_key(),
            "config": train_config(exp, "stage2", v.stage2_mode).to_dict(), "lord": ctx.lord_key(v.lord) if v.lord else None}
-    return Stage(f"train/{v.id}", key, lambda folder: run(ctx, folder, v),
+    if v.gates[0] != "learned":
+        key["gate"] = v.gates[0]
+    return Stage(f"train/{v.train_id}", key, lambda folder: run(ctx, folder, v),
                  needs=set_needs(ctx, v.images) + (ctx.lord_needs(v.lord) if v.lord else ()),
-                 describe=f"Stage-2 LoRA, mode {v.mode}, on the {v.images} images")
+                 describe=f"Stage-2 LoRA, mode {v.mode}, on the {v.images} images"
+                          + (f", LoRD gate {v.gates[0]}" if v.gates[0] != "learned" else ""))
 
 
 def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
@@ -31,7 +34,7 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     images = image_set(ctx, v.images)
     model, clip, vae = ctx.rt.models()
     if v.lord:
-        model = ctx.lord_model(model, v.lord)
+        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[0])
     cond = ctx.rt.encode(exp.prompt)
     class_images, class_conds = [], []
     if exp.class_images is not None:
@@ -41,7 +44,7 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     data = TrainingData([images[n] for n in names], [cond] * len(names), [exp.prompt] * len(names),
                         class_images, class_conds)
     result = train_stage2(model, vae, data, config, folder / "pgd_cache", folder / "checkpoint.pt",
-                          on_step=ctx.on_step(f"train {v.id}"))
+                          on_step=ctx.on_step(f"train {v.train_id}"))
     save_kohya_lora(folder / "lora.safetensors", result.lora, kohya_metadata(config, model_family(model), result.report))
     return {"lora": "lora.safetensors", "mode": v.mode, "images": v.images, "steps": config.steps,
             "final_loss": result.report["final"]["loss"]}
