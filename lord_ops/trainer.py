@@ -405,7 +405,8 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
     finished terms detached. One optimizer step sees
     ``batch_size * grad_accumulation * world_size`` samples. Under an initialised process group the
     parameters are wrapped in DDP; only rank 0 writes checkpoints. ``on_step`` runs after each
-    optimizer step (progress, logs, cancellation: raise to stop -- the last checkpoint stays).
+    optimizer step (progress, logs, cancellation: raise to stop -- the finished step is checkpointed
+    first, weights + optimizer + step, so a rerun resumes from it).
     A checkpoint at ``checkpoint_path`` from an earlier run with the same trajectory settings and the
     same ``identity`` (digests of what the run trains on: dataset, model, LoRD) is resumed; one from
     different settings or inputs is refused, naming what differs.
@@ -511,12 +512,18 @@ def train(config: TrainConfig, trainable: torch.nn.Module, sample_losses: Callab
                                      f"fp32; the last checkpoint is kept")
         history.append(entry)
         seen += n
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+        if saved:
             checkpoint(step + 1)
         if world > 1:
             torch.distributed.barrier()
         if on_step is not None:
-            on_step(StepRecord(step + 1, config.steps, entry["loss"],
-                               {k: v for k, v in entry.items() if k not in ("step", "loss")},
-                               time.perf_counter() - t0, seen))
+            try:
+                on_step(StepRecord(step + 1, config.steps, entry["loss"],
+                                   {k: v for k, v in entry.items() if k not in ("step", "loss")},
+                                   time.perf_counter() - t0, seen))
+            except BaseException:  # Cancel (ComfyUI's interrupt), Ctrl+C: keep this finished step, then stop
+                if not saved:
+                    checkpoint(step + 1)
+                raise
     return TrainResult(history, start, config.steps)

@@ -70,3 +70,45 @@ def test_detect_needs_a_lord(loaded):
     model, vae, cond = loaded
     with pytest.raises(ValueError, match="no LoRD applied"):
         LoRDDetect.execute(model, vae, torch.zeros(1, 64, 64, 3), cond, 200, 0)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "plain"])
+def test_detect_builds_no_autograd_graph(loaded, implementation):
+    """Detect called with gradients enabled (the runner's detect stage, a script) records its gates
+    without an autograd graph: no returned tensor requires grad, no recorded gate has a grad_fn, and
+    reading a score as a Python float raises no requires_grad-to-scalar warning, and autograd saves
+    no tensor for backward (the VAE encode and the UNet pass included)."""
+    import warnings
+
+    from lord_ops.comfy import detection
+
+    model, vae, cond = loaded
+    lord = patch.init_lord_for_model(model, random_up=0.05, seed=3)
+    lorded = patch.apply_lord(model, lord, implementation=implementation)
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    recorded = []
+    real = detection.record_gates
+
+    def spy(*args, **kwargs):
+        records, spatial = real(*args, **kwargs)
+        recorded.extend(records)
+        return records, spatial
+
+    saved = []  # autograd saves tensors for backward only while it builds a graph
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*requires_grad=True to a scalar")
+        with pytest.MonkeyPatch.context() as mp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mp.setattr(detection, "record_gates", spy)
+            found = detection.detect(lorded, vae, images, cond, 200, 0)
+        float(found.scores[0])
+    assert not saved, f"detect built an autograd graph ({len(saved)} tensors saved for backward)"
+    assert recorded and all(lam.grad_fn is None and not lam.requires_grad for _, lam in recorded)
+    assert not found.scores.requires_grad and not found.heat.requires_grad
+    assert not any(m.requires_grad for m in found.maps.values())
+    assert torch.is_grad_enabled()  # the caller's grad mode is restored

@@ -127,3 +127,12 @@ def test_server_serves_each_page_and_picture_at_the_frontends_url(tmp_path_facto
             for link in page_images(node_id):
                 status, body = fetch(base + link)
                 assert status == 200 and body == (DOCS / link).read_bytes(), f"{base}{link}: {status}"
+
+
+@pytest.mark.parametrize("node_id", ["LoRDTrainStage1", "LoRDTrainStage2"])
+def test_trainer_pages_say_what_cancel_keeps(node_id):
+    text = page(node_id)
+    assert "## Cancel" in text
+    section = text.split("## Cancel", 1)[1].split("\n## ", 1)[0]
+    for needed in ("output/lord_training/<run_name>/checkpoint.pt", "optimizer state", "step", "resume"):
+        assert needed in section, f"{node_id}.md, Cancel: say {needed!r}"

@@ -400,9 +400,9 @@ def test_resume_after_interruption_gives_the_same_weights(loaded, tmp_path):
         with pytest.raises(Stop):
             CT.train_stage1(model, vae, data, config, tmp_path / "cache", tmp_path / "b.pt", on_step=stop_at_7,
                             evaluate=False)
-        assert T.load_checkpoint(tmp_path / "b.pt")["step"] == 6  # the last checkpoint is kept
+        assert T.load_checkpoint(tmp_path / "b.pt")["step"] == 7  # the finished step is checkpointed before stopping
         resumed = CT.train_stage1(model, vae, data, config, tmp_path / "cache", tmp_path / "b.pt", evaluate=False)
-        assert resumed.result.resumed_from == 6
+        assert resumed.result.resumed_from == 7
         for name, w in straight.lord.targets.items():
             for field, t in w.tensors().items():
                 assert torch.equal(t, resumed.lord.targets[name].tensors()[field]), (name, field)
@@ -765,6 +765,89 @@ def test_stage1_node_checkpoints_resumes_and_saves(loaded, tmp_path, monkeypatch
     cfg = train_config("stage1", p, attack_preset=p["perturbations"], attack_epsilon=p["attack_strength"] or None,
                   attack_step_size=p["attack_step_size"] or None, attack_steps=p["attack_steps"] or None)
     assert cfg.attack_config() == dataclasses.replace(PRESETS["ace_fixed"], seed=0)
+
+
+@pytest.fixture()
+def cancel_at(monkeypatch):
+    """``cancel_at(step, steps)``: the user presses Cancel while optimizer step ``step`` of a ``steps``-step
+    run is reported (ComfyUI's own interrupt flag, raised by the node's progress callback as in the
+    server). Returns the optimizer steps the progress bar reported."""
+    import comfy.model_management
+    import comfy.utils
+
+    reported = []
+
+    def arm(step, steps):
+        reported.clear()
+
+        def hook(value, total, preview, prompt_id=None, node_id=None):
+            if total == steps:  # the optimizer-step bar (the data bar counts images)
+                reported.append(value)
+                if value == step:
+                    comfy.model_management.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(hook)
+        return reported
+
+    yield arm
+    comfy.utils.set_progress_bar_global_hook(None)
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def assert_cancel_checkpoint(ckpt, step):
+    """The checkpoint a Cancel leaves: this step, the adapter weights and AdamW's state after it."""
+    state = T.load_checkpoint(ckpt)
+    assert state["step"] == step and len(state["history"]) == step
+    opt = state["optimizer"]["state"]
+    assert opt and all(int(s["step"]) == step and s["exp_avg"].abs().sum() > 0 for s in opt.values())
+    return state
+
+
+def test_cancel_keeps_a_resumable_checkpoint_in_both_stages(loaded, tmp_path, monkeypatch, cancel_at):
+    """Cancel in the middle of a run (not on a checkpoint_every step) writes the finished step's checkpoint
+    -- weights, optimizer state, step -- before the interrupt propagates; queueing again resumes there."""
+    import comfy.model_management
+    import folder_paths
+
+    from comfyui_lord.nodes.train import LoRDTrainStage1, LoRDTrainStage2
+
+    model, clip, vae = loaded
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    runs = tmp_path / "output" / "lord_training"
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(f"a photo of sks person {i}")) for i in range(2)]
+    images = [torch.stack(pictures(2)).movedim(1, -1)]
+    s1 = node_widgets(steps=4, checkpoint_every=100, run_name="cancel1", gate_hidden=8, lambda_adv=1.0,
+                      lambda_gate=1.0, attack_strength=16.0, attack_step_size=8.0, attack_steps=1,
+                      online_perturbations=False, perturbations="pgd_2", heldout_attack_steps=1)
+    latents = {"samples": data_mod.encode_images(vae, None, pictures(2)).float()}
+    s2 = node_widgets(steps=5, checkpoint_every=100, run_name="cancel2", mode="plain", prior_weight=1.0)
+    with torch.inference_mode():  # as in the server
+        reported = cancel_at(2, 4)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            LoRDTrainStage1.execute([model], [vae], images, conds, **s1)
+        assert reported == [1, 2]
+        state = assert_cancel_checkpoint(runs / "cancel1" / "checkpoint.pt", 2)
+        assert any(k.endswith("up_defense") for k in state["trainable"])  # the LoRD's tensors, B' included
+        state["history"][0]["loss"] = 123.0  # a mark: a resumed run keeps the saved history, a restart would not
+        T.save_checkpoint(runs / "cancel1" / "checkpoint.pt", state)
+        reported = cancel_at(-1, 4)
+        loss_map = LoRDTrainStage1.execute([model], [vae], images, conds, **s1).args[2]
+        assert reported == [3, 4] and loss_map["loss"][0] == 123.0 and len(loss_map["loss"]) == 4
+        assert T.load_checkpoint(runs / "cancel1" / "checkpoint.pt")["step"] == 4
+
+        reported = cancel_at(3, 5)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            LoRDTrainStage2.execute([model], [conds[0]], latents=[latents], **s2)
+        assert reported == [1, 2, 3]
+        state = assert_cancel_checkpoint(runs / "cancel2" / "checkpoint.pt", 3)
+        assert len(state["optimizer"]["state"]) == len(state["trainable"])  # every LoRA tensor trains
+        state["history"][0]["loss"] = 123.0
+        T.save_checkpoint(runs / "cancel2" / "checkpoint.pt", state)
+        reported = cancel_at(-1, 5)
+        loss_map = LoRDTrainStage2.execute([model], [conds[0]], latents=[latents], **s2).args[2]
+        assert reported == [4, 5] and loss_map["loss"][0] == 123.0 and len(loss_map["loss"]) == 5
+        final = T.load_checkpoint(runs / "cancel2" / "checkpoint.pt")
+        assert final["step"] == 5 and all(int(s["step"]) == 5 for s in final["optimizer"]["state"].values())
 
 
 @pytest.mark.parametrize("name", ["stage1_sd15.toml", "stage2_sks.toml"])

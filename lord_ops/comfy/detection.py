@@ -15,10 +15,14 @@ def _single_evaluation(model, x, sigmas, extra_args=None, callback=None, disable
     return model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
 
 
+@torch.no_grad()
 def record_gates(model, latent: torch.Tensor, positive, timestep: int, seed: int):
     """Run one denoiser evaluation of ``model`` on ``latent`` noised to ``timestep`` (ComfyUI's own
     guider and noise, which load the model); returns ``(records, spatial_names)`` from every LoRD
-    applied to the MODEL."""
+    applied to the MODEL.
+
+    Gradient-free whoever calls it (``no_grad``; an enclosing ``inference_mode`` stays on): the
+    recorded gates never carry an autograd graph."""
     import comfy.sample
     import comfy.samplers
 
@@ -44,12 +48,14 @@ class Detection:
     heat: torch.Tensor  # [B, H, W] mean gate per pixel at image resolution (0..1)
 
 
+@torch.no_grad()
 def detect(model, vae, images_bhwc: torch.Tensor, positive, timestep: int = 200, seed: int = 0) -> Detection:
     """Score IMAGEs ``[B, H, W, C]`` in [0, 1] with the gate of the LoRD(s) applied to ``model``.
 
     Images are cropped to whole VAE blocks for encoding (the heatmap keeps the full size); the
     latent is noised to ``timestep`` (0..999) with noise from ``seed``. Raises ``ValueError`` for an
-    image smaller than one VAE block."""
+    image smaller than one VAE block. Runs under ``torch.no_grad()`` (the VAE encode, the UNet pass and
+    the aggregation), so no caller builds an autograd graph and no returned tensor requires grad."""
     pixels = images_bhwc[..., :3]
     h, w = pixels.shape[1], pixels.shape[2]
     f = vae.spacial_compression_encode()
