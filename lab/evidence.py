@@ -78,6 +78,23 @@ CONTRASTS = (
              "one-branch control on clean minus plain LoRA on clean (the effect of Stage-1 pre-training alone)"),
     Contrast("lord_vs_onebranch_clean", (("lord_clean", 1), ("onebranch_clean", -1)),
              "LoRD on clean minus the one-branch control on clean"),
+    # the oracle gate factorial (lord_g<t><s>: gate t in Stage-2 training, s at sampling; l learned, 0, 1)
+    Contrast("removal_g10", (("lord_g10", 1), ("lord_clean_g10", -1), ("attacking", -1), ("clean", 1)),
+             "B' on in training and off at sampling (gate 1 / 0): its protected-minus-clean difference minus A "
+             "(negative: B' absorbed part of the attack)"),
+    Contrast("g10_vs_plain_prot", (("lord_g10", 1), ("attacking", -1)),
+             "gate 1 in training / 0 at sampling on protected minus plain LoRA on protected"),
+    Contrast("lord_vs_g00_prot", (("lord", 1), ("lord_g00", -1)),
+             "LoRD with its learned gate minus the same LoRD with the gate forced to 0 throughout (its A, B "
+             "branch alone), on protected: does the gate / B' matter at all?"),
+    Contrast("g10_vs_lord_prot", (("lord_g10", 1), ("lord", -1)),
+             "the oracle gate (1 in training, 0 at sampling) minus the learned gate, on protected"),
+    Contrast("removal_g00", (("lord_g00", 1), ("lord_clean_g00", -1), ("attacking", -1), ("clean", 1)),
+             "gate 0 throughout: protected-minus-clean difference minus A"),
+    Contrast("removal_g11", (("lord_g11", 1), ("lord_clean_g11", -1), ("attacking", -1), ("clean", 1)),
+             "gate 1 throughout: protected-minus-clean difference minus A"),
+    Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
+             "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
 )
 
 # metric id in results.json -> (label, how to read one method's value, lower is better)
@@ -100,9 +117,15 @@ class Declared:
     attack: dict
     family: tuple
     purpose: str
+    folder: str = ""  # the replicates' folder under --out (default: name); experiments sharing one share stages
+
+    @property
+    def home(self) -> str:
+        return self.folder or self.name
 
 
 DEFENSE_METHODS = ("clean", "attacking", "lord_clean", "lord", "onebranch_clean", "onebranch")
+GATE_METHODS = ("lord_g10", "lord_clean_g10", "lord_g00", "lord_clean_g00", "lord_g11", "lord_clean_g11")
 EXPERIMENTS = {
     "pilot": Declared("pilot", DEFENSE_METHODS, range(0, 3), dict(ATTACK), (),
                       "exploration: sizes the confirmatory run, checks the protocol end to end"),
@@ -110,6 +133,12 @@ EXPERIMENTS = {
                         ("A", "removal_lord", "lord_vs_plain_prot", "lord_vs_onebranch_prot"),
                         "confirmatory: does the attack damage a plain LoRA, and does LoRD remove that damage "
                         "beyond what a one-branch Stage-1 adapter does?"),
+    # declared after 'defense' started and before any of its results were read: the same replicates
+    # (folder 'defense': protect, Stage 1 and the six defense runs are shared), six more Stage-2 runs
+    "gates": Declared("gates", DEFENSE_METHODS + GATE_METHODS, range(10, 18), dict(ATTACK),
+                      ("removal_g10", "g10_vs_plain_prot", "lord_vs_g00_prot"),
+                      "confirmatory: does B' absorb the attack when it is on during Stage-2 training and off at "
+                      "sampling, and does the gate matter at all?", folder="defense"),
 }
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
@@ -138,7 +167,7 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
     if not replicate_folder(replicate).is_dir():
         raise SystemExit(f"no subject images for replicate {replicate}: {replicate_folder(replicate)} is missing "
                          f"(python -m lab.data exports them)")
-    return write_config(replicate_dir(out, declared.name, replicate), checkpoint, classifier, scale,
+    return write_config(replicate_dir(out, declared.home, replicate), checkpoint, classifier, scale,
                         seed=replicate_seed(replicate), instance=replicate_folder(replicate), attack=declared.attack,
                         methods=declared.methods, heldout=heldout_folder(out, scale),
                         overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
@@ -184,7 +213,9 @@ def run(args) -> int:
 def replicate_values(out: Path, declared: Declared) -> dict:
     """``{metric: {method: {replicate: value}}}`` of every finished replicate (its report written)."""
     values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
-    for folder in sorted((Path(out) / declared.name).glob("r[0-9][0-9][0-9]")):
+    for folder in sorted((Path(out) / declared.home).glob("r[0-9][0-9][0-9]")):
+        if int(folder.name[1:]) not in declared.replicates:
+            continue
         results = folder / "run" / "report" / "results.json"
         if not results.is_file():
             continue
@@ -321,7 +352,7 @@ def report(args) -> int:
     values = replicate_values(Path(args.out), declared)
     result = analyse(values, declared)
     result["values"] = values
-    folder = Path(args.out) / declared.name
+    folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "analysis.json", result)
     text = markdown(result)
