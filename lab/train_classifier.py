@@ -47,7 +47,11 @@ def main(argv=None) -> int:
                 batch = batch.flip(-1)  # garments are left-right symmetric enough
             _, logits = model(batch)
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step(); step += 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
         model.eval()
         with torch.inference_mode():
             pred = torch.cat([model(LabClassifier.prepare(xt[j:j + 1000]))[1].argmax(1) for j in range(0, len(xt), 1000)])

@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         elif isinstance(m, torch.nn.Linear):
             torch.nn.Linear.reset_parameters(m)
         elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-            torch.nn.init.ones_(m.weight); torch.nn.init.zeros_(m.bias)
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
     lab_text = text.LabText(ids.flatten().tolist(), seed=args.seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
     params = list(unet.parameters()) + list(lab_text.parameters())
@@ -121,8 +122,11 @@ def main(argv=None) -> int:
     step = 0
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
-        unet.load_state_dict(state["unet"]); ema.load_state_dict(state["ema"]); lab_text.load_state_dict(state["text"])
-        opt.load_state_dict(state["opt"]); step = state["step"]
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        lab_text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
         print(f"[unet] resumed at step {step}")
     t0, first = time.time(), step
     log = open(out / "log.txt", "a")
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
         if step % 20 == 0 or step == args.steps:
             line = f"step {step}/{args.steps} loss {loss.item():.5f} {(time.time() - t0) / max(1, step - first):.2f} s/step"
             print(f"[unet] {line}", flush=True)
-            log.write(line + "\n"); log.flush()
+            log.write(line + "\n")
+            log.flush()
         if step % args.checkpoint_every == 0 or step == args.steps:
             state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "text": lab_text.state_dict(),
                      "opt": opt.state_dict(), "step": step, "vae_scale": vae_scale, "vae_shift": vae_shift}

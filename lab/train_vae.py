@@ -55,7 +55,9 @@ def main(argv=None) -> int:
         from lab.files import load_state
 
         state = load_state(ckpt)
-        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
         step = state["step"]
         print(f"[vae] resumed at step {step}")
     t0 = time.time()
@@ -72,13 +74,15 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         step += 1
         if step % 20 == 0 or step == args.steps:
             line = (f"step {step}/{args.steps} mse {mse.item():.5f} psnr {10 * np.log10(4 / max(mse.item(), 1e-12)):.2f} dB "
                     f"z std {z.std().item():.3f} {(time.time() - t0) / max(1, step):.2f} s/step (this run)")
             print(f"[vae] {line}", flush=True)
-            log.write(line + "\n"); log.flush()
+            log.write(line + "\n")
+            log.flush()
         if step % args.checkpoint_every == 0 or step == stop:
             state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))

@@ -60,7 +60,8 @@ class LabClassifierFeatures:
             with torch.inference_mode():
                 for i in range(0, len(images_u8), max(1, int(batch_size))):
                     f, lg = self.model(LabClassifier.prepare(images_u8[i:i + batch_size]).to(dev))
-                    feats.append(f.double().cpu()); logits.append(lg.float().cpu())
+                    feats.append(f.double().cpu())
+                    logits.append(lg.float().cpu())
         finally:
             self.model.to("cpu")
         return torch.cat(feats), torch.cat(logits)

