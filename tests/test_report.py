@@ -78,7 +78,9 @@ def make_results(root: Path, *, fid=True, sweep=True, detection=True, artist=Fal
         "provenance": {"checkpoint": {"path": "/ckpt/v1-5-pruned-emaonly.safetensors", "sha256": "ab12" * 16},
                        "versions": {"comfyui-lord": "0.4.0", "torch": "2.14.1"},
                        "config": {"steps": 30, "attack": {"preset": "mist_v2"}},
-                       "seeds": {"sampling": 1234, "training": 0}, "stage1": {"lord": "lord_sd15.safetensors"}},
+                       "seeds": {"sampling": 1234, "training": 0}, "stage1": {"lord": "lord_sd15.safetensors", "gate_separation_train": {"by_timestep": {
+                           "50": {"auroc": 0.95, "mean_gate_clean": 0.2, "mean_gate_perturbed": 0.8},
+                           "400": {"auroc": 0.8, "mean_gate_clean": 0.41, "mean_gate_perturbed": 0.62}}}}},
     }
     if sweep:
         def pts(kind, ids):
@@ -188,6 +190,7 @@ def test_full_report(tmp_path):
         assert name in links, name
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "0.556 ± 0.033" in page and "100.727" in page and "AUROC: 0.8750" in page
+    assert "Stage-1 gate by timestep" in page and "<td>400</td><td>0.410</td><td>0.620</td><td>0.800</td>" in page
     assert "35.12 dB" in page and "0.9123" in page and "∞ dB" in page
     assert "ab12" * 16 in page and "c" * 64 in page and "comfyui-lord 0.4.0" in page
     check_pngs(written)

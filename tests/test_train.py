@@ -126,6 +126,8 @@ def test_stage1_losses_fall_and_gate_separates(loaded, tmp_path):
     sep = out.report["gate_separation_train"]
     print("stage-1 gate separation on the training data:", json.dumps(sep))
     assert sep["auroc"] >= 0.9 and sep["mean_gate_perturbed"] > sep["mean_gate_clean"]
+    assert set(sep["by_timestep"]) == {"50", "200", "400"}  # the gate per evaluation timestep
+    assert all(0 <= v["auroc"] <= 1 for v in sep["by_timestep"].values())
     lord = out.lord
     assert lord.provenance["stage"] == "stage1" and lord.provenance["steps_trained"] == 60
     assert lord.provenance["gate_separation_train"]["auroc"] == sep["auroc"]

@@ -23,30 +23,39 @@ HELDOUT_ATTACKS = ("ace_fixed", "pgd_fixed")
 
 def gate_separation(clone, hooks: T.AdapterHooks, predict, z_clean, z_adv, alphas_cumprod, gate_names, seed: int,
                     limit: int = 64, check: Optional[Callable[[], None]] = None) -> dict:
-    """Mean gate of clean vs perturbed latents at :data:`EVAL_TIMESTEPS`; AUROC of the score.
+    """Mean gate of clean vs perturbed latents at :data:`EVAL_TIMESTEPS`; AUROC of the score (the
+    gate averaged over the timesteps), and the same per timestep (``by_timestep``).
 
     ``predict(z_t, t, [i])`` predicts the noise of item ``i``. ``check()`` runs before every item
     (Cancel: ComfyUI's ``throw_exception_if_processing_interrupted``)."""
     n = min(limit, z_clean.shape[0])
     device = grad.compute_device(clone)
     clean_scores, adv_scores = [], []
+    steps = [min(t, len(alphas_cumprod) - 1) for t in EVAL_TIMESTEPS]
+    by_t = {t: {"clean": [], "adv": []} for t in steps}
     with torch.no_grad():
         for i in range(n):
             if check is not None:
                 check()
             per = {"clean": [], "adv": []}
-            for t in EVAL_TIMESTEPS:
-                t = min(t, len(alphas_cumprod) - 1)
+            for t in steps:
                 noise = T.Draw(t, T.mix_seed(seed, "eval", i, t)).noise(z_clean.shape[1:])[None].to(device)
                 tt = torch.tensor([t])
                 for label, z in (("clean", z_clean), ("adv", z_adv)):
                     hooks.take()
                     denoising_loss(lambda zt, ts: predict(zt, ts, [i]), z[i:i + 1].to(device), tt, noise, alphas_cumprod)
-                    per[label].append(float(T.gate_scores(hooks.take(), gate_names)[0]))
+                    value = float(T.gate_scores(hooks.take(), gate_names)[0])
+                    per[label].append(value)
+                    by_t[t][label].append(value)
             clean_scores.append(sum(per["clean"]) / len(per["clean"]))
             adv_scores.append(sum(per["adv"]) / len(per["adv"]))
+    # per timestep: where a clean and a perturbed latent are indistinguishable (high noise), BCE over
+    # all t pulls the gate to 0.5; the breakdown shows where it separates
+    by_timestep = {str(t): {"auroc": auroc(v["clean"], v["adv"]), "mean_gate_clean": sum(v["clean"]) / n,
+                            "mean_gate_perturbed": sum(v["adv"]) / n} for t, v in by_t.items()}
     return {"auroc": auroc(clean_scores, adv_scores), "samples": n, "timesteps": list(EVAL_TIMESTEPS),
-            "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n}
+            "mean_gate_clean": sum(clean_scores) / n, "mean_gate_perturbed": sum(adv_scores) / n,
+            "by_timestep": by_timestep}
 
 
 @dataclasses.dataclass

@@ -98,6 +98,18 @@ def index_html(results: dict, written: dict[str, Path], grids: dict[str, str],
         reason = det.get("missing") if isinstance(det, dict) else "no detection in this run"
         h.append(f'<p class="missing">{_e(missing_text(reason))}</p>')
 
+    # Stage-1 gate by timestep
+    sep = ((results.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train")
+    if isinstance(sep, dict) and isinstance(sep.get("by_timestep"), dict) and sep["by_timestep"]:
+        h.append("<h2>Stage-1 gate by timestep (training pairs, in-sample)</h2>")
+        h.append("<p>Mean gate on clean and perturbed latents and their AUROC at each evaluation timestep: "
+                 "where noise hides the perturbation the gate cannot separate them, and a BCE over all "
+                 "timesteps pulls it towards 0.5 there.</p>")
+        rows = [[str(t), f"{v['mean_gate_clean']:.3f}", f"{v['mean_gate_perturbed']:.3f}", f"{v['auroc']:.3f}"]
+                for t, v in sorted(sep["by_timestep"].items(), key=lambda kv: int(kv[0]))
+                if all(is_number(v.get(k)) for k in ("mean_gate_clean", "mean_gate_perturbed", "auroc"))]
+        h += _html_table(["timestep", "mean gate, clean", "mean gate, perturbed", "AUROC"], rows)
+
     # Perturbation
     h.append("<h2>Perturbation (protected vs clean instance images)</h2>")
     pert = results.get("perturbation")
