@@ -125,7 +125,7 @@ class Declared:
 
 
 DEFENSE_METHODS = ("clean", "attacking", "lord_clean", "lord", "onebranch_clean", "onebranch")
-GATE_METHODS = ("lord_g10", "lord_clean_g10", "lord_g00", "lord_clean_g00", "lord_g11", "lord_clean_g11")
+GATE_METHODS = ("lord_g10", "lord_clean_g10", "lord_g00", "lord_clean_g00")  # lord_g11: not run (compute)
 EXPERIMENTS = {
     "pilot": Declared("pilot", DEFENSE_METHODS, range(0, 3), dict(ATTACK), (),
                       "exploration: sizes the confirmatory run, checks the protocol end to end"),
