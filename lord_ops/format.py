@@ -109,6 +109,14 @@ class LoRDFile:
             **({"context_gate": self.context_gate} if self.context_gate != CONTEXT_GATE_LEARNED else {}),
         }
 
+    def with_defense_strength(self, strength: float) -> "LoRDFile":
+        """A copy whose defense branch ``B'`` is scaled by ``strength`` alone (``B``, ``A`` and the gate
+        unchanged; the gate reads the clean branch, so it is unchanged too). 1 returns ``self``."""
+        if strength == 1:
+            return self
+        targets = {n: dataclasses.replace(w, up_defense=w.up_defense * float(strength)) for n, w in self.targets.items()}
+        return dataclasses.replace(self, targets=targets)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {}
         for name, w in self.targets.items():

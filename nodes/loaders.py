@@ -54,6 +54,10 @@ class LoRDLoader(io.ComfyNode):
                                                         "(UNet layers only; text-encoder layers are ignored)."),
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the optional LoRA."),
+                io.Float.Input("defense_strength", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Scales the defense branch B' alone (1: as trained; 0: the gate still "
+                                       "runs but adds nothing, like gate_mode clean). For sweeps of how much "
+                                       "of B' to keep at sampling."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the input MODEL with the LoRD "
                                                                      "(and the LoRA) applied.")],
@@ -74,14 +78,16 @@ class LoRDLoader(io.ComfyNode):
         return (stamp("lord", lord_name), stamp("loras", lora_name))
 
     @classmethod
-    def execute(cls, model, lord_name, strength, gate_mode, implementation, lora_name=NO_LORA, lora_strength=1.0):
+    def execute(cls, model, lord_name, strength, gate_mode, implementation, lora_name=NO_LORA, lora_strength=1.0,
+                defense_strength=1.0):
         import comfy.sd
         import folder_paths
 
         from ..lord_ops.comfy.patch import apply_lord, load_lora_for_model
 
         lord_path = folder_paths.get_full_path_or_raise("lord", lord_name)
-        patched = apply_lord(model, load_lord_cached(lord_path), strength, gate_mode, implementation)
+        patched = apply_lord(model, load_lord_cached(lord_path), strength, gate_mode, implementation,
+                             defense_strength=float(defense_strength))
         if lora_name and lora_name != NO_LORA and lora_strength != 0:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             # validated like a LoRD file (never a pickle; finite; complete pairs; shapes fit the MODEL)

@@ -131,6 +131,24 @@ def test_fused_equals_plain_and_forced_gates(tiny_model, gate_mode):
         assert all(not m._forward_hooks for m in tiny_model.model.diffusion_model.modules())
 
 
+@pytest.mark.parametrize("implementation", ["plain", "fused"])
+def test_defense_strength_scales_the_defense_branch_alone(tiny_model, implementation):
+    """defense_strength k: v + lambda(v) * k * s B' A x (the gate reads the unscaled clean branch);
+    k = 0 leaves the LoRA branch alone, like gate 0."""
+    lord = make_lord(tiny_model)
+    x, ctx = inputs()
+    scaled = lord.with_defense_strength(2.5)
+    assert all(torch.equal(a.up, b.up) and torch.equal(a.up_defense * 2.5, b.up_defense)
+               for a, b in zip(lord.targets.values(), scaled.targets.values()))
+    out = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", implementation, defense_strength=2.5), x, ctx)
+    ref = ref_forward(reference_model(tiny_model, [(scaled, 1.0, None)]), x, ctx)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    off = forward(patch.apply_lord(tiny_model, lord, 1.0, "learned", implementation, defense_strength=0.0), x, ctx)
+    gate0 = forward(patch.apply_lord(tiny_model, lord, 1.0, "clean", implementation), x, ctx)
+    torch.testing.assert_close(off, gate0, rtol=1e-4, atol=1e-4)
+    assert (out - off).abs().max() > 1e-3
+
+
 def test_two_lord_files_stack(tiny_model):
     a, b = make_lord(tiny_model, seed=1), make_lord(tiny_model, seed=2)
     x, ctx = inputs()

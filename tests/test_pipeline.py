@@ -147,6 +147,10 @@ data = "imgs"
     ("[stage2]\nrnak = 4\n", "[stage2] rnak", "unknown key"),
     ("[purification]\ndiffpure_strength = 0\n", "[purification] diffpure_strength", "(0, 1]"),
     ("[experiment]\nmode = \"artist\"\n", "[subject] protected_images", "required in artist mode"),
+    ("[purification]\nnoise_sigma = 0\n", "[purification] noise_sigma", "(0, 1]"),
+    ("[lord]\ndefense_strength = -1\n", "[lord] defense_strength", "0..10"),
+    ("[metrics]\nheldout_draws = 0\n", "[metrics] heldout_draws", "must be >= 1"),
+    ("[metrics]\nheldout_timesteps = [50, 1000]\n", "[metrics] heldout_timesteps", "0..999"),
 ])
 def test_bad_configs_name_the_field(tmp_path, extra, field, words):
     path = _write(tmp_path, BASE + extra)

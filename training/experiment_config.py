@@ -124,6 +124,7 @@ class Experiment:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     detection_timestep: int = 200
     detection_seed: int = 0
+    defense_strength: float = 1.0  # LoRD methods at sampling / held-out loss: B' scaled alone
 
     @property
     def prompt(self) -> str:
@@ -169,6 +170,7 @@ SCHEMA = {
                 "heldout_timesteps": ("metrics.heldout_timesteps", "list"), "heldout_draws": ("metrics.heldout_draws", "int"),
                 "heldout_seed": ("metrics.heldout_seed", "int")},
     "detection": {"timestep": ("detection_timestep", "int"), "seed": ("detection_seed", "int")},
+    "lord": {"defense_strength": ("defense_strength", "float")},
 }
 TRAIN_SECTIONS = ("stage1", "stage2")  # besides their own keys, any TrainConfig field but RUNNER_FIELDS
 RUNNER_FIELDS = ("stage", "mode")  # TrainConfig fields the runner sets (per stage and method)
@@ -312,6 +314,8 @@ def validate(exp: Experiment, raw: dict) -> None:
     if any(METHODS.get(m, ("", ""))[1] == "onebranch" for m in exp.methods):
         need(exp.stage1_data is not None, "[methods] run",
              "the one-branch control trains its own Stage-1 adapter: give [stage1] data (a given LoRD is not enough)")
+    need(0 <= exp.defense_strength <= 10, "[lord] defense_strength",
+         f"scales the defense branch B' at sampling, 0..10 (1: as trained), got {exp.defense_strength}")
     need(exp.metrics.heldout_draws >= 1, "[metrics] heldout_draws", f"must be >= 1, got {exp.metrics.heldout_draws}")
     need(all(isinstance(t, int) and 0 <= t <= 999 for t in exp.metrics.heldout_timesteps)
          and len(exp.metrics.heldout_timesteps) > 0, "[metrics] heldout_timesteps",

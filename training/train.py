@@ -102,6 +102,11 @@ def parse_args(argv):
     ap.add_argument("--class-prompt", help="stage2: class prompt, e.g. 'a photo of a person'")
     ap.add_argument("--mode", choices=list(STAGE2_MODES), help=_sets("mode"))
     ap.add_argument("--lord", help="stage2 mode lord: the Stage-1 LoRD file (kept frozen and live)")
+    ap.add_argument("--lord-gate", choices=("learned", "clean", "defense"), default="learned",
+                    help="stage2 mode lord: the LoRD's gate during training: learned (default), clean (0: B' off), "
+                         "defense (1: B' always on); sampling sets its own gate in Load LoRD")
+    ap.add_argument("--defense-strength", type=float, default=1.0,
+                    help="stage2 mode lord: scales the LoRD's defense branch B' alone during training (default 1)")
     ap.add_argument("--cache-dir", help="Stage-1 perturbation cache (default RUN_DIR/pgd_cache)")
     ap.add_argument("--cache-max-gb", type=float, default=4.0,
                     help="stage1: bound of the perturbation cache folder in GiB (least recently used entries of other "
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
             raise Refused(f"checkpoint not found: {ckpt}")
         if config.stage == "stage2" and config.mode == "lord" and not args.lord:
             raise Refused("stage2 mode lord needs --lord LORD.safetensors (or --mode plain / pgd2_defense for the baselines)")
+        if (args.lord_gate != "learned" or args.defense_strength != 1.0) and not args.lord:
+            raise Refused("--lord-gate / --defense-strength set the live LoRD of stage2 mode lord: give --lord")
         if args.lord and not Path(args.lord).is_file():
             raise Refused(f"LoRD file not found: {args.lord}")
         caption = args.instance_prompt if args.stage == "stage2" and args.instance_prompt else args.caption
@@ -283,7 +290,8 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     else:
         if config.mode == "lord":
             try:
-                model = apply_lord(model, load_lord_file(args.lord))
+                model = apply_lord(model, load_lord_file(args.lord), gate_mode=args.lord_gate,
+                                   defense_strength=args.defense_strength)
             except LoRDFileError as e:
                 raise Refused(str(e)) from e
         result = train_stage2(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data)

@@ -325,11 +325,12 @@ def _static_lora_state_dict(lord: LoRDFile, gate_mode: str) -> dict[str, torch.T
 
 
 def apply_lord(model_patcher, lord: LoRDFile, strength: float = 1.0, gate_mode: str = "learned",
-               implementation: str = "fused"):
+               implementation: str = "fused", defense_strength: float = 1.0):
     """Return a clone of ``model_patcher`` with ``lord`` applied; the input is never modified.
 
-    ``strength`` scales the whole LoRD delta (both branches); the gate always reads the
-    unscaled clean branch. Raises :class:`lord_ops.safetensors_file.LoRDFileError` when the file does not fit.
+    ``strength`` scales the whole LoRD delta (both branches); ``defense_strength`` scales the defense
+    branch ``B'`` alone (0: the gate still runs but adds nothing); the gate always reads the unscaled
+    clean branch. Raises :class:`lord_ops.safetensors_file.LoRDFileError` when the file does not fit.
     """
     import comfy.lora
 
@@ -337,6 +338,7 @@ def apply_lord(model_patcher, lord: LoRDFile, strength: float = 1.0, gate_mode: 
         raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    lord = lord.with_defense_strength(defense_strength)
     names = unet_names(model_patcher)
     present = {n: names[n] for n in lord.targets if n in names}
     check_against_model(lord, model_family(model_patcher), unet_weight_shapes(model_patcher, present))

@@ -175,10 +175,12 @@ class ExperimentContext:
             return self.exp.stage1_lord
         return self.plan.folder(which) / "lord.safetensors"
 
-    def lord_model(self, model, which: str = "stage1", gate_mode: str = "learned"):
+    def lord_model(self, model, which: str = "stage1", gate_mode: str = "learned", defense_strength: float = 1.0):
         """``model`` with the experiment's LoRD (or the one-branch control's adapter) applied (a patched
-        clone), its gate learned or forced (``clean``: 0, ``defense``: 1)."""
-        return apply_lord(model, load_lord_file(self.lord_path(which)), gate_mode=gate_mode)
+        clone), its gate learned or forced (``clean``: 0, ``defense``: 1), ``B'`` scaled by
+        ``defense_strength``."""
+        return apply_lord(model, load_lord_file(self.lord_path(which)), gate_mode=gate_mode,
+                          defense_strength=defense_strength)
 
     def on_step(self, what: str):
         """A trainer ``on_step`` that logs about ten lines per run."""

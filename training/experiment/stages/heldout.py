@@ -23,6 +23,8 @@ def stage(ctx: ExperimentContext, v: Variant) -> Optional[Stage]:
            "timesteps": list(m.heldout_timesteps), "draws": m.heldout_draws, "seed": m.heldout_seed}
     if v.gates[1] != "learned":
         key["gate"] = v.gates[1]
+    if v.lord and ctx.exp.defense_strength != 1.0:
+        key["defense_strength"] = ctx.exp.defense_strength
     return Stage(f"heldout/{v.id}", key, lambda folder: run(ctx, folder, v),
                  needs=(f"train/{v.train_id}",) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe="held-out denoising loss on clean subject images")
@@ -34,7 +36,7 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     exp, m = ctx.exp, ctx.exp.metrics
     model, clip, vae = ctx.rt.models()
     if v.lord:
-        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1])
+        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=ctx.exp.defense_strength)
     lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.train_id}") / "lora.safetensors")
     model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
     images = load_set(m.heldout_images, exp.resolution)

@@ -19,6 +19,8 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     key = {"prompt": exp.prompt, "sampling": dataclasses.asdict(exp.sampling)}
     if v.gates[1] != "learned":
         key["gate"] = v.gates[1]
+    if v.lord and exp.defense_strength != 1.0:
+        key["defense_strength"] = exp.defense_strength
     return Stage(f"sample/{v.id}", key, lambda folder: run(ctx, folder, v),
                  needs=(f"train/{v.train_id}",) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe=f"{exp.sampling.images} image(s) of {exp.prompt!r}")
@@ -30,7 +32,7 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     exp, s = ctx.exp, ctx.exp.sampling
     model, clip, vae = ctx.rt.models()
     if v.lord:
-        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1])
+        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=ctx.exp.defense_strength)
     lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.train_id}") / "lora.safetensors")
     model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
     cfg = sampling_config(exp)
