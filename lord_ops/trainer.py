@@ -149,10 +149,19 @@ class AdapterHooks:
 
     def __init__(self, modules: dict[str, torch.nn.Module], adapter):
         self.records: list = []
-        self._handles = []
+        self._hooks = []
         for name, module in modules.items():
             geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
-            self._handles.append(module.register_forward_hook(self._hook(adapter, name, geometry)))
+            self._hooks.append((module, self._hook(adapter, name, geometry)))
+        self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+
+    def reattach(self) -> None:
+        """Register the hooks again, so that each runs after every other forward hook of its module, as
+        when they were first registered on a loaded model. ComfyUI re-injects a model's injections (a
+        LoRD's hooks) whenever it loads the model again (e.g. at the start of sampling), which puts them
+        after these; outputs summed in another order differ in the last float bits."""
+        self.remove()
+        self._handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def _hook(self, adapter, name, geometry):
         def hook(module, args, output):

@@ -59,6 +59,20 @@ def _common_inputs(default_steps: int, default_lr: float, run_name: str) -> list
     ]
 
 
+def _preview_input(stage: str, prompt: str) -> io.Int.Input:
+    """The ``preview_every`` widget (last input, so saved workflows keep their widget order)."""
+    from ..lord_ops.comfy.preview import MEASURED_COST_STEPS, PREVIEW_SAMPLING as S
+
+    return io.Int.Input(
+        "preview_every", default=0, min=0, max=1000000, optional=True,
+        tooltip=f"Every N steps, sample one image for {prompt} with the adapter being trained live and show "
+                f"it beside the loss curve in the node's progress preview (training resolution, seed = the "
+                f"run's seed, {S['sampler']}/{S['scheduler']} {S['steps']} steps, cfg {S['cfg']} against a "
+                f"zeroed-out negative). The trained weights are the same with or without previews. 0 = off. "
+                f"Each preview costs about {MEASURED_COST_STEPS[stage]} training steps (measured on the CPU "
+                f"with the pack's small test checkpoint; it depends on your model, resolution and batch size).")
+
+
 def widget_scalars(kwargs: dict) -> dict:
     """``is_input_list`` nodes get every widget as a list: take the first value."""
     return {k: (v[0] if isinstance(v, list) and v else v) for k, v in kwargs.items()}
@@ -111,6 +125,7 @@ class LoRDTrainStage1(io.ComfyNode):
                 io.Conditioning.Input("heldout_positive", optional=True,
                                       tooltip="Captions of the held-out images (one per image or one for all); "
                                               "default: the first training conditioning."),
+                _preview_input("stage1", "the first caption (the first positive conditioning)"),
             ],
             outputs=[
                 LORD_WEIGHTS.Output(display_name="lord", tooltip="The trained LoRD (save it with Save LoRD)."),
@@ -149,7 +164,8 @@ class LoRDTrainStage1(io.ComfyNode):
         run_dir = training_dir(p["run_name"])
         out = train_stage1(model[0], vae[0], data, config, cache_dir(), os.path.join(run_dir, "checkpoint.pt"),
                            on_step=progress.step, on_data=progress.data_item, heldout=heldout,
-                           check=comfy.model_management.throw_exception_if_processing_interrupted)
+                           check=comfy.model_management.throw_exception_if_processing_interrupted,
+                           preview_every=p.get("preview_every") or 0, on_preview=progress.sample)
         trained = apply_lord(model[0], out.lord)
         return io.NodeOutput(out.lord, trained, out.result.loss_map, json.dumps(out.report, indent=1))
 
@@ -180,6 +196,7 @@ class LoRDTrainStage2(io.ComfyNode):
                                                                  "not for mode pgd2_defense."),
                 io.Image.Input("class_images", optional=True, tooltip="DreamBooth prior-preservation images."),
                 io.Conditioning.Input("class_positive", optional=True, tooltip="Class prompt, e.g. 'a photo of a person'."),
+                _preview_input("stage2", "the instance prompt (the first positive conditioning)"),
             ],
             outputs=[
                 LORD_LORA.Output(display_name="lora", tooltip="The trained LoRA (save it with Save LoRA (kohya))."),
@@ -192,6 +209,8 @@ class LoRDTrainStage2(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, vae=None, images=None, latents=None, class_images=None, class_positive=None,
                 **kwargs):
+        import comfy.model_management
+
         from ..lord_ops.comfy.data import TrainingData, conditionings_from_list, images_from_batches
         from ..lord_ops.comfy.files import cache_dir, training_dir
         from ..lord_ops.comfy.kohya import apply_lora_layers, kohya_metadata
@@ -214,7 +233,9 @@ class LoRDTrainStage2(io.ComfyNode):
         run_dir = training_dir(p["run_name"])
         out = train_stage2(model[0], vae[0] if vae else None, data, config, cache_dir(),
                            os.path.join(run_dir, "checkpoint.pt"),
-                           on_step=progress.step, on_data=progress.data_item)
+                           on_step=progress.step, on_data=progress.data_item,
+                           preview_every=p.get("preview_every") or 0, on_preview=progress.sample,
+                           check=comfy.model_management.throw_exception_if_processing_interrupted)
         lora = {"layers": out.lora, "metadata": kohya_metadata(config, model_family(model[0]), out.report)}
         return io.NodeOutput(lora, apply_lora_layers(model[0], out.lora), out.result.loss_map,
                              json.dumps({k: v for k, v in out.report.items() if k != "provenance"}, indent=1))

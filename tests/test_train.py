@@ -467,6 +467,101 @@ def test_online_perturbations_against_the_current_model(loaded, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Sample previews during training
+
+
+def run_with_previews(train, every):
+    """``train(on_step, preview_every, on_preview)`` -> (result, previews, per-step snapshots of the
+    torch RNG state, the loaded models' training flags and the grad mode, taken in ``on_step``, i.e.
+    after each preview)."""
+    previews, states = [], []
+
+    def on_step(rec):
+        import comfy.model_management as mm
+
+        flags = sorted((type(lm.model.model).__name__, tuple(m.training for m in lm.model.model.modules()))
+                       for lm in mm.current_loaded_models if lm.model is not None)  # UNet, VAE, CLIP
+        states.append((torch.get_rng_state(), flags, torch.is_grad_enabled()))
+
+    with torch.inference_mode():
+        out = train(on_step, every, lambda step, image: previews.append((step, image)))
+    return out, previews, states
+
+
+def same_run(a, b):
+    (out_a, _, states_a), (out_b, _, states_b) = a, b
+    assert [h["loss"] for h in out_a.result.history] == [h["loss"] for h in out_b.result.history]
+    assert len(states_a) == len(states_b)
+    for (rng_a, flags_a, grad_a), (rng_b, flags_b, grad_b) in zip(states_a, states_b):
+        assert torch.equal(rng_a, rng_b) and flags_a == flags_b and grad_a and grad_b
+
+
+def test_previews_sample_with_the_live_adapter_and_leave_training_unchanged(loaded, tmp_path):
+    """preview_every=1 vs 0: bit-identical weights and losses, the same RNG state and module modes
+    after every step; one uint8 image per step at the training size, changing as the adapter trains."""
+    model, clip, vae = loaded
+    data = make_data(clip, n=2)
+    config = TrainConfig(steps=3, **FAST)
+
+    def stage1(on_step, every, on_preview):
+        return CT.train_stage1(model, vae, data, config, tmp_path / "cache", evaluate=False, on_step=on_step,
+                               preview_every=every, on_preview=on_preview)
+
+    plain, with_previews = run_with_previews(stage1, 0), run_with_previews(stage1, 1)
+    same_run(plain, with_previews)
+    for name, w in plain[0].lord.targets.items():
+        for field, t in w.tensors().items():
+            assert torch.equal(t, with_previews[0].lord.targets[name].tensors()[field]), (name, field)
+    assert plain[1] == [] and [s for s, _ in with_previews[1]] == [1, 2, 3]
+    images = [im for _, im in with_previews[1]]
+    assert all(im.dtype == torch.uint8 and im.shape == (SIZE, SIZE, 3) for im in images)
+    assert not torch.equal(images[0], images[-1])  # sampled with the adapter as trained so far
+
+    # Stage 2 with a live LoRD (ComfyUI re-injects its hooks when the sampler loads the model) and
+    # gradient checkpointing
+    lord = lord_for(model, clip, vae, tmp_path)
+    with torch.inference_mode():
+        defended = apply_lord(model, lord)
+    config2 = TrainConfig(stage="stage2", mode="lord", steps=3, learning_rate=3e-3, checkpoint_every=100,
+                          gradient_checkpointing=True)
+
+    def stage2(on_step, every, on_preview):
+        return CT.train_stage2(defended, vae, data, config2, on_step=on_step, preview_every=every,
+                               on_preview=on_preview)
+
+    plain2, with_previews2 = run_with_previews(stage2, 0), run_with_previews(stage2, 2)
+    same_run(plain2, with_previews2)
+    assert all(torch.equal(plain2[0].lora[n][i], with_previews2[0].lora[n][i]) for n in plain2[0].lora for i in (0, 1))
+    assert [s for s, _ in with_previews2[1]] == [2]
+    with pytest.raises(ValueError, match="preview_every"):
+        CT.train_stage2(defended, vae, data, config2, preview_every=-1)
+
+
+def test_trainer_node_shows_the_preview_sample_beside_the_loss_curve(loaded, tmp_path, monkeypatch):
+    """The Stage-2 node given latents and no VAE (ComfyUI's latent-to-RGB preview): its progress
+    preview holds the sample beside the 256 x 128 loss curve once a preview is due."""
+    import comfy.utils
+    import folder_paths
+
+    from comfyui_lord.nodes.train import LoRDTrainStage2
+
+    model, clip, vae = loaded
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    shown = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: shown.append((value, total, preview)))
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
+    latents = {"samples": data_mod.encode_images(vae, None, pictures(2)).float()}
+    with torch.inference_mode():
+        LoRDTrainStage2.execute([model], [cond], latents=[latents],
+                                **node_widgets(steps=3, mode="plain", prior_weight=1.0, preview_every=2))
+    sizes = {value: preview[1].size for value, total, preview in shown if total == 3 and preview is not None}
+    assert sizes[1] == (256, 128)  # loss curve only
+    assert sizes[2] == sizes[3] and sizes[2][0] > 256 + 128 and sizes[2][1] >= 256  # sample + curve, kept shown
+    assert all(p[0] == "PNG" and p[2] == max(p[1].size) for _, _, p in shown if p is not None)
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage 2
 
 

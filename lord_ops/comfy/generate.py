@@ -97,10 +97,11 @@ def _seed(seed) -> int:
 
 
 def sample_latent(model_patcher, latent: torch.Tensor, seed: int, positive, negative, config: SamplingConfig,
-                  denoise: float = 1.0, callback=None) -> torch.Tensor:
+                  denoise: float = 1.0, callback=None, console_bar: bool = True) -> torch.Tensor:
     """Core's ``common_ksampler`` for one latent ``[B, C, h, w]`` (the VAE's raw latent, as ``VAEEncode``
     gives it, or zeros for text-to-image): noise from ``prepare_noise(latent, seed)``, then
-    ``comfy.sample.sample`` with ``denoise``. ``callback(step, x0, x, total_steps)`` as core's."""
+    ``comfy.sample.sample`` with ``denoise``. ``callback(step, x0, x, total_steps)`` as core's.
+    ``console_bar`` False: no console progress bar (else ComfyUI's setting decides)."""
     import comfy.sample
     import comfy.utils
 
@@ -109,7 +110,7 @@ def sample_latent(model_patcher, latent: torch.Tensor, seed: int, positive, nega
     return comfy.sample.sample(model_patcher, noise, config.steps, config.cfg, config.sampler, config.scheduler,
                                positive, negative, latent, denoise=denoise, disable_noise=False, start_step=None,
                                last_step=None, force_full_denoise=False, noise_mask=None, callback=callback,
-                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+                               disable_pbar=not (console_bar and comfy.utils.PROGRESS_BAR_ENABLED), seed=seed)
 
 
 def decode_u8(vae, samples: torch.Tensor) -> torch.Tensor:

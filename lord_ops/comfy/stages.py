@@ -25,6 +25,7 @@ from .heldout import NO_HELDOUT, HeldOut, gate_separation, heldout_separation, p
 from .patch import (init_lord_for_model, lord_fingerprint, lord_injections, model_family, prediction_type,
                     target_modules, target_shapes, unet_names, weights_fingerprint)
 from .perturb import online_perturber, stage1_perturbations
+from .preview import check_every, step_callback
 from .trainable import autocast_for, effective_dtype, dtype_label, trainable_model
 
 
@@ -69,7 +70,8 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
                  evaluate: bool = True, heldout: Optional[HeldOut] = None,
                  check: Optional[Callable[[], None]] = None,
-                 max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> StageResult:
+                 max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES, preview_every: int = 0,
+                 on_preview: Optional[Callable[[int, torch.Tensor], None]] = None) -> StageResult:
     """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + perturbed copies of ``data`` (the Stage-1 data
     preset ``config.attack_preset``); base frozen.
 
@@ -77,10 +79,15 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
     perturbations). With ``evaluate`` the report holds the gate AUROC on the training pairs
     (``gate_separation_train``, in-sample) and, with ``heldout``, on held-out images protected with
     each of ``heldout.attacks`` vs their clean versions (``gate_separation_heldout``); without
-    held-out images that entry says so. ``check()`` (Cancel) runs during data preparation and the
-    evaluation loops.
+    held-out images that entry says so. ``check()`` (Cancel) runs during data preparation, the
+    evaluation loops and previews.
+
+    ``preview_every`` N > 0: every N steps one image for the first caption is sampled with the LoRD
+    being trained live and given to ``on_preview(step, u8 [H, W, 3])`` (``preview.TrainingPreview``;
+    the trained weights do not change).
     """
     config = dataclasses.replace(config, stage="stage1", mode="lord").validate()
+    check_every(preview_every)
     if not data.images:
         raise ValueError("Stage-1 perturbs pixels: give training images, not latents")
     if lord_injections(model_patcher):
@@ -119,7 +126,10 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                 return T.paired_losses(lambda z, tt: predict(z, tt, indices), hooks,
                                        T.PairedBatch(zc[indices], z_adv, t, noise), loss_terms, backward=backward)
 
-            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
+            step_hook = step_callback(preview_every, on_step, clone=clone, vae=vae, positive=data.conds[0],
+                                      latent_hw=zc.shape[-2:], seed=config.seed, on_image=on_preview,
+                                      modules=[clone.model, trainable], hooks=hooks, check=check)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, step_hook, device,
                              identity=_identity(clone, vae, data, with_lord=False))
             report = {}
             if not config.defense_branch:
@@ -140,14 +150,22 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
 
 
 def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir=None, checkpoint_path=None, *,
-                 on_step=None, on_data: Optional[Callable[[int, bool], None]] = None) -> StageResult:
+                 on_step=None, on_data: Optional[Callable[[int, bool], None]] = None, preview_every: int = 0,
+                 on_preview: Optional[Callable[[int, torch.Tensor], None]] = None,
+                 check: Optional[Callable[[], None]] = None) -> StageResult:
     """Eq. 9: a new standard LoRA, DreamBooth-style (optional prior preservation).
 
     ``mode``: ``lord`` -- the MODEL must carry a LoRD (Load LoRD), which stays frozen and live;
     ``plain`` -- a plain LoRA on the given images (the attacked user's baseline);
     ``pgd2_defense`` -- a plain LoRA on the images plus PGD-2 perturbed copies (the paper's baseline).
+
+    ``preview_every`` N > 0: every N steps one image for the instance prompt (the first conditioning)
+    is sampled with the LoRA being trained (and the LoRD) live and given to
+    ``on_preview(step, u8 [H, W, 3])``; ``check()`` (Cancel) runs at its sampler steps. The trained
+    weights do not change (``preview.TrainingPreview``).
     """
     config = dataclasses.replace(config, stage="stage2").validate()
+    check_every(preview_every)
     has_lord = bool(lord_injections(model_patcher))
     if config.mode == "lord" and not has_lord:
         raise ValueError("Stage-2 mode 'lord' needs a MODEL with a LoRD applied (Load LoRD, or --lord); "
@@ -180,7 +198,7 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         za = z_adv.to(device) if z_adv is not None else None
         zk = z_class.to(device) if z_class is not None else None
         autocast = autocast_for(config, device)
-        with T.AdapterHooks(target_modules(clone, names), trainable):
+        with T.AdapterHooks(target_modules(clone, names), trainable) as hooks:
             def sample_losses(indices, draws, backward=None):
                 t = torch.tensor([d.t for d in draws])
                 noise = torch.stack([d.noise(zi.shape[1:]) for d in draws]).to(device)
@@ -207,7 +225,10 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                     parts["prior"] = prior.detach()
                 return total, parts
 
-            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, on_step, device,
+            step_hook = step_callback(preview_every, on_step, clone=clone, vae=vae, positive=data.conds[0],
+                                      latent_hw=zi.shape[-2:], seed=config.seed, on_image=on_preview,
+                                      modules=[clone.model, trainable], hooks=hooks, check=check)
+            result = T.train(config, trainable, sample_losses, len(data), checkpoint_path, step_hook, device,
                              identity=_identity(clone, vae, data, with_lord=has_lord))
         eff = effective_dtype(clone)
     lora = trainable.export()
