@@ -11,6 +11,7 @@ median step), and their ratio: "each preview costs about K training steps", the 
 ``preview_every`` tooltips and help pages quote (``lord_ops.comfy.preview.MEASURED_COST_STEPS``).
 
     OMP_NUM_THREADS=1 python -m bench.bench_preview --size 32 --size 64
+    python -m bench.bench_preview --quick      # CI: 32 px, 9 steps, a preview every 4 (runs, not a measurement)
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, action="append", help="image size in px (repeatable; default 32 and 64)")
     parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="32 px, 9 steps: checks the script runs (CI)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.every = [32], 9, 4
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 

@@ -174,6 +174,15 @@ def test_stage1_presets_quick_reports_each_preset(tmp_path, sd15_checkpoint):
     assert "| preset | seed | in-sample AUROC |" in proc.stdout and "| mixed | 0 |" in proc.stdout
 
 
+def test_bench_preview_quick_reports_both_stages():
+    proc = module("bench.bench_preview", "--quick")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| stage")]
+    assert len(rows) == 3, proc.stdout  # the header and one row per stage
+    for stage in ("stage1", "stage2"):
+        cells = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {stage} | 32 px"))
+        assert float(cells.split("|")[5]) > 0, cells  # preview / step
+
+
 def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path, sd15_checkpoint):
     module("tools.make_doc_images", "--quick", "--checkpoint", sd15_checkpoint, "--out", tmp_path)
     tile, label = 128, 16  # the strips' layout (tools/make_doc_images.py)
