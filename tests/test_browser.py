@@ -17,6 +17,12 @@ default graph (requests to other hosts are left out: the test machine is offline
 the UI's run of ``lord_defended_generation.json`` (SaveImage embeds the workflow) and every
 ``docs/examples/*.png`` are dropped too, and must load the workflow they carry.
 
+The experiment runner's report page (``index.html`` of ``training.report.write_report`` on the
+synthetic results of ``tools.report_results``, served over http by a stdlib server thread) is opened
+too: Table I has its method rows, every picture (Fig. 7, ROC, sample grids) loaded, no console error
+or failed request, and its full-page screenshot shows the table and each picture where the DOM puts
+them (``report_index.png``).
+
 A screenshot per workflow (after its run) goes to ``$LORD_ARTIFACTS/browser/`` (default: a pytest
 temporary folder; the path is printed). ``make setup`` installs Chromium (as root) and Playwright.
 Without them the tests are skipped, except under ``CI=true``, where they fail.
@@ -24,8 +30,12 @@ Without them the tests are skipped, except under ``CI=true``, where they fail.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import http.server
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -508,3 +518,173 @@ def test_the_checks_catch_a_missing_node_and_an_unknown_file(ui, tmp_path):
     with pytest.raises(AssertionError, match="LoRDNoSuchNode"):
         check_loaded(ui, workflow, graph)
     assert any("LoRDNoSuchNode" in text for text in ui.page.evaluate(_DIALOGS))
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment report page (training.report.write_report's index.html)
+
+REPORT_VIEWPORT = {"width": 1280, "height": 900}  # the page is at most 1200 px wide
+# Where things are on the report page, in page (document) coordinates, which are those of a
+# full-page screenshot: Table I (the table right after the "Table I" heading) with the first cell of
+# each body row, every <img> with its load state, and the size of the whole document.
+_REPORT_DOM = """() => {
+  const box = e => { const r = e.getBoundingClientRect();
+    return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height}; };
+  const h2 = Array.from(document.querySelectorAll('h2')).find(h => h.textContent.startsWith('Table I'));
+  const table = h2 && h2.nextElementSibling && h2.nextElementSibling.tagName === 'TABLE' ? h2.nextElementSibling : null;
+  return {
+    table: table && {header: Array.from(table.rows[0].cells).map(c => c.textContent.trim()),
+                     rows: Array.from(table.rows).slice(1).map(r => Array.from(r.cells).map(c => c.textContent.trim())),
+                     box: box(table)},
+    imgs: Array.from(document.images).map(i => ({src: i.getAttribute('src'), complete: i.complete,
+                                                 width: i.naturalWidth, height: i.naturalHeight, box: box(i)})),
+    size: [document.documentElement.scrollWidth, document.documentElement.scrollHeight],
+  };
+}"""
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        # Chromium asks every http origin for /favicon.ico by itself (the report links none); its 404
+        # would be a console error that is not the page's, so the server answers "no content"
+        if self.path.split("?")[0] == "/favicon.ico":
+            self.send_response(204)
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """The folder on http://127.0.0.1:<free port>/ from a stdlib server thread, the way a user
+    serves a report folder (``python -m http.server``)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def open_report(browser, folder: Path, shot: Path) -> dict:
+    """Open ``folder/index.html`` over http, wait for the load event (which waits for every image),
+    take a full-page screenshot into ``shot``; returns the DOM facts (``_REPORT_DOM``), the console
+    errors and the failed requests (network failures and HTTP status >= 400)."""
+    with serve_folder(folder) as origin:
+        context = browser.new_context(viewport=REPORT_VIEWPORT)
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            console = Console(page, origin)
+            failed = []
+            page.on("requestfailed", lambda r: failed.append(f"{r.url.replace(origin, '')}: {r.failure}"))
+            page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.url.replace(origin, '')}: HTTP {r.status}"))
+            page.goto(f"{origin}/index.html", wait_until="load", timeout=TIMEOUT_MS)
+            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=TIMEOUT_MS)
+            page.evaluate(_FRAMES)
+            info = page.evaluate(_REPORT_DOM)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            context.close()
+    info.update(errors=list(console.entries), failed=failed, shot=shot)
+    return info
+
+
+def check_report_page(info: dict, folder: Path) -> None:
+    """Table I has one row per method, in order; every picture the report wrote is on the page and
+    loaded at its file's size; no console error, no failed request."""
+    from PIL import Image
+
+    from tools.report_results import METHODS
+
+    table = info["table"]
+    assert table, "no <table> after the 'Table I' heading"
+    assert table["header"][0] == "Method", table["header"]
+    assert [r[0] for r in table["rows"]] == [m[1] for m in METHODS], table["rows"]
+    lord = next(r for r in table["rows"] if r[0] == "LoRD")
+    assert "0.556 ± 0.033" in lord, lord
+    expected = {"fig7.png", "roc.png", "grid_all.png"} | {f"grid_{m[0]}.png" for m in METHODS}
+    assert {i["src"] for i in info["imgs"]} == expected
+    broken = [i["src"] for i in info["imgs"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0)]
+    assert not broken, f"images that did not load: {broken}"
+    for img in info["imgs"]:
+        with Image.open(folder / img["src"]) as im:
+            assert (img["width"], img["height"]) == im.size, (img["src"], im.size)
+    assert not info["failed"], f"failed requests: {info['failed']}"
+    assert not info["errors"], f"console errors: {info['errors']}"
+
+
+def _crop_stats(shot, box: dict):
+    """Mean colour and standard deviation of the screenshot inside ``box`` (its 1-px CSS border
+    and a pixel more left out)."""
+    import numpy as np
+
+    x0, y0 = int(box["x"]) + 2, int(box["y"]) + 2
+    x1, y1 = int(box["x"] + box["width"]) - 2, int(box["y"] + box["height"]) - 2
+    assert x1 - x0 >= 20 and y1 - y0 >= 20, f"tiny region {box}"
+    crop = np.asarray(shot.crop((x0, y0, x1, y1)), dtype=np.float64)
+    return crop.reshape(-1, 3).mean(axis=0), float(crop.std())
+
+
+def check_screenshot(info: dict, folder: Path) -> None:
+    """The full-page screenshot is the whole page and not blank: Table I and every picture show up
+    in it where the DOM puts them, each region far from uniform, each picture with the mean colour
+    of its file (a broken-image icon or an empty box is near white)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(info["shot"]) as im:
+        shot = im.convert("RGB")
+    assert list(shot.size) == info["size"], (shot.size, info["size"])
+    assert shot.width >= 800 and shot.height >= 3000, shot.size
+    assert float(np.asarray(shot, dtype=np.float64).std()) > 20, "the screenshot is (nearly) uniform"
+    _, spread = _crop_stats(shot, info["table"]["box"])
+    assert spread > 20, f"Table I looks empty in the screenshot (std {spread:.1f})"
+    for img in info["imgs"]:
+        mean, spread = _crop_stats(shot, img["box"])
+        assert spread > 10, f"{img['src']} looks uniform in the screenshot (std {spread:.1f})"
+        with Image.open(folder / img["src"]) as im:
+            want = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(axis=0)
+        assert np.abs(mean - want).max() < 8, f"{img['src']}: mean colour {mean.round(1)} in the screenshot, {want.round(1)} in the file"
+
+
+def _write_report(folder: Path) -> None:
+    from tools.report_results import make_results
+    from training.report import write_report
+
+    write_report(make_results(folder), folder)
+
+
+def test_report_page_shows_table_plots_and_grids(browser, artifacts, tmp_path):
+    """The experiment runner's report (``index.html`` of ``training.report.write_report``, served
+    over http) in Chromium: Table I, Fig. 7, the ROC curve and the sample grids are on the page and
+    in its full-page screenshot (``$LORD_ARTIFACTS/browser/report_index.png``)."""
+    folder = tmp_path / "report"
+    _write_report(folder)
+    info = open_report(browser, folder, artifacts / "report_index.png")
+    check_report_page(info, folder)
+    check_screenshot(info, folder)
+
+
+def test_report_page_checks_catch_a_missing_image_and_a_blank_shot(browser, tmp_path):
+    """The checks above can fail: a picture missing from the folder (a 404 and a broken <img>) and
+    a blank screenshot are reported."""
+    from PIL import Image
+
+    folder = tmp_path / "report"
+    _write_report(folder)
+    (folder / "grid_lord.png").unlink()
+    info = open_report(browser, folder, tmp_path / "missing_image.png")
+    with pytest.raises(AssertionError, match="grid_lord.png"):
+        check_report_page(info, folder)
+    assert any("/grid_lord.png: HTTP 404" in f for f in info["failed"]), info["failed"]
+
+    Image.new("RGB", tuple(info["size"]), "white").save(tmp_path / "blank.png")
+    with pytest.raises(AssertionError, match="uniform"):
+        check_screenshot({**info, "shot": tmp_path / "blank.png"}, folder)
