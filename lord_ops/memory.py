@@ -34,8 +34,8 @@ SKIP_ENV = "LORD_SKIP_MEMORY_CHECK"
 # gradient + AdamW exp_avg + exp_avg_sq, each the size of the trainable (float32) parameters
 OPTIMIZER_COPIES = 3
 # real peak / allocation peak of the activations (bench/bench_memory.py; BENCHMARKS.md "Memory check").
-# cpu: peak RSS per sample was 1.9-2.0x the probe's allocation peak at 256 px (batch 1, 2, 4; SD15-geometry
-# test checkpoint) and about 1.3x at 512 px: glibc keeps freed activation blocks in its heap (with
+# cpu: peak RSS per sample was 1.7-2.0x the probe's allocation peak at 256 px (batch 1, 2, 4, Stage 1 and 2, two
+# runs; SD15-geometry test checkpoint) and about 1.3x at 512 px: glibc keeps freed activation blocks in its heap (with
 # MALLOC_TRIM_THRESHOLD_=131072 the same run peaked at about 1.0x + the fixed parts). 2.1 covers the worst.
 # cuda: the caching allocator's fragmentation (reserved vs allocated); an assumption, not measured (no GPU here)
 ACTIVATION_FACTOR = {"cpu": 2.1, "cuda": 1.15}
@@ -43,7 +43,7 @@ ACTIVATION_FACTOR = {"cpu": 2.1, "cuda": 1.15}
 # measured runs' peaks at 64 px, where activations are negligible, were about 0.06 GiB
 WORKSPACE = {"cpu": 128 * MIB, "cuda": 512 * MIB}
 # the documented error of the estimate on the CPU (estimate / measured peak, bench_memory's runs)
-MEASURED_RATIO = "1.0-1.5x"
+MEASURED_RATIO = "1.1-1.7x at 256-512 px"
 
 
 class NotEnoughMemory(ValueError):
