@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train bench-attack bench-scaling bench-all thumbnails lab-data lab-retrain clean
+.PHONY: setup test demo bench bench-train bench-attack bench-scaling bench-memory bench-all thumbnails lab-data lab-retrain clean
 setup:
 	bash tools/setup_env.sh
 
@@ -38,6 +38,9 @@ bench-attack: setup         # LoRD Protect attack cost incl. the mist-v2 preset 
 
 bench-scaling: setup        # overhead vs resolution and batch size + docs/bench/scaling.png (~12 min)
 	$(PY) -m bench.bench_scaling
+
+bench-memory: setup         # the memory check's estimate vs measured peaks (~5 min)
+	$(PY) -m bench.bench_memory
 
 bench-all: setup            # all four in sequence, each rewriting its own section (~70 min)
 	$(MAKE) --no-print-directory bench

@@ -5,7 +5,8 @@ starts it (``python -m <module>`` from the repository root), with everything wri
   check itself only runs on a CUDA machine, never in CI); its bench step is the ``--quick`` run of
   ``bench_sampling``, ``bench_train`` and ``bench_attack``, so their results are checked from its
   JSON here rather than run twice;
-* ``bench.bench_scaling --quick``, ``bench.stage1_presets --quick``, ``tools.make_doc_images --quick``
+* ``bench.bench_scaling --quick``, ``bench.stage1_presets --quick``, ``bench.bench_preview --quick``,
+  ``bench.bench_memory --quick``, ``tools.make_doc_images --quick``
   and ``tools.make_template_thumbnails --quick``, each into a folder given on the command line.
 
 The committed pictures and BENCHMARKS.md must come out of all this unchanged. Each run prints its
@@ -181,6 +182,18 @@ def test_bench_preview_quick_reports_both_stages():
     for stage in ("stage1", "stage2"):
         cells = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {stage} | 32 px"))
         assert float(cells.split("|")[5]) > 0, cells  # preview / step
+
+
+def test_bench_memory_quick_compares_the_estimate_with_the_measured_peak(tmp_path):
+    js = tmp_path / "memory.json"
+    proc = module("bench.bench_memory", "--quick", "--json", js)
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    r = rows[0]
+    assert (r["model"], r["px"], r["stage"], r["batch"]) == ("tiny", 64, "stage1", 1)
+    assert r["estimate"]["activation_bytes"] > 0 and r["measured"]["delta_bytes"] > 0
+    assert r["ratio"] == r["estimate"]["needed_bytes"] / r["measured"]["delta_bytes"] >= 1.0  # never refuses what fits
+    assert "| tiny 64 px, stage1, batch 1 |" in proc.stdout and "Estimate / measured" in proc.stdout
 
 
 def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path, sd15_checkpoint):

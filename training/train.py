@@ -236,6 +236,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
     from lord_ops.comfy.patch import apply_lord, model_family
     from lord_ops.comfy.stages import train_stage1, train_stage2
     from lord_ops.format import load_lord_file, save_kohya_lora, save_lord_file
+    from lord_ops.memory import NotEnoughMemory
     from lord_ops.safetensors_file import LoRDFileError
 
     t0 = time.time()
@@ -281,8 +282,11 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
                               [encode(it.caption or items[0].caption) for it in heldout_items],
                               attack_steps=args.heldout_attack_steps)
             log("heldout", images=len(heldout_items), attacks=list(heldout.attacks))
-        result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data,
-                              heldout=heldout, max_cache_bytes=max_cache)
+        try:
+            result = train_stage1(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data,
+                                  heldout=heldout, max_cache_bytes=max_cache)
+        except NotEnoughMemory as e:  # the memory check: a user-fixable refusal (exit 2)
+            raise Refused(str(e)) from e
         save = Path(args.save) if args.save else out / "lord.safetensors"
         if rank == 0:
             save.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +298,10 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
                                    defense_strength=args.defense_strength)
             except LoRDFileError as e:
                 raise Refused(str(e)) from e
-        result = train_stage2(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data)
+        try:
+            result = train_stage2(model, vae, data, config, cache_dir, checkpoint_path, on_step=on_step, on_data=on_data)
+        except NotEnoughMemory as e:
+            raise Refused(str(e)) from e
         save = Path(args.save) if args.save else out / "lora.safetensors"
         if rank == 0:
             save.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from ..train_config import TrainConfig
 from . import grad
 from .data import TrainingData, dataset_digest, encode_images
 from .heldout import NO_HELDOUT, HeldOut, gate_separation, heldout_separation, prepare_heldout
+from .memory import check_training_memory
 from .patch import (init_lord_for_model, lord_fingerprint, lord_injections, model_family, prediction_type,
                     target_modules, target_shapes, unet_names, weights_fingerprint)
 from .perturb import online_perturber, stage1_perturbations
@@ -66,12 +67,18 @@ def _provenance(config: TrainConfig, data: TrainingData, result: T.TrainResult, 
             "final_loss": result.history[-1]["loss"] if result.history else None, **extra}
 
 
+def _memory(enabled: bool, *args, **kwargs) -> dict:
+    """The memory check (``memory.check_training_memory``), or why it did not run."""
+    return check_training_memory(*args, **kwargs) if enabled else {"skipped": "memory_check=False"}
+
+
 def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir, checkpoint_path=None, *,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None,
                  evaluate: bool = True, heldout: Optional[HeldOut] = None,
                  check: Optional[Callable[[], None]] = None,
                  max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES, preview_every: int = 0,
-                 on_preview: Optional[Callable[[int, torch.Tensor], None]] = None) -> StageResult:
+                 on_preview: Optional[Callable[[int, torch.Tensor], None]] = None,
+                 memory_check: bool = True) -> StageResult:
     """Eq. 7-8: learn a LoRD (A, B, B', gate) on clean + perturbed copies of ``data`` (the Stage-1 data
     preset ``config.attack_preset``); base frozen.
 
@@ -85,6 +92,11 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
     ``preview_every`` N > 0: every N steps one image for the first caption is sampled with the LoRD
     being trained live and given to ``on_preview(step, u8 [H, W, 3])`` (``preview.TrainingPreview``;
     the trained weights do not change).
+
+    ``memory_check``: before anything expensive (perturbations, encoding), estimate the run's peak
+    memory on its device from a measured probe and raise ``lord_ops.memory.NotEnoughMemory`` (a
+    ValueError naming the estimate and the fixes) when it will not fit (``lord_ops.comfy.memory``;
+    skipped with ``LORD_SKIP_MEMORY_CHECK=1``); the estimate is ``report["memory"]``.
     """
     config = dataclasses.replace(config, stage="stage1", mode="lord").validate()
     check_every(preview_every)
@@ -94,6 +106,11 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         raise ValueError("the MODEL already has a LoRD applied: Stage-1 trains a new LoRD on the base model; "
                          "connect the checkpoint's MODEL directly")
     online = config.online_perturbations
+    lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
+                                config.gate_activation, config.seed)
+    memory = _memory(memory_check, model_patcher, vae, data, config,
+                     lambda: T.TrainableLoRD(lord0, config.defense_branch), sorted(lord0.targets), passes=2,
+                     latent_copies=1 if online else 2, online_attack=online, stage="Stage-1")
     adv_images = None if online else stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data,
                                                            max_cache_bytes, check)
     z_clean = encode_images(vae, model_patcher, data.images)
@@ -102,8 +119,6 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
     heldout_latents = None
     if evaluate and heldout is not None:
         heldout_latents = prepare_heldout(model_patcher, vae, heldout, data.image_hw, cache_dir, check)
-    lord0 = init_lord_for_model(model_patcher, config.targets, config.rank, config.alpha, config.gate_hidden,
-                                config.gate_activation, config.seed)
     # the one-branch control (defense_branch False) has no gate to supervise or evaluate
     gate_names = {n for n in lord0.targets if not CONTEXT_FED.search(n)} if config.defense_branch else set()
     with trainable_model(model_patcher, vae, config) as clone:
@@ -146,13 +161,13 @@ def train_stage1(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                     clone, hooks, heldout, heldout_latents, acp, gate_names, config.seed, check))
         lord = trainable.export(_provenance(config, data, result, {**report, "effective_dtype": effective_dtype(clone)}))
     lord.base_family = model_family(model_patcher)
-    return StageResult(result, lord=lord, report={**report, "final": result.history[-1]})
+    return StageResult(result, lord=lord, report={**report, "final": result.history[-1], "memory": memory})
 
 
 def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir=None, checkpoint_path=None, *,
                  on_step=None, on_data: Optional[Callable[[int, bool], None]] = None, preview_every: int = 0,
                  on_preview: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 check: Optional[Callable[[], None]] = None) -> StageResult:
+                 check: Optional[Callable[[], None]] = None, memory_check: bool = True) -> StageResult:
     """Eq. 9: a new standard LoRA, DreamBooth-style (optional prior preservation).
 
     ``mode``: ``lord`` -- the MODEL must carry a LoRD (Load LoRD), which stays frozen and live;
@@ -163,6 +178,8 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
     is sampled with the LoRA being trained (and the LoRD) live and given to
     ``on_preview(step, u8 [H, W, 3])``; ``check()`` (Cancel) runs at its sampler steps. The trained
     weights do not change (``preview.TrainingPreview``).
+
+    ``memory_check``: as for :func:`train_stage1`, before the perturbations and the encoding.
     """
     config = dataclasses.replace(config, stage="stage2").validate()
     check_every(preview_every)
@@ -174,10 +191,16 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         raise ValueError(f"Stage-2 mode {config.mode!r} is a baseline without LoRD, but the MODEL has a LoRD applied")
     if vae is None and (data.images or data.class_images):
         raise ValueError("training from images needs the VAE: connect it (or give latents)")
+    if config.mode == "pgd2_defense" and not data.images:
+        raise ValueError("mode pgd2_defense perturbs pixels: give images, not latents")
+    names = select_targets(unet_names(model_patcher), config.targets)
+    shapes = target_shapes(model_patcher, names)
+    pairs = config.mode == "pgd2_defense"
+    memory = _memory(memory_check, model_patcher, vae, data, config,
+                     lambda: T.TrainableLoRA.create(shapes, config.rank, config.alpha, config.seed), names,
+                     passes=1 + pairs + bool(data.class_images), latent_copies=1 + pairs, stage="Stage-2")
     adv_images = None
-    if config.mode == "pgd2_defense":
-        if not data.images:
-            raise ValueError("mode pgd2_defense perturbs pixels: give images, not latents")
+    if pairs:
         adv_images = stage1_perturbations(model_patcher, vae, data, config, cache_dir, on_data)
     if data.latents:
         with torch.inference_mode(False):
@@ -186,8 +209,6 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
         z = encode_images(vae, model_patcher, data.images)
     z_adv = encode_images(vae, model_patcher, adv_images) if adv_images is not None else None
     z_class = encode_images(vae, model_patcher, data.class_images) if data.class_images else None
-    names = select_targets(unet_names(model_patcher), config.targets)
-    shapes = target_shapes(model_patcher, names)
     with trainable_model(model_patcher, vae, config) as clone:
         device = grad.compute_device(clone)
         trainable = T.TrainableLoRA.create(shapes, config.rank, config.alpha, config.seed).to(device)
@@ -232,6 +253,6 @@ def train_stage2(model_patcher, vae, data: TrainingData, config: TrainConfig, ca
                              identity=_identity(clone, vae, data, with_lord=has_lord))
         eff = effective_dtype(clone)
     lora = trainable.export()
-    report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora),
+    report = {"mode": config.mode, "final": result.history[-1], "targets": len(lora), "memory": memory,
               "provenance": _provenance(config, data, result, {"lord_live": has_lord, "effective_dtype": eff})}
     return StageResult(result, lora=lora, report=report)
