@@ -32,6 +32,8 @@ STAGE2_MODES = ("lord", "plain", "pgd2_defense")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fields that do not change the trajectory of a run (a resumed run may change them)
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every"})
+# fields added after checkpoints existed: left out of trajectory_digest at their default
+ADDED_FIELD_DEFAULTS = {"defense_branch": True}
 
 # Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names attack
 # presets of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
@@ -188,8 +190,12 @@ class TrainConfig:
         return cls(**values).validate()
 
     def trajectory_digest(self) -> str:
-        """Hash of every field that changes the weights a step produces (resume guard)."""
+        """Hash of every field that changes the weights a step produces (resume guard). Fields added
+        later count only when they differ from their default, so older checkpoints stay resumable."""
         d = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        for name, default in ADDED_FIELD_DEFAULTS.items():
+            if d.get(name) == default:
+                del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,8 @@ from training import experiment_config as EC
 # Checkpoints store to_dict() and hash it (trajectory_digest): renaming, reordering or re-defaulting a
 # field makes every existing checkpoint unresumable. Change these only with CHECKPOINT_VERSION.
 FIELD_ORDER = ["stage", "mode", "steps", "batch_size", "grad_accumulation", "learning_rate", "weight_decay", "rank",
-               "alpha", "gate_hidden", "gate_activation", "targets", "lambda_adv", "lambda_gate", "prior_weight",
+               "alpha", "gate_hidden", "gate_activation", "targets", "lambda_adv", "lambda_gate", "defense_branch",
+               "prior_weight",
                "t_min", "t_max", "seed", "dtype", "gradient_checkpointing", "checkpoint_every", "attack_preset",
                "attack_epsilon", "attack_step_size", "attack_steps", "online_perturbations"]
 
@@ -25,7 +26,8 @@ def test_fields_defaults_and_digests_are_unchanged():
     assert TrainConfig(stage="stage2", mode="plain").to_dict() == {
         "stage": "stage2", "mode": "plain", "steps": 1000, "batch_size": 1, "grad_accumulation": 1,
         "learning_rate": 1e-4, "weight_decay": 1e-2, "rank": 4, "alpha": None, "gate_hidden": 32,
-        "gate_activation": "silu", "targets": "attn", "lambda_adv": 1.0, "lambda_gate": 1.0, "prior_weight": 1.0,
+        "gate_activation": "silu", "targets": "attn", "lambda_adv": 1.0, "lambda_gate": 1.0, "defense_branch": True,
+        "prior_weight": 1.0,
         "t_min": 0, "t_max": 999, "seed": 0, "dtype": "fp32", "gradient_checkpointing": False,
         "checkpoint_every": 100, "attack_preset": "pgd_2", "attack_epsilon": None, "attack_step_size": None,
         "attack_steps": None, "online_perturbations": False}
@@ -34,6 +36,8 @@ def test_fields_defaults_and_digests_are_unchanged():
     assert TrainConfig(stage="stage2", mode="pgd2_defense", alpha=2.0, attack_epsilon=4.0,
                        dtype="bf16").trajectory_digest() == "581eaa87886991e1"
     assert RESUMABLE_FIELDS == {"steps", "checkpoint_every"}
+    # a field added later (defense_branch) leaves the digests of its default unchanged, not of other values
+    assert TrainConfig(defense_branch=False).trajectory_digest() != TrainConfig().trajectory_digest()
 
 
 def test_config_names_have_one_owner():
