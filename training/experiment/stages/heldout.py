@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from lord_ops.comfy.patch import load_lora_for_model
 from lord_ops.comfy.subject_loss import heldout_loss
 from training.experiment.context import ExperimentContext
 from training.experiment.images import load_set
@@ -31,14 +30,8 @@ def stage(ctx: ExperimentContext, v: Variant) -> Optional[Stage]:
 
 
 def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
-    import comfy.sd
-
     exp, m = ctx.exp, ctx.exp.metrics
-    model, clip, vae = ctx.rt.models()
-    if v.lord:
-        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=ctx.exp.defense_strength)
-    lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.train_id}") / "lora.safetensors")
-    model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    model, vae = ctx.method_model(v)
     images = load_set(m.heldout_images, exp.resolution)
     names = sorted(images)
     result = heldout_loss(model, vae, [images[n].float() / 255 for n in names], ctx.rt.encode(exp.prompt),

@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 from lord_ops.comfy.generate import text_to_image
-from lord_ops.comfy.patch import load_lora_for_model
 from training.experiment.context import ExperimentContext, sampling_config
 from training.experiment.images import save_png
 from training.experiment.methods import Variant
@@ -27,14 +26,9 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
 
 
 def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
-    import comfy.sd
-
     exp, s = ctx.exp, ctx.exp.sampling
-    model, clip, vae = ctx.rt.models()
-    if v.lord:
-        model = ctx.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=ctx.exp.defense_strength)
-    lora = load_lora_for_model(model, ctx.plan.folder(f"train/{v.train_id}") / "lora.safetensors")
-    model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    clip = ctx.rt.models()[1]
+    model, vae = ctx.method_model(v)
     cfg = sampling_config(exp)
     out = folder / "images"
     todo = [i for i in range(s.images) if not (out / f"{i:04d}.png").is_file()]
