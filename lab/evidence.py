@@ -51,9 +51,6 @@ class Contrast:
     weights: tuple  # ((method, weight), ...)
     question: str
 
-    def value(self, per_method: dict) -> float:
-        return sum(w * per_method[m] for m, w in self.weights)
-
     @property
     def methods(self) -> tuple:
         return tuple(m for m, _ in self.weights)
