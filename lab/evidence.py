@@ -104,9 +104,30 @@ PRIMARY = "heldout_loss"
 
 
 @dataclasses.dataclass(frozen=True)
+class Arm:
+    """One attack setting of a dose-response experiment. Each replicate runs the plain LoRA on that
+    attack's protected copies (the runner's method ``attacking``) in ``<out>/<experiment>/<name>/rNNN``;
+    the analysis reads it back as method ``name`` and pairs it with the clean runs of ``Declared.paired_with``."""
+
+    name: str
+    attack: dict  # {"preset", "epsilon", "step_size", "rounds"}: lab.experiment.write_config's attack
+
+    @property
+    def contrast(self) -> Contrast:
+        a = self.attack
+        return Contrast(f"A_{self.name}", ((self.name, 1), ("clean", -1)),
+                        f"attack effect of {a['preset']} at {a['epsilon']:g} levels (step {a['step_size']:g}, "
+                        f"{a['rounds']} rounds): plain LoRA on its protected copies minus plain LoRA on clean")
+
+
+@dataclasses.dataclass(frozen=True)
 class Declared:
     """One declared experiment (EVIDENCE.md): methods, attack, replicates, and the confirmatory family
-    (contrasts of the primary metric, Holm-adjusted together)."""
+    (contrasts of the primary metric, Holm-adjusted together).
+
+    A dose-response experiment has ``arms`` (one attack setting each, its own folders) and reads the
+    methods that are not arms from the experiment ``paired_with`` (same replicates, seeds and subjects),
+    as ``borrowed`` says: ``{method: method in that experiment's results}``."""
 
     name: str
     methods: tuple
@@ -115,10 +136,29 @@ class Declared:
     family: tuple
     purpose: str
     folder: str = ""  # the replicates' folder under --out (default: name); experiments sharing one share stages
+    arms: tuple = ()
+    paired_with: str = ""
+    borrowed: tuple = ()  # ((method, method in paired_with's results), ...)
+    reference_arms: tuple = ()  # attack settings already run by paired_with (borrowed), shown beside the arms
 
     @property
     def home(self) -> str:
         return self.folder or self.name
+
+    @property
+    def contrasts(self) -> tuple:
+        return CONTRASTS + tuple(arm.contrast for arm in self.arms + self.reference_arms)
+
+    def source(self, out: Path, method: str, replicate: int) -> tuple[Path, str]:
+        """Where ``method``'s value of ``replicate`` is: (the run's results.json, the method's name there)."""
+        arm = next((a for a in self.arms if a.name == method), None)
+        if arm is not None:
+            folder, name = Path(out) / self.home / arm.name, "attacking"
+        elif method in dict(self.borrowed):
+            folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, dict(self.borrowed)[method]
+        else:
+            folder, name = Path(out) / self.home, method
+        return folder / f"r{int(replicate):03d}" / "run" / "report" / "results.json", name
 
 
 DEFENSE_METHODS = ("clean", "attacking", "lord_clean", "lord", "onebranch_clean", "onebranch")
@@ -137,6 +177,28 @@ EXPERIMENTS = {
                       "confirmatory: does B' absorb the attack when it is on during Stage-2 training and off at "
                       "sampling, and does the gate matter at all?", folder="defense"),
 }
+
+
+def _aspl(levels: float) -> dict:
+    # the 'defense' attack's schedule (10 rounds, step = budget / 16) at another budget
+    return {"preset": "anti_dreambooth_aspl", "epsilon": float(levels), "step_size": levels / 16, "rounds": 10}
+
+
+# declared after 'defense' and 'gates' were reported (EVIDENCE.md, "threat"); arms in the order they run
+THREAT_ARMS = (
+    Arm("aspl_4", _aspl(4)),
+    Arm("mist_v2_4", {"preset": "mist_v2", "epsilon": 4.0, "step_size": 0.6375, "rounds": 5}),  # published
+    Arm("aspl_8", _aspl(8)),
+    Arm("aspl_16", _aspl(16)),
+    Arm("mist_v2_32", {"preset": "mist_v2", "epsilon": 32.0, "step_size": 2.0, "rounds": 5}),
+)
+EXPERIMENTS["threat"] = Declared(
+    "threat", ("clean", "aspl_32") + tuple(a.name for a in THREAT_ARMS), range(10, 18), dict(ATTACK),
+    tuple(a.contrast.name for a in THREAT_ARMS),
+    "confirmatory: the threat's dose-response -- does each attack setting damage a plain LoRA of the held-out "
+    "subject (ASPL at 4, 8, 16 levels; mist-v2 at its published 4 levels and at 32)? ASPL at 32 levels is the "
+    "'defense' experiment's A, shown for reference", arms=THREAT_ARMS, paired_with="defense",
+    borrowed=(("clean", "clean"), ("aspl_32", "attacking")), reference_arms=(Arm("aspl_32", dict(ATTACK)),))
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
@@ -158,15 +220,20 @@ def heldout_folder(out: Path, scale: str) -> Path:
 
 
 def write_replicate_config(out: Path, declared: Declared, replicate: int, scale: str, checkpoint: Path,
-                           classifier: Path) -> Path:
+                           classifier: Path, arm: Arm | None = None) -> Path:
+    """``exp.toml`` of one replicate (of one ``arm`` of a dose-response experiment: the plain LoRA on that
+    attack's copies, method ``attacking``, in ``<out>/<experiment>/<arm>/rNNN``)."""
     from lab.experiment import write_config
 
     if not replicate_folder(replicate).is_dir():
         raise SystemExit(f"no subject images for replicate {replicate}: {replicate_folder(replicate)} is missing "
                          f"(python -m lab.data exports them)")
-    return write_config(replicate_dir(out, declared.home, replicate), checkpoint, classifier, scale,
-                        seed=replicate_seed(replicate), instance=replicate_folder(replicate), attack=declared.attack,
-                        methods=declared.methods, heldout=heldout_folder(out, scale),
+    root = replicate_dir(out, declared.home, replicate) if arm is None else \
+        replicate_dir(Path(out) / declared.home, arm.name, replicate)
+    return write_config(root, checkpoint, classifier, scale,
+                        seed=replicate_seed(replicate), instance=replicate_folder(replicate),
+                        attack=declared.attack if arm is None else arm.attack,
+                        methods=declared.methods if arm is None else ("attacking",), heldout=heldout_folder(out, scale),
                         overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
 
 
@@ -194,34 +261,40 @@ def run(args) -> int:
     out = Path(args.out)
     checkpoint = ensure_checkpoint(out / "checkpoint" / CHECKPOINT_NAME)
     failed = []
-    for r in mine:
+    jobs = [(arm, r) for arm in declared.arms for r in mine] if declared.arms else [(None, r) for r in mine]
+    for arm, r in jobs:  # a dose-response runs arm by arm, so that whole arms finish first
         t0 = time.time()
-        config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER)
-        print(f"[evidence] {declared.name} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
+        if arm is not None:
+            paired, _ = declared.source(out, "clean", r)
+            if not paired.is_file():
+                print(f"[evidence] note: {paired} is missing: the arm's contrasts need the '{declared.paired_with}' "
+                      f"run of replicate {r} (python -m lab.evidence run {declared.paired_with} --replicates {r})",
+                      flush=True)
+        config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER, arm)
+        label = declared.name + (f" arm {arm.name}" if arm else "")
+        print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
         code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else []))
         print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
         if code:
-            failed.append(r)
+            failed.append(r if arm is None else f"{arm.name}/{r}")
     if failed:
         print(f"[evidence] replicates {failed} failed (finished stages are kept; run the same command)", file=sys.stderr)
     return 1 if failed else 0
 
 
 def replicate_values(out: Path, declared: Declared) -> dict:
-    """``{metric: {method: {replicate: value}}}`` of every finished replicate (its report written)."""
+    """``{metric: {method: {replicate: value}}}`` of every finished replicate run (its report written),
+    each method read where ``declared.source`` says."""
     values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
-    for folder in sorted((Path(out) / declared.home).glob("r[0-9][0-9][0-9]")):
-        if int(folder.name[1:]) not in declared.replicates:
-            continue
-        results = folder / "run" / "report" / "results.json"
-        if not results.is_file():
-            continue
-        r = int(folder.name[1:])
-        methods = json.loads(results.read_text(encoding="utf-8"))["methods"]
-        for metric, (_, read, _) in METRICS.items():
-            for meth in declared.methods:
+    cache: dict = {}
+    for r in declared.replicates:
+        for meth in declared.methods:
+            results, name = declared.source(out, meth, r)
+            if results not in cache:
+                cache[results] = json.loads(results.read_text(encoding="utf-8"))["methods"] if results.is_file() else {}
+            for metric, (_, read, _) in METRICS.items():
                 try:
-                    values[metric][meth][r] = float(read(methods[meth]["metrics"]))
+                    values[metric][meth][r] = float(read(cache[results][name]["metrics"]))
                 except (KeyError, TypeError):
                     pass
     return values
@@ -237,7 +310,7 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     for metric, (label, _, lower_better) in METRICS.items():
         per = values.get(metric, {})
         rows = {}
-        for c in CONTRASTS:
+        for c in declared.contrasts:
             if not all(m in declared.methods for m in c.methods):
                 continue
             reps, series = an.aligned(*(per.get(m, {}) for m in c.methods))
@@ -266,10 +339,15 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
         out["metrics"][metric] = {"label": label, "lower_is_better": lower_better, "contrasts": rows,
                                   "method_means": means, "remaining_share_under_lord": share,
                                   "replicates": {m: sorted(per.get(m, {})) for m in declared.methods}}
-    a = out["metrics"][PRIMARY]["contrasts"].get("A")
+    primary = out["metrics"][PRIMARY]["contrasts"]
+    a = primary.get("A")
     out["threat_gate"] = None if a is None else {
         "d_z": a["d_z"], "rule": "if |d_z(A)| < 0.3 the attack does no measurable damage at this budget",
         "measurable": abs(a["d_z"]) >= 0.3}
+    # a dose-response: the same rule per attack setting
+    out["threat_gates"] = {c.name: {"d_z": primary[c.name]["d_z"], "measurable": abs(primary[c.name]["d_z"]) >= 0.3}
+                           for c in (arm.contrast for arm in declared.arms + declared.reference_arms)
+                           if c.name in primary}
     return out
 
 
@@ -305,11 +383,14 @@ def markdown(result: dict) -> str:
         if share:
             lines += ["", f"Share of A remaining under LoRD: {share['value']:.3g} (95% bootstrap "
                           f"{share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
-        lines += ["", "Contrasts: " + "; ".join(f"{c.name} = {c.question}" for c in CONTRASTS
-                                                if c.name in block["contrasts"]) + ".", ""]
+        lines += ["", "Contrasts: " + "; ".join(f"{name} = {row['question']}"
+                                                for name, row in block["contrasts"].items()) + ".", ""]
     gate = result.get("threat_gate")
     if gate:
         lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
+                  + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+    for name, gate in (result.get("threat_gates") or {}).items():
+        lines += [f"Threat gate (declared), {name}: d_z = {gate['d_z']:+.2f}: "
                   + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
     lines.append("`*`: the declared confirmatory family (Holm-adjusted together).")
     return "\n".join(lines) + "\n"
