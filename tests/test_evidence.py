@@ -94,3 +94,42 @@ def test_two_replicates_at_ci_scale_run_and_are_analysed(tmp_path):
     assert a["n"] == 2 and a["replicates"] == [0, 1] and a["values"] == pytest.approx([by_hand[0], by_hand[1]])
     assert (tmp_path / "pilot" / "forest.png").read_bytes()[:4] == b"\x89PNG"
     assert "Replicate analysis: pilot" in (tmp_path / "pilot" / "analysis.md").read_text()
+
+
+def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
+    """A dose-response arm runs the plain LoRA on its own attack's copies only (no Stage 1, no Detect)
+    and its contrasts read 'clean' from the paired experiment's replicate folders."""
+    from lab.ship import SHIPPED_CLASSIFIER
+    from training.experiment.cli import main as run_experiment
+
+    threat = E.EXPERIMENTS["threat"]
+    assert set(threat.family) == {a.contrast.name for a in threat.arms}
+    assert threat.source(tmp_path, "clean", 12)[0] == tmp_path / "defense" / "r012" / "run" / "report" / "results.json"
+    assert threat.source(tmp_path, "aspl_32", 12) == (tmp_path / "defense" / "r012" / "run" / "report" / "results.json",
+                                                    "attacking")
+    assert threat.source(tmp_path, "aspl_4", 12) == (
+        tmp_path / "threat" / "aspl_4" / "r012" / "run" / "report" / "results.json", "attacking")
+    # synthetic finished runs: the analysis pairs each arm with the defense folder's clean runs
+    rng = np.random.default_rng(1)
+    for r in (10, 11, 12):
+        for meth in threat.methods:
+            results, name = threat.source(tmp_path, meth, r)
+            data = json.loads(results.read_text()) if results.is_file() else {"methods": {}}
+            data["methods"][name] = {"metrics": {"heldout_loss": {"mean": float(rng.normal())},
+                                                 "subject_acc": {"mean": 0.5}, "fd": {"value": 1.0}}}
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(data))
+    values = E.replicate_values(tmp_path, threat)
+    result = E.analyse(values, threat)
+    rows = result["metrics"]["heldout_loss"]["contrasts"]
+    v = values["heldout_loss"]
+    assert rows["A_mist_v2_4"]["values"] == pytest.approx([v["mist_v2_4"][r] - v["clean"][r] for r in (10, 11, 12)])
+    assert rows["A_aspl_32"]["p_holm"] is None and rows["A_aspl_4"]["p_holm"] is not None
+    assert set(result["threat_gates"]) == {a.contrast.name for a in threat.arms + threat.reference_arms}
+    assert "Threat gate (declared), A_aspl_8" in E.markdown(result)
+    # the arm's run plans no Stage 1 and no Detect (nothing in it uses the LoRD)
+    config = E.write_replicate_config(tmp_path, threat, 10, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER,
+                                      threat.arms[0])
+    assert config == tmp_path / "threat" / "aspl_4" / "r010" / "exp.toml"
+    text = config.read_text()
+    assert 'preset = "anti_dreambooth_aspl"' in text and "epsilon = 4.0" in text and 'run = ["attacking"]' in text

@@ -147,6 +147,14 @@ def test_list_shows_the_plan_and_only_runs_a_part(mini, tmp_path):
     done = sorted(p.parent.name for p in (out / "stages").glob("*/stage.json"))
     assert done == ["protect", "purify__jpeg"]  # the stage and what it needs, nothing else
     assert not (out / "report").exists()
+    # a config whose methods do not use the LoRD (a threat arm of lab.evidence) plans no Stage 1 and no Detect
+    plain = config.parent / "plain_only.toml"  # beside exp.toml: its relative image folders resolve alike
+    plain.write_text(config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "").replace(
+        "[metrics]", '[methods]\nrun = ["clean", "attacking"]\n\n[metrics]'))
+    proc = subprocess.run(_cmd(plain, "--output", str(tmp_path / "plain"), "--list"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "train/plain-protected" in proc.stdout and "stage1" not in proc.stdout and "detect" not in proc.stdout
 
 
 def test_one_run_reports_no_damage_undone_and_says_how_to_read_its_rows():

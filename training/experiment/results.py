@@ -89,7 +89,8 @@ def provenance(ctx: ExperimentContext) -> dict:
     """Checkpoint, versions, config, seeds, attack, Stage-1 and every stage's key digest."""
     exp = ctx.exp
     stage1 = ctx.plan.result("stage1") if "stage1" in ctx.plan.stages else {
-        "lord": str(exp.stage1_lord), "sha256": ctx.digests(exp.stage1_lord)}
+        "lord": str(exp.stage1_lord), "sha256": ctx.digests(exp.stage1_lord)} if exp.stage1_lord is not None else {
+        "not_run": "no method uses the LoRD"}
     return {"checkpoint": {"path": str(exp.checkpoint), "sha256": ctx.ckpt_sha}, "versions": versions(),
             "config": _jsonable(dataclasses.asdict(exp)), "seeds": {
                 "experiment": exp.seed, "attack": exp.attack_seed, "sampling": exp.sampling.seed,

@@ -2,7 +2,8 @@
 (``stages/<name>.py``: each owns its stage's key, what it needs and its run) and collects the results.
 
 Stage order (the plan runs them in this order, each after what it needs): ``protect``, ``stage1``
-(and ``stage1_onebranch`` when a method uses the one-branch control), ``detect``, ``purify/*``,
+(when a method uses the LoRD; ``stage1_onebranch`` when one uses the one-branch control), ``detect``
+(when there is a LoRD), ``purify/*``,
 ``reference``, then per Stage-2 run ``train/<id>``, ``sample/<id>``, ``score/<id>`` and, with
 ``[metrics] heldout_images``, ``heldout/<id>``.
 """
@@ -82,7 +83,7 @@ class ExperimentRunner:
         ctx = self.ctx
         ctx.prepare()
         variants, self.sweep = plan_variants(ctx)
-        planned = [*protect.stages(ctx), *stage1.stages(ctx, variants), *detect.stages(ctx),
+        planned = [*protect.stages(ctx), *stage1.stages(ctx, variants), *detect.stages(ctx, variants),
                    *purify.stages(ctx, variants), *reference.stages(ctx)]
         trained = set()
         for v in variants:

@@ -8,11 +8,14 @@ from lord_ops.comfy.detection import detect
 from lord_ops.metrics import detection_summary
 from training.experiment.context import ExperimentContext
 from training.experiment.images import unit_hwc
+from training.experiment.stages.stage1 import uses_lord
 from training.pipeline import Stage
 
 
-def stages(ctx: ExperimentContext) -> list[Stage]:
-    if not ctx.clean:
+def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
+    """LoRD Detect on the clean and protected images: when there is a LoRD (a method uses it, or
+    ``[stage1] lord`` names a file) and clean images to compare."""
+    if not ctx.clean or not (uses_lord(variants) or ctx.exp.stage1_lord is not None):
         return []
     exp = ctx.exp
     key = {**ctx.base_key(), "lord": ctx.lord_key(), "clean": ctx.image_key(ctx.clean),

@@ -20,7 +20,8 @@ from training.pipeline import Stage
 
 def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
     out = []
-    if ctx.exp.stage1_lord is None:
+    # Stage 1 runs when a method uses the LoRD (a plain-only config, e.g. a threat arm, skips it and Detect)
+    if ctx.exp.stage1_lord is None and uses_lord(variants):
         key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1").to_dict()}
         out.append(Stage("stage1", key, lambda folder: run(ctx, folder, "stage1"), describe="train the LoRD (Stage 1)"))
     if any(v.lord == "stage1_onebranch" for v in variants):
@@ -28,6 +29,11 @@ def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
         out.append(Stage("stage1_onebranch", key, lambda folder: run(ctx, folder, "stage1_onebranch"),
                          describe="train the one-branch control (Stage 1 without gate and B')"))
     return out
+
+
+def uses_lord(variants) -> bool:
+    """Whether one of the Stage-2 runs has the Stage-1 LoRD live (``lord`` and ``lord_g<t><s>`` modes)."""
+    return any(v.lord == "stage1" for v in variants)
 
 
 def config_of(ctx: ExperimentContext, which: str):
