@@ -1,7 +1,10 @@
-"""Stage A of the lab model: train a TAESD-architecture VAE (ComfyUI's own class, f=8, 4 latent
-channels) on 32 px Fashion-MNIST (all classes but the held-out one).
+"""Stage A of a lab model: train a TAESD-architecture VAE (ComfyUI's own class, f=8, 4 latent
+channels) on the lab's pre-training images: 32 px Fashion-MNIST without the held-out class (lab
+model 1, ``--data fashion``) or 64 px texture crops without the held-out subject (lab model 2,
+``--data textures``: ``lab/textures.py``; 64 px <-> 8x8x4 latents).
 
     python -m lab.train_vae --out .cache/lab/vae --steps 3000 --stop-after 1700   # the shipped VAE; resumable
+    python -m lab.train_vae --data textures --out .cache/lab2/vae --batch-size 16 --steps 4000
 
 Loss: mean squared error of the reconstruction in [-1, 1] plus a small penalty on the encoder
 output (keeps latents in the decoder's tanh range).
@@ -16,6 +19,8 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="fashion", choices=("fashion", "textures"),
+                    help="fashion: lab model 1 (32 px); textures: lab model 2 (64 px crops, drawn per step)")
     ap.add_argument("--out", default=".cache/lab/vae")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -39,8 +44,22 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images, _labels = data.pretraining_split("train")
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
+    if args.data == "fashion":
+        images, _labels = data.pretraining_split("train")
+        x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 32, 32]
+
+        def batch(step):
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            return x_all[torch.randint(0, len(x_all), (args.batch_size,), generator=g)]
+    else:
+        from lab import textures
+
+        pool = textures.Pool("train")
+        print(f"[vae] texture sources per category: {pool.counts}", flush=True)
+
+        def batch(step):  # uint8 [B, 3, 64, 64]: fresh seeded crops every step
+            images, _ = pool.sample(args.batch_size, args.seed * 1_000_003 + step)
+            return torch.from_numpy(images).permute(0, 3, 1, 2)
     torch.manual_seed(args.seed)
     vae = taesd_mod.TAESD()
     for m in vae.modules():  # ComfyUI's disable_weight_init layers skip init: give them torch's default
@@ -64,9 +83,7 @@ def main(argv=None) -> int:
     log = open(out / "log.txt", "a")
     stop = min(args.stop_after or args.steps, args.steps)
     while step < stop:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
-        x = x_all[idx].float() / 127.5 - 1  # [-1, 1]
+        x = batch(step).float() / 127.5 - 1  # [-1, 1]
         z = vae.taesd_encoder(x * 0.5 + 0.5)
         recon = vae.taesd_decoder(z).sub(0.5).mul(2)
         mse = torch.nn.functional.mse_loss(recon, x)
