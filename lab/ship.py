@@ -18,7 +18,7 @@ from pathlib import Path
 FORMAT = "comfyui-lord-lab-model-parts"
 
 
-def pack(vae_path, unet_path, out, dtype_name: str = "int8") -> Path:
+def pack(vae_path, unet_path, out, dtype_name: str = "int8", description: str = "lab model (Fashion-MNIST)") -> Path:
     import torch
 
     from lab.files import load_state
@@ -39,7 +39,8 @@ def pack(vae_path, unet_path, out, dtype_name: str = "int8") -> Path:
     tensors["text.rows"] = unet["text"]["rows"].float()
     tensors["text.position"] = unet["text"]["position"].float()
     meta = {"format": FORMAT, "version": "1", "vae_scale": repr(float(unet["vae_scale"])),
-            "vae_shift": repr(float(unet["vae_shift"])), "unet_steps": str(unet["step"]), "info": "{}"}
+            "vae_shift": repr(float(unet["vae_shift"])), "unet_steps": str(unet["step"]), "info": "{}",
+            "description": description}
     return atomic_save_safetensors(out, tensors, meta)
 
 
@@ -85,11 +86,15 @@ def checkpoint_state_dict(parts_path, dtype=None) -> dict:
 
 
 def unpack(parts_path, out) -> Path:
+    from safetensors import safe_open
+
     from lord_ops.format import atomic_save_safetensors
     from lord_ops.weights import file_sha256
 
+    with safe_open(str(parts_path), "pt") as f:
+        description = (f.metadata() or {}).get("description", "lab model (Fashion-MNIST)")
     return atomic_save_safetensors(out, checkpoint_state_dict(parts_path),
-                                   {"comfyui_lord": "lab model (Fashion-MNIST), assembled from " + Path(parts_path).name,
+                                   {"comfyui_lord": f"{description}, assembled from " + Path(parts_path).name,
                                     "lab_parts_sha256": file_sha256(parts_path)})
 
 
@@ -97,6 +102,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED_PARTS = REPO / "lab" / "weights" / "lab_fashion_parts.safetensors"
 SHIPPED_CLASSIFIER = REPO / "lab" / "weights" / "lab_classifier.safetensors"
 CHECKPOINT_NAME = "lord_lab_fashion.safetensors"
+# lab model 2 (64 px textures, lab/textures.py; lab/MODEL_CARD_2.md)
+TEXTURES_PARTS = REPO / "lab" / "weights" / "lab_textures_parts.safetensors"
+TEXTURES_CLASSIFIER = REPO / "lab" / "weights" / "lab_textures_classifier.safetensors"
+TEXTURES_CHECKPOINT_NAME = "lord_lab_textures.safetensors"
+TEXTURES_DESCRIPTION = "lab model 2 (ufoai textures, 64 px)"
 
 
 def ensure_checkpoint(out: Path = REPO / ".cache" / "lab" / CHECKPOINT_NAME, parts: Path = SHIPPED_PARTS) -> Path:
@@ -130,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="int8", choices=["int8", "fp16", "fp32"],
                    help="int8: UNet matrices per-channel int8 (half the size), the rest fp16")
+    p.add_argument("--description", default="lab model (Fashion-MNIST)",
+                   help=f"what the assembled checkpoint's metadata calls it (lab model 2: {TEXTURES_DESCRIPTION!r})")
     u = sub.add_parser("unpack")
     u.add_argument("--parts", required=True)
     u.add_argument("--out", required=True)
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
 
     ensure_comfyui_importable(cpu=True)
     if args.cmd == "pack":
-        path = pack(args.vae, args.unet, args.out, args.dtype)
+        path = pack(args.vae, args.unet, args.out, args.dtype, args.description)
     else:
         path = unpack(args.parts, args.out)
     print(f"[lab] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

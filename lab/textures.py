@@ -15,9 +15,11 @@ Categories (:data:`CATEGORIES`) are chosen by file-name keywords; every source t
 category or none. The **held-out subject** is :data:`SUBJECT` ("wood"): pre-training never sees a wood
 texture; a user personalises "a photo of sks wood". Source textures are split, per category, into
 ``train`` and ``test`` by a hash of their path (:func:`split_of`), so the split never changes when a
-file is added elsewhere. Wood textures are split into ``subject`` sources (the replicates' images)
-and ``reference`` sources (FD reference and held-out-loss images): a replicate's subject and its
-reference never share a texture.
+file is added elsewhere. Wood textures are split three ways: ``subject`` sources (the replicates'
+images), ``reference`` sources (FD reference and held-out-loss images) and ``train`` sources (only
+the lab classifier trains on them: an evaluator must know the subject's class, as lab model 1's
+classifier knows "bag"); a replicate's subject, its reference and the classifier's wood never share a
+texture.
 
 Crops (:func:`crop`): a source is resized (area filter) so that its shorter side is one of
 :data:`SCALES` (64, 128, 256 px: the whole texture, or 1/4 / 1/16 of it), then a 64 x 64 window is
@@ -61,7 +63,8 @@ SUBJECT = "wood"
 PRETRAINING = tuple(c for c in CATEGORIES if c != SUBJECT)
 MATERIAL_MAP = re.compile(r"_(nm|sm|gm|rm|hm|em|glow|bump|norm|spec)(\.|_)")
 TEST_SHARE = 0.2  # share of each pre-training category's source textures kept for test sets
-REFERENCE_SHARE = 0.4  # share of the subject's source textures kept for the reference set
+REFERENCE_SHARE = 0.3  # share of the subject's source textures kept for the reference set
+CLASSIFIER_SHARE = 0.35  # share of the subject's source textures the classifier trains on (the rest: subject)
 
 
 class DataMissing(FileNotFoundError):
@@ -95,7 +98,7 @@ def split_of(source: Source) -> str:
     """``train`` / ``test`` for pre-training categories, ``subject`` / ``reference`` for the subject."""
     u = _hash01(source.path)
     if source.category == SUBJECT:
-        return "reference" if u < REFERENCE_SHARE else "subject"
+        return "reference" if u < REFERENCE_SHARE else "train" if u < REFERENCE_SHARE + CLASSIFIER_SHARE else "subject"
     return "test" if u < TEST_SHARE else "train"
 
 
@@ -187,6 +190,9 @@ def prompt(category: str) -> str:
     return f"a photo of {category}"
 
 
+SUBJECT_PROMPT = f"a photo of sks {SUBJECT}"  # what a user's LoRA learns (the runner's instance prompt)
+
+
 class Pool:
     """The source pyramids of one split in memory, for seeded random crops (pre-training batches).
 
@@ -227,3 +233,91 @@ def category_grid(out: Path, per_category: int = 12, seed: int = 0, pk3: Path = 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(out, optimize=True)
     return Path(out)
+
+
+# ---- the subsets the runner, the demo and CI use (exported once into the repository) ---------------
+DATA_DIR = Path(__file__).resolve().parent / "texture_data"
+REPLICATE_IMAGES = 8  # subject images per replicate
+REPLICATE_SETS = 32  # replicates 0..31 (0-9 exploration, 10-31 confirmatory, as for lab model 1)
+REFERENCE_IMAGES = 120
+STAGE1_PER_CATEGORY = 8
+
+
+def replicate_folder(replicate: int) -> Path:
+    return DATA_DIR / "replicates" / f"r{int(replicate):03d}"
+
+
+def _unique_crops(chosen: list[Source], count: int, rng: np.random.Generator, pk3: Path, seen: set,
+                  distinct_sources: bool) -> list[tuple[Source, str, np.ndarray]]:
+    """``count`` crops of ``chosen`` (each source at most once when ``distinct_sources``), never a crop
+    already in ``seen`` (pixel hashes; flat crops skipped): ``[(source, "scale y x", pixels)]``."""
+    out = []
+    order = list(rng.permutation(len(chosen))) if distinct_sources else None
+    while len(out) < count:
+        if distinct_sources:
+            if not order:
+                raise ValueError(f"only {len(chosen)} sources for {count} distinct crops")
+            source = chosen[order.pop()]
+        else:
+            source = chosen[int(rng.integers(len(chosen)))]
+        levels = _pyramid_cached(pk3, source.path)
+        for _ in range(20):
+            scale = SCALES[int(rng.integers(len(SCALES)))]
+            image = levels[scale]
+            y = int(rng.integers(image.shape[0] - SIZE + 1))
+            x = int(rng.integers(image.shape[1] - SIZE + 1))
+            pixels = image[y:y + SIZE, x:x + SIZE]
+            key = hashlib.sha256(pixels.tobytes()).hexdigest()
+            if key not in seen and pixels.std() > 2:
+                seen.add(key)
+                out.append((source, f"{scale} {y} {x}", pixels))
+                break
+    return out
+
+
+@lru_cache(maxsize=512)
+def _pyramid_cached(pk3: Path, path: str) -> dict[int, np.ndarray]:
+    return pyramid(pk3, path)
+
+
+def export_sets(out: Path = DATA_DIR, pk3: Path = PK3, seed: int = 0) -> dict:
+    """Write the lab-2 subsets as 64 px PNGs under ``out`` (deterministic for a given package version):
+
+    - ``replicates/rNNN/wood_*.png``: 8 crops of 8 different subject sources per replicate, r = 0..31,
+    - ``instance/``: the demo's subject (8 more crops of subject sources),
+    - ``reference/``: 120 crops of the reference sources (FD reference; the first 32: held-out loss),
+    - ``stage1/``: 8 crops per pre-training category of its *test* sources, with ``.txt`` captions,
+    - ``SOURCES.tsv``: every file's source texture, crop (scale, y, x) and licence.
+
+    No two files hold the same crop. Returns the counts per folder."""
+    from PIL import Image
+
+    all_sources = sources(pk3)
+    by = {}
+    for s in all_sources:
+        by.setdefault((s.category, split_of(s)), []).append(s)
+    rng = np.random.default_rng(seed)
+    seen: set = set()
+    rows = ["file\tsource\tscale y x\tlicence"]
+    counts = {}
+
+    def write(folder: str, stem: str, crops, caption: str | None = None):
+        target = Path(out) / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for j, (source, where, pixels) in enumerate(crops):
+            name = f"{stem}_{j:03d}.png"
+            Image.fromarray(pixels).save(target / name, optimize=True)
+            if caption:
+                (target / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+            rows.append(f"{folder}/{name}\t{source.path}\t{where}\t{source.licence}")
+        counts[folder] = counts.get(folder, 0) + len(crops)
+
+    subject = by[(SUBJECT, "subject")]
+    for r in range(REPLICATE_SETS):
+        write(f"replicates/r{r:03d}", SUBJECT, _unique_crops(subject, REPLICATE_IMAGES, rng, pk3, seen, True))
+    write("instance", SUBJECT, _unique_crops(subject, REPLICATE_IMAGES, rng, pk3, seen, True))
+    write("reference", SUBJECT, _unique_crops(by[(SUBJECT, "reference")], REFERENCE_IMAGES, rng, pk3, seen, False))
+    for c in PRETRAINING:
+        write("stage1", c, _unique_crops(by[(c, "test")], STAGE1_PER_CATEGORY, rng, pk3, seen, False), prompt(c))
+    (Path(out) / "SOURCES.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return counts

@@ -1,9 +1,12 @@
-"""Train the lab classifier (``lord_ops.lab_classifier``) on Fashion-MNIST, all 10 classes (it is an
-evaluator, so it must know the held-out class):
+"""Train a lab classifier (``lord_ops.lab_classifier``): lab model 1's on Fashion-MNIST, all 10 classes
+(it is an evaluator, so it must know the held-out class), or lab model 2's on 64 px RGB texture crops
+of all categories including the held-out subject's classifier-only sources (``lab/textures.py``):
 
     python -m lab.train_classifier --out .cache/lab/lab_classifier.safetensors --epochs 4   # the shipped classifier
+    python -m lab.train_classifier --data textures --out .cache/lab2/lab2_classifier.safetensors --steps 3000
 
-Prints test-set accuracy.
+Prints test-set accuracy (lab model 2: crops of the categories' test sources and of the subject's
+reference sources, never trained on).
 """
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="fashion", choices=("fashion", "textures"))
+    ap.add_argument("--steps", type=int, default=3000, help="textures: optimizer steps (fresh seeded crops each)")
     args = ap.parse_args(argv)
+    if args.data == "textures":
+        return train_textures(args)
     import torch
     from safetensors.torch import save_file
 
@@ -42,7 +49,7 @@ def main(argv=None) -> int:
         model.train()
         for i in range(0, len(x) - args.batch_size + 1, args.batch_size):
             idx = order[i:i + args.batch_size]
-            batch = LabClassifier.prepare(x[idx])
+            batch = model.prepare(x[idx])
             if torch.rand(1, generator=g) < 0.5:
                 batch = batch.flip(-1)  # garments are left-right symmetric enough
             _, logits = model(batch)
@@ -54,13 +61,65 @@ def main(argv=None) -> int:
             step += 1
         model.eval()
         with torch.inference_mode():
-            pred = torch.cat([model(LabClassifier.prepare(xt[j:j + 1000]))[1].argmax(1) for j in range(0, len(xt), 1000)])
+            pred = torch.cat([model(model.prepare(xt[j:j + 1000]))[1].argmax(1) for j in range(0, len(xt), 1000)])
         acc = (pred == yt).float().mean().item()
         per_class = [(pred[yt == c] == c).float().mean().item() for c in range(10)]
         print(f"[classifier] epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} test accuracy {acc:.4f} "
               f"(bag {per_class[data.HELDOUT_CLASS]:.3f}) {time.time() - t0:.0f} s", flush=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata={"test_accuracy": f"{acc:.4f}"}))
+    print(f"[classifier] wrote {args.out}")
+    return 0
+
+
+def train_textures(args) -> int:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from lab import textures
+    from lord_ops.atomic import atomic_write
+    from lord_ops.lab_classifier import GEOMETRY_KEY, Geometry, LabClassifier
+
+    torch.manual_seed(args.seed)
+    names = tuple(textures.CATEGORIES)
+    model = LabClassifier(Geometry(3, textures.SIZE, names))
+    train = textures.Pool("train", names)
+    test_x, test_y = [], []
+    for c in names:  # 64 crops per category, of sources never trained on
+        pool = textures.Pool("reference" if c == textures.SUBJECT else "test", (c,))
+        x, y = pool.sample(64, 10_000 + names.index(c))
+        test_x.append(x)
+        test_y.append(y)
+    xt, yt = torch.from_numpy(np.concatenate(test_x)), torch.from_numpy(np.concatenate(test_y))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        x, y = train.sample(args.batch_size, args.seed * 1_000_003 + step)
+        batch = model.prepare(torch.from_numpy(x))
+        k = step % 8  # the eight symmetries of the square: textures have no up or left
+        batch = torch.rot90(batch, k % 4, dims=(2, 3))
+        if k >= 4:
+            batch = batch.flip(-1)
+        model.train()
+        _, logits = model(batch)
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == args.steps:
+            model.eval()
+            with torch.inference_mode():
+                pred = model(model.prepare(xt))[1].argmax(1)
+            acc = (pred == yt).float().mean().item()
+            per = {c: round((pred[yt == i] == i).float().mean().item(), 3) for i, c in enumerate(names)}
+            print(f"[classifier] step {step}/{args.steps} loss {loss.item():.4f} test accuracy {acc:.4f} "
+                  f"{per} {time.time() - t0:.0f} s", flush=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata={
+        "test_accuracy": f"{acc:.4f}", GEOMETRY_KEY: model.geometry.to_json()}))
     print(f"[classifier] wrote {args.out}")
     return 0
 

@@ -5,8 +5,12 @@ classifier-free guidance), eps-prediction with SD15's schedule (the diffusion lo
 ``lord_ops.diffusion``), EMA weights.
 
     python -m lab.train_unet --vae .cache/lab/vae/vae_final.pt --out .cache/lab/unet --steps 1400 --lr 3e-4
+    python -m lab.train_unet --data textures --vae .cache/lab2/vae/vae_final.pt --out .cache/lab2/unet ...
 
-Resumable.
+Lab model 2 (``--data textures``): ``--crops`` seeded 64 px crops of the pre-training categories'
+train sources (``lab.textures.Pool``) are drawn once and encoded (8x8x4 latents), prompts
+``a photo of {category}``; "wood" (the subject) only enters the vocabulary through
+``a photo of sks wood``. Resumable.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def load_vae(path):
 
 
 def encode_all(vae, images_u8, batch: int = 500):
-    """Encoder outputs ``[N, 4, 4, 4]`` (float32) of uint8 ``[N, 32, 32, 3]`` images."""
+    """Encoder outputs ``[N, 4, H/8, W/8]`` (float32) of uint8 ``[N, H, W, 3]`` images."""
     import torch
 
     out = []
@@ -62,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images (a quick check of the code)")
+    ap.add_argument("--data", default="fashion", choices=("fashion", "textures"))
+    ap.add_argument("--crops", type=int, default=20000, help="textures: how many crops to draw and encode once")
     args = ap.parse_args(argv)
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
@@ -79,7 +85,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = data.pretraining_split("train")
+    if args.data == "fashion":
+        images, labels = data.pretraining_split("train")
+        class_prompts = [data.prompt(i) for i in range(len(data.CLASSES))]
+        subject_prompt = "a photo of sks bag"
+    else:
+        from lab import textures
+
+        images, labels = textures.Pool("train").sample(args.crops, args.seed)
+        class_prompts = [textures.prompt(c) for c in textures.CATEGORIES]
+        subject_prompt = textures.SUBJECT_PROMPT
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     latents_file = out / (f"latents_first{args.limit}.pt" if args.limit else "latents.pt")
@@ -97,10 +112,10 @@ def main(argv=None) -> int:
     vae_shift = float(-enc.mean() / vae_scale)
     z_all = (enc / vae_scale + vae_shift) * sd15_latent_scale
     labels_t = torch.from_numpy(labels)
-    prompts = [data.prompt(i) for i in range(len(data.CLASSES))] + ["a photo of sks bag", ""]
+    prompts = class_prompts + [subject_prompt, ""]
     ids = text.token_ids(prompts)
     empty = ids[-1]
-    class_ids = ids[:len(data.CLASSES)]
+    class_ids = ids[:len(class_prompts)]
 
     torch.manual_seed(args.seed)
     unet = openaimodel.UNetModel(**sd15_unet_config(320, (1,), 1, 768, middle_block=False),

@@ -1,0 +1,96 @@
+"""Lab model 2's data (lab/textures.py) and its classifier geometry: the committed 64 px subsets are
+complete, disjoint and licensed file by file; the licence parser follows DEP-5's last-match rule; a
+classifier's geometry travels in its weights file. None of this needs the Debian package."""
+from __future__ import annotations
+
+import csv
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lab import textures as T
+
+
+def _rows():
+    with open(T.DATA_DIR / "SOURCES.tsv", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_committed_subsets_are_complete_disjoint_and_licensed():
+    rows = _rows()
+    files = sorted(p.relative_to(T.DATA_DIR).as_posix() for p in T.DATA_DIR.rglob("*.png"))
+    assert sorted(r["file"] for r in rows) == files
+    assert len(files) == T.REPLICATE_SETS * T.REPLICATE_IMAGES + T.REPLICATE_IMAGES + T.REFERENCE_IMAGES \
+        + T.STAGE1_PER_CATEGORY * len(T.PRETRAINING)
+    hashes = set()
+    for name in files:
+        pixels = np.asarray(Image.open(T.DATA_DIR / name))
+        assert pixels.shape == (T.SIZE, T.SIZE, 3) and pixels.dtype == np.uint8, name
+        hashes.add(hashlib.sha256(pixels.tobytes()).hexdigest())
+    assert len(hashes) == len(files)  # no crop twice
+    assert all(r["licence"] not in ("", "unknown") for r in rows)
+    by_folder: dict = {}
+    for r in rows:
+        by_folder.setdefault(r["file"].rsplit("/", 1)[0], []).append(r)
+    for r in range(T.REPLICATE_SETS):  # a replicate's 8 images: 8 different wood textures
+        group = by_folder[f"replicates/r{r:03d}"]
+        assert len({row["source"] for row in group}) == T.REPLICATE_IMAGES
+        assert all(row["file"].split("/")[-1].startswith(T.SUBJECT) for row in group)
+    subject = {row["source"] for f, g in by_folder.items() if f.startswith("replicates") or f == "instance" for row in g}
+    reference = {row["source"] for row in by_folder["reference"]}
+    stage1 = {row["source"] for row in by_folder["stage1"]}
+    assert subject and reference and not subject & reference  # the reference never shares a subject texture
+    assert all(T.category_of(s) == T.SUBJECT for s in subject | reference)
+    assert {T.category_of(s) for s in stage1} == set(T.PRETRAINING)
+    for image in (T.DATA_DIR / "stage1").glob("*.png"):
+        caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        assert caption == T.prompt(image.stem.rsplit("_", 1)[0])
+
+
+def test_split_and_category_rules():
+    assert T.category_of("textures/tex_nature/wood_b03.jpg") == "wood"
+    assert T.category_of("textures/tex_buildings/wall_brick01.png") == "brick"
+    assert T.category_of("textures/tex_buildings/wall_brick01_nm.png") is None  # a normal map
+    assert T.category_of("textures/tex_misc/books006.jpg") is None
+    splits = {T.split_of(T.Source(f"textures/x/wood{i}.png", "wood", "GPL-2+")) for i in range(200)}
+    assert splits == {"subject", "reference", "train"}
+    assert {T.split_of(T.Source(f"textures/x/rock{i}.png", "rock", "GPL-2+")) for i in range(200)} == {"train", "test"}
+    assert T.SUBJECT not in T.PRETRAINING
+
+
+def test_licence_of_follows_dep5_last_match(tmp_path):
+    copyright_file = tmp_path / "copyright"
+    copyright_file.write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Files: *\nCopyright: team\nLicense: GPL-2+\n\n"
+        "Files:\n base/textures/tex_a/wood1.png\n base/textures/tex_b/*\nCopyright: someone\nLicense: CC-BY-3.0\n\n"
+        "License: CC-BY-3.0\n text of the licence\n", encoding="utf-8")
+    table = T.licences(copyright_file)
+    assert T.licence_of("textures/tex_a/wood1.png", table) == "CC-BY-3.0"
+    assert T.licence_of("textures/tex_b/rock.jpg", table) == "CC-BY-3.0"
+    assert T.licence_of("textures/tex_a/wood2.png", table) == "GPL-2+"
+    with pytest.raises(T.DataMissing, match="make lab2-data"):
+        T.licences(tmp_path / "missing")
+
+
+def test_classifier_geometry_travels_in_the_weights_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lab.ship import SHIPPED_CLASSIFIER
+    from lord_ops.lab_classifier import CLASS_NAMES, GEOMETRY_KEY, Geometry, LabClassifier, load_lab_classifier
+
+    geometry = Geometry(3, 64, tuple(T.CATEGORIES))
+    model = LabClassifier(geometry)
+    path = tmp_path / "c.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={GEOMETRY_KEY: geometry.to_json()})
+    loaded = load_lab_classifier("lab-classifier", path)
+    assert loaded.classes == list(T.CATEGORIES) and loaded.model.geometry == geometry
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    assert loaded.features(images).shape == (3, 128) and loaded.predict(images).shape == (3,)
+    assert loaded.model.prepare(images).shape == (3, 3, 64, 64)  # RGB kept, not turned grey
+    first = load_lab_classifier("lab-classifier", SHIPPED_CLASSIFIER)  # no geometry: lab model 1's
+    assert first.classes == list(CLASS_NAMES) and first.model.prepare(images).shape == (3, 1, 32, 32)
