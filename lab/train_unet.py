@@ -54,6 +54,30 @@ def encode_all(vae, images_u8, batch: int = 500):
     return torch.cat(out)
 
 
+def new_model(ids, seed: int = 0):
+    """The untrained lab UNet (SD15 geometry reduced to one level, torch's default init) and text rows
+    for the token ids ``ids`` ``[P, 77]`` of the prompts it will learn: ``(unet, LabText)``."""
+    import torch
+
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+    from lab import text
+    from tools.tiny import sd15_unet_config
+
+    torch.manual_seed(seed)
+    unet = openaimodel.UNetModel(**sd15_unet_config(320, (1,), 1, 768, middle_block=False),
+                                 operations=comfy.ops.disable_weight_init)
+    for m in unet.modules():  # ComfyUI's layers skip init: torch's defaults
+        if isinstance(m, torch.nn.Conv2d):  # the base class's init (ComfyUI's override does nothing)
+            torch.nn.Conv2d.reset_parameters(m)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.Linear.reset_parameters(m)
+        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    return unet, text.LabText(ids.flatten().tolist(), seed=seed)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vae", required=True)
@@ -76,12 +100,9 @@ def main(argv=None) -> int:
     import torch
 
     import comfy.latent_formats
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-    import comfy.ops
     from lab import data, text
     from lord_ops.atomic import atomic_write
     from lord_ops.diffusion import denoising_loss
-    from tools.tiny import sd15_unet_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,18 +138,7 @@ def main(argv=None) -> int:
     empty = ids[-1]
     class_ids = ids[:len(class_prompts)]
 
-    torch.manual_seed(args.seed)
-    unet = openaimodel.UNetModel(**sd15_unet_config(320, (1,), 1, 768, middle_block=False),
-                                 operations=comfy.ops.disable_weight_init)
-    for m in unet.modules():  # ComfyUI's layers skip init: torch's defaults
-        if isinstance(m, torch.nn.Conv2d):  # the base class's init (ComfyUI's override does nothing)
-            torch.nn.Conv2d.reset_parameters(m)
-        elif isinstance(m, torch.nn.Linear):
-            torch.nn.Linear.reset_parameters(m)
-        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-            torch.nn.init.ones_(m.weight)
-            torch.nn.init.zeros_(m.bias)
-    lab_text = text.LabText(ids.flatten().tolist(), seed=args.seed)
+    unet, lab_text = new_model(ids, args.seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
     params = list(unet.parameters()) + list(lab_text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

@@ -17,6 +17,20 @@ import time
 from pathlib import Path
 
 
+def new_vae(seed: int = 0):
+    """An untrained TAESD (ComfyUI's class) with torch's default init (ComfyUI's layers skip init)."""
+    import torch
+
+    import comfy.taesd.taesd as taesd_mod
+
+    torch.manual_seed(seed)
+    vae = taesd_mod.TAESD()
+    for m in vae.modules():
+        if hasattr(m, "reset_parameters") and isinstance(m, torch.nn.Conv2d):
+            torch.nn.Conv2d.reset_parameters(m)
+    return vae
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion", choices=("fashion", "textures"),
@@ -38,7 +52,6 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    import comfy.taesd.taesd as taesd_mod
     from lab import data
     from lord_ops.atomic import atomic_write
 
@@ -60,11 +73,7 @@ def main(argv=None) -> int:
         def batch(step):  # uint8 [B, 3, 64, 64]: fresh seeded crops every step
             images, _ = pool.sample(args.batch_size, args.seed * 1_000_003 + step)
             return torch.from_numpy(images).permute(0, 3, 1, 2)
-    torch.manual_seed(args.seed)
-    vae = taesd_mod.TAESD()
-    for m in vae.modules():  # ComfyUI's disable_weight_init layers skip init: give them torch's default
-        if hasattr(m, "reset_parameters") and isinstance(m, torch.nn.Conv2d):
-            torch.nn.Conv2d.reset_parameters(m)
+    vae = new_vae(args.seed)
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
