@@ -1,7 +1,7 @@
 # All targets set up what they need on a fresh machine (tools/setup_env.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench bench-train bench-attack bench-scaling bench-memory bench-all thumbnails lab-data lab-retrain clean
+.PHONY: setup test demo bench bench-train bench-attack bench-scaling bench-memory bench-all thumbnails lab-data lab-retrain lab2-data lab2-retrain lab2-pilot clean
 setup:
 	bash tools/setup_env.sh
 
@@ -24,6 +24,30 @@ lab-retrain: setup lab-data
 	  --out lab/weights/lab_fashion_parts.safetensors
 	cp .cache/lab/lab_classifier.safetensors lab/weights/lab_classifier.safetensors
 	$(PY) -m lab.data
+
+# Lab model 2 (64 px textures; lab/MODEL_CARD_2.md): Debian's ufoai-textures (336 MB), then the VAE,
+# the classifier, the UNet (hours on 2 CPU cores; every step resumable: rerun the same target)
+lab2-data:
+	@test -f /usr/share/games/ufoai/base/0textures.pk3 || \
+	  { echo "[lab2] installing Debian's ufoai-textures"; apt-get install -y -q ufoai-textures; }
+
+lab2-retrain: setup lab2-data
+	$(PY) -m lab.train_vae --data textures --out .cache/lab2/vae --batch-size 8 --steps 1500
+	$(PY) -m lab.train_classifier --data textures --out .cache/lab2/lab_textures_classifier.safetensors --steps 2000 --batch-size 64
+	$(PY) -m lab.train_unet --data textures --vae .cache/lab2/vae/vae_final.pt --out .cache/lab2/unet --steps 3000 --lr 3e-4
+	$(PY) -m lab.ship pack --vae .cache/lab2/vae/vae_final.pt --unet .cache/lab2/unet/checkpoint.pt \
+	  --description "lab model 2 (ufoai textures, 64 px)" --out lab/weights/lab_textures_parts.safetensors
+	cp .cache/lab2/lab_textures_classifier.safetensors lab/weights/lab_textures_classifier.safetensors
+
+# the latent pilot (docs/lab2/pilot; lab/MODEL_CARD_2.md): the VAE as trained so far and a short UNet run
+# (the ACE / mist-v2 / ASPL objectives need one; EMA 0.98 so that 300 steps are not the initial weights)
+lab2-pilot: setup lab2-data
+	$(PY) -m lab.train_unet --data textures --vae .cache/lab2/vae/checkpoint.pt --out .cache/lab2/unet_pilot \
+	  --crops 4000 --steps 300 --batch-size 16 --ema 0.98 --lr 3e-4 --checkpoint-every 50
+	$(PY) -m lab.ship pack --vae .cache/lab2/vae/checkpoint.pt --unet .cache/lab2/unet_pilot/checkpoint.pt \
+	  --description "lab model 2 (ufoai textures, 64 px), pilot" --out .cache/lab2/pilot_parts.safetensors
+	$(PY) -m lab.ship unpack --parts .cache/lab2/pilot_parts.safetensors --out .cache/lab2/pilot_checkpoint.safetensors
+	$(PY) -m lab.pilot_textures --checkpoint .cache/lab2/pilot_checkpoint.safetensors --out docs/lab2/pilot
 
 # Benchmarks (BENCHMARKS.md): each target runs one script with its defaults and rewrites that script's
 # section of BENCHMARKS.md, whose "Command:" line names the target. Estimated times on 2 CPU cores.

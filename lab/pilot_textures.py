@@ -6,7 +6,8 @@ ACE target visible in its decoded latent?
     python -m lab.pilot_textures --quick --checkpoint ... --out /tmp/pilot   # CI: 2 images, 1 budget, few steps
 
 For each budget (pixel levels, 0..255 scale: 4 = mist-v2's published 8/255 in [-1, 1]) and each attack
--- ``ace`` (mist-v2's objective against the fixed model: the ``ace_fixed`` preset), ``mist_v2`` (ACE +
+-- ``encoder`` (PhotoGuard's encoder attack aimed at the ACE target's latent, 100 steps: how far the
+budget can move this VAE's latent at all, no UNet involved), ``ace`` (mist-v2's objective against the fixed model: the ``ace_fixed`` preset), ``mist_v2`` (ACE +
 surrogate LoRA, as published), ``aspl`` (Anti-DreamBooth's loop, 10 rounds as in EVIDENCE.md) and
 ``noise`` (uniform random +-budget per pixel, the same 8-bit quantisation) -- on the subject images of
 the exploration replicates (``lab/texture_data/replicates/r000``, ``r001``; never used to confirm):
@@ -30,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-ATTACKS = ("noise", "ace", "mist_v2", "aspl")
+ATTACKS = ("noise", "encoder", "ace", "mist_v2", "aspl")
 BUDGETS = (4.0, 8.0)
 EXPLORATION_REPLICATES = (0, 1)
 
@@ -46,15 +47,18 @@ def _images(replicates, limit: int | None):
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])).float() / 255.0
 
 
-def _protection(attack: str, budget: float, quick: bool, seed: int):
+def _protection(attack: str, budget: float, quick: bool, seed: int, target=None):
+    """The Protection of ``attack`` at ``budget`` levels (``target``: the ACE target IMAGE ``[1, H, W, 3]``,
+    which the encoder attack aims at; ACE's own default target is the same pattern)."""
     import dataclasses
 
     from lord_ops.attacks import PRESETS, SURROGATE_PRESETS
     from lord_ops.comfy.protect import Protection
 
-    if attack == "ace":
-        a = PRESETS["ace_fixed"]
-        return Protection(dataclasses.replace(a, epsilon=budget, steps=3 if quick else a.steps, seed=seed))
+    if attack in ("ace", "encoder"):
+        a = PRESETS["ace_fixed" if attack == "ace" else "photoguard_encoder"]
+        return Protection(dataclasses.replace(a, epsilon=budget, steps=3 if quick else a.steps, seed=seed),
+                          target=target if attack == "encoder" else None)
     preset = SURROGATE_PRESETS["mist_v2" if attack == "mist_v2" else "anti_dreambooth_aspl"]
     a, s = preset.attack, preset.surrogate
     if attack == "aspl":  # the evidence protocol's schedule: 10 rounds, step = budget / 16
@@ -137,7 +141,8 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0) -> dict
             if attack == "noise":
                 protected = _noise(images, budget, seed)
             else:
-                protected, _ = protect(model, vae, cond, images, _protection(attack, budget, quick, seed))
+                protected, _ = protect(model, vae, cond, images, _protection(attack, budget, quick, seed,
+                                                                          target_pixels.movedim(1, -1)))
             stats = measure(model, vae, cond, images, protected, target_latent, target_pixels)
             key = f"{attack}_{budget:g}"
             result["attacks"][key] = {"attack": attack, "budget_levels": budget, "seconds": round(time.time() - t0, 1),

@@ -132,7 +132,7 @@ def test_a_lab2_checkpoint_assembles_as_sd15_at_64px_and_the_latent_pilot_runs(t
                            "--out", str(tmp_path / "pilot")], cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "pilot" / "pilot.json").read_text())
-    assert set(result["attacks"]) == {"noise_4", "ace_4", "mist_v2_4", "aspl_4"}
+    assert set(result["attacks"]) == {"noise_4", "encoder_4", "ace_4", "mist_v2_4", "aspl_4"}
     assert all(a["linf_levels"] <= 4.0 + 1e-6 for a in result["attacks"].values())  # within the budget
     assert result["attacks"]["noise_4"]["rel_change"]["n"] == 2
     assert (tmp_path / "pilot" / "pilot.png").stat().st_size > 0 and "| mist_v2 | 4 |" in (
