@@ -17,7 +17,8 @@ the 8 held-out bags (clean vs ASPL-32). The strip shows the first bag, not a cho
     python -m tools.make_doc_images [--work DIR] [--out web/docs/images]
     python -m tools.make_doc_images --quick --out DIR    # smoke run: 2 attack steps, a barely trained LoRD
 
-``--work DIR`` keeps the runner's folder (a second run with the same DIR reuses its LoRD and scores).
+``--work DIR`` keeps the runner's folder (a second run with the same DIR reuses its LoRD and scores; so does
+``make_template_thumbnails --work DIR`` with the same DIR: ``make thumbnails`` runs both).
 ``--quick`` makes the same three strips with 2 ACE steps and the runner's smallest settings (its
 AUROC means nothing), only into a folder given with ``--out`` (never the committed ``web/docs/images``).
 """
@@ -75,7 +76,7 @@ def make(args, work: Path, checkpoint: Path | None) -> list[Path]:
     from lord_ops.format import load_lord_file
     from tools import lab_pictures as lp
 
-    checkpoint = checkpoint or lp.lab_checkpoint(work / "checkpoint")
+    checkpoint = checkpoint or lp.lab_checkpoint(work / "models" / "checkpoints")  # where the thumbnails keep it
     found = lp.detection_lord(work / "detect_lord", checkpoint, quick=args.quick)
     print(f"[doc images] {lp.caption(found)}; scores clean {found['scores_clean']}, "
           f"protected {found['scores_protected']}")
