@@ -198,7 +198,7 @@ def test_bench_memory_quick_compares_the_estimate_with_the_measured_peak(tmp_pat
 
 def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path):
     proc = module("tools.make_doc_images", "--quick", "--out", tmp_path)
-    tile, line = 128, 16  # the strips' layout (tools/lab_pictures.py): tiles, a label line, a caption line
+    tile, line = 128, 16  # the strips' layout (lab/pictures.py): tiles, a label line, a caption line
     for name, tiles, lines in (("protect_ace", 3, 2), ("detect_heatmap", 4, 3), ("purify_jpeg", 3, 2)):
         assert open_image(tmp_path / f"{name}.png")[0] == (tiles * (tile + 4) - 4, tile + lines * line), name
     assert "smoke run: LoRD barely trained" in proc.stdout  # a quick run never quotes its AUROC as a measurement

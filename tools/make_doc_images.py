@@ -10,7 +10,7 @@ bags (``lab/demo_data/instance``, 32 px), and writes small labelled PNG strips:
 * ``purify_jpeg.png``: the ASPL-protected bag | JPEG q75 | its change from the original (+/-32 levels)
 
 The LoRD of the detection strip is the one RESULTS.md's Stage-1 ablation trains (Stage 1 on PGD copies
-at 32 levels, whose gate separates): ``tools/lab_pictures.py`` runs the pack's evaluation runner up to
+at 32 levels, whose gate separates): ``lab/pictures.py`` runs the pack's evaluation runner up to
 its ``detect`` stage (about 10 minutes on one CPU core) and the caption quotes the AUROC it measured on
 the 8 held-out bags (clean vs ASPL-32). The strip shows the first bag, not a chosen one. Usage::
 
@@ -74,7 +74,7 @@ def make(args, work: Path, checkpoint: Path | None) -> list[Path]:
     from lord_ops.atomic import atomic_write_bytes
     from lord_ops.comfy.patch import apply_lord
     from lord_ops.format import load_lord_file
-    from tools import lab_pictures as lp
+    from lab import pictures as lp
 
     checkpoint = checkpoint or lp.lab_checkpoint(work / "models" / "checkpoints")  # where the thumbnails keep it
     found = lp.detection_lord(work / "detect_lord", checkpoint, quick=args.quick)

@@ -5,7 +5,7 @@
 1. assembles the **lab model** (``lab/MODEL_CARD.md``: a small SD1.x-family model trained on
    Fashion-MNIST, from ``lab/weights/``) and, with the pack's evaluation runner, the LoRD of RESULTS.md's
    Stage-1 ablation (Stage 1 on PGD copies at 32 levels, whose gate separates) and its held-out AUROC on
-   8 clean vs 8 ASPL-32-protected bags (``tools/lab_pictures.py``; about 10 minutes on one CPU core),
+   32 clean vs 32 ASPL-32-protected held-out bags (``lab/pictures.py``; about 6 minutes on one CPU core),
 2. writes the lab inputs the demo uses (``lab.demo.lab_inputs``: Stage-1 images with captions, the
    protected bags as the Stage-2 subject, two clean bags to protect, a clean and a protected bag to
    detect),
@@ -55,6 +55,7 @@ THUMBNAIL_NODE = {"lord_train_stage1": "LossGraphNode", "lord_train_stage2": "Lo
                   "lord_detect": "SaveImage", "lord_protect_batch": "PreviewImage",
                   "lord_defended_generation": "SaveImage"}
 DETECT = "lord_detect"  # runs on a clean and a protected bag; its pictures show both
+PROTECT = "lord_protect_batch"  # its thumbnail: a clean bag, its protected copy, the perturbation view
 # workflow stem -> README example image (the output as a picture, the workflow SaveImage embedded)
 EXAMPLES = {"lord_defended_generation": "defended_generation.png", "lord_detect": "detect_heatmap.png"}
 CLEAN_INPUT = "example_clean.png"  # the detection workflow's clean run reads this (its protected run: example.png)
@@ -200,7 +201,7 @@ def prepare(base: Path, quick: bool) -> dict:
     import shutil
 
     from lab.demo import lab_inputs
-    from tools import lab_pictures
+    from lab import pictures as lab_pictures
 
     models = base / "models"
     for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stage1-steps", type=int, default=None,
                     help="Train LoRD steps (default 40, quick 2; workflow: 1000)")
     ap.add_argument("--stage2-steps", type=int, default=None,
-                    help="Train LoRA with LoRD steps (default 60, quick 2; workflow: 800)")
+                    help="Train LoRA with LoRD steps (default 250, quick 2; workflow: 800; its other "
+                         "settings as shipped)")
     ap.add_argument("--only", nargs="+", metavar="NAME", default=None,
                     help="run only these workflows (file stems), reusing the checkpoint, LoRD and trained files an "
                          "earlier full run left in --work")
@@ -243,11 +245,11 @@ def main(argv=None) -> int:
         ap.error("--quick makes smoke-run pictures: give --out DIR (not where the committed thumbnails and "
                  "examples are)")
     args.stage1_steps = args.stage1_steps or (QUICK_STEPS if args.quick else 40)
-    args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else 60)
+    args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else 250)
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
     from lab.ship import CHECKPOINT_NAME
-    from tools import lab_pictures
+    from lab import pictures as lab_pictures
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="lord_thumbs_")
     base = Path(args.work or tmp.name).resolve()
@@ -325,6 +327,14 @@ def main(argv=None) -> int:
                     pics = [Image.open(t).convert("RGB") for t in tiles]
                     shown = lab_pictures.strip(pics, labels)
                     example = lab_pictures.strip(pics, labels, caption=lab_pictures.caption(found), legend=True)
+                elif wf.stem == PROTECT:  # the first clean bag, its protected copy and the perturbation view
+                    from PIL import Image
+
+                    saved = output_images(entry, prompt, base, "SaveImage")
+                    clean_bag = sorted((base / "input" / "protect_me").glob("*.png"))[0]
+                    if saved:
+                        shown = lab_pictures.strip([Image.open(f).convert("RGB") for f in (clean_bag, saved[0], images[0])],
+                                                   ["clean bag", "protected (ACE 4 lv)", "perturbation"])
                 elif wf.stem in EXAMPLES:
                     shown = example = grid(images)
                 thumb = write_thumbnail(shown, thumbs / f"{wf.stem}.jpg")
