@@ -71,10 +71,10 @@ def make(args, work: Path, checkpoint: Path | None) -> list[Path]:
     from comfyui_lord.nodes.attack import LoRDProtect
     from comfyui_lord.nodes.detect import LoRDDetect
     from comfyui_lord.nodes.purify import LoRDPurify
+    from lab import pictures as lp
     from lord_ops.atomic import atomic_write_bytes
     from lord_ops.comfy.patch import apply_lord
     from lord_ops.format import load_lord_file
-    from lab import pictures as lp
 
     checkpoint = checkpoint or lp.lab_checkpoint(work / "models" / "checkpoints")  # where the thumbnails keep it
     found = lp.detection_lord(work / "detect_lord", checkpoint, quick=args.quick)

@@ -200,8 +200,8 @@ def prepare(base: Path, quick: bool) -> dict:
     """The lab checkpoint, the measured detection LoRD and the workflows' inputs under ``base``."""
     import shutil
 
-    from lab.demo import lab_inputs
     from lab import pictures as lab_pictures
+    from lab.demo import lab_inputs
 
     models = base / "models"
     for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                     from PIL import Image
 
                     saved = output_images(entry, prompt, base, "SaveImage")
-                    clean_bag = sorted((base / "input" / "protect_me").glob("*.png"))[0]
+                    clean_bag = min((base / "input" / "protect_me").glob("*.png"))
                     if saved:
                         shown = lab_pictures.strip([Image.open(f).convert("RGB") for f in (clean_bag, saved[0], images[0])],
                                                    ["clean bag", "protected (ACE 4 lv)", "perturbation"])
