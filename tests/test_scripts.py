@@ -196,11 +196,12 @@ def test_bench_memory_quick_compares_the_estimate_with_the_measured_peak(tmp_pat
     assert "| tiny 64 px, stage1, batch 1 |" in proc.stdout and "Estimate / measured" in proc.stdout
 
 
-def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path, sd15_checkpoint):
-    module("tools.make_doc_images", "--quick", "--checkpoint", sd15_checkpoint, "--out", tmp_path)
-    tile, label = 128, 16  # the strips' layout (tools/make_doc_images.py)
-    for name, tiles in (("protect_ace", 3), ("detect_heatmap", 4), ("purify_jpeg", 3)):
-        assert open_image(tmp_path / f"{name}.png")[0] == (tiles * (tile + 4) - 4, tile + label), name
+def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path):
+    proc = module("tools.make_doc_images", "--quick", "--out", tmp_path)
+    tile, line = 128, 16  # the strips' layout (lab/pictures.py): tiles, a label line, a caption line
+    for name, tiles, lines in (("protect_ace", 3, 2), ("detect_heatmap", 4, 3), ("purify_jpeg", 3, 2)):
+        assert open_image(tmp_path / f"{name}.png")[0] == (tiles * (tile + 4) - 4, tile + lines * line), name
+    assert "smoke run: LoRD barely trained" in proc.stdout  # a quick run never quotes its AUROC as a measurement
 
 
 @pytest.mark.slow
@@ -214,6 +215,10 @@ def test_make_template_thumbnails_quick_writes_thumbnails_and_examples_into_out(
     for name in ("defended_generation.png", "detect_heatmap.png"):
         size, text = open_image(tmp_path / "examples" / name)
         assert "workflow" in text and "prompt" in text, name  # drag-and-drop loads the workflow
+        # ... the graph that ran on the lab model (tools/make_template_thumbnails.py's lab_workflow)
+        for chunk in ("workflow", "prompt"):
+            assert '"lord_lab_fashion.safetensors"' in text[chunk] and "a photo of" in text[chunk], (name, chunk)
+        assert "person" not in text["prompt"], name
 
 
 @pytest.mark.parametrize("script", ["tools.make_doc_images", "tools.make_template_thumbnails"])

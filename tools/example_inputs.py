@@ -1,6 +1,6 @@
-"""Inputs cut from ComfyUI's bundled ``example.png`` and the random SD15-geometry checkpoint: what the
-tests' ComfyUI base folders and the template thumbnails (``tools/make_template_thumbnails.py``) feed
-the shipped workflows. (``make demo`` runs them on the lab model instead: ``lab/demo.py``.)
+"""Inputs cut from ComfyUI's bundled ``example.png``: what the tests' ComfyUI base folders and the GPU
+check feed the shipped workflows, and the file names the workflows use. (``make demo`` and the
+pictures, ``tools/make_template_thumbnails.py``, run them on the lab model instead: ``lab/demo.py``.)
 """
 from __future__ import annotations
 
@@ -17,19 +17,6 @@ _TRAIN_CROPS = [((0, 0, 768, 768), False, "a drawing of a girl with yellow hair 
                 ((150, 250, 650, 750), True, "a drawing of a person in a pink dress on green grass"),
                 ((0, 0, 500, 500), True, "a drawing of yellow hair and a blue sky with clouds")]
 _INSTANCE_CROPS = [((100, 50, 700, 650), False), ((180, 80, 620, 520), True), ((60, 120, 700, 760), False)]
-
-
-def prepare_models(base: Path, seed: int) -> dict:
-    """Write the random checkpoint under ``base/models`` (the LoRD and LoRA are trained on the
-    server later); returns facts for the summary."""
-    from tools import tiny
-
-    models = base / "models"
-    for sub in ("lord", "loras"):  # never let a file from an earlier run stand in for a failed training
-        (models / sub).mkdir(parents=True, exist_ok=True)
-        (models / sub / (LORD_NAME if sub == "lord" else LORA_NAME)).unlink(missing_ok=True)
-    ckpt = tiny.write_sd15_geometry_checkpoint(models / "checkpoints" / CKPT_NAME, seed=seed)
-    return {"checkpoint": str(ckpt), "checkpoint_note": "random weights, SD15 geometry (13.6M-param UNet, CLIP-L, TAESD)"}
 
 
 def prepare_training_inputs(input_dir: Path, example: Path, size: int = 64) -> dict:

@@ -1,120 +1,129 @@
 """Make the pictures of the node help pages (``web/docs/images/``) with the pack's own nodes.
 
-Runs LoRD Protect, LoRD Detect and LoRD Purify in-process on the random SD15-geometry test
-checkpoint (``tools/tiny.py``; built from a seed, nothing downloaded) and ComfyUI's bundled
-``input/example.png``, and writes small labelled PNG strips:
+Runs LoRD Protect, LoRD Detect and LoRD Purify in-process on the **lab model** (``lab/MODEL_CARD.md``:
+a small SD1.x-family model trained on Fashion-MNIST, assembled from ``lab/weights/``) and its held-out
+bags (``lab/demo_data/instance``, 32 px), and writes small labelled PNG strips:
 
-* ``protect_ace.png``: original | protected (ACE, 4 levels, 30 steps) | perturbation view
-* ``detect_heatmap.png``: clean | its gate heatmap | protected | its gate heatmap
-* ``purify_jpeg.png``: protected | JPEG q75 | its change from the original (+/-16 levels)
+* ``protect_ace.png``: original bag | protected (ACE, 4 levels, 30 steps) | perturbation view
+* ``detect_heatmap.png``: clean bag | its gate heatmap | the same bag protected with ASPL at 32 levels |
+  its gate heatmap, with the colour bar and the gate's held-out AUROC
+* ``purify_jpeg.png``: the ASPL-protected bag | JPEG q75 | its change from the original (+/-32 levels)
 
-The model and the LoRD are random, so the pictures show what the outputs look like, not how well a
-trained LoRD detects. Usage (a few minutes on a CPU)::
+The LoRD of the detection strip is the one RESULTS.md's Stage-1 ablation trains (Stage 1 on PGD copies
+at 32 levels, whose gate separates): ``lab/pictures.py`` runs the pack's evaluation runner up to
+its ``detect`` stage (about 10 minutes on one CPU core) and the caption quotes the AUROC it measured on
+the 8 held-out bags (clean vs ASPL-32). The strip shows the first bag, not a chosen one. Usage::
 
-    python -m tools.make_doc_images [--checkpoint sd15_geometry.safetensors] [--out web/docs/images]
-    python -m tools.make_doc_images --quick --out DIR    # smoke run: 32 px, 2 attack steps, into DIR
+    python -m tools.make_doc_images [--work DIR] [--out web/docs/images]
+    python -m tools.make_doc_images --quick --out DIR    # smoke run: 2 attack steps, a barely trained LoRD
 
-``--quick`` makes the same three strips at 32 px with 2 ACE steps (seconds), only into a folder given
-with ``--out`` (never the committed ``web/docs/images``).
+``--work DIR`` keeps the runner's folder (a second run with the same DIR reuses its LoRD and scores; so does
+``make_template_thumbnails --work DIR`` with the same DIR: ``make thumbnails`` runs both).
+``--quick`` makes the same three strips with 2 ACE steps and the runner's smallest settings (its
+AUROC means nothing), only into a folder given with ``--out`` (never the committed ``web/docs/images``).
 """
 from __future__ import annotations
 
 import argparse
-import io as _io
+import json
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_IMAGES = ROOT / "web" / "docs" / "images"
-TILE = 128
-LABEL_H = 16
-
-
-def _tiles_to_png(tiles: list, labels: list[str]) -> bytes:
-    """IMAGE tensors ``[H, W, 3]`` in 0..1 side by side with a label under each, as PNG bytes."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    strip = Image.new("RGB", (len(tiles) * (TILE + 4) - 4, TILE + LABEL_H), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default()
-    for i, (tile, label) in enumerate(zip(tiles, labels)):
-        arr = (tile[..., :3].clamp(0, 1) * 255).round().byte().cpu().numpy()
-        im = Image.fromarray(arr).resize((TILE, TILE), Image.NEAREST)
-        x = i * (TILE + 4)
-        strip.paste(im, (x, 0))
-        width = draw.textlength(label, font=font)
-        draw.text((x + (TILE - width) / 2, TILE + 2), label, fill=(0, 0, 0), font=font)
-    buf = _io.BytesIO()
-    strip.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+MAX_BYTES = 150_000  # per picture
+BAG = 0  # the bag shown: the first of lab/demo_data/instance (not chosen by its score)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, help="the SD15-geometry test checkpoint (default: build it from seed 0)")
+    ap.add_argument("--checkpoint", type=Path, help="the lab checkpoint (default: assembled from lab/weights/)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="the evaluation runner's folder (default: a temporary folder, removed)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default web/docs/images; --quick: required)")
-    ap.add_argument("--size", type=int, default=None, help="image side in px the nodes run on (default 96, quick 32)")
     ap.add_argument("--steps", type=int, default=None, help="LoRD Protect's ACE steps (default 30, quick 2)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 32 px, 2 attack steps, into --out (not the committed pictures)")
+                    help="smoke run: 2 attack steps, a barely trained LoRD, into --out (not the committed pictures)")
     args = ap.parse_args(argv)
     if args.quick and (args.out is None or args.out.resolve() == DOC_IMAGES.resolve()):
         ap.error(f"--quick writes smoke-run pictures: give --out DIR (not {DOC_IMAGES.relative_to(ROOT)})")
     args.out = args.out or DOC_IMAGES
-    args.size = args.size or (32 if args.quick else 96)
     args.steps = args.steps or (2 if args.quick else 30)
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
 
-    comfyui = ensure_comfyui_importable()
+    ensure_comfyui_importable(cpu=True)
     import_pack()
+    with tempfile.TemporaryDirectory(prefix="lord_doc_images_") as tmp:
+        work = args.work or Path(tmp)
+        written = make(args, work, args.checkpoint or None)
+    for path in written:
+        print(f"{path}  {path.stat().st_size} bytes")
+    return 0
+
+
+def make(args, work: Path, checkpoint: Path | None) -> list[Path]:
     import comfy.sd
     import numpy as np
     import torch
     from PIL import Image
 
-    from lord_ops.atomic import atomic_write_bytes
-    from lord_ops.comfy import patch
     from comfyui_lord.nodes.attack import LoRDProtect
     from comfyui_lord.nodes.detect import LoRDDetect
     from comfyui_lord.nodes.purify import LoRDPurify
-    from tools import tiny
+    from lab import pictures as lp
+    from lord_ops.atomic import atomic_write_bytes
+    from lord_ops.comfy.patch import apply_lord
+    from lord_ops.format import load_lord_file
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.checkpoint or tiny.write_sd15_geometry_checkpoint(Path(tmp) / "sd15_geometry.safetensors", seed=0)
-        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(ckpt))
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
-    with Image.open(comfyui / "input" / "example.png") as im:
-        im = im.convert("RGB").resize((args.size, args.size), Image.LANCZOS)
-        image = torch.from_numpy(np.array(im)).float().div(255).unsqueeze(0)  # IMAGE [1, H, W, 3] in 0..1
+    checkpoint = checkpoint or lp.lab_checkpoint(work / "models" / "checkpoints")  # where the thumbnails keep it
+    found = lp.detection_lord(work / "detect_lord", checkpoint, quick=args.quick)
+    print(f"[doc images] {lp.caption(found)}; scores clean {found['scores_clean']}, "
+          f"protected {found['scores_protected']}")
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(found["prompt"] or "a photo of a bag"))
 
-    torch.manual_seed(0)
-    protected, view, _ = LoRDProtect.execute(model, vae, cond, image, "ace", 4.0, 0.6375, args.steps, 0, False,
-                                             None).args
-    moved = int(((protected - image).abs() * 255).round().max())
+    def load(path):
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).float().div(255).unsqueeze(0)  # [1, H, W, 3]
+
+    name = found["names"][BAG]
+    clean, aspl = load(found["clean"][name]), load(found["protected"][name])
+
+    def save(file, im):
+        data = lp.png_bytes(im)
+        if len(data) > MAX_BYTES:
+            raise RuntimeError(f"{file} would be {len(data)} bytes (limit {MAX_BYTES})")
+        return atomic_write_bytes(args.out / file, data)
+
     args.out.mkdir(parents=True, exist_ok=True)
-    written = [atomic_write_bytes(args.out / "protect_ace.png", _tiles_to_png(
-        [image[0], protected[0], view[0]], ["original", f"protected (max {moved} lv)", "perturbation"]))]
+    torch.manual_seed(0)
+    protected, view, _ = LoRDProtect.execute(model, vae, cond, clean, "ace", 4.0, 0.6375, args.steps, 0, False,
+                                             None).args
+    moved = int(((protected - clean).abs() * 255).round().max())
+    pil = lp.tensor_to_pil
+    written = [save("protect_ace.png", lp.strip(
+        [pil(clean[0]), pil(protected[0]), pil(view[0])],
+        ["original", f"protected (max {moved} lv)", "perturbation"],
+        caption=f"lab model, held-out bag, 32 px; ACE {args.steps} steps"))]
 
-    lord = patch.init_lord_for_model(model, random_up=0.05, seed=3)
-    for w in lord.targets.values():
-        w.gate_w2.mul_(40)  # an untrained gate is ~0.5 everywhere: sharpen it so the map shows structure
-    lorded = patch.apply_lord(model, lord)
-    heat, _, _, report = LoRDDetect.execute(lorded, vae, torch.cat([image, protected]), cond, 200, 0).args
-    import json
+    lorded = apply_lord(model, load_lord_file(found["lord"]))
+    heat, scores = [], []
+    for image in (clean, aspl):  # one image per call, as the runner scores them
+        h, _, _, report = LoRDDetect.execute(lorded, vae, image, cond, found["timestep"] or 200, 0).args
+        heat.append(h[0])
+        scores.append(json.loads(report)["scores"][0])
+    written.append(save("detect_heatmap.png", lp.strip(
+        [pil(clean[0]), pil(heat[0]), pil(aspl[0]), pil(heat[1])],
+        ["clean bag", f"heatmap, score {scores[0]:.2f}", "protected (ASPL-32)", f"heatmap, score {scores[1]:.2f}"],
+        caption=lp.caption(found), legend=True)))
 
-    scores = json.loads(report)["scores"]
-    written.append(atomic_write_bytes(args.out / "detect_heatmap.png", _tiles_to_png(
-        [image[0], heat[0], protected[0], heat[1]],
-        ["clean image", f"heatmap, score {scores[0]:.3f}", "protected image", f"heatmap, score {scores[1]:.3f}"])))
-
-    purified = LoRDPurify.execute(protected, "jpeg", 75, 0.2, 20, 7.5, 0).args[0]
-    left = (0.5 + 0.5 * (purified - image) / (16.0 / 255)).clamp(0, 1)
-    written.append(atomic_write_bytes(args.out / "purify_jpeg.png", _tiles_to_png(
-        [protected[0], purified[0], left[0]], ["protected", "JPEG quality 75", "change (+/-16 lv)"])))
-    for path in written:
-        print(f"{path}  {path.stat().st_size} bytes")
-    return 0
+    purified = LoRDPurify.execute(aspl, "jpeg", 75, 0.2, 20, 7.5, 0).args[0]
+    left = (0.5 + 0.5 * (purified - clean) / (32.0 / 255)).clamp(0, 1)
+    written.append(save("purify_jpeg.png", lp.strip(
+        [pil(aspl[0]), pil(purified[0]), pil(left[0])], ["protected (ASPL-32)", "JPEG quality 75", "change (+/-32 lv)"],
+        caption="lab model, held-out bag, 32 px")))
+    return written
 
 
 if __name__ == "__main__":
