@@ -310,17 +310,23 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     for metric, (label, _, lower_better) in METRICS.items():
         per = values.get(metric, {})
         rows = {}
+        arm_contrasts = {a.contrast.name for a in declared.arms}
         for c in declared.contrasts:
             if not all(m in declared.methods for m in c.methods):
                 continue
             reps, series = an.aligned(*(per.get(m, {}) for m in c.methods))
             if len(reps) < 2:
                 continue
+            if c.name in arm_contrasts and len(reps) < len(declared.replicates):
+                # the declared stopping rule: an arm is analysed only when all its replicates finished
+                out.setdefault("unfinished_arms", {})[c.name] = len(reps)
+                continue
             d = [sum(w * series[i][j] for i, (_, w) in enumerate(c.weights)) for j in range(len(reps))]
             summary = an.describe(d, seed=seed)
             rows[c.name] = {"question": c.question, "replicates": reps, **summary.to_dict(), "_summary": summary}
         if metric == PRIMARY:
             family = {k: rows[k]["_summary"] for k in declared.family if k in rows}
+            out["family_analysed"] = list(family)
             if family:
                 an.apply_holm(family)
                 for k, s in family.items():
@@ -389,9 +395,16 @@ def markdown(result: dict) -> str:
     if gate:
         lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
                   + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+    for name, n in (result.get("unfinished_arms") or {}).items():
+        lines += [f"Not analysed (declared stopping rule): {name} has {n} of its replicates finished.", ""]
     for name, gate in (result.get("threat_gates") or {}).items():
         lines += [f"Threat gate (declared), {name}: d_z = {gate['d_z']:+.2f}: "
                   + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+    analysed = result.get("family_analysed")
+    if analysed is not None and len(analysed) < len(result["family"]):
+        lines += [f"Holm's correction is over the {len(analysed)} analysed of the {len(result['family'])} declared "
+                  f"questions (EVIDENCE.md's stopping rule); with all {len(result['family'])} the adjusted p values "
+                  f"would be larger.", ""]
     lines.append("`*`: the declared confirmatory family (Holm-adjusted together).")
     return "\n".join(lines) + "\n"
 

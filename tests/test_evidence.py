@@ -102,7 +102,11 @@ def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
     from lab.ship import SHIPPED_CLASSIFIER
     from training.experiment.cli import main as run_experiment
 
+    import dataclasses
+
     threat = E.EXPERIMENTS["threat"]
+    assert threat.replicates == range(10, 18)
+    threat = dataclasses.replace(threat, replicates=range(10, 13))  # three synthetic replicates
     assert set(threat.family) == {a.contrast.name for a in threat.arms}
     assert threat.source(tmp_path, "clean", 12)[0] == tmp_path / "defense" / "r012" / "run" / "report" / "results.json"
     assert threat.source(tmp_path, "aspl_32", 12) == (tmp_path / "defense" / "r012" / "run" / "report" / "results.json",
@@ -120,12 +124,15 @@ def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(data))
     values = E.replicate_values(tmp_path, threat)
+    values["heldout_loss"]["aspl_16"].pop(12)  # an arm with a replicate missing is not analysed (stopping rule)
     result = E.analyse(values, threat)
+    assert result["unfinished_arms"] == {"A_aspl_16": 2}
+    assert "A_aspl_16" not in result["metrics"]["heldout_loss"]["contrasts"]
     rows = result["metrics"]["heldout_loss"]["contrasts"]
     v = values["heldout_loss"]
     assert rows["A_mist_v2_4"]["values"] == pytest.approx([v["mist_v2_4"][r] - v["clean"][r] for r in (10, 11, 12)])
     assert rows["A_aspl_32"]["p_holm"] is None and rows["A_aspl_4"]["p_holm"] is not None
-    assert set(result["threat_gates"]) == {a.contrast.name for a in threat.arms + threat.reference_arms}
+    assert set(result["threat_gates"]) == {a.contrast.name for a in threat.arms + threat.reference_arms} - {"A_aspl_16"}
     assert "Threat gate (declared), A_aspl_8" in E.markdown(result)
     # the arm's run plans no Stage 1 and no Detect (nothing in it uses the LoRD)
     config = E.write_replicate_config(tmp_path, threat, 10, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER,
