@@ -95,4 +95,7 @@ def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(t
 
     generated = summary["workflows"]["lord_defended_generation.json"]["images"]
     assert generated and all(Image.open(p).size == (32, 32) for p in generated)
+    check = summary["defended_generation_subject"]  # the lab classifier's verdict on the defended images
+    assert check["images"] == len(generated) and sum(check["predicted"].values()) == len(generated)
+    assert check["share"] == check["subject"] / len(generated)
     assert summary["workflow_inputs"]["stage2_protected"] is True

@@ -244,8 +244,10 @@ def main(argv=None) -> int:
     if args.quick and (not args.out or {thumbs.resolve(), examples.resolve()} & {c.resolve() for c in committed}):
         ap.error("--quick makes smoke-run pictures: give --out DIR (not where the committed thumbnails and "
                  "examples are)")
+    from lab.demo import DEMO_STAGE2_STEPS  # the demo's Stage-2 steps on the lab model (tools/ keeps lab/ lazy)
+
     args.stage1_steps = args.stage1_steps or (QUICK_STEPS if args.quick else 40)
-    args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else 250)
+    args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else DEMO_STAGE2_STEPS)
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
     from lab.ship import CHECKPOINT_NAME
