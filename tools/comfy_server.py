@@ -16,6 +16,15 @@ from typing import Optional
 from lord_ops.comfy.bootstrap import REPO_ROOT, find_comfyui
 
 
+def error_summary(entry: dict) -> str:
+    """A history entry's execution error in one line: ``<node type> (node <id>): <exception message>``
+    (the whole ``messages`` list also holds every input tensor's repr, thousands of lines)."""
+    for event, data in (entry.get("status") or {}).get("messages") or []:
+        if event == "execution_error":
+            return f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_message', '').strip()}"
+    return f"status {(entry.get('status') or {}).get('status_str')!r}, no execution_error message"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from lord_ops.comfy.bootstrap import REPO_ROOT as REPO, ensure_comfyui_importable
-from tools.comfy_server import ComfyServer
+from tools.comfy_server import ComfyServer, error_summary
 from tools.example_inputs import LORD_NAME
 from tools.workflow_api import TRAINER_NODES, is_training_workflow, load_workflow, ui_to_api, widget_inputs
 
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stage1-steps", type=int, default=None,
                     help="Train LoRD steps (default 40, quick 2; workflow: 1000)")
     ap.add_argument("--stage2-steps", type=int, default=None,
-                    help="Train LoRA with LoRD steps (default 250, quick 2; workflow: 800; its other "
-                         "settings as shipped)")
+                    help="Train LoRA with LoRD steps (default 250, quick 2; workflow: 800 at batch 1, lr 1e-4; "
+                         "here at the lab model's batch 4, lr 5e-4: lab.demo.LAB_STAGE2)")
     ap.add_argument("--only", nargs="+", metavar="NAME", default=None,
                     help="run only these workflows (file stems), reusing the checkpoint, LoRD and trained files an "
                          "earlier full run left in --work")
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
                                 node["inputs"].update(run_name=f"thumbnail_{wf.stem}")
                     entry = server.run_prompt(prompt, timeout=3600, extra_data={"extra_pnginfo": {"workflow": graph}})
                     if entry["status"]["status_str"] != "success":
-                        print(f"[thumbnails] {wf.name} FAILED: {json.dumps(entry['status'].get('messages'))[-2000:]}")
+                        print(f"[thumbnails] {wf.name} FAILED: {error_summary(entry)}")
                         break
                     results.append((entry, prompt))
                 if len(results) < len(runs):
