@@ -99,6 +99,7 @@ METRICS = {
     "heldout_loss": ("held-out denoising loss", lambda m: m["heldout_loss"]["mean"], True),
     "subject_acc": ("subject accuracy", lambda m: m["subject_acc"]["mean"], False),
     "fd": ("FD (lab classifier, 128-d)", lambda m: m["fd"]["value"], True),
+    "fd_pca": ("FD (lab classifier, 8 principal axes of the reference)", lambda m: m["fd_pca"]["value"], True),
 }
 PRIMARY = "heldout_loss"
 

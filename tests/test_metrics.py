@@ -410,3 +410,28 @@ def test_image_level_conversions():
     assert torch.equal(image_to_uint8(floats), u8)
     rgba = torch.cat([floats, torch.ones(2, 5, 4, 1)], dim=-1)
     assert torch.equal(image_to_uint8(rgba + 0.4 / 255), u8)  # alpha dropped, rounded to the nearest level
+
+
+def test_projected_frechet_distance_uses_the_references_principal_axes():
+    """FD on the reference's first k principal axes equals FD of the hand-projected features, the
+    explained share is the top-k variance share, and in few dimensions two samples of one Gaussian
+    come out closer than in the full space (the small-sample bias the projection avoids)."""
+    import torch
+
+    from lord_ops.metrics import frechet_distance, principal_axes, projected_frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.linspace(3.0, 0.2, 32, dtype=torch.float64)
+    reference = torch.randn(120, 32, generator=g, dtype=torch.float64) * scales
+    sample = torch.randn(40, 32, generator=g, dtype=torch.float64) * scales
+    mean, axes, explained = principal_axes(reference, 4)
+    centred = reference - reference.mean(0)
+    eig = torch.linalg.eigvalsh(centred.T @ centred).flip(0)
+    assert explained == pytest.approx(float(eig[:4].sum() / eig.sum()), rel=1e-6)
+    assert torch.allclose(axes.T @ axes, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    out = projected_frechet_distance(sample, reference, 4)
+    by_hand = frechet_distance((sample - mean) @ axes, (reference - mean) @ axes)
+    assert out["value"] == pytest.approx(by_hand, rel=1e-9) and out["dims"] == 4
+    assert out["value"] < frechet_distance(sample, reference)
+    with pytest.raises(ValueError, match="dims must be"):
+        principal_axes(reference[:3], 4)

@@ -150,7 +150,8 @@ class ExperimentContext:
                 "clip_iqa": self.digests(m.clip_iqa_weights) if m.clip_iqa_weights else None,
                 "inception": self.digests(m.inception_weights) if m.inception_weights else None,
                 "extractor": self.digests(m.extractor_weights) if m.extractor_weights else None,
-                "kid": [m.kid_subsets, m.kid_subset_size], "fd_bootstrap": m.fd_bootstrap, "seed": self.exp.seed}
+                "kid": [m.kid_subsets, m.kid_subset_size], "fd_bootstrap": m.fd_bootstrap, "seed": self.exp.seed,
+                "fd_pca_dims": m.fd_pca_dims}
 
     # ---- image sets ----------------------------------------------------------------------------
     def mix_names(self, k: int) -> list:

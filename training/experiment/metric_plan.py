@@ -30,6 +30,13 @@ def metric_plan(exp: Experiment) -> dict:
     if m.extractor is not None:
         out["fd"] = {"label": f"FD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
         out["kd"] = {"label": f"KD ({m.extractor})", "available": True, "higher_is_better": False, "extractor": m.extractor}
+        if m.fd_pca_dims:
+            out["fd_pca"] = {"label": f"FD ({m.extractor}, {m.fd_pca_dims} PCs)", "available": True,
+                             "higher_is_better": False, "extractor": m.extractor, "dims": m.fd_pca_dims,
+                             "definition": f"FD after projecting the samples' and the reference's features onto the "
+                                           f"reference's first {m.fd_pca_dims} principal axes (lord_ops.metrics."
+                                           f"projected_frechet_distance): few samples estimate a few dimensions "
+                                           f"far better than the extractor's full feature size"}
     if m.subject_class is not None:
         out["subject_acc"] = {"label": f"Subject accuracy ({m.extractor})", "available": True, "higher_is_better": True,
                               "extractor": m.extractor, "subject_class": m.subject_class,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lord_ops.metrics import frechet_distance, kernel_distance
+from lord_ops.metrics import frechet_distance, kernel_distance, projected_frechet_distance
 from training.experiment.context import ExperimentContext
 from training.experiment.images import hwc, read_png
 from training.experiment.methods import Variant
@@ -46,6 +46,10 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
                                                              f"({m.fd_bootstrap} resamples)")
         kid = kernel_distance(feats, ref[kind], m.kid_subsets, m.kid_subset_size, exp.seed)
         out[kd] = {k: (float(val) if isinstance(val, float) else val) for k, val in kid.items()}
+        if kind == "extractor" and "fd_pca" in ctx.metrics:
+            dims = min(m.fd_pca_dims, ref[kind].shape[1], ref[kind].shape[0] - 1)  # a small reference set caps it
+            out["fd_pca"] = {**projected_frechet_distance(feats, ref[kind], dims),
+                             "images": int(feats.shape[0]), "reference_images": int(ref[kind].shape[0])}
     if "subject_acc" in ctx.metrics:
         model = ctx.rt.metric_model("extractor")
         predicted = model.predict(images, m.batch_size)
