@@ -4,6 +4,7 @@ ACE target visible in its decoded latent?
 
     python -m lab.pilot_textures --checkpoint .cache/lab2/pilot_checkpoint.safetensors --out docs/lab2/pilot
     python -m lab.pilot_textures --quick --checkpoint ... --out /tmp/pilot   # CI: 2 images, 1 budget, few steps
+    python -m lab.pilot_textures --vae .cache/lab2/vae/vae_final.pt --out DIR   # no UNet yet: noise + encoder only
 
 For each budget (pixel levels, 0..255 scale: 4 = mist-v2's published 8/255 in [-1, 1]) and each attack
 -- ``encoder`` (PhotoGuard's encoder attack aimed at the ACE target's latent, 100 steps: how far the
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 ATTACKS = ("noise", "encoder", "ace", "mist_v2", "aspl")
+VAE_ONLY = ("noise", "encoder")  # the attacks that never call the UNet
 BUDGETS = (4.0, 8.0)
 EXPLORATION_REPLICATES = (0, 1)
 
@@ -109,7 +111,28 @@ def _mean_ci(values):
     return {"mean": m, "ci_low": lo, "ci_high": hi, "n": len(values)}
 
 
-def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0) -> dict:
+def vae_only_checkpoint(vae_path: Path, folder: Path) -> Path:
+    """A lab-2 checkpoint of the trained VAE ``vae_path`` with an **untrained** UNet and text rows (the
+    real classes, torch's default init): enough for the attacks that never call the UNet
+    (:data:`VAE_ONLY`) and for checking the assembly; its UNet must not be used for anything else."""
+    import torch
+
+    from lab import text, textures
+    from lab.ship import TEXTURES_DESCRIPTION, pack, unpack
+    from lab.train_unet import new_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = text.token_ids([textures.prompt(c) for c in textures.CATEGORIES] + [textures.SUBJECT_PROMPT, ""])
+    unet, lab_text = new_model(ids)
+    torch.save({"ema": unet.state_dict(), "text": lab_text.state_dict(), "vae_scale": 1.0, "vae_shift": 0.0,
+                "step": 0}, folder / "untrained_unet.pt")
+    parts = pack(vae_path, folder / "untrained_unet.pt", folder / "vae_only_parts.safetensors",
+                 description=TEXTURES_DESCRIPTION + ", untrained UNet")
+    return unpack(parts, folder / "vae_only_checkpoint.safetensors")
+
+
+def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0, attacks: tuple = ATTACKS) -> dict:
     import torch
 
     from lord_ops.attacks import high_contrast_target, latent_contrast
@@ -130,13 +153,13 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0) -> dict
         decoded = vae.decode(model.model.latent_format.process_out(target_latent.cpu())).float()[..., :3]
     dec_grey, pat = decoded.mean(-1).flatten(), target_pixels.mean(1).flatten()
     dc, pc = dec_grey - dec_grey.mean(), pat - pat.mean()
-    result = {"checkpoint": str(checkpoint), "images": int(images.shape[0]), "replicates": list(EXPLORATION_REPLICATES),
+    result = {"checkpoint": str(checkpoint), "attacks_run": list(attacks), "images": int(images.shape[0]), "replicates": list(EXPLORATION_REPLICATES),
               "target": {"latent_contrast": latent_contrast(target_latent),
                          "decoded_corr": float((dc * pc).sum() / (dc.norm() * pc.norm()).clamp_min(1e-12))},
               "attacks": {}}
     strips = []
     for budget in (BUDGETS[:1] if quick else BUDGETS):
-        for attack in ATTACKS:
+        for attack in attacks:
             t0 = time.time()
             if attack == "noise":
                 protected = _noise(images, budget, seed)
@@ -200,7 +223,10 @@ def _picture(path: Path, target_pixels, decoded, strips, vae, model) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="an assembled lab-2 checkpoint (lab.ship unpack)")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="an assembled lab-2 checkpoint (lab.ship unpack): every attack")
+    which.add_argument("--vae", help="a trained lab-2 VAE only (lab.train_vae's file): noise and the encoder attack, "
+                                     "on a checkpoint assembled with an untrained UNet that nothing else uses")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="2 images, budget 4 only, a few steps (CI)")
     ap.add_argument("--seed", type=int, default=0)
@@ -208,7 +234,13 @@ def main(argv=None) -> int:
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)
-    result = run(Path(args.checkpoint), Path(args.out), args.quick, args.seed)
+    if args.vae:
+        checkpoint = vae_only_checkpoint(Path(args.vae), Path(args.out) / "vae_only")
+        result = run(checkpoint, Path(args.out), args.quick, args.seed, VAE_ONLY)
+        result["vae"] = str(args.vae)
+        (Path(args.out) / "pilot.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    else:
+        result = run(Path(args.checkpoint), Path(args.out), args.quick, args.seed)
     print(markdown(result))
     return 0
 

@@ -99,9 +99,9 @@ def test_classifier_geometry_travels_in_the_weights_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_lab2_checkpoint_assembles_as_sd15_at_64px_and_the_latent_pilot_runs(tmp_path):
-    """Untrained lab-2 parts (the real classes, random weights: the trained parts are not shipped yet)
-    pack, assemble into a checkpoint ComfyUI detects as SD15 with 64 px <-> 8x8x4 latents, and the
-    latent pilot's quick mode runs every attack on it and writes its files."""
+    """Lab-2 parts (an untrained VAE and UNet of the real classes: the trained parts are not shipped
+    yet) pack and assemble into a checkpoint that ComfyUI detects as SD15 with 64 px <-> 8x8x4 latents;
+    the latent pilot's quick mode runs every attack on it, and its VAE-only mode the two that need no UNet."""
     import subprocess
     import sys
     from pathlib import Path
@@ -110,30 +110,23 @@ def test_a_lab2_checkpoint_assembles_as_sd15_at_64px_and_the_latent_pilot_runs(t
 
     import comfy.sd
     import comfy.supported_models
-    from lab import text
-    from lab.ship import TEXTURES_DESCRIPTION, pack, unpack
-    from lab.train_unet import new_model
+    from lab.pilot_textures import vae_only_checkpoint
     from lab.train_vae import new_vae
 
     torch.save({"vae": new_vae(0).state_dict()}, tmp_path / "vae.pt")
-    ids = text.token_ids([T.prompt(c) for c in T.CATEGORIES] + [T.SUBJECT_PROMPT, ""])
-    unet, lab_text = new_model(ids)
-    torch.save({"ema": unet.state_dict(), "text": lab_text.state_dict(), "vae_scale": 1.0, "vae_shift": 0.0,
-                "step": 0}, tmp_path / "unet.pt")
-    parts = pack(tmp_path / "vae.pt", tmp_path / "unet.pt", tmp_path / "parts.safetensors",
-                 description=TEXTURES_DESCRIPTION)
-    checkpoint = unpack(parts, tmp_path / "lab2.safetensors")
+    checkpoint = vae_only_checkpoint(tmp_path / "vae.pt", tmp_path / "assembled")
     model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=True)
     assert type(model.model.model_config) is comfy.supported_models.SD15
-    latent = vae.encode(torch.rand(1, 64, 64, 3))
-    assert latent.shape == (1, 4, 8, 8)
+    assert vae.encode(torch.rand(1, 64, 64, 3)).shape == (1, 4, 8, 8)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "lab.pilot_textures", "--quick", "--checkpoint", str(checkpoint),
-                           "--out", str(tmp_path / "pilot")], cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "pilot" / "pilot.json").read_text())
-    assert set(result["attacks"]) == {"noise_4", "encoder_4", "ace_4", "mist_v2_4", "aspl_4"}
-    assert all(a["linf_levels"] <= 4.0 + 1e-6 for a in result["attacks"].values())  # within the budget
-    assert result["attacks"]["noise_4"]["rel_change"]["n"] == 2
-    assert (tmp_path / "pilot" / "pilot.png").stat().st_size > 0 and "| mist_v2 | 4 |" in (
-        tmp_path / "pilot" / "pilot.md").read_text()
+    for args, attacks in ((["--checkpoint", str(checkpoint)], {"noise", "encoder", "ace", "mist_v2", "aspl"}),
+                          (["--vae", str(tmp_path / "vae.pt")], {"noise", "encoder"})):
+        out = tmp_path / args[0].strip("-")
+        proc = subprocess.run([sys.executable, "-m", "lab.pilot_textures", "--quick", *args, "--out", str(out)],
+                              cwd=root, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads((out / "pilot.json").read_text())
+        assert set(result["attacks"]) == {f"{a}_4" for a in attacks}
+        assert all(a["linf_levels"] <= 4.0 + 1e-6 for a in result["attacks"].values())  # within the budget
+        assert result["attacks"]["noise_4"]["rel_change"]["n"] == 2
+        assert (out / "pilot.png").stat().st_size > 0 and "| encoder | 4 |" in (out / "pilot.md").read_text()
