@@ -235,7 +235,8 @@ def main(argv=None) -> int:
 
     ensure_comfyui_importable(cpu=True)
     if args.vae:
-        checkpoint = vae_only_checkpoint(Path(args.vae), Path(args.out) / "vae_only")
+        # the assembled files (~390 MB) go beside the VAE file, never into --out (which may be docs/)
+        checkpoint = vae_only_checkpoint(Path(args.vae), Path(args.vae).parent / "vae_only")
         result = run(checkpoint, Path(args.out), args.quick, args.seed, VAE_ONLY)
         result["vae"] = str(args.vae)
         (Path(args.out) / "pilot.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
