@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 
@@ -94,8 +95,19 @@ def train_textures(args) -> int:
     xt, yt = torch.from_numpy(np.concatenate(test_x)), torch.from_numpy(np.concatenate(test_y))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
+    resume = Path(str(args.out) + ".checkpoint.pt")  # every 250 steps: a stopped run resumes
+    first = 1
+    if resume.is_file():
+        from lab.files import load_state
+
+        state = load_state(resume)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        first = state["step"] + 1
+        print(f"[classifier] resumed at step {state['step']}", flush=True)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(first, args.steps + 1):
         x, y = train.sample(args.batch_size, args.seed * 1_000_003 + step)
         batch = model.prepare(torch.from_numpy(x))
         k = step % 8  # the eight symmetries of the square: textures have no up or left
@@ -117,6 +129,8 @@ def train_textures(args) -> int:
             per = {c: round((pred[yt == i] == i).float().mean().item(), 3) for i, c in enumerate(names)}
             print(f"[classifier] step {step}/{args.steps} loss {loss.item():.4f} test accuracy {acc:.4f} "
                   f"{per} {time.time() - t0:.0f} s", flush=True)
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
+            atomic_write(resume, lambda tmp: torch.save(state, tmp))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata={
         "test_accuracy": f"{acc:.4f}", GEOMETRY_KEY: model.geometry.to_json()}))
