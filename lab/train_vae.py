@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         sched.load_state_dict(state["sched"])
         step = state["step"]
         print(f"[vae] resumed at step {step}")
-    t0 = time.time()
+    t0, first = time.time(), step
     log = open(out / "log.txt", "a")
     stop = min(args.stop_after or args.steps, args.steps)
     while step < stop:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         step += 1
         if step % 20 == 0 or step == args.steps:
             line = (f"step {step}/{args.steps} mse {mse.item():.5f} psnr {10 * np.log10(4 / max(mse.item(), 1e-12)):.2f} dB "
-                    f"z std {z.std().item():.3f} {(time.time() - t0) / max(1, step):.2f} s/step (this run)")
+                    f"z std {z.std().item():.3f} {(time.time() - t0) / max(1, step - first):.2f} s/step (this run)")
             print(f"[vae] {line}", flush=True)
             log.write(line + "\n")
             log.flush()
