@@ -273,7 +273,11 @@ def bare_errors(browser, make_comfy_base, comfyui_path) -> set:
 
 @pytest.fixture(scope="module")
 def server(make_comfy_base, comfyui_path, small_example):
+    from lab.ship import CHECKPOINT_NAME, ensure_checkpoint
+
     base = make_comfy_base("browser_base", example=small_example)
+    # the example PNGs' embedded workflows are set up for the lab model (docs/examples, README): offer it
+    (base / "models" / "checkpoints" / CHECKPOINT_NAME).symlink_to(ensure_checkpoint())
     _write_settings(base)
     srv = ComfyServer(base, comfyui=comfyui_path, metadata=True)  # SaveImage embeds the workflow
     srv.start()
