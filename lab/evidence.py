@@ -399,8 +399,10 @@ def markdown(result: dict) -> str:
     for name, n in (result.get("unfinished_arms") or {}).items():
         lines += [f"Not analysed (declared stopping rule): {name} has {n} of its replicates finished.", ""]
     for name, gate in (result.get("threat_gates") or {}).items():
-        lines += [f"Threat gate (declared), {name}: d_z = {gate['d_z']:+.2f}: "
-                  + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+        verdict_text = ("no measurable threat at this budget." if not gate["measurable"] else "measurable threat."
+                        if gate["d_z"] > 0 else "|d_z| >= 0.3 but in the other direction: the protected copies did "
+                        "not damage the LoRA (no threat).")
+        lines += [f"Threat gate (declared), {name}: d_z = {gate['d_z']:+.2f}: {verdict_text}", ""]
     analysed = result.get("family_analysed")
     if analysed is not None and len(analysed) < len(result["family"]):
         lines += [f"Holm's correction is over the {len(analysed)} analysed of the {len(result['family'])} declared "
