@@ -10,3 +10,17 @@ def load_state(path):
     allowed = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, weights_only=True)
+
+
+def restore(path, **parts) -> int:
+    """Resume from the training checkpoint ``path`` (``{name: state_dict, ..., "step": n}``): each of
+    ``parts`` (objects with ``load_state_dict``, by their name in the file) loads its state. Returns
+    the checkpoint's step, or 0 when there is no file (a fresh start)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return 0
+    state = load_state(path)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    return int(state["step"])

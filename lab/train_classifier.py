@@ -96,16 +96,19 @@ def train_textures(args) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps)
     resume = Path(str(args.out) + ".checkpoint.pt")  # every 250 steps: a stopped run resumes
-    first = 1
-    if resume.is_file():
-        from lab.files import load_state
+    def evaluate() -> tuple[float, dict]:
+        """Test accuracy overall and per category."""
+        model.eval()
+        with torch.inference_mode():
+            pred = model(model.prepare(xt))[1].argmax(1)
+        per = {c: round((pred[yt == i] == i).float().mean().item(), 3) for i, c in enumerate(names)}
+        return (pred == yt).float().mean().item(), per
 
-        state = load_state(resume)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        first = state["step"] + 1
-        print(f"[classifier] resumed at step {state['step']}", flush=True)
+    from lab.files import restore
+
+    first = restore(resume, model=model, opt=opt, sched=sched) + 1
+    if first > 1:
+        print(f"[classifier] resumed at step {first - 1}", flush=True)
     t0 = time.time()
     for step in range(first, args.steps + 1):
         x, y = train.sample(args.batch_size, args.seed * 1_000_003 + step)
@@ -122,15 +125,12 @@ def train_textures(args) -> int:
         opt.step()
         sched.step()
         if step % 250 == 0 or step == args.steps:
-            model.eval()
-            with torch.inference_mode():
-                pred = model(model.prepare(xt))[1].argmax(1)
-            acc = (pred == yt).float().mean().item()
-            per = {c: round((pred[yt == i] == i).float().mean().item(), 3) for i, c in enumerate(names)}
+            acc, per = evaluate()
             print(f"[classifier] step {step}/{args.steps} loss {loss.item():.4f} test accuracy {acc:.4f} "
                   f"{per} {time.time() - t0:.0f} s", flush=True)
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
             atomic_write(resume, lambda tmp: torch.save(state, tmp))
+    acc, _ = evaluate()  # also when a resumed run had no step left
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(args.out, lambda tmp: save_file(state, tmp, metadata={
         "test_accuracy": f"{acc:.4f}", GEOMETRY_KEY: model.geometry.to_json()}))

@@ -77,16 +77,11 @@ def main(argv=None) -> int:
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    ckpt = out / "checkpoint.pt"
-    step = 0
-    if ckpt.is_file():
-        from lab.files import load_state
+    from lab.files import restore
 
-        state = load_state(ckpt)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
+    ckpt = out / "checkpoint.pt"
+    step = restore(ckpt, vae=vae, opt=opt, sched=sched)
+    if step:
         print(f"[vae] resumed at step {step}")
     t0, first = time.time(), step
     log = open(out / "log.txt", "a")

@@ -99,10 +99,9 @@ def test_two_replicates_at_ci_scale_run_and_are_analysed(tmp_path):
 def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
     """A dose-response arm runs the plain LoRA on its own attack's copies only (no Stage 1, no Detect)
     and its contrasts read 'clean' from the paired experiment's replicate folders."""
-    from lab.ship import SHIPPED_CLASSIFIER
-    from training.experiment.cli import main as run_experiment
-
     import dataclasses
+
+    from lab.ship import SHIPPED_CLASSIFIER
 
     threat = E.EXPERIMENTS["threat"]
     assert threat.replicates == range(10, 18)
