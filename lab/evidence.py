@@ -126,9 +126,9 @@ class Declared:
     """One declared experiment (EVIDENCE.md): methods, attack, replicates, and the confirmatory family
     (contrasts of the primary metric, Holm-adjusted together).
 
-    A dose-response experiment has ``arms`` (one attack setting each, its own folders) and reads the
-    methods that are not arms from the experiment ``paired_with`` (same replicates, seeds and subjects),
-    as ``borrowed`` says: ``{method: method in that experiment's results}``."""
+    A dose-response experiment has ``arms`` (one attack setting each, its own folders) and reads every
+    other method from the experiment ``paired_with`` (same replicates, seeds and subjects): a
+    ``reference_arms`` setting as that experiment's ``attacking`` run, any other method under its own name."""
 
     name: str
     methods: tuple
@@ -139,8 +139,7 @@ class Declared:
     folder: str = ""  # the replicates' folder under --out (default: name); experiments sharing one share stages
     arms: tuple = ()
     paired_with: str = ""
-    borrowed: tuple = ()  # ((method, method in paired_with's results), ...)
-    reference_arms: tuple = ()  # attack settings already run by paired_with (borrowed), shown beside the arms
+    reference_arms: tuple = ()  # attack settings paired_with already ran (its 'attacking'), shown beside the arms
 
     @property
     def home(self) -> str:
@@ -152,11 +151,11 @@ class Declared:
 
     def source(self, out: Path, method: str, replicate: int) -> tuple[Path, str]:
         """Where ``method``'s value of ``replicate`` is: (the run's results.json, the method's name there)."""
-        arm = next((a for a in self.arms if a.name == method), None)
-        if arm is not None:
-            folder, name = Path(out) / self.home / arm.name, "attacking"
-        elif method in dict(self.borrowed):
-            folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, dict(self.borrowed)[method]
+        if any(a.name == method for a in self.arms):
+            folder, name = Path(out) / self.home / method, "attacking"
+        elif self.paired_with:
+            reference = any(a.name == method for a in self.reference_arms)
+            folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, "attacking" if reference else method
         else:
             folder, name = Path(out) / self.home, method
         return folder / f"r{int(replicate):03d}" / "run" / "report" / "results.json", name
@@ -199,7 +198,7 @@ EXPERIMENTS["threat"] = Declared(
     "confirmatory: the threat's dose-response -- does each attack setting damage a plain LoRA of the held-out "
     "subject (ASPL at 4, 8, 16 levels; mist-v2 at its published 4 levels and at 32)? ASPL at 32 levels is the "
     "'defense' experiment's A, shown for reference", arms=THREAT_ARMS, paired_with="defense",
-    borrowed=(("clean", "clean"), ("aspl_32", "attacking")), reference_arms=(Arm("aspl_32", dict(ATTACK)),))
+    reference_arms=(Arm("aspl_32", dict(ATTACK)),))
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

@@ -81,8 +81,9 @@ def _noise(images, budget: float, seed: int):
     return (quantize_uint8(noisy, x, budget).float() / 255.0).movedim(1, -1)
 
 
-def measure(model, vae, cond, images, protected, target_latent, target_pixels) -> dict:
-    """Per-image latent statistics of ``protected`` against ``images`` (both ``[B, H, W, 3]`` in [0, 1])."""
+def measure(model, vae, images, protected, target_latent, target_pixels) -> tuple[dict, "torch.Tensor"]:  # noqa: F821
+    """Per-image latent statistics of ``protected`` against ``images`` (both ``[B, H, W, 3]`` in [0, 1])
+    and the protected images' latents ``[B, 4, h, w]`` (CPU)."""
     import torch
 
     from lord_ops.comfy import grad
@@ -101,7 +102,7 @@ def measure(model, vae, cond, images, protected, target_latent, target_pixels) -
     corr = (d * p).sum(1) / (d.norm(dim=1) * p.norm(dim=1)).clamp_min(1e-12)
     linf = (protected - images).abs().amax().item() * 255
     return {"rel_change": rel.tolist(), "toward_target": ((before - after) / before).tolist(),
-            "pixel_target_corr": corr.tolist(), "linf_levels": round(linf, 3)}
+            "pixel_target_corr": corr.tolist(), "linf_levels": round(linf, 3)}, zp
 
 
 def _mean_ci(values):
@@ -117,14 +118,12 @@ def vae_only_checkpoint(vae_path: Path, folder: Path) -> Path:
     (:data:`VAE_ONLY`) and for checking the assembly; its UNet must not be used for anything else."""
     import torch
 
-    from lab import text, textures
     from lab.ship import TEXTURES_DESCRIPTION, pack, unpack
-    from lab.train_unet import new_model
+    from lab.train_unet import new_model, vocabulary_ids
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = text.token_ids([textures.prompt(c) for c in textures.CATEGORIES] + [textures.SUBJECT_PROMPT, ""])
-    unet, lab_text = new_model(ids)
+    unet, lab_text = new_model(vocabulary_ids("textures"))
     torch.save({"ema": unet.state_dict(), "text": lab_text.state_dict(), "vae_scale": 1.0, "vae_shift": 0.0,
                 "step": 0}, folder / "untrained_unet.pt")
     parts = pack(vae_path, folder / "untrained_unet.pt", folder / "vae_only_parts.safetensors",
@@ -166,7 +165,7 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0, attacks
             else:
                 protected, _ = protect(model, vae, cond, images, _protection(attack, budget, quick, seed,
                                                                           target_pixels.movedim(1, -1)))
-            stats = measure(model, vae, cond, images, protected, target_latent, target_pixels)
+            stats, latents = measure(model, vae, images, protected, target_latent, target_pixels)
             key = f"{attack}_{budget:g}"
             result["attacks"][key] = {"attack": attack, "budget_levels": budget, "seconds": round(time.time() - t0, 1),
                                       "linf_levels": stats["linf_levels"],
@@ -175,11 +174,11 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0, attacks
                                       "per_image": {k: stats[k] for k in ("rel_change", "toward_target")}}
             print(f"[pilot] {key}: rel change {result['attacks'][key]['rel_change']['mean']:.4f}, toward target "
                   f"{result['attacks'][key]['toward_target']['mean']:+.4f} ({time.time() - t0:.0f} s)", flush=True)
-            strips.append((key, images[0], protected[0]))
+            strips.append((key, images[0], protected[0], latents[:1]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pilot.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (out / "pilot.md").write_text(markdown(result), encoding="utf-8")
-    _picture(out / "pilot.png", target_pixels, decoded, strips, vae, model)
+    _picture(out / "pilot.png", target_pixels, decoded, strips, vae, model)  # strips: (key, clean, protected, latent)
     return result
 
 
@@ -204,17 +203,14 @@ def _picture(path: Path, target_pixels, decoded, strips, vae, model) -> None:
     import torch
     from PIL import Image
 
-    from lord_ops.comfy import grad
-
     def u8(x):  # [H, W, 3] in [0, 1]
         return (x.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
-    encode = grad.latent_encoder(vae, model)
     rows = [np.concatenate([u8(target_pixels[0].movedim(0, -1)), u8(decoded[0]),
                             np.full_like(u8(decoded[0]), 255), np.full_like(u8(decoded[0]), 255)], axis=1)]
-    for _key, clean, prot in strips:
+    for _key, clean, prot, latent in strips:
         with torch.no_grad():
-            dec = vae.decode(model.model.latent_format.process_out(encode(prot[None].movedim(-1, 1)).cpu())).float()[0, ..., :3]
+            dec = vae.decode(model.model.latent_format.process_out(latent)).float()[0, ..., :3]
         amplified = (0.5 + (prot - clean) * 255 / 16).clamp(0, 1)  # +-8 levels -> full range
         rows.append(np.concatenate([u8(clean), u8(prot), u8(amplified), u8(dec)], axis=1))
     grid = np.concatenate(rows, axis=0)

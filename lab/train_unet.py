@@ -54,6 +54,26 @@ def encode_all(vae, images_u8, batch: int = 500):
     return torch.cat(out)
 
 
+def vocabulary(data_name: str) -> tuple[list[str], str]:
+    """The prompts a lab UNet learns: one per label (in label order) and the subject's prompt, which
+    enters the vocabulary untrained (a user's LoRA learns it). ``data_name``: fashion | textures."""
+    if data_name == "fashion":
+        from lab import data
+
+        return [data.prompt(i) for i in range(len(data.CLASSES))], "a photo of sks bag"
+    from lab import textures
+
+    return [textures.prompt(c) for c in textures.CATEGORIES], textures.SUBJECT_PROMPT
+
+
+def vocabulary_ids(data_name: str):
+    """Token ids ``[P, 77]`` of the vocabulary's class prompts, then the subject prompt, then ``""``."""
+    from lab import text
+
+    class_prompts, subject_prompt = vocabulary(data_name)
+    return text.token_ids(class_prompts + [subject_prompt, ""])
+
+
 def new_model(ids, seed: int = 0):
     """The untrained lab UNet (SD15 geometry reduced to one level, torch's default init) and text rows
     for the token ids ``ids`` ``[P, 77]`` of the prompts it will learn: ``(unet, LabText)``."""
@@ -100,7 +120,7 @@ def main(argv=None) -> int:
     import torch
 
     import comfy.latent_formats
-    from lab import data, text
+    from lab import data
     from lord_ops.atomic import atomic_write
     from lord_ops.diffusion import denoising_loss
 
@@ -108,14 +128,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.data == "fashion":
         images, labels = data.pretraining_split("train")
-        class_prompts = [data.prompt(i) for i in range(len(data.CLASSES))]
-        subject_prompt = "a photo of sks bag"
     else:
         from lab import textures
 
         images, labels = textures.Pool("train").sample(args.crops, args.seed)
-        class_prompts = [textures.prompt(c) for c in textures.CATEGORIES]
-        subject_prompt = textures.SUBJECT_PROMPT
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     latents_file = out / (f"latents_first{args.limit}.pt" if args.limit else "latents.pt")
@@ -133,10 +149,9 @@ def main(argv=None) -> int:
     vae_shift = float(-enc.mean() / vae_scale)
     z_all = (enc / vae_scale + vae_shift) * sd15_latent_scale
     labels_t = torch.from_numpy(labels)
-    prompts = class_prompts + [subject_prompt, ""]
-    ids = text.token_ids(prompts)
+    ids = vocabulary_ids(args.data)
     empty = ids[-1]
-    class_ids = ids[:len(class_prompts)]
+    class_ids = ids[:-2]  # the class prompts (then the subject prompt and "")
 
     unet, lab_text = new_model(ids, args.seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
