@@ -92,6 +92,9 @@ CONTRASTS = (
              "gate 1 throughout: protected-minus-clean difference minus A"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
+    Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
+             "Gaussian-noise purification (sigma 0.05 of the [0, 1] range) of the protected images, then a plain "
+             "LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
 )
 
 # metric id in results.json -> (label, how to read one method's value, lower is better)
@@ -128,7 +131,11 @@ class Declared:
 
     A dose-response experiment has ``arms`` (one attack setting each, its own folders) and reads every
     other method from the experiment ``paired_with`` (same replicates, seeds and subjects): a
-    ``reference_arms`` setting as that experiment's ``attacking`` run, any other method under its own name."""
+    ``reference_arms`` setting as that experiment's ``attacking`` run, any other method under its own name.
+    An experiment with ``paired_methods`` runs its other methods itself and reads only those from
+    ``paired_with`` (e.g. the clean-image runs, which do not depend on the attack); its ``borrowed_stages``
+    (Stage 1) are copied from ``paired_with``'s replicate before it runs, so both use the same adapter (the
+    pipeline recomputes a copied stage whose key differs)."""
 
     name: str
     methods: tuple
@@ -140,10 +147,19 @@ class Declared:
     arms: tuple = ()
     paired_with: str = ""
     reference_arms: tuple = ()  # attack settings paired_with already ran (its 'attacking'), shown beside the arms
+    paired_methods: tuple = ()  # with paired_with and no arms: only these are read from paired_with
+    borrowed_stages: tuple = ()  # stage folders copied from paired_with's replicate (e.g. "stage1")
 
     @property
     def home(self) -> str:
         return self.folder or self.name
+
+    @property
+    def own_methods(self) -> tuple:
+        """The methods this experiment's own replicate runs train (the rest are read from ``paired_with``)."""
+        if not self.paired_with:
+            return self.methods
+        return tuple(m for m in self.methods if self.paired_methods and m not in self.paired_methods)
 
     @property
     def contrasts(self) -> tuple:
@@ -153,7 +169,7 @@ class Declared:
         """Where ``method``'s value of ``replicate`` is: (the run's results.json, the method's name there)."""
         if any(a.name == method for a in self.arms):
             folder, name = Path(out) / self.home / method, "attacking"
-        elif self.paired_with:
+        elif self.paired_with and (not self.paired_methods or method in self.paired_methods):
             reference = any(a.name == method for a in self.reference_arms)
             folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, "attacking" if reference else method
         else:
@@ -199,6 +215,20 @@ EXPERIMENTS["threat"] = Declared(
     "subject (ASPL at 4, 8, 16 levels; mist-v2 at its published 4 levels and at 32)? ASPL at 32 levels is the "
     "'defense' experiment's A, shown for reference", arms=THREAT_ARMS, paired_with="defense",
     reference_arms=(Arm("aspl_32", dict(ATTACK)),))
+# declared after 'threat' was reported (EVIDENCE.md, "mist"): the defense questions at the strongest threat
+# measured, mist-v2 at 32 levels. Its own runs add the LoRD, one-branch, oracle-gate and Gaussian-noise
+# methods to the threat arm's replicate folders (protect and the plain LoRA on protected copies are cached
+# there); the clean-image runs and Stage 1 (LoRD and one-branch adapters) are the 'defense' replicates'.
+MIST_32 = THREAT_ARMS[-1]
+EXPERIMENTS["mist"] = Declared(
+    "mist", ("clean", "attacking", "lord_clean", "lord", "onebranch_clean", "onebranch", "lord_clean_g10",
+             "lord_g10", "noise"), range(10, 18), dict(MIST_32.attack),
+    ("removal_lord", "lord_vs_plain_prot", "lord_vs_onebranch_prot", "removal_g10", "noise_vs_plain_prot"),
+    "confirmatory: at mist-v2 with 32 levels (the strongest threat measured), does LoRD remove part of the "
+    "damage, beyond the one-branch control; does B' on in training / off at sampling; does Gaussian-noise "
+    "purification?", folder=f"threat/{MIST_32.name}", paired_with="defense",
+    paired_methods=("clean", "lord_clean", "onebranch_clean", "lord_clean_g10"),
+    borrowed_stages=("stage1", "stage1_onebranch"))
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
@@ -233,8 +263,28 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
     return write_config(root, checkpoint, classifier, scale,
                         seed=replicate_seed(replicate), instance=replicate_folder(replicate),
                         attack=declared.attack if arm is None else arm.attack,
-                        methods=declared.methods if arm is None else ("attacking",), heldout=heldout_folder(out, scale),
+                        methods=declared.own_methods if arm is None else ("attacking",), heldout=heldout_folder(out, scale),
                         overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
+
+
+def borrow_stages(out: Path, declared: Declared, replicate: int) -> list[str]:
+    """Copy ``declared.borrowed_stages`` of ``replicate`` from the ``paired_with`` run into this experiment's
+    run (only where this run has no such stage folder yet); returns the names copied. A copied stage is
+    reused only if its key matches this run's (``training.pipeline``), else it is recomputed."""
+    copied = []
+    if not declared.borrowed_stages:
+        return copied
+    source = replicate_dir(out, EXPERIMENTS[declared.paired_with].home, replicate) / "run" / "stages"
+    target = replicate_dir(out, declared.home, replicate) / "run" / "stages"
+    for name in declared.borrowed_stages:
+        if (source / name / "stage.json").is_file() and not (target / name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            partial = target / f".{name}.copying"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source / name, partial, ignore=shutil.ignore_patterns("lock", "pgd_cache", "checkpoint.pt"))
+            partial.rename(target / name)
+            copied.append(name)
+    return copied
 
 
 def parse_replicates(text: str | None, default: range) -> list[int]:
@@ -271,6 +321,7 @@ def run(args) -> int:
                       f"run of replicate {r} (python -m lab.evidence run {declared.paired_with} --replicates {r})",
                       flush=True)
         config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER, arm)
+        borrow_stages(out, declared, r)
         label = declared.name + (f" arm {arm.name}" if arm else "")
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
         code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else []))
