@@ -139,3 +139,42 @@ def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
     assert config == tmp_path / "threat" / "aspl_4" / "r010" / "exp.toml"
     text = config.read_text()
     assert 'preset = "anti_dreambooth_aspl"' in text and "epsilon = 4.0" in text and 'run = ["attacking"]' in text
+
+
+def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defense(tmp_path):
+    """'mist' trains only the methods on the mist-v2-32 copies (in the threat arm's folders, where protect
+    and the plain LoRA are cached), reads the clean-image runs from 'defense' and copies the defense
+    replicate's Stage-1 stages (without lock or caches, never over an existing folder)."""
+    from lab.ship import SHIPPED_CLASSIFIER
+
+    mist = E.EXPERIMENTS["mist"]
+    assert mist.attack == E.THREAT_ARMS[-1].attack and mist.replicates == range(10, 18)
+    assert set(mist.family) <= {c.name for c in mist.contrasts}
+    assert all(m in mist.methods for c in mist.contrasts if c.name in mist.family for m in c.methods)
+    assert mist.own_methods == ("attacking", "lord", "onebranch", "lord_g10", "noise")
+    home = tmp_path / "threat" / "mist_v2_32" / "r011" / "run"
+    assert mist.source(tmp_path, "lord", 11) == (home / "report" / "results.json", "lord")
+    assert mist.source(tmp_path, "attacking", 11) == (home / "report" / "results.json", "attacking")
+    assert mist.source(tmp_path, "lord_clean_g10", 11) == (
+        tmp_path / "defense" / "r011" / "run" / "report" / "results.json", "lord_clean_g10")
+    # the other experiments are unchanged: defense runs all its methods itself
+    assert E.EXPERIMENTS["defense"].own_methods == E.EXPERIMENTS["defense"].methods
+    config = E.write_replicate_config(tmp_path, mist, 11, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
+    assert config == home.parent / "exp.toml"
+    text = config.read_text()
+    assert 'preset = "mist_v2"' in text and "epsilon = 32.0" in text
+    assert 'run = ["attacking", "lord", "onebranch", "lord_g10", "noise"]' in text
+    # Stage 1 of the defense replicate is copied once, without its lock and PGD cache
+    source = tmp_path / "defense" / "r011" / "run" / "stages"
+    for name in ("stage1", "stage1_onebranch"):
+        (source / name / "pgd_cache").mkdir(parents=True)
+        (source / name / "stage.json").write_text(json.dumps({"digest": name}))
+        (source / name / "lord.safetensors").write_bytes(b"weights " + name.encode())
+        (source / name / "lock").write_text("123@host")
+    assert E.borrow_stages(tmp_path, mist, 11) == ["stage1", "stage1_onebranch"]
+    copied = home / "stages" / "stage1"
+    assert sorted(p.name for p in copied.iterdir()) == ["lord.safetensors", "stage.json"]
+    (copied / "lord.safetensors").write_bytes(b"this run's own")
+    assert E.borrow_stages(tmp_path, mist, 11) == []  # an existing stage folder is never overwritten
+    assert (copied / "lord.safetensors").read_bytes() == b"this run's own"
+    assert E.borrow_stages(tmp_path, mist, 12) == []  # nothing to borrow: the run trains its own Stage 1
