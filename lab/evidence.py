@@ -103,6 +103,9 @@ METRICS = {
     "subject_acc": ("subject accuracy", lambda m: m["subject_acc"]["mean"], False),
     "fd": ("FD (lab classifier, 128-d)", lambda m: m["fd"]["value"], True),
     "fd_pca": ("FD (lab classifier, 8 principal axes of the reference)", lambda m: m["fd_pca"]["value"], True),
+    # the texture metrics (added with lab model 2; read wherever a run's score stage measured them)
+    "target_corr": ("correlation of the samples with the ACE target", lambda m: m["target_corr"]["mean"], True),
+    "hf_spectrum": ("HF spectrum distance to the reference", lambda m: m["hf_spectrum"]["value"], True),
 }
 PRIMARY = "heldout_loss"
 

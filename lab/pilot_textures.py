@@ -135,6 +135,7 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0, attacks
     import torch
 
     from lord_ops.attacks import high_contrast_target, latent_contrast
+    from lord_ops.metrics import pattern_correlation
     from lord_ops.comfy import grad
     from lord_ops.comfy.bootstrap import load_checkpoint_models
     from lord_ops.comfy.protect import protect
@@ -150,11 +151,9 @@ def run(checkpoint: Path, out: Path, quick: bool = False, seed: int = 0, attacks
     target_latent = grad.encode_target(vae, model, None, target_pixels)
     with torch.no_grad():
         decoded = vae.decode(model.model.latent_format.process_out(target_latent.cpu())).float()[..., :3]
-    dec_grey, pat = decoded.mean(-1).flatten(), target_pixels.mean(1).flatten()
-    dc, pc = dec_grey - dec_grey.mean(), pat - pat.mean()
     result = {"checkpoint": str(checkpoint), "attacks_run": list(attacks), "images": int(images.shape[0]), "replicates": list(EXPLORATION_REPLICATES),
               "target": {"latent_contrast": latent_contrast(target_latent),
-                         "decoded_corr": float((dc * pc).sum() / (dc.norm() * pc.norm()).clamp_min(1e-12))},
+                         "decoded_corr": float(pattern_correlation(decoded, target_pixels)[0])},
               "attacks": {}}
     strips = []
     for budget in (BUDGETS[:1] if quick else BUDGETS):

@@ -469,6 +469,16 @@ def high_contrast_target(height: int, width: int, cells: int = 8, min_cell: int 
     return img.expand(3, height, width).unsqueeze(0).contiguous()
 
 
+def target_image(target: Optional[torch.Tensor], height: int, width: int, min_cell: int = 8) -> torch.Tensor:
+    """The ACE / PhotoGuard target in pixels, ``[1|B, 3, height, width]`` in [0, 1]: a user's ``target``
+    (``[1|B, 3, h, w]`` in [0, 1]) resized, or the pack's :func:`high_contrast_target` when it is None
+    (``min_cell``: the VAE's pixels per latent cell). What the attack aims at and what the texture
+    metrics look for in generated images (``lord_ops.metrics.pattern_correlation``)."""
+    if target is None:
+        return high_contrast_target(height, width, min_cell=min_cell)
+    return resize_target(target, height, width)
+
+
 def latent_contrast(latent: torch.Tensor) -> float:
     """How much a target latent ``[B, C, h, w]`` varies over the latent grid: the spatial standard
     deviation per channel, averaged (0 = featureless, nothing for ACE to aim at)."""

@@ -1,5 +1,7 @@
 """Evaluation metrics (paper Sec. IV-A3) in plain numpy/torch: detection ROC/AUROC, PSNR/SSIM of a
-perturbation, Frechet and kernel distances of feature sets, and CLIP-IQA from CLIP features.
+perturbation, Frechet and kernel distances of feature sets, CLIP-IQA from CLIP features, and two
+texture metrics of generated image sets (correlation with an ACE target pattern, high-frequency
+spectrum distance to a reference set).
 
 Units and layouts:
 
@@ -206,6 +208,71 @@ def projected_frechet_distance(features, reference, dims: int) -> dict:
     a = (_features(features, "projected_frechet_distance a") - mean) @ axes
     b = (_features(reference, "projected_frechet_distance b") - mean) @ axes
     return {"value": frechet_distance(a, b), "dims": int(dims), "explained": explained}
+
+
+# ---------------------------------------------------------------- texture metrics (image sets)
+
+def _grey_set(images, what: str) -> torch.Tensor:
+    """``[N, H, W, C]`` (ComfyUI IMAGE layout) or ``[N, H, W]`` in [0, 1] -> grey ``[N, H, W]`` float64."""
+    t = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).detach().to("cpu", torch.float64)
+    if t.dim() == 4:
+        t = t.mean(dim=-1)
+    if t.dim() != 3 or t.shape[0] < 1:
+        raise ValueError(f"{what}: expected images [N, H, W, C] or [N, H, W] in [0, 1], got shape {tuple(t.shape)}")
+    return t
+
+
+def pattern_correlation(images, pattern) -> torch.Tensor:
+    """Per-image Pearson correlation ``[N]`` of the grey images with a grey target pattern: how much the
+    ACE target (``lord_ops.attacks.high_contrast_target`` or a user target, resized to the images)
+    shows in them. ``images`` ``[N, H, W, C]`` in [0, 1]; ``pattern`` ``[1, 3, H, W]``, ``[H, W, C]`` or
+    ``[H, W]`` in [0, 1], same H, W. Signed: +1 is the pattern itself, -1 its negative, ~0 unrelated
+    content (a flat image counts as 0)."""
+    x = _grey_set(images, "pattern_correlation images")
+    p = torch.as_tensor(pattern).detach().to("cpu", torch.float64)
+    p = p[0].mean(dim=0) if p.dim() == 4 else (p.mean(dim=-1) if p.dim() == 3 else p)
+    if p.shape != x.shape[1:]:
+        raise ValueError(f"pattern_correlation: the pattern is {tuple(p.shape)} pixels, the images "
+                         f"{tuple(x.shape[1:])}; resize the target to the images first")
+    xc = (x - x.mean(dim=(1, 2), keepdim=True)).flatten(1)
+    pc = (p - p.mean()).flatten()
+    return (xc @ pc) / (xc.norm(dim=1) * pc.norm()).clamp_min(1e-12)
+
+
+def radial_log_spectrum(images) -> torch.Tensor:
+    """Mean radially averaged log10 power spectrum ``[R]`` of a set of grey images (``[N, H, W(, C)]``
+    in [0, 1], each image's mean removed, a Hann window against edge leakage). Bin ``k`` holds spatial
+    frequencies with radius in ``[k, k+1)`` cycles per image (of the shorter side), up to Nyquist
+    (``R = min(H, W) // 2``)."""
+    x = _grey_set(images, "radial_log_spectrum images")
+    n, h, w = x.shape
+    window = torch.outer(torch.hann_window(h, periodic=False, dtype=torch.float64),
+                         torch.hann_window(w, periodic=False, dtype=torch.float64))
+    x = (x - x.mean(dim=(1, 2), keepdim=True)) * window
+    power = torch.fft.fft2(x).abs().square().mean(dim=0) / (h * w)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).reshape(-1, 1) * min(h, w)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64).reshape(1, -1) * min(h, w)
+    radius = torch.sqrt(fy.square() + fx.square()).floor().long()
+    bins = min(h, w) // 2
+    keep = radius < bins
+    total = torch.zeros(bins, dtype=torch.float64).index_add_(0, radius[keep], power[keep])
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, radius[keep], torch.ones_like(power[keep]))
+    return torch.log10(total / count.clamp_min(1) + 1e-12)
+
+
+def high_frequency_distance(images, reference, low_cut: float = 0.25) -> dict:
+    """How far the fine texture of ``images`` is from ``reference``'s: the mean absolute difference of
+    their :func:`radial_log_spectrum` over the radii at or above ``low_cut`` x Nyquist (log10 power;
+    0.3 is a factor of 2 in power). ``{"value", "signed", "bins"}``: ``signed`` is images minus
+    reference averaged over those bins (> 0: more high-frequency energy than the reference, e.g. an
+    attack's pattern; < 0: blurrier)."""
+    a, b = radial_log_spectrum(images), radial_log_spectrum(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"high_frequency_distance: the image sets have different sizes ({a.shape[0]} vs "
+                         f"{b.shape[0]} radial bins); resize one set to the other's size first")
+    start = max(1, int(math.ceil(low_cut * a.shape[0])))
+    d = a[start:] - b[start:]
+    return {"value": float(d.abs().mean()), "signed": float(d.mean()), "bins": [start, int(a.shape[0])]}
 
 
 def kernel_distance(features_a, features_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:

@@ -78,6 +78,9 @@ def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(t
         assert 0.0 <= metrics["subject_acc"]["mean"] <= 1.0
         assert len(metrics["subject_acc"]["per_image"]) == len(method["samples"]) == 8
         assert sum(metrics["subject_acc"]["predicted"].values()) == 8
+        corr = metrics["target_corr"]["per_image"]  # the texture metrics need no weights: always measured
+        assert len(corr) == 8 and all(-1.0 <= c <= 1.0 for c in corr)
+        assert metrics["hf_spectrum"]["value"] >= 0 and metrics["hf_spectrum"]["bins"] == [4, 16]
     assert not results["metrics"]["clip_iqa"]["available"]  # no CLIP weights here: not measured, not faked
     detection = results["detection"]
     assert detection["available"] and 0.0 <= detection["summary"]["auroc"] <= 1.0
@@ -86,6 +89,7 @@ def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(t
     for name in ("table1.md", "index.html", "roc.png", "grid_all.png"):
         assert (report / name).is_file(), name
     table = (report / "table1.md").read_text(encoding="utf-8")
+    assert "Target correlation" in table and "HF spectrum distance" in table
     assert "Subject accuracy (lab-classifier)" in table and "missing:" not in table.split("Not measured")[0]
     # every shipped workflow ran on the lab model and saved 32 px images
     workflows = sorted(p.name for p in (ROOT / "workflows").glob("*.json"))

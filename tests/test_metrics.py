@@ -435,3 +435,43 @@ def test_projected_frechet_distance_uses_the_references_principal_axes():
     assert out["value"] < frechet_distance(sample, reference)
     with pytest.raises(ValueError, match="dims must be"):
         principal_axes(reference[:3], 4)
+
+
+def test_pattern_correlation_against_numpy_pearson():
+    """Per image, numpy's Pearson correlation of the grey image with the grey pattern; +1 / -1 for the
+    pattern and its negative; layouts [1, 3, H, W] and [H, W] give the same answer."""
+    from lord_ops.attacks import high_contrast_target
+
+    rng = np.random.default_rng(0)
+    pattern = high_contrast_target(16, 16)
+    images = torch.from_numpy(rng.random((3, 16, 16, 3)))
+    images[0] = pattern[0].permute(1, 2, 0)
+    images[1] = 1 - pattern[0].permute(1, 2, 0)
+    got = M.pattern_correlation(images, pattern)
+    grey_p = pattern[0].mean(0).numpy().ravel()
+    want = [np.corrcoef(images[i].mean(-1).numpy().ravel(), grey_p)[0, 1] for i in range(3)]
+    assert got.tolist() == pytest.approx(want, abs=1e-9)
+    assert got[:2].tolist() == pytest.approx([1.0, -1.0])
+    assert M.pattern_correlation(images, pattern[0].mean(0)).tolist() == pytest.approx(want, abs=1e-9)
+    assert M.pattern_correlation(torch.full((1, 16, 16, 3), 0.5), pattern).tolist() == [0.0]  # flat: 0, not NaN
+    with pytest.raises(ValueError, match="resize the target"):
+        M.pattern_correlation(images, high_contrast_target(32, 32))
+
+
+def test_radial_spectrum_and_high_frequency_distance():
+    """A pure cosine's power lands in its radius bin; a blurred set has less high-frequency power than
+    white noise (negative signed distance), a set has distance 0 to itself."""
+    n = 32
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+    wave = (0.5 + 0.4 * torch.cos(2 * math.pi * 6 * x / n)).expand(2, n, n)
+    spectrum = M.radial_log_spectrum(wave)
+    assert spectrum.shape == (n // 2,)
+    assert int(spectrum.argmax()) == 6
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(8, n, n, 3, generator=g, dtype=torch.float64)
+    blurred = torch.nn.functional.avg_pool2d(noise.permute(0, 3, 1, 2), 5, 1, 2).permute(0, 2, 3, 1)
+    d = M.high_frequency_distance(blurred, noise)
+    assert d["bins"] == [4, 16] and d["signed"] < -0.5 and d["value"] == pytest.approx(-d["signed"])
+    assert M.high_frequency_distance(noise, noise)["value"] == 0.0
+    with pytest.raises(ValueError, match="different sizes"):
+        M.high_frequency_distance(noise, noise[:, :16, :16])

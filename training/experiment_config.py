@@ -79,6 +79,7 @@ class Metrics:
     reference: Optional[Path] = None  # FID reference images (default: the clean instance images)
     fd_bootstrap: int = 10  # resamples of the generated set for the FID/FD spread (0: none)
     fd_pca_dims: int = 8  # the extractor's FD also on the reference's first N principal axes (0: not)
+    hf_low_cut: float = 0.25  # the HF spectrum distance uses radii >= this share of Nyquist
     batch_size: int = 16
     heldout_images: Optional[Path] = None  # clean subject images never trained on -> held-out denoising loss
     heldout_timesteps: tuple = HELDOUT_TIMESTEPS  # its fixed timestep grid
@@ -168,6 +169,7 @@ SCHEMA = {
                 "kid_subsets": ("metrics.kid_subsets", "int"), "kid_subset_size": ("metrics.kid_subset_size", "int"),
                 "reference": ("metrics.reference", "dir"), "batch_size": ("metrics.batch_size", "int"),
                 "fd_bootstrap": ("metrics.fd_bootstrap", "int"), "fd_pca_dims": ("metrics.fd_pca_dims", "int"),
+                "hf_low_cut": ("metrics.hf_low_cut", "float"),
                 "heldout_images": ("metrics.heldout_images", "dir"),
                 "heldout_timesteps": ("metrics.heldout_timesteps", "list"), "heldout_draws": ("metrics.heldout_draws", "int"),
                 "heldout_seed": ("metrics.heldout_seed", "int")},
@@ -353,6 +355,8 @@ def validate(exp: Experiment, raw: dict) -> None:
     need(m.kid_subset_size >= 2, "[metrics] kid_subset_size", f"must be >= 2, got {m.kid_subset_size}")
     need(m.batch_size >= 1, "[metrics] batch_size", f"must be >= 1, got {m.batch_size}")
     need(m.fd_bootstrap >= 0, "[metrics] fd_bootstrap", f"must be >= 0, got {m.fd_bootstrap}")
+    need(0 <= m.hf_low_cut < 1, "[metrics] hf_low_cut",
+         f"must be in [0, 1) (a share of the Nyquist frequency), got {m.hf_low_cut}")
     need(m.fd_pca_dims >= 0, "[metrics] fd_pca_dims", f"must be >= 0 (0: not computed), got {m.fd_pca_dims}")
     need((m.extractor is None) == (m.extractor_weights is None), "[metrics] extractor",
          "extractor and extractor_weights go together (a named feature extractor and its weights file)")

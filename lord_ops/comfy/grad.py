@@ -236,10 +236,10 @@ def noise_predictor(model_patcher, conditioning, image_hw: tuple[int, int]) -> C
 def encode_target(vae, model_patcher, target: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Latent of an ACE/PhotoGuard target image ``[1|B, 3, h, w]`` in [0, 1], resized to ``like``'s
     pixel size; the pack's high-contrast pattern when ``target`` is None."""
-    from ..attacks import high_contrast_target, resize_target
+    from ..attacks import target_image
 
     h, w = like.shape[-2:]
-    img = high_contrast_target(h, w, min_cell=vae_downscale(vae)) if target is None else resize_target(target, h, w)
+    img = target_image(target, h, w, min_cell=vae_downscale(vae))
     with torch.no_grad():
         z = latent_encoder(vae, model_patcher)(img.float())
     return z.expand(like.shape[0], -1, -1, -1) if z.shape[0] == 1 else z

@@ -151,7 +151,8 @@ class ExperimentContext:
                 "inception": self.digests(m.inception_weights) if m.inception_weights else None,
                 "extractor": self.digests(m.extractor_weights) if m.extractor_weights else None,
                 "kid": [m.kid_subsets, m.kid_subset_size], "fd_bootstrap": m.fd_bootstrap, "seed": self.exp.seed,
-                "fd_pca_dims": m.fd_pca_dims}
+                "fd_pca_dims": m.fd_pca_dims, "hf_low_cut": m.hf_low_cut,
+                "attack_target": self.digests(self.exp.attack_target) if self.exp.attack_target else None}
 
     # ---- image sets ----------------------------------------------------------------------------
     def mix_names(self, k: int) -> list:

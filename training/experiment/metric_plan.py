@@ -42,6 +42,19 @@ def metric_plan(exp: Experiment) -> dict:
                               "extractor": m.extractor, "subject_class": m.subject_class,
                               "definition": f"share of the generated images that {m.extractor} classifies as "
                                             f"{m.subject_class!r}"}
+    # texture metrics need no weights: what an ACE-type attack leaves in the samples
+    target = exp.attack_target.name if exp.attack_target is not None else "the pack's high-contrast pattern"
+    out["target_corr"] = {"label": "Target correlation", "available": True, "higher_is_better": False,
+                          "target": target,
+                          "definition": f"mean Pearson correlation of the generated images (grey) with the ACE target "
+                                        f"({target}) at the image size (lord_ops.metrics.pattern_correlation): +1 "
+                                        f"the target itself, ~0 unrelated content"}
+    out["hf_spectrum"] = {"label": "HF spectrum distance", "available": True, "higher_is_better": False,
+                          "low_cut": m.hf_low_cut,
+                          "definition": f"mean |difference| of the radially averaged log10 power spectra of the "
+                                        f"generated and the reference images at or above {m.hf_low_cut:g} x Nyquist "
+                                        f"(lord_ops.metrics.high_frequency_distance; 0.3 = a factor 2 in power); "
+                                        f"'signed' > 0: more fine-texture energy than the reference"}
     if m.heldout_images is not None:
         out["heldout_loss"] = {"label": "Held-out denoising loss", "available": True, "higher_is_better": False,
                                "images": str(m.heldout_images), "timesteps": list(m.heldout_timesteps),

@@ -1,5 +1,6 @@
 """Stages ``score/<variant>``: the metrics of a method's samples (CLIP-IQA per image; FID + KID, or
-FD / KD of another extractor, against the reference features; subject accuracy)."""
+FD / KD of another extractor, against the reference features; subject accuracy; the texture metrics:
+correlation with the ACE target and the high-frequency spectrum distance to the reference images)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lord_ops.metrics import frechet_distance, kernel_distance, projected_frechet_distance
+from lord_ops.metrics import (frechet_distance, high_frequency_distance, kernel_distance, pattern_correlation,
+                              projected_frechet_distance)
 from training.experiment.context import ExperimentContext
 from training.experiment.images import hwc, read_png
 from training.experiment.methods import Variant
@@ -50,6 +52,7 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
             dims = min(m.fd_pca_dims, ref[kind].shape[1], ref[kind].shape[0] - 1)  # a small reference set caps it
             out["fd_pca"] = {**projected_frechet_distance(feats, ref[kind], dims),
                              "images": int(feats.shape[0]), "reference_images": int(ref[kind].shape[0])}
+    out.update(texture_metrics(ctx, images))
     if "subject_acc" in ctx.metrics:
         model = ctx.rt.metric_model("extractor")
         predicted = model.predict(images, m.batch_size)
@@ -58,4 +61,29 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
                               "per_image": [int(h) for h in hits],
                               "predicted": {c: int((predicted == i).sum()) for i, c in enumerate(model.classes)
                                             if int((predicted == i).sum())}}
+    return out
+
+
+def texture_metrics(ctx: ExperimentContext, images_u8: torch.Tensor) -> dict:
+    """``target_corr`` and ``hf_spectrum`` of samples ``[N, H, W, 3]`` uint8 (the plan's definitions)."""
+    from lord_ops.attacks import target_image
+    from lord_ops.comfy.grad import vae_downscale
+    from training.experiment.images import unit_hwc
+    from training.experiment.stages.reference import reference_images
+
+    exp, out = ctx.exp, {}
+    x = images_u8.float() / 255.0
+    h, w = x.shape[1:3]
+    if "target_corr" in ctx.metrics:
+        given = unit_hwc(read_png(exp.attack_target))[None].movedim(-1, 1) if exp.attack_target else None
+        corr = pattern_correlation(x, target_image(given, h, w, min_cell=vae_downscale(ctx.rt.models()[2])))
+        out["target_corr"] = {"mean": float(corr.mean()), "std": float(corr.std(unbiased=False)),
+                              "per_image": [round(float(c), 6) for c in corr]}
+    if "hf_spectrum" in ctx.metrics and ctx.reference is not None:
+        ref = reference_images(ctx)
+        if tuple(ref.shape[1:3]) == (h, w):
+            out["hf_spectrum"] = high_frequency_distance(x, ref.float() / 255.0, exp.metrics.hf_low_cut)
+        else:
+            out["hf_spectrum"] = {"missing": f"the reference images are {ref.shape[2]}x{ref.shape[1]} px, the "
+                                             f"samples {w}x{h}"}
     return out
