@@ -261,13 +261,32 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
     if not replicate_folder(replicate).is_dir():
         raise SystemExit(f"no subject images for replicate {replicate}: {replicate_folder(replicate)} is missing "
                          f"(python -m lab.data exports them)")
-    root = replicate_dir(out, declared.home, replicate) if arm is None else \
-        replicate_dir(Path(out) / declared.home, arm.name, replicate)
-    return write_config(root, checkpoint, classifier, scale,
+    folder = run_folder(declared, arm)
+    return write_config(replicate_dir(out, folder, replicate), checkpoint, classifier, scale,
                         seed=replicate_seed(replicate), instance=replicate_folder(replicate),
                         attack=declared.attack if arm is None else arm.attack,
-                        methods=declared.own_methods if arm is None else ("attacking",), heldout=heldout_folder(out, scale),
+                        methods=folder_methods(folder), heldout=heldout_folder(out, scale),
                         overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
+
+
+def run_folder(declared: Declared, arm: Arm | None = None) -> str:
+    """The folder (under ``--out``) of ``declared``'s replicate runs, or of one of its arms."""
+    return declared.home if arm is None else f"{declared.home}/{arm.name}"
+
+
+def folder_methods(folder: str) -> tuple:
+    """Every method that any declared experiment runs in ``folder``, in declaration order: experiments that
+    share a folder (defense and gates; a threat arm and mist) share its stages, and the run's results.json
+    lists the methods of its config, so each one's config must name them all -- otherwise running one
+    experiment again would drop the other's methods from the results its analysis reads."""
+    methods: list = []
+    for declared in EXPERIMENTS.values():
+        if declared.arms:
+            own = ("attacking",) if any(run_folder(declared, a) == folder for a in declared.arms) else ()
+        else:
+            own = declared.own_methods if declared.home == folder else ()
+        methods += [m for m in own if m not in methods]
+    return tuple(methods)
 
 
 def borrow_stages(out: Path, declared: Declared, replicate: int) -> list[str]:
@@ -428,6 +447,8 @@ def markdown(result: dict) -> str:
              "a confirmatory question is answered when its Holm-adjusted p < 0.05 and its interval excludes 0.", ""]
     for metric, block in result["metrics"].items():
         primary = metric == result["primary"]
+        if not block["contrasts"] and not any(v is not None for v in block["method_means"].values()):
+            continue  # not measured by these runs (e.g. a metric added after they were scored)
         lines += [f"## {block['label']}" + (" (primary)" if primary else " (secondary, exploratory)"),
                   "", "lower is better" if block["lower_is_better"] else "higher is better", ""]
         means = ", ".join(f"{m} {v:.5g}" for m, v in block["method_means"].items() if v is not None)

@@ -178,3 +178,11 @@ def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defe
     assert E.borrow_stages(tmp_path, mist, 11) == []  # an existing stage folder is never overwritten
     assert (copied / "lord.safetensors").read_bytes() == b"this run's own"
     assert E.borrow_stages(tmp_path, mist, 12) == []  # nothing to borrow: the run trains its own Stage 1
+    # experiments sharing a folder write the same method list, so running one never drops the other's results
+    threat = E.EXPERIMENTS["threat"]
+    arm_config = E.write_replicate_config(tmp_path, threat, 11, "ci", tmp_path / "none.safetensors",
+                                          SHIPPED_CLASSIFIER, threat.arms[-1])
+    assert arm_config == config and 'run = ["attacking", "lord", "onebranch", "lord_g10", "noise"]' in config.read_text()
+    defense = E.write_replicate_config(tmp_path, E.EXPERIMENTS["defense"], 11, "ci", tmp_path / "none.safetensors",
+                                       SHIPPED_CLASSIFIER).read_text()
+    assert all(f'"{m}"' in defense for m in E.EXPERIMENTS["gates"].methods)
