@@ -119,8 +119,13 @@ def main(argv=None) -> int:
     ensure_comfyui_importable(cpu=True)
     import torch
 
+    import hashlib
+
+    import numpy as np
+
     import comfy.latent_formats
     from lab import data
+    from lord_ops.weights import file_sha256
     from lord_ops.atomic import atomic_write
     from lord_ops.diffusion import denoising_loss
 
@@ -135,14 +140,18 @@ def main(argv=None) -> int:
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     latents_file = out / (f"latents_first{args.limit}.pt" if args.limit else "latents.pt")
-    if latents_file.is_file():
-        cached = torch.load(latents_file, weights_only=True)
+    # the cache is valid only for the same VAE weights and the same images (a retrained VAE re-encodes)
+    source = {"vae": file_sha256(args.vae), "images": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}
+    cached = torch.load(latents_file, weights_only=True) if latents_file.is_file() else {}
+    if cached.get("source") == source:
         enc = cached["enc"]
     else:
+        if cached:
+            print(f"[unet] {latents_file} holds latents of another VAE or image set: encoding again", flush=True)
         t0 = time.time()
         enc = encode_all(load_vae(args.vae), images)
-        torch.save({"enc": enc}, latents_file)
-        print(f"[unet] encoded {len(enc)} images in {time.time() - t0:.0f} s")
+        atomic_write(latents_file, lambda tmp: torch.save({"enc": enc, "source": source}, tmp))
+        print(f"[unet] encoded {len(enc)} images in {time.time() - t0:.0f} s", flush=True)
     # the VAE's scale/shift so that the UNet's input (raw latent x 0.18215) has zero mean and unit std
     sd15_latent_scale = comfy.latent_formats.SD15().scale_factor  # what ComfyUI multiplies VAE latents by
     vae_scale = float(sd15_latent_scale * enc.std())

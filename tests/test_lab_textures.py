@@ -162,3 +162,67 @@ def test_the_vae_evaluation_measures_every_held_out_set(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lab.eval_vae", "--vae", str(tmp_path / "none.pt")], cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "lab.train_vae --data textures" in proc.stderr
+
+
+def _fake_ufoai(folder):
+    """A tiny stand-in for Debian's ufoai-textures (CI has no apt): a pk3 (zip) of smooth random
+    96 px textures named so that every category has train and test sources (wood: classifier-train,
+    reference and subject ones), and a DEP-5 copyright file."""
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    need = {c: ({"train", "reference", "subject"} if c == T.SUBJECT else {"train", "test"}) for c in T.CATEGORIES}
+    names = []
+    for c, splits in need.items():
+        keyword = T.CATEGORIES[c].split("|")[0]
+        i = 0
+        while splits:
+            name = f"textures/fake/{keyword}_{i:03d}.png"
+            splits.discard(T.split_of(T.Source(name, c, "GPL-2")))
+            names.append(name)
+            i += 1
+    pk3 = folder / "0textures.pk3"
+    with zipfile.ZipFile(pk3, "w") as z:
+        for name in names:
+            small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            image = Image.fromarray(small).resize((96, 96), Image.BILINEAR)
+            buf = __import__("io").BytesIO()
+            image.save(buf, format="PNG")
+            z.writestr(name, buf.getvalue())
+    copyright_file = folder / "copyright"
+    copyright_file.write_text("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+                              "Files: *\nCopyright: test\nLicense: GPL-2\n", encoding="utf-8")
+    return pk3, copyright_file
+
+
+def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
+    """The VAE, classifier and UNet trainers' ``--data textures`` paths run end to end (2 steps each, on a
+    fake archive); the UNet's latent cache is reused for the same VAE and re-encoded for another."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pk3, copyright_file = _fake_ufoai(tmp_path)
+    env = {**os.environ, "LAB_UFOAI_PK3": str(pk3), "LAB_UFOAI_COPYRIGHT": str(copyright_file), "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae"), "--steps", "2", "--batch-size", "2")
+    run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae2"), "--steps", "2", "--batch-size", "2",
+        "--seed", "1")
+    out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier.safetensors"),
+              "--steps", "2", "--batch-size", "4")
+    assert "test accuracy" in out and (tmp_path / "classifier.safetensors").is_file()
+    unet = ["lab.train_unet", "--data", "textures", "--out", str(tmp_path / "unet"), "--crops", "8", "--steps", "2",
+            "--batch-size", "2", "--checkpoint-every", "1"]
+    assert "encoded 8 images" in run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
+    assert (tmp_path / "unet" / "checkpoint.pt").is_file()
+    again = run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
+    assert "encoded" not in again and "resumed at step 2" in again
+    assert "encoding again" in run(*unet, "--vae", str(tmp_path / "vae2" / "vae_final.pt"))
