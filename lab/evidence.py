@@ -34,6 +34,9 @@ from lab.data import DEMO_DIR, replicate_folder
 from lab.experiment import ATTACK
 
 SEED_BASE = 1000
+# finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
+# scratch (hours of cached stages), the archive is what a later session's report and run read back
+ARCHIVE = Path(__file__).resolve().parent.parent / "docs" / "evidence" / "runs"
 EXPLORATION = range(0, 10)
 CONFIRMATORY = range(10, 32)
 
@@ -152,6 +155,8 @@ class Declared:
     reference_arms: tuple = ()  # attack settings paired_with already ran (its 'attacking'), shown beside the arms
     paired_methods: tuple = ()  # with paired_with and no arms: only these are read from paired_with
     borrowed_stages: tuple = ()  # stage folders copied from paired_with's replicate (e.g. "stage1")
+    # the Stage-1 copies' attack {"preset", "epsilon", "step_size"} (lab.experiment's stage1_data); None: PGD-2
+    stage1_data: dict | None = None
 
     @property
     def home(self) -> str:
@@ -232,6 +237,23 @@ EXPERIMENTS["mist"] = Declared(
     "purification?", folder=f"threat/{MIST_32.name}", paired_with="defense",
     paired_methods=("clean", "lord_clean", "onebranch_clean", "lord_clean_g10"),
     borrowed_stages=("stage1", "stage1_onebranch"))
+# exploration (replicates 3-4, never confirmatory): does Stage 1 on copies matched to the threat -- ACE, mist-v2's
+# objective, at the threat's 32 levels against the fixed model -- train a gate that separates clean from
+# protected images (the "mist" Detect gate stayed at 0.503 after PGD-2 copies)? Sizes "matched" (EVIDENCE.md).
+STAGE1_ACE_32 = {"preset": "ace_fixed", "epsilon": 32.0, "step_size": 2.0}
+EXPERIMENTS["matched_pilot"] = Declared(
+    "matched_pilot", ("clean", "attacking", "lord_clean", "lord", "onebranch"), range(3, 5), dict(MIST_32.attack),
+    (), "exploration: Stage 1 on ACE-32 copies (matched to mist-v2-32) -- does its gate separate, and how large "
+    "are the defense contrasts?", stage1_data=STAGE1_ACE_32)
+# declared after the pilot above (EVIDENCE.md, "matched"): issue 20's matched Stage-1 data at the strongest threat.
+# Every stage is its own (folder 'matched'): protect (the same mist-v2-32 copies as 'threat', same seeds),
+# Stage 1 and the one-branch control on ACE-32 copies, and the six defense runs.
+EXPERIMENTS["matched"] = Declared(
+    "matched", DEFENSE_METHODS, range(10, 18), dict(MIST_32.attack),
+    ("removal_lord", "lord_vs_onebranch_prot", "lord_vs_plain_prot"),
+    "confirmatory: with Stage 1 trained on copies matched to the threat (ACE at 32 levels, mist-v2's objective "
+    "against the fixed model) instead of PGD-2, does LoRD remove part of mist-v2-32's damage, beyond the one-branch "
+    "control trained on the same copies?", stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
@@ -266,7 +288,8 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
                         seed=replicate_seed(replicate), instance=replicate_folder(replicate),
                         attack=declared.attack if arm is None else arm.attack,
                         methods=folder_methods(folder), heldout=heldout_folder(out, scale),
-                        overrides={"heldout_draws": HELDOUT_DRAWS[scale]})
+                        overrides={"heldout_draws": HELDOUT_DRAWS[scale],
+                                   **({"stage1_data": declared.stage1_data} if declared.stage1_data else {})})
 
 
 def run_folder(declared: Declared, arm: Arm | None = None) -> str:
@@ -309,6 +332,24 @@ def borrow_stages(out: Path, declared: Declared, replicate: int) -> list[str]:
     return copied
 
 
+def archived(results: Path, out: Path, archive: Path | None = None) -> Path:
+    """Where the archive keeps a replicate's ``results.json`` (``<out>/<folder>/rNNN/run/report/results.json``
+    -> ``<archive>/<folder>/rNNN.json``)."""
+    rel = Path(results).relative_to(out)  # <folder...>/rNNN/run/report/results.json
+    return Path(archive or ARCHIVE) / rel.parent.parent.parent.parent / f"{rel.parts[-4]}.json"
+
+
+def archive_results(results: Path, out: Path, archive: Path | None = None) -> Path:
+    """Copy one finished replicate's ``results.json`` into the archive (atomically); returns its path."""
+    from lord_ops.atomic import atomic_write
+
+    target = archived(results, out, archive)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = Path(results).read_bytes()
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    return target
+
+
 def parse_replicates(text: str | None, default: range) -> list[int]:
     """``"10-17"`` or ``"10,12"`` -> replicate indices (default: the experiment's declared range)."""
     if not text:
@@ -342,12 +383,20 @@ def run(args) -> int:
                 print(f"[evidence] note: {paired} is missing: the arm's contrasts need the '{declared.paired_with}' "
                       f"run of replicate {r} (python -m lab.evidence run {declared.paired_with} --replicates {r})",
                       flush=True)
+        results = replicate_dir(out, run_folder(declared, arm), r) / "run" / "report" / "results.json"
+        kept = archived(results, out, args.archive)
+        if args.scale == "demo" and kept.is_file() and not results.is_file() and not args.rerun_archived:
+            print(f"[evidence] {declared.name} replicate {r}{' arm ' + arm.name if arm else ''}: archived in {kept}, "
+                  f"skipped (--rerun-archived runs it again)", flush=True)
+            continue
         config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER, arm)
         borrow_stages(out, declared, r)
         label = declared.name + (f" arm {arm.name}" if arm else "")
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
         code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else []))
         print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
+        if not code and args.scale == "demo" and results.is_file():
+            print(f"[evidence] archived: {archive_results(results, out, args.archive)}", flush=True)
         if code:
             failed.append(r if arm is None else f"{arm.name}/{r}")
     if failed:
@@ -355,16 +404,17 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def replicate_values(out: Path, declared: Declared) -> dict:
+def replicate_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:
     """``{metric: {method: {replicate: value}}}`` of every finished replicate run (its report written),
-    each method read where ``declared.source`` says."""
+    each method read where ``declared.source`` says: from the output folder, else from the archive."""
     values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
     cache: dict = {}
     for r in declared.replicates:
         for meth in declared.methods:
             results, name = declared.source(out, meth, r)
             if results not in cache:
-                cache[results] = json.loads(results.read_text(encoding="utf-8"))["methods"] if results.is_file() else {}
+                found = results if results.is_file() else archived(results, out, archive)
+                cache[results] = json.loads(found.read_text(encoding="utf-8"))["methods"] if found.is_file() else {}
             for metric, (_, read, _) in METRICS.items():
                 try:
                     values[metric][meth][r] = float(read(cache[results][name]["metrics"]))
@@ -517,7 +567,7 @@ def report(args) -> int:
     from lord_ops.atomic import atomic_write, atomic_write_json
 
     declared = EXPERIMENTS[args.experiment]
-    values = replicate_values(Path(args.out), declared)
+    values = replicate_values(Path(args.out), declared, args.archive)
     result = analyse(values, declared)
     result["values"] = values
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
@@ -542,6 +592,11 @@ def main(argv=None) -> int:
     ap.add_argument("--replicates", help="which replicates, e.g. 10-17 (default: the experiment's declared ones)")
     ap.add_argument("--worker", help="k/K: run the replicates r with r %% K == k (several processes share the work)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    ap.add_argument("--archive", type=Path, default=None,
+                    help=f"where finished demo-scale replicates' results.json are kept and read back (default "
+                         f"{ARCHIVE.relative_to(ARCHIVE.parent.parent.parent)}: in the repository)")
+    ap.add_argument("--rerun-archived", action="store_true",
+                    help="run archived replicates again (default: an archived replicate missing from --out is skipped)")
     args = ap.parse_args(argv)
     return run(args) if args.command == "run" else report(args)
 

@@ -186,3 +186,37 @@ def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defe
     defense = E.write_replicate_config(tmp_path, E.EXPERIMENTS["defense"], 11, "ci", tmp_path / "none.safetensors",
                                        SHIPPED_CLASSIFIER).read_text()
     assert all(f'"{m}"' in defense for m in E.EXPERIMENTS["gates"].methods)
+
+
+def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_is_gone(tmp_path):
+    """The output folder is scratch; a finished replicate's results.json is copied into the archive and the
+    analysis reads it from there once the folder is gone (a later session resumes without recomputing)."""
+    import dataclasses
+
+    mist = dataclasses.replace(E.EXPERIMENTS["mist"], replicates=range(10, 12))
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    results, name = mist.source(out, "lord", 11)
+    assert E.archived(results, out, archive) == archive / "threat" / "mist_v2_32" / "r011.json"
+    assert E.archived(mist.source(out, "clean", 10)[0], out, archive) == archive / "defense" / "r010.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.25}}}}}))
+    kept = E.archive_results(results, out, archive)
+    assert json.loads(kept.read_text()) == json.loads(results.read_text())
+    assert not list(archive.rglob("*.tmp*"))
+    results.unlink()
+    assert E.replicate_values(out, mist, archive)["heldout_loss"]["lord"] == {11: 0.25}
+    assert E.replicate_values(out, mist, tmp_path / "elsewhere")["heldout_loss"]["lord"] == {}
+
+
+def test_an_experiment_can_train_stage1_on_other_copies(tmp_path):
+    """``Declared.stage1_data`` reaches the replicate's exp.toml (the Stage-1 copies' attack)."""
+    from lab.ship import SHIPPED_CLASSIFIER
+
+    pilot = E.EXPERIMENTS["matched_pilot"]
+    assert set(pilot.replicates) <= set(E.EXPLORATION)
+    text = E.write_replicate_config(tmp_path, pilot, 3, "ci", tmp_path / "none.safetensors",
+                                    SHIPPED_CLASSIFIER).read_text()
+    stage1 = text.split("[stage1]")[1].split("[stage2]")[0]
+    assert 'attack_preset = "ace_fixed"' in stage1 and "attack_epsilon = 32.0" in stage1
+    assert 'attack_preset = "pgd_2"' in E.write_replicate_config(
+        tmp_path, E.EXPERIMENTS["mist"], 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER).read_text()

@@ -87,5 +87,6 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
                                                              else target.movedim(-1, 1), like)), 6)
     return {"images": len(ctx.names), "attack": {"preset": exp.attack_preset, **dataclasses.asdict(attack),
                                                  "target_latent_contrast": contrast,
+                                                 "vae_downscale": grad.vae_downscale(vae),  # the score stage's cell
                                                  "surrogate": dataclasses.asdict(surrogate) if surrogate else None,
                                                  "target": str(exp.attack_target) if exp.attack_target else "pattern"}}

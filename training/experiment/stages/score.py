@@ -67,7 +67,6 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
 def texture_metrics(ctx: ExperimentContext, images_u8: torch.Tensor) -> dict:
     """``target_corr`` and ``hf_spectrum`` of samples ``[N, H, W, 3]`` uint8 (the plan's definitions)."""
     from lord_ops.attacks import target_image
-    from lord_ops.comfy.grad import vae_downscale
     from training.experiment.images import unit_hwc
     from training.experiment.stages.reference import reference_images
 
@@ -76,7 +75,7 @@ def texture_metrics(ctx: ExperimentContext, images_u8: torch.Tensor) -> dict:
     h, w = x.shape[1:3]
     if "target_corr" in ctx.metrics:
         given = unit_hwc(read_png(exp.attack_target))[None].movedim(-1, 1) if exp.attack_target else None
-        corr = pattern_correlation(x, target_image(given, h, w, min_cell=vae_downscale(ctx.rt.models()[2])))
+        corr = pattern_correlation(x, target_image(given, h, w, min_cell=latent_cell(ctx)))
         out["target_corr"] = {"mean": float(corr.mean()), "std": float(corr.std(unbiased=False)),
                               "per_image": [round(float(c), 6) for c in corr]}
     if "hf_spectrum" in ctx.metrics and ctx.reference is not None:
@@ -87,3 +86,20 @@ def texture_metrics(ctx: ExperimentContext, images_u8: torch.Tensor) -> dict:
             out["hf_spectrum"] = {"missing": f"the reference images are {ref.shape[2]}x{ref.shape[1]} px, the "
                                              f"samples {w}x{h}"}
     return out
+
+
+def latent_cell(ctx: ExperimentContext) -> int:
+    """Pixels per latent cell of the model (the default ACE target's smallest cell): as the protect stage
+    recorded it, so that re-scoring samples loads no model; runs without it (older protect stages, given
+    protected images) read it from the VAE."""
+    from lord_ops.comfy.grad import vae_downscale
+    from training.pipeline import StageFailed
+
+    if "protect" in ctx.plan.stages:
+        try:
+            cell = ctx.plan.result("protect")["attack"].get("vae_downscale")
+        except StageFailed:
+            cell = None
+        if cell:
+            return int(cell)
+    return vae_downscale(ctx.rt.models()[2])

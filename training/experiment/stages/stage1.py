@@ -56,7 +56,10 @@ def run(ctx: ExperimentContext, folder: Path, which: str = "stage1") -> dict:
     model, clip, vae = ctx.rt.models()
     data = TrainingData([it.image for it in items], [ctx.rt.encode(it.caption) for it in items],
                         [it.caption for it in items])
-    result = train_stage1(model, vae, data, config, folder / "pgd_cache", folder / "checkpoint.pt",
+    # one cache of perturbed copies for the LoRD and the one-branch control (the same images, attack and
+    # per-image seeds; entries are keyed by content): the control does not attack the Stage-1 set again
+    cache = folder.parent / "stage1" / "pgd_cache"
+    result = train_stage1(model, vae, data, config, cache, folder / "checkpoint.pt",
                           on_step=ctx.on_step(which))
     save_lord_file(folder / "lord.safetensors", result.lord)
     report = {k: v for k, v in result.report.items() if k != "final"}
