@@ -85,6 +85,8 @@ def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(t
     detection = results["detection"]
     assert detection["available"] and 0.0 <= detection["summary"]["auroc"] <= 1.0
     assert results["perturbation"]["mean"]["linf_levels"] > 0
+    # the protect stage records the latent cell, which the score stage's target pattern uses (no model load)
+    assert results["perturbation"]["attack"]["vae_downscale"] == 8
     report = Path(summary["experiment"]["output"]) / "report"
     for name in ("table1.md", "index.html", "roc.png", "grid_all.png"):
         assert (report / name).is_file(), name
