@@ -21,12 +21,12 @@ SETS = {"reference": "reference", "stage1": "stage1", "r000": "replicates/r000"}
 
 
 def load_vae(path: Path):
-    """A lab-2 TAESD from a ``train_vae`` file (``vae_final.pt`` or ``checkpoint.pt``: ``{"vae": state, "step"}``)."""
-    import torch
-
+    """A lab-2 TAESD from a ``train_vae`` file (``vae_final.pt`` or ``checkpoint.pt``: ``{"vae": state, "step"}``;
+    or its exported weights, ``lab/weights/lab_textures_vae.safetensors``)."""
+    from lab.files import load_state
     from lab.train_vae import new_vae
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path)
     vae = new_vae()
     vae.load_state_dict(state["vae"])
     return vae.eval(), int(state.get("step", 0))

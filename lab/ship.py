@@ -145,7 +145,18 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack")
     u.add_argument("--parts", required=True)
     u.add_argument("--out", required=True)
+    w = sub.add_parser("weights", help="one part of a training file as float32 safetensors (kept in the repository; "
+                                       "read wherever the .pt file is)")
+    w.add_argument("--checkpoint", required=True, help="a training file, e.g. .cache/lab2/vae/vae_final.pt")
+    w.add_argument("--part", default="vae", help="which weights in it (default vae)")
+    w.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "weights":
+        from lab.files import export_weights
+
+        path = export_weights(args.checkpoint, args.out, args.part)
+        print(f"[lab] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
     ensure_comfyui_importable(cpu=True)

@@ -164,6 +164,42 @@ def test_the_vae_evaluation_measures_every_held_out_set(tmp_path):
     assert proc.returncode != 0 and "lab.train_vae --data textures" in proc.stderr
 
 
+def test_a_trained_vae_is_kept_as_weights_that_every_reader_takes(tmp_path):
+    """``lab.ship weights``: the VAE of a training file as float32 safetensors (what the repository keeps,
+    since .cache does not survive a new checkout): the same tensors and step, read by lab.files.load_state,
+    the VAE evaluation and the packer; a file of another kind is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lab.eval_vae import load_vae
+    from lab.files import load_state
+    from lab.train_vae import new_vae
+
+    trained = new_vae(3).state_dict()
+    torch.save({"vae": trained, "opt": {"lr": 1.0}, "step": 42}, tmp_path / "checkpoint.pt")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "weights" / "lab_textures_vae.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "lab.ship", "weights", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = load_state(out)
+    assert state["step"] == 42 and sorted(state["vae"]) == sorted(trained)
+    assert all(torch.equal(state["vae"][k], trained[k].float()) for k in trained)
+    vae, step = load_vae(out)
+    assert step == 42 and torch.equal(vae.state_dict()[next(iter(trained))], trained[next(iter(trained))])
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a lab weights file"):
+        load_state(tmp_path / "other.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "lab.ship", "weights", "--checkpoint", str(tmp_path / "checkpoint.pt"),
+                           "--part", "unet", "--out", str(tmp_path / "u.safetensors")], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "holds no 'unet' weights" in proc.stderr and not (tmp_path / "u.safetensors").exists()
+
+
 def _fake_ufoai(folder):
     """A tiny stand-in for Debian's ufoai-textures (CI has no apt): a pk3 (zip) of smooth random
     96 px textures named so that every category has train and test sources (wood: classifier-train,
