@@ -284,8 +284,8 @@ def test_damaged_lora_non_finite(tmp_path):
 def test_damaged_lora_wrong_shape(tmp_path):
     sd = stock_valid_lora_sd()
     sd[f"{NAMES[0]}.lora_down.weight"] = torch.zeros(4, 12)  # consistent rank, wrong d_in for the MODEL
-    msg = expect_lora_error(save_lora(tmp_path / "shape.safetensors", sd), f"{NAMES[0]}.lora_up.weight", "[16, 12]",
-                            "(16, 16)", "trained for this checkpoint")
+    expect_lora_error(save_lora(tmp_path / "shape.safetensors", sd), f"{NAMES[0]}.lora_up.weight", "[16, 12]",
+                      "(16, 16)", "trained for this checkpoint")
     sd = stock_valid_lora_sd()
     sd[f"{NAMES[0]}.lora_up.weight"] = torch.zeros(16, 3)  # rank mismatch inside the file
     expect_lora_error(save_lora(tmp_path / "rank.safetensors", sd), "rank mismatch", f"{NAMES[0]}.lora_up.weight")
