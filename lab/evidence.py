@@ -16,6 +16,10 @@ Seed ranges (never reuse an exploration replicate to confirm): replicates 0-9 ar
 ``python -m lab.evidence report defense``: the paired analysis (``lord_ops.analysis``) of every
 finished replicate -> ``analysis.json``, ``analysis.md`` and ``forest.png`` in ``<out>/<experiment>/``.
 
+Each experiment names its lab model (``Declared.lab``, ``lab.experiment.LABS``): lab model 1 (32 px
+Fashion-MNIST, subject "bag") unless it says ``textures`` (lab model 2, 64 px, subject "wood"); ``--parts``
+and ``--classifier`` run it on a retrained model instead of the shipped one.
+
 Metrics per method and replicate: the **held-out denoising loss** (primary; 32 bags never trained on,
 10 timesteps x 4 seeded noise draws, the same for every method: ``lord_ops.comfy.subject_loss``),
 subject accuracy and FD (lab classifier) of the samples (secondary).
@@ -30,8 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab.data import DEMO_DIR, replicate_folder
-from lab.experiment import ATTACK
+from lab.experiment import ATTACK, LABS
 
 SEED_BASE = 1000
 # finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
@@ -157,6 +160,7 @@ class Declared:
     borrowed_stages: tuple = ()  # stage folders copied from paired_with's replicate (e.g. "stage1")
     # the Stage-1 copies' attack {"preset", "epsilon", "step_size"} (lab.experiment's stage1_data); None: PGD-2
     stage1_data: dict | None = None
+    lab: str = "fashion"  # which lab model (lab.experiment.LABS): its data, subject, size, parts and classifier
 
     @property
     def home(self) -> str:
@@ -254,6 +258,13 @@ EXPERIMENTS["matched"] = Declared(
     "confirmatory: with Stage 1 trained on copies matched to the threat (ACE at 32 levels, mist-v2's objective "
     "against the fixed model) instead of PGD-2, does LoRD remove part of mist-v2-32's damage, beyond the one-branch "
     "control trained on the same copies?", stage1_data=STAGE1_ACE_32)
+# lab model 2 (64 px textures, subject "wood"; lab/MODEL_CARD_2.md): exploration replicates 0-2 at mist-v2's
+# published 4 levels, to check the protocol on it end to end and size its threat dose-response (issue 21).
+MIST_4 = THREAT_ARMS[1]
+EXPERIMENTS["pilot_textures"] = Declared(
+    "pilot_textures", ("clean", "attacking", "lord_clean", "lord"), range(0, 3), dict(MIST_4.attack), (),
+    "exploration on lab model 2: the protocol end to end at 64 px, mist-v2 at its published 4 levels",
+    lab="textures")
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
@@ -262,10 +273,11 @@ def replicate_dir(out: Path, experiment: str, replicate: int) -> Path:
     return Path(out) / experiment / f"r{int(replicate):03d}"
 
 
-def heldout_folder(out: Path, scale: str) -> Path:
-    """A copy of the first bags of ``lab/demo_data/reference``: the held-out images (never trained on)."""
-    folder = Path(out) / f"heldout_{scale}"
-    names = sorted((DEMO_DIR / "reference").glob("*.png"))[:HELDOUT_IMAGES[scale]]
+def heldout_folder(out: Path, scale: str, lab: str = "fashion") -> Path:
+    """A copy of the first images of the lab model's ``reference/`` (lab 1: ``lab/demo_data/reference``, bags):
+    the held-out subject images (never trained on)."""
+    folder = Path(out) / (f"heldout_{scale}" if lab == "fashion" else f"heldout_{lab}_{scale}")
+    names = sorted((LABS[lab].data / "reference").glob("*.png"))[:HELDOUT_IMAGES[scale]]
     if sorted(p.name for p in folder.glob("*.png")) != [p.name for p in names]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -280,14 +292,16 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
     attack's copies, method ``attacking``, in ``<out>/<experiment>/<arm>/rNNN``)."""
     from lab.experiment import write_config
 
-    if not replicate_folder(replicate).is_dir():
-        raise SystemExit(f"no subject images for replicate {replicate}: {replicate_folder(replicate)} is missing "
-                         f"(python -m lab.data exports them)")
+    lab = LABS[declared.lab]
+    subject = lab.replicate_folder(replicate)
+    if not subject.is_dir():
+        raise SystemExit(f"no subject images for replicate {replicate}: {subject} is missing "
+                         f"(python -m lab.{'data' if lab.name == 'fashion' else 'textures'} exports them)")
     folder = run_folder(declared, arm)
-    return write_config(replicate_dir(out, folder, replicate), checkpoint, classifier, scale,
-                        seed=replicate_seed(replicate), instance=replicate_folder(replicate),
+    return write_config(replicate_dir(out, folder, replicate), checkpoint, classifier, scale, lab=lab,
+                        seed=replicate_seed(replicate), instance=subject,
                         attack=declared.attack if arm is None else arm.attack,
-                        methods=folder_methods(folder), heldout=heldout_folder(out, scale),
+                        methods=folder_methods(folder), heldout=heldout_folder(out, scale, declared.lab),
                         overrides={"heldout_draws": HELDOUT_DRAWS[scale],
                                    **({"stage1_data": declared.stage1_data} if declared.stage1_data else {})})
 
@@ -362,7 +376,7 @@ def parse_replicates(text: str | None, default: range) -> list[int]:
 
 
 def run(args) -> int:
-    from lab.ship import CHECKPOINT_NAME, SHIPPED_CLASSIFIER, ensure_checkpoint
+    from lab.ship import ensure_checkpoint
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
     from training.experiment.cli import main as run_experiment
 
@@ -372,7 +386,14 @@ def run(args) -> int:
     mine = [r for r in replicates if r % int(workers) == int(k)]
     ensure_comfyui_importable(cpu=True if args.cpu else None)
     out = Path(args.out)
-    checkpoint = ensure_checkpoint(out / "checkpoint" / CHECKPOINT_NAME)
+    lab = LABS[declared.lab]
+    parts = Path(args.parts) if args.parts else lab.parts
+    classifier = Path(args.classifier) if args.classifier else lab.classifier
+    for path, what in ((parts, "parts"), (classifier, "classifier")):
+        if not path.is_file():
+            raise SystemExit(f"lab model {lab.name!r}: its {what} file {path} is missing ({lab.retrain} trains it; "
+                             f"--{what} takes another)")
+    checkpoint = ensure_checkpoint(out / "checkpoint" / lab.checkpoint_name, parts)
     failed = []
     jobs = [(arm, r) for arm in declared.arms for r in mine] if declared.arms else [(None, r) for r in mine]
     for arm, r in jobs:  # a dose-response runs arm by arm, so that whole arms finish first
@@ -389,7 +410,7 @@ def run(args) -> int:
             print(f"[evidence] {declared.name} replicate {r}{' arm ' + arm.name if arm else ''}: archived in {kept}, "
                   f"skipped (--rerun-archived runs it again)", flush=True)
             continue
-        config = write_replicate_config(out, declared, r, args.scale, checkpoint, SHIPPED_CLASSIFIER, arm)
+        config = write_replicate_config(out, declared, r, args.scale, checkpoint, classifier, arm)
         borrow_stages(out, declared, r)
         label = declared.name + (f" arm {arm.name}" if arm else "")
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
@@ -595,6 +616,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archive", type=Path, default=None,
                     help=f"where finished demo-scale replicates' results.json are kept and read back (default "
                          f"{ARCHIVE.relative_to(ARCHIVE.parent.parent.parent)}: in the repository)")
+    ap.add_argument("--parts", help="the lab model's parts file (default: the shipped one of the experiment's lab model)")
+    ap.add_argument("--classifier", help="its lab classifier (default: the shipped one)")
     ap.add_argument("--rerun-archived", action="store_true",
                     help="run archived replicates again (default: an archived replicate missing from --out is skipped)")
     args = ap.parse_args(argv)

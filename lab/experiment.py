@@ -1,4 +1,6 @@
-"""The evaluation runner's config for the lab model: Table I on Fashion-MNIST "bag" at 32 px.
+"""The evaluation runner's config for the lab models: Table I on Fashion-MNIST "bag" at 32 px (lab
+model 1, the default) or on ufoai "wood" textures at 64 px (lab model 2: ``lab=LABS["textures"]``, the same
+protocol on ``lab/texture_data``).
 
 ``write_config(root, checkpoint, classifier, scale)`` writes ``root/exp.toml`` for
 ``python -m training.experiment``: the 8 held-out bags of ``lab/demo_data/instance`` are the
@@ -15,9 +17,41 @@ copies at 32 levels).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from lab.data import DEMO_DIR
+from lab.ship import (CHECKPOINT_NAME, SHIPPED_CLASSIFIER, SHIPPED_PARTS, TEXTURES_CHECKPOINT_NAME, TEXTURES_CLASSIFIER,
+                      TEXTURES_PARTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabModel:
+    """What the runner's config and the replicate experiments need to know of one lab model: its data
+    folder (``instance/``, ``reference/``, ``stage1/`` with captions, ``replicates/rNNN/``), the subject's
+    class word (prompt "a photo of sks <subject>", the classifier's subject class), the image size in
+    pixels, and its shipped parts, classifier and assembled checkpoint's file name."""
+
+    name: str
+    data: Path
+    subject: str
+    resolution: int
+    parts: Path
+    classifier: Path
+    checkpoint_name: str
+    retrain: str  # the make target that trains it
+
+    def replicate_folder(self, replicate: int) -> Path:
+        return self.data / "replicates" / f"r{int(replicate):03d}"
+
+
+LABS = {
+    "fashion": LabModel("fashion", DEMO_DIR, "bag", 32, SHIPPED_PARTS, SHIPPED_CLASSIFIER, CHECKPOINT_NAME,
+                        "make lab-retrain"),
+    # lab model 2 (lab/MODEL_CARD_2.md): 64 px ufoai textures, subject "wood" held out of pre-training
+    "textures": LabModel("textures", Path(__file__).resolve().parent / "texture_data", "wood", 64, TEXTURES_PARTS,
+                         TEXTURES_CLASSIFIER, TEXTURES_CHECKPOINT_NAME, "make lab2-retrain"),
+}
 
 # The attack, chosen by measurement (RESULTS.md): at the published budgets (mist-v2 4 levels,
 # Anti-DreamBooth 6.375) nothing degrades this 32 px model, and mist-v2's ACE does not even at 32
@@ -48,9 +82,11 @@ def _q(path) -> str:
 
 
 def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "demo", *,
-                 data: Path = DEMO_DIR, seed: int = 0, overrides: dict | None = None, instance: Path | None = None,
-                 attack: dict | None = None, methods: tuple | None = None, heldout: Path | None = None) -> Path:
-    """Write ``root/exp.toml`` (absolute paths) for the lab model at ``scale``; returns its path.
+                 data: Path | None = None, seed: int = 0, overrides: dict | None = None, instance: Path | None = None,
+                 attack: dict | None = None, methods: tuple | None = None, heldout: Path | None = None,
+                 lab: LabModel = LABS["fashion"]) -> Path:
+    """Write ``root/exp.toml`` (absolute paths) for the lab model ``lab`` (default lab model 1) at
+    ``scale``; returns its path. ``data`` defaults to ``lab.data``.
 
     The replicate experiments (``lab/evidence.py``) change the subject (``instance``: a folder of bags),
     the attack (``attack``: ``{"preset", "epsilon", "step_size"[, "rounds"]}``, default :data:`ATTACK`),
@@ -60,6 +96,7 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     p = {**SCALES[scale], **(overrides or {})}
+    data = Path(data) if data is not None else lab.data
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     a = {**ATTACK, **(attack or {})}
@@ -86,11 +123,11 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         f'attack_preset = "{data1["preset"]}"', f"attack_epsilon = {data1['epsilon']}",
         f"attack_step_size = {data1['step_size']}"]
     lines = [
-        f"# the lab model's Table I at scale {scale!r} (lab/experiment.py writes this file)",
+        f"# lab model {lab.name!r}: Table I at scale {scale!r} (lab/experiment.py writes this file)",
         "[experiment]", 'output = "run"', f"seed = {seed}", "",
         "[model]", f"checkpoint = {_q(checkpoint)}", "",
-        "[subject]", 'class_name = "bag"', f"instance_images = {_q(instance or Path(data) / 'instance')}",
-        "resolution = 32", "",
+        "[subject]", f'class_name = "{lab.subject}"', f"instance_images = {_q(instance or Path(data) / 'instance')}",
+        f"resolution = {lab.resolution}", "",
         "[attack]", *attack, "",
         "[stage1]", f"data = {_q(stage1_dir)}", f"steps = {p['stage1_steps']}",
         f"batch_size = {p['stage1_batch']}", "learning_rate = 5e-4", *stage1_data,
@@ -106,7 +143,7 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         lines += ["[sweep]", f"shares = [{', '.join(str(float(s)) for s in p['shares'])}]", ""]
     lines += [
         "[metrics]", 'extractor = "lab-classifier"', f"extractor_weights = {_q(classifier)}",
-        'subject_class = "bag"', f"reference = {_q(Path(data) / 'reference')}",
+        f'subject_class = "{lab.subject}"', f"reference = {_q(Path(data) / 'reference')}",
         "kid_subsets = 20", f"kid_subset_size = {p['kid_subset_size']}", f"fd_bootstrap = {p['bootstrap']}",
         "batch_size = 64",
     ]

@@ -262,3 +262,60 @@ def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
     again = run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
     assert "encoded" not in again and "resumed at step 2" in again
     assert "encoding again" in run(*unet, "--vae", str(tmp_path / "vae2" / "vae_final.pt"))
+
+
+@pytest.mark.slow
+def test_a_replicate_of_the_evidence_protocol_runs_on_lab_model_2(tmp_path):
+    """``lab.evidence run pilot_textures --scale ci``: one replicate of the replicate protocol on a lab-2
+    checkpoint (untrained UNet; the trained parts are not shipped yet) at 64 px: the subject is the
+    replicate's wood crops, the held-out loss reads the texture reference, every method samples 64 px
+    images, the classifier's subject class is wood; nothing is archived at the ci scale."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lab import evidence as E
+    from lab.pilot_textures import vae_only_checkpoint
+    from lab.train_vae import new_vae
+    from lord_ops.lab_classifier import GEOMETRY_KEY, Geometry, LabClassifier
+
+    declared = E.EXPERIMENTS["pilot_textures"]
+    assert declared.lab == "textures" and set(declared.replicates) <= set(E.EXPLORATION)
+    torch.save({"vae": new_vae(0).state_dict()}, tmp_path / "vae.pt")
+    vae_only_checkpoint(tmp_path / "vae.pt", tmp_path / "assembled")
+    geometry = Geometry(3, 64, tuple(T.CATEGORIES))
+    classifier = tmp_path / "classifier.safetensors"
+    save_file({k: v.contiguous() for k, v in LabClassifier(geometry).state_dict().items()}, str(classifier),
+              metadata={GEOMETRY_KEY: geometry.to_json()})
+    root = Path(__file__).resolve().parents[1]
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    proc = subprocess.run([sys.executable, "-m", "lab.evidence", "run", "pilot_textures", "--scale", "ci",
+                           "--replicates", "0", "--out", str(out), "--archive", str(archive),
+                           "--parts", str(tmp_path / "assembled" / "vae_only_parts.safetensors"),
+                           "--classifier", str(classifier)], cwd=root, capture_output=True, text=True, timeout=1500,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run = out / "pilot_textures" / "r000"
+    text = (run / "exp.toml").read_text()
+    assert 'class_name = "wood"' in text and "resolution = 64" in text and 'subject_class = "wood"' in text
+    assert str(T.DATA_DIR / "replicates" / "r000") in text
+    stage1 = sorted(p.name for p in (run / "stage1_subset").glob("*.png"))  # the ci scale: 2 per category
+    assert stage1 == sorted(p.name for p in (T.DATA_DIR / "stage1").glob("*.png") if int(p.stem[-3:]) < 2)
+    assert {n.rsplit("_", 1)[0] for n in stage1} == set(T.PRETRAINING)
+    held = sorted(p.name for p in (out / "heldout_textures_ci").glob("*.png"))
+    assert held == sorted(p.name for p in (T.DATA_DIR / "reference").glob("*.png"))[:E.HELDOUT_IMAGES["ci"]]
+    results = json.loads((run / "run" / "report" / "results.json").read_text())
+    assert sorted(results["methods"]) == sorted(declared.methods)
+    for name, method in results["methods"].items():
+        assert method["metrics"]["heldout_loss"]["mean"] > 0, name
+        first = Image.open(run / "run" / "report" / method["samples"][0])
+        assert first.size == (64, 64), name
+    assert not archive.exists()  # the ci scale is never archived
+    # a missing parts file is refused with the command that trains it
+    proc = subprocess.run([sys.executable, "-m", "lab.evidence", "run", "pilot_textures", "--scale", "ci",
+                           "--replicates", "0", "--out", str(out), "--parts", str(tmp_path / "none.safetensors")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "make lab2-retrain" in proc.stderr
