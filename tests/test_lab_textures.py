@@ -255,6 +255,14 @@ def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
     out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier.safetensors"),
               "--steps", "2", "--batch-size", "4")
     assert "test accuracy" in out and (tmp_path / "classifier.safetensors").is_file()
+    out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier_rec.safetensors"),
+              "--steps", "2", "--batch-size", "4", "--vae", str(tmp_path / "vae" / "vae_final.pt"), "--jitter", "0.2")
+    assert "test accuracy on the VAE's reconstructions" in out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "classifier_rec.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert 0 <= float(meta["test_accuracy_reconstructed"]) <= 1 and meta["jitter"] == "0.2" and meta["vae"] == "vae_final.pt"
     unet = ["lab.train_unet", "--data", "textures", "--out", str(tmp_path / "unet"), "--crops", "8", "--steps", "2",
             "--batch-size", "2", "--checkpoint-every", "1"]
     assert "encoded 8 images" in run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
@@ -319,3 +327,27 @@ def test_a_replicate_of_the_evidence_protocol_runs_on_lab_model_2(tmp_path):
                            "--replicates", "0", "--out", str(out), "--parts", str(tmp_path / "none.safetensors")],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "make lab2-retrain" in proc.stderr
+
+
+def test_the_classifier_augmentation_reconstructs_a_share_and_jitters_reproducibly():
+    """``lab.train_classifier.augment``: nothing changes without a VAE or jitter; with a VAE the first
+    ``reconstructed`` share of the batch is its reconstruction and the rest untouched; jitter is seeded
+    by the step, stays in 0..255 and changes colour but not layout."""
+    import argparse
+
+    import torch
+
+    from lab.eval_vae import reconstruct
+    from lab.train_classifier import augment
+    from lab.train_vae import new_vae
+
+    x = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    plain = argparse.Namespace(reconstructed=0.5, jitter=0.0, seed=0)
+    assert torch.equal(augment(x, None, plain, 1), x)
+    vae = new_vae(0).eval()
+    mixed = augment(x, vae, plain, 1)
+    assert torch.equal(mixed[:2], reconstruct(vae, x[:2])) and torch.equal(mixed[2:], x[2:])
+    jit = argparse.Namespace(reconstructed=0.0, jitter=0.2, seed=0)
+    a, b, c = augment(x, None, jit, 5), augment(x, None, jit, 5), augment(x, None, jit, 6)
+    assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x) and (a.float() - x.float()).abs().mean() < 60
