@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-penalty", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--init-weights", type=Path, default=None,
+                    help="when --out holds no checkpoint.pt: continue from these weights (a `python -m lab.ship weights` "
+                         "file, which the repository keeps) at their step, with a fresh AdamW state and a 100-step "
+                         "re-warm-up of the learning rate; the schedule over --steps is unchanged")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="stop after this many steps (the learning-rate schedule still spans --steps); 0: --steps")
     args = ap.parse_args(argv)
@@ -76,13 +80,27 @@ def main(argv=None) -> int:
     vae = new_vae(args.seed)
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    from lab.files import restore
+    warm_from = [0]  # the step the learning rate (re-)warms up from: 0, or where --init-weights started
+
+    def rate(s):
+        return min(1.0, (s - warm_from[0] + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    from lab.files import load_state, restore
 
     ckpt = out / "checkpoint.pt"
     step = restore(ckpt, vae=vae, opt=opt, sched=sched)
     if step:
         print(f"[vae] resumed at step {step}")
+    elif args.init_weights is not None:
+        state = load_state(args.init_weights)
+        vae.load_state_dict(state["vae"])
+        step = warm_from[0] = int(state["step"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr * rate(step)
+        sched.last_epoch = step
+        print(f"[vae] continuing from {args.init_weights} at step {step} (fresh optimizer state)")
+        (out / "log.txt").open("a").write(f"continued from {args.init_weights} at step {step}, fresh AdamW\n")
     t0, first = time.time(), step
     log = open(out / "log.txt", "a")
     stop = min(args.stop_after or args.steps, args.steps)

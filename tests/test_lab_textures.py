@@ -252,6 +252,14 @@ def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
     run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae"), "--steps", "2", "--batch-size", "2")
     run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae2"), "--steps", "2", "--batch-size", "2",
         "--seed", "1")
+    # the repository keeps weights, not .pt checkpoints: a VAE continues from them at their step
+    run("lab.ship", "weights", "--checkpoint", str(tmp_path / "vae" / "vae_final.pt"), "--out", str(tmp_path / "w.safetensors"))
+    again = run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae3"), "--steps", "3", "--batch-size", "2",
+                "--init-weights", str(tmp_path / "w.safetensors"))
+    assert "continuing from" in again and "at step 2 (fresh optimizer state)" in again and "step 3/3" in again
+    import torch
+
+    assert torch.load(tmp_path / "vae3" / "vae_final.pt", weights_only=True)["step"] == 3
     out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier.safetensors"),
               "--steps", "2", "--batch-size", "4")
     assert "test accuracy" in out and (tmp_path / "classifier.safetensors").is_file()
