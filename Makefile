@@ -34,10 +34,11 @@ lab2-data:
 lab2-retrain: setup lab2-data
 	$(PY) -m lab.train_vae --data textures --out .cache/lab2/vae --batch-size 8 --steps 1500
 	$(PY) -m lab.train_vae --data textures --out .cache/lab2/vae --batch-size 8 --steps 6000  # continued (MODEL_CARD_2)
-	$(PY) -m lab.eval_vae --vae .cache/lab2/vae/vae_final.pt --out docs/lab2/vae_eval
+	$(PY) -m lab.ship weights --checkpoint .cache/lab2/vae/vae_final.pt --out lab/weights/lab_textures_vae.safetensors
+	$(PY) -m lab.eval_vae --vae lab/weights/lab_textures_vae.safetensors --out docs/lab2/vae_eval
 	$(PY) -m lab.train_classifier --data textures --out .cache/lab2/lab_textures_classifier.safetensors --steps 2000 --batch-size 64
-	$(PY) -m lab.train_unet --data textures --vae .cache/lab2/vae/vae_final.pt --out .cache/lab2/unet --steps 3000 --lr 3e-4
-	$(PY) -m lab.ship pack --vae .cache/lab2/vae/vae_final.pt --unet .cache/lab2/unet/checkpoint.pt \
+	$(PY) -m lab.train_unet --data textures --vae lab/weights/lab_textures_vae.safetensors --out .cache/lab2/unet --steps 3000 --lr 3e-4
+	$(PY) -m lab.ship pack --vae lab/weights/lab_textures_vae.safetensors --unet .cache/lab2/unet/checkpoint.pt \
 	  --description "lab model 2 (ufoai textures, 64 px)" --out lab/weights/lab_textures_parts.safetensors
 	cp .cache/lab2/lab_textures_classifier.safetensors lab/weights/lab_textures_classifier.safetensors
 
