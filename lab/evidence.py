@@ -444,6 +444,57 @@ def replicate_values(out: Path, declared: Declared, archive: Path | None = None)
     return values
 
 
+GATE_QUANTITIES = {  # the Stage-1 LoRD's gate, read from each replicate's results.json (the run holding 'lord')
+    "detect_auroc": "Detect AUROC: the gate ranks the subject's protected copies above its clean images",
+    "detect_clean": "Detect: mean gate on the subject's clean images",
+    "detect_protected": "Detect: mean gate on the subject's protected copies",
+    "stage1_clean": "Stage 1, in-sample: mean gate on clean training images (t = 50, 200, 400)",
+    "stage1_perturbed": "Stage 1, in-sample: mean gate on their perturbed copies",
+}
+
+
+def gate_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:
+    """``{quantity: {replicate: value}}`` of the Stage-1 gate (:data:`GATE_QUANTITIES`, plus
+    ``stage1_clean_t<T>`` / ``stage1_perturbed_t<T>`` per timestep band) for every finished replicate whose
+    run trained the LoRD (the experiment's 'lord' method); empty when none did."""
+    values: dict = {}
+    if "lord" not in declared.methods:
+        return values
+    for r in declared.replicates:
+        results, _ = declared.source(out, "lord", r)
+        found = results if results.is_file() else archived(results, out, archive)
+        if not found.is_file():
+            continue
+        data = json.loads(found.read_text(encoding="utf-8"))
+        got = {}
+        det = data.get("detection") or {}
+        if det.get("available") and det.get("scores_clean") and det.get("scores_protected"):
+            got["detect_auroc"] = det["summary"]["auroc"]
+            got["detect_clean"] = sum(det["scores_clean"]) / len(det["scores_clean"])
+            got["detect_protected"] = sum(det["scores_protected"]) / len(det["scores_protected"])
+        sep = ((data.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train") or {}
+        if "mean_gate_clean" in sep:
+            got["stage1_clean"], got["stage1_perturbed"] = sep["mean_gate_clean"], sep["mean_gate_perturbed"]
+            for t, band in sorted((sep.get("by_timestep") or {}).items(), key=lambda kv: int(kv[0])):
+                got[f"stage1_clean_t{t}"], got[f"stage1_perturbed_t{t}"] = band["mean_gate_clean"], band["mean_gate_perturbed"]
+        for k, v in got.items():
+            values.setdefault(k, {})[r] = float(v)
+    return values
+
+
+def summarise_gates(values: dict) -> dict:
+    """Mean and 95% t interval over replicates of each gate quantity (:func:`gate_values`)."""
+    from lord_ops import analysis as an
+
+    out = {}
+    for k, per in values.items():
+        if len(per) >= 2:
+            mean, _, low, high = an.mean_interval(list(per.values()))
+            out[k] = {"n": len(per), "mean": mean, "ci_low": low, "ci_high": high,
+                      "per_replicate": {str(r): v for r, v in sorted(per.items())}}
+    return out
+
+
 def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     """Every contrast whose methods were run, per metric: paired summary over the replicates every
     method of the contrast has; the primary metric's declared family Holm-adjusted; LoRD's share of A."""
@@ -537,6 +588,14 @@ def markdown(result: dict) -> str:
                           f"{share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
         lines += ["", "Contrasts: " + "; ".join(f"{name} = {row['question']}"
                                                 for name, row in block["contrasts"].items()) + ".", ""]
+    gates = result.get("gates") or {}
+    if gates:
+        lines += ["## The Stage-1 gate (exploratory)", "", "| quantity | n | mean | 95% interval |", "|---|---|---|---|"]
+        for k, row in gates.items():
+            label = GATE_QUANTITIES.get(k) or (f"Stage 1, in-sample, t = {k.rsplit('_t', 1)[1]}: mean gate on "
+                                               + ("clean images" if "_clean_" in k else "perturbed copies"))
+            lines.append(f"| {label} | {row['n']} | {row['mean']:.4f} | {row['ci_low']:.4f} to {row['ci_high']:.4f} |")
+        lines.append("")
     gate = result.get("threat_gate")
     if gate:
         lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
@@ -591,6 +650,7 @@ def report(args) -> int:
     values = replicate_values(Path(args.out), declared, args.archive)
     result = analyse(values, declared)
     result["values"] = values
+    result["gates"] = summarise_gates(gate_values(Path(args.out), declared, args.archive))
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "analysis.json", result)

@@ -220,3 +220,32 @@ def test_an_experiment_can_train_stage1_on_other_copies(tmp_path):
     assert 'attack_preset = "ace_fixed"' in stage1 and "attack_epsilon = 32.0" in stage1
     assert 'attack_preset = "pgd_2"' in E.write_replicate_config(
         tmp_path, E.EXPERIMENTS["mist"], 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER).read_text()
+
+
+def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
+    """Detect and the Stage-1 in-sample gate separation are read from each replicate's results.json (the
+    run that trained the LoRD), summarised with a t interval and shown in the report."""
+    import dataclasses
+
+    matched = dataclasses.replace(E.EXPERIMENTS["matched"], replicates=range(10, 13))
+    for r, (clean, prot) in zip((10, 11), ((0.2, 0.8), (0.4, 0.9))):
+        results, _ = matched.source(tmp_path, "lord", r)
+        results.parent.mkdir(parents=True)
+        results.write_text(json.dumps({
+            "methods": {}, "detection": {"available": True, "summary": {"auroc": 0.5 + r / 100},
+                                         "scores_clean": [clean - 0.1, clean + 0.1], "scores_protected": [prot, prot]},
+            "provenance": {"stage1": {"gate_separation_train": {
+                "mean_gate_clean": clean, "mean_gate_perturbed": prot,
+                "by_timestep": {"50": {"mean_gate_clean": clean / 2, "mean_gate_perturbed": prot, "auroc": 1.0}}}}}}))
+    values = E.gate_values(tmp_path, matched)
+    assert values["detect_auroc"] == {10: pytest.approx(0.6), 11: pytest.approx(0.61)}
+    assert values["detect_clean"] == {10: pytest.approx(0.2), 11: pytest.approx(0.4)}
+    assert values["stage1_clean_t50"] == {10: pytest.approx(0.1), 11: pytest.approx(0.2)}
+    gates = E.summarise_gates(values)
+    assert gates["detect_protected"]["mean"] == pytest.approx(0.85) and gates["detect_protected"]["n"] == 2
+    lo, hi = gates["detect_clean"]["ci_low"], gates["detect_clean"]["ci_high"]
+    half = 12.706 * np.std([0.2, 0.4], ddof=1) / np.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert (lo, hi) == (pytest.approx(0.3 - half, abs=1e-3), pytest.approx(0.3 + half, abs=1e-3))
+    text = E.markdown({**E.analyse({m: {} for m in E.METRICS}, matched), "gates": gates})
+    assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
+    assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"]) == {}  # no LoRD in a plain-only experiment
