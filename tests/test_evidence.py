@@ -237,7 +237,7 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
             "provenance": {"stage1": {"gate_separation_train": {
                 "mean_gate_clean": clean, "mean_gate_perturbed": prot,
                 "by_timestep": {"50": {"mean_gate_clean": clean / 2, "mean_gate_perturbed": prot, "auroc": 1.0}}}}}}))
-    values = E.gate_values(tmp_path, matched)
+    values = E.gate_values(tmp_path, matched, tmp_path / "no_archive")  # not the repository's archive
     assert values["detect_auroc"] == {10: pytest.approx(0.6), 11: pytest.approx(0.61)}
     assert values["detect_clean"] == {10: pytest.approx(0.2), 11: pytest.approx(0.4)}
     assert values["stage1_clean_t50"] == {10: pytest.approx(0.1), 11: pytest.approx(0.2)}
@@ -248,4 +248,4 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     assert (lo, hi) == (pytest.approx(0.3 - half, abs=1e-3), pytest.approx(0.3 + half, abs=1e-3))
     text = E.markdown({**E.analyse({m: {} for m in E.METRICS}, matched), "gates": gates})
     assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
-    assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"]) == {}  # no LoRD in a plain-only experiment
+    assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
