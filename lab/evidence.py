@@ -353,6 +353,11 @@ def archived(results: Path, out: Path, archive: Path | None = None) -> Path:
     return Path(archive or ARCHIVE) / rel.parent.parent.parent.parent / f"{rel.parts[-4]}.json"
 
 
+def kept_results(results: Path, out: Path, archive: Path | None = None) -> Path:
+    """``results`` if the output folder still has it, else its archived copy (which may not exist either)."""
+    return results if Path(results).is_file() else archived(results, out, archive)
+
+
 def archive_results(results: Path, out: Path, archive: Path | None = None) -> Path:
     """Copy one finished replicate's ``results.json`` into the archive (atomically); returns its path."""
     from lord_ops.atomic import atomic_write
@@ -434,7 +439,7 @@ def replicate_values(out: Path, declared: Declared, archive: Path | None = None)
         for meth in declared.methods:
             results, name = declared.source(out, meth, r)
             if results not in cache:
-                found = results if results.is_file() else archived(results, out, archive)
+                found = kept_results(results, out, archive)
                 cache[results] = json.loads(found.read_text(encoding="utf-8"))["methods"] if found.is_file() else {}
             for metric, (_, read, _) in METRICS.items():
                 try:
@@ -462,7 +467,7 @@ def gate_values(out: Path, declared: Declared, archive: Path | None = None) -> d
         return values
     for r in declared.replicates:
         results, _ = declared.source(out, "lord", r)
-        found = results if results.is_file() else archived(results, out, archive)
+        found = kept_results(results, out, archive)
         if not found.is_file():
             continue
         data = json.loads(found.read_text(encoding="utf-8"))

@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             group["lr"] = args.lr * rate(step)
         sched.last_epoch = step
         print(f"[vae] continuing from {args.init_weights} at step {step} (fresh optimizer state)")
-        (out / "log.txt").open("a").write(f"continued from {args.init_weights} at step {step}, fresh AdamW\n")
+        with open(out / "log.txt", "a") as f:
+            f.write(f"continued from {args.init_weights} at step {step}, fresh AdamW\n")
     t0, first = time.time(), step
     log = open(out / "log.txt", "a")
     stop = min(args.stop_after or args.steps, args.steps)
