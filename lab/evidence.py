@@ -96,6 +96,18 @@ CONTRASTS = (
              "gate 0 throughout: protected-minus-clean difference minus A"),
     Contrast("removal_g11", (("lord_g11", 1), ("lord_clean_g11", -1), ("attacking", -1), ("clean", 1)),
              "gate 1 throughout: protected-minus-clean difference minus A"),
+    # the B'-strength sweep at sampling (lord_b<k>: B' x k; lord_gl0: gate forced to 0 at sampling = B' x 0)
+    Contrast("gl0_vs_lord_prot", (("lord_gl0", 1), ("lord", -1)),
+             "B' off at sampling (gate forced to 0, i.e. B' x 0) minus the learned LoRD (B' x 1), on protected "
+             "(negative: B' hurts the model at sampling)"),
+    Contrast("b05_vs_lord_prot", (("lord_b05", 1), ("lord", -1)), "B' x 0.5 at sampling minus B' x 1, on protected"),
+    Contrast("b2_vs_lord_prot", (("lord_b2", 1), ("lord", -1)), "B' x 2 at sampling minus B' x 1, on protected"),
+    Contrast("removal_gl0", (("lord_gl0", 1), ("lord_clean_gl0", -1), ("attacking", -1), ("clean", 1)),
+             "LoRD with B' off at sampling: its protected-minus-clean difference minus A"),
+    Contrast("removal_b05", (("lord_b05", 1), ("lord_clean_b05", -1), ("attacking", -1), ("clean", 1)),
+             "LoRD with B' x 0.5 at sampling: its protected-minus-clean difference minus A"),
+    Contrast("removal_b2", (("lord_b2", 1), ("lord_clean_b2", -1), ("attacking", -1), ("clean", 1)),
+             "LoRD with B' x 2 at sampling: its protected-minus-clean difference minus A"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
     Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
@@ -265,6 +277,14 @@ EXPERIMENTS["pilot_textures"] = Declared(
     "pilot_textures", ("clean", "attacking", "lord_clean", "lord"), range(0, 3), dict(MIST_4.attack), (),
     "exploration on lab model 2: the protocol end to end at 64 px, mist-v2 at its published 4 levels",
     lab="textures")
+# the B'-strength sweep at sampling (issue 20, experiment 3): the 'matched' LoRD's Stage-2 LoRAs sampled with B'
+# scaled by 0 (lord_gl0), 0.5, 1 (lord) and 2, on protected and on clean images. Sampling-time only: the
+# replicates' protect, Stage 1 and Stage-2 training are the 'matched' (or 'matched_pilot') folder's, reused.
+STRENGTH_METHODS = ("lord_gl0", "lord_clean_gl0", "lord_b05", "lord_clean_b05", "lord_b2", "lord_clean_b2")
+EXPERIMENTS["strength_pilot"] = Declared(
+    "strength_pilot", ("clean", "attacking", "lord_clean", "lord") + STRENGTH_METHODS, range(3, 4),
+    dict(MIST_32.attack), (), "exploration: the B'-strength sweep on the matched pilot's replicate (sizes 'strength')",
+    folder="matched_pilot", stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tools import tiny
-from tools.mini_experiment import write_mini_experiment
+from tools.mini_experiment import cut_images, write_mini_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord"]
@@ -194,3 +194,30 @@ def test_artist_mode_measures_given_protected_images(mini, tmp_path):
     assert results["methods"]["attacking"]["metrics"] == protocol["methods"]["attacking"]["metrics"]
     assert results["detection"]["available"] and results["sweep"] is None
     assert (out / "report" / "index.html").is_file()
+
+
+def test_b_strength_variants_share_the_lord_training_and_key_their_strength(tmp_path, sd15_checkpoint, comfyui_path):
+    """``lord_b<k>`` methods sample the ``lord`` Stage-2 LoRA (no training of their own) with B' scaled by k
+    at sampling and in the held-out loss; the strength is part of those stages' keys and of results.json."""
+    from training.experiment.methods import Variant
+    from training.experiment.runner import ExperimentRunner
+    from training.experiment_config import load_config
+
+    config = write_mini_experiment(tmp_path, sd15_checkpoint, comfyui_path / "input" / "example.png")
+    held = tmp_path / "heldout"
+    cut_images(comfyui_path / "input" / "example.png", held, 2, 64, offset=2)
+    config.write_text(config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "").replace(
+        "[metrics]", '[methods]\nrun = ["lord", "lord_b05", "lord_clean_b2", "lord_gl0"]\n\n[metrics]\n'
+        f'heldout_images = "{held}"'))
+    runner = ExperimentRunner(load_config(config))
+    runner.build()
+    stages = runner.plan.stages
+    assert [n for n in stages if n.startswith("train/")] == ["train/lord-protected", "train/lord-clean"]
+    assert Variant("lord_b05", "protected").defense_strength == 0.5 and Variant("lord", "protected").defense_strength is None
+    # method lord_clean_b2 is the Stage-2 run lord_b2-clean
+    for name, strength in (("lord-protected", None), ("lord_b05-protected", 0.5), ("lord_b2-clean", 2.0),
+                           ("lord_gl0-protected", None)):
+        for kind in ("sample", "heldout"):
+            st = stages[f"{kind}/{name}"]
+            assert st.key.get("defense_strength") == strength, (kind, name, st.key)
+            assert "train/lord-" + name.split("-")[1] in st.needs

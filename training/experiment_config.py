@@ -40,6 +40,12 @@ for _t in "l01":
                                           f"lord_g{_t}{_s}", "protected")
             METHODS[f"lord_clean_g{_t}{_s}"] = (f"LoRD, clean images, gate {_GATE_WORDS[_t]} in training / "
                                                 f"{_GATE_WORDS[_s]} at sampling", f"lord_g{_t}{_s}", "clean")
+# the B'-strength sweep: lord_b<k> = the learned LoRD with B' scaled by k at sampling and in the held-out loss
+# (Stage-2 training as ``lord``, shared); k = 0 is lord_gl0 (gate forced to 0 at sampling)
+DEFENSE_STRENGTH_CODES = {"05": 0.5, "2": 2.0}
+for _k, _v in DEFENSE_STRENGTH_CODES.items():
+    METHODS[f"lord_b{_k}"] = (f"LoRD, B' x{_v:g} at sampling", f"lord_b{_k}", "protected")
+    METHODS[f"lord_clean_b{_k}"] = (f"LoRD, clean images, B' x{_v:g} at sampling", f"lord_b{_k}", "clean")
 DEFAULT_METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord")
 ARTIST_METHODS = ("clean", "attacking", "jpeg", "diffpure", "lord")
 SWEEP_SERIES = {"plain": "LoRA (plain)", "lord": "LoRD"}
@@ -126,7 +132,7 @@ class Experiment:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     detection_timestep: int = 200
     detection_seed: int = 0
-    defense_strength: float = 1.0  # LoRD methods at sampling / held-out loss: B' scaled alone
+    defense_strength: float = 1.0  # LoRD methods at sampling / held-out loss: B' scaled alone (lord_b<k>: k)
 
     @property
     def prompt(self) -> str:

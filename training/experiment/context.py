@@ -184,9 +184,14 @@ class ExperimentContext:
         return apply_lord(model, load_lord_file(self.lord_path(which)), gate_mode=gate_mode,
                           defense_strength=defense_strength)
 
+    def sampling_strength(self, v) -> float:
+        """B''s scale for Stage-2 run ``v`` at test time (sampling, held-out loss): its ``lord_b<k>`` k, else
+        ``[lord] defense_strength``."""
+        return self.exp.defense_strength if v.defense_strength is None else v.defense_strength
+
     def method_model(self, v):
         """``(MODEL, VAE)`` of Stage-2 run ``v`` at test time: the base model, its Stage-1 adapter (gate
-        at ``v``'s sampling setting, ``[lord] defense_strength``) for LoRD / one-branch runs, and the
+        at ``v``'s sampling setting, B' at :meth:`sampling_strength`) for LoRD / one-branch runs, and the
         LoRA that ``train/<v.train_id>`` trained, applied with ComfyUI's own LoRA loader."""
         import comfy.sd
 
@@ -194,7 +199,7 @@ class ExperimentContext:
 
         model, clip, vae = self.rt.models()
         if v.lord:
-            model = self.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=self.exp.defense_strength)
+            model = self.lord_model(model, v.lord, gate_mode=v.gates[1], defense_strength=self.sampling_strength(v))
         lora = load_lora_for_model(model, self.plan.folder(f"train/{v.train_id}") / "lora.safetensors")
         model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
         return model, vae

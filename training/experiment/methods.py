@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from training.experiment_config import METHODS
+from training.experiment_config import DEFENSE_STRENGTH_CODES, METHODS
 from training.experiment.context import ExperimentContext
 
 PURIFIERS = ("jpeg", "diffpure", "noise")
@@ -22,7 +22,7 @@ GATE_CODES = {"l": "learned", "0": "clean", "1": "defense"}
 class Variant:
     """One Stage-2 run: a mode on a set of training images."""
 
-    mode: str  # plain | pgd2_defense | lord | lord_g<t><s> | onebranch
+    mode: str  # plain | pgd2_defense | lord | lord_g<t><s> | lord_b<k> | onebranch
     images: str  # clean | protected | jpeg | diffpure | noise | mix<k>
 
     @property
@@ -38,17 +38,28 @@ class Variant:
         return "learned", "learned"
 
     @property
+    def defense_strength(self):
+        """B''s scale at sampling and in the held-out loss that a ``lord_b<k>`` mode fixes (k = 05: 0.5);
+        None: the experiment's ``[lord] defense_strength``. Training always runs B' as trained (1)."""
+        if self.mode.startswith("lord_b"):
+            return DEFENSE_STRENGTH_CODES[self.mode[6:]]
+        return None
+
+    @property
     def train_id(self) -> str:
-        """The Stage-2 training run this variant samples from (gate variants that train alike share it)."""
+        """The Stage-2 training run this variant samples from (gate and B'-strength variants that train alike
+        share it)."""
         if self.mode.startswith("lord_g"):
             code = self.mode[6]
             return f"lord-{self.images}" if code == "l" else f"lord_g{code}-{self.images}"
+        if self.mode.startswith("lord_b"):
+            return f"lord-{self.images}"
         return self.id
 
     @property
     def lord(self):
         """The Stage-1 stage whose adapter is live in this run (``stage1``, ``stage1_onebranch``) or None."""
-        return STAGE1_OF.get("lord" if self.mode.startswith("lord_g") else self.mode)
+        return STAGE1_OF.get("lord" if self.mode.startswith(("lord_g", "lord_b")) else self.mode)
 
     @property
     def stage2_mode(self) -> str:

@@ -45,6 +45,7 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
         methods[m] = {"label": label, "row": row, "id": vid, "stage2_mode": variant.stage2_mode,
                       "lord": variant.lord == "stage1", "one_branch": mode == "onebranch",
                       "gates": dict(zip(("training", "sampling"), variant.gates)) if variant.lord else None,
+                      "defense_strength": ctx.sampling_strength(variant) if variant.lord == "stage1" else None,
                       "trained_on": (f"{images}(protected)" if images in PURIFIERS else images),
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
                       "metrics": method_metrics(ctx, vid),

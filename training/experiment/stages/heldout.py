@@ -22,8 +22,8 @@ def stage(ctx: ExperimentContext, v: Variant) -> Optional[Stage]:
            "timesteps": list(m.heldout_timesteps), "draws": m.heldout_draws, "seed": m.heldout_seed}
     if v.gates[1] != "learned":
         key["gate"] = v.gates[1]
-    if v.lord and ctx.exp.defense_strength != 1.0:
-        key["defense_strength"] = ctx.exp.defense_strength
+    if v.lord and ctx.sampling_strength(v) != 1.0:
+        key["defense_strength"] = ctx.sampling_strength(v)
     return Stage(f"heldout/{v.id}", key, lambda folder: run(ctx, folder, v),
                  needs=(f"train/{v.train_id}",) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe="held-out denoising loss on clean subject images")

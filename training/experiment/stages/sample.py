@@ -18,8 +18,8 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     key = {"prompt": exp.prompt, "sampling": dataclasses.asdict(exp.sampling)}
     if v.gates[1] != "learned":
         key["gate"] = v.gates[1]
-    if v.lord and exp.defense_strength != 1.0:
-        key["defense_strength"] = exp.defense_strength
+    if v.lord and ctx.sampling_strength(v) != 1.0:
+        key["defense_strength"] = ctx.sampling_strength(v)
     return Stage(f"sample/{v.id}", key, lambda folder: run(ctx, folder, v),
                  needs=(f"train/{v.train_id}",) + (ctx.lord_needs(v.lord) if v.lord else ()),
                  describe=f"{exp.sampling.images} image(s) of {exp.prompt!r}")
