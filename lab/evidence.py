@@ -100,6 +100,9 @@ CONTRASTS = (
     Contrast("gl0_vs_lord_prot", (("lord_gl0", 1), ("lord", -1)),
              "B' off at sampling (gate forced to 0, i.e. B' x 0) minus the learned LoRD (B' x 1), on protected "
              "(negative: B' hurts the model at sampling)"),
+    Contrast("gl0_vs_onebranch_prot", (("lord_gl0", 1), ("onebranch", -1)),
+             "LoRD with B' off at sampling minus the one-branch control, on protected (both sample A, B alone: "
+             "does training with B' live leave a better A, B and LoRA than training without it?)"),
     Contrast("b05_vs_lord_prot", (("lord_b05", 1), ("lord", -1)), "B' x 0.5 at sampling minus B' x 1, on protected"),
     Contrast("b2_vs_lord_prot", (("lord_b2", 1), ("lord", -1)), "B' x 2 at sampling minus B' x 1, on protected"),
     Contrast("removal_gl0", (("lord_gl0", 1), ("lord_clean_gl0", -1), ("attacking", -1), ("clean", 1)),
@@ -285,6 +288,14 @@ EXPERIMENTS["strength_pilot"] = Declared(
     "strength_pilot", ("clean", "attacking", "lord_clean", "lord") + STRENGTH_METHODS, range(3, 4),
     dict(MIST_32.attack), (), "exploration: the B'-strength sweep on the matched pilot's replicate (sizes 'strength')",
     folder="matched_pilot", stage1_data=STAGE1_ACE_32)
+# declared after the pilot above (EVIDENCE.md, "strength"): the sweep on the 'matched' replicates (folder 'matched':
+# their protect, Stage 1, one-branch control and Stage-2 LoRAs are reused; only sampling and scoring run)
+EXPERIMENTS["strength"] = Declared(
+    "strength", DEFENSE_METHODS + STRENGTH_METHODS, range(10, 18), dict(MIST_32.attack),
+    ("gl0_vs_lord_prot", "removal_gl0", "gl0_vs_onebranch_prot", "b2_vs_lord_prot"),
+    "confirmatory: with the 'matched' LoRD (Stage 1 on ACE-32 copies) against mist-v2-32, how does B''s strength "
+    "at sampling (0, 0.5, 1, 2) change the held-out loss; does switching B' off at sampling remove more of the "
+    "damage, and beat the one-branch control?", folder="matched", stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

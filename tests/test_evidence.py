@@ -249,3 +249,15 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     text = E.markdown({**E.analyse({m: {} for m in E.METRICS}, matched), "gates": gates})
     assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
     assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
+
+
+def test_every_declared_family_names_known_contrasts_of_its_own_methods():
+    """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
+    method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
+    for declared in E.EXPERIMENTS.values():
+        names = {c.name: c for c in declared.contrasts}
+        for question in declared.family:
+            assert question in names, (declared.name, question)
+            assert all(m in declared.methods for m in names[question].methods), (declared.name, question)
+    assert set(E.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
+    assert E.folder_methods("matched")[:len(E.DEFENSE_METHODS)] == E.DEFENSE_METHODS
