@@ -59,20 +59,38 @@ def dequantize_int8(q, scale):
     return q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))
 
 
-def checkpoint_state_dict(parts_path, dtype=None) -> dict:
-    """The full SD1.x checkpoint state dict from the shipped parts."""
-    import torch
+def read_parts(parts_path) -> tuple[dict, dict]:
+    """A parts file's ``(tensors, metadata)``, int8 weights dequantized (deterministically) to float32."""
     from safetensors import safe_open
-
-    from lab import text
 
     with safe_open(str(parts_path), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{parts_path} is not a lab model parts file (format {meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for k in [k for k in tensors if k.startswith("q8.")]:  # int8 parts: dequantized deterministically
+    for k in [k for k in tensors if k.startswith("q8.")]:
         tensors[k[3:]] = dequantize_int8(tensors.pop(k), tensors.pop("q8scale." + k[3:]))
+    return tensors, meta
+
+
+def training_state(parts_path) -> dict:
+    """What ``lab.train_unet --init-weights`` continues from: ``{"ema": UNet state (float32), "text":
+    LabText state, "step", "vae_scale", "vae_shift"}`` of a parts file (its UNet is the EMA, as shipped)."""
+    tensors, meta = read_parts(parts_path)
+    return {"ema": {k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")},
+            "text": {"vocab": tensors["text.vocab"], "rows": tensors["text.rows"].float(),
+                     "position": tensors["text.position"].float()},
+            "step": int(meta["unet_steps"]), "vae_scale": float(meta["vae_scale"]),
+            "vae_shift": float(meta["vae_shift"])}
+
+
+def checkpoint_state_dict(parts_path, dtype=None) -> dict:
+    """The full SD1.x checkpoint state dict from the shipped parts."""
+    import torch
+
+    from lab import text
+
+    tensors, meta = read_parts(parts_path)
     lab_text = text.LabText(tensors["text.vocab"].tolist())
     lab_text.load_state_dict({"vocab": tensors["text.vocab"], "rows": tensors["text.rows"],
                               "position": tensors["text.position"]})

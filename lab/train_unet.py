@@ -112,6 +112,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images (a quick check of the code)")
     ap.add_argument("--data", default="fashion", choices=("fashion", "textures"))
     ap.add_argument("--crops", type=int, default=20000, help="textures: how many crops to draw and encode once")
+    ap.add_argument("--init-weights", type=Path, default=None,
+                    help="when --out holds no checkpoint.pt: continue from a lab model parts file (python -m lab.ship "
+                         "pack; e.g. the one kept in lab/weights): its UNet (the EMA, dequantized) starts both the "
+                         "trained and the EMA weights, its text rows the text; fresh AdamW, re-warmed over 100 steps. "
+                         "It must have been trained on --vae's latents of the same crops (checked by the latent scale)")
     args = ap.parse_args(argv)
 
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     acp = sd15_alphas_cumprod()
     ckpt = out / "checkpoint.pt"
-    step = 0
+    step = warm_from = 0  # warm_from: where the learning rate (re-)warms up from (0, or --init-weights' step)
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(state["unet"])
@@ -177,6 +182,21 @@ def main(argv=None) -> int:
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"[unet] resumed at step {step}")
+    elif args.init_weights is not None:
+        from lab.ship import training_state
+
+        state = training_state(args.init_weights)
+        if abs(state["vae_scale"] - vae_scale) > 1e-5 * abs(vae_scale) or abs(state["vae_shift"] - vae_shift) > 1e-5:
+            raise SystemExit(f"--init-weights {args.init_weights}: its latent scale/shift ({state['vae_scale']:.6g}, "
+                             f"{state['vae_shift']:.6g}) are not those of --vae {args.vae} on these crops "
+                             f"({vae_scale:.6g}, {vae_shift:.6g}): it was trained on other latents; start without it")
+        unet.load_state_dict(state["ema"])
+        ema.load_state_dict(state["ema"])
+        lab_text.load_state_dict(state["text"])
+        step = warm_from = int(state["step"])
+        print(f"[unet] continuing from {args.init_weights} at step {step} (EMA weights, fresh optimizer state)")
+        with open(out / "log.txt", "a") as f:
+            f.write(f"continued from {args.init_weights} at step {step} (EMA weights), fresh AdamW\n")
     t0, first = time.time(), step
     log = open(out / "log.txt", "a")
     while step < args.steps:
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 500)
+            group["lr"] = args.lr * min(1.0, (step + 1) / 500, (step - warm_from + 1) / 100 if warm_from else 1.0)
         opt.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):

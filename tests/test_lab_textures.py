@@ -278,6 +278,19 @@ def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
     again = run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
     assert "encoded" not in again and "resumed at step 2" in again
     assert "encoding again" in run(*unet, "--vae", str(tmp_path / "vae2" / "vae_final.pt"))
+    # the shipped parts file is also where a later run continues the UNet (its EMA, int8 -> float32)
+    parts = tmp_path / "parts.safetensors"
+    run("lab.ship", "pack", "--vae", str(tmp_path / "vae" / "vae_final.pt"), "--unet",
+        str(tmp_path / "unet" / "checkpoint.pt"), "--out", str(parts))
+    more = ["lab.train_unet", "--data", "textures", "--out", str(tmp_path / "unet_more"), "--crops", "8", "--steps", "3",
+            "--batch-size", "2", "--init-weights", str(parts)]
+    cont = run(*more, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
+    assert "continuing from" in cont and "at step 2 (EMA weights, fresh optimizer state)" in cont and "step 3/3" in cont
+    assert torch.load(tmp_path / "unet_more" / "checkpoint.pt", weights_only=True)["step"] == 3
+    proc = subprocess.run([sys.executable, "-m", *more[:4], str(tmp_path / "unet_other"), *more[5:], "--vae",
+                           str(tmp_path / "vae2" / "vae_final.pt")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode != 0 and "trained on other latents" in proc.stderr
 
 
 @pytest.mark.slow
