@@ -111,6 +111,20 @@ CONTRASTS = (
              "LoRD with B' x 0.5 at sampling: its protected-minus-clean difference minus A"),
     Contrast("removal_b2", (("lord_b2", 1), ("lord_clean_b2", -1), ("attacking", -1), ("clean", 1)),
              "LoRD with B' x 2 at sampling: its protected-minus-clean difference minus A"),
+    # the paper's Fig. 7 (share of protected images, 0 / 2 / 4 / 6 / 8 of 8): least-squares slopes per
+    # protected image over the five points (weights (x - 4) / 40 for x = 0, 2, 4, 6, 8; x = 4 weighs 0)
+    Contrast("slope_plain", (("clean", -0.1), ("plain_mix2", -0.05), ("plain_mix6", 0.05), ("attacking", 0.1)),
+             "plain LoRA: change of the held-out loss per protected image of 8 (least-squares slope over 0-8)"),
+    Contrast("slope_lord", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1)),
+             "LoRD: change of the held-out loss per protected image of 8 (least-squares slope over 0-8)"),
+    Contrast("slope_lord_vs_plain", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1),
+                                     ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05), ("attacking", -0.1)),
+             "LoRD's slope minus the plain LoRA's (negative: LoRD flattens the damage curve, the paper's Fig. 7)"),
+    Contrast("A_mix4", (("plain_mix4", 1), ("clean", -1)), "plain LoRA with 4 of 8 images protected minus on clean"),
+    Contrast("lord_vs_plain_mix4", (("lord_mix4", 1), ("plain_mix4", -1)),
+             "LoRD minus plain LoRA, both with 4 of 8 images protected"),
+    Contrast("removal_mix4", (("lord_mix4", 1), ("lord_clean", -1), ("plain_mix4", -1), ("clean", 1)),
+             "with 4 of 8 protected: LoRD's difference to its clean run minus the plain LoRA's"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
     Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
@@ -296,6 +310,15 @@ EXPERIMENTS["strength"] = Declared(
     "confirmatory: with the 'matched' LoRD (Stage 1 on ACE-32 copies) against mist-v2-32, how does B''s strength "
     "at sampling (0, 0.5, 1, 2) change the held-out loss; does switching B' off at sampling remove more of the "
     "damage, and beat the one-branch control?", folder="matched", stage1_data=STAGE1_ACE_32)
+# declared before any of its runs (EVIDENCE.md, "share"): the paper's Fig. 7 on the 'matched' replicates (folder
+# 'matched': protect, Stage 1 and the 0- and 8-of-8 runs are reused; six Stage-2 runs per replicate are new)
+SHARE_METHODS = ("plain_mix2", "lord_mix2", "plain_mix4", "lord_mix4", "plain_mix6", "lord_mix6")
+EXPERIMENTS["share"] = Declared(
+    "share", DEFENSE_METHODS + SHARE_METHODS, range(10, 18), dict(MIST_32.attack),
+    ("slope_plain", "slope_lord_vs_plain", "lord_vs_plain_mix4"),
+    "confirmatory: the paper's Fig. 7 -- as more of the 8 subject images are protected (mist-v2-32), does a plain "
+    "LoRA get worse, and does LoRD (Stage 1 on ACE-32 copies) flatten that curve?", folder="matched",
+    stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

@@ -261,3 +261,18 @@ def test_every_declared_family_names_known_contrasts_of_its_own_methods():
             assert all(m in declared.methods for m in names[question].methods), (declared.name, question)
     assert set(E.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
     assert E.folder_methods("matched")[:len(E.DEFENSE_METHODS)] == E.DEFENSE_METHODS
+
+
+def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
+    """slope_plain / slope_lord read the five share points (0, 2, 4, 6, 8 of 8 protected) as numpy's
+    least-squares slope does; slope_lord_vs_plain is their difference."""
+    shares = np.array([0, 2, 4, 6, 8])
+    plain = dict(zip(("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"), [0.21, 0.25, 0.22, 0.30, 0.29]))
+    lord = dict(zip(("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord"), [0.20, 0.2, 0.26, 0.23, 0.24]))
+    value = {**plain, **lord}
+    contrasts = {c.name: c for c in E.CONTRASTS}
+    apply = lambda name: sum(w * value[m] for m, w in contrasts[name].weights)  # noqa: E731
+    slope = lambda series: np.polyfit(shares, list(series.values()), 1)[0]  # noqa: E731
+    assert apply("slope_plain") == pytest.approx(slope(plain))
+    assert apply("slope_lord") == pytest.approx(slope(lord))
+    assert apply("slope_lord_vs_plain") == pytest.approx(slope(lord) - slope(plain))

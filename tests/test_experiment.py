@@ -221,3 +221,26 @@ def test_b_strength_variants_share_the_lord_training_and_key_their_strength(tmp_
             st = stages[f"{kind}/{name}"]
             assert st.key.get("defense_strength") == strength, (kind, name, st.key)
             assert "train/lord-" + name.split("-")[1] in st.needs
+
+
+def test_share_methods_train_on_nested_mixes_and_refuse_more_than_the_subject_has(tmp_path, sd15_checkpoint,
+                                                                                 comfyui_path):
+    """``plain_mix<k>`` / ``lord_mix<k>`` (the paper's Fig. 7 as paired methods) train on the instance images
+    with k of them protected; the k of a smaller mix are among those of a larger one; k must leave at least
+    one image clean and one protected."""
+    from training.experiment.runner import ExperimentRunner
+    from training.experiment_config import ConfigError, load_config
+
+    config = write_mini_experiment(tmp_path, sd15_checkpoint, comfyui_path / "input" / "example.png",
+                                   instance_images=4)
+    base = config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "")
+    config.write_text(base.replace("[metrics]", '[methods]\nrun = ["clean", "plain_mix1", "lord_mix3"]\n\n[metrics]'))
+    runner = ExperimentRunner(load_config(config))
+    runner.build()
+    assert {"train/plain-mix1", "train/lord-mix3", "sample/lord-mix3"} <= set(runner.plan.stages)
+    ctx = runner.ctx
+    assert len(ctx.mix_names(1)) == 1 and set(ctx.mix_names(1)) <= set(ctx.mix_names(3)) and len(ctx.mix_names(3)) == 3
+    config.write_text(base.replace("[metrics]", '[methods]\nrun = ["clean", "plain_mix4"]\n\n[metrics]'))
+    runner = ExperimentRunner(load_config(config))
+    with pytest.raises(ConfigError, match="protects 4 of the instance images, but .* holds 4; use 1..3"):
+        runner.build()

@@ -46,6 +46,11 @@ DEFENSE_STRENGTH_CODES = {"05": 0.5, "2": 2.0}
 for _k, _v in DEFENSE_STRENGTH_CODES.items():
     METHODS[f"lord_b{_k}"] = (f"LoRD, B' x{_v:g} at sampling", f"lord_b{_k}", "protected")
     METHODS[f"lord_clean_b{_k}"] = (f"LoRD, clean images, B' x{_v:g} at sampling", f"lord_b{_k}", "clean")
+# the paper's Fig. 7 as methods (paired analysis): plain_mix<k> / lord_mix<k> = a plain LoRA / LoRD run on the
+# instance images with k of them protected (a seeded, nested choice: the k of mix<k> are among those of mix<k+1>)
+for _k in range(1, 8):
+    METHODS[f"plain_mix{_k}"] = (f"Plain LoRA, {_k} image(s) protected", "plain", f"mix{_k}")
+    METHODS[f"lord_mix{_k}"] = (f"LoRD, {_k} image(s) protected", "lord", f"mix{_k}")
 DEFAULT_METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord")
 ARTIST_METHODS = ("clean", "attacking", "jpeg", "diffpure", "lord")
 SWEEP_SERIES = {"plain": "LoRA (plain)", "lord": "LoRD"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from training.experiment_config import DEFENSE_STRENGTH_CODES, METHODS
+from training.experiment_config import DEFENSE_STRENGTH_CODES, METHODS, ConfigError
 from training.experiment.context import ExperimentContext
 
 PURIFIERS = ("jpeg", "diffpure", "noise")
@@ -81,6 +81,10 @@ def plan_variants(ctx: ExperimentContext) -> tuple[list[Variant], dict[str, list
             v = Variant("plain" if series == "plain" else "lord", images)
             sweep.setdefault(series, []).append({"share": share, "method": v.id})
             wanted.append(v)
+    for v in wanted:
+        if v.images.startswith("mix") and not 0 < int(v.images[3:]) < n:
+            raise ConfigError(f"{exp.config_path}: [methods] run: a method on {v.images} protects {v.images[3:]} of "
+                              f"the instance images, but [subject] instance_images holds {n}; use 1..{n - 1}")
     unique: dict[str, Variant] = {}
     for v in wanted:
         unique.setdefault(v.id, v)
