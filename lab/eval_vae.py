@@ -20,18 +20,6 @@ from pathlib import Path
 SETS = {"reference": "reference", "stage1": "stage1", "r000": "replicates/r000"}
 
 
-def load_vae(path: Path):
-    """A lab-2 TAESD from a ``train_vae`` file (``vae_final.pt`` or ``checkpoint.pt``: ``{"vae": state, "step"}``;
-    or its exported weights, ``lab/weights/lab_textures_vae.safetensors``)."""
-    from lab.files import load_state
-    from lab.train_vae import new_vae
-
-    state = load_state(path)
-    vae = new_vae()
-    vae.load_state_dict(state["vae"])
-    return vae.eval(), int(state.get("step", 0))
-
-
 def reconstruct(vae, images_u8):
     """uint8 ``[N, 64, 64, 3]`` -> uint8 reconstructions, same layout (TAESD in [0, 1] pixels)."""
     import torch
@@ -71,6 +59,7 @@ def run(vae_paths: list[Path], out: Path, quick: bool = False) -> dict:
     import numpy as np
     from PIL import Image
 
+    from lab.train_vae import load_vae
     from lord_ops.atomic import atomic_write, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)

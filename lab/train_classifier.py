@@ -105,7 +105,8 @@ def train_textures(args) -> int:
     xt, yt = torch.from_numpy(np.concatenate(test_x)), torch.from_numpy(np.concatenate(test_y))
     vae = None
     if args.vae is not None:
-        from lab.eval_vae import load_vae, reconstruct
+        from lab.eval_vae import reconstruct
+        from lab.train_vae import load_vae
         from lord_ops.comfy.bootstrap import ensure_comfyui_importable
 
         ensure_comfyui_importable(cpu=True)  # the lab-2 VAE is ComfyUI's TAESD

@@ -30,18 +30,6 @@ def sd15_alphas_cumprod():
     return schedule_alphas_cumprod(comfy.model_sampling.ModelSamplingDiscrete(comfy.supported_models.SD15({})))
 
 
-def load_vae(path):
-
-    import comfy.taesd.taesd as taesd_mod
-
-    vae = taesd_mod.TAESD()
-    from lab.files import load_state
-
-    state = load_state(path)
-    vae.load_state_dict(state["vae"] if "vae" in state else state)
-    return vae.eval().requires_grad_(False)
-
-
 def encode_all(vae, images_u8, batch: int = 500):
     """Encoder outputs ``[N, 4, H/8, W/8]`` (float32) of uint8 ``[N, H, W, 3]`` images."""
     import torch
@@ -131,6 +119,7 @@ def main(argv=None) -> int:
     import comfy.latent_formats
     from lab import data
     from lord_ops.weights import file_sha256
+    from lab.train_vae import load_vae
     from lord_ops.atomic import atomic_write
     from lord_ops.diffusion import denoising_loss
 
@@ -154,7 +143,7 @@ def main(argv=None) -> int:
         if cached:
             print(f"[unet] {latents_file} holds latents of another VAE or image set: encoding again", flush=True)
         t0 = time.time()
-        enc = encode_all(load_vae(args.vae), images)
+        enc = encode_all(load_vae(args.vae)[0], images)
         atomic_write(latents_file, lambda tmp: torch.save({"enc": enc, "source": source}, tmp))
         print(f"[unet] encoded {len(enc)} images in {time.time() - t0:.0f} s", flush=True)
     # the VAE's scale/shift so that the UNet's input (raw latent x 0.18215) has zero mean and unit std

@@ -31,6 +31,19 @@ def new_vae(seed: int = 0):
     return vae
 
 
+def load_vae(path):
+    """``(TAESD, step)``: a trained lab VAE (eval mode, no gradients) from a ``train_vae`` file
+    (``vae_final.pt`` / ``checkpoint.pt``: ``{"vae": state, "step"}``), its exported weights
+    (``python -m lab.ship weights``, e.g. ``lab/weights/lab_textures_vae.safetensors``) or a bare
+    TAESD state dict (step 0)."""
+    from lab.files import load_state
+
+    state = load_state(path)
+    vae = new_vae()
+    vae.load_state_dict(state["vae"] if "vae" in state else state)
+    return vae.eval().requires_grad_(False), int(state.get("step", 0)) if "vae" in state else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion", choices=("fashion", "textures"),
@@ -126,7 +139,7 @@ def main(argv=None) -> int:
         if step % args.checkpoint_every == 0 or step == stop:
             state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}
             atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
-    torch.save({"vae": vae.state_dict(), "step": step}, out / "vae_final.pt")
+    atomic_write(out / "vae_final.pt", lambda tmp: torch.save({"vae": vae.state_dict(), "step": step}, tmp))
     return 0
 
 

@@ -175,7 +175,7 @@ def test_a_trained_vae_is_kept_as_weights_that_every_reader_takes(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from lab.eval_vae import load_vae
+    from lab.train_vae import load_vae
     from lab.files import load_state
     from lab.train_vae import new_vae
 
