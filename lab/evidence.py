@@ -132,6 +132,10 @@ CONTRASTS = (
              "LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
 )
 
+# (defended method on protected images, the same on clean images): the share of A remaining is reported for each
+REMAINING_PAIRS = (("lord", "lord_clean"), ("onebranch", "onebranch_clean"), ("lord_g10", "lord_clean_g10"),
+                   ("lord_gl0", "lord_clean_gl0"), ("lord_b05", "lord_clean_b05"), ("lord_b2", "lord_clean_b2"))
+
 # metric id in results.json -> (label, how to read one method's value, lower is better)
 METRICS = {
     "heldout_loss": ("held-out denoising loss", lambda m: m["heldout_loss"]["mean"], True),
@@ -587,17 +591,22 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
                     rows[k]["p_holm"] = s.p_holm
         for row in rows.values():
             row.pop("_summary")
-        share = None
-        if "removal_lord" in rows and "A" in rows:
-            reps, (lp, lc, at, cl) = an.aligned(*(per.get(m, {}) for m in ("lord", "lord_clean", "attacking", "clean")))
+        shares = {}  # per defended pair (protected, clean): the share of A that remains under it
+        for prot, clean in REMAINING_PAIRS:
+            if "A" not in rows or prot not in declared.methods or clean not in declared.methods:
+                continue
+            reps, (lp, lc, at, cl) = an.aligned(*(per.get(m, {}) for m in (prot, clean, "attacking", "clean")))
             if len(reps) >= 2:
-                share = an.ratio_of_means([a - b for a, b in zip(lp, lc)], [a - b for a, b in zip(at, cl)], seed=seed)
-                share["definition"] = ("mean(LoRD protected - LoRD clean) / mean(A): the share of the attack's "
-                                       "effect that remains under LoRD (1: none removed, 0: all removed)")
+                shares[prot] = an.ratio_of_means([a - b for a, b in zip(lp, lc)], [a - b for a, b in zip(at, cl)],
+                                                 seed=seed)
+                shares[prot]["definition"] = (f"mean({prot} - {clean}) / mean(A): the share of the attack's effect "
+                                              f"that remains under {prot} (1: none removed, 0: all removed)")
+        share = shares.get("lord")
         means = {m: an.mean_interval(list(per.get(m, {}).values()))[0] if len(per.get(m, {})) >= 2 else None
                  for m in declared.methods}
         out["metrics"][metric] = {"label": label, "lower_is_better": lower_better, "contrasts": rows,
                                   "method_means": means, "remaining_share_under_lord": share,
+                                  "remaining_shares": shares,
                                   "replicates": {m: sorted(per.get(m, {})) for m in declared.methods}}
     primary = out["metrics"][PRIMARY]["contrasts"]
     a = primary.get("A")
@@ -641,10 +650,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name}{' *' if conf else ''} | {row['n']} | {row['mean']:+.4g} | "
                          f"{row['ci_low']:+.4g} to {row['ci_high']:+.4g} | {row['d_z']:+.2f} | {row['p']:.4g} | {holm} | "
                          f"{verdict(row, conf)} |")
-        share = block.get("remaining_share_under_lord")
-        if share:
-            lines += ["", f"Share of A remaining under LoRD: {share['value']:.3g} (95% bootstrap "
-                          f"{share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
+        shares = block.get("remaining_shares") or ({"lord": block["remaining_share_under_lord"]}
+                                                   if block.get("remaining_share_under_lord") else {})
+        for prot, share in shares.items():
+            lines += ["", f"Share of A remaining under {'LoRD' if prot == 'lord' else prot}: {share['value']:.3g} "
+                          f"(95% bootstrap {share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
         lines += ["", "Contrasts: " + "; ".join(f"{name} = {row['question']}"
                                                 for name, row in block["contrasts"].items()) + ".", ""]
     gates = result.get("gates") or {}

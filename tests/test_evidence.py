@@ -63,8 +63,14 @@ def test_analysis_of_synthetic_replicates_matches_hand_values():
     assert {k: rows[k]["p_holm"] for k in declared.family} == pytest.approx(an.holm(family))
     assert rows["cost_lord"]["p_holm"] is None and result["metrics"]["subject_acc"]["contrasts"]["A"]["p_holm"] is None
     assert result["threat_gate"]["measurable"] == (abs(rows["A"]["d_z"]) >= 0.3)
+    shares = result["metrics"]["heldout_loss"]["remaining_shares"]
+    assert set(shares) == {"lord", "onebranch"} and shares["lord"] == result["metrics"]["heldout_loss"][
+        "remaining_share_under_lord"]
+    ob = [v["onebranch"][r] - v["onebranch_clean"][r] for r in reps]
+    assert shares["onebranch"]["value"] == pytest.approx(np.mean(ob) / np.mean(a))
     text = E.markdown(result)
     assert "| A * | 5 |" in text and "held-out denoising loss (primary)" in text
+    assert "Share of A remaining under LoRD: " in text and "Share of A remaining under onebranch: " in text
     assert E.forest_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
