@@ -323,6 +323,16 @@ EXPERIMENTS["share"] = Declared(
     "confirmatory: the paper's Fig. 7 -- as more of the 8 subject images are protected (mist-v2-32), does a plain "
     "LoRA get worse, and does LoRD (Stage 1 on ACE-32 copies) flatten that curve?", folder="matched",
     stage1_data=STAGE1_ACE_32)
+# the adaptive attacker (issue 20, experiment 4): mist-v2-32 computed against the model with the replicate's
+# 'matched' LoRD live (its surrogate LoRA fine-tunes on the defended model). Stage 1 (both adapters) is borrowed
+# from the paired experiment's replicate; the clean-image runs are read from it (they do not see the attack).
+ADAPTIVE_ATTACK = {**MIST_32.attack, "defense_aware": True}
+ADAPTIVE_OWN = ("attacking", "lord", "lord_gl0", "onebranch")
+EXPERIMENTS["adaptive_pilot"] = Declared(
+    "adaptive_pilot", ("clean", "lord_clean", "lord_clean_gl0") + ADAPTIVE_OWN, range(3, 4), ADAPTIVE_ATTACK, (),
+    "exploration: the defense-aware mist-v2-32 on the matched pilot's replicate (sizes 'adaptive')",
+    paired_with="matched_pilot", paired_methods=("clean", "lord_clean", "lord_clean_gl0"),
+    borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

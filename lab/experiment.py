@@ -106,6 +106,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         attack.append(f"rounds = {p['attack_rounds'] or a['rounds']}")
     if p["attack_steps"]:
         attack.append(f"steps = {p['attack_steps']}")
+    if a.get("defense_aware"):  # the adaptive attacker (lab.evidence's "adaptive")
+        attack.append("defense_aware = true")
     stage1_dir = Path(data) / "stage1"
     if p.get("stage1_per_class"):  # a smaller Stage-1 set: the first images of each class
         import shutil

@@ -282,3 +282,26 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     assert apply("slope_plain") == pytest.approx(slope(plain))
     assert apply("slope_lord") == pytest.approx(slope(lord))
     assert apply("slope_lord_vs_plain") == pytest.approx(slope(lord) - slope(plain))
+
+
+def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clean_runs_from_its_pair(tmp_path):
+    """'adaptive_pilot' writes a defense-aware mist-v2-32 config with Stage 1 on ACE-32 copies, runs only
+    the methods that see the attack, and reads the clean-image runs from the matched pilot's replicate."""
+    from lab.ship import SHIPPED_CLASSIFIER
+
+    adaptive = E.EXPERIMENTS["adaptive_pilot"]
+    assert adaptive.own_methods == E.ADAPTIVE_OWN and adaptive.attack["defense_aware"] is True
+    config = E.write_replicate_config(tmp_path, adaptive, 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
+    text = config.read_text()
+    assert config == tmp_path / "adaptive_pilot" / "r003" / "exp.toml"
+    assert "defense_aware = true" in text and 'preset = "mist_v2"' in text and 'attack_preset = "ace_fixed"' in text
+    assert 'run = ["attacking", "lord", "lord_gl0", "onebranch"]' in text
+    assert adaptive.source(tmp_path, "lord_clean_gl0", 3) == (
+        tmp_path / "matched_pilot" / "r003" / "run" / "report" / "results.json", "lord_clean_gl0")
+    from training.experiment_config import load_config
+
+    (tmp_path / "none.safetensors").write_bytes(b"")  # load_config checks that the file exists, not its contents
+    assert load_config(config).attack_defense_aware is True
+    unaware = E.write_replicate_config(tmp_path, E.EXPERIMENTS["matched_pilot"], 3, "ci", tmp_path / "none.safetensors",
+                                       SHIPPED_CLASSIFIER)
+    assert "defense_aware" not in unaware.read_text()

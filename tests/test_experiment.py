@@ -244,3 +244,34 @@ def test_share_methods_train_on_nested_mixes_and_refuse_more_than_the_subject_ha
     runner = ExperimentRunner(load_config(config))
     with pytest.raises(ConfigError, match="protects 4 of the instance images, but .* holds 4; use 1..3"):
         runner.build()
+
+
+def test_a_defense_aware_attacker_protects_against_the_lord_defended_model(tmp_path, sd15_checkpoint, comfyui_path):
+    """``[attack] defense_aware``: Stage 1 is trained first (even when no method uses the LoRD) and the
+    surrogate attack (mist-v2's loop) runs on the LoRD-patched model; its copies differ from the
+    unaware attacker's with the same seed, and its key names the LoRD."""
+    config = write_mini_experiment(tmp_path, sd15_checkpoint, comfyui_path / "input" / "example.png")
+    base = config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "").replace(
+        "[metrics]", '[methods]\nrun = ["clean", "attacking"]\n\n[metrics]')
+    config.write_text(base.replace('rounds = 2\n', 'rounds = 2\ndefense_aware = true\n'))
+    listing = subprocess.run(_cmd(config, "--list"), cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert listing.returncode == 0, listing.stderr
+    assert "protect  (needs stage1)" in listing.stdout and "detect" not in listing.stdout, listing.stdout
+    runs = {}
+    for name, text in (("aware", None), ("plain", base)):
+        if text is not None:
+            config.write_text(text)
+        proc = subprocess.run(_cmd(config, "--output", str(tmp_path / name), "--only", "protect"), cwd=ROOT,
+                              capture_output=True, text=True, timeout=900, env=_env())
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = tmp_path / name / "stages"
+    assert (runs["aware"] / "stage1" / "lord.safetensors").is_file() and not (runs["plain"] / "stage1").exists()
+    key = json.loads((runs["aware"] / "protect" / "key.json").read_text())["key"]
+    assert key["defense_aware"] == {"stage": "stage1"}
+    result = json.loads((runs["aware"] / "protect" / "stage.json").read_text())["result"]
+    assert result["attack"]["defense_aware"] is True
+    from training.experiment.images import read_png
+
+    differs = [bool((read_png(p) != read_png(runs["plain"] / "protect" / "images" / p.name)).any())
+               for p in sorted((runs["aware"] / "protect" / "images").glob("*.png"))]
+    assert len(differs) == 3 and all(differs)

@@ -149,6 +149,9 @@ data = "imgs"
     ("[experiment]\nmode = \"artist\"\n", "[subject] protected_images", "required in artist mode"),
     ("[purification]\nnoise_sigma = 0\n", "[purification] noise_sigma", "(0, 1]"),
     ("[lord]\ndefense_strength = -1\n", "[lord] defense_strength", "0..10"),
+    ("[attack]\ndefense_aware = \"yes\"\n", "[attack] defense_aware", "expected true or false"),
+    ("[attack]\npreset = \"photoguard_encoder\"\ndefense_aware = true\n", "[attack] defense_aware",
+     "VAE encoder only"),
     ("[metrics]\nheldout_draws = 0\n", "[metrics] heldout_draws", "must be >= 1"),
     ("[metrics]\nheldout_timesteps = [50, 1000]\n", "[metrics] heldout_timesteps", "0..999"),
 ])

@@ -121,6 +121,9 @@ class Experiment:
     attack_epsilon: Optional[float] = None  # override the preset's L-inf budget (pixel levels 0..255)
     attack_step_size: Optional[float] = None  # override the preset's PGD step (pixel levels)
     attack_seed: int = 0
+    # the adaptive attacker (issue 20): protect against the base model with the Stage-1 LoRD live (learned gate),
+    # so a surrogate preset (mist-v2, ASPL) fine-tunes its LoRA on the defended model
+    attack_defense_aware: bool = False
     stage1_lord: Optional[Path] = None  # a trained LoRD: skip Stage-1
     stage1_data: Optional[Path] = None  # images + .txt captions
     stage1_caption: Optional[str] = None
@@ -163,7 +166,8 @@ SCHEMA = {
                 "paper_dataset": ("paper_dataset", "str")},
     "attack": {"preset": ("attack_preset", "str"), "target": ("attack_target", "file"),
                "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int"),
-               "epsilon": ("attack_epsilon", "float"), "step_size": ("attack_step_size", "float")},
+               "epsilon": ("attack_epsilon", "float"), "step_size": ("attack_step_size", "float"),
+               "defense_aware": ("attack_defense_aware", "bool")},
     "stage1": {"lord": ("stage1_lord", "file"), "data": ("stage1_data", "dir"), "caption": ("stage1_caption", "str")},
     "stage2": {},
     "sampling": {f.name: ("sampling." + f.name, {int: "int", float: "float", str: "str"}[type(f.default)])
@@ -222,6 +226,10 @@ def _convert(path: Path, where: str, kind: str, value, base: Path):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, where, f"expected a number, got {value!r}")
         return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            _fail(path, where, f"expected true or false, got {value!r}")
+        return value
     if kind == "list":
         if not isinstance(value, list):
             _fail(path, where, f"expected a list, e.g. [\"a\", \"b\"], got {value!r}")
@@ -311,6 +319,10 @@ def validate(exp: Experiment, raw: dict) -> None:
         need(exp.protected_images is not None, "[subject] protected_images",
              "required in artist mode: the protected images as published")
         need("attack" not in raw, "[attack]", "artist mode uses the given protected images; remove [attack]")
+    if exp.attack_defense_aware:
+        need(exp.attack_preset != "photoguard_encoder", "[attack] defense_aware",
+             "photoguard_encoder attacks the VAE encoder only, which the LoRD does not touch: the setting would "
+             "change nothing; use a UNet attack (mist_v2, anti_dreambooth_aspl, ace_fixed, ...)")
     for key in ("attack_steps", "attack_rounds"):
         value = getattr(exp, key)
         need(value is None or value >= 1, f"[attack] {key.split('_')[1]}", f"must be >= 1, got {value}")

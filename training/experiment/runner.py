@@ -2,7 +2,8 @@
 (``stages/<name>.py``: each owns its stage's key, what it needs and its run) and collects the results.
 
 Stage order (the plan runs them in this order, each after what it needs): ``protect``, ``stage1``
-(when a method uses the LoRD; ``stage1_onebranch`` when one uses the one-branch control), ``detect``
+(when a method uses the LoRD; ``stage1_onebranch`` when one uses the one-branch control; with ``[attack]
+defense_aware`` the Stage-1 stages come first, since the protection runs against the LoRD), ``detect``
 (when there is a LoRD), ``purify/*``,
 ``reference``, then per Stage-2 run ``train/<id>``, ``sample/<id>``, ``score/<id>`` and, with
 ``[metrics] heldout_images``, ``heldout/<id>``.
@@ -83,8 +84,10 @@ class ExperimentRunner:
         ctx = self.ctx
         ctx.prepare()
         variants, self.sweep = plan_variants(ctx)
-        planned = [*protect.stages(ctx), *stage1.stages(ctx, variants), *detect.stages(ctx, variants),
-                   *purify.stages(ctx, variants), *reference.stages(ctx)]
+        first = [*protect.stages(ctx), *stage1.stages(ctx, variants)]
+        if ctx.exp.attack_defense_aware:  # the adaptive attacker protects against the Stage-1 LoRD: train it first
+            first = first[1:] + first[:1]
+        planned = [*first, *detect.stages(ctx, variants), *purify.stages(ctx, variants), *reference.stages(ctx)]
         trained = set()
         for v in variants:
             if v.train_id not in trained:  # gate variants that train alike share one Stage-2 run

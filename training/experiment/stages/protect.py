@@ -20,8 +20,12 @@ def stages(ctx: ExperimentContext) -> list[Stage]:
     if not ctx.protocol:
         return []
     key = {**ctx.base_key(), "images": ctx.image_key(ctx.clean), "attack": attack_key(ctx)}
-    return [Stage("protect", key, lambda folder: run(ctx, folder),
-                  describe=f"protect {len(ctx.names)} image(s) with {ctx.exp.attack_preset}")]
+    aware = ctx.exp.attack_defense_aware
+    if aware:  # the adaptive attacker: the protection is computed against the model with the Stage-1 LoRD live
+        key["defense_aware"] = ctx.lord_key("stage1")
+    return [Stage("protect", key, lambda folder: run(ctx, folder), needs=ctx.lord_needs("stage1") if aware else (),
+                  describe=f"protect {len(ctx.names)} image(s) with {ctx.exp.attack_preset}"
+                           + (" against the LoRD-defended model" if aware else ""))]
 
 
 def attack_key(ctx: ExperimentContext) -> dict:
@@ -44,6 +48,8 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     if surrogate is not None and exp.attack_rounds:
         surrogate = dataclasses.replace(surrogate, rounds=exp.attack_rounds)
     model, clip, vae = ctx.rt.models()
+    if exp.attack_defense_aware:  # gradients (and a surrogate's LoRA training) through the LoRD-patched model
+        model = ctx.lord_model(model, "stage1")
     cond = ctx.rt.encode(exp.prompt)
     target = None
     if exp.attack_target is not None:
@@ -89,4 +95,5 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
                                                  "target_latent_contrast": contrast,
                                                  "vae_downscale": grad.vae_downscale(vae),  # the score stage's cell
                                                  "surrogate": dataclasses.asdict(surrogate) if surrogate else None,
+                                                 "defense_aware": exp.attack_defense_aware,
                                                  "target": str(exp.attack_target) if exp.attack_target else "pattern"}}

@@ -20,8 +20,9 @@ from training.pipeline import Stage
 
 def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
     out = []
-    # Stage 1 runs when a method uses the LoRD (a plain-only config, e.g. a threat arm, skips it and Detect)
-    if ctx.exp.stage1_lord is None and uses_lord(variants):
+    # Stage 1 runs when a method uses the LoRD or the attacker knows it ([attack] defense_aware); a plain-only
+    # config, e.g. a threat arm, skips it and Detect
+    if ctx.exp.stage1_lord is None and (uses_lord(variants) or ctx.exp.attack_defense_aware):
         key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1").to_dict()}
         out.append(Stage("stage1", key, lambda folder: run(ctx, folder, "stage1"), describe="train the LoRD (Stage 1)"))
     if any(v.lord == "stage1_onebranch" for v in variants):
