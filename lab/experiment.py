@@ -41,6 +41,16 @@ class LabModel:
     checkpoint_name: str
     retrain: str  # the make target that trains it
 
+    def trained_classes(self) -> list[tuple[int, str, str]]:
+        """``(classifier label, class name, prompt)`` of every pre-training class (the subject excluded)."""
+        if self.name == "fashion":
+            from lab.data import CLASSES, HELDOUT_CLASS, prompt
+
+            return [(c, n, prompt(c)) for c, n in enumerate(CLASSES) if c != HELDOUT_CLASS]
+        from lab import textures
+
+        return [(i, n, textures.prompt(n)) for i, n in enumerate(textures.CATEGORIES) if n != textures.SUBJECT]
+
     def replicate_folder(self, replicate: int) -> Path:
         return self.data / "replicates" / f"r{int(replicate):03d}"
 

@@ -58,6 +58,7 @@ def test_the_lab_model_samples_the_prompted_class(lab_checkpoint):
     assert images.float().std() > 10  # not blank
     print(f"lab model: classifier accuracy on samples of the 9 trained classes {result['accuracy']:.2f} "
           f"{result['per_class']}")
+    assert result["chance"] == pytest.approx(0.1)
     assert result["accuracy"] >= 0.6, f"the lab model's samples are not recognisable (chance is 0.1): {result}"
 
 
