@@ -125,6 +125,14 @@ CONTRASTS = (
              "LoRD minus plain LoRA, both with 4 of 8 images protected"),
     Contrast("removal_mix4", (("lord_mix4", 1), ("lord_clean", -1), ("plain_mix4", -1), ("clean", 1)),
              "with 4 of 8 protected: LoRD's difference to its clean run minus the plain LoRA's"),
+    # the adaptive attacker against the unaware one (same replicates, subjects, seeds and Stage 1)
+    Contrast("survival_lord", (("lord", 1), ("attacking", -1), ("lord_unaware", -1), ("attacking_unaware", 1)),
+             "LoRD's removal under the defense-aware attack minus its removal under the unaware one (positive: "
+             "the attacker who knows the LoRD takes back part of what it removed)"),
+    Contrast("survival_gl0", (("lord_gl0", 1), ("attacking", -1), ("lord_gl0_unaware", -1), ("attacking_unaware", 1)),
+             "the same for LoRD with B' off at sampling"),
+    Contrast("A_aware_vs_unaware", (("attacking", 1), ("attacking_unaware", -1)),
+             "plain LoRA on the defense-aware copies minus on the unaware copies"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
     Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
@@ -191,6 +199,9 @@ class Declared:
     reference_arms: tuple = ()  # attack settings paired_with already ran (its 'attacking'), shown beside the arms
     paired_methods: tuple = ()  # with paired_with and no arms: only these are read from paired_with
     borrowed_stages: tuple = ()  # stage folders copied from paired_with's replicate (e.g. "stage1")
+    # (alias, method): paired_with's method read under another name, e.g. the unaware attacker's runs beside
+    # the aware one's (both called 'lord' in their own folders)
+    aliases: tuple = ()
     # the Stage-1 copies' attack {"preset", "epsilon", "step_size"} (lab.experiment's stage1_data); None: PGD-2
     stage1_data: dict | None = None
     lab: str = "fashion"  # which lab model (lab.experiment.LABS): its data, subject, size, parts and classifier
@@ -204,7 +215,9 @@ class Declared:
         """The methods this experiment's own replicate runs train (the rest are read from ``paired_with``)."""
         if not self.paired_with:
             return self.methods
-        return tuple(m for m in self.methods if self.paired_methods and m not in self.paired_methods)
+        aliased = {a for a, _ in self.aliases}
+        return tuple(m for m in self.methods if self.paired_methods and m not in self.paired_methods
+                     and m not in aliased)
 
     @property
     def contrasts(self) -> tuple:
@@ -212,8 +225,11 @@ class Declared:
 
     def source(self, out: Path, method: str, replicate: int) -> tuple[Path, str]:
         """Where ``method``'s value of ``replicate`` is: (the run's results.json, the method's name there)."""
+        aliased = dict(self.aliases)
         if any(a.name == method for a in self.arms):
             folder, name = Path(out) / self.home / method, "attacking"
+        elif method in aliased:
+            folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, aliased[method]
         elif self.paired_with and (not self.paired_methods or method in self.paired_methods):
             reference = any(a.name == method for a in self.reference_arms)
             folder, name = Path(out) / EXPERIMENTS[self.paired_with].home, "attacking" if reference else method
@@ -333,6 +349,18 @@ EXPERIMENTS["adaptive_pilot"] = Declared(
     "exploration: the defense-aware mist-v2-32 on the matched pilot's replicate (sizes 'adaptive')",
     paired_with="matched_pilot", paired_methods=("clean", "lord_clean", "lord_clean_gl0"),
     borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32)
+# declared after the pilot above (EVIDENCE.md, "adaptive"): the 'matched' replicates attacked by the defense-aware
+# mist-v2-32 (folder 'adaptive'); clean-image runs and the unaware attacker's runs are read from 'matched'
+EXPERIMENTS["adaptive"] = Declared(
+    "adaptive", ("clean", "lord_clean", "lord_clean_gl0", "onebranch_clean") + ADAPTIVE_OWN
+    + ("attacking_unaware", "lord_unaware", "lord_gl0_unaware"), range(10, 18), ADAPTIVE_ATTACK,
+    ("removal_lord", "removal_gl0", "survival_gl0"),
+    "confirmatory: against an attacker who computes mist-v2-32 with the replicate's LoRD live (its surrogate "
+    "fine-tunes on the defended model), does LoRD (B' live, and B' off at sampling) still remove damage, and how "
+    "much of what it removed against the unaware attacker survives?",
+    paired_with="matched", paired_methods=("clean", "lord_clean", "lord_clean_gl0", "onebranch_clean"),
+    borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32,
+    aliases=(("attacking_unaware", "attacking"), ("lord_unaware", "lord"), ("lord_gl0_unaware", "lord_gl0")))
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

@@ -305,3 +305,29 @@ def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clea
     unaware = E.write_replicate_config(tmp_path, E.EXPERIMENTS["matched_pilot"], 3, "ci", tmp_path / "none.safetensors",
                                        SHIPPED_CLASSIFIER)
     assert "defense_aware" not in unaware.read_text()
+
+
+def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_path):
+    """'adaptive' runs only the methods on its own (defense-aware) copies; the clean-image runs and the
+    unaware attacker's runs come from 'matched', the latter under aliases, so survival contrasts pair them."""
+    adaptive = E.EXPERIMENTS["adaptive"]
+    assert adaptive.own_methods == E.ADAPTIVE_OWN
+    matched = tmp_path / "matched" / "r012" / "run" / "report" / "results.json"
+    assert adaptive.source(tmp_path, "lord_unaware", 12) == (matched, "lord")
+    assert adaptive.source(tmp_path, "clean", 12) == (matched, "clean")
+    assert adaptive.source(tmp_path, "lord", 12) == (tmp_path / "adaptive" / "r012" / "run" / "report" / "results.json",
+                                                     "lord")
+    for r, (aware, unaware) in {12: (0.30, 0.20), 13: (0.31, 0.22)}.items():
+        for folder, methods in (("adaptive", {"attacking": 0.40, "lord": aware, "lord_gl0": 0.25, "onebranch": 0.4}),
+                                ("matched", {"clean": 0.1, "lord_clean": 0.1, "lord_clean_gl0": 0.1,
+                                             "onebranch_clean": 0.1, "attacking": 0.35, "lord": unaware,
+                                             "lord_gl0": 0.2})):
+            path = tmp_path / folder / f"r{r:03d}" / "run" / "report" / "results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": v}}}
+                                                    for m, v in methods.items()}}))
+    values = E.replicate_values(tmp_path, adaptive, archive=tmp_path / "no_archive")
+    rows = E.analyse(values, adaptive)["metrics"]["heldout_loss"]["contrasts"]
+    # (aware lord - aware attacking) - (unaware lord - unaware attacking): (0.30-0.40)-(0.20-0.35), (0.31-0.40)-(0.22-0.35)
+    assert rows["survival_lord"]["values"] == pytest.approx([0.05, 0.04])
+    assert rows["survival_gl0"]["values"] == pytest.approx([0.0, 0.0], abs=1e-12)  # (0.25-0.40)-(0.20-0.35)
