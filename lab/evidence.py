@@ -750,6 +750,42 @@ def forest_png(result: dict) -> bytes:
     return buf.getvalue()
 
 
+SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"),
+                "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord")}
+
+
+def share_curve_png(result: dict) -> bytes | None:
+    """The paper's Fig. 7 from the replicates: the primary metric's mean (95% t interval over replicates) at 0, 2,
+    4, 6 and 8 of 8 images protected, per series; None when the experiment has no share points."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lord_ops import analysis as an
+
+    values = result.get("values", {}).get(result["primary"], {})
+    if not all(len(values.get(m, {})) >= 2 for series in SHARE_SERIES.values() for m in series):
+        return None
+    fig = Figure(figsize=(5.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for (label, series), shift in zip(SHARE_SERIES.items(), (-0.08, 0.08)):
+        stats = [an.mean_interval(list(values[m].values())) for m in series]
+        x = [k + shift for k in (0, 2, 4, 6, 8)]
+        ax.errorbar(x, [st[0] for st in stats], yerr=[[st[0] - st[2] for st in stats], [st[3] - st[0] for st in stats]],
+                    marker="o", capsize=3, label=label)
+    ax.set_xticks([0, 2, 4, 6, 8])
+    ax.set_xlabel("protected images of 8")
+    ax.set_ylabel(f"{result['metrics'][result['primary']]['label']} (lower is better)")
+    ax.set_title(f"{result['experiment']}: mean over {len(next(iter(values.values())))} replicates (95% t)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
 def report(args) -> int:
     from lord_ops.atomic import atomic_write, atomic_write_json
 
@@ -766,6 +802,9 @@ def report(args) -> int:
     if result["metrics"][PRIMARY]["contrasts"]:
         png = forest_png(result)
         atomic_write(folder / "forest.png", lambda tmp: Path(tmp).write_bytes(png))
+    curve = share_curve_png(result)
+    if curve is not None:
+        atomic_write(folder / "share_curve.png", lambda tmp: Path(tmp).write_bytes(curve))
     print(text)
     return 0
 

@@ -282,6 +282,13 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     assert apply("slope_plain") == pytest.approx(slope(plain))
     assert apply("slope_lord") == pytest.approx(slope(lord))
     assert apply("slope_lord_vs_plain") == pytest.approx(slope(lord) - slope(plain))
+    # the report draws the curve only when every share point has replicates
+    declared = E.EXPERIMENTS["share"]
+    values = {m: {meth: {r: value[meth] + 0.01 * r for r in (10, 11)} for meth in value} for m in E.METRICS}
+    result = {**E.analyse(values, declared), "values": values}
+    assert E.share_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
+    values[E.PRIMARY].pop("lord_mix4")
+    assert E.share_curve_png({**result, "values": values}) is None
 
 
 def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clean_runs_from_its_pair(tmp_path):
