@@ -723,9 +723,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes)."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
 def forest_png(result: dict) -> bytes:
     """Each contrast of the primary metric with its 95% interval (a forest plot), as PNG bytes."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -744,10 +753,7 @@ def forest_png(result: dict) -> bytes:
     ax.set_yticklabels([n + (" *" if n in result["family"] else "") for n, _ in reversed(rows)])
     ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
     ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+    return _png(fig)
 
 
 SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"),
@@ -757,7 +763,6 @@ SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6"
 def share_curve_png(result: dict) -> bytes | None:
     """The paper's Fig. 7 from the replicates: the primary metric's mean (95% t interval over replicates) at 0, 2,
     4, 6 and 8 of 8 images protected, per series; None when the experiment has no share points."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -780,10 +785,7 @@ def share_curve_png(result: dict) -> bytes | None:
     ax.set_ylabel(f"{result['metrics'][result['primary']]['label']} (lower is better)")
     ax.set_title(f"{result['experiment']}: mean over {len(next(iter(values.values())))} replicates (95% t)")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+    return _png(fig)
 
 
 def report(args) -> int:

@@ -84,9 +84,9 @@ class ExperimentRunner:
         ctx = self.ctx
         ctx.prepare()
         variants, self.sweep = plan_variants(ctx)
-        first = [*protect.stages(ctx), *stage1.stages(ctx, variants)]
-        if ctx.exp.attack_defense_aware:  # the adaptive attacker protects against the Stage-1 LoRD: train it first
-            first = first[1:] + first[:1]
+        protecting, adapters = protect.stages(ctx), stage1.stages(ctx, variants)
+        # the adaptive attacker protects against the Stage-1 LoRD: train it first
+        first = adapters + protecting if ctx.exp.attack_defense_aware else protecting + adapters
         planned = [*first, *detect.stages(ctx, variants), *purify.stages(ctx, variants), *reference.stages(ctx)]
         trained = set()
         for v in variants:
