@@ -133,6 +133,14 @@ CONTRASTS = (
              "the same for LoRD with B' off at sampling"),
     Contrast("A_aware_vs_unaware", (("attacking", 1), ("attacking_unaware", -1)),
              "plain LoRA on the defense-aware copies minus on the unaware copies"),
+    # Stage-1 data from another attack than the threat's (ASPL, ASPL + ACE) against the matched ACE-32 Stage 1
+    # ('matched''s runs of the same replicates, read under the aliases *_ace)
+    Contrast("removal_lord_vs_ace", (("lord", 1), ("lord_clean", -1), ("lord_ace", -1), ("lord_clean_ace", 1)),
+             "LoRD's protected-minus-clean difference with this Stage-1 source minus with the matched ACE-32 Stage 1 "
+             "(positive: this source removes less)"),
+    Contrast("removal_gl0_vs_ace", (("lord_gl0", 1), ("lord_clean_gl0", -1), ("lord_gl0_ace", -1),
+                                    ("lord_clean_gl0_ace", 1)),
+             "the same with B' off at sampling"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
     Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
@@ -142,7 +150,8 @@ CONTRASTS = (
 
 # (defended method on protected images, the same on clean images): the share of A remaining is reported for each
 REMAINING_PAIRS = (("lord", "lord_clean"), ("onebranch", "onebranch_clean"), ("lord_g10", "lord_clean_g10"),
-                   ("lord_gl0", "lord_clean_gl0"), ("lord_b05", "lord_clean_b05"), ("lord_b2", "lord_clean_b2"))
+                   ("lord_gl0", "lord_clean_gl0"), ("lord_b05", "lord_clean_b05"), ("lord_b2", "lord_clean_b2"),
+                   ("lord_ace", "lord_clean_ace"), ("lord_gl0_ace", "lord_clean_gl0_ace"))
 
 # metric id in results.json -> (label, how to read one method's value, lower is better)
 METRICS = {
@@ -361,6 +370,29 @@ EXPERIMENTS["adaptive"] = Declared(
     paired_with="matched", paired_methods=("clean", "lord_clean", "lord_clean_gl0", "onebranch_clean"),
     borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32,
     aliases=(("attacking_unaware", "attacking"), ("lord_unaware", "lord"), ("lord_gl0_unaware", "lord_gl0")))
+# issue 20's experiment 3, the rest: Stage 1 on copies from another attack than the threat's. The defender does
+# not know which attack protected the images; does a LoRD whose Stage 1 saw ASPL-32 copies (Anti-DreamBooth's
+# loop, the 'defense' threat's schedule) or a mix (even images ASPL-32, odd ACE-32) still defend against
+# mist-v2-32, and as well as the matched (ACE-32) one? Declared before any run (EVIDENCE.md, "source"); each
+# source has its folder; protect (the mist-v2-32 copies) is borrowed from 'matched', and the clean and plain runs
+# and the matched LoRD's runs (aliases *_ace) are read from it. Own: Stage 1 on the new copies, 2 Stage-2 runs,
+# 4 samplings.
+SOURCE_METHODS = ("lord_clean", "lord", "lord_clean_gl0", "lord_gl0")
+SOURCE_ALIASES = (("lord_ace", "lord"), ("lord_clean_ace", "lord_clean"), ("lord_gl0_ace", "lord_gl0"),
+                  ("lord_clean_gl0_ace", "lord_clean_gl0"))
+STAGE1_SOURCES = {
+    "aspl": {"preset": "aspl", "epsilon": 32.0, "step_size": 2.0, "rounds": 10},
+    "mixed": {"preset": "aspl_ace", "epsilon": 32.0, "step_size": 2.0, "rounds": 10},
+}
+for _source, _data in STAGE1_SOURCES.items():
+    EXPERIMENTS[f"source_{_source}"] = Declared(
+        f"source_{_source}", ("clean", "attacking") + SOURCE_METHODS + tuple(a for a, _ in SOURCE_ALIASES),
+        range(10, 18), dict(MIST_32.attack), ("removal_lord", "removal_gl0", "removal_gl0_vs_ace"),
+        f"confirmatory: with Stage 1 on {'ASPL-32' if _source == 'aspl' else 'ASPL-32 + ACE-32 (even / odd images)'} "
+        "copies instead of the threat's own attack, does LoRD (B' live, and B' off at sampling) remove part of "
+        "mist-v2-32's damage, and does it remove less than the matched (ACE-32) Stage 1?",
+        paired_with="matched", paired_methods=("clean", "attacking"), borrowed_stages=("protect",),
+        stage1_data=_data, aliases=SOURCE_ALIASES)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 

@@ -134,6 +134,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
     stage1_data = ['attack_preset = "pgd_2"'] if not data1 else [
         f'attack_preset = "{data1["preset"]}"', f"attack_epsilon = {data1['epsilon']}",
         f"attack_step_size = {data1['step_size']}"]
+    if data1 and data1.get("rounds") is not None:  # a surrogate Stage-1 preset (aspl, aspl_ace); ci: 1 round
+        stage1_data.append(f"attack_rounds = {p['attack_rounds'] or data1['rounds']}")
     lines = [
         f"# lab model {lab.name!r}: Table I at scale {scale!r} (lab/experiment.py writes this file)",
         "[experiment]", 'output = "run"', f"seed = {seed}", "",

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .attacks import PRESETS, AttackConfig
+from .attacks import PRESETS, SURROGATE_PRESETS, AlternatingConfig, AttackConfig
 from .layer import GATE_ACTIVATIONS
 
 STAGES = ("stage1", "stage2")
@@ -33,7 +33,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fields that do not change the trajectory of a run (a resumed run may change them)
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every"})
 # fields added after checkpoints existed: left out of trajectory_digest at their default
-ADDED_FIELD_DEFAULTS = {"defense_branch": True}
+ADDED_FIELD_DEFAULTS = {"defense_branch": True, "attack_rounds": None}
+# fields added after the experiment runner's stage caches existed: left out of :meth:`TrainConfig.stage_key`
+# at their default, so that cached stages stay valid (defense_branch predates those caches)
+STAGE_KEY_ADDED_DEFAULTS = {"attack_rounds": None}
 
 # Stage-1 data presets: how the perturbed copies of Stage-1 (Eq. 6) are made. Each names attack
 # presets of ``lord_ops.attacks.PRESETS`` (computed once against the base model, cached losslessly as
@@ -44,11 +47,18 @@ STAGE1_DATA_PRESETS = {
     "pgd_full": ("pgd_full",),  # random start + 10 iterations: every pixel can reach Anti-DreamBooth's full budget
     "ace_fixed": ("ace_fixed",),  # mist-v2's ACE objective and budget against the fixed base model
     "mixed": ("pgd_full", "ace_fixed"),  # even images pgd_full, odd images ace_fixed
+    # Anti-DreamBooth's ASPL with its surrogate loop (lord_ops.comfy.perturb.surrogate_sets: the images
+    # sharing a caption are protected together, in sets of up to 8, like one subject's photos)
+    "aspl": ("anti_dreambooth_aspl",),
+    "aspl_ace": ("anti_dreambooth_aspl", "ace_fixed"),  # even images ASPL (sets), odd images ace_fixed
 }
 # attack methods the Stage-1 perturbation path runs (fixed-model attacks of ``lord_ops.attacks.run_attack``)
 STAGE1_METHODS = ("pgd", "ace", "ace_plus", "photoguard")
+# surrogate presets a Stage-1 data preset may name (the published loops, run on sets of images)
+STAGE1_SURROGATES = ("anti_dreambooth_aspl",)
 
 _PGD2, _PGD_FULL, _ACE = PRESETS["pgd_2"], PRESETS["pgd_full"], PRESETS["ace_fixed"]
+_ASPL = SURROGATE_PRESETS["anti_dreambooth_aspl"]
 _OTHER_ATTACKS = ", ".join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS and n not in STAGE1_DATA_PRESETS)
 
 
@@ -118,18 +128,23 @@ class TrainConfig:
         f"{_PGD2.steps} iterations; default); pgd_full = random start + {_PGD_FULL.steps} iterations (every pixel "
         f"can reach the full {_PGD_FULL.epsilon:g}-level budget); ace_fixed = mist-v2's ACE ({_ACE.epsilon:g} "
         f"levels, {_ACE.steps} iterations) against the fixed model; mixed = even images pgd_full, odd images "
-        f"ace_fixed. The command line and exp.toml also take another fixed-model attack preset "
-        f"({_OTHER_ATTACKS}).")})
+        f"ace_fixed; aspl = Anti-DreamBooth's ASPL with its surrogate loop ({_ASPL.surrogate.rounds} rounds; "
+        f"the images sharing a caption are protected together, in sets of up to 8, rounded to 8 bits as "
+        f"published); aspl_ace = even images aspl, odd images ace_fixed. The command line and exp.toml also "
+        f"take another fixed-model attack preset ({_OTHER_ATTACKS}).")})
     attack_epsilon: Optional[float] = field(default=None, metadata={"help": (
         f"L-inf budget of the perturbations in pixel levels 0..255 (0 < x <= 255). Unset: the preset's "
         f"(pgd_2: {_PGD2.epsilon:g}, Anti-DreamBooth's 0.05 in [-1, 1]).")})
     attack_step_size: Optional[float] = field(default=None, metadata={"help": (
         f"Attack step in pixel levels 0..255 (0 < x <= 255). Unset: the preset's (pgd_2: {_PGD2.step_size:g}).")})
     attack_steps: Optional[int] = field(default=None, metadata={"help": (
-        f"Attack iterations (>= 1). Unset: the preset's (pgd_2: {_PGD2.steps}).")})
+        f"Attack iterations (>= 1; per round with a surrogate preset). Unset: the preset's (pgd_2: {_PGD2.steps}).")})
     online_perturbations: bool = field(default=False, metadata={"help": (
         "stage1: regenerate the perturbed copies every step against the model being trained (LoRD live); costs "
         "attack_steps extra passes per sample, nothing cached.")})
+    attack_rounds: Optional[int] = field(default=None, metadata={"help": (
+        f"Surrogate rounds (>= 1) of a Stage-1 data preset with a surrogate loop (aspl, aspl_ace). Unset: the "
+        f"preset's (ASPL: {_ASPL.surrogate.rounds}).")})
 
     def validate(self) -> "TrainConfig":
         def need(ok, message):
@@ -149,30 +164,48 @@ class TrainConfig:
         need(0 <= self.t_min <= self.t_max, f"need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
         need(min(self.lambda_adv, self.lambda_gate, self.prior_weight) >= 0, "loss weights must be >= 0")
         need(self.attack_preset in STAGE1_DATA_PRESETS
-             or (self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS),
+             or (self.attack_preset in PRESETS and PRESETS[self.attack_preset].method in STAGE1_METHODS)
+             or self.attack_preset in STAGE1_SURROGATES,
              f"attack_preset (the Stage-1 data preset) must be one of {tuple(STAGE1_DATA_PRESETS)} or another "
              f"fixed-model attack preset ({', '.join(n for n, c in PRESETS.items() if c.method in STAGE1_METHODS)}), "
              f"got {self.attack_preset!r}")
-        self.attack_configs()
+        attacks = self.stage1_attacks()
+        has_surrogate = any(s is not None for _, s in attacks)
+        need(self.attack_rounds is None or (has_surrogate and int(self.attack_rounds) >= 1),
+             f"attack_rounds must be >= 1 and needs a Stage-1 data preset with a surrogate loop "
+             f"(aspl, aspl_ace), got {self.attack_rounds} with {self.attack_preset!r}")
+        need(not (has_surrogate and self.online_perturbations),
+             f"online_perturbations regenerates copies every step with a fixed-model attack; {self.attack_preset!r} "
+             f"runs a surrogate loop over sets of images: choose pgd_2, pgd_full, ace_fixed or mixed, or turn "
+             f"online_perturbations off")
         return self
 
     @property
     def needs_perturbations(self) -> bool:
         return self.stage == "stage1" or self.mode == "pgd2_defense"
 
-    def attack_configs(self) -> list[AttackConfig]:
+    def stage1_attacks(self) -> list[tuple[AttackConfig, Optional[AlternatingConfig]]]:
         """The Stage-1 perturbations: the attacks of the ``attack_preset`` (a Stage-1 data preset, or
         one attack preset; default PGD-2: Anti-DreamBooth's eps/step, 2 iterations) with the
-        ``attack_*`` overrides. Image ``i`` of the training set gets attack ``i mod k``."""
+        ``attack_*`` overrides, each with its surrogate schedule (None for a fixed-model attack; with
+        ``attack_rounds`` applied). Image ``i`` of the training set gets attack ``i mod k``."""
         out = []
         for name in STAGE1_DATA_PRESETS.get(self.attack_preset, (self.attack_preset,)):
-            base = PRESETS[name]
-            out.append(dataclasses.replace(
+            base = SURROGATE_PRESETS[name].attack if name in SURROGATE_PRESETS else PRESETS[name]
+            surrogate = SURROGATE_PRESETS[name].surrogate if name in SURROGATE_PRESETS else None
+            if surrogate is not None and self.attack_rounds is not None:
+                surrogate = dataclasses.replace(surrogate, rounds=int(self.attack_rounds))
+            out.append((dataclasses.replace(
                 base, seed=self.seed,
                 epsilon=base.epsilon if self.attack_epsilon is None else float(self.attack_epsilon),
                 step_size=base.step_size if self.attack_step_size is None else float(self.attack_step_size),
-                steps=base.steps if self.attack_steps is None else int(self.attack_steps)).validate())
+                steps=base.steps if self.attack_steps is None else int(self.attack_steps)).validate(),
+                surrogate if surrogate is None else surrogate.validate()))
         return out
+
+    def attack_configs(self) -> list[AttackConfig]:
+        """The PGD part of each Stage-1 attack (:meth:`stage1_attacks` without the surrogate schedules)."""
+        return [attack for attack, _ in self.stage1_attacks()]
 
     def attack_config(self) -> AttackConfig:
         """The (first) Stage-1 attack, see :meth:`attack_configs`."""
@@ -180,6 +213,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def stage_key(self) -> dict:
+        """:meth:`to_dict` as the experiment runner keys its cached stages: fields added after those caches
+        existed are left out at their default (``STAGE_KEY_ADDED_DEFAULTS``)."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in STAGE_KEY_ADDED_DEFAULTS and v == STAGE_KEY_ADDED_DEFAULTS[k])}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -126,6 +126,9 @@ class LoRDTrainStage1(io.ComfyNode):
                                       tooltip="Captions of the held-out images (one per image or one for all); "
                                               "default: the first training conditioning."),
                 _preview_input("stage1", "the first caption (the first positive conditioning)"),
+                # added after preview_every (saved workflows keep their widget order)
+                io.Int.Input("attack_rounds", default=0, min=0, max=1000, optional=True,
+                             tooltip=config_tip("attack_rounds", _UNSET_AT_0)),
             ],
             outputs=[
                 LORD_WEIGHTS.Output(display_name="lord", tooltip="The trained LoRD (save it with Save LoRD)."),
@@ -152,7 +155,8 @@ class LoRDTrainStage1(io.ComfyNode):
                               lambda_gate=p["lambda_gate"], attack_preset=p.get("perturbations", "pgd_2"),
                               attack_epsilon=p["attack_strength"] or None,
                               attack_step_size=p["attack_step_size"] or None,
-                              attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"])
+                              attack_steps=p["attack_steps"] or None, online_perturbations=p["online_perturbations"],
+                              attack_rounds=p.get("attack_rounds") or None)
         imgs = images_from_batches(images)
         data = TrainingData(imgs, conditionings_from_list(positive), [f"image {i}" for i in range(len(imgs))])
         heldout = None

@@ -338,3 +338,42 @@ def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_
     # (aware lord - aware attacking) - (unaware lord - unaware attacking): (0.30-0.40)-(0.20-0.35), (0.31-0.40)-(0.22-0.35)
     assert rows["survival_lord"]["values"] == pytest.approx([0.05, 0.04])
     assert rows["survival_gl0"]["values"] == pytest.approx([0.0, 0.0], abs=1e-12)  # (0.25-0.40)-(0.20-0.35)
+
+
+def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the_matched_lord(tmp_path):
+    """'source_aspl' / 'source_mixed' write Stage 1 on ASPL (or ASPL + ACE) copies with their surrogate rounds,
+    borrow 'matched''s protected copies, run only the LoRD methods and read the plain runs and the matched
+    LoRD's runs (as *_ace) from 'matched'; removal_gl0_vs_ace is the difference of the two removals."""
+    from lab.ship import SHIPPED_CLASSIFIER
+    from training.experiment_config import load_config, train_config
+
+    for name, preset in (("source_aspl", "aspl"), ("source_mixed", "aspl_ace")):
+        declared = E.EXPERIMENTS[name]
+        assert declared.own_methods == E.SOURCE_METHODS and declared.borrowed_stages == ("protect",)
+        config = E.write_replicate_config(tmp_path, declared, 10, "ci", tmp_path / "none.safetensors",
+                                          SHIPPED_CLASSIFIER)
+        stage1 = config.read_text().split("[stage1]")[1].split("[stage2]")[0]
+        assert f'attack_preset = "{preset}"' in stage1 and "attack_rounds = 1" in stage1  # ci: 1 round
+        demo = E.write_replicate_config(tmp_path / "demo", declared, 10, "demo", tmp_path / "none.safetensors",
+                                        SHIPPED_CLASSIFIER)
+        assert "attack_rounds = 10" in demo.read_text()
+        (tmp_path / "none.safetensors").write_bytes(b"")
+        stage1_config = train_config(load_config(demo), "stage1")
+        assert stage1_config.attack_preset == preset and stage1_config.stage1_attacks()[0][1].rounds == 10
+    declared = E.EXPERIMENTS["source_aspl"]
+    matched = tmp_path / "matched" / "r011" / "run" / "report" / "results.json"
+    assert declared.source(tmp_path, "lord_gl0_ace", 11) == (matched, "lord_gl0")
+    assert declared.source(tmp_path, "attacking", 11) == (matched, "attacking")
+    for r, gl0 in {11: 0.30, 12: 0.26}.items():
+        for folder, methods in (("source_aspl", {"lord": 0.4, "lord_clean": 0.2, "lord_gl0": gl0, "lord_clean_gl0": 0.2}),
+                                ("matched", {"clean": 0.2, "attacking": 0.4, "lord": 0.38, "lord_clean": 0.2,
+                                             "lord_gl0": 0.25, "lord_clean_gl0": 0.21})):
+            path = tmp_path / folder / f"r{r:03d}" / "run" / "report" / "results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": v}}}
+                                                    for m, v in methods.items()}}))
+    values = E.replicate_values(tmp_path, declared, archive=tmp_path / "no_archive")
+    rows = E.analyse(values, declared)["metrics"]["heldout_loss"]["contrasts"]
+    # (gl0 - 0.2) - (0.25 - 0.21)
+    assert rows["removal_gl0_vs_ace"]["values"] == pytest.approx([0.06, 0.02])
+    assert rows["removal_gl0"]["values"] == pytest.approx([-0.1, -0.14])  # (gl0 - 0.2) - (0.4 - 0.2)

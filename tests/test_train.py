@@ -302,6 +302,59 @@ def test_stage1_data_presets(loaded, tmp_path):
     assert torch.equal(got[1], ace_only[1])
 
 
+def test_stage1_aspl_protects_caption_sets_with_its_surrogate_loop(loaded, tmp_path, monkeypatch):
+    """Stage-1 data from Anti-DreamBooth's ASPL: the images sharing a caption are protected together with
+    the published surrogate loop (8-bit output within the budget), one run per set, cached per member;
+    a member's copy depends on its set; aspl_ace gives odd images ACE; rounds are a config field."""
+    from lord_ops import datasets as D
+
+    model, clip, vae = loaded
+    caps = ["a photo of a coat", "a photo of a dress", "a photo of a coat", "a photo of a dress", "a photo of a coat"]
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
+    data = data_mod.TrainingData(pictures(5, seed=3), conds, caps)
+    keys = [D.conditioning_digest(c) for c in conds]
+    assert perturb.surrogate_sets([0, 1, 2, 3, 4], keys) == [[0, 2, 4], [1, 3]]
+    assert perturb.surrogate_sets([0, 1, 2, 3, 4], keys, size=2) == [[0, 2], [4], [1, 3]]
+    config = TrainConfig(attack_preset="aspl", attack_epsilon=8.0, attack_step_size=2.0, attack_steps=2,
+                         attack_rounds=1)
+    (attack, surrogate), = config.stage1_attacks()
+    assert attack.method == "pgd" and surrogate.rounds == 1 and surrogate.clean_steps == 3
+    assert config.stage_key() == config.to_dict()  # a set field stays in the runner's stage key
+    assert "attack_rounds" not in TrainConfig().stage_key()  # at its default it is left out (old caches valid)
+    calls = []
+    original = perturb.protect_set
+
+    def counting(model_patcher, vae_, data_, members, *a, **k):
+        calls.append(list(members))
+        return original(model_patcher, vae_, data_, members, *a, **k)
+
+    monkeypatch.setattr(perturb, "protect_set", counting)
+    copies = perturb.stage1_perturbations(model, vae, data, config, tmp_path / "c")
+    assert calls == [[0, 2, 4], [1, 3]]  # one surrogate run per caption set
+    for adv, im in zip(copies, data.images):
+        d = (adv - im) * 255
+        assert 0 < d.abs().max() <= 8 + 1e-3
+        assert (d - torch.round(d)).abs().max() < 1e-3  # 8-bit levels, as published
+    again = perturb.stage1_perturbations(model, vae, data, config, tmp_path / "c")
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(copies, again))  # read from the cache
+    # a member's copy depends on the other images of its set (they train the surrogate)
+    other = data_mod.TrainingData(pictures(5, seed=3)[:4] + pictures(1, seed=9), conds, caps)
+    moved = perturb.stage1_perturbations(model, vae, other, config, tmp_path / "c")
+    assert calls[2:] == [[0, 2, 4]] and torch.equal(moved[1], copies[1]) and not torch.equal(moved[0], copies[0])
+    # aspl_ace: even images ASPL (sets of the even images), odd images ACE against the fixed model
+    mixed = TrainConfig(attack_preset="aspl_ace", attack_epsilon=8.0, attack_step_size=2.5, attack_steps=2,
+                        attack_rounds=1)
+    assert [(a.method, s is not None) for a, s in mixed.stage1_attacks()] == [("pgd", True), ("ace", False)]
+    got = perturb.stage1_perturbations(model, vae, data, mixed, tmp_path / "m")
+    assert calls[3:] == [[0, 2, 4]]  # (step 2.5 here: another key than the aspl copies above)
+    d = (got[1] - data.images[1]) * 255
+    assert 0 < d.abs().max() <= 8 + 1e-3 and (d - torch.round(d)).abs().max() > 0.01  # ACE: float32, not 8-bit
+    with pytest.raises(ValueError, match="attack_rounds.*surrogate"):
+        TrainConfig(attack_preset="pgd_full", attack_rounds=2).validate()
+    with pytest.raises(ValueError, match="online_perturbations.*surrogate"):
+        TrainConfig(attack_preset="aspl", online_perturbations=True).validate()
+
+
 def test_text_fed_gates_are_off_and_old_files_keep_theirs(loaded, tmp_path):
     """Cross-attention to_k/to_v read the caption: their gate is forced to 0 in training (B' stays 0,
     the gate MLP untouched) and at inference for files marked context_gate=off; files without the

@@ -18,7 +18,7 @@ FIELD_ORDER = ["stage", "mode", "steps", "batch_size", "grad_accumulation", "lea
                "alpha", "gate_hidden", "gate_activation", "targets", "lambda_adv", "lambda_gate", "defense_branch",
                "prior_weight",
                "t_min", "t_max", "seed", "dtype", "gradient_checkpointing", "checkpoint_every", "attack_preset",
-               "attack_epsilon", "attack_step_size", "attack_steps", "online_perturbations"]
+               "attack_epsilon", "attack_step_size", "attack_steps", "online_perturbations", "attack_rounds"]
 
 
 def test_fields_defaults_and_digests_are_unchanged():
@@ -30,13 +30,16 @@ def test_fields_defaults_and_digests_are_unchanged():
         "prior_weight": 1.0,
         "t_min": 0, "t_max": 999, "seed": 0, "dtype": "fp32", "gradient_checkpointing": False,
         "checkpoint_every": 100, "attack_preset": "pgd_2", "attack_epsilon": None, "attack_step_size": None,
-        "attack_steps": None, "online_perturbations": False}
+        "attack_steps": None, "online_perturbations": False, "attack_rounds": None}
     assert TrainConfig().trajectory_digest() == "2483e489746ecb01"
     assert TrainConfig(stage="stage2", mode="plain").trajectory_digest() == "2994d6b7448a1617"
     assert TrainConfig(stage="stage2", mode="pgd2_defense", alpha=2.0, attack_epsilon=4.0,
                        dtype="bf16").trajectory_digest() == "581eaa87886991e1"
     assert RESUMABLE_FIELDS == {"steps", "checkpoint_every"}
-    # a field added later (defense_branch) leaves the digests of its default unchanged, not of other values
+    # a field added later (defense_branch, attack_rounds) leaves the digests of its default unchanged, not of
+    # other values
+    assert TrainConfig(attack_preset="aspl", attack_rounds=2).trajectory_digest() != TrainConfig(
+        attack_preset="aspl").trajectory_digest()
     assert TrainConfig(defense_branch=False).trajectory_digest() != TrainConfig().trajectory_digest()
 
 
@@ -83,7 +86,7 @@ def test_trainer_node_tooltips_come_from_the_field_help():
     # every field a trainer node sets through a widget
     assert seen == {"mode", "steps", "batch_size", "grad_accumulation", "learning_rate", "rank", "targets", "dtype",
                     "gradient_checkpointing", "seed", "checkpoint_every", "gate_hidden", "lambda_adv", "lambda_gate",
-                    "attack_epsilon", "attack_step_size", "attack_steps", "online_perturbations", "attack_preset",
+                    "attack_epsilon", "attack_step_size", "attack_steps", "online_perturbations", "attack_preset", "attack_rounds",
                     "prior_weight"}
 
 

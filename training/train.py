@@ -20,7 +20,8 @@ run started again with the same command resumes from its last checkpoint and end
 weights as an uninterrupted run. Exit status: 0 done, 1 training failed, 2 bad arguments or data.
 
 Stage-1 data presets (``--stage1-data``, config key ``attack_preset``): ``pgd_2`` (the paper's, default),
-``pgd_full``, ``ace_fixed``, ``mixed``. ``--heldout DIR``: images not trained on (captions optional: ``--caption``
+``pgd_full``, ``ace_fixed``, ``mixed``, ``aspl`` (Anti-DreamBooth's ASPL with its surrogate loop, on sets of images
+sharing a caption; ``attack_rounds`` sets its rounds), ``aspl_ace``. ``--heldout DIR``: images not trained on (captions optional: ``--caption``
 or the first training caption); after training they are protected with mist-v2's ACE and
 Anti-DreamBooth's PGD and the gate's AUROC on them goes into the report and the file's provenance.
 """

@@ -1,17 +1,20 @@
 """Perturbed training/evaluation images: the Stage-1 perturbations (cached losslessly, or online
-against the model being trained) and 8-bit protected copies for held-out evaluation, all made with the
-fixed-model attack engine (``lord_ops.attacks``) on a ComfyUI MODEL + VAE.
+against the model being trained) and 8-bit protected copies for held-out evaluation, made with the
+fixed-model attack engine (``lord_ops.attacks``) on a ComfyUI MODEL + VAE -- or, for a Stage-1 data
+preset with a surrogate loop (ASPL), with the published loop over sets of images (``surrogate``).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Optional
 
 import torch
 
 from .. import trainer as T
 from ..attacks import image_seed
-from ..datasets import DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, conditioning_digest, evict_cache
+from ..datasets import (DEFAULT_CACHE_MAX_BYTES, cache_entry_path, cached_perturbations, conditioning_digest,
+                        evict_cache, tensor_digest)
 from ..train_config import STAGE1_DATA_PRESETS, STAGE1_METHODS, TrainConfig
 from . import grad
 from .data import Pixels, TrainingData
@@ -52,19 +55,60 @@ def attack_image(model_patcher, vae, conditioning, image: torch.Tensor, attack, 
                           target, on_step).images.detach()
 
 
+# images per surrogate set in the Stage-1 data: about one subject's photos (the threat protects 8)
+SURROGATE_SET_SIZE = 8
+
+
+def surrogate_sets(indices: list, conditioning_keys: list, size: int = SURROGATE_SET_SIZE) -> list[list[int]]:
+    """The sets that a surrogate attack (ASPL) protects together: the ``indices`` whose conditioning
+    (caption encoding) is the same -- one "subject" each, as the published loops fine-tune their
+    surrogate on one subject's photos -- in index order, cut into sets of at most ``size``."""
+    by_caption: dict = {}
+    for i in indices:
+        by_caption.setdefault(conditioning_keys[i], []).append(i)
+    return [members[s:s + size] for members in by_caption.values() for s in range(0, len(members), size)]
+
+
+def _set_params(attack, surrogate, data: TrainingData, members: list) -> dict:
+    """Cache key of each member of one surrogate set: the attack with the set's seed (that of its first
+    image), the schedule, the set's images (every member shapes the surrogate) and the member's place."""
+    seeded = dataclasses.replace(attack, seed=image_seed(attack.seed, members[0]))
+    digest = hashlib.sha256("".join(tensor_digest(data.images.raw[i]) for i in members).encode()).hexdigest()[:32]
+    common = {**attack_params(seeded), "surrogate": dataclasses.asdict(surrogate), "set": digest,
+              "rounded": "uint8"}
+    return {i: {**common, "position": k} for k, i in enumerate(members)}
+
+
+def protect_set(model_patcher, vae, data: TrainingData, members: list, attack, surrogate,
+                check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
+    """The members of one surrogate set protected together with the published loop
+    (``surrogate.protect_with_surrogate``; seed: that of the set's first image), as a user would publish
+    them (8-bit levels within the budget); float32 ``[3, H, W]`` in [0, 1], one per member."""
+    from .surrogate import protect_with_surrogate
+
+    seeded = dataclasses.replace(attack, seed=image_seed(attack.seed, members[0]))
+    images = torch.stack([data.images[i] for i in members]).movedim(1, -1).float()
+    progress = (lambda *a: check()) if check is not None else None
+    out, _ = protect_with_surrogate(model_patcher, vae, data.conds[members[0]], images, seeded, surrogate,
+                                    on_progress=progress)
+    return [o.movedim(-1, 0).float().contiguous() for o in out]
+
+
 def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainConfig, cache_dir,
                          on_item: Optional[Callable[[int, bool], None]] = None,
                          max_cache_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES,
                          check: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
     """Perturbed copies ``[3, H, W]`` (float32 in [0, 1], **not** rounded to 8 bits, so PGD-2's ~1.3-level
-    moves survive) of ``data.images`` with ``config.attack_configs()`` (the Stage-1 data preset; image
-    ``i`` gets attack ``i mod k``) against the base MODEL. Cached losslessly (float32 safetensors) in
+    moves survive) of ``data.images`` with ``config.stage1_attacks()`` (the Stage-1 data preset; image
+    ``i`` gets attack ``i mod k``) against the base MODEL. An attack with a surrogate loop (ASPL) protects
+    the images of :func:`surrogate_sets` together (:func:`protect_set`: 8-bit output, as published).
+    Cached losslessly (float32 safetensors) in
     ``cache_dir``, keyed by image, caption, attack and model; the folder is bounded to
     ``max_cache_bytes`` (least recently used entries of other runs go first, see
     ``datasets.evict_cache``). Image ``i`` is attacked with seed ``attacks.image_seed(seed, i)``: its
     own timesteps, noise and random start (one seed for all copies would give them a common
     fingerprint that a gate or B' could learn instead of "perturbed"). Under DDP each process computes its share, then all read the cache."""
-    attacks = config.attack_configs()
+    attacks = config.stage1_attacks()
     # fingerprint the weights as loaded for this MODEL (ComfyUI patches shared weights in place, so
     # before a load they may still carry another clone's patches)
     grad.load_for_gradients(model_patcher, vae)
@@ -73,20 +117,39 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainCo
     keys = [conditioning_digest(c) for c in data.conds]
     out: list = [None] * len(data)
     used = []
-    for j, attack in enumerate(attacks):
+    for j, (attack, surrogate) in enumerate(attacks):
         idx = [i for i in range(len(data)) if i % len(attacks) == j]
-        per_image = [dataclasses.replace(attack, seed=image_seed(attack.seed, i)) for i in idx]
-        params = [attack_params(a) for a in per_image]
-        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], p, fp) for i, p in zip(idx, params)]
+        if surrogate is None:
+            per_image = [dataclasses.replace(attack, seed=image_seed(attack.seed, i)) for i in idx]
+            params = [attack_params(a) for a in per_image]
+            owner = dict(zip(idx, idx))
 
-        def compute(k: int, per_image=per_image, idx=idx) -> torch.Tensor:
-            i = idx[k]
-            return attack_image(model_patcher, vae, data.conds[i], data.images[i][None], per_image[k], check=check)[0]
+            def compute(k: int, per_image=per_image, idx=idx) -> torch.Tensor:
+                i = idx[k]
+                return attack_image(model_patcher, vae, data.conds[i], data.images[i][None], per_image[k],
+                                    check=check)[0]
+        else:
+            sets = surrogate_sets(idx, keys)
+            by_image = {i: p for members in sets for i, p in _set_params(attack, surrogate, data, members).items()}
+            params = [by_image[i] for i in idx]
+            set_of = {i: s for s, members in enumerate(sets) for i in members}
+            owner = set_of  # data-parallel: a process computes whole sets
+            done: dict = {}
+
+            def compute(k: int, idx=idx, sets=sets, set_of=set_of, done=done, attack=attack,
+                        surrogate=surrogate) -> torch.Tensor:
+                i = idx[k]
+                s = set_of[i]
+                if s not in done:  # the whole set at its first missing member; the rest read from here
+                    done[s] = protect_set(model_patcher, vae, data, sets[s], attack, surrogate, check=check)
+                return done[s][sets[s].index(i)]
+        used += [cache_entry_path(cache_dir, data.images.raw[i], keys[i], p, fp) for i, p in zip(idx, params)]
 
         item = (lambda k, cached, idx=idx: on_item(idx[k], cached)) if on_item is not None else None
         args = ([data.images.raw[i] for i in idx], [keys[i] for i in idx], params, fp, cache_dir, compute)
         if world > 1:
-            cached_perturbations(*args, owned=lambda k, idx=idx: idx[k] % world == rank, on_item=item, max_bytes=None)
+            cached_perturbations(*args, owned=lambda k, idx=idx, owner=owner: owner[idx[k]] % world == rank,
+                                 on_item=item, max_bytes=None)
             torch.distributed.barrier()
             copies = cached_perturbations(*args, owned=lambda k: False, max_bytes=None)
         else:

@@ -53,11 +53,17 @@ def _provenance(config: TrainConfig, data: TrainingData, result: T.TrainResult, 
 
     attack = None
     if config.needs_perturbations:
-        attacks = config.attack_configs()
-        attack = {**dataclasses.asdict(attacks[0]), "preset": config.attack_preset,
-                  "stored_as": "float32 (not rounded to 8 bits)"}
+        attacks = config.stage1_attacks()
+
+        def described(a, surrogate) -> dict:
+            return {**dataclasses.asdict(a), **({"surrogate": dataclasses.asdict(surrogate),
+                                                 "stored_as": "8-bit levels (protected in sets, as published)"}
+                                                if surrogate is not None else {})}
+
+        attack = {"stored_as": "float32 (not rounded to 8 bits)", **described(*attacks[0]),
+                  "preset": config.attack_preset}
         if len(attacks) > 1:
-            attack["attacks"] = [dataclasses.asdict(a) for a in attacks]  # image i: attack i mod k
+            attack["attacks"] = [described(*a) for a in attacks]  # image i: attack i mod k
     return {"stage": config.stage, "tool": f"ComfyUI-LoRD {tool_version()}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(), "attack": attack,

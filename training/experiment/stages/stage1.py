@@ -23,10 +23,10 @@ def stages(ctx: ExperimentContext, variants=()) -> list[Stage]:
     # Stage 1 runs when a method uses the LoRD or the attacker knows it ([attack] defense_aware); a plain-only
     # config, e.g. a threat arm, skips it and Detect
     if ctx.exp.stage1_lord is None and (uses_lord(variants) or ctx.exp.attack_defense_aware):
-        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1").to_dict()}
+        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1").stage_key()}
         out.append(Stage("stage1", key, lambda folder: run(ctx, folder, "stage1"), describe="train the LoRD (Stage 1)"))
     if any(v.lord == "stage1_onebranch" for v in variants):
-        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1_onebranch").to_dict()}
+        key = {**ctx.base_key(), "data": data_key(ctx), "config": config_of(ctx, "stage1_onebranch").stage_key()}
         out.append(Stage("stage1_onebranch", key, lambda folder: run(ctx, folder, "stage1_onebranch"),
                          describe="train the one-branch control (Stage 1 without gate and B')"))
     return out

@@ -19,7 +19,7 @@ from training.pipeline import Stage
 def stage(ctx: ExperimentContext, v: Variant) -> Stage:
     exp = ctx.exp
     key = {**ctx.base_key(), "images": set_key(ctx, v.images), "prompt": exp.prompt, "class_images": ctx.class_key(),
-           "config": train_config(exp, "stage2", v.stage2_mode).to_dict(), "lord": ctx.lord_key(v.lord) if v.lord else None}
+           "config": train_config(exp, "stage2", v.stage2_mode).stage_key(), "lord": ctx.lord_key(v.lord) if v.lord else None}
     if v.gates[0] != "learned":
         key["gate"] = v.gates[0]
     return Stage(f"train/{v.train_id}", key, lambda folder: run(ctx, folder, v),
