@@ -270,13 +270,17 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
                predict_noise: Optional[Callable] = None, alphas_cumprod: Optional[torch.Tensor] = None,
                target_latent: Optional[torch.Tensor] = None,
                on_step: Optional[Callable[[int, float, torch.Tensor], None]] = None,
-               start: Optional[torch.Tensor] = None) -> AttackResult:
+               start: Optional[torch.Tensor] = None,
+               penalty: Optional[Callable[[], torch.Tensor]] = None) -> AttackResult:
     """Projected sign-gradient attack on ``images`` ``[B, 3, H, W]`` in [0, 1].
 
     The budget is around ``images``; ``start`` (same shape, e.g. the previous round of a surrogate
     loop) is where the steps begin, projected into that budget (``random_start`` is then ignored).
     ``on_step(step, loss, current_images)`` is called after every step (progress bars, previews,
     cancellation: raise from it to stop). Deterministic for a given ``config.seed``.
+    ``penalty()``: a differentiable scalar read right after each evaluation of the objective (e.g. a
+    defense's gate on the forward pass just made, ``lord_ops.comfy.evasion``), **minimised** alongside
+    the objective whichever way the objective goes; the loss trace stays the objective's.
     """
     config.validate()
     if config.method in _NEEDS_UNET and (predict_noise is None or alphas_cumprod is None):
@@ -312,18 +316,21 @@ def run_attack(images: torch.Tensor, config: AttackConfig, encode: Callable[[tor
                 return objective(config.method, z, predict_noise, alphas_cumprod, t, noise, target_latent,
                                  config.target_weight).sum()
 
+            def total(loss):  # the step's direction: up the objective (or down) and down the penalty
+                return loss if penalty is None else loss - direction * penalty()
+
             if config.low_memory:
                 # mist-v2's trick: no encoder graph while the UNet graph is alive
                 with torch.no_grad():
                     z0 = encode(x_in)
                 z = z0.detach().requires_grad_(True)
                 loss = loss_of_latent(z)
-                (grad_z,) = torch.autograd.grad(loss, z)
+                (grad_z,) = torch.autograd.grad(total(loss), z)
                 z_again = torch.utils.checkpoint.checkpoint(encode, x_in, use_reentrant=False)
                 (grad,) = torch.autograd.grad(z_again, x_in, grad_outputs=grad_z)
             else:
                 loss = loss_of_latent(encode(x_in))
-                (grad,) = torch.autograd.grad(loss, x_in)
+                (grad,) = torch.autograd.grad(total(loss), x_in)
             trace.append(float(loss.detach()) / x.shape[0])
             x = project(x + direction * step * grad.sign(), original, config.epsilon).detach()
             if on_step is not None:

@@ -249,7 +249,8 @@ def test_share_methods_train_on_nested_mixes_and_refuse_more_than_the_subject_ha
 def test_a_defense_aware_attacker_protects_against_the_lord_defended_model(tmp_path, sd15_checkpoint, comfyui_path):
     """``[attack] defense_aware``: Stage 1 is trained first (even when no method uses the LoRD) and the
     surrogate attack (mist-v2's loop) runs on the LoRD-patched model; its copies differ from the
-    unaware attacker's with the same seed, and its key names the LoRD."""
+    unaware attacker's with the same seed, and its key names the LoRD. ``[attack] gate_evasion`` reuses that
+    Stage 1, keys the weight and reports the gate the penalty read."""
     config = write_mini_experiment(tmp_path, sd15_checkpoint, comfyui_path / "input" / "example.png")
     base = config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "").replace(
         "[metrics]", '[methods]\nrun = ["clean", "attacking"]\n\n[metrics]')
@@ -275,3 +276,18 @@ def test_a_defense_aware_attacker_protects_against_the_lord_defended_model(tmp_p
     differs = [bool((read_png(p) != read_png(runs["plain"] / "protect" / "images" / p.name)).any())
                for p in sorted((runs["aware"] / "protect" / "images").glob("*.png"))]
     assert len(differs) == 3 and all(differs)
+    # the gate-evasion attacker: the same Stage 1 (same folder), protect again with the penalty term
+    aware = {p.name: read_png(p) for p in (runs["aware"] / "protect" / "images").glob("*.png")}
+    lord_file = runs["aware"] / "stage1" / "lord.safetensors"
+    trained = lord_file.stat().st_mtime_ns
+    config.write_text(base.replace('rounds = 2\n', 'rounds = 2\ndefense_aware = true\ngate_evasion = 100.0\n'))
+    proc = subprocess.run(_cmd(config, "--output", str(tmp_path / "aware"), "--only", "protect"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert lord_file.stat().st_mtime_ns == trained  # Stage 1 not retrained
+    key = json.loads((runs["aware"] / "protect" / "key.json").read_text())["key"]
+    assert key["gate_evasion"] == 100.0 and key["defense_aware"] == {"stage": "stage1"}
+    evasion = json.loads((runs["aware"] / "protect" / "stage.json").read_text())["result"]["attack"]["gate_evasion"]
+    assert evasion["weight"] == 100.0 and evasion["passes"] > 0 and 0 < evasion["mean_gate_last_pass"] < 1
+    assert any(bool((read_png(p) != aware[p.name]).any())
+               for p in sorted((runs["aware"] / "protect" / "images").glob("*.png")))

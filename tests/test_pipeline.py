@@ -152,6 +152,8 @@ data = "imgs"
     ("[attack]\ndefense_aware = \"yes\"\n", "[attack] defense_aware", "expected true or false"),
     ("[attack]\npreset = \"photoguard_encoder\"\ndefense_aware = true\n", "[attack] defense_aware",
      "VAE encoder only"),
+    ("[attack]\ngate_evasion = 10.0\n", "[attack] gate_evasion", "needs [attack] defense_aware = true"),
+    ("[attack]\ndefense_aware = true\ngate_evasion = -1.0\n", "[attack] gate_evasion", "must be >= 0"),
     ("[metrics]\nheldout_draws = 0\n", "[metrics] heldout_draws", "must be >= 1"),
     ("[metrics]\nheldout_timesteps = [50, 1000]\n", "[metrics] heldout_timesteps", "0..999"),
 ])

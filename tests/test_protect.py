@@ -109,6 +109,49 @@ def test_attack_through_a_lord_model_leaves_base_untouched(loaded):
     assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
 
 
+def _mean_gate(lorded, vae, cond, image_bhwc) -> float:
+    """The LoRD's mean learned gate over its live layers on one denoising pass of ``image_bhwc`` (t = 200)."""
+    with patch.recording_gates(lorded) as (clone, records), torch.no_grad():
+        grad.load_for_gradients(clone, vae)
+        x = image_bhwc.movedim(-1, 1).float()
+        z = grad.latent_encoder(vae, clone)(x)
+        grad.noise_predictor(clone, cond, tuple(x.shape[-2:]))(z, torch.tensor([200]))
+        live = [g for name, g in records if float(g.abs().max()) > 0]
+        return float(torch.stack([g.float().mean() for g in live]).mean())
+
+
+@pytest.mark.parametrize("surrogate", [False, True])
+def test_gate_evasion_pushes_the_lord_gate_down_on_the_protected_image(loaded, surrogate):
+    """The gate-evasion attacker (lord_ops.comfy.evasion): the same attack and seed, with the penalty
+    term the protected copy's mean LoRD gate is lower than without it (fixed-model PGD and the mist-v2
+    loop, whose surrogate training steps record nothing); the MODEL is left untouched."""
+    from lord_ops.comfy.evasion import GatePenalty, evading_gates
+
+    model, vae, cond = loaded
+    lord = patch.init_lord_for_model(model, random_up=0.05, seed=3)
+    for w in lord.targets.values():  # a gate that reads its input (a fresh gate sits at 0.5 everywhere)
+        w.gate_w1.mul_(20.0)
+        w.gate_w2.mul_(20.0)
+    lorded = patch.apply_lord(model, lord)
+    snap = _snapshot(lorded)
+    image = picture(h=32, w=32, seed=5)
+    attack = AttackConfig("pgd", 16.0, 4.0, 3, seed=1)
+    loop = attacks.AlternatingConfig(rounds=2, clean_steps=0, train_steps=1, learning_rate=1e-3, rank=2,
+                                     targets="attn") if surrogate else None
+    plain, _ = protect.protect(lorded, vae, cond, image, protect.Protection(attack, loop))
+    with evading_gates(lorded, 100.0) as (clone, penalty):
+        evaded, report = protect.protect(clone, vae, cond, image, protect.Protection(attack, loop, gate_penalty=penalty))
+    assert len(penalty.history) == attack.steps * (loop.rounds if loop else 1)  # one read per PGD step only
+    assert ((evaded - image).abs().max() * 255).item() <= 16 + 1e-3
+    before, after, unaware = (_mean_gate(lorded, vae, cond, x) for x in (image, evaded, plain))
+    assert after < before - 1e-3 and after < unaware - 1e-3, (before, after, unaware)
+    _assert_untouched(lorded, snap)
+    with pytest.raises(ValueError, match="> 0"):
+        GatePenalty(0.0)
+    with pytest.raises(RuntimeError, match="no live LoRD gate"):
+        GatePenalty(1.0)()
+
+
 # ---------------------------------------------------------------------------------------------
 # The published surrogate loops (mist-v2, ASPL, FSMG) on a real ComfyUI model
 

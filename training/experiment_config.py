@@ -124,6 +124,7 @@ class Experiment:
     # the adaptive attacker (issue 20): protect against the base model with the Stage-1 LoRD live (learned gate),
     # so a surrogate preset (mist-v2, ASPL) fine-tunes its LoRA on the defended model
     attack_defense_aware: bool = False
+    attack_gate_evasion: float = 0.0  # weight of the gate-evasion term (defense_aware attacker only; 0: off)
     stage1_lord: Optional[Path] = None  # a trained LoRD: skip Stage-1
     stage1_data: Optional[Path] = None  # images + .txt captions
     stage1_caption: Optional[str] = None
@@ -167,7 +168,7 @@ SCHEMA = {
     "attack": {"preset": ("attack_preset", "str"), "target": ("attack_target", "file"),
                "steps": ("attack_steps", "int"), "rounds": ("attack_rounds", "int"), "seed": ("attack_seed", "int"),
                "epsilon": ("attack_epsilon", "float"), "step_size": ("attack_step_size", "float"),
-               "defense_aware": ("attack_defense_aware", "bool")},
+               "defense_aware": ("attack_defense_aware", "bool"), "gate_evasion": ("attack_gate_evasion", "float")},
     "stage1": {"lord": ("stage1_lord", "file"), "data": ("stage1_data", "dir"), "caption": ("stage1_caption", "str")},
     "stage2": {},
     "sampling": {f.name: ("sampling." + f.name, {int: "int", float: "float", str: "str"}[type(f.default)])
@@ -323,6 +324,11 @@ def validate(exp: Experiment, raw: dict) -> None:
         need(exp.attack_preset != "photoguard_encoder", "[attack] defense_aware",
              "photoguard_encoder attacks the VAE encoder only, which the LoRD does not touch: the setting would "
              "change nothing; use a UNet attack (mist_v2, anti_dreambooth_aspl, ace_fixed, ...)")
+    need(exp.attack_gate_evasion >= 0, "[attack] gate_evasion", f"must be >= 0, got {exp.attack_gate_evasion}")
+    if exp.attack_gate_evasion > 0:
+        need(exp.attack_defense_aware, "[attack] gate_evasion",
+             "the gate-evasion term pushes down the defender's LoRD gate: it needs [attack] defense_aware = true "
+             "(the attack runs through the Stage-1 LoRD)")
     for key in ("attack_steps", "attack_rounds"):
         value = getattr(exp, key)
         need(value is None or value >= 1, f"[attack] {key.split('_')[1]}", f"must be >= 1, got {value}")

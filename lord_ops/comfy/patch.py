@@ -276,7 +276,8 @@ class LoRDInjection:
             if recorder is not None:
                 if self.gate_mode != "learned":  # a recorder always sees the learned gate
                     _, lam = lord_delta_plain(x, rt, activation, "learned", geometry)
-                recorder.append((name, lam.detach()))
+                # detached unless the recorder differentiates through the gate (a gate-evasion attack)
+                recorder.append((name, lam if getattr(recorder, "keeps_graph", False) else lam.detach()))
             return output + (self.strength * extra).to(output.dtype)
 
         return hook
@@ -363,15 +364,17 @@ def lord_injections(model_patcher) -> list[tuple[str, LoRDInjection]]:
 
 
 @contextlib.contextmanager
-def recording_gates(model_patcher):
-    """Yield ``(clone, records)``: a clone whose LoRD hooks append ``(name, lambda)`` to ``records``.
+def recording_gates(model_patcher, records=None):
+    """Yield ``(clone, records)``: a clone whose LoRD hooks append ``(name, lambda)`` to ``records``
+    (a new list, or any object with ``append``; one whose ``keeps_graph`` is true gets the gates
+    with their autograd graph).
 
     Raises ``ValueError`` when the MODEL carries no LoRD.
     """
     found = lord_injections(model_patcher)
     if not found:
         raise ValueError("the MODEL has no LoRD applied: connect it through a Load LoRD node first.")
-    records: list = []
+    records = [] if records is None else records
     clone = model_patcher.clone()
     for key, inj in found:
         clone.set_injections(key, [inj.with_recorder(records)])

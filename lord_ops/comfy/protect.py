@@ -26,12 +26,15 @@ def gradient_precision(model_patcher):
 
 def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, config: AttackConfig,
                    target_bhwc: Optional[torch.Tensor] = None,
-                   on_step: Optional[Callable[[int, int, float, torch.Tensor], None]] = None) -> tuple[torch.Tensor, list]:
+                   on_step: Optional[Callable[[int, int, float, torch.Tensor], None]] = None,
+                   gate_penalty=None) -> tuple[torch.Tensor, list]:
     """Perturb ComfyUI IMAGEs ``[B, H, W, C]`` in [0, 1] one image at a time.
 
     Sizes that are not a multiple of 8 are replicate-padded for the attack and cropped back; the
     result is quantised to 8 bits within ``floor(epsilon)`` levels of the input. Image ``i`` uses
     seed ``config.seed + i``. ``on_step(image_index, step, loss, current [1, 3, H, W])``.
+    ``gate_penalty``: a ``lord_ops.comfy.evasion.GatePenalty`` recording this MODEL's LoRD gates (the
+    gate-evasion attacker; the MODEL must be its clone from ``evasion.evading_gates``).
     Returns ``(perturbed [B, H, W, 3] in [0, 1], per-image loss traces)``.
     """
     if config.method != "photoguard":
@@ -52,9 +55,12 @@ def protect_images(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, 
                                  if config.method != "photoguard" or tgt_img is not None else None)
             predict = (grad.noise_predictor(model_patcher, conditioning, tuple(padded.shape[-2:]))
                        if config.method != "photoguard" else None)
+            if gate_penalty is not None and predict is not None:
+                predict = gate_penalty.arm(predict)
             cfg_i = AttackConfig(**{**config.__dict__, "seed": config.seed + i})
             step_cb = (lambda s, loss, cur, i=i: on_step(i, s, loss, cur[..., :h, :w])) if on_step else None
-            result: AttackResult = run_attack(padded, cfg_i, encode, predict, acp, target_latent, step_cb)
+            result: AttackResult = run_attack(padded, cfg_i, encode, predict, acp, target_latent, step_cb,
+                                              penalty=gate_penalty)
             adv = result.images[..., :h, :w]
             q = quantize_uint8(adv, img, config.epsilon).float() / 255.0
         outs.append(q.movedim(1, -1))
@@ -74,6 +80,8 @@ class Protection:
     target: Optional[torch.Tensor] = None
     class_images: Optional[list] = None
     class_conditioning: Optional[object] = None
+    # the gate-evasion term (lord_ops.comfy.evasion.GatePenalty of the attacked MODEL, a LoRD-carrying clone)
+    gate_penalty: Optional[object] = None
 
 
 def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, protection: Protection,
@@ -96,7 +104,8 @@ def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, protect
         from .surrogate import protect_with_surrogate
 
         out, report = protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack, surrogate,
-                                             target_bhwc, on_progress, class_images, class_conditioning)
+                                             target_bhwc, on_progress, class_images, class_conditioning,
+                                             gate_penalty=protection.gate_penalty)
         count = len(images_bhwc) if isinstance(images_bhwc, (list, tuple)) else images_bhwc.shape[0]
         report["loss_traces"] = [[v for rnd in report["rounds"] for v in rnd["pgd_losses"][i]] for i in range(count)]
         return out, report
@@ -110,7 +119,8 @@ def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, protect
             last = step == steps - 1 or step % 10 == 0
             on_progress(index * steps + step + 1, total, loss, current if last else None)
 
-    out, traces = protect_images(model_patcher, vae, conditioning, images_bhwc, attack, target_bhwc, on_step)
+    out, traces = protect_images(model_patcher, vae, conditioning, images_bhwc, attack, target_bhwc, on_step,
+                                 gate_penalty=protection.gate_penalty)
     return out, {"attack": dict(attack.__dict__), "loss_traces": traces}
 
 

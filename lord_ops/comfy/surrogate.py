@@ -45,7 +45,7 @@ def _round_seed(seed: int, round_index: int, image_index: int, phase: int) -> in
 def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack: AttackConfig,
                            surrogate: AlternatingConfig, target_bhwc: Optional[torch.Tensor] = None,
                            on_progress: Optional[Callable[[int, int, float, Optional[torch.Tensor]], None]] = None,
-                           class_images=None, class_conditioning=None) -> tuple[object, dict]:
+                           class_images=None, class_conditioning=None, gate_penalty=None) -> tuple[object, dict]:
     """Perturb a set of IMAGEs ``[B, H, W, C]`` in [0, 1] (or a list of ``[1, H_i, W_i, C]`` of
     different sizes) with a surrogate loop.
 
@@ -59,6 +59,8 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
 
     ``class_images`` (same forms, optional) turn on DreamBooth prior preservation in the surrogate
     steps (weight ``surrogate.prior_weight``), with ``class_conditioning`` (default: ``conditioning``).
+    ``gate_penalty`` (``lord_ops.comfy.evasion``): the gate-evasion term in every PGD step (not in the
+    surrogate's training steps).
     """
     attack = attack.validate()
     surrogate = surrogate.validate()
@@ -133,8 +135,11 @@ def protect_with_surrogate(model_patcher, vae, conditioning, images_bhwc, attack
                 h, w = sizes[i]
                 cfg = dataclasses.replace(attack, seed=_round_seed(attack.seed, r, i, 0) % (2 ** 62))
                 step_cb = lambda s, loss, cur, h=h, w=w: progress(loss, cur[..., :h, :w] if s == attack.steps - 1 else None)  # noqa: E731
-                res = run_attack(padded[i], cfg, encode, lambda z, t: predict(z, t, [0] * z.shape[0]), acp,
-                                 targets.get(tuple(padded[i].shape[-2:])), step_cb, start=current[i])
+                predict_i = lambda z, t: predict(z, t, [0] * z.shape[0])  # noqa: E731
+                res = run_attack(padded[i], cfg, encode,
+                                 predict_i if gate_penalty is None else gate_penalty.arm(predict_i), acp,
+                                 targets.get(tuple(padded[i].shape[-2:])), step_cb, start=current[i],
+                                 penalty=gate_penalty)
                 out.append(res.images.detach())
                 losses.append(res.loss_trace)
             return out, losses

@@ -23,9 +23,13 @@ def stages(ctx: ExperimentContext) -> list[Stage]:
     aware = ctx.exp.attack_defense_aware
     if aware:  # the adaptive attacker: the protection is computed against the model with the Stage-1 LoRD live
         key["defense_aware"] = ctx.lord_key("stage1")
+        if ctx.exp.attack_gate_evasion:  # ... and also pushes its gate down (absent at 0: older keys stay valid)
+            key["gate_evasion"] = ctx.exp.attack_gate_evasion
     return [Stage("protect", key, lambda folder: run(ctx, folder), needs=ctx.lord_needs("stage1") if aware else (),
                   describe=f"protect {len(ctx.names)} image(s) with {ctx.exp.attack_preset}"
-                           + (" against the LoRD-defended model" if aware else ""))]
+                           + (" against the LoRD-defended model" if aware else "")
+                           + (f", evading its gate (weight {ctx.exp.attack_gate_evasion:g})"
+                              if aware and ctx.exp.attack_gate_evasion else ""))]
 
 
 def attack_key(ctx: ExperimentContext) -> dict:
@@ -38,6 +42,22 @@ def attack_key(ctx: ExperimentContext) -> dict:
 
 
 def run(ctx: ExperimentContext, folder: Path) -> dict:
+    if not ctx.exp.attack_gate_evasion:
+        return _run(ctx, folder)
+    from lord_ops.comfy.evasion import evading_gates
+
+    with evading_gates(ctx.lord_model(ctx.rt.models()[0], "stage1"), ctx.exp.attack_gate_evasion) as (model, penalty):
+        result = _run(ctx, folder, model, penalty)
+    gates = penalty.history
+    result["attack"]["gate_evasion"] = {"weight": penalty.weight, "passes": len(gates),
+                                        "mean_gate_first_pass": gates[0] if gates else None,
+                                        "mean_gate_last_pass": gates[-1] if gates else None}
+    return result
+
+
+def _run(ctx: ExperimentContext, folder: Path, attacked=None, gate_penalty=None) -> dict:
+    """Protect the images; ``attacked``: the MODEL to attack instead of the base (or LoRD-defended) one
+    (the gate-evasion attacker's gate-recording clone, read by ``gate_penalty``)."""
     exp = ctx.exp
     chosen = preset(exp.attack_preset)
     overrides = {k: v for k, v in (("steps", exp.attack_steps), ("epsilon", exp.attack_epsilon),
@@ -48,7 +68,9 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     if surrogate is not None and exp.attack_rounds:
         surrogate = dataclasses.replace(surrogate, rounds=exp.attack_rounds)
     model, clip, vae = ctx.rt.models()
-    if exp.attack_defense_aware:  # gradients (and a surrogate's LoRA training) through the LoRD-patched model
+    if attacked is not None:
+        model = attacked
+    elif exp.attack_defense_aware:  # gradients (and a surrogate's LoRA training) through the LoRD-patched model
         model = ctx.lord_model(model, "stage1")
     cond = ctx.rt.encode(exp.prompt)
     target = None
@@ -71,8 +93,8 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     if surrogate is not None and todo:  # the published loops attack the set as a whole
         todo = list(ctx.names)
         images = [unit_hwc(ctx.clean[n])[None] for n in todo]
-        perturbed, report = protect(model, vae, cond, images, Protection(attack, surrogate, target, classes, class_cond),
-                                    progress)
+        perturbed, report = protect(model, vae, cond, images, Protection(attack, surrogate, target, classes, class_cond,
+                                                                         gate_penalty), progress)
         for i, n in enumerate(todo):
             save_png(out / f"{n}.png", u8_chw(perturbed[i]))
         reports = {"set": {k: v for k, v in report.items() if k != "loss_traces"},
@@ -80,8 +102,8 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
     else:
         for n in todo:
             one = dataclasses.replace(attack, seed=image_seed(exp.attack_seed, ctx.names.index(n)))
-            perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None], Protection(one, target=target),
-                                        progress)
+            perturbed, report = protect(model, vae, cond, unit_hwc(ctx.clean[n])[None],
+                                        Protection(one, target=target, gate_penalty=gate_penalty), progress)
             save_png(out / f"{n}.png", u8_chw(perturbed))
             reports[n] = {"final_loss": report["loss_traces"][0][-1] if report["loss_traces"][0] else None}
             atomic_write_json(folder / "reports.json", reports)
@@ -96,4 +118,5 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
                                                  "vae_downscale": grad.vae_downscale(vae),  # the score stage's cell
                                                  "surrogate": dataclasses.asdict(surrogate) if surrogate else None,
                                                  "defense_aware": exp.attack_defense_aware,
+                                                 "gate_evasion": None,
                                                  "target": str(exp.attack_target) if exp.attack_target else "pattern"}}
