@@ -792,6 +792,43 @@ SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6"
                 "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord")}
 
 
+def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
+    """``(PNG bytes, replicate)``: the first ``per_method`` samples of every method of ``declared`` (one row each,
+    labelled) from its first replicate whose runs still have their samples in ``out`` (the archive keeps only
+    results.json); None when no replicate has them all."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    for replicate in declared.replicates:
+        rows = []
+        for method in declared.methods:
+            results, name = declared.source(out, method, replicate)
+            try:
+                paths = json.loads(Path(results).read_text())["methods"][name]["samples"][:per_method]
+                images = [np.asarray(Image.open(Path(results).parent / p).convert("RGB")) for p in paths]
+            except (OSError, KeyError, ValueError):
+                break
+            if not images:
+                break
+            rows.append((method, np.concatenate(images, axis=1)))
+        if len(rows) != len(declared.methods):
+            continue
+        height, width = rows[0][1].shape[:2]
+        fig = Figure(figsize=(max(4.0, width / 40 + 1.6), len(rows) * max(0.55, height / 40 + 0.15)))
+        FigureCanvasAgg(fig)
+        for i, (method, strip) in enumerate(rows):
+            ax = fig.add_subplot(len(rows), 1, i + 1)
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"{declared.name}: replicate {replicate}, the first {per_method} samples per method", fontsize=9)
+        return _png(fig), replicate
+    return None
+
+
 def share_curve_png(result: dict) -> bytes | None:
     """The paper's Fig. 7 from the replicates: the primary metric's mean (95% t interval over replicates) at 0, 2,
     4, 6 and 8 of 8 images protected, per series; None when the experiment has no share points."""
@@ -839,6 +876,9 @@ def report(args) -> int:
     curve = share_curve_png(result)
     if curve is not None:
         atomic_write(folder / "share_curve.png", lambda tmp: Path(tmp).write_bytes(curve))
+    grid = sample_grid_png(Path(args.out), declared)
+    if grid is not None:  # where a reader sees the painted target (or its absence) per method
+        atomic_write(folder / "samples.png", lambda tmp: Path(tmp).write_bytes(grid[0]))
     print(text)
     return 0
 

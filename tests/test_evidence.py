@@ -377,3 +377,23 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
     # (gl0 - 0.2) - (0.25 - 0.21)
     assert rows["removal_gl0_vs_ace"]["values"] == pytest.approx([0.06, 0.02])
     assert rows["removal_gl0"]["values"] == pytest.approx([-0.1, -0.14])  # (gl0 - 0.2) - (0.4 - 0.2)
+
+
+def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
+    """``sample_grid_png``: one labelled row per method from the first replicate whose runs still hold their
+    samples (read where the experiment reads each method, e.g. the clean runs from its pair); None when no
+    replicate has them all (only results.json is archived)."""
+    from PIL import Image
+
+    declared = E.EXPERIMENTS["source_aspl"]
+    assert E.sample_grid_png(tmp_path, declared) is None
+    for folder, methods in (("source_aspl", E.SOURCE_METHODS), ("matched", ("clean", "attacking", "lord", "lord_clean",
+                                                                           "lord_gl0", "lord_clean_gl0"))):
+        report = tmp_path / folder / "r011" / "run" / "report"
+        (report / "img").mkdir(parents=True, exist_ok=True)
+        for k, m in enumerate(methods):
+            Image.new("RGB", (32, 32), (10 * k, 0, 0)).save(report / "img" / f"{m}.png")
+        (report / "results.json").write_text(json.dumps({"methods": {m: {"samples": [f"img/{m}.png"] * 3}
+                                                                     for m in methods}}))
+    png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
+    assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
