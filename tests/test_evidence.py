@@ -29,6 +29,13 @@ def _pixels(path: Path) -> str:
     return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
 
 
+def _write_heldout_results(replicate: Path, methods: dict) -> None:
+    """A replicate's results.json holding only each method's held-out loss (``methods``: name -> value)."""
+    path = replicate / "run" / "report" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": v}}} for m, v in methods.items()}}))
+
+
 def test_replicate_subjects_are_disjoint_from_each_other_and_the_demo():
     seen: dict[str, str] = {}
     for folder in [DEMO_DIR / "instance", DEMO_DIR / "reference"] + [replicate_folder(r) for r in range(REPLICATE_SETS)]:
@@ -329,10 +336,7 @@ def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_
                                 ("matched", {"clean": 0.1, "lord_clean": 0.1, "lord_clean_gl0": 0.1,
                                              "onebranch_clean": 0.1, "attacking": 0.35, "lord": unaware,
                                              "lord_gl0": 0.2})):
-            path = tmp_path / folder / f"r{r:03d}" / "run" / "report" / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": v}}}
-                                                    for m, v in methods.items()}}))
+            _write_heldout_results(tmp_path / folder / f"r{r:03d}", methods)
     values = E.replicate_values(tmp_path, adaptive, archive=tmp_path / "no_archive")
     rows = E.analyse(values, adaptive)["metrics"]["heldout_loss"]["contrasts"]
     # (aware lord - aware attacking) - (unaware lord - unaware attacking): (0.30-0.40)-(0.20-0.35), (0.31-0.40)-(0.22-0.35)
@@ -368,10 +372,7 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
         for folder, methods in (("source_aspl", {"lord": 0.4, "lord_clean": 0.2, "lord_gl0": gl0, "lord_clean_gl0": 0.2}),
                                 ("matched", {"clean": 0.2, "attacking": 0.4, "lord": 0.38, "lord_clean": 0.2,
                                              "lord_gl0": 0.25, "lord_clean_gl0": 0.21})):
-            path = tmp_path / folder / f"r{r:03d}" / "run" / "report" / "results.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": v}}}
-                                                    for m, v in methods.items()}}))
+            _write_heldout_results(tmp_path / folder / f"r{r:03d}", methods)
     values = E.replicate_values(tmp_path, declared, archive=tmp_path / "no_archive")
     rows = E.analyse(values, declared)["metrics"]["heldout_loss"]["contrasts"]
     # (gl0 - 0.2) - (0.25 - 0.21)
