@@ -393,6 +393,18 @@ for _source, _data in STAGE1_SOURCES.items():
         "mist-v2-32's damage, and does it remove less than the matched (ACE-32) Stage 1?",
         paired_with="matched", paired_methods=("clean", "attacking"), borrowed_stages=("protect",),
         stage1_data=_data, aliases=SOURCE_ALIASES)
+# the gate-evasion attacker (issue 20, experiment 4, beyond 'adaptive'): the defense-aware mist-v2-32 that also
+# pushes the LoRD's gate down on every PGD step ([attack] gate_evasion = weight). Exploration first: on the
+# matched pilot's replicate 3, how far does each weight bring the Detect gate on the copies down (run with
+# --only detect: protect + Detect, Stage 1 borrowed)? Sizes the weight of a confirmatory 'evasion'.
+EVASION_WEIGHTS = (1.0, 10.0, 100.0)
+for _w in EVASION_WEIGHTS:
+    EXPERIMENTS[f"evasion_pilot_w{_w:g}"] = Declared(
+        f"evasion_pilot_w{_w:g}", ("clean", "lord_clean", "lord_clean_gl0") + ADAPTIVE_OWN, range(3, 4),
+        {**ADAPTIVE_ATTACK, "gate_evasion": _w},
+        (), f"exploration: the gate-evasion attacker (weight {_w:g}) on the matched pilot's replicate (sizes 'evasion')",
+        paired_with="matched_pilot", paired_methods=("clean", "lord_clean", "lord_clean_gl0"),
+        borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
@@ -547,7 +559,8 @@ def run(args) -> int:
         borrow_stages(out, declared, r)
         label = declared.name + (f" arm {arm.name}" if arm else "")
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
-        code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else []))
+        code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else [])
+                              + (["--only", args.only] if getattr(args, "only", None) else []))
         print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
         if not code and args.scale == "demo" and results.is_file():
             print(f"[evidence] archived: {archive_results(results, out, args.archive)}", flush=True)
@@ -900,6 +913,9 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier", help="its lab classifier (default: the shipped one)")
     ap.add_argument("--rerun-archived", action="store_true",
                     help="run archived replicates again (default: an archived replicate missing from --out is skipped)")
+    ap.add_argument("--only", metavar="PATTERN",
+                    help="run only these stages of each replicate and what they need (the runner's --only, e.g. "
+                         "'detect'); no report is written, so nothing is archived: for explorations")
     args = ap.parse_args(argv)
     return run(args) if args.command == "run" else report(args)
 

@@ -318,7 +318,12 @@ def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clea
     assert load_config(config).attack_defense_aware is True
     unaware = E.write_replicate_config(tmp_path, E.EXPERIMENTS["matched_pilot"], 3, "ci", tmp_path / "none.safetensors",
                                        SHIPPED_CLASSIFIER)
-    assert "defense_aware" not in unaware.read_text()
+    assert "defense_aware" not in unaware.read_text() and "gate_evasion" not in text
+    evasion = E.write_replicate_config(tmp_path, E.EXPERIMENTS["evasion_pilot_w10"], 3, "ci",
+                                       tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
+    assert evasion == tmp_path / "evasion_pilot_w10" / "r003" / "exp.toml"
+    loaded = load_config(evasion)
+    assert loaded.attack_defense_aware is True and loaded.attack_gate_evasion == 10.0
 
 
 def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_path):
