@@ -36,11 +36,12 @@ lab2-retrain: setup lab2-data
 	$(PY) -m lab.train_vae --data textures --out .cache/lab2/vae --batch-size 8 --steps 6000  # continued (MODEL_CARD_2)
 	$(PY) -m lab.ship weights --checkpoint .cache/lab2/vae/vae_final.pt --out lab/weights/lab_textures_vae.safetensors
 	$(PY) -m lab.eval_vae --vae lab/weights/lab_textures_vae.safetensors --out docs/lab2/vae_eval
-	$(PY) -m lab.train_classifier --data textures --out .cache/lab2/lab_textures_classifier.safetensors --steps 2000 --batch-size 64
+	$(PY) -m lab.train_classifier --data textures --out .cache/lab2/lab_textures_classifier_rec.safetensors --steps 2000 \
+	  --batch-size 64 --vae lab/weights/lab_textures_vae.safetensors --reconstructed 0.5 --jitter 0.2
 	$(PY) -m lab.train_unet --data textures --vae lab/weights/lab_textures_vae.safetensors --out .cache/lab2/unet --steps 3000 --lr 3e-4
 	$(PY) -m lab.ship pack --vae lab/weights/lab_textures_vae.safetensors --unet .cache/lab2/unet/checkpoint.pt \
 	  --description "lab model 2 (ufoai textures, 64 px)" --out lab/weights/lab_textures_parts.safetensors
-	cp .cache/lab2/lab_textures_classifier.safetensors lab/weights/lab_textures_classifier.safetensors
+	cp .cache/lab2/lab_textures_classifier_rec.safetensors lab/weights/lab_textures_classifier.safetensors
 
 # the latent pilot (docs/lab2/pilot; lab/MODEL_CARD_2.md): the VAE as trained so far and a short UNet run
 # (the ACE / mist-v2 / ASPL objectives need one; EMA 0.98 so that 300 steps are not the initial weights)

@@ -102,8 +102,8 @@ def stage1_perturbations(model_patcher, vae, data: TrainingData, config: TrainCo
     moves survive) of ``data.images`` with ``config.stage1_attacks()`` (the Stage-1 data preset; image
     ``i`` gets attack ``i mod k``) against the base MODEL. An attack with a surrogate loop (ASPL) protects
     the images of :func:`surrogate_sets` together (:func:`protect_set`: 8-bit output, as published).
-    Cached losslessly (float32 safetensors) in
-    ``cache_dir``, keyed by image, caption, attack and model; the folder is bounded to
+    Cached losslessly (float32 safetensors) in ``cache_dir``, keyed by image, caption, attack (for a
+    surrogate set: also the set's images and the member's place) and model; the folder is bounded to
     ``max_cache_bytes`` (least recently used entries of other runs go first, see
     ``datasets.evict_cache``). Image ``i`` is attacked with seed ``attacks.image_seed(seed, i)``: its
     own timesteps, noise and random start (one seed for all copies would give them a common
