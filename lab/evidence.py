@@ -397,7 +397,7 @@ for _source, _data in STAGE1_SOURCES.items():
 # pushes the LoRD's gate down on every PGD step ([attack] gate_evasion = weight). Exploration first: on the
 # matched pilot's replicate 3, how far does each weight bring the Detect gate on the copies down (run with
 # --only detect: protect + Detect, Stage 1 borrowed)? Sizes the weight of a confirmatory 'evasion'.
-EVASION_WEIGHTS = (1.0, 10.0, 100.0)
+EVASION_WEIGHTS = (1.0, 3.0, 10.0, 100.0)  # 3: added after 1, 10, 100 ran (between the two regimes)
 for _w in EVASION_WEIGHTS:
     EXPERIMENTS[f"evasion_pilot_w{_w:g}"] = Declared(
         f"evasion_pilot_w{_w:g}", ("clean", "lord_clean", "lord_clean_gl0") + ADAPTIVE_OWN, range(3, 4),
