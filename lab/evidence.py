@@ -133,6 +133,11 @@ CONTRASTS = (
              "the same for LoRD with B' off at sampling"),
     Contrast("A_aware_vs_unaware", (("attacking", 1), ("attacking_unaware", -1)),
              "plain LoRA on the defense-aware copies minus on the unaware copies"),
+    Contrast("gl0_vs_unaware_prot", (("lord_gl0", 1), ("lord_gl0_unaware", -1)),
+             "LoRD with B' off at sampling on this attacker's copies minus on the unaware attacker's (positive: the "
+             "defended user is worse off against this attacker)"),
+    Contrast("lord_vs_unaware_prot", (("lord", 1), ("lord_unaware", -1)),
+             "the same for LoRD with B' live"),
     # Stage-1 data from another attack than the threat's (ASPL, ASPL + ACE) against the matched ACE-32 Stage 1
     # ('matched''s runs of the same replicates, read under the aliases *_ace)
     Contrast("removal_lord_vs_ace", (("lord", 1), ("lord_clean", -1), ("lord_ace", -1), ("lord_clean_ace", 1)),
@@ -405,6 +410,18 @@ for _w in EVASION_WEIGHTS:
         (), f"exploration: the gate-evasion attacker (weight {_w:g}) on the matched pilot's replicate (sizes 'evasion')",
         paired_with="matched_pilot", paired_methods=("clean", "lord_clean", "lord_clean_gl0"),
         borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32)
+# declared after the exploration above (EVIDENCE.md, "evasion"): the 'matched' replicates attacked by the
+# defense-aware mist-v2-32 with the gate-evasion term at weight 3 (the smallest explored weight that shut the gate);
+# laid out like 'adaptive' (clean-image runs and the unaware attacker's runs read from 'matched')
+EVASION_WEIGHT = 3.0
+EXPERIMENTS["evasion"] = Declared(
+    "evasion", EXPERIMENTS["adaptive"].methods, range(10, 18), {**ADAPTIVE_ATTACK, "gate_evasion": EVASION_WEIGHT},
+    ("removal_gl0", "removal_lord", "gl0_vs_unaware_prot"),
+    "confirmatory: against an attacker who computes mist-v2-32 through the replicate's LoRD and also pushes its "
+    "gate down (weight 3), does LoRD (B' off at sampling, and B' live) still remove damage, and is the defended "
+    "user (B' off) worse off than against the unaware attacker?",
+    paired_with="matched", paired_methods=("clean", "lord_clean", "lord_clean_gl0", "onebranch_clean"),
+    borrowed_stages=("stage1", "stage1_onebranch"), stage1_data=STAGE1_ACE_32, aliases=EXPERIMENTS["adaptive"].aliases)
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
 
