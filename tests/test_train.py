@@ -306,9 +306,14 @@ def test_stage1_aspl_protects_caption_sets_with_its_surrogate_loop(loaded, tmp_p
     """Stage-1 data from Anti-DreamBooth's ASPL: the images sharing a caption are protected together with
     the published surrogate loop (8-bit output within the budget), one run per set, cached per member;
     a member's copy depends on its set; aspl_ace gives odd images ACE; rounds are a config field."""
+    import comfy.model_management as mm
+
     from lord_ops import datasets as D
 
     model, clip, vae = loaded
+    # start from the base weights as loaded: after test_heldout_loss_is_paired_and_sees_the_patched_model the
+    # base MODEL's weights fingerprint differs from a fresh load until a reload (noticed 2026-12-03, open)
+    mm.unload_all_models()
     caps = ["a photo of a coat", "a photo of a dress", "a photo of a coat", "a photo of a dress", "a photo of a coat"]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
     data = data_mod.TrainingData(pictures(5, seed=3), conds, caps)
