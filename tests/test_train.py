@@ -178,6 +178,29 @@ def test_heldout_loss_is_paired_and_sees_the_patched_model(loaded):
     assert other["mean"] != a["mean"]
 
 
+def test_a_dropped_lord_clone_leaves_the_base_weights_as_they_are(loaded):
+    """A LoRD-patched clone used once and garbage-collected while loaded: ComfyUI hands its slot to the base
+    MODEL with the LoRD's weight patch still in the weights; loading the base for gradients must give the
+    base's own weights (an attack or Stage-1 copies computed right after would otherwise see the LoRD)."""
+    import gc
+
+    import comfy.model_management as mm
+    from lord_ops.comfy import grad
+    from lord_ops.comfy.patch import init_lord_for_model, weights_fingerprint
+    from lord_ops.comfy.subject_loss import heldout_loss
+
+    model, clip, vae = loaded
+    mm.unload_all_models()
+    grad.load_for_gradients(model, vae)
+    clean = weights_fingerprint(model, vae)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks person"))
+    lord = init_lord_for_model(model, "attn", 4, None, 8, "silu", 0, random_up=0.5)
+    heldout_loss(apply_lord(model, lord), vae, pictures(2, seed=5), cond, timesteps=(100,), draws=1, seed=3)
+    gc.collect()
+    grad.load_for_gradients(model, vae)
+    assert weights_fingerprint(model, vae) == clean
+
+
 def test_stage1_cache_is_reused(loaded, tmp_path):
     model, clip, vae = loaded
     data = make_data(clip, n=2)
@@ -306,14 +329,9 @@ def test_stage1_aspl_protects_caption_sets_with_its_surrogate_loop(loaded, tmp_p
     """Stage-1 data from Anti-DreamBooth's ASPL: the images sharing a caption are protected together with
     the published surrogate loop (8-bit output within the budget), one run per set, cached per member;
     a member's copy depends on its set; aspl_ace gives odd images ACE; rounds are a config field."""
-    import comfy.model_management as mm
-
     from lord_ops import datasets as D
 
     model, clip, vae = loaded
-    # start from the base weights as loaded: after test_heldout_loss_is_paired_and_sees_the_patched_model the
-    # base MODEL's weights fingerprint differs from a fresh load until a reload (noticed 2026-12-03, open)
-    mm.unload_all_models()
     caps = ["a photo of a coat", "a photo of a dress", "a photo of a coat", "a photo of a dress", "a photo of a coat"]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in caps]
     data = data_mod.TrainingData(pictures(5, seed=3), conds, caps)

@@ -56,10 +56,16 @@ def compute_device(patcher=None) -> torch.device:
 
 
 def is_loaded(patcher) -> bool:
-    """Whether ComfyUI has loaded exactly this patcher (with its own weight patches) for compute."""
+    """Whether ComfyUI has loaded exactly this patcher (with its own weight patches) for compute.
+
+    The weights must carry this patcher's patches: when a loaded clone is garbage-collected, ComfyUI
+    hands its slot to the clone's parent while the weights still hold the clone's patches (a LoRD's
+    weight patch on the base MODEL); ``load_models_gpu`` then sees the mismatch and re-patches."""
     import comfy.model_management as mm
 
-    return any(lm.model is patcher for lm in mm.current_loaded_models)
+    current = getattr(patcher.model, "current_weight_patches_uuid", None)
+    own = current is None or current == getattr(patcher, "patches_uuid", current)
+    return own and any(lm.model is patcher for lm in mm.current_loaded_models)
 
 
 def _modules(model_patcher=None, vae=None, clip=None) -> list[tuple[object, torch.nn.Module]]:
