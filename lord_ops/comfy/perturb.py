@@ -69,10 +69,15 @@ def surrogate_sets(indices: list, conditioning_keys: list, size: int = SURROGATE
     return [members[s:s + size] for members in by_caption.values() for s in range(0, len(members), size)]
 
 
+def _set_attack(attack, members: list):
+    """The attack of one surrogate set: seeded like the set's first image."""
+    return dataclasses.replace(attack, seed=image_seed(attack.seed, members[0]))
+
+
 def _set_params(attack, surrogate, data: TrainingData, members: list) -> dict:
-    """Cache key of each member of one surrogate set: the attack with the set's seed (that of its first
-    image), the schedule, the set's images (every member shapes the surrogate) and the member's place."""
-    seeded = dataclasses.replace(attack, seed=image_seed(attack.seed, members[0]))
+    """Cache key of each member of one surrogate set: the set's attack (:func:`_set_attack`), the
+    schedule, the set's images (every member shapes the surrogate) and the member's place."""
+    seeded = _set_attack(attack, members)
     digest = hashlib.sha256("".join(tensor_digest(data.images.raw[i]) for i in members).encode()).hexdigest()[:32]
     common = {**attack_params(seeded), "surrogate": dataclasses.asdict(surrogate), "set": digest,
               "rounded": "uint8"}
@@ -86,7 +91,7 @@ def protect_set(model_patcher, vae, data: TrainingData, members: list, attack, s
     them (8-bit levels within the budget); float32 ``[3, H, W]`` in [0, 1], one per member."""
     from .surrogate import protect_with_surrogate
 
-    seeded = dataclasses.replace(attack, seed=image_seed(attack.seed, members[0]))
+    seeded = _set_attack(attack, members)
     images = torch.stack([data.images[i] for i in members]).movedim(1, -1).float()
     progress = (lambda *a: check()) if check is not None else None
     out, _ = protect_with_surrogate(model_patcher, vae, data.conds[members[0]], images, seeded, surrogate,
