@@ -831,12 +831,15 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
     from matplotlib.figure import Figure
     from PIL import Image
 
+    read: dict = {}  # each results.json once (several methods come from the same run)
     for replicate in declared.replicates:
         rows = []
         for method in declared.methods:
             results, name = declared.source(out, method, replicate)
             try:
-                paths = json.loads(Path(results).read_text())["methods"][name]["samples"][:per_method]
+                if results not in read:
+                    read[results] = json.loads(Path(results).read_text())
+                paths = read[results]["methods"][name]["samples"][:per_method]
                 images = [np.asarray(Image.open(Path(results).parent / p).convert("RGB")) for p in paths]
             except (OSError, KeyError, ValueError):
                 break
