@@ -1,6 +1,7 @@
 """LoRD Protect (Attack): PGD/AdvDM, ACE, ACE+ and PhotoGuard perturbations of IMAGEs."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 from comfy_api.latest import io
@@ -56,6 +57,11 @@ class LoRDProtect(io.ComfyNode):
                                        "trains on the protected images alone."),
                 io.Conditioning.Input("class_positive", optional=True,
                                       tooltip="The class prompt of class_images (default: positive)."),
+                io.Float.Input("gate_evasion", default=0.0, min=0.0, max=1000.0, step=0.5, optional=True,
+                               tooltip="An attacker who knows the defense: the MODEL must carry a LoRD (Load LoRD "
+                                       "first); each attack step also pushes that LoRD's learned gate down by this "
+                                       "weight x the mean gate, so the defense does not switch its branch B' on "
+                                       "for the protected image. 0 = off. Not with photoguard (no UNet pass)."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="Perturbed images (8-bit exact, within strength)."),
@@ -66,7 +72,7 @@ class LoRDProtect(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, image, method, strength, step_size, steps, seed, low_memory, target=None,
-                preset="custom", class_images=None, class_positive=None):
+                preset="custom", class_images=None, class_positive=None, gate_evasion=0.0):
         import dataclasses
 
         import comfy.model_management
@@ -95,12 +101,30 @@ class LoRDProtect(io.ComfyNode):
                 shown = ("JPEG", Image.fromarray(arr), 512)
             pbar.update_absolute(done, total, shown)
 
-        perturbed, rep = protect(model, vae, positive, image, Protection(config, surrogate, target, class_images,
-                                                                        class_positive), on_progress)
+        weight = float(gate_evasion or 0.0)
+        if weight < 0:
+            raise ValueError(f"gate_evasion must be >= 0, got {weight}")
+        if weight and config.method == "photoguard":
+            raise ValueError("gate_evasion needs an attack that runs the diffusion model (pgd, ace, ace_plus or a "
+                             "surrogate preset); photoguard only attacks the VAE encoder, so no LoRD gate is read. "
+                             "Set gate_evasion to 0 or pick another method.")
+        with contextlib.ExitStack() as stack:
+            penalty = None
+            if weight:
+                from ..lord_ops.comfy.evasion import evading_gates
+
+                model, penalty = stack.enter_context(evading_gates(model, weight))
+            perturbed, rep = protect(model, vae, positive, image, Protection(config, surrogate, target, class_images,
+                                                                            class_positive, penalty), on_progress)
         report = {"preset": preset or "custom", "method": config.method, "strength_levels": config.epsilon,
                   "step_size_levels": config.step_size, "steps": config.steps, "seed": config.seed,
                   "surrogate": dataclasses.asdict(surrogate) if surrogate is not None else None,
                   "loss_traces": [[round(v, 6) for v in t] for t in rep["loss_traces"]]}
+        if penalty is not None:  # the LoRD's mean learned gate on the attack's first and last pass
+            gates = penalty.history
+            report["gate_evasion"] = {"weight": weight, "passes": len(gates),
+                                      "mean_gate_first_pass": round(gates[0], 6) if gates else None,
+                                      "mean_gate_last_pass": round(gates[-1], 6) if gates else None}
         if surrogate is not None:
             report["surrogate_losses"] = [{"round": r["round"], "clean": [round(v, 6) for v in r["clean_losses"]],
                                            "perturbed": [round(v, 6) for v in r["train_losses"]]} for r in rep["rounds"]]

@@ -152,6 +152,32 @@ def test_gate_evasion_pushes_the_lord_gate_down_on_the_protected_image(loaded, s
         GatePenalty(1.0)()
 
 
+def test_protect_node_gate_evasion_reports_the_gate_and_refuses_what_it_cannot_read(loaded):
+    """The Protect node's ``gate_evasion`` widget: through a LoRD-carrying MODEL the report traces the
+    LoRD's mean gate, which the attack pushes down, and the MODEL is left as it was; a MODEL without a
+    LoRD and photoguard (no UNet pass, so no gate) are refused with a message saying what to do."""
+    model, vae, cond = loaded
+    lord = patch.init_lord_for_model(model, random_up=0.05, seed=3)
+    for w in lord.targets.values():  # a gate that reads its input
+        w.gate_w1.mul_(20.0)
+        w.gate_w2.mul_(20.0)
+    lorded = patch.apply_lord(model, lord)
+    snap = _snapshot(lorded)
+    image = picture(h=32, w=32, seed=5)
+    evaded, _, text = LoRDProtect.execute(lorded, vae, cond, image, "pgd", 16.0, 4.0, 3, 1, False, None,
+                                          gate_evasion=100.0).args
+    report = json.loads(text)["gate_evasion"]
+    assert report["weight"] == 100.0 and report["passes"] == 3 and 0 < report["mean_gate_last_pass"] < 1, report
+    plain, _, text = LoRDProtect.execute(lorded, vae, cond, image, "pgd", 16.0, 4.0, 3, 1, False, None).args
+    assert "gate_evasion" not in json.loads(text)
+    assert _mean_gate(lorded, vae, cond, evaded) < _mean_gate(lorded, vae, cond, plain) - 1e-3
+    _assert_untouched(lorded, snap)
+    with pytest.raises(ValueError, match="no LoRD applied"):
+        LoRDProtect.execute(model, vae, cond, image, "pgd", 16.0, 4.0, 1, 1, False, None, gate_evasion=1.0)
+    with pytest.raises(ValueError, match="photoguard"):
+        LoRDProtect.execute(lorded, vae, cond, image, "photoguard", 16.0, 4.0, 1, 1, False, None, gate_evasion=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The published surrogate loops (mist-v2, ASPL, FSMG) on a real ComfyUI model
 
