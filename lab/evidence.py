@@ -171,6 +171,24 @@ METRICS = {
 PRIMARY = "heldout_loss"
 
 
+def family_question(entry: str) -> tuple[str, str]:
+    """``(metric, contrast)`` of one entry of a declared family: ``"removal_lord"`` asks it on the primary
+    metric, ``"target_corr:A"`` on another metric of :data:`METRICS` (a co-primary question, e.g. lab model 2's
+    "does the ACE target show in the samples?"). Every entry of a family is Holm-adjusted together."""
+    metric, sep, contrast = entry.partition(":")
+    if not sep:
+        return PRIMARY, entry
+    if metric not in METRICS:
+        raise ValueError(f"family entry {entry!r}: unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    return metric, contrast
+
+
+def family_of(result_or_declared, metric: str) -> set:
+    """The contrasts asked as declared questions on ``metric`` (``result["family"]`` or ``Declared.family``)."""
+    family = result_or_declared["family"] if isinstance(result_or_declared, dict) else result_or_declared.family
+    return {c for m, c in map(family_question, family) if m == metric}
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One attack setting of a dose-response experiment. Each replicate runs the plain LoRA on that
@@ -660,11 +678,13 @@ def summarise_gates(values: dict) -> dict:
 
 def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     """Every contrast whose methods were run, per metric: paired summary over the replicates every
-    method of the contrast has; the primary metric's declared family Holm-adjusted; LoRD's share of A."""
+    method of the contrast has; the declared family (primary-metric questions and any ``metric:contrast``
+    co-primary ones) Holm-adjusted together; LoRD's share of A."""
     from lord_ops import analysis as an
 
     out = {"experiment": declared.name, "purpose": declared.purpose, "methods": list(declared.methods),
            "primary": PRIMARY, "family": list(declared.family), "metrics": {}}
+    summaries = {}  # (metric, contrast) -> its summary, for the family's Holm correction
     for metric, (label, _, lower_better) in METRICS.items():
         per = values.get(metric, {})
         rows = {}
@@ -682,15 +702,8 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
             d = [sum(w * series[i][j] for i, (_, w) in enumerate(c.weights)) for j in range(len(reps))]
             summary = an.describe(d, seed=seed)
             rows[c.name] = {"question": c.question, "replicates": reps, **summary.to_dict(), "_summary": summary}
-        if metric == PRIMARY:
-            family = {k: rows[k]["_summary"] for k in declared.family if k in rows}
-            out["family_analysed"] = list(family)
-            if family:
-                an.apply_holm(family)
-                for k, s in family.items():
-                    rows[k]["p_holm"] = s.p_holm
-        for row in rows.values():
-            row.pop("_summary")
+        for name, row in rows.items():
+            summaries[metric, name] = row.pop("_summary")
         shares = {}  # per defended pair (protected, clean): the share of A that remains under it
         for prot, clean in REMAINING_PAIRS:
             if "A" not in rows or prot not in declared.methods or clean not in declared.methods:
@@ -708,6 +721,14 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
                                   "method_means": means, "remaining_share_under_lord": share,
                                   "remaining_shares": shares,
                                   "replicates": {m: sorted(per.get(m, {})) for m in declared.methods}}
+    asked = [(q, family_question(q)) for q in declared.family]
+    family = {q: summaries[key] for q, key in asked if key in summaries}
+    out["family_analysed"] = list(family)
+    if family:
+        an.apply_holm(family)
+        for q, (metric, name) in asked:
+            if q in family:
+                out["metrics"][metric]["contrasts"][name]["p_holm"] = family[q].p_holm
     primary = out["metrics"][PRIMARY]["contrasts"]
     a = primary.get("A")
     out["threat_gate"] = None if a is None else {
@@ -733,19 +754,21 @@ def markdown(result: dict) -> str:
     lines = [f"# Replicate analysis: {result['experiment']}", "", result["purpose"], "",
              "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
              "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
-             "declared family of the primary metric Holm's adjusted p. Decision rule (declared in EVIDENCE.md): "
+             "declared family (primary-metric questions and any co-primary ones) Holm's adjusted p. Decision rule (declared in EVIDENCE.md): "
              "a confirmatory question is answered when its Holm-adjusted p < 0.05 and its interval excludes 0.", ""]
     for metric, block in result["metrics"].items():
         primary = metric == result["primary"]
+        asked = family_of(result, metric)
         if not block["contrasts"] and not any(v is not None for v in block["method_means"].values()):
             continue  # not measured by these runs (e.g. a metric added after they were scored)
-        lines += [f"## {block['label']}" + (" (primary)" if primary else " (secondary, exploratory)"),
+        kind = " (primary)" if primary else " (co-primary: declared questions)" if asked else " (secondary, exploratory)"
+        lines += [f"## {block['label']}" + kind,
                   "", "lower is better" if block["lower_is_better"] else "higher is better", ""]
         means = ", ".join(f"{m} {v:.5g}" for m, v in block["method_means"].items() if v is not None)
         lines += [f"Method means over replicates: {means}.", ""]
         lines += ["| contrast | n | mean | 95% interval | d_z | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
         for name, row in block["contrasts"].items():
-            conf = primary and name in result["family"]
+            conf = name in asked
             holm = f"{row['p_holm']:.4g}" if row.get("p_holm") is not None else ""
             lines.append(f"| {name}{' *' if conf else ''} | {row['n']} | {row['mean']:+.4g} | "
                          f"{row['ci_low']:+.4g} to {row['ci_high']:+.4g} | {row['d_z']:+.2f} | {row['p']:.4g} | {holm} | "
@@ -806,13 +829,14 @@ def forest_png(result: dict) -> bytes:
     fig = Figure(figsize=(7, 0.45 * max(len(rows), 1) + 1.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    asked = family_of(result, result["primary"])
     for i, (name, row) in enumerate(reversed(rows)):
-        conf = name in result["family"]
+        conf = name in asked
         ax.plot([row["ci_low"], row["ci_high"]], [i, i], color="black" if conf else "grey")
         ax.plot([row["mean"]], [i], "o", color="black" if conf else "grey")
     ax.axvline(0, color="red", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([n + (" *" if n in result["family"] else "") for n, _ in reversed(rows)])
+    ax.set_yticklabels([n + (" *" if n in asked else "") for n, _ in reversed(rows)])
     ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
     ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
     return _png(fig)

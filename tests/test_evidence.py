@@ -6,6 +6,7 @@ subject sets are checked to be disjoint; the analysis maths (intervals, sign-fli
 tested against scipy and hand values in tests/test_analysis.py."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -264,14 +265,38 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
 
 
+def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
+    """A family entry 'metric:contrast' (lab model 2's "does the ACE target show in the samples?") is asked on
+    that metric, Holm-adjusted together with the primary-metric questions, starred in its section; an
+    unknown metric is refused."""
+    rng = np.random.default_rng(1)
+    reps = list(range(10, 20))
+    declared = dataclasses.replace(E.EXPERIMENTS["defense"], family=("A", "target_corr:A"))
+    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in E.METRICS}
+    result = E.analyse(values, declared)
+    primary = result["metrics"]["heldout_loss"]["contrasts"]["A"]
+    texture = result["metrics"]["target_corr"]["contrasts"]["A"]
+    assert result["family_analysed"] == ["A", "target_corr:A"]
+    assert [primary["p_holm"], texture["p_holm"]] == pytest.approx(list(an.holm(
+        {"A": primary["p"], "target_corr:A": texture["p"]}).values()))
+    assert result["metrics"]["fd"]["contrasts"]["A"]["p_holm"] is None
+    text = E.markdown(result)
+    assert "correlation of the samples with the ACE target (co-primary: declared questions)" in text
+    assert "| A * | 10 |" in text.split("correlation of the samples with the ACE target")[1].split("##")[0]
+    assert E.family_question("removal_lord") == ("heldout_loss", "removal_lord")
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        E.family_question("nope:A")
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
     for declared in E.EXPERIMENTS.values():
         names = {c.name: c for c in declared.contrasts}
         for question in declared.family:
-            assert question in names, (declared.name, question)
-            assert all(m in declared.methods for m in names[question].methods), (declared.name, question)
+            _, contrast = E.family_question(question)
+            assert contrast in names, (declared.name, question)
+            assert all(m in declared.methods for m in names[contrast].methods), (declared.name, question)
     assert set(E.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
     assert E.folder_methods("matched")[:len(E.DEFENSE_METHODS)] == E.DEFENSE_METHODS
 
