@@ -346,6 +346,16 @@ EXPERIMENTS["pilot_textures"] = Declared(
     "pilot_textures", ("clean", "attacking", "lord_clean", "lord"), range(0, 3), dict(MIST_4.attack), (),
     "exploration on lab model 2: the protocol end to end at 64 px, mist-v2 at its published 4 levels",
     lab="textures")
+# declared after that pilot (EVIDENCE.md, "textures"): issue 21's first question on lab model 2 -- does mist-v2 at its
+# published budget damage a plain LoRA of the held-out subject, in the held-out loss and in the attack's own
+# success signal (the ACE target's correlation with the samples), and does Gaussian-noise purification (the one
+# baseline that needs no Stage 1) undo it? Replicates 10-19 of lab/texture_data.
+EXPERIMENTS["textures"] = Declared(
+    "textures", ("clean", "attacking", "noise"), range(10, 20), dict(MIST_4.attack),
+    ("A", "target_corr:A", "noise_vs_plain_prot", "target_corr:noise_vs_plain_prot"),
+    "confirmatory on lab model 2 (64 px textures, subject 'wood'): does mist-v2 at its published budget (4 levels) "
+    "damage a plain LoRA of the held-out subject -- its held-out denoising loss, and does the ACE target show in "
+    "its samples? Does Gaussian-noise purification of the protected copies help?", lab="textures")
 # the B'-strength sweep at sampling (issue 20, experiment 3): the 'matched' LoRD's Stage-2 LoRAs sampled with B'
 # scaled by 0 (lord_gl0), 0.5, 1 (lord) and 2, on protected and on clean images. Sampling-time only: the
 # replicates' protect, Stage 1 and Stage-2 training are the 'matched' (or 'matched_pilot') folder's, reused.
