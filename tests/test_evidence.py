@@ -288,6 +288,24 @@ def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
         E.family_question("nope:A")
 
 
+def test_the_lab2_experiment_runs_on_its_own_subject_crops_with_noise_purification_and_no_stage1(tmp_path):
+    """'textures' (lab model 2): each replicate's own 8 wood crops at 64 px, mist-v2 at its published 4 levels,
+    the plain LoRA on clean, protected and noise-purified copies; its co-primary questions read the target
+    correlation; replicates disjoint from its pilot's."""
+    from lab.experiment import LABS
+
+    declared = E.EXPERIMENTS["textures"]
+    assert declared.lab == "textures" and len(declared.replicates) >= 10
+    assert not set(declared.replicates) & set(E.EXPERIMENTS["pilot_textures"].replicates)
+    assert {E.family_question(q) for q in declared.family} >= {("heldout_loss", "A"), ("target_corr", "A")}
+    config = E.write_replicate_config(tmp_path, declared, 10, "ci", tmp_path / "none.safetensors",
+                                      LABS["textures"].classifier)
+    text = config.read_text()
+    assert 'run = ["clean", "attacking", "noise"]' in text and "resolution = 64" in text
+    assert str(LABS["textures"].replicate_folder(10)) in text and 'preset = "mist_v2"' in text and "epsilon = 4.0" in text
+    assert 'class_name = "wood"' in text
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
