@@ -121,10 +121,7 @@ class LoRDProtect(io.ComfyNode):
                   "surrogate": dataclasses.asdict(surrogate) if surrogate is not None else None,
                   "loss_traces": [[round(v, 6) for v in t] for t in rep["loss_traces"]]}
         if penalty is not None:  # the LoRD's mean learned gate on the attack's first and last pass
-            gates = penalty.history
-            report["gate_evasion"] = {"weight": weight, "passes": len(gates),
-                                      "mean_gate_first_pass": round(gates[0], 6) if gates else None,
-                                      "mean_gate_last_pass": round(gates[-1], 6) if gates else None}
+            report["gate_evasion"] = penalty.summary()
         if surrogate is not None:
             report["surrogate_losses"] = [{"round": r["round"], "clean": [round(v, 6) for v in r["clean_losses"]],
                                            "perturbed": [round(v, 6) for v in r["train_losses"]]} for r in rep["rounds"]]

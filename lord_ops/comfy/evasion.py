@@ -44,6 +44,12 @@ class GatePenalty:
                 self._armed = False
         return armed
 
+    def summary(self) -> dict:
+        """The weight and the mean gate (0..1) of the attack's first and last pass read (its report)."""
+        gates = self.history
+        return {"weight": self.weight, "passes": len(gates), "mean_gate_first_pass": gates[0] if gates else None,
+                "mean_gate_last_pass": gates[-1] if gates else None}
+
     def __call__(self) -> torch.Tensor:
         live = [g for g in self._records if g.requires_grad]
         self._records.clear()

@@ -48,10 +48,7 @@ def run(ctx: ExperimentContext, folder: Path) -> dict:
 
     with evading_gates(ctx.lord_model(ctx.rt.models()[0], "stage1"), ctx.exp.attack_gate_evasion) as (model, penalty):
         result = _run(ctx, folder, model, penalty)
-    gates = penalty.history
-    result["attack"]["gate_evasion"] = {"weight": penalty.weight, "passes": len(gates),
-                                        "mean_gate_first_pass": gates[0] if gates else None,
-                                        "mean_gate_last_pass": gates[-1] if gates else None}
+    result["attack"]["gate_evasion"] = penalty.summary()
     return result
 
 
