@@ -183,10 +183,9 @@ def family_question(entry: str) -> tuple[str, str]:
     return metric, contrast
 
 
-def family_of(result_or_declared, metric: str) -> set:
-    """The contrasts asked as declared questions on ``metric`` (``result["family"]`` or ``Declared.family``)."""
-    family = result_or_declared["family"] if isinstance(result_or_declared, dict) else result_or_declared.family
-    return {c for m, c in map(family_question, family) if m == metric}
+def family_of(result: dict, metric: str) -> set:
+    """The contrasts that ``result``'s declared family asks on ``metric``."""
+    return {c for m, c in map(family_question, result["family"]) if m == metric}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,8 +763,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Replicate analysis: {result['experiment']}", "", result["purpose"], "",
              "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
              "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
-             "declared family (primary-metric questions and any co-primary ones) Holm's adjusted p. Decision rule (declared in EVIDENCE.md): "
-             "a confirmatory question is answered when its Holm-adjusted p < 0.05 and its interval excludes 0.", ""]
+             "declared family (primary-metric questions and any co-primary ones) Holm's adjusted p. "
+             "Decision rule (declared in EVIDENCE.md): a confirmatory question is answered when its Holm-adjusted "
+             "p < 0.05 and its interval excludes 0.", ""]
     for metric, block in result["metrics"].items():
         primary = metric == result["primary"]
         asked = family_of(result, metric)

@@ -101,13 +101,7 @@ class LoRDProtect(io.ComfyNode):
                 shown = ("JPEG", Image.fromarray(arr), 512)
             pbar.update_absolute(done, total, shown)
 
-        weight = float(gate_evasion or 0.0)
-        if weight < 0:
-            raise ValueError(f"gate_evasion must be >= 0, got {weight}")
-        if weight and config.method == "photoguard":
-            raise ValueError("gate_evasion needs an attack that runs the diffusion model (pgd, ace, ace_plus or a "
-                             "surrogate preset); photoguard only attacks the VAE encoder, so no LoRD gate is read. "
-                             "Set gate_evasion to 0 or pick another method.")
+        weight = float(gate_evasion or 0.0)  # 0: off; GatePenalty refuses a negative weight
         with contextlib.ExitStack() as stack:
             penalty = None
             if weight:

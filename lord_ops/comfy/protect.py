@@ -100,6 +100,10 @@ def protect(model_patcher, vae, conditioning, images_bhwc: torch.Tensor, protect
     attack, surrogate, target_bhwc = protection.attack, protection.surrogate, protection.target
     class_images, class_conditioning = protection.class_images, protection.class_conditioning
     check_8bit_budget(attack.epsilon, "strength (epsilon)")
+    if protection.gate_penalty is not None and attack.method == "photoguard":
+        raise ValueError("gate_evasion needs an attack that runs the diffusion model (pgd, ace, ace_plus or a "
+                         "surrogate preset); photoguard only attacks the VAE encoder, so no LoRD gate is read. "
+                         "Set gate_evasion to 0 or pick another method.")
     if surrogate is not None:
         from .surrogate import protect_with_surrogate
 
