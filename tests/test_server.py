@@ -183,20 +183,29 @@ def test_workflow_conversion_uses_object_info(server):
     assert by_type["LoraLoader"]["model"][0] in api and api[by_type["LoraLoader"]["model"][0]]["class_type"] == "LoRDLoader"
 
 
-# The only change the tests make to a shipped workflow: the training workflows' trainer nodes
-# (Train LoRD / Train LoRA with LoRD) get this many steps instead of the shipped 1000 / 800, so
-# that they run in seconds on a CPU. Every other node and widget is sent as the frontend queues it.
+# The only changes the tests make to a shipped workflow are iteration counts, so that it runs in
+# seconds on a CPU: the trainer nodes (Train LoRD / Train LoRA with LoRD) get TRAINING_STEPS steps
+# instead of the shipped 1000 / 800, and KSampler SAMPLING_STEPS steps instead of 20 (at the
+# shipped 512 px, 20 steps of the SD15-geometry checkpoint cost 4-9 minutes of a 2-core CI run and
+# exercise nothing 2 steps do not). Every other node and widget (sizes, models, gate settings) is
+# sent as the frontend queues it.
 TRAINING_STEPS = 2
+SAMPLING_STEPS = 2
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
 
 
 def shipped_prompt(server, workflow: Path, steps: int = TRAINING_STEPS, **trainer_values) -> dict:
-    """The API prompt of a shipped workflow (converted with the server's /object_info); for a
-    training workflow with ``steps`` (and any ``trainer_values``) set on its trainer nodes."""
+    """The API prompt of a shipped workflow (converted with the server's /object_info), its samplers
+    with SAMPLING_STEPS steps; for a training workflow with ``steps`` (and any ``trainer_values``) set
+    on its trainer nodes."""
     from tools.workflow_api import is_training_workflow, with_trainer_settings
     from tools.workflow_api import load_workflow, ui_to_api
 
     data = load_workflow(workflow)
     prompt = ui_to_api(data, server.object_info())
+    for node in prompt.values():
+        if node["class_type"] in SAMPLERS:
+            node["inputs"]["steps"] = SAMPLING_STEPS
     if is_training_workflow(data):
         with_trainer_settings(prompt, steps=steps, **trainer_values)
     else:
@@ -210,8 +219,9 @@ def cached_nodes(entry) -> set:
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_every_shipped_workflow_runs_unchanged(server, workflow):
-    """Every workflow in workflows/ runs on the server as the frontend would queue it (training
-    workflows with TRAINING_STEPS steps, nothing else changed) and writes its images or model files."""
+    """Every workflow in workflows/ runs on the server as the frontend would queue it (trainers with
+    TRAINING_STEPS steps, samplers with SAMPLING_STEPS, nothing else changed: the defended generation at
+    its shipped 512 px) and writes its images or model files."""
     prompt = shipped_prompt(server, workflow)
     entry = server.run_prompt(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", {k: v for k, v in entry["status"]["messages"][-1][1].items()
@@ -329,13 +339,11 @@ def test_training_workflows_chain_into_defended_generation(server):
     assert lora_prov["stage"] == "stage2" and lora_prov["steps_trained"] == 3 and lora_prov["lord_live"] is True
     assert lora_prov["dataset"]["images"] == 3
 
-    # 64x64 and 2 sampler steps instead of 512x512 and 20 (the unchanged workflow runs in the test above)
+    # 64x64 instead of 512x512 (the workflow at its shipped size runs in the test above)
     gen = shipped_prompt(server, ROOT / "workflows" / "lord_defended_generation.json")
     for node in gen.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
     e3 = server.run_prompt(gen, timeout=600)
     assert e3["status"]["status_str"] == "success", e3["status"]
     # the LoRA is loaded again and sampled with (Load LoRD's output may come from the Stage-2 run,
