@@ -151,6 +151,12 @@ CONTRASTS = (
     Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
              "Gaussian-noise purification (sigma 0.05 of the [0, 1] range) of the protected images, then a plain "
              "LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
+    Contrast("jpeg_vs_plain_prot", (("jpeg", 1), ("attacking", -1)),
+             "JPEG purification (quality 75) of the protected images, then a plain LoRA, minus the plain LoRA on the "
+             "protected images (negative: the purifier helps)"),
+    Contrast("diffpure_vs_plain_prot", (("diffpure", 1), ("attacking", -1)),
+             "DiffPure-style purification (noised to strength 0.2, denoised by the base model) of the protected images, "
+             "then a plain LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
 )
 
 # (defended method on protected images, the same on clean images): the share of A remaining is reported for each
@@ -355,6 +361,21 @@ EXPERIMENTS["textures"] = Declared(
     "confirmatory on lab model 2 (64 px textures, subject 'wood'): does mist-v2 at its published budget (4 levels) "
     "damage a plain LoRA of the held-out subject -- its held-out denoising loss, and does the ACE target show in "
     "its samples? Does Gaussian-noise purification of the protected copies help?", lab="textures")
+# exploration on lab model 2 (pilot_textures' replicates 0-2, never confirmatory): the defense comparison's pilot.
+# The PGD-2 Stage-1 gate stayed at 0.500 on lab 2 as on lab 1, so Stage 1 (LoRD and the one-branch control)
+# trains on copies matched to the threat: ACE, mist-v2's objective, at the threat's 4 levels and step against the
+# fixed model. Then LoRD (B' live, and B' off at sampling), the one-branch control and the purification baselines
+# on pilot_textures' protected copies (borrowed: the same mist-v2-4 copies, same seeds); the plain runs on clean
+# and protected images are read from pilot_textures. Sizes the declared lab-2 defense comparison.
+STAGE1_ACE_4 = {"preset": "ace_fixed", "epsilon": 4.0, "step_size": MIST_4.attack["step_size"]}
+TEXTURE_DEFENSES = ("lord_clean", "lord", "lord_clean_gl0", "lord_gl0", "onebranch_clean", "onebranch", "noise",
+                    "jpeg", "diffpure")
+EXPERIMENTS["pilot_textures_defense"] = Declared(
+    "pilot_textures_defense", ("clean", "attacking") + TEXTURE_DEFENSES, range(0, 3), dict(MIST_4.attack), (),
+    "exploration on lab model 2: Stage 1 on ACE-4 copies (matched to mist-v2-4) -- does its gate separate, and how "
+    "large are LoRD's, the one-branch control's and the purifiers' contrasts against mist-v2 at its published "
+    "budget?", paired_with="pilot_textures", paired_methods=("clean", "attacking"), borrowed_stages=("protect",),
+    stage1_data=STAGE1_ACE_4, lab="textures")
 # the B'-strength sweep at sampling (issue 20, experiment 3): the 'matched' LoRD's Stage-2 LoRAs sampled with B'
 # scaled by 0 (lord_gl0), 0.5, 1 (lord) and 2, on protected and on clean images. Sampling-time only: the
 # replicates' protect, Stage 1 and Stage-2 training are the 'matched' (or 'matched_pilot') folder's, reused.

@@ -306,6 +306,38 @@ def test_the_lab2_experiment_runs_on_its_own_subject_crops_with_noise_purificati
     assert 'class_name = "wood"' in text
 
 
+def test_the_lab2_defense_pilot_trains_stage1_on_ace4_copies_and_borrows_the_pilot_protected_copies(tmp_path):
+    """'pilot_textures_defense' (exploration on lab model 2): Stage 1 on ACE copies at the threat's 4 levels and
+    step, LoRD / one-branch / purifier runs of its own on pilot_textures' protected copies (borrowed), the plain
+    runs read from pilot_textures; exploration replicates only; each purifier has its contrast."""
+    from lab.experiment import LABS
+
+    declared = E.EXPERIMENTS["pilot_textures_defense"]
+    assert declared.lab == "textures" and set(declared.replicates) <= set(E.EXPLORATION)
+    assert set(declared.replicates) <= set(E.EXPERIMENTS["pilot_textures"].replicates)
+    assert declared.own_methods == E.TEXTURE_DEFENSES and declared.borrowed_stages == ("protect",)
+    config = E.write_replicate_config(tmp_path, declared, 1, "ci", tmp_path / "none.safetensors",
+                                      LABS["textures"].classifier).read_text()
+    stage1 = config.split("[stage1]")[1].split("[stage2]")[0]
+    assert 'attack_preset = "ace_fixed"' in stage1 and "attack_epsilon = 4.0" in stage1
+    assert "attack_step_size = 0.6375" in stage1 and "resolution = 64" in config
+    assert 'preset = "mist_v2"' in config.split("[attack]")[1] and "jpeg" in config and "diffpure" in config
+    pilot = tmp_path / "pilot_textures" / "r001" / "run" / "report" / "results.json"
+    assert declared.source(tmp_path, "attacking", 1) == (pilot, "attacking")
+    assert declared.source(tmp_path, "jpeg", 1)[0] == tmp_path / "pilot_textures_defense" / "r001" / "run" / "report" / "results.json"
+    names = {c.name: c for c in declared.contrasts}
+    for purifier in ("noise", "jpeg", "diffpure"):
+        assert dict(names[f"{purifier}_vs_plain_prot"].weights) == {purifier: 1, "attacking": -1}
+    # the borrowed protect stage is copied once, without its lock
+    source = tmp_path / "pilot_textures" / "r001" / "run" / "stages" / "protect"
+    source.mkdir(parents=True)
+    (source / "stage.json").write_text("{}")
+    (source / "lock").write_text("1@host")
+    assert E.borrow_stages(tmp_path, declared, 1) == ["protect"] and E.borrow_stages(tmp_path, declared, 1) == []
+    copied = tmp_path / "pilot_textures_defense" / "r001" / "run" / "stages" / "protect"
+    assert (copied / "stage.json").is_file() and not (copied / "lock").exists()
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
