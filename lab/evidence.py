@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from lab.experiment import ATTACK, LABS
+from training.experiment_config import Experiment as ExperimentSettings
 
 SEED_BASE = 1000
 # finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
@@ -62,6 +63,15 @@ class Contrast:
         return tuple(m for m, _ in self.weights)
 
 
+# the runner's purification settings (training.experiment_config's defaults, which lab.experiment's configs keep),
+# named in the purifier contrasts' questions
+_RUNNER = {f.name: f.default for f in dataclasses.fields(ExperimentSettings)}
+PURIFIER_SETTINGS = (
+    ("noise", f"Gaussian-noise purification (sigma {_RUNNER['noise_sigma']:g} of the [0, 1] range)"),
+    ("jpeg", f"JPEG purification (quality {_RUNNER['jpeg_quality']})"),
+    ("diffpure", f"DiffPure-style purification (noised to strength {_RUNNER['diffpure_strength']:g}, denoised by the "
+                 "base model)"),
+)
 CONTRASTS = (
     Contrast("A", (("attacking", 1), ("clean", -1)),
              "attack effect: plain LoRA on protected minus plain LoRA on clean images"),
@@ -148,15 +158,10 @@ CONTRASTS = (
              "the same with B' off at sampling"),
     Contrast("cost_g10", (("lord_clean_g10", 1), ("clean", -1)),
              "gate 1 in training / 0 at sampling on clean minus plain LoRA on clean"),
-    Contrast("noise_vs_plain_prot", (("noise", 1), ("attacking", -1)),
-             "Gaussian-noise purification (sigma 0.05 of the [0, 1] range) of the protected images, then a plain "
-             "LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
-    Contrast("jpeg_vs_plain_prot", (("jpeg", 1), ("attacking", -1)),
-             "JPEG purification (quality 75) of the protected images, then a plain LoRA, minus the plain LoRA on the "
-             "protected images (negative: the purifier helps)"),
-    Contrast("diffpure_vs_plain_prot", (("diffpure", 1), ("attacking", -1)),
-             "DiffPure-style purification (noised to strength 0.2, denoised by the base model) of the protected images, "
-             "then a plain LoRA, minus the plain LoRA on the protected images (negative: the purifier helps)"),
+    # each purification baseline against the plain LoRA on the protected images (<purifier>_vs_plain_prot)
+    *(Contrast(f"{purifier}_vs_plain_prot", ((purifier, 1), ("attacking", -1)),
+               f"{what} of the protected images, then a plain LoRA, minus the plain LoRA on the protected images "
+               "(negative: the purifier helps)") for purifier, what in PURIFIER_SETTINGS),
 )
 
 # (defended method on protected images, the same on clean images): the share of A remaining is reported for each
