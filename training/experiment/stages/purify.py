@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lord_ops.comfy.generate import diffpure
+from lord_ops.comfy.generate import diffpure_conditioned
 from lord_ops.purify import gaussian_noise, jpeg_recompress
 from training.experiment.context import ExperimentContext, sampling_config
 from training.experiment.images import hwc, save_png
@@ -48,12 +48,14 @@ def run(ctx: ExperimentContext, folder: Path, purifier: str) -> dict:
         for i, n in enumerate(ctx.names):
             save_png(out / f"{n}.png", done[i].permute(2, 0, 1))
         return {"images": len(ctx.names), "sigma": exp.noise_sigma}
-    model, clip, vae = ctx.rt.models()
+    model, _, vae = ctx.rt.models()
     cfg = sampling_config(exp, steps=exp.diffpure_steps, batch_size=1)
+    positive, negative = ctx.rt.encode(exp.class_text), ctx.rt.encode(cfg.negative)
     for i, n in enumerate(ctx.names):
         if (out / f"{n}.png").is_file():
             continue
-        done = diffpure(model, clip, vae, hwc([prot[n]]), exp.class_text, exp.diffpure_strength, exp.seed + i, cfg)
+        done = diffpure_conditioned(model, vae, hwc([prot[n]]), positive, negative, exp.diffpure_strength,
+                                    exp.seed + i, cfg)
         save_png(out / f"{n}.png", done[0].permute(2, 0, 1))
         ctx.log(f"    diffpure: {i + 1}/{len(ctx.names)}")
     return {"images": len(ctx.names), "strength": exp.diffpure_strength, "steps": exp.diffpure_steps,

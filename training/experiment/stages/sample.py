@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lord_ops.comfy.generate import text_to_image
+from lord_ops.comfy.generate import sample_images
 from training.experiment.context import ExperimentContext, sampling_config
 from training.experiment.images import save_png
 from training.experiment.methods import Variant
@@ -27,7 +27,6 @@ def stage(ctx: ExperimentContext, v: Variant) -> Stage:
 
 def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
     exp, s = ctx.exp, ctx.exp.sampling
-    clip = ctx.rt.models()[1]
     model, vae = ctx.method_model(v)
     cfg = sampling_config(exp)
     out = folder / "images"
@@ -41,5 +40,6 @@ def run(ctx: ExperimentContext, folder: Path, v: Variant) -> dict:
             if (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo):
                 ctx.log(f"    sample {v.id}: {j + 1}/{len(todo)}")
 
-        text_to_image(model, clip, vae, exp.prompt, [s.seed + i for i in todo], cfg, on_image=on_image)
+        sample_images(model, vae, ctx.rt.encode(exp.prompt), ctx.rt.encode(cfg.negative), [s.seed + i for i in todo],
+                      cfg, on_image=on_image)
     return {"images": [f"images/{i:04d}.png" for i in range(s.images)], "seeds": [s.seed + i for i in range(s.images)]}
