@@ -162,6 +162,12 @@ CONTRASTS = (
     *(Contrast(f"{purifier}_vs_plain_prot", ((purifier, 1), ("attacking", -1)),
                f"{what} of the protected images, then a plain LoRA, minus the plain LoRA on the protected images "
                "(negative: the purifier helps)") for purifier, what in PURIFIER_SETTINGS),
+    # the Stage-2 PGD-2 defense (adversarial training on PGD-2 copies of the protected images; the paper's baseline)
+    Contrast("pgd2_vs_plain_prot", (("pgd2_defense", 1), ("attacking", -1)),
+             "the Stage-2 PGD-2 defense on protected minus plain LoRA on protected (negative: it helps)"),
+    Contrast("lord_vs_pgd2_prot", (("lord", 1), ("pgd2_defense", -1)),
+             "LoRD on protected minus the Stage-2 PGD-2 defense on protected (negative: LoRD beats the paper's "
+             "baseline)"),
 )
 
 # (defended method on protected images, the same on clean images): the share of A remaining is reported for each
@@ -374,7 +380,7 @@ EXPERIMENTS["textures"] = Declared(
 # and protected images are read from pilot_textures. Sizes the declared lab-2 defense comparison.
 STAGE1_ACE_4 = {"preset": "ace_fixed", "epsilon": 4.0, "step_size": MIST_4.attack["step_size"]}
 TEXTURE_DEFENSES = ("lord_clean", "lord", "lord_clean_gl0", "lord_gl0", "onebranch_clean", "onebranch", "noise",
-                    "jpeg", "diffpure")
+                    "jpeg", "diffpure", "pgd2_defense")  # pgd2_defense: added 2026-12-03 before any run finished
 EXPERIMENTS["pilot_textures_defense"] = Declared(
     "pilot_textures_defense", ("clean", "attacking") + TEXTURE_DEFENSES, range(0, 3), dict(MIST_4.attack), (),
     "exploration on lab model 2: Stage 1 on ACE-4 copies (matched to mist-v2-4) -- does its gate separate, and how "

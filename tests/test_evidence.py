@@ -328,6 +328,7 @@ def test_the_lab2_defense_pilot_trains_stage1_on_ace4_copies_and_borrows_the_pil
     names = {c.name: c for c in declared.contrasts}
     for purifier in ("noise", "jpeg", "diffpure"):
         assert dict(names[f"{purifier}_vs_plain_prot"].weights) == {purifier: 1, "attacking": -1}
+    assert 'pgd2_defense' in config and dict(names["lord_vs_pgd2_prot"].weights) == {"lord": 1, "pgd2_defense": -1}
     # the borrowed protect stage is copied once, without its lock
     source = tmp_path / "pilot_textures" / "r001" / "run" / "stages" / "protect"
     source.mkdir(parents=True)
