@@ -5,8 +5,9 @@ PY := .venv/bin/python
 setup:
 	bash tools/setup_env.sh
 
+# on every core (at most 4 workers), whole files per worker, the longest files first (tests/conftest.py)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(PY) -m lab.demo --out demo_output
