@@ -209,3 +209,26 @@ def test_purify_node_schema():
     inputs = LoRDPurify.INPUT_TYPES()
     assert list(inputs["required"]) == ["image", "method", "jpeg_quality", "strength", "steps", "cfg", "seed"]
     assert list(inputs["optional"]) == ["model", "vae", "positive", "negative", "sampler_name", "scheduler"]
+
+
+def test_the_runner_encodes_a_prompt_once_for_training_and_sampling(loaded, monkeypatch):
+    """The experiment runner's ``Runtime.encode`` runs CLIP once per prompt and process (Stage 1 asks once per
+    image, and captions repeat); what it returns equals a fresh encoding and is an ordinary tensor without
+    gradient, usable both in training (autograd) and under inference mode."""
+    from training.experiment.context import Runtime
+
+    model, clip, vae = loaded
+    runtime = Runtime(exp=None, log=lambda message: None)
+    runtime._models = (model, clip, vae)
+    calls = []
+    encode = clip.encode_from_tokens_scheduled
+    monkeypatch.setattr(clip, "encode_from_tokens_scheduled", lambda tokens, **kw: calls.append(1) or encode(tokens, **kw))
+    first, again, other = runtime.encode(PROMPT), runtime.encode(PROMPT), runtime.encode("a photo of a dog")
+    assert first is again and len(calls) == 2 and other is not first
+    tensor = first[0][0]
+    assert not tensor.requires_grad and not tensor.is_inference()
+    monkeypatch.undo()
+    assert torch.equal(tensor, G.encode_prompt(clip, PROMPT)[0][0])
+    weight = torch.ones(1, requires_grad=True)
+    (tensor * weight).sum().backward()  # training may build on it
+    assert weight.grad is not None
