@@ -387,6 +387,23 @@ EXPERIMENTS["pilot_textures_defense"] = Declared(
     "large are LoRD's, the one-branch control's and the purifiers' contrasts against mist-v2 at its published "
     "budget?", paired_with="pilot_textures", paired_methods=("clean", "attacking"), borrowed_stages=("protect",),
     stage1_data=STAGE1_ACE_4, lab="textures")
+# declared before any of its runs and before any Stage-2 result of the pilot above (EVIDENCE.md, "textures_defense"):
+# issue 21's defense comparison on "textures"' replicates 10-19, where mist-v2 at its published 4 levels damages a
+# plain LoRA. Own runs: Stage 1 (LoRD and the one-branch control) on ACE-4 copies, the LoRD runs (B' live, and B'
+# off at sampling), the one-branch control, JPEG, DiffPure-style and the Stage-2 PGD-2 defense on the replicates'
+# protected copies (the protect stage is borrowed from "textures": the same mist-v2-4 copies, same seeds); the plain
+# runs on clean and protected images and the Gaussian-noise run are read from "textures".
+TEXTURE_DEFENSE_FAMILY = ("removal_lord", "removal_gl0", "gl0_vs_onebranch_prot", "pgd2_vs_plain_prot",
+                          "jpeg_vs_plain_prot", "diffpure_vs_plain_prot", "target_corr:removal_lord",
+                          "target_corr:removal_gl0")
+EXPERIMENTS["textures_defense"] = Declared(
+    "textures_defense", ("clean", "attacking", "noise") + tuple(m for m in TEXTURE_DEFENSES if m != "noise"),
+    range(10, 20), dict(MIST_4.attack), TEXTURE_DEFENSE_FAMILY,
+    "confirmatory on lab model 2: against mist-v2 at its published budget (4 levels), how much of the damage to a "
+    "plain LoRA do LoRD (Stage 1 on ACE-4 copies; B' live, and B' off at sampling), the one-branch control, the "
+    "Stage-2 PGD-2 defense, JPEG and DiffPure-style purification remove -- in the held-out loss and in the ACE "
+    "target's correlation with the samples?", paired_with="textures", paired_methods=("clean", "attacking", "noise"),
+    borrowed_stages=("protect",), stage1_data=STAGE1_ACE_4, lab="textures")
 # the B'-strength sweep at sampling (issue 20, experiment 3): the 'matched' LoRD's Stage-2 LoRAs sampled with B'
 # scaled by 0 (lord_gl0), 0.5, 1 (lord) and 2, on protected and on clean images. Sampling-time only: the
 # replicates' protect, Stage 1 and Stage-2 training are the 'matched' (or 'matched_pilot') folder's, reused.

@@ -339,6 +339,29 @@ def test_the_lab2_defense_pilot_trains_stage1_on_ace4_copies_and_borrows_the_pil
     assert (copied / "stage.json").is_file() and not (copied / "lock").exists()
 
 
+def test_the_lab2_defense_comparison_pairs_with_textures_and_reads_its_plain_and_noise_runs(tmp_path):
+    """'textures_defense' (confirmatory on lab model 2): "textures"' confirmatory replicates, its protected copies
+    borrowed, its clean / attacking / noise runs read from it; Stage 1 on ACE-4 copies; the family names
+    LoRD's removal (B' live and off at sampling), the one-branch control and every other baseline, and the
+    target correlation co-primary."""
+    from lab.experiment import LABS
+
+    declared = E.EXPERIMENTS["textures_defense"]
+    assert declared.replicates == E.EXPERIMENTS["textures"].replicates == range(10, 20)
+    assert set(declared.replicates) <= set(E.CONFIRMATORY) and declared.lab == "textures"
+    assert declared.attack == E.EXPERIMENTS["textures"].attack and declared.stage1_data == E.STAGE1_ACE_4
+    assert declared.borrowed_stages == ("protect",) and "noise" not in declared.own_methods
+    assert {"lord", "lord_gl0", "onebranch", "jpeg", "diffpure", "pgd2_defense"} <= set(declared.own_methods)
+    textures = tmp_path / "textures" / "r012" / "run" / "report" / "results.json"
+    for method in ("clean", "attacking", "noise"):
+        assert declared.source(tmp_path, method, 12) == (textures, method)
+    assert declared.source(tmp_path, "lord_gl0", 12)[0] == tmp_path / "textures_defense" / "r012" / "run" / "report" / "results.json"
+    assert {"removal_gl0", "pgd2_vs_plain_prot", "target_corr:removal_gl0"} <= set(declared.family)
+    config = E.write_replicate_config(tmp_path, declared, 12, "ci", tmp_path / "none.safetensors",
+                                      LABS["textures"].classifier).read_text()
+    assert str(LABS["textures"].replicate_folder(12)) in config and 'attack_preset = "ace_fixed"' in config
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
