@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
+
+COMFYUI = ensure_comfyui_importable()
+PACK = import_pack()
+
 
 def _share_cores_between_xdist_workers() -> None:
     """Under ``pytest -n N`` (``make test``), give each worker its share of the CPU cores, for torch here and
@@ -42,11 +47,6 @@ LONGEST_FILES_FIRST = ("test_scripts.py", "test_lab_textures.py", "test_experime
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
-
-from lord_ops.comfy.bootstrap import ensure_comfyui_importable, import_pack
-
-COMFYUI = ensure_comfyui_importable()
-PACK = import_pack()
 
 
 @pytest.fixture(scope="session")

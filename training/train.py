@@ -232,7 +232,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
 
     from lord_ops import tool_version
     from lord_ops.comfy.data import TrainingData
-    from lord_ops.comfy.generate import encode_prompt
+    from lord_ops.comfy.generate import cached_encoder
     from lord_ops.comfy.heldout import HeldOut
     from lord_ops.comfy.kohya import kohya_metadata
     from lord_ops.comfy.patch import apply_lord, model_family
@@ -243,13 +243,7 @@ def run(args, config: TrainConfig, items, class_items, out: Path, log, show: boo
 
     t0 = time.time()
     model, clip, vae = load_checkpoint_models(Path(args.checkpoint))
-    conditionings: dict = {}
-
-    def encode(text: str):  # once per caption: a DreamBooth class set repeats one caption hundreds of times
-        if text not in conditionings:
-            conditionings[text] = encode_prompt(clip, text)
-        return conditionings[text]
-
+    encode = cached_encoder(clip)  # once per caption: a DreamBooth class set repeats one caption hundreds of times
     data = TrainingData([it.image for it in items], [encode(it.caption) for it in items], [it.caption for it in items],
                         [it.image for it in class_items], [encode(it.caption) for it in class_items])
     global_batch = config.batch_size * config.grad_accumulation * world

@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from lord_ops import metric_models as mm
 from lord_ops.comfy.bootstrap import load_checkpoint_models
-from lord_ops.comfy.generate import SamplingConfig, encode_prompt
+from lord_ops.comfy.generate import SamplingConfig, cached_encoder
 from lord_ops.comfy.patch import apply_lord
 from lord_ops.datasets import tensor_digest
 from lord_ops.format import load_lord_file
@@ -33,7 +31,7 @@ class Runtime:
         self.exp, self.log = exp, log
         self._models = None
         self._metric_models: dict = {}
-        self._conditionings: dict = {}
+        self._encode = None
 
     def models(self):
         """``(MODEL, CLIP, VAE)`` of the checkpoint, loaded once per process."""
@@ -44,14 +42,10 @@ class Runtime:
         return self._models
 
     def encode(self, text: str):
-        """The CLIP conditioning of ``text``, encoded once per process (CLIP-L costs about 1 s a prompt on one CPU
-        core, and Stage 1 alone encodes one caption per image though a few captions repeat). Encoded under
-        ``no_grad`` so that training and sampling can both use it; callers read it and never modify it (ComfyUI's
-        sampler and ``lord_ops.comfy.grad`` copy its dicts)."""
-        if text not in self._conditionings:
-            with torch.no_grad():
-                self._conditionings[text] = encode_prompt(self.models()[1], text)
-        return self._conditionings[text]
+        """The CLIP conditioning of ``text``, encoded once per process (``cached_encoder``)."""
+        if self._encode is None:
+            self._encode = cached_encoder(self.models()[1])
+        return self._encode(text)
 
     def metric_model(self, kind: str):
         """The metric network ``clip_iqa``, ``inception`` or ``extractor`` ([metrics]), loaded once."""
