@@ -45,7 +45,7 @@ Measured:
                                  [--mist-schedule 2,2,2] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
-(a smoke run: tiny UNet, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration, 1 LoRA step)
+(a smoke run: tiny UNet, random TAESD, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration, 1 LoRA step)
 or ``--md ''``. The full run keeps to ``--budget-min`` (default 26, above the ~20 min the defaults
 took on a 2-core Xeon VM, where an 18 min budget skipped the second mist_v2 run) minutes: a size or a mist_v2 run whose projected cost does not fit is skipped and the section
 says so. Default timed rounds: 2 at 256 px (was 3, to make room for the mist_v2 runs), 3 at 512 px.
@@ -580,12 +580,14 @@ def write_markdown(path: pathlib.Path, times, mems, skipped, facts, args, mists=
 
 def main(argv=None) -> None:
     B.import_comfy()
-    ap = B.new_parser(__doc__, quick="smoke run: tiny UNet, 64 px, 1 iteration, mist_v2 2x1+1, no markdown",
+    ap = B.new_parser(__doc__,
+                      quick="smoke run: tiny UNet, random TAESD, 64 px, 1 iteration, mist_v2 2x1+1, no markdown",
                       steps="iterations per timed run (default: 256 px 2, 512 px 1)",
                       repeats="timed rounds (default: 2 below 512 px, 3 at 512 px)")
     ap.add_argument("--sizes", default=None, help="image sizes in px, multiples of 8 (default 256,512; quick 64)")
     ap.add_argument("--unet", default=None, choices=("sd15", "tiny"), help="default sd15 (quick: tiny)")
-    ap.add_argument("--vae", default="kl", choices=("kl", "taesd"), help="kl: real SD1.5 VAE geometry (default)")
+    ap.add_argument("--vae", default=None, choices=("kl", "taesd"),
+                    help="kl: real SD1.5 VAE geometry (default; quick: taesd, the smoke run's small model)")
     ap.add_argument("--budget-min", type=float, default=26.0,
                     help="skip a size or a mist_v2 run whose projected cost would not fit (default 26; the defaults "
                          "take about 20)")
@@ -605,6 +607,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.unet is None:
         args.unet = "tiny" if args.quick else "sd15"
+    if args.vae is None:
+        args.vae = "taesd" if args.quick else "kl"
     if args.worker:
         res = {"time": worker_time, "mem": worker_mem, "mist": worker_mist}[args.worker](args)
         B.emit_result(res)
