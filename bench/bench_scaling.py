@@ -21,8 +21,8 @@ size 1, 2, 4 at 256 px. Training stops at 512 px to keep the run near 15 min (se
                                   [--work DIR] [--json PATH] [--md PATH] [--png PATH]
 
 Writes ``docs/bench/scaling.png`` and its own section of ``BENCHMARKS.md`` (between the
-``bench_scaling`` markers) unless ``--quick`` (a smoke run: 64 and 128 px, batch 1 and 2 at 64 px,
-1 step x 2 rounds; no markdown, no PNG unless ``--md`` / ``--png`` name files) or ``--md ''`` /
+``bench_scaling`` markers) unless ``--quick`` (a smoke run: 64 and 96 px, batch 1 and 2 at 64 px,
+1 step x 1 round; no markdown, no PNG unless ``--md`` / ``--png`` name files) or ``--md ''`` /
 ``--png ''``.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ SAMPLING_RUNS = {(256, 1): (2, 3), (384, 1): (1, 3), (512, 1): (1, 3), (768, 1):
                  (256, 2): (1, 3), (256, 4): (1, 3)}
 TRAINING_RUNS = {(256, 1): (2, 3), (384, 1): (1, 2), (512, 1): (1, 2), (256, 2): (2, 2), (256, 4): (1, 2)}
 BATCH_PX = 256
-QUICK_RUNS = {(64, 1): (1, 2), (128, 1): (1, 2), (64, 2): (1, 2)}
+QUICK_RUNS = {(64, 1): (1, 1), (96, 1): (1, 1), (64, 2): (1, 1)}
 QUICK_BATCH_PX = 64
 STOCK = {"sampling": "stock LoRA", "training": "core Train LoRA"}
 LORD = {"sampling": "fused LoRD", "training": "Stage-1 LoRD"}
@@ -247,7 +247,7 @@ def write_markdown(path: pathlib.Path, points, skipped, facts, args, png, batch_
 
 def main(argv=None) -> None:
     B.import_comfy()
-    ap = B.new_parser(__doc__, quick="smoke run: 64/128 px, batch 1/2 at 64 px, 1 step x 2 rounds, no markdown/PNG",
+    ap = B.new_parser(__doc__, quick="smoke run: 64/96 px, batch 1/2 at 64 px, 1 step x 1 round, no markdown/PNG",
                       steps="steps per timed run / timed optimizer steps per call, for every point (default per point)",
                       repeats="rounds, for every point (default per point: 2-3)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of sampling,training (default both)")

@@ -153,7 +153,7 @@ def test_bench_scaling_quick_writes_json_markdown_and_figure(tmp_path):
     result = json.loads(js.read_text())
     assert result["skipped"] == []
     points = {(p["workload"], p["px"], p["batch"]) for p in result["points"]}
-    assert points == {(w, px, b) for w in ("sampling", "training") for px, b in ((64, 1), (128, 1), (64, 2))}
+    assert points == {(w, px, b) for w in ("sampling", "training") for px, b in ((64, 1), (96, 1), (64, 2))}
     assert all(p["ratio"] > 0 and p["lord_ms"] > 0 and p["stock_ms"] > 0 for p in result["points"])
     text = md.read_text()
     assert "<!-- bench_scaling:start -->" in text and "<!-- bench_scaling:end -->" in text
