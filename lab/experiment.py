@@ -75,8 +75,8 @@ METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord", "lo
 
 # per scale: stage1 steps / batch, stage2 steps / batch / lr, sampled images per method / steps
 SCALES = {
-    "ci": dict(stage1_per_class=2, attack_rounds=1, attack_steps=3, stage1_steps=20, stage1_batch=4, stage2_steps=20, stage2_batch=4,
-               stage2_lr=5e-4, images=8, sample_steps=6, shares=None, kid_subset_size=8, bootstrap=4),
+    "ci": dict(stage1_per_class=2, attack_rounds=1, attack_steps=3, stage1_steps=10, stage1_batch=4, stage2_steps=10,
+               stage2_batch=4, stage2_lr=5e-4, images=8, sample_steps=6, shares=None, kid_subset_size=8, bootstrap=4),
     "demo": dict(attack_rounds=None, attack_steps=None, stage1_steps=300, stage1_batch=8, stage2_steps=250,
                  stage2_batch=4, stage2_lr=5e-4, images=40, sample_steps=12, shares=None, kid_subset_size=30,
                  bootstrap=20),
