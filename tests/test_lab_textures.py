@@ -234,64 +234,69 @@ def _fake_ufoai(folder):
 
 def test_the_lab2_trainers_run_on_texture_crops_and_resume(tmp_path):
     """The VAE, classifier and UNet trainers' ``--data textures`` paths run end to end (2 steps each, on a
-    fake archive); the UNet's latent cache is reused for the same VAE and re-encoded for another."""
+    fake archive); the UNet's latent cache is reused for the same VAE and re-encoded for another. The
+    twelve commands run in order in one child process (tests/module_runner.py: one torch import)."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+
+    from tests.module_runner import run_modules
 
     pk3, copyright_file = _fake_ufoai(tmp_path)
     env = {**os.environ, "LAB_UFOAI_PK3": str(pk3), "LAB_UFOAI_COPYRIGHT": str(copyright_file), "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
-
-    def run(*args):
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout
-
-    run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae"), "--steps", "2", "--batch-size", "2")
-    run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae2"), "--steps", "2", "--batch-size", "2",
-        "--seed", "1")
-    # the repository keeps weights, not .pt checkpoints: a VAE continues from them at their step
-    run("lab.ship", "weights", "--checkpoint", str(tmp_path / "vae" / "vae_final.pt"), "--out", str(tmp_path / "w.safetensors"))
-    again = run("lab.train_vae", "--data", "textures", "--out", str(tmp_path / "vae3"), "--steps", "3", "--batch-size", "2",
-                "--init-weights", str(tmp_path / "w.safetensors"))
+    vae, vae2 = tmp_path / "vae" / "vae_final.pt", tmp_path / "vae2" / "vae_final.pt"
+    unet = ["lab.train_unet", "--data", "textures", "--out", tmp_path / "unet", "--crops", "8", "--steps", "2",
+            "--batch-size", "2", "--checkpoint-every", "1"]
+    parts = tmp_path / "parts.safetensors"
+    more = ["lab.train_unet", "--data", "textures", "--crops", "8", "--steps", "3", "--batch-size", "2",
+            "--init-weights", parts]
+    commands = {
+        "vae": ["lab.train_vae", "--data", "textures", "--out", tmp_path / "vae", "--steps", "2", "--batch-size", "2"],
+        "vae2": ["lab.train_vae", "--data", "textures", "--out", tmp_path / "vae2", "--steps", "2", "--batch-size", "2",
+                 "--seed", "1"],
+        # the repository keeps weights, not .pt checkpoints: a VAE continues from them at their step
+        "weights": ["lab.ship", "weights", "--checkpoint", vae, "--out", tmp_path / "w.safetensors"],
+        "vae3": ["lab.train_vae", "--data", "textures", "--out", tmp_path / "vae3", "--steps", "3", "--batch-size", "2",
+                 "--init-weights", tmp_path / "w.safetensors"],
+        "classifier": ["lab.train_classifier", "--data", "textures", "--out", tmp_path / "classifier.safetensors",
+                       "--steps", "2", "--batch-size", "4"],
+        "classifier_rec": ["lab.train_classifier", "--data", "textures", "--out",
+                           tmp_path / "classifier_rec.safetensors", "--steps", "2", "--batch-size", "4", "--vae", vae,
+                           "--jitter", "0.2"],
+        "unet": [*unet, "--vae", vae],
+        "unet_again": [*unet, "--vae", vae],
+        "unet_other_vae": [*unet, "--vae", vae2],
+        # the shipped parts file is also where a later run continues the UNet (its EMA, int8 -> float32)
+        "pack": ["lab.ship", "pack", "--vae", vae, "--unet", tmp_path / "unet" / "checkpoint.pt", "--out", parts],
+        "unet_more": [*more, "--out", tmp_path / "unet_more", "--vae", vae],
+        "unet_more_other": [*more, "--out", tmp_path / "unet_other", "--vae", vae2],
+    }
+    results = dict(zip(commands, run_modules(list(commands.values()), env=env, cwd=root, timeout=1800)))
+    out = {}
+    for name, r in results.items():
+        if name != "unet_more_other":
+            assert r.returncode == 0, (name, r.stdout[-3000:] + r.stderr[-3000:])
+        out[name] = r.stdout
+    again = out["vae3"]
     assert "continuing from" in again and "at step 2 (fresh optimizer state)" in again and "step 3/3" in again
-    import torch
-
     assert torch.load(tmp_path / "vae3" / "vae_final.pt", weights_only=True)["step"] == 3
-    out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier.safetensors"),
-              "--steps", "2", "--batch-size", "4")
-    assert "test accuracy" in out and (tmp_path / "classifier.safetensors").is_file()
-    out = run("lab.train_classifier", "--data", "textures", "--out", str(tmp_path / "classifier_rec.safetensors"),
-              "--steps", "2", "--batch-size", "4", "--vae", str(tmp_path / "vae" / "vae_final.pt"), "--jitter", "0.2")
-    assert "test accuracy on the VAE's reconstructions" in out
-    from safetensors import safe_open
-
+    assert "test accuracy" in out["classifier"] and (tmp_path / "classifier.safetensors").is_file()
+    assert "test accuracy on the VAE's reconstructions" in out["classifier_rec"]
     with safe_open(str(tmp_path / "classifier_rec.safetensors"), "pt") as f:
         meta = f.metadata()
     assert 0 <= float(meta["test_accuracy_reconstructed"]) <= 1 and meta["jitter"] == "0.2" and meta["vae"] == "vae_final.pt"
-    unet = ["lab.train_unet", "--data", "textures", "--out", str(tmp_path / "unet"), "--crops", "8", "--steps", "2",
-            "--batch-size", "2", "--checkpoint-every", "1"]
-    assert "encoded 8 images" in run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
+    assert "encoded 8 images" in out["unet"]
     assert (tmp_path / "unet" / "checkpoint.pt").is_file()
-    again = run(*unet, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
-    assert "encoded" not in again and "resumed at step 2" in again
-    assert "encoding again" in run(*unet, "--vae", str(tmp_path / "vae2" / "vae_final.pt"))
-    # the shipped parts file is also where a later run continues the UNet (its EMA, int8 -> float32)
-    parts = tmp_path / "parts.safetensors"
-    run("lab.ship", "pack", "--vae", str(tmp_path / "vae" / "vae_final.pt"), "--unet",
-        str(tmp_path / "unet" / "checkpoint.pt"), "--out", str(parts))
-    more = ["lab.train_unet", "--data", "textures", "--out", str(tmp_path / "unet_more"), "--crops", "8", "--steps", "3",
-            "--batch-size", "2", "--init-weights", str(parts)]
-    cont = run(*more, "--vae", str(tmp_path / "vae" / "vae_final.pt"))
+    assert "encoded" not in out["unet_again"] and "resumed at step 2" in out["unet_again"]
+    assert "encoding again" in out["unet_other_vae"]
+    cont = out["unet_more"]
     assert "continuing from" in cont and "at step 2 (EMA weights, fresh optimizer state)" in cont and "step 3/3" in cont
     assert torch.load(tmp_path / "unet_more" / "checkpoint.pt", weights_only=True)["step"] == 3
-    proc = subprocess.run([sys.executable, "-m", *more[:4], str(tmp_path / "unet_other"), *more[5:], "--vae",
-                           str(tmp_path / "vae2" / "vae_final.pt")], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode != 0 and "trained on other latents" in proc.stderr
+    refused = results["unet_more_other"]
+    assert refused.returncode != 0 and "trained on other latents" in refused.stderr
 
 
 @pytest.mark.slow
