@@ -64,8 +64,9 @@ def test_the_lab_model_samples_the_prompted_class(lab_checkpoint):
 
 def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(tmp_path):
     out = tmp_path / "demo"
+    # the Stage-1 workflow on 2 images per class, as the ci scale's evaluation (all 8: 2 more minutes)
     proc = subprocess.run([sys.executable, "-m", "lab.demo", "--out", str(out), "--scale", "ci",
-                           "--stage1-steps", "4", "--stage2-steps", "4"], cwd=ROOT, capture_output=True, text=True,
+                           "--stage1-steps", "4", "--stage2-steps", "4", "--stage1-per-class", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "| LoRD | protected (LoRD live) |" in proc.stdout  # the table is printed
