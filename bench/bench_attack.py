@@ -45,8 +45,8 @@ Measured:
                                  [--mist-schedule 2,2,2] [--md PATH]
 
 Writes its own section of ``BENCHMARKS.md`` (between the ``bench_attack`` markers) unless ``--quick``
-(a smoke run: tiny UNet, random TAESD, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration, 1 LoRA step)
-or ``--md ''``. The full run keeps to ``--budget-min`` (default 26, above the ~20 min the defaults
+(a smoke run: tiny UNet, random TAESD, 64 px, 1 iteration; mist_v2 at 64 px, 2 rounds x 1 iteration,
+1 LoRA step) or ``--md ''``. The full run keeps to ``--budget-min`` (default 26, above the ~20 min the defaults
 took on a 2-core Xeon VM, where an 18 min budget skipped the second mist_v2 run) minutes: a size or a mist_v2 run whose projected cost does not fit is skipped and the section
 says so. Default timed rounds: 2 at 256 px (was 3, to make room for the mist_v2 runs), 3 at 512 px.
 """

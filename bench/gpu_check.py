@@ -28,14 +28,15 @@ failure. Steps, in order of value when device time is short:
 
 ``--dry-run`` runs every step on the CPU (CUDA hidden from every step: ``CUDA_VISIBLE_DEVICES=""``)
 at tiny sizes, so that CI, which has no GPU, catches a broken check: the same commands with smaller
-arguments -- ``devices`` one test of ``tests/test_devices.py`` (``-k spy_sees``; the suite runs the file), ``cli`` 2 training steps
-(``--train-steps``), ``mist_v2`` one 64 px image with 1 PGD step per round (the preset's 5 rounds and
+arguments -- ``devices`` one test of ``tests/test_devices.py`` (``-k spy_sees``; the suite runs the
+file), ``cli`` 2 training steps (``--train-steps``), ``mist_v2`` one 64 px image with 1 PGD step per round (the preset's 5 rounds and
 LoRA steps kept: the CLI has no flag for them), ``workflows`` ``lab.demo --skip-evaluation
 --stage1-per-class 1 --node-steps 2`` with 2 trainer steps, ``bench`` the ``--quick`` runs (not
 waiting for a quiet machine: ``--max-other-cpu 1000``; their Markdown sections go to
 ``OUT/BENCHMARKS_dry_run.md``). The JSON has the same shape, with ``"dry_run": true``; the CUDA-only
 measurements are ``null`` and named in ``"skipped"`` (top level: ``device``; per step:
-``peak_vram_mib``). Its numbers say nothing about a GPU. About 2 minutes on 2 idle CPU cores.
+``peak_vram_mib``). Its numbers say nothing about a GPU. About 3.5 CPU-minutes (6 min wall on 2 cores shared with
+two other jobs, 2026-12-04).
 
 Exit status: 0 every step passed, 1 a step failed, 2 no CUDA device without ``--dry-run`` (nothing
 is run) or bad arguments.

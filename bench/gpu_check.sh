@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh [--out DIR] [--only devices,cli,mist_v2,workflows,bench] [--bench quick|full] [--sd15 CKPT]
 # --dry-run: every step on the CPU at tiny sizes (same commands, smaller arguments; no CUDA needed,
 # CUDA-only fields null and marked skipped in the JSON), so that CI catches a broken check:
-#   bash bench/gpu_check.sh --dry-run [--out DIR]    # about 2 min on 2 idle CPU cores; exit 0 when every step passed
+#   bash bench/gpu_check.sh --dry-run [--out DIR]    # about 3.5 CPU-minutes; exit 0 when every step passed
 # Needs the environment of `make setup` with a CUDA build of PyTorch (or PYTHON=/path/to/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
