@@ -608,9 +608,31 @@ def parse_replicates(text: str | None, default: range) -> list[int]:
         return list(default)
     out = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--replicates {text!r}: {part!r} is not a number or a range like 10-17") from None
+        if last < first:
+            raise ValueError(f"--replicates {text!r}: the range {part!r} is empty (write it low-high)")
+        out += list(range(first, last + 1))
     return out
+
+
+def parse_worker(text: str | None) -> tuple[int, int]:
+    """``"k/K"`` -> ``(k, K)``: this process runs the replicates ``r`` with ``r % K == k``, so workers are
+    numbered ``0 .. K-1`` (``0/2`` and ``1/2`` share the work; ``2/2`` would select nothing and is refused)."""
+    if not text:
+        return 0, 1
+    k, sep, workers = text.partition("/")
+    try:
+        k, workers = int(k), int(workers)
+    except ValueError:
+        raise ValueError(f"--worker {text!r}: write k/K, e.g. 0/2 and 1/2 for two processes") from None
+    if not sep or workers < 1 or not 0 <= k < workers:
+        raise ValueError(f"--worker {text!r}: workers are numbered 0 to K-1 (r % K == k), e.g. "
+                         f"{' and '.join(f'{i}/{max(workers, 1)}' for i in range(max(workers, 1)))}")
+    return k, workers
 
 
 def run(args) -> int:
@@ -619,9 +641,16 @@ def run(args) -> int:
     from training.experiment.cli import main as run_experiment
 
     declared = EXPERIMENTS[args.experiment]
-    replicates = parse_replicates(args.replicates, declared.replicates)
-    k, _, workers = (args.worker or "0/1").partition("/")
-    mine = [r for r in replicates if r % int(workers) == int(k)]
+    try:
+        replicates = parse_replicates(args.replicates, declared.replicates)
+        k, workers = parse_worker(args.worker)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    mine = [r for r in replicates if r % workers == k]
+    if not mine:
+        print(f"[evidence] {args.experiment}: worker {k}/{workers} has none of replicates {replicates}: "
+              f"nothing to run", flush=True)
+        return 0
     ensure_comfyui_importable(cpu=True if args.cpu else None)
     out = Path(args.out)
     lab = LABS[declared.lab]
@@ -1007,7 +1036,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
     ap.add_argument("--replicates", help="which replicates, e.g. 10-17 (default: the experiment's declared ones)")
-    ap.add_argument("--worker", help="k/K: run the replicates r with r %% K == k (several processes share the work)")
+    ap.add_argument("--worker", help="k/K: run the replicates r with r %% K == k, k from 0 to K-1 (0/2 and 1/2: two processes "
+                         "share the work)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     ap.add_argument("--archive", type=Path, default=None,
                     help=f"where finished demo-scale replicates' results.json are kept and read back (default "

@@ -502,3 +502,20 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
                                                                      for m in methods}}))
     png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
     assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refused(capsys):
+    assert E.parse_worker(None) == (0, 1)
+    assert E.parse_worker("1/2") == (1, 2)
+    for bad in ("2/2", "-1/2", "0/0", "1", "a/2"):  # "2/2" once selected no replicate and exited 0 silently
+        with pytest.raises(ValueError, match="--worker"):
+            E.parse_worker(bad)
+    with pytest.raises(SystemExit, match="0/2 and 1/2"):
+        E.main(["run", "textures_defense", "--worker", "2/2"])
+    assert E.parse_replicates("10-12,15", range(0)) == [10, 11, 12, 15]
+    for bad in ("12-10", "ten"):
+        with pytest.raises(ValueError, match="--replicates"):
+            E.parse_replicates(bad, range(0))
+    # a valid worker that owns none of the chosen replicates says so instead of running nothing silently
+    assert E.main(["run", "textures_defense", "--replicates", "10", "--worker", "1/2"]) == 0
+    assert "worker 1/2 has none of replicates [10]" in capsys.readouterr().out
