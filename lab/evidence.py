@@ -130,11 +130,20 @@ CONTRASTS = (
     Contrast("slope_lord_vs_plain", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1),
                                      ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05), ("attacking", -0.1)),
              "LoRD's slope minus the plain LoRA's (negative: LoRD flattens the damage curve, the paper's Fig. 7)"),
+    Contrast("slope_gl0", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
+                           ("lord_gl0", 0.1)),
+             "LoRD with B' off at sampling: change of the held-out loss per protected image of 8 (least-squares slope)"),
+    Contrast("slope_gl0_vs_plain", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
+                                    ("lord_gl0", 0.1), ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05),
+                                    ("attacking", -0.1)),
+             "the slope of LoRD with B' off at sampling minus the plain LoRA's (negative: it flattens the damage curve)"),
     Contrast("A_mix4", (("plain_mix4", 1), ("clean", -1)), "plain LoRA with 4 of 8 images protected minus on clean"),
     Contrast("lord_vs_plain_mix4", (("lord_mix4", 1), ("plain_mix4", -1)),
              "LoRD minus plain LoRA, both with 4 of 8 images protected"),
     Contrast("removal_mix4", (("lord_mix4", 1), ("lord_clean", -1), ("plain_mix4", -1), ("clean", 1)),
              "with 4 of 8 protected: LoRD's difference to its clean run minus the plain LoRA's"),
+    Contrast("gl0_vs_plain_mix4", (("lord_gl0_mix4", 1), ("plain_mix4", -1)),
+             "LoRD with B' off at sampling minus plain LoRA, both with 4 of 8 images protected"),
     # the adaptive attacker against the unaware one (same replicates, subjects, seeds and Stage 1)
     Contrast("survival_lord", (("lord", 1), ("attacking", -1), ("lord_unaware", -1), ("attacking_unaware", 1)),
              "LoRD's removal under the defense-aware attack minus its removal under the unaware one (positive: "
@@ -217,9 +226,10 @@ class Arm:
     @property
     def contrast(self) -> Contrast:
         a = self.attack
+        schedule = f"{a['rounds']} rounds" if a.get("rounds") is not None else "against the fixed model"
         return Contrast(f"A_{self.name}", ((self.name, 1), ("clean", -1)),
                         f"attack effect of {a['preset']} at {a['epsilon']:g} levels (step {a['step_size']:g}, "
-                        f"{a['rounds']} rounds): plain LoRA on its protected copies minus plain LoRA on clean")
+                        f"{schedule}): plain LoRA on its protected copies minus plain LoRA on clean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +414,46 @@ EXPERIMENTS["textures_defense"] = Declared(
     "Stage-2 PGD-2 defense, JPEG and DiffPure-style purification remove -- in the held-out loss and in the ACE "
     "target's correlation with the samples?", paired_with="textures", paired_methods=("clean", "attacking", "noise"),
     borrowed_stages=("protect",), stage1_data=STAGE1_ACE_4, lab="textures")
+# declared on 2026-12-04 before any of its runs and before any result of "textures_defense" was read (EVIDENCE.md,
+# "textures_share"): the paper's Fig. 7 on lab model 2. Folder 'textures_defense' (its protect, Stage 1 and LoRD
+# runs on 0 and 8 of 8 protected images are reused); own: plain and LoRD Stage-2 runs on 2, 4 and 6 of 8 protected
+# images, the LoRD ones also sampled with B' off; the plain runs on 0 and 8 of 8 are read from "textures".
+TEXTURE_SHARE_METHODS = tuple(f"{kind}_mix{k}" for k in (2, 4, 6) for kind in ("plain", "lord", "lord_gl0"))
+EXPERIMENTS["textures_share"] = Declared(
+    "textures_share", EXPERIMENTS["textures_defense"].methods + TEXTURE_SHARE_METHODS, range(10, 20),
+    dict(MIST_4.attack), ("slope_plain", "slope_lord_vs_plain", "slope_gl0_vs_plain", "target_corr:slope_plain"),
+    "confirmatory on lab model 2: the paper's Fig. 7 -- as more of the 8 subject images are protected (mist-v2 at 4 "
+    "levels), does a plain LoRA get worse, and does LoRD (Stage 1 on ACE-4 copies; B' live, and B' off at sampling) "
+    "flatten that curve?", folder="textures_defense", paired_with="textures",
+    paired_methods=("clean", "attacking", "noise"), borrowed_stages=("protect",), stage1_data=STAGE1_ACE_4,
+    lab="textures")
+
+
+def _ace_fixed(levels: float) -> dict:
+    # mist-v2's ACE against the fixed model (150 steps); the published step (0.6375 levels) up to 8 levels,
+    # budget / 16 above (as "threat"'s mist_v2_32), so that 150 steps can reach the budget
+    step = max(float(MIST_4.attack["step_size"]), levels / 16)
+    return {"preset": "ace_fixed", "epsilon": float(levels), "step_size": step}
+
+
+def _mist(levels: float) -> dict:
+    return {**_ace_fixed(levels), "preset": "mist_v2", "rounds": MIST_4.attack["rounds"]}
+
+
+# declared on 2026-12-04 before any of its runs (EVIDENCE.md, "textures_threat"): issue 21's threat dose-response on
+# lab model 2 -- ACE against the fixed model, the mist-v2 preset (ACE with its surrogate loop) and ASPL at 4, 8, 16
+# and 32 levels on "textures"' replicates (mist-v2 at 4 levels is "textures"' own 'attacking', the reference arm).
+# Arms in the order they run: cheapest first within each budget, the published budget's first.
+TEXTURE_THREAT_ARMS = tuple(Arm(f"{name}_{levels}", make(levels)) for levels in (4, 8, 16, 32)
+                            for name, make in (("ace", _ace_fixed), ("aspl", _aspl), ("mist_v2", _mist))
+                            if (name, levels) != ("mist_v2", 4))
+EXPERIMENTS["textures_threat"] = Declared(
+    "textures_threat", ("clean", "mist_v2_4") + tuple(a.name for a in TEXTURE_THREAT_ARMS), range(10, 20),
+    dict(MIST_4.attack), tuple(a.contrast.name for a in TEXTURE_THREAT_ARMS),
+    "confirmatory on lab model 2: the threat's dose-response -- does each attack (ACE against the fixed model, "
+    "the mist-v2 preset, ASPL) at each budget (4, 8, 16, 32 levels) damage a plain LoRA of the held-out subject? "
+    "mist-v2 at 4 levels is \"textures\"' A, shown for reference", arms=TEXTURE_THREAT_ARMS, paired_with="textures",
+    reference_arms=(Arm("mist_v2_4", dict(MIST_4.attack)),), lab="textures")
 # the B'-strength sweep at sampling (issue 20, experiment 3): the 'matched' LoRD's Stage-2 LoRAs sampled with B'
 # scaled by 0 (lord_gl0), 0.5, 1 (lord) and 2, on protected and on clean images. Sampling-time only: the
 # replicates' protect, Stage 1 and Stage-2 training are the 'matched' (or 'matched_pilot') folder's, reused.
@@ -931,7 +981,9 @@ def forest_png(result: dict) -> bytes:
 
 
 SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"),
-                "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord")}
+                "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord"),
+                "LoRD, B' off at sampling": ("lord_clean_gl0", "lord_gl0_mix2", "lord_gl0_mix4", "lord_gl0_mix6",
+                                             "lord_gl0")}
 
 
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
@@ -984,12 +1036,15 @@ def share_curve_png(result: dict) -> bytes | None:
     from lord_ops import analysis as an
 
     values = result.get("values", {}).get(result["primary"], {})
-    if not all(len(values.get(m, {})) >= 2 for series in SHARE_SERIES.values() for m in series):
+    present = {label: series for label, series in SHARE_SERIES.items()
+               if all(len(values.get(m, {})) >= 2 for m in series)}
+    if "plain LoRA" not in present or len(present) < 2:
         return None
     fig = Figure(figsize=(5.5, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for (label, series), shift in zip(SHARE_SERIES.items(), (-0.08, 0.08)):
+    shifts = [0.16 * (i - (len(present) - 1) / 2) for i in range(len(present))]
+    for (label, series), shift in zip(present.items(), shifts):
         stats = [an.mean_interval(list(values[m].values())) for m in series]
         x = [k + shift for k in (0, 2, 4, 6, 8)]
         ax.errorbar(x, [st[0] for st in stats], yerr=[[st[0] - st[2] for st in stats], [st[3] - st[0] for st in stats]],

@@ -109,10 +109,14 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
     data = Path(data) if data is not None else lab.data
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    from lord_ops.attacks import SURROGATE_PRESETS
+
     a = {**ATTACK, **(attack or {})}
     attack = [f'preset = "{a["preset"]}"', f"epsilon = {a['epsilon']}", f"step_size = {a['step_size']}",
               f"seed = {seed}"]
-    if a.get("rounds") is not None or p["attack_rounds"]:
+    # rounds belong to the surrogate presets (mist_v2, anti_dreambooth_aspl, ...); an attack against the fixed
+    # model (ace_fixed) has none, whatever ATTACK's default or the scale says
+    if a["preset"] in SURROGATE_PRESETS and (a.get("rounds") is not None or p["attack_rounds"]):
         attack.append(f"rounds = {p['attack_rounds'] or a['rounds']}")
     if p["attack_steps"]:
         attack.append(f"steps = {p['attack_steps']}")

@@ -362,6 +362,52 @@ def test_the_lab2_defense_comparison_pairs_with_textures_and_reads_its_plain_and
     assert str(LABS["textures"].replicate_folder(12)) in config and 'attack_preset = "ace_fixed"' in config
 
 
+def test_the_lab2_share_sweep_reuses_the_defense_folder_and_adds_b_prime_off_at_sampling(tmp_path):
+    """'textures_share' (confirmatory on lab model 2, the paper's Fig. 7): runs in 'textures_defense''s folder
+    (its Stage 1 and LoRD runs are reused, and that folder's configs name every method of both, so neither run
+    drops the other's results); plain and LoRD Stage-2 runs on 2, 4 and 6 of 8 protected, the LoRD ones also
+    sampled with B' off (sharing their training); the plain 0- and 8-of-8 runs are read from "textures"."""
+    from lab.experiment import LABS
+
+    declared, defense = E.EXPERIMENTS["textures_share"], E.EXPERIMENTS["textures_defense"]
+    assert declared.home == defense.home == "textures_defense" and declared.replicates == defense.replicates
+    assert declared.stage1_data == defense.stage1_data and declared.attack == defense.attack
+    assert set(defense.own_methods) < set(declared.own_methods)
+    assert E.folder_methods("textures_defense") == defense.own_methods + E.TEXTURE_SHARE_METHODS
+    assert declared.source(tmp_path, "clean", 15) == (tmp_path / "textures" / "r015" / "run" / "report" / "results.json",
+                                                      "clean")
+    config = E.write_replicate_config(tmp_path, declared, 15, "ci", tmp_path / "none.safetensors",
+                                      LABS["textures"].classifier).read_text()
+    assert '"lord_gl0_mix4"' in config and '"pgd2_defense"' in config and '"noise"' not in config
+    assert "slope_gl0_vs_plain" in declared.family and "target_corr:slope_plain" in declared.family
+
+
+def test_the_lab2_dose_response_pairs_its_arms_with_textures_clean_runs(tmp_path):
+    """'textures_threat' (confirmatory on lab model 2): ACE against the fixed model, the mist-v2 preset and ASPL
+    at 4, 8, 16 and 32 levels -- each arm in its own folder, its plain LoRA on that attack's copies read as the
+    arm's method and paired with "textures"' clean run; mist-v2 at 4 levels is "textures"' own attack (reference
+    arm, not rerun) and the arm recipe reproduces it."""
+    from lab.experiment import LABS
+
+    declared = E.EXPERIMENTS["textures_threat"]
+    arms = {a.name: a.attack for a in declared.arms}
+    assert len(arms) == 11 and "mist_v2_4" not in arms and declared.replicates == range(10, 20)
+    assert E._mist(4) == E.MIST_4.attack == declared.reference_arms[0].attack
+    assert arms["ace_4"] == {"preset": "ace_fixed", "epsilon": 4.0, "step_size": 0.6375}
+    assert arms["ace_32"]["step_size"] == 2.0 and arms["mist_v2_32"]["rounds"] == 5 and arms["aspl_8"]["rounds"] == 10
+    assert declared.family == tuple(f"A_{a}" for a in arms)
+    assert declared.source(tmp_path, "ace_8", 11) == (
+        tmp_path / "textures_threat" / "ace_8" / "r011" / "run" / "report" / "results.json", "attacking")
+    assert declared.source(tmp_path, "mist_v2_4", 11) == (
+        tmp_path / "textures" / "r011" / "run" / "report" / "results.json", "attacking")
+    contrasts = {c.name: c for c in declared.contrasts}
+    assert "against the fixed model" in contrasts["A_ace_16"].question
+    config = E.write_replicate_config(tmp_path, declared, 11, "ci", tmp_path / "none.safetensors",
+                                      LABS["textures"].classifier, declared.arms[0]).read_text()
+    assert 'run = ["attacking"]' in config and 'preset = "ace_fixed"' in config and "rounds" not in config.split(
+        "[attack]")[1].split("[")[0]
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
@@ -381,13 +427,18 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     shares = np.array([0, 2, 4, 6, 8])
     plain = dict(zip(("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"), [0.21, 0.25, 0.22, 0.30, 0.29]))
     lord = dict(zip(("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord"), [0.20, 0.2, 0.26, 0.23, 0.24]))
+    gl0 = dict(zip(("lord_clean_gl0", "lord_gl0_mix2", "lord_gl0_mix4", "lord_gl0_mix6", "lord_gl0"),
+                   [0.19, 0.23, 0.2, 0.22, 0.27]))
     value = {**plain, **lord}
     contrasts = {c.name: c for c in E.CONTRASTS}
-    apply = lambda name: sum(w * value[m] for m, w in contrasts[name].weights)  # noqa: E731
+    apply = lambda name: sum(w * {**value, **gl0}[m] for m, w in contrasts[name].weights)  # noqa: E731
     slope = lambda series: np.polyfit(shares, list(series.values()), 1)[0]  # noqa: E731
     assert apply("slope_plain") == pytest.approx(slope(plain))
     assert apply("slope_lord") == pytest.approx(slope(lord))
     assert apply("slope_lord_vs_plain") == pytest.approx(slope(lord) - slope(plain))
+    assert apply("slope_gl0") == pytest.approx(slope(gl0))
+    assert apply("slope_gl0_vs_plain") == pytest.approx(slope(gl0) - slope(plain))
+    assert list(E.SHARE_SERIES["LoRD, B' off at sampling"]) == list(gl0)
     # the report draws the curve only when every share point has replicates
     declared = E.EXPERIMENTS["share"]
     values = {m: {meth: {r: value[meth] + 0.01 * r for r in (10, 11)} for meth in value} for m in E.METRICS}

@@ -226,7 +226,7 @@ def test_b_strength_variants_share_the_lord_training_and_key_their_strength(tmp_
 def test_share_methods_train_on_nested_mixes_and_refuse_more_than_the_subject_has(tmp_path, sd15_checkpoint,
                                                                                  comfyui_path):
     """``plain_mix<k>`` / ``lord_mix<k>`` (the paper's Fig. 7 as paired methods) train on the instance images
-    with k of them protected; the k of a smaller mix are among those of a larger one; k must leave at least
+    with k of them protected (``lord_gl0_mix<k>`` samples ``lord_mix<k>``'s LoRA with B' off); the k of a smaller mix are among those of a larger one; k must leave at least
     one image clean and one protected."""
     from training.experiment.runner import ExperimentRunner
     from training.experiment_config import ConfigError, load_config
@@ -234,10 +234,15 @@ def test_share_methods_train_on_nested_mixes_and_refuse_more_than_the_subject_ha
     config = write_mini_experiment(tmp_path, sd15_checkpoint, comfyui_path / "input" / "example.png",
                                    instance_images=4)
     base = config.read_text().replace("[sweep]\nshares = [0.0, 0.5, 1.0]\n", "")
-    config.write_text(base.replace("[metrics]", '[methods]\nrun = ["clean", "plain_mix1", "lord_mix3"]\n\n[metrics]'))
+    config.write_text(base.replace("[metrics]", '[methods]\nrun = ["clean", "plain_mix1", "lord_mix3", '
+                                                '"lord_gl0_mix3"]\n\n[metrics]'))
     runner = ExperimentRunner(load_config(config))
     runner.build()
-    assert {"train/plain-mix1", "train/lord-mix3", "sample/lord-mix3"} <= set(runner.plan.stages)
+    stages = runner.plan.stages
+    assert {"train/plain-mix1", "train/lord-mix3", "sample/lord-mix3", "sample/lord_gl0-mix3"} <= set(stages)
+    # lord_gl0_mix3 samples lord_mix3's LoRA (no training of its own) with the gate forced to 0
+    assert "train/lord_gl0-mix3" not in stages and "train/lord-mix3" in stages["sample/lord_gl0-mix3"].needs
+    assert stages["sample/lord_gl0-mix3"].key != stages["sample/lord-mix3"].key
     ctx = runner.ctx
     assert len(ctx.mix_names(1)) == 1 and set(ctx.mix_names(1)) <= set(ctx.mix_names(3)) and len(ctx.mix_names(3)) == 3
     config.write_text(base.replace("[metrics]", '[methods]\nrun = ["clean", "plain_mix4"]\n\n[metrics]'))

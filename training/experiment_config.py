@@ -48,9 +48,11 @@ for _k, _v in DEFENSE_STRENGTH_CODES.items():
     METHODS[f"lord_clean_b{_k}"] = (f"LoRD, clean images, B' x{_v:g} at sampling", f"lord_b{_k}", "clean")
 # the paper's Fig. 7 as methods (paired analysis): plain_mix<k> / lord_mix<k> = a plain LoRA / LoRD run on the
 # instance images with k of them protected (a seeded, nested choice: the k of mix<k> are among those of mix<k+1>)
+# lord_gl0_mix<k>: lord_mix<k>'s Stage-2 LoRA (shared) sampled with the gate forced to 0, B' off
 for _k in range(1, 8):
     METHODS[f"plain_mix{_k}"] = (f"Plain LoRA, {_k} image(s) protected", "plain", f"mix{_k}")
     METHODS[f"lord_mix{_k}"] = (f"LoRD, {_k} image(s) protected", "lord", f"mix{_k}")
+    METHODS[f"lord_gl0_mix{_k}"] = (f"LoRD, {_k} image(s) protected, B' off at sampling", "lord_gl0", f"mix{_k}")
 DEFAULT_METHODS = ("clean", "attacking", "pgd2_defense", "jpeg", "diffpure", "lord")
 ARTIST_METHODS = ("clean", "attacking", "jpeg", "diffpure", "lord")
 SWEEP_SERIES = {"plain": "LoRA (plain)", "lord": "LoRD"}
