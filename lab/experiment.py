@@ -142,6 +142,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         f"attack_step_size = {data1['step_size']}"]
     if data1 and data1.get("rounds") is not None:  # a surrogate Stage-1 preset (aspl, aspl_ace); ci: 1 round
         stage1_data.append(f"attack_rounds = {p['attack_rounds'] or data1['rounds']}")
+    if data1 and p["attack_steps"]:  # ci: a few attack steps for the Stage-1 copies too (ace_fixed has 150)
+        stage1_data.append(f"attack_steps = {p['attack_steps']}")
     lines = [
         f"# lab model {lab.name!r}: Table I at scale {scale!r} (lab/experiment.py writes this file)",
         "[experiment]", 'output = "run"', f"seed = {seed}", "",

@@ -321,6 +321,7 @@ def test_the_lab2_defense_pilot_trains_stage1_on_ace4_copies_and_borrows_the_pil
     stage1 = config.split("[stage1]")[1].split("[stage2]")[0]
     assert 'attack_preset = "ace_fixed"' in stage1 and "attack_epsilon = 4.0" in stage1
     assert "attack_step_size = 0.6375" in stage1 and "resolution = 64" in config
+    assert "attack_steps = 3" in stage1  # the ci scale's few attack steps reach the Stage-1 copies (ACE has 150)
     assert 'preset = "mist_v2"' in config.split("[attack]")[1] and "jpeg" in config and "diffpure" in config
     pilot = tmp_path / "pilot_textures" / "r001" / "run" / "report" / "results.json"
     assert declared.source(tmp_path, "attacking", 1) == (pilot, "attacking")

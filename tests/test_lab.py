@@ -107,3 +107,37 @@ def test_the_demo_at_ci_scale_writes_a_complete_report_and_runs_every_workflow(t
     assert check["images"] == len(generated) and sum(check["predicted"].values()) == len(generated)
     assert check["share"] == check["subject"] / len(generated)
     assert summary["workflow_inputs"]["stage2_protected"] is True
+
+
+def test_the_demo_adapts_the_shipped_workflows_and_inputs_to_lab_model_2(tmp_path):
+    """``python -m lab.demo --lab textures``: the workflows' latents at 64 px, prompts in lab 2's words (its
+    captions have no article), its checkpoint; the inputs from lab/texture_data (Stage-1 crops with captions,
+    the wood subject); its evaluation protects with mist-v2 at 4 levels and trains Stage 1 on ACE-4 copies.
+    The whole demo on lab 2 runs outside CI (README: its time); lab model 1's runs in the test above."""
+    from lab.demo import for_lab_model, lab_inputs, lab_prompt, lab_threat
+    from lab.evidence import MIST_4, STAGE1_ACE_4
+    from lab.experiment import LABS, write_config
+
+    lab2 = LABS["textures"]
+    assert lab_prompt("a photo of sks person", lab2) == "a photo of sks wood"
+    assert lab_prompt("a photo of a person", lab2) == "a photo of wood"
+    assert lab_prompt("a photo of a person", LABS["fashion"]) == "a photo of a bag"
+    prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+              "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks person"}},
+              "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, lowres"}},
+              "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}}}
+    for_lab_model(prompt, lab2.checkpoint_name, {}, batch=4, lab=lab2)
+    assert prompt["1"]["inputs"] == {"width": 64, "height": 64, "batch_size": 4}
+    assert prompt["2"]["inputs"]["text"] == "a photo of sks wood" and prompt["3"]["inputs"]["text"] == ""
+    assert prompt["4"]["inputs"]["ckpt_name"] == lab2.checkpoint_name
+    facts = lab_inputs(tmp_path / "input", None, stage1_per_class=1, lab=lab2)
+    assert facts["stage1_images"] == len(lab2.trained_classes()) and facts["stage2_images"] == 8
+    assert (tmp_path / "input" / "lord_train" / "brick_000.txt").read_text().strip() == "a photo of brick"
+    assert sorted(p.name for p in (tmp_path / "input" / "protect_me").glob("*.png")) == ["wood_000.png", "wood_001.png"]
+    threat = lab_threat(lab2)
+    assert threat["attack"] == MIST_4.attack and threat["overrides"]["stage1_data"] == STAGE1_ACE_4
+    assert lab_threat(LABS["fashion"]) == {}
+    config = write_config(tmp_path / "exp", tmp_path / "none.safetensors", lab2.classifier, "ci", lab=lab2,
+                          **threat).read_text()
+    assert 'preset = "mist_v2"' in config and "epsilon = 4.0" in config and 'attack_preset = "ace_fixed"' in config
+    assert "resolution = 64" in config
