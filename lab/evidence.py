@@ -685,6 +685,24 @@ def parse_worker(text: str | None) -> tuple[int, int]:
     return k, workers
 
 
+def label_of(declared: Declared, arm: Arm | None = None) -> str:
+    return declared.name + (f" arm {arm.name}" if arm else "")
+
+
+def methods_dropped(results: Path, folder: str) -> list[str]:
+    """The methods a replicate's existing ``results`` (results.json, in the output folder or the archive) lists
+    that this code's config for ``folder`` would not name (:func:`folder_methods`): an experiment declared in a
+    newer commit shares the folder, so a run from this (older) code would rewrite the report without them."""
+    if not Path(results).is_file():
+        return []
+    try:
+        listed = json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {}
+    except (OSError, ValueError):
+        return []
+    runs = set(folder_methods(folder))
+    return sorted(m for m in listed if m not in runs)
+
+
 def run(args) -> int:
     from lab.ship import ensure_checkpoint
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
@@ -727,9 +745,17 @@ def run(args) -> int:
             print(f"[evidence] {declared.name} replicate {r}{' arm ' + arm.name if arm else ''}: archived in {kept}, "
                   f"skipped (--rerun-archived runs it again)", flush=True)
             continue
+        dropped = methods_dropped(kept_results(results, out, args.archive), run_folder(declared, arm))
+        if dropped:
+            print(f"[evidence] {label_of(declared, arm)} replicate {r}: its results.json has method(s) "
+                  f"{', '.join(dropped)} that no experiment declared in this code runs in its folder: running it "
+                  f"would write a report without them. Run it from a commit that declares them; skipped",
+                  file=sys.stderr, flush=True)
+            failed.append(r if arm is None else f"{arm.name}/{r}")
+            continue
         config = write_replicate_config(out, declared, r, args.scale, checkpoint, classifier, arm)
         borrow_stages(out, declared, r)
-        label = declared.name + (f" arm {arm.name}" if arm else "")
+        label = label_of(declared, arm)
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
         code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else [])
                               + (["--only", args.only] if getattr(args, "only", None) else []))

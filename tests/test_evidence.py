@@ -571,3 +571,18 @@ def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refuse
     # a valid worker that owns none of the chosen replicates says so instead of running nothing silently
     assert E.main(["run", "textures_defense", "--replicates", "10", "--worker", "1/2"]) == 0
     assert "worker 1/2 has none of replicates [10]" in capsys.readouterr().out
+
+
+def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_flagged(tmp_path):
+    """Experiments share folders (textures_share runs in textures_defense's): code older than such an experiment
+    would rewrite the folder's report without the newer methods. ``methods_dropped`` names them, and no archived
+    replicate of this repository is flagged by the current code."""
+    results = tmp_path / "results.json"
+    own = E.folder_methods("textures_defense")
+    results.write_text(json.dumps({"methods": {m: {} for m in own}}))
+    assert E.methods_dropped(results, "textures_defense") == []
+    results.write_text(json.dumps({"methods": {m: {} for m in own + ("lord_gl0_mix8", "plain_mix9")}}))
+    assert E.methods_dropped(results, "textures_defense") == ["lord_gl0_mix8", "plain_mix9"]
+    assert E.methods_dropped(tmp_path / "missing.json", "textures_defense") == []
+    for archived in sorted(E.ARCHIVE.rglob("r*.json")):
+        assert E.methods_dropped(archived, str(archived.parent.relative_to(E.ARCHIVE))) == [], archived
