@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.skip_evaluation and args.skip_workflows:
         ap.error("--skip-evaluation and --skip-workflows leave nothing to run")
+    if args.lab != "fashion" and args.scale == "demo-stage1-pgd32":
+        ap.error(f"--scale demo-stage1-pgd32 is lab model 1's ablation; on --lab {args.lab} Stage 1 trains on ACE copies "
+                 "matched to the threat: use --scale demo or ci")
 
     comfy_root = ensure_comfyui_importable(args.comfyui, cpu=True)
     from lab.ship import ensure_checkpoint
@@ -297,7 +300,7 @@ def main(argv=None) -> int:
             summary["defended_generation_subject"] = subject_check(generated, lab)
             check = summary["defended_generation_subject"]
             print(f"[demo] defended generation: the lab classifier calls {check['subject']} of {check['images']} "
-                  f"images {lab.subject} ({check['share']:.0%}; predicted {check['predicted']})")
+                  f"images the subject, {lab.subject!r} ({check['share']:.0%}; predicted {check['predicted']})")
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = f"report {run / 'report' / 'index.html'}, " if run else ""

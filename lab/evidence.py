@@ -124,15 +124,15 @@ CONTRASTS = (
     # the paper's Fig. 7 (share of protected images, 0 / 2 / 4 / 6 / 8 of 8): least-squares slopes per
     # protected image over the five points (weights (x - 4) / 40 for x = 0, 2, 4, 6, 8; x = 4 weighs 0)
     Contrast("slope_plain", (("clean", -0.1), ("plain_mix2", -0.05), ("plain_mix6", 0.05), ("attacking", 0.1)),
-             "plain LoRA: change of the held-out loss per protected image of 8 (least-squares slope over 0-8)"),
+             "plain LoRA: change of the metric per protected image of 8 (least-squares slope over 0-8)"),
     Contrast("slope_lord", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1)),
-             "LoRD: change of the held-out loss per protected image of 8 (least-squares slope over 0-8)"),
+             "LoRD: change of the metric per protected image of 8 (least-squares slope over 0-8)"),
     Contrast("slope_lord_vs_plain", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1),
                                      ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05), ("attacking", -0.1)),
              "LoRD's slope minus the plain LoRA's (negative: LoRD flattens the damage curve, the paper's Fig. 7)"),
     Contrast("slope_gl0", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
                            ("lord_gl0", 0.1)),
-             "LoRD with B' off at sampling: change of the held-out loss per protected image of 8 (least-squares slope)"),
+             "LoRD with B' off at sampling: change of the metric per protected image of 8 (least-squares slope)"),
     Contrast("slope_gl0_vs_plain", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
                                     ("lord_gl0", 0.1), ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05),
                                     ("attacking", -0.1)),
@@ -679,9 +679,11 @@ def parse_worker(text: str | None) -> tuple[int, int]:
         k, workers = int(k), int(workers)
     except ValueError:
         raise ValueError(f"--worker {text!r}: write k/K, e.g. 0/2 and 1/2 for two processes") from None
-    if not sep or workers < 1 or not 0 <= k < workers:
+    if not sep or workers < 1:
+        raise ValueError(f"--worker {text!r}: write k/K with K >= 1 processes, e.g. 0/2 and 1/2")
+    if not 0 <= k < workers:
         raise ValueError(f"--worker {text!r}: workers are numbered 0 to K-1 (r % K == k), e.g. "
-                         f"{' and '.join(f'{i}/{max(workers, 1)}' for i in range(max(workers, 1)))}")
+                         f"{' and '.join(f'{i}/{workers}' for i in range(workers))}")
     return k, workers
 
 
@@ -689,16 +691,27 @@ def label_of(declared: Declared, arm: Arm | None = None) -> str:
     return declared.name + (f" arm {arm.name}" if arm else "")
 
 
+def _listed_methods(results: Path) -> set | None:
+    try:
+        return set(json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {})
+    except (OSError, ValueError):
+        return None
+
+
+def methods_missing(results: Path, declared: Declared, arm: Arm | None = None) -> list[str]:
+    """The methods ``declared`` runs itself (one arm: ``attacking``) that a replicate's ``results`` lacks: it shares
+    its folder with an experiment whose replicate ran before it was declared, so that archived copy does not
+    answer it."""
+    listed = _listed_methods(results)
+    own = ("attacking",) if arm is not None else declared.own_methods
+    return [] if listed is None else [m for m in own if m not in listed]
+
+
 def methods_dropped(results: Path, folder: str) -> list[str]:
     """The methods a replicate's existing ``results`` (results.json, in the output folder or the archive) lists
     that this code's config for ``folder`` would not name (:func:`folder_methods`): an experiment declared in a
     newer commit shares the folder, so a run from this (older) code would rewrite the report without them."""
-    if not Path(results).is_file():
-        return []
-    try:
-        listed = json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {}
-    except (OSError, ValueError):
-        return []
+    listed = _listed_methods(results) or set()
     runs = set(folder_methods(folder))
     return sorted(m for m in listed if m not in runs)
 
@@ -733,6 +746,7 @@ def run(args) -> int:
     jobs = [(arm, r) for arm in declared.arms for r in mine] if declared.arms else [(None, r) for r in mine]
     for arm, r in jobs:  # a dose-response runs arm by arm, so that whole arms finish first
         t0 = time.time()
+        job = r if arm is None else f"{arm.name}/{r}"
         if arm is not None:
             paired, _ = declared.source(out, "clean", r)
             if not paired.is_file():
@@ -742,16 +756,21 @@ def run(args) -> int:
         results = replicate_dir(out, run_folder(declared, arm), r) / "run" / "report" / "results.json"
         kept = archived(results, out, args.archive)
         if args.scale == "demo" and kept.is_file() and not results.is_file() and not args.rerun_archived:
-            print(f"[evidence] {declared.name} replicate {r}{' arm ' + arm.name if arm else ''}: archived in {kept}, "
-                  f"skipped (--rerun-archived runs it again)", flush=True)
-            continue
+            missing = methods_missing(kept, declared, arm)
+            if not missing:
+                print(f"[evidence] {label_of(declared, arm)} replicate {r}: archived in {kept}, skipped "
+                      f"(--rerun-archived runs it again)", flush=True)
+                continue
+            print(f"[evidence] {label_of(declared, arm)} replicate {r}: archived in {kept} without "
+                  f"{', '.join(missing)} (an experiment sharing its folder): running it (stages missing from "
+                  f"{out} are recomputed)", flush=True)
         dropped = methods_dropped(kept_results(results, out, args.archive), run_folder(declared, arm))
         if dropped:
             print(f"[evidence] {label_of(declared, arm)} replicate {r}: its results.json has method(s) "
                   f"{', '.join(dropped)} that no experiment declared in this code runs in its folder: running it "
                   f"would write a report without them. Run it from a commit that declares them; skipped",
                   file=sys.stderr, flush=True)
-            failed.append(r if arm is None else f"{arm.name}/{r}")
+            failed.append(job)
             continue
         config = write_replicate_config(out, declared, r, args.scale, checkpoint, classifier, arm)
         borrow_stages(out, declared, r)
@@ -763,7 +782,7 @@ def run(args) -> int:
         if not code and args.scale == "demo" and results.is_file():
             print(f"[evidence] archived: {archive_results(results, out, args.archive)}", flush=True)
         if code:
-            failed.append(r if arm is None else f"{arm.name}/{r}")
+            failed.append(job)
     if failed:
         print(f"[evidence] replicates {failed} failed (finished stages are kept; run the same command)", file=sys.stderr)
     return 1 if failed else 0

@@ -112,6 +112,8 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
     from lord_ops.attacks import SURROGATE_PRESETS
 
     a = {**ATTACK, **(attack or {})}
+    if attack is not None and "rounds" not in attack:  # not ATTACK's 10 ASPL rounds: the given preset's own
+        a["rounds"] = None
     attack = [f'preset = "{a["preset"]}"', f"epsilon = {a['epsilon']}", f"step_size = {a['step_size']}",
               f"seed = {seed}"]
     # rounds belong to the surrogate presets (mist_v2, anti_dreambooth_aspl, ...); an attack against the fixed
@@ -142,7 +144,7 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         f"attack_step_size = {data1['step_size']}"]
     if data1 and data1.get("rounds") is not None:  # a surrogate Stage-1 preset (aspl, aspl_ace); ci: 1 round
         stage1_data.append(f"attack_rounds = {p['attack_rounds'] or data1['rounds']}")
-    if data1 and p["attack_steps"]:  # ci: a few attack steps for the Stage-1 copies too (ace_fixed has 150)
+    if data1 and p["attack_steps"]:  # a scale's attack steps (ci: 3) cap the Stage-1 copies' too (ace_fixed: 150)
         stage1_data.append(f"attack_steps = {p['attack_steps']}")
     lines = [
         f"# lab model {lab.name!r}: Table I at scale {scale!r} (lab/experiment.py writes this file)",

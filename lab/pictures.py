@@ -21,7 +21,8 @@ import random
 from pathlib import Path
 
 SCALE = "demo-stage1-pgd32"  # lab/experiment.py: the demo with Stage 1 on 32-level PGD copies
-# --quick: 1 image per class, 2 Stage-1 steps, 1 ASPL round of 1 PGD step (a smoke run, not a measurement)
+# --quick: 1 image per class, 2 Stage-1 steps, 1 ASPL round of 1 PGD step, 1 PGD step for the Stage-1 copies
+# (a smoke run, not a measurement)
 QUICK = {"stage1_per_class": 1, "stage1_steps": 2, "stage1_batch": 2, "attack_rounds": 1, "attack_steps": 1}
 MORE_SETS = 3  # sets of 8 reference bags measured besides the subject's 8 (32 + 32 bags in all)
 BOOTSTRAP = 2000  # resamples of the AUROC's percentile interval (clean and protected resampled separately)

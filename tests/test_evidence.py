@@ -447,6 +447,16 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     assert E.share_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
     values[E.PRIMARY].pop("lord_mix4")
     assert E.share_curve_png({**result, "values": values}) is None
+    # lab 2's sweep draws a third series, LoRD with B' off at sampling, wherever it has replicates
+    both = {**value, **gl0}
+    values = {m: {meth: {r: both[meth] + 0.01 * r for r in (10, 11)} for meth in both} for m in E.METRICS}
+    result = {**E.analyse(values, E.EXPERIMENTS["textures_share"]), "values": values}
+    three = E.share_curve_png(result)
+    assert three[:8] == b"\x89PNG\r\n\x1a\n"
+    values[E.PRIMARY].pop("lord_gl0_mix2")  # two series left: drawn without the third
+    assert E.share_curve_png({**result, "values": values}) not in (None, three)
+    values[E.PRIMARY].pop("plain_mix2")  # no plain curve: nothing to compare with
+    assert E.share_curve_png({**result, "values": values}) is None
 
 
 def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clean_runs_from_its_pair(tmp_path):
@@ -559,6 +569,8 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
 def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refused(capsys):
     assert E.parse_worker(None) == (0, 1)
     assert E.parse_worker("1/2") == (1, 2)
+    with pytest.raises(ValueError, match="K >= 1"):
+        E.parse_worker("0/0")
     for bad in ("2/2", "-1/2", "0/0", "1", "a/2"):  # "2/2" once selected no replicate and exited 0 silently
         with pytest.raises(ValueError, match="--worker"):
             E.parse_worker(bad)
@@ -584,5 +596,13 @@ def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_
     results.write_text(json.dumps({"methods": {m: {} for m in own + ("lord_gl0_mix8", "plain_mix9")}}))
     assert E.methods_dropped(results, "textures_defense") == ["lord_gl0_mix8", "plain_mix9"]
     assert E.methods_dropped(tmp_path / "missing.json", "textures_defense") == []
+    # the other way round: an archived textures_defense replicate (from before textures_share was declared)
+    # answers textures_defense but not textures_share, whose own methods it lacks
+    results.write_text(json.dumps({"methods": {m: {} for m in E.EXPERIMENTS["textures_defense"].own_methods}}))
+    assert E.methods_missing(results, E.EXPERIMENTS["textures_defense"]) == []
+    assert E.methods_missing(results, E.EXPERIMENTS["textures_share"]) == list(E.TEXTURE_SHARE_METHODS)
+    arm = E.EXPERIMENTS["textures_threat"].arms[0]
+    results.write_text(json.dumps({"methods": {"attacking": {}}}))
+    assert E.methods_missing(results, E.EXPERIMENTS["textures_threat"], arm) == []
     for archived in sorted(E.ARCHIVE.rglob("r*.json")):
         assert E.methods_dropped(archived, str(archived.parent.relative_to(E.ARCHIVE))) == [], archived

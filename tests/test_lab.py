@@ -140,4 +140,15 @@ def test_the_demo_adapts_the_shipped_workflows_and_inputs_to_lab_model_2(tmp_pat
     config = write_config(tmp_path / "exp", tmp_path / "none.safetensors", lab2.classifier, "ci", lab=lab2,
                           **threat).read_text()
     assert 'preset = "mist_v2"' in config and "epsilon = 4.0" in config and 'attack_preset = "ace_fixed"' in config
-    assert "resolution = 64" in config
+    assert "resolution = 64" in config and "rounds = 1" in config.split("[attack]")[1].split("[")[0]  # ci: 1 round
+    # an attack given without rounds runs its preset's own, not the default ASPL attack's 10
+    attack = {k: v for k, v in threat["attack"].items() if k != "rounds"}
+    config = write_config(tmp_path / "exp2", tmp_path / "none.safetensors", lab2.classifier, "demo", lab=lab2,
+                          attack=attack).read_text()
+    assert "rounds" not in config.split("[attack]")[1].split("[")[0]
+    # lab model 1's Stage-1 ablation scale is refused on lab 2 (its Stage 1 is the matched ACE copies)
+    from lab.demo import main as demo_main
+
+    with pytest.raises(SystemExit):
+        demo_main(["--lab", "textures", "--scale", "demo-stage1-pgd32", "--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists()
