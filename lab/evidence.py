@@ -72,6 +72,27 @@ PURIFIER_SETTINGS = (
     ("diffpure", f"DiffPure-style purification (noised to strength {_RUNNER['diffpure_strength']:g}, denoised by the "
                  "base model)"),
 )
+# the paper's Fig. 7 (share of protected images, 0 / 2 / 4 / 6 / 8 of 8): each series' methods at those points
+SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"),
+                "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord"),
+                "LoRD, B' off at sampling": ("lord_clean_gl0", "lord_gl0_mix2", "lord_gl0_mix4", "lord_gl0_mix6",
+                                             "lord_gl0")}
+SHARE_POINTS = (0, 2, 4, 6, 8)
+
+
+def _slope_contrast(name: str, series: str, question: str, minus: str | None = None) -> "Contrast":
+    """The least-squares slope per protected image over :data:`SHARE_POINTS` of a :data:`SHARE_SERIES` series
+    (weights (x - 4) / 40; x = 4 weighs 0), minus another series' slope when ``minus`` is given."""
+    mean = sum(SHARE_POINTS) / len(SHARE_POINTS)
+    norm = sum((x - mean) ** 2 for x in SHARE_POINTS)
+    weights = [(m, (x - mean) / norm) for m, x in zip(SHARE_SERIES[series], SHARE_POINTS) if x != mean]
+    if minus:
+        weights += [(m, -(x - mean) / norm) for m, x in zip(SHARE_SERIES[minus], SHARE_POINTS) if x != mean]
+    else:
+        question += "change of the metric per protected image of 8 (least-squares slope over 0-8)"
+    return Contrast(name, tuple(weights), question)
+
+
 CONTRASTS = (
     Contrast("A", (("attacking", 1), ("clean", -1)),
              "attack effect: plain LoRA on protected minus plain LoRA on clean images"),
@@ -123,20 +144,14 @@ CONTRASTS = (
              "LoRD with B' x 2 at sampling: its protected-minus-clean difference minus A"),
     # the paper's Fig. 7 (share of protected images, 0 / 2 / 4 / 6 / 8 of 8): least-squares slopes per
     # protected image over the five points (weights (x - 4) / 40 for x = 0, 2, 4, 6, 8; x = 4 weighs 0)
-    Contrast("slope_plain", (("clean", -0.1), ("plain_mix2", -0.05), ("plain_mix6", 0.05), ("attacking", 0.1)),
-             "plain LoRA: change of the metric per protected image of 8 (least-squares slope over 0-8)"),
-    Contrast("slope_lord", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1)),
-             "LoRD: change of the metric per protected image of 8 (least-squares slope over 0-8)"),
-    Contrast("slope_lord_vs_plain", (("lord_clean", -0.1), ("lord_mix2", -0.05), ("lord_mix6", 0.05), ("lord", 0.1),
-                                     ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05), ("attacking", -0.1)),
-             "LoRD's slope minus the plain LoRA's (negative: LoRD flattens the damage curve, the paper's Fig. 7)"),
-    Contrast("slope_gl0", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
-                           ("lord_gl0", 0.1)),
-             "LoRD with B' off at sampling: change of the metric per protected image of 8 (least-squares slope)"),
-    Contrast("slope_gl0_vs_plain", (("lord_clean_gl0", -0.1), ("lord_gl0_mix2", -0.05), ("lord_gl0_mix6", 0.05),
-                                    ("lord_gl0", 0.1), ("clean", 0.1), ("plain_mix2", 0.05), ("plain_mix6", -0.05),
-                                    ("attacking", -0.1)),
-             "the slope of LoRD with B' off at sampling minus the plain LoRA's (negative: it flattens the damage curve)"),
+    *(_slope_contrast(name, series, what) for name, series, what in (
+        ("slope_plain", "plain LoRA", "plain LoRA: "), ("slope_lord", "LoRD", "LoRD: "),
+        ("slope_gl0", "LoRD, B' off at sampling", "LoRD with B' off at sampling: "))),
+    *(_slope_contrast(name, series, what, minus="plain LoRA") for name, series, what in (
+        ("slope_lord_vs_plain", "LoRD", "LoRD's slope minus the plain LoRA's (negative: LoRD flattens the damage "
+                                        "curve, the paper's Fig. 7)"),
+        ("slope_gl0_vs_plain", "LoRD, B' off at sampling", "the slope of LoRD with B' off at sampling minus the "
+                                                           "plain LoRA's (negative: it flattens the damage curve)"))),
     Contrast("A_mix4", (("plain_mix4", 1), ("clean", -1)), "plain LoRA with 4 of 8 images protected minus on clean"),
     Contrast("lord_vs_plain_mix4", (("lord_mix4", 1), ("plain_mix4", -1)),
              "LoRD minus plain LoRA, both with 4 of 8 images protected"),
@@ -1025,11 +1040,6 @@ def forest_png(result: dict) -> bytes:
     return _png(fig)
 
 
-SHARE_SERIES = {"plain LoRA": ("clean", "plain_mix2", "plain_mix4", "plain_mix6", "attacking"),
-                "LoRD": ("lord_clean", "lord_mix2", "lord_mix4", "lord_mix6", "lord"),
-                "LoRD, B' off at sampling": ("lord_clean_gl0", "lord_gl0_mix2", "lord_gl0_mix4", "lord_gl0_mix6",
-                                             "lord_gl0")}
-
 
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
     """``(PNG bytes, replicate)``: the first ``per_method`` samples of every method of ``declared`` (one row each,
@@ -1091,7 +1101,7 @@ def share_curve_png(result: dict) -> bytes | None:
     shifts = [0.16 * (i - (len(present) - 1) / 2) for i in range(len(present))]
     for (label, series), shift in zip(present.items(), shifts):
         stats = [an.mean_interval(list(values[m].values())) for m in series]
-        x = [k + shift for k in (0, 2, 4, 6, 8)]
+        x = [k + shift for k in SHARE_POINTS]
         ax.errorbar(x, [st[0] for st in stats], yerr=[[st[0] - st[2] for st in stats], [st[3] - st[0] for st in stats]],
                     marker="o", capsize=3, label=label)
     ax.set_xticks([0, 2, 4, 6, 8])
