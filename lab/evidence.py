@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from lab import carry
 from lab.experiment import ATTACK, LABS
 from training.experiment_config import Experiment as ExperimentSettings
 
@@ -788,6 +789,11 @@ def run(args) -> int:
             failed.append(job)
             continue
         config = write_replicate_config(out, declared, r, args.scale, checkpoint, classifier, arm)
+        if args.scale == "demo":
+            restored = carry.restore(out, run_folder(declared, arm), args.carry or carry.CARRY, f"r{r:03d}")
+            if restored.copied:
+                print(f"[evidence] {label_of(declared, arm)} replicate {r}: {len(restored.copied)} stage(s) restored "
+                      f"from {args.carry or carry.CARRY}", flush=True)
         borrow_stages(out, declared, r)
         label = label_of(declared, arm)
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
@@ -1140,7 +1146,10 @@ def report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
-    ap.add_argument("command", choices=("run", "report"))
+    ap.add_argument("command", choices=("run", "report", "carry", "restore"),
+                    help="run or resume replicates; report: the analysis; carry: copy the unfinished replicates' stages "
+                         "into the repository (lab/carry.py; stop the workers first); restore: copy them back into --out "
+                         "(run does it per replicate)")
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
@@ -1159,8 +1168,23 @@ def main(argv=None) -> int:
     ap.add_argument("--only", metavar="PATTERN",
                     help="run only these stages of each replicate and what they need (the runner's --only, e.g. "
                          "'detect'); no report is written, so nothing is archived: for explorations")
+    ap.add_argument("--carry", type=Path, default=None,
+                    help="where carry keeps unfinished replicates' stages and restore/run read them (default "
+                         "docs/evidence/carry: in the repository)")
     args = ap.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages}[args.command](args)
+
+
+def carry_stages(args) -> int:
+    """``carry`` / ``restore``: :mod:`lab.carry` over every folder of the experiment (its arms' too)."""
+    declared = EXPERIMENTS[args.experiment]
+    action = carry.save if args.command == "carry" else carry.restore
+    folders = [run_folder(declared, a) for a in declared.arms] if declared.arms else [run_folder(declared)]
+    for folder in folders:
+        done = action(Path(args.out), folder, args.carry or carry.CARRY)
+        for line in done.lines():
+            print(f"[evidence] {args.command} {folder}: {line}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""lab/carry.py: unfinished replicates' stages carried through the repository (plain files, no ComfyUI)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from lab import carry
+from lab.evidence import main as evidence_main
+
+FOLDER = "textures_defense"
+
+
+def _stage(root, name, *, done, files=(), lock=None):
+    folder = root / FOLDER / "r012" / "run" / "stages" / name
+    folder.mkdir(parents=True)
+    (folder / "key.json").write_text(json.dumps({"digest": name}))
+    if done:
+        (folder / "stage.json").write_text(json.dumps({"digest": name, "result": {}}))
+    for rel, data in files:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    if lock:
+        (folder / "lock").write_text(lock)
+    return folder
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_save_keeps_outputs_and_resumable_work_but_not_locks_or_finished_caches(tmp_path):
+    out, kept = tmp_path / "out", tmp_path / "carry"
+    _stage(out, "protect", done=True, files=[("images/0.png", b"png"), ("pgd_cache/x", b"c")])
+    _stage(out, "stage1", done=True, files=[("lord.safetensors", b"L"), ("checkpoint.pt", b"ck"),
+                                            ("pgd_cache/a.safetensors", b"copy")])
+    _stage(out, "stage1_onebranch", done=False, files=[("checkpoint.pt", b"ck1")],
+           lock=f"{_dead_pid()}@{socket.gethostname()}")
+    _stage(out, "train__plain-clean", done=False, files=[("checkpoint.pt", b"ck2")],
+           lock=f"{os.getpid()}@{socket.gethostname()}")
+    (out / FOLDER / "r012" / "exp.toml").write_text("x")
+
+    report = carry.save(out, FOLDER, kept)
+
+    base = "textures_defense/r012/run/stages/"
+    assert _tree(kept) == sorted(base + p for p in [
+        "protect/images/0.png", "protect/key.json", "protect/stage.json",  # finished: no pgd_cache
+        "stage1/key.json", "stage1/lord.safetensors", "stage1/stage.json",
+        "stage1/pgd_cache/a.safetensors",  # the one-branch control still needs the copies
+        "stage1_onebranch/checkpoint.pt", "stage1_onebranch/key.json"])  # started, its process is gone: no lock
+    assert [s for s, _ in report.skipped] == ["textures_defense/r012/train__plain-clean"]  # being written
+    assert len(report.copied) == 3
+
+    # saving again changes nothing; once the control has finished, stage1's copies are dropped
+    assert carry.save(out, FOLDER, kept).copied == []
+    onebranch = out / FOLDER / "r012" / "run" / "stages" / "stage1_onebranch"
+    (onebranch / "stage.json").write_text("{}")
+    (onebranch / "lora.safetensors").write_bytes(b"B")
+    report = carry.save(out, FOLDER, kept)
+    assert sorted(report.copied) == ["textures_defense/r012/stage1", "textures_defense/r012/stage1_onebranch"]
+    assert not (kept / base / "stage1" / "pgd_cache").exists()
+    assert _tree(kept / base / "stage1_onebranch") == ["key.json", "lora.safetensors", "stage.json"]
+
+
+def test_save_drops_finished_replicates_and_stages_the_output_folder_lost(tmp_path):
+    out, kept = tmp_path / "out", tmp_path / "carry"
+    _stage(out, "protect", done=True, files=[("a", b"1")])
+    _stage(out, "stage1", done=False, files=[("checkpoint.pt", b"2")])
+    carry.save(out, FOLDER, kept)
+    import shutil
+    shutil.rmtree(out / FOLDER / "r012" / "run" / "stages" / "stage1")  # e.g. its config changed
+    assert carry.save(out, FOLDER, kept).removed == ["textures_defense/r012/stage1"]
+    report = out / FOLDER / "r012" / "run" / "report"
+    report.mkdir()
+    (report / "results.json").write_text("{}")
+    assert carry.save(out, FOLDER, kept).removed == ["textures_defense/r012"]
+    assert not (kept / FOLDER / "r012").exists()
+
+
+def test_restore_fills_what_the_output_folder_lacks_and_upgrades_started_stages(tmp_path):
+    out, kept, fresh = tmp_path / "out", tmp_path / "carry", tmp_path / "fresh"
+    _stage(out, "protect", done=True, files=[("images/0.png", b"png")])
+    _stage(out, "stage1", done=False, files=[("checkpoint.pt", b"ck")])
+    carry.save(out, FOLDER, kept)
+
+    report = carry.restore(fresh, FOLDER, kept)
+    assert sorted(report.copied) == ["textures_defense/r012/protect", "textures_defense/r012/stage1"]
+    assert _tree(fresh) == _tree(kept)
+    assert carry.restore(fresh, FOLDER, kept).copied == []  # the output folder has them now
+
+    # a carried finished stage replaces a started one; a finished one in the output folder is never replaced
+    stage1 = out / FOLDER / "r012" / "run" / "stages" / "stage1"
+    (stage1 / "stage.json").write_text("{}")
+    (stage1 / "lord.safetensors").write_bytes(b"L")
+    carry.save(out, FOLDER, kept)
+    assert carry.restore(fresh, FOLDER, kept).copied == ["textures_defense/r012/stage1"]
+    assert _tree(fresh / FOLDER / "r012" / "run" / "stages" / "stage1") == ["key.json", "lord.safetensors",
+                                                                          "stage.json"]
+    assert not list(fresh.rglob(".*restoring"))
+    assert carry.restore(fresh, FOLDER, kept, replicate="r013").copied == []
+
+
+def test_cli_carry_and_restore(tmp_path, capsys):
+    out, kept, fresh = tmp_path / "out", tmp_path / "carry", tmp_path / "fresh"
+    _stage(out, "protect", done=True, files=[("a", b"1")])
+    assert evidence_main(["carry", "textures_defense", "--out", str(out), "--carry", str(kept)]) == 0
+    assert "1 stage(s) copied" in capsys.readouterr().out
+    assert evidence_main(["restore", "textures_defense", "--out", str(fresh), "--carry", str(kept)]) == 0
+    assert (fresh / FOLDER / "r012" / "run" / "stages" / "protect" / "stage.json").is_file()
+
+
+def test_run_restores_a_replicates_carried_stages_before_it_runs_it(tmp_path, capsys):
+    """The glue on a fresh output folder: ``lab.evidence run`` at demo scale copies the carried stages of the
+    replicate it is about to run (here a started Protect that ``--only reference`` leaves alone)."""
+    kept, out = tmp_path / "carry", tmp_path / "out"
+    protect = kept / FOLDER / "r012" / "run" / "stages" / "protect"
+    protect.mkdir(parents=True)
+    (protect / "key.json").write_text(json.dumps({"digest": "carried"}))
+    code = evidence_main(["run", "textures_defense", "--scale", "demo", "--replicates", "12", "--only", "reference",
+                          "--out", str(out), "--carry", str(kept), "--archive", str(tmp_path / "archive")])
+    assert code == 0
+    assert "1 stage(s) restored" in capsys.readouterr().out
+    stages = out / FOLDER / "r012" / "run" / "stages"
+    assert json.loads((stages / "protect" / "key.json").read_text()) == {"digest": "carried"}
+    assert (stages / "reference" / "stage.json").is_file()
