@@ -14,9 +14,13 @@ What is kept of a stage:
   perturbation cache ``pgd_cache/`` -- except ``stage1/pgd_cache`` while ``stage1_onebranch`` (which
   trains on the same perturbed copies) is not finished;
 - a **started** stage (``key.json`` only): everything, so that it resumes (``checkpoint.pt``, the
-  cached copies, the samples written so far) -- unless a live process holds its ``lock`` (it is
-  writing it: stop the workers first, then save);
-- never the ``lock`` file.
+  cached copies, the samples written so far);
+- never the ``lock`` file nor hidden files (the temp files of writes in progress).
+
+Every file a stage writes is written atomically (``lord_ops.atomic``: a hidden temp file, then a
+rename), so ``save`` may run while the workers compute (``lab.evidence carry --every S`` saves
+every S seconds): it copies whole files only, and a file that a stage replaces meanwhile is copied
+again by the next save.
 
 Files are plain copies (not an archive), so a finished stage saved again is the same git blob and
 the repository grows only by what changed. A finished replicate's carry folder is removed by
@@ -93,18 +97,23 @@ def kept_files(stage: Path) -> list[Path]:
 
 def _mirror(source: Path, target: Path, files: list[Path]) -> tuple[bool, int]:
     """Make ``target`` hold exactly ``files`` of ``source``; returns (changed, bytes of the files)."""
-    changed, size = False, 0
+    changed, size, copied = False, 0, []
     for rel in files:
         src, dst = source / rel, target / rel
-        size += src.stat().st_size
-        if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.partial")
-        shutil.copyfile(src, tmp)
+        try:
+            size += src.stat().st_size
+            if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+                copied.append(rel)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.partial")
+            shutil.copyfile(src, tmp)
+        except FileNotFoundError:
+            continue  # the running stage removed it since it was listed
         os.replace(tmp, dst)
+        copied.append(rel)
         changed = True
-    wanted = {target / rel for rel in files}
+    wanted = {target / rel for rel in copied}
     if target.is_dir():
         for path in sorted(target.rglob("*"), reverse=True):
             if path.is_file() and path not in wanted:
@@ -139,11 +148,6 @@ def save(out: Path, folder: str, carry: Path = CARRY) -> CarryReport:
         names = []
         for stage in sorted(p for p in stages.iterdir() if p.is_dir() and (p / "key.json").is_file()):
             name = f"{rel}/{stage.name}"
-            if not _finished(stage) and _lock_alive(stage):
-                report.skipped.append((name, "a running process holds its lock (stop the workers, then save)"))
-                if (kept / "run" / "stages" / stage.name).is_dir():
-                    names.append(stage.name)  # keep what an earlier save carried of it
-                continue
             changed, size = _mirror(stage, kept / "run" / "stages" / stage.name, kept_files(stage))
             (report.copied if changed else report.unchanged).append(name)
             report.bytes += size if changed else 0

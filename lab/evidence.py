@@ -1148,7 +1148,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
     ap.add_argument("command", choices=("run", "report", "carry", "restore"),
                     help="run or resume replicates; report: the analysis; carry: copy the unfinished replicates' stages "
-                         "into the repository (lab/carry.py; stop the workers first); restore: copy them back into --out "
+                         "into the repository (lab/carry.py; safe beside running workers); restore: copy them back into --out "
                          "(run does it per replicate)")
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
@@ -1171,6 +1171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--carry", type=Path, default=None,
                     help="where carry keeps unfinished replicates' stages and restore/run read them (default "
                          "docs/evidence/carry: in the repository)")
+    ap.add_argument("--every", type=float, default=None, metavar="S",
+                    help="carry: save again every S seconds until interrupted (beside running workers)")
     args = ap.parse_args(argv)
     return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages}[args.command](args)
 
@@ -1180,11 +1182,17 @@ def carry_stages(args) -> int:
     declared = EXPERIMENTS[args.experiment]
     action = carry.save if args.command == "carry" else carry.restore
     folders = [run_folder(declared, a) for a in declared.arms] if declared.arms else [run_folder(declared)]
-    for folder in folders:
-        done = action(Path(args.out), folder, args.carry or carry.CARRY)
-        for line in done.lines():
-            print(f"[evidence] {args.command} {folder}: {line}", flush=True)
-    return 0
+    every = args.every if args.command == "carry" else None
+    while True:
+        for folder in folders:
+            done = action(Path(args.out), folder, args.carry or carry.CARRY)
+            if every is None or done.copied or done.removed:
+                stamp = time.strftime("%H:%M:%S ") if every else ""
+                for line in done.lines():
+                    print(f"[evidence] {stamp}{args.command} {folder}: {line}", flush=True)
+        if every is None:
+            return 0
+        time.sleep(every)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def test_save_keeps_outputs_and_resumable_work_but_not_locks_or_finished_caches(
                                             ("pgd_cache/a.safetensors", b"copy")])
     _stage(out, "stage1_onebranch", done=False, files=[("checkpoint.pt", b"ck1")],
            lock=f"{_dead_pid()}@{socket.gethostname()}")
-    _stage(out, "train__plain-clean", done=False, files=[("checkpoint.pt", b"ck2")],
-           lock=f"{os.getpid()}@{socket.gethostname()}")
+    _stage(out, "train__plain-clean", done=False, files=[("checkpoint.pt", b"ck2"), ("samples/0.png", b"s"),
+                                                        ("samples/.1.png.abc.tmp", b"half")],
+           lock=f"{os.getpid()}@{socket.gethostname()}")  # running now: its whole files are carried
     (out / FOLDER / "r012" / "exp.toml").write_text("x")
 
     report = carry.save(out, FOLDER, kept)
@@ -55,9 +56,9 @@ def test_save_keeps_outputs_and_resumable_work_but_not_locks_or_finished_caches(
         "protect/images/0.png", "protect/key.json", "protect/stage.json",  # finished: no pgd_cache
         "stage1/key.json", "stage1/lord.safetensors", "stage1/stage.json",
         "stage1/pgd_cache/a.safetensors",  # the one-branch control still needs the copies
-        "stage1_onebranch/checkpoint.pt", "stage1_onebranch/key.json"])  # started, its process is gone: no lock
-    assert [s for s, _ in report.skipped] == ["textures_defense/r012/train__plain-clean"]  # being written
-    assert len(report.copied) == 3
+        "stage1_onebranch/checkpoint.pt", "stage1_onebranch/key.json",  # started: resumable, no lock
+        "train__plain-clean/checkpoint.pt", "train__plain-clean/key.json", "train__plain-clean/samples/0.png"])
+    assert len(report.copied) == 4 and not report.skipped
 
     # saving again changes nothing; once the control has finished, stage1's copies are dropped
     assert carry.save(out, FOLDER, kept).copied == []
@@ -68,6 +69,11 @@ def test_save_keeps_outputs_and_resumable_work_but_not_locks_or_finished_caches(
     assert sorted(report.copied) == ["textures_defense/r012/stage1", "textures_defense/r012/stage1_onebranch"]
     assert not (kept / base / "stage1" / "pgd_cache").exists()
     assert _tree(kept / base / "stage1_onebranch") == ["key.json", "lora.safetensors", "stage.json"]
+    # the running stage's next file is carried by the next save; a vanished one is dropped
+    (out / base / "train__plain-clean" / "samples" / "1.png").write_bytes(b"t")
+    (out / base / "train__plain-clean" / "checkpoint.pt").unlink()
+    assert carry.save(out, FOLDER, kept).copied == ["textures_defense/r012/train__plain-clean"]
+    assert _tree(kept / base / "train__plain-clean") == ["key.json", "samples/0.png", "samples/1.png"]
 
 
 def test_save_drops_finished_replicates_and_stages_the_output_folder_lost(tmp_path):
@@ -105,6 +111,12 @@ def test_restore_fills_what_the_output_folder_lacks_and_upgrades_started_stages(
     assert _tree(fresh / FOLDER / "r012" / "run" / "stages" / "stage1") == ["key.json", "lord.safetensors",
                                                                           "stage.json"]
     assert not list(fresh.rglob(".*restoring"))
+    # ... unless a running process is computing the started one
+    busy = tmp_path / "busy"
+    _stage(busy, "stage1", done=False, lock=f"{os.getpid()}@{socket.gethostname()}")
+    report = carry.restore(busy, FOLDER, kept)
+    assert ("textures_defense/r012/stage1", "a running process is computing it") in report.skipped
+    assert not (busy / FOLDER / "r012" / "run" / "stages" / "stage1" / "stage.json").exists()
     assert carry.restore(fresh, FOLDER, kept, replicate="r013").copied == []
 
 
