@@ -732,6 +732,21 @@ def methods_dropped(results: Path, folder: str) -> list[str]:
     return sorted(m for m in listed if m not in runs)
 
 
+def prepare_replicate(out: Path, declared: Declared, replicate: int, scale: str, checkpoint: Path, classifier: Path,
+                      arm: Arm | None = None, carried: Path | None = None) -> Path:
+    """Before a replicate runs: write its ``exp.toml``, restore its stages carried in the repository (demo scale:
+    :mod:`lab.carry`, from ``carried`` or the default folder) and borrow its paired run's stages; returns the
+    config's path."""
+    config = write_replicate_config(out, declared, replicate, scale, checkpoint, classifier, arm)
+    if scale == "demo":
+        restored = carry.restore(out, run_folder(declared, arm), carried or carry.CARRY, f"r{replicate:03d}")
+        if restored.copied:
+            print(f"[evidence] {label_of(declared, arm)} replicate {replicate}: {len(restored.copied)} stage(s) "
+                  f"restored from {carried or carry.CARRY}", flush=True)
+    borrow_stages(out, declared, replicate)
+    return config
+
+
 def run(args) -> int:
     from lab.ship import ensure_checkpoint
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
@@ -788,13 +803,7 @@ def run(args) -> int:
                   file=sys.stderr, flush=True)
             failed.append(job)
             continue
-        config = write_replicate_config(out, declared, r, args.scale, checkpoint, classifier, arm)
-        if args.scale == "demo":
-            restored = carry.restore(out, run_folder(declared, arm), args.carry or carry.CARRY, f"r{r:03d}")
-            if restored.copied:
-                print(f"[evidence] {label_of(declared, arm)} replicate {r}: {len(restored.copied)} stage(s) restored "
-                      f"from {args.carry or carry.CARRY}", flush=True)
-        borrow_stages(out, declared, r)
+        config = prepare_replicate(out, declared, r, args.scale, checkpoint, classifier, arm, args.carry)
         label = label_of(declared, arm)
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
         code = run_experiment(["--config", str(config)] + (["--cpu"] if args.cpu else [])

@@ -129,17 +129,25 @@ def test_cli_carry_and_restore(tmp_path, capsys):
     assert (fresh / FOLDER / "r012" / "run" / "stages" / "protect" / "stage.json").is_file()
 
 
-def test_run_restores_a_replicates_carried_stages_before_it_runs_it(tmp_path, capsys):
-    """The glue on a fresh output folder: ``lab.evidence run`` at demo scale copies the carried stages of the
-    replicate it is about to run (here a started Protect that ``--only reference`` leaves alone)."""
+
+def test_a_replicate_is_prepared_with_its_carried_stages_at_demo_scale_only(tmp_path, capsys):
+    """The glue on a fresh output folder: before ``lab.evidence run`` runs a replicate at demo scale it copies
+    that replicate's carried stages (not another replicate's); a ci-scale run never reads the carry."""
+    from lab import evidence as E
+
     kept, out = tmp_path / "carry", tmp_path / "out"
-    protect = kept / FOLDER / "r012" / "run" / "stages" / "protect"
-    protect.mkdir(parents=True)
-    (protect / "key.json").write_text(json.dumps({"digest": "carried"}))
-    code = evidence_main(["run", "textures_defense", "--scale", "demo", "--replicates", "12", "--only", "reference",
-                          "--out", str(out), "--carry", str(kept), "--archive", str(tmp_path / "archive")])
-    assert code == 0
+    for r in ("r012", "r014"):
+        protect = kept / FOLDER / r / "run" / "stages" / "protect"
+        protect.mkdir(parents=True)
+        (protect / "key.json").write_text(json.dumps({"digest": r}))
+    declared = E.EXPERIMENTS["textures_defense"]
+    lab = E.LABS[declared.lab]
+    config = E.prepare_replicate(out, declared, 12, "ci", tmp_path / "model.safetensors", lab.classifier, carried=kept)
+    assert config.is_file() and not (out / FOLDER / "r012" / "run").exists()
+    config = E.prepare_replicate(out, declared, 12, "demo", tmp_path / "model.safetensors", lab.classifier,
+                                 carried=kept)
+    assert config == out / FOLDER / "r012" / "exp.toml"
     assert "1 stage(s) restored" in capsys.readouterr().out
     stages = out / FOLDER / "r012" / "run" / "stages"
-    assert json.loads((stages / "protect" / "key.json").read_text()) == {"digest": "carried"}
-    assert (stages / "reference" / "stage.json").is_file()
+    assert json.loads((stages / "protect" / "key.json").read_text()) == {"digest": "r012"}
+    assert not (out / FOLDER / "r014").exists()
