@@ -245,10 +245,7 @@ def main(argv=None) -> int:
     lab = LABS[args.lab]
     checkpoint = ensure_checkpoint(base / "models" / "checkpoints" / lab.checkpoint_name, lab.parts)
     print(f"[demo] lab model {checkpoint} ready in {time.time() - t0:.1f} s")
-    about = ("lab model 1 (lab/MODEL_CARD.md): a small SD1.x-family model trained on Fashion-MNIST without 'bag'"
-             if lab.name == "fashion" else "lab model 2 (lab/MODEL_CARD_2.md): a small SD1.x-family model trained on "
-             "64 px ufoai texture crops without 'wood'")
-    summary = {"note": f"{about}; its numbers are about this model, not about Stable Diffusion.", "lab": lab.name,
+    summary = {"note": f"{lab.about}; its numbers are about this model, not about Stable Diffusion.", "lab": lab.name,
                "comfyui": str(comfy_root), "checkpoint": str(checkpoint), "scale": args.scale, "workflows": {}}
     run = None
     if args.skip_evaluation:

@@ -595,7 +595,7 @@ def write_replicate_config(out: Path, declared: Declared, replicate: int, scale:
     subject = lab.replicate_folder(replicate)
     if not subject.is_dir():
         raise SystemExit(f"no subject images for replicate {replicate}: {subject} is missing "
-                         f"(python -m lab.{'data' if lab.name == 'fashion' else 'textures'} exports them)")
+                         f"(python -m {lab.exporter} exports them)")
     folder = run_folder(declared, arm)
     return write_config(replicate_dir(out, folder, replicate), checkpoint, classifier, scale, lab=lab,
                         seed=replicate_seed(replicate), instance=subject,

@@ -30,7 +30,8 @@ class LabModel:
     """What the runner's config and the replicate experiments need to know of one lab model: its data
     folder (``instance/``, ``reference/``, ``stage1/`` with captions, ``replicates/rNNN/``), the subject's
     class word (prompt "a photo of sks <subject>", the classifier's subject class), the image size in
-    pixels, and its shipped parts, classifier and assembled checkpoint's file name."""
+    pixels, its shipped parts, classifier and assembled checkpoint's file name, how it is retrained, the
+    module that exports its data folders, and one line that says what it is (reports and the demo)."""
 
     name: str
     data: Path
@@ -40,6 +41,8 @@ class LabModel:
     classifier: Path
     checkpoint_name: str
     retrain: str  # the make target that trains it
+    exporter: str  # the module whose ``python -m`` writes its data folders (replicate subjects included)
+    about: str
 
     def trained_classes(self) -> list[tuple[int, str, str]]:
         """``(classifier label, class name, prompt)`` of every pre-training class (the subject excluded)."""
@@ -57,10 +60,13 @@ class LabModel:
 
 LABS = {
     "fashion": LabModel("fashion", DEMO_DIR, "bag", 32, SHIPPED_PARTS, SHIPPED_CLASSIFIER, CHECKPOINT_NAME,
-                        "make lab-retrain"),
+                        "make lab-retrain", "lab.data", "lab model 1 (lab/MODEL_CARD.md): a small SD1.x-family model "
+                        "trained on Fashion-MNIST without 'bag'"),
     # lab model 2 (lab/MODEL_CARD_2.md): 64 px ufoai textures, subject "wood" held out of pre-training
     "textures": LabModel("textures", Path(__file__).resolve().parent / "texture_data", "wood", 64, TEXTURES_PARTS,
-                         TEXTURES_CLASSIFIER, TEXTURES_CHECKPOINT_NAME, "make lab2-retrain"),
+                         TEXTURES_CLASSIFIER, TEXTURES_CHECKPOINT_NAME, "make lab2-retrain", "lab.textures",
+                         "lab model 2 (lab/MODEL_CARD_2.md): a small SD1.x-family model trained on 64 px ufoai "
+                         "texture crops without 'wood'"),
 }
 
 # The attack, chosen by measurement (RESULTS.md): at the published budgets (mist-v2 4 levels,
