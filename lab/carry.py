@@ -58,21 +58,12 @@ class CarryReport:
 
 
 def _lock_alive(stage: Path) -> bool:
-    """Whether a process on this host that is still running holds ``stage/lock`` (pid@host)."""
-    try:
-        owner = (stage / "lock").read_text().strip()
-    except OSError:
-        return False
-    pid, _, host = owner.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether a process on this host that is still running holds ``stage/lock`` (pid@host, as
+    ``training.pipeline.Plan`` writes it)."""
+    from training.pipeline import Plan, _alive
+
+    pid, _, host = Plan._lock_owner(stage).partition("@")
+    return host == socket.gethostname() and pid.isdigit() and _alive(int(pid))
 
 
 def _finished(stage: Path) -> bool:

@@ -639,7 +639,7 @@ def borrow_stages(out: Path, declared: Declared, replicate: int) -> list[str]:
             target.mkdir(parents=True, exist_ok=True)
             partial = target / f".{name}.copying"
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(source / name, partial, ignore=shutil.ignore_patterns("lock", "pgd_cache", "checkpoint.pt"))
+            shutil.copytree(source / name, partial, ignore=shutil.ignore_patterns(*carry.NEVER, *carry.UNLESS_STARTED))
             partial.rename(target / name)
             copied.append(name)
     return copied
