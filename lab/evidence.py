@@ -668,6 +668,60 @@ def archive_results(results: Path, out: Path, archive: Path | None = None) -> Pa
     return target
 
 
+def _numbers(tree, prefix: str = "") -> dict:
+    """The numeric leaves of a JSON tree, by their dotted path (lists by index)."""
+    if isinstance(tree, bool) or tree is None or isinstance(tree, str):
+        return {}
+    if isinstance(tree, (int, float)):
+        return {prefix: float(tree)}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    found = {}
+    for key, value in items:
+        found.update(_numbers(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def reproduction(before: dict, after: dict) -> dict[str, float]:
+    """For each method two ``results.json`` trees both list: the largest absolute difference between their
+    metrics and training record (every numeric leaf under ``methods.<m>.metrics`` and ``.train``, the final
+    training loss included; ``inf`` when one has a number the other lacks).
+    0.0 everywhere means the rerun reproduced the earlier run exactly."""
+    old, new = before.get("methods") or {}, after.get("methods") or {}
+    out = {}
+    for method in sorted(set(old) & set(new)):
+        a, b = ({part: m[method].get(part) for part in ("metrics", "train")} for m in (old, new))
+        a, b = _numbers(a), _numbers(b)
+        if set(a) != set(b):
+            out[method] = float("inf")
+            continue
+        out[method] = max((abs(a[k] - b[k]) for k in a), default=0.0)
+    return out
+
+
+def check_reproduction(results: Path, out: Path, archive: Path | None = None) -> dict[str, float] | None:
+    """Before a finished replicate's ``results.json`` replaces its archived copy (a replicate rerun because an
+    experiment sharing its folder added methods): compare the methods both have and print whether the rerun
+    reproduced them (a free determinism check). ``None`` when nothing was archived before."""
+    target = archived(results, out, archive)
+    try:
+        before = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    differences = reproduction(before, json.loads(Path(results).read_text(encoding="utf-8")))
+    if not differences:
+        return differences
+    differ = {m: d for m, d in differences.items() if d}
+    if differ:
+        print(f"[evidence] NOT reproduced: {target} (archived before) and the rerun differ in {len(differ)} of "
+              f"{len(differences)} shared method(s): "
+              + ", ".join(f"{m} (largest difference {d:.3g})" for m, d in differ.items())
+              + f"; the earlier file stays in git history (git log -- {target})", flush=True)
+    else:
+        print(f"[evidence] reproduced: the rerun's {len(differences)} method(s) shared with {target} have identical "
+              f"metrics", flush=True)
+    return differences
+
+
 def parse_replicates(text: str | None, default: range) -> list[int]:
     """``"10-17"`` or ``"10,12"`` -> replicate indices (default: the experiment's declared range)."""
     if not text:
@@ -810,6 +864,7 @@ def run(args) -> int:
                               + (["--only", args.only] if getattr(args, "only", None) else []))
         print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
         if not code and args.scale == "demo" and results.is_file():
+            check_reproduction(results, out, args.archive)
             print(f"[evidence] archived: {archive_results(results, out, args.archive)}", flush=True)
         if code:
             failed.append(job)

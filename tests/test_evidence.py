@@ -222,6 +222,33 @@ def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_i
     assert E.replicate_values(out, mist, tmp_path / "elsewhere")["heldout_loss"]["lord"] == {}
 
 
+def test_a_rerun_replicate_is_compared_with_its_archived_copy(tmp_path, capsys):
+    """A replicate rerun because an experiment sharing its folder added methods must reproduce the methods its
+    archived copy already has; the check says so, or names the methods that differ."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    results = out / "textures_defense" / "r010" / "run" / "report" / "results.json"
+    results.parent.mkdir(parents=True)
+
+    def tree(lord_loss, extra=None):
+        methods = {"lord": {"metrics": {"heldout_loss": {"mean": lord_loss, "per_image": [0.1, 0.2]}, "note": "x"}},
+                   "jpeg": {"metrics": {"heldout_loss": {"mean": 0.5, "per_image": [0.3, 0.4]}}}}
+        methods.update(extra or {})
+        return {"methods": methods, "provenance": {"commit": "abc"}}
+
+    results.write_text(json.dumps(tree(0.25)))
+    assert E.check_reproduction(results, out, archive) is None  # nothing archived yet
+    E.archive_results(results, out, archive)
+    results.write_text(json.dumps(tree(0.25, {"plain_mix2": {"metrics": {"heldout_loss": {"mean": 0.7}}}})))
+    assert E.check_reproduction(results, out, archive) == {"jpeg": 0.0, "lord": 0.0}
+    assert "reproduced: the rerun's 2 method(s)" in capsys.readouterr().out
+    results.write_text(json.dumps(tree(0.2625)))
+    assert E.check_reproduction(results, out, archive) == {"jpeg": 0.0, "lord": pytest.approx(0.0125)}
+    assert "NOT reproduced" in capsys.readouterr().out
+    changed = tree(0.25)
+    changed["methods"]["jpeg"]["metrics"]["fd"] = {"value": 3.0}  # a metric the archived copy lacks
+    assert E.reproduction(tree(0.25), changed)["jpeg"] == float("inf")
+
+
 def test_an_experiment_can_train_stage1_on_other_copies(tmp_path):
     """``Declared.stage1_data`` reaches the replicate's exp.toml (the Stage-1 copies' attack)."""
     from lab.ship import SHIPPED_CLASSIFIER
