@@ -178,10 +178,10 @@ def lab_threat(lab: LabModel) -> dict:
     """The evaluation's attack and Stage-1 data on ``lab`` (``write_config``'s ``attack`` and ``overrides``):
     lab model 1 keeps lab/experiment.py's defaults (ASPL at 32 levels, Stage 1 on PGD-2 copies); on lab model 2
     the threat the evidence established, mist-v2 at its published 4 levels, and Stage 1 on ACE copies matched to
-    it (lab.evidence's "textures" and "textures_defense")."""
+    it (lab.declared's "textures" and "textures_defense")."""
     if lab.name == "fashion":
         return {}
-    from lab.evidence import MIST_4, STAGE1_ACE_4
+    from lab.declared import MIST_4, STAGE1_ACE_4
 
     return {"attack": dict(MIST_4.attack), "overrides": {"stage1_data": dict(STAGE1_ACE_4)}}
 

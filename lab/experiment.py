@@ -128,9 +128,9 @@ def write_config(root: Path, checkpoint: Path, classifier: Path, scale: str = "d
         attack.append(f"rounds = {p['attack_rounds'] or a['rounds']}")
     if p["attack_steps"]:
         attack.append(f"steps = {p['attack_steps']}")
-    if a.get("defense_aware"):  # the adaptive attacker (lab.evidence's "adaptive")
+    if a.get("defense_aware"):  # the adaptive attacker (lab.declared's "adaptive")
         attack.append("defense_aware = true")
-    if a.get("gate_evasion"):  # ... who also pushes the LoRD's gate down (lab.evidence's "evasion")
+    if a.get("gate_evasion"):  # ... who also pushes the LoRD's gate down (lab.declared's "evasion")
         attack.append(f"gate_evasion = {float(a['gate_evasion'])}")
     stage1_dir = Path(data) / "stage1"
     if p.get("stage1_per_class"):  # a smaller Stage-1 set: the first images of each class

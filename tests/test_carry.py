@@ -133,6 +133,7 @@ def test_cli_carry_and_restore(tmp_path, capsys):
 def test_a_replicate_is_prepared_with_its_carried_stages_at_demo_scale_only(tmp_path, capsys):
     """The glue on a fresh output folder: before ``lab.evidence run`` runs a replicate at demo scale it copies
     that replicate's carried stages (not another replicate's); a ci-scale run never reads the carry."""
+    from lab import declared as D
     from lab import evidence as E
 
     kept, out = tmp_path / "carry", tmp_path / "out"
@@ -140,7 +141,7 @@ def test_a_replicate_is_prepared_with_its_carried_stages_at_demo_scale_only(tmp_
         protect = kept / FOLDER / r / "run" / "stages" / "protect"
         protect.mkdir(parents=True)
         (protect / "key.json").write_text(json.dumps({"digest": r}))
-    declared = E.EXPERIMENTS["textures_defense"]
+    declared = D.EXPERIMENTS["textures_defense"]
     lab = E.LABS[declared.lab]
     config = E.prepare_replicate(out, declared, 12, "ci", tmp_path / "model.safetensors", lab.classifier, carried=kept)
     assert config.is_file() and not (out / FOLDER / "r012" / "run").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lab import declared as D
 from lab import evidence as E
 from lab.data import DEMO_DIR, REPLICATE_BAGS, REPLICATE_SETS, replicate_folder
 from lord_ops import analysis as an
@@ -47,16 +48,16 @@ def test_replicate_subjects_are_disjoint_from_each_other_and_the_demo():
             h = _pixels(f)
             assert h not in seen, f"{f} repeats {seen.get(h)}"
             seen[h] = str(f)
-    assert len({E.replicate_seed(r) for r in range(REPLICATE_SETS)}) == REPLICATE_SETS
-    assert set(E.EXPERIMENTS["defense"].replicates) <= set(E.CONFIRMATORY)
-    assert not set(E.EXPERIMENTS["pilot"].replicates) & set(E.CONFIRMATORY)
+    assert len({D.replicate_seed(r) for r in range(REPLICATE_SETS)}) == REPLICATE_SETS
+    assert set(D.EXPERIMENTS["defense"].replicates) <= set(D.CONFIRMATORY)
+    assert not set(D.EXPERIMENTS["pilot"].replicates) & set(D.CONFIRMATORY)
 
 
 def test_analysis_of_synthetic_replicates_matches_hand_values():
     rng = np.random.default_rng(0)
-    declared = E.EXPERIMENTS["defense"]
+    declared = D.EXPERIMENTS["defense"]
     reps = [10, 11, 12, 13, 14]
-    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in E.METRICS}
+    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
     values["heldout_loss"]["lord"].pop(14)  # a replicate without this method: contrasts with it use 4
     result = E.analyse(values, declared)
     v = values["heldout_loss"]
@@ -98,7 +99,7 @@ def test_two_replicates_at_ci_scale_run_and_are_analysed(tmp_path):
         config = (folder / "exp.toml").read_text()
         assert f"seed = {1000 + r}" in config and f"replicates/r{r:03d}" in config  # own seed, own subject
         methods = json.loads((folder / "run" / "report" / "results.json").read_text())["methods"]
-        assert set(methods) == set(E.DEFENSE_METHODS)
+        assert set(methods) == set(D.DEFENSE_METHODS)
         loss = {m: methods[m]["metrics"]["heldout_loss"] for m in methods}
         assert all(len(x["per_image"]) == E.HELDOUT_IMAGES["ci"] and x["mean"] > 0 for x in loss.values())
         by_hand[r] = loss["attacking"]["mean"] - loss["clean"]["mean"]
@@ -117,7 +118,7 @@ def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
 
     from lab.ship import SHIPPED_CLASSIFIER
 
-    threat = E.EXPERIMENTS["threat"]
+    threat = D.EXPERIMENTS["threat"]
     assert threat.replicates == range(10, 18)
     threat = dataclasses.replace(threat, replicates=range(10, 13))  # three synthetic replicates
     assert set(threat.family) == {a.contrast.name for a in threat.arms}
@@ -161,8 +162,8 @@ def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defe
     replicate's Stage-1 stages (without lock or caches, never over an existing folder)."""
     from lab.ship import SHIPPED_CLASSIFIER
 
-    mist = E.EXPERIMENTS["mist"]
-    assert mist.attack == E.THREAT_ARMS[-1].attack and mist.replicates == range(10, 18)
+    mist = D.EXPERIMENTS["mist"]
+    assert mist.attack == D.THREAT_ARMS[-1].attack and mist.replicates == range(10, 18)
     assert set(mist.family) <= {c.name for c in mist.contrasts}
     assert all(m in mist.methods for c in mist.contrasts if c.name in mist.family for m in c.methods)
     assert mist.own_methods == ("attacking", "lord", "onebranch", "lord_g10", "noise")
@@ -172,7 +173,7 @@ def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defe
     assert mist.source(tmp_path, "lord_clean_g10", 11) == (
         tmp_path / "defense" / "r011" / "run" / "report" / "results.json", "lord_clean_g10")
     # the other experiments are unchanged: defense runs all its methods itself
-    assert E.EXPERIMENTS["defense"].own_methods == E.EXPERIMENTS["defense"].methods
+    assert D.EXPERIMENTS["defense"].own_methods == D.EXPERIMENTS["defense"].methods
     config = E.write_replicate_config(tmp_path, mist, 11, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
     assert config == home.parent / "exp.toml"
     text = config.read_text()
@@ -193,13 +194,13 @@ def test_mist_runs_its_own_methods_and_reads_the_clean_runs_and_stage1_from_defe
     assert (copied / "lord.safetensors").read_bytes() == b"this run's own"
     assert E.borrow_stages(tmp_path, mist, 12) == []  # nothing to borrow: the run trains its own Stage 1
     # experiments sharing a folder write the same method list, so running one never drops the other's results
-    threat = E.EXPERIMENTS["threat"]
+    threat = D.EXPERIMENTS["threat"]
     arm_config = E.write_replicate_config(tmp_path, threat, 11, "ci", tmp_path / "none.safetensors",
                                           SHIPPED_CLASSIFIER, threat.arms[-1])
     assert arm_config == config and 'run = ["attacking", "lord", "onebranch", "lord_g10", "noise"]' in config.read_text()
-    defense = E.write_replicate_config(tmp_path, E.EXPERIMENTS["defense"], 11, "ci", tmp_path / "none.safetensors",
+    defense = E.write_replicate_config(tmp_path, D.EXPERIMENTS["defense"], 11, "ci", tmp_path / "none.safetensors",
                                        SHIPPED_CLASSIFIER).read_text()
-    assert all(f'"{m}"' in defense for m in E.EXPERIMENTS["gates"].methods)
+    assert all(f'"{m}"' in defense for m in D.EXPERIMENTS["gates"].methods)
 
 
 def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_is_gone(tmp_path):
@@ -207,7 +208,7 @@ def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_i
     analysis reads it from there once the folder is gone (a later session resumes without recomputing)."""
     import dataclasses
 
-    mist = dataclasses.replace(E.EXPERIMENTS["mist"], replicates=range(10, 12))
+    mist = dataclasses.replace(D.EXPERIMENTS["mist"], replicates=range(10, 12))
     out, archive = tmp_path / "out", tmp_path / "archive"
     results, name = mist.source(out, "lord", 11)
     assert E.archived(results, out, archive) == archive / "threat" / "mist_v2_32" / "r011.json"
@@ -253,14 +254,14 @@ def test_an_experiment_can_train_stage1_on_other_copies(tmp_path):
     """``Declared.stage1_data`` reaches the replicate's exp.toml (the Stage-1 copies' attack)."""
     from lab.ship import SHIPPED_CLASSIFIER
 
-    pilot = E.EXPERIMENTS["matched_pilot"]
-    assert set(pilot.replicates) <= set(E.EXPLORATION)
+    pilot = D.EXPERIMENTS["matched_pilot"]
+    assert set(pilot.replicates) <= set(D.EXPLORATION)
     text = E.write_replicate_config(tmp_path, pilot, 3, "ci", tmp_path / "none.safetensors",
                                     SHIPPED_CLASSIFIER).read_text()
     stage1 = text.split("[stage1]")[1].split("[stage2]")[0]
     assert 'attack_preset = "ace_fixed"' in stage1 and "attack_epsilon = 32.0" in stage1
     assert 'attack_preset = "pgd_2"' in E.write_replicate_config(
-        tmp_path, E.EXPERIMENTS["mist"], 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER).read_text()
+        tmp_path, D.EXPERIMENTS["mist"], 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER).read_text()
 
 
 def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
@@ -268,7 +269,7 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     run that trained the LoRD), summarised with a t interval and shown in the report."""
     import dataclasses
 
-    matched = dataclasses.replace(E.EXPERIMENTS["matched"], replicates=range(10, 13))
+    matched = dataclasses.replace(D.EXPERIMENTS["matched"], replicates=range(10, 13))
     for r, (clean, prot) in zip((10, 11), ((0.2, 0.8), (0.4, 0.9))):
         results, _ = matched.source(tmp_path, "lord", r)
         results.parent.mkdir(parents=True)
@@ -287,9 +288,9 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     lo, hi = gates["detect_clean"]["ci_low"], gates["detect_clean"]["ci_high"]
     half = 12.706 * np.std([0.2, 0.4], ddof=1) / np.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
     assert (lo, hi) == (pytest.approx(0.3 - half, abs=1e-3), pytest.approx(0.3 + half, abs=1e-3))
-    text = E.markdown({**E.analyse({m: {} for m in E.METRICS}, matched), "gates": gates})
+    text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, matched), "gates": gates})
     assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
-    assert E.gate_values(tmp_path, E.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
+    assert E.gate_values(tmp_path, D.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
 
 
 def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
@@ -298,8 +299,8 @@ def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
     unknown metric is refused."""
     rng = np.random.default_rng(1)
     reps = list(range(10, 20))
-    declared = dataclasses.replace(E.EXPERIMENTS["defense"], family=("A", "target_corr:A"))
-    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in E.METRICS}
+    declared = dataclasses.replace(D.EXPERIMENTS["defense"], family=("A", "target_corr:A"))
+    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
     result = E.analyse(values, declared)
     primary = result["metrics"]["heldout_loss"]["contrasts"]["A"]
     texture = result["metrics"]["target_corr"]["contrasts"]["A"]
@@ -310,9 +311,9 @@ def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
     text = E.markdown(result)
     assert "correlation of the samples with the ACE target (co-primary: declared questions)" in text
     assert "| A * | 10 |" in text.split("correlation of the samples with the ACE target")[1].split("##")[0]
-    assert E.family_question("removal_lord") == ("heldout_loss", "removal_lord")
+    assert D.family_question("removal_lord") == ("heldout_loss", "removal_lord")
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
-        E.family_question("nope:A")
+        D.family_question("nope:A")
 
 
 def test_the_lab2_experiment_runs_on_its_own_subject_crops_with_noise_purification_and_no_stage1(tmp_path):
@@ -321,10 +322,10 @@ def test_the_lab2_experiment_runs_on_its_own_subject_crops_with_noise_purificati
     correlation; replicates disjoint from its pilot's."""
     from lab.experiment import LABS
 
-    declared = E.EXPERIMENTS["textures"]
+    declared = D.EXPERIMENTS["textures"]
     assert declared.lab == "textures" and len(declared.replicates) >= 10
-    assert not set(declared.replicates) & set(E.EXPERIMENTS["pilot_textures"].replicates)
-    assert {E.family_question(q) for q in declared.family} >= {("heldout_loss", "A"), ("target_corr", "A")}
+    assert not set(declared.replicates) & set(D.EXPERIMENTS["pilot_textures"].replicates)
+    assert {D.family_question(q) for q in declared.family} >= {("heldout_loss", "A"), ("target_corr", "A")}
     config = E.write_replicate_config(tmp_path, declared, 10, "ci", tmp_path / "none.safetensors",
                                       LABS["textures"].classifier)
     text = config.read_text()
@@ -339,10 +340,10 @@ def test_the_lab2_defense_pilot_trains_stage1_on_ace4_copies_and_borrows_the_pil
     runs read from pilot_textures; exploration replicates only; each purifier has its contrast."""
     from lab.experiment import LABS
 
-    declared = E.EXPERIMENTS["pilot_textures_defense"]
-    assert declared.lab == "textures" and set(declared.replicates) <= set(E.EXPLORATION)
-    assert set(declared.replicates) <= set(E.EXPERIMENTS["pilot_textures"].replicates)
-    assert declared.own_methods == E.TEXTURE_DEFENSES and declared.borrowed_stages == ("protect",)
+    declared = D.EXPERIMENTS["pilot_textures_defense"]
+    assert declared.lab == "textures" and set(declared.replicates) <= set(D.EXPLORATION)
+    assert set(declared.replicates) <= set(D.EXPERIMENTS["pilot_textures"].replicates)
+    assert declared.own_methods == D.TEXTURE_DEFENSES and declared.borrowed_stages == ("protect",)
     config = E.write_replicate_config(tmp_path, declared, 1, "ci", tmp_path / "none.safetensors",
                                       LABS["textures"].classifier).read_text()
     stage1 = config.split("[stage1]")[1].split("[stage2]")[0]
@@ -374,10 +375,10 @@ def test_the_lab2_defense_comparison_pairs_with_textures_and_reads_its_plain_and
     target correlation co-primary."""
     from lab.experiment import LABS
 
-    declared = E.EXPERIMENTS["textures_defense"]
-    assert declared.replicates == E.EXPERIMENTS["textures"].replicates == range(10, 20)
-    assert set(declared.replicates) <= set(E.CONFIRMATORY) and declared.lab == "textures"
-    assert declared.attack == E.EXPERIMENTS["textures"].attack and declared.stage1_data == E.STAGE1_ACE_4
+    declared = D.EXPERIMENTS["textures_defense"]
+    assert declared.replicates == D.EXPERIMENTS["textures"].replicates == range(10, 20)
+    assert set(declared.replicates) <= set(D.CONFIRMATORY) and declared.lab == "textures"
+    assert declared.attack == D.EXPERIMENTS["textures"].attack and declared.stage1_data == D.STAGE1_ACE_4
     assert declared.borrowed_stages == ("protect",) and "noise" not in declared.own_methods
     assert {"lord", "lord_gl0", "onebranch", "jpeg", "diffpure", "pgd2_defense"} <= set(declared.own_methods)
     textures = tmp_path / "textures" / "r012" / "run" / "report" / "results.json"
@@ -397,11 +398,11 @@ def test_the_lab2_share_sweep_reuses_the_defense_folder_and_adds_b_prime_off_at_
     sampled with B' off (sharing their training); the plain 0- and 8-of-8 runs are read from "textures"."""
     from lab.experiment import LABS
 
-    declared, defense = E.EXPERIMENTS["textures_share"], E.EXPERIMENTS["textures_defense"]
+    declared, defense = D.EXPERIMENTS["textures_share"], D.EXPERIMENTS["textures_defense"]
     assert declared.home == defense.home == "textures_defense" and declared.replicates == defense.replicates
     assert declared.stage1_data == defense.stage1_data and declared.attack == defense.attack
     assert set(defense.own_methods) < set(declared.own_methods)
-    assert E.folder_methods("textures_defense") == defense.own_methods + E.TEXTURE_SHARE_METHODS
+    assert E.folder_methods("textures_defense") == defense.own_methods + D.TEXTURE_SHARE_METHODS
     assert declared.source(tmp_path, "clean", 15) == (tmp_path / "textures" / "r015" / "run" / "report" / "results.json",
                                                       "clean")
     config = E.write_replicate_config(tmp_path, declared, 15, "ci", tmp_path / "none.safetensors",
@@ -417,10 +418,10 @@ def test_the_lab2_dose_response_pairs_its_arms_with_textures_clean_runs(tmp_path
     arm, not rerun) and the arm recipe reproduces it."""
     from lab.experiment import LABS
 
-    declared = E.EXPERIMENTS["textures_threat"]
+    declared = D.EXPERIMENTS["textures_threat"]
     arms = {a.name: a.attack for a in declared.arms}
     assert len(arms) == 11 and "mist_v2_4" not in arms and declared.replicates == range(10, 20)
-    assert E._mist(4) == E.MIST_4.attack == declared.reference_arms[0].attack
+    assert D._mist(4) == D.MIST_4.attack == declared.reference_arms[0].attack
     assert arms["ace_4"] == {"preset": "ace_fixed", "epsilon": 4.0, "step_size": 0.6375}
     assert arms["ace_32"]["step_size"] == 2.0 and arms["mist_v2_32"]["rounds"] == 5 and arms["aspl_8"]["rounds"] == 10
     assert declared.family == tuple(f"A_{a}" for a in arms)
@@ -439,14 +440,14 @@ def test_the_lab2_dose_response_pairs_its_arms_with_textures_clean_runs(tmp_path
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
-    for declared in E.EXPERIMENTS.values():
+    for declared in D.EXPERIMENTS.values():
         names = {c.name: c for c in declared.contrasts}
         for question in declared.family:
-            _, contrast = E.family_question(question)
+            _, contrast = D.family_question(question)
             assert contrast in names, (declared.name, question)
             assert all(m in declared.methods for m in names[contrast].methods), (declared.name, question)
-    assert set(E.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
-    assert E.folder_methods("matched")[:len(E.DEFENSE_METHODS)] == E.DEFENSE_METHODS
+    assert set(D.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
+    assert E.folder_methods("matched")[:len(D.DEFENSE_METHODS)] == D.DEFENSE_METHODS
 
 
 def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
@@ -458,7 +459,7 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     gl0 = dict(zip(("lord_clean_gl0", "lord_gl0_mix2", "lord_gl0_mix4", "lord_gl0_mix6", "lord_gl0"),
                    [0.19, 0.23, 0.2, 0.22, 0.27]))
     value = {**plain, **lord}
-    contrasts = {c.name: c for c in E.CONTRASTS}
+    contrasts = {c.name: c for c in D.CONTRASTS}
     apply = lambda name: sum(w * {**value, **gl0}[m] for m, w in contrasts[name].weights)  # noqa: E731
     slope = lambda series: np.polyfit(shares, list(series.values()), 1)[0]  # noqa: E731
     assert apply("slope_plain") == pytest.approx(slope(plain))
@@ -466,23 +467,23 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     assert apply("slope_lord_vs_plain") == pytest.approx(slope(lord) - slope(plain))
     assert apply("slope_gl0") == pytest.approx(slope(gl0))
     assert apply("slope_gl0_vs_plain") == pytest.approx(slope(gl0) - slope(plain))
-    assert list(E.SHARE_SERIES["LoRD, B' off at sampling"]) == list(gl0)
+    assert list(D.SHARE_SERIES["LoRD, B' off at sampling"]) == list(gl0)
     # the report draws the curve only when every share point has replicates
-    declared = E.EXPERIMENTS["share"]
-    values = {m: {meth: {r: value[meth] + 0.01 * r for r in (10, 11)} for meth in value} for m in E.METRICS}
+    declared = D.EXPERIMENTS["share"]
+    values = {m: {meth: {r: value[meth] + 0.01 * r for r in (10, 11)} for meth in value} for m in D.METRICS}
     result = {**E.analyse(values, declared), "values": values}
     assert E.share_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
-    values[E.PRIMARY].pop("lord_mix4")
+    values[D.PRIMARY].pop("lord_mix4")
     assert E.share_curve_png({**result, "values": values}) is None
     # lab 2's sweep draws a third series, LoRD with B' off at sampling, wherever it has replicates
     both = {**value, **gl0}
-    values = {m: {meth: {r: both[meth] + 0.01 * r for r in (10, 11)} for meth in both} for m in E.METRICS}
-    result = {**E.analyse(values, E.EXPERIMENTS["textures_share"]), "values": values}
+    values = {m: {meth: {r: both[meth] + 0.01 * r for r in (10, 11)} for meth in both} for m in D.METRICS}
+    result = {**E.analyse(values, D.EXPERIMENTS["textures_share"]), "values": values}
     three = E.share_curve_png(result)
     assert three[:8] == b"\x89PNG\r\n\x1a\n"
-    values[E.PRIMARY].pop("lord_gl0_mix2")  # two series left: drawn without the third
+    values[D.PRIMARY].pop("lord_gl0_mix2")  # two series left: drawn without the third
     assert E.share_curve_png({**result, "values": values}) not in (None, three)
-    values[E.PRIMARY].pop("plain_mix2")  # no plain curve: nothing to compare with
+    values[D.PRIMARY].pop("plain_mix2")  # no plain curve: nothing to compare with
     assert E.share_curve_png({**result, "values": values}) is None
 
 
@@ -491,8 +492,8 @@ def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clea
     the methods that see the attack, and reads the clean-image runs from the matched pilot's replicate."""
     from lab.ship import SHIPPED_CLASSIFIER
 
-    adaptive = E.EXPERIMENTS["adaptive_pilot"]
-    assert adaptive.own_methods == E.ADAPTIVE_OWN and adaptive.attack["defense_aware"] is True
+    adaptive = D.EXPERIMENTS["adaptive_pilot"]
+    assert adaptive.own_methods == D.ADAPTIVE_OWN and adaptive.attack["defense_aware"] is True
     config = E.write_replicate_config(tmp_path, adaptive, 3, "ci", tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
     text = config.read_text()
     assert config == tmp_path / "adaptive_pilot" / "r003" / "exp.toml"
@@ -504,10 +505,10 @@ def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clea
 
     (tmp_path / "none.safetensors").write_bytes(b"")  # load_config checks that the file exists, not its contents
     assert load_config(config).attack_defense_aware is True
-    unaware = E.write_replicate_config(tmp_path, E.EXPERIMENTS["matched_pilot"], 3, "ci", tmp_path / "none.safetensors",
+    unaware = E.write_replicate_config(tmp_path, D.EXPERIMENTS["matched_pilot"], 3, "ci", tmp_path / "none.safetensors",
                                        SHIPPED_CLASSIFIER)
     assert "defense_aware" not in unaware.read_text() and "gate_evasion" not in text
-    evasion = E.write_replicate_config(tmp_path, E.EXPERIMENTS["evasion_pilot_w10"], 3, "ci",
+    evasion = E.write_replicate_config(tmp_path, D.EXPERIMENTS["evasion_pilot_w10"], 3, "ci",
                                        tmp_path / "none.safetensors", SHIPPED_CLASSIFIER)
     assert evasion == tmp_path / "evasion_pilot_w10" / "r003" / "exp.toml"
     loaded = load_config(evasion)
@@ -517,8 +518,8 @@ def test_the_adaptive_attacker_protects_against_the_borrowed_lord_and_reads_clea
 def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_path):
     """'adaptive' runs only the methods on its own (defense-aware) copies; the clean-image runs and the
     unaware attacker's runs come from 'matched', the latter under aliases, so survival contrasts pair them."""
-    adaptive = E.EXPERIMENTS["adaptive"]
-    assert adaptive.own_methods == E.ADAPTIVE_OWN
+    adaptive = D.EXPERIMENTS["adaptive"]
+    assert adaptive.own_methods == D.ADAPTIVE_OWN
     matched = tmp_path / "matched" / "r012" / "run" / "report" / "results.json"
     assert adaptive.source(tmp_path, "lord_unaware", 12) == (matched, "lord")
     assert adaptive.source(tmp_path, "clean", 12) == (matched, "clean")
@@ -545,8 +546,8 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
     from training.experiment_config import load_config, train_config
 
     for name, preset in (("source_aspl", "aspl"), ("source_mixed", "aspl_ace")):
-        declared = E.EXPERIMENTS[name]
-        assert declared.own_methods == E.SOURCE_METHODS and declared.borrowed_stages == ("protect",)
+        declared = D.EXPERIMENTS[name]
+        assert declared.own_methods == D.SOURCE_METHODS and declared.borrowed_stages == ("protect",)
         config = E.write_replicate_config(tmp_path, declared, 10, "ci", tmp_path / "none.safetensors",
                                           SHIPPED_CLASSIFIER)
         stage1 = config.read_text().split("[stage1]")[1].split("[stage2]")[0]
@@ -557,7 +558,7 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
         (tmp_path / "none.safetensors").write_bytes(b"")
         stage1_config = train_config(load_config(demo), "stage1")
         assert stage1_config.attack_preset == preset and stage1_config.stage1_attacks()[0][1].rounds == 10
-    declared = E.EXPERIMENTS["source_aspl"]
+    declared = D.EXPERIMENTS["source_aspl"]
     matched = tmp_path / "matched" / "r011" / "run" / "report" / "results.json"
     assert declared.source(tmp_path, "lord_gl0_ace", 11) == (matched, "lord_gl0")
     assert declared.source(tmp_path, "attacking", 11) == (matched, "attacking")
@@ -579,9 +580,9 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
     replicate has them all (only results.json is archived)."""
     from PIL import Image
 
-    declared = E.EXPERIMENTS["source_aspl"]
+    declared = D.EXPERIMENTS["source_aspl"]
     assert E.sample_grid_png(tmp_path, declared) is None
-    for folder, methods in (("source_aspl", E.SOURCE_METHODS), ("matched", ("clean", "attacking", "lord", "lord_clean",
+    for folder, methods in (("source_aspl", D.SOURCE_METHODS), ("matched", ("clean", "attacking", "lord", "lord_clean",
                                                                            "lord_gl0", "lord_clean_gl0"))):
         report = tmp_path / folder / "r011" / "run" / "report"
         (report / "img").mkdir(parents=True, exist_ok=True)
@@ -625,11 +626,11 @@ def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_
     assert E.methods_dropped(tmp_path / "missing.json", "textures_defense") == []
     # the other way round: an archived textures_defense replicate (from before textures_share was declared)
     # answers textures_defense but not textures_share, whose own methods it lacks
-    results.write_text(json.dumps({"methods": {m: {} for m in E.EXPERIMENTS["textures_defense"].own_methods}}))
-    assert E.methods_missing(results, E.EXPERIMENTS["textures_defense"]) == []
-    assert E.methods_missing(results, E.EXPERIMENTS["textures_share"]) == list(E.TEXTURE_SHARE_METHODS)
-    arm = E.EXPERIMENTS["textures_threat"].arms[0]
+    results.write_text(json.dumps({"methods": {m: {} for m in D.EXPERIMENTS["textures_defense"].own_methods}}))
+    assert E.methods_missing(results, D.EXPERIMENTS["textures_defense"]) == []
+    assert E.methods_missing(results, D.EXPERIMENTS["textures_share"]) == list(D.TEXTURE_SHARE_METHODS)
+    arm = D.EXPERIMENTS["textures_threat"].arms[0]
     results.write_text(json.dumps({"methods": {"attacking": {}}}))
-    assert E.methods_missing(results, E.EXPERIMENTS["textures_threat"], arm) == []
+    assert E.methods_missing(results, D.EXPERIMENTS["textures_threat"], arm) == []
     for archived in sorted(E.ARCHIVE.rglob("r*.json")):
         assert E.methods_dropped(archived, str(archived.parent.relative_to(E.ARCHIVE))) == [], archived

@@ -115,7 +115,7 @@ def test_the_demo_adapts_the_shipped_workflows_and_inputs_to_lab_model_2(tmp_pat
     the wood subject); its evaluation protects with mist-v2 at 4 levels and trains Stage 1 on ACE-4 copies.
     The whole demo on lab 2 runs outside CI (README: its time); lab model 1's runs in the test above."""
     from lab.demo import for_lab_model, lab_inputs, lab_prompt, lab_threat
-    from lab.evidence import MIST_4, STAGE1_ACE_4
+    from lab.declared import MIST_4, STAGE1_ACE_4
     from lab.experiment import LABS, write_config
 
     lab2 = LABS["textures"]

@@ -312,13 +312,14 @@ def test_a_replicate_of_the_evidence_protocol_runs_on_lab_model_2(tmp_path):
     import torch
     from safetensors.torch import save_file
 
+    from lab import declared as D
     from lab import evidence as E
     from lab.pilot_textures import vae_only_checkpoint
     from lab.train_vae import new_vae
     from lord_ops.lab_classifier import GEOMETRY_KEY, Geometry, LabClassifier
 
-    declared = E.EXPERIMENTS["pilot_textures"]
-    assert declared.lab == "textures" and set(declared.replicates) <= set(E.EXPLORATION)
+    declared = D.EXPERIMENTS["pilot_textures"]
+    assert declared.lab == "textures" and set(declared.replicates) <= set(D.EXPLORATION)
     torch.save({"vae": new_vae(0).state_dict()}, tmp_path / "vae.pt")
     vae_only_checkpoint(tmp_path / "vae.pt", tmp_path / "assembled")
     geometry = Geometry(3, 64, tuple(T.CATEGORIES))
