@@ -693,7 +693,8 @@ def main(argv=None) -> int:
                     help="run or resume replicates; report: the analysis; carry: copy the unfinished replicates' stages "
                          "into the repository (lab/carry.py; safe beside running workers); restore: copy them back into --out "
                          "(run does it per replicate)")
-    ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("experiment", nargs="+", choices=sorted(EXPERIMENTS),
+                    help="the declared experiment (carry and restore take several: every folder of each)")
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
@@ -717,14 +718,24 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=float, default=None, metavar="S",
                     help="carry: save again every S seconds until interrupted (beside running workers)")
     args = ap.parse_args(argv)
+    if args.command in ("run", "report"):
+        if len(args.experiment) > 1:
+            ap.error(f"{args.command} takes one experiment (got {' '.join(args.experiment)}); run one process per "
+                     f"experiment, one after the other")
+        args.experiment = args.experiment[0]
     return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages}[args.command](args)
 
 
 def carry_stages(args) -> int:
-    """``carry`` / ``restore``: :mod:`lab.carry` over every folder of the experiment (its arms' too)."""
-    declared = EXPERIMENTS[args.experiment]
+    """``carry`` / ``restore``: :mod:`lab.carry` over every folder of the experiments (their arms' too; a folder
+    two experiments share, once)."""
     action = carry.save if args.command == "carry" else carry.restore
-    folders = [run_folder(declared, a) for a in declared.arms] if declared.arms else [run_folder(declared)]
+    folders = []
+    for name in args.experiment:
+        declared = EXPERIMENTS[name]
+        for folder in [run_folder(declared, a) for a in declared.arms] if declared.arms else [run_folder(declared)]:
+            if folder not in folders:
+                folders.append(folder)
     every = args.every if args.command == "carry" else None
     while True:
         for folder in folders:

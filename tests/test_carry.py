@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from lab import carry
 from lab.evidence import main as evidence_main
 
@@ -127,6 +129,16 @@ def test_cli_carry_and_restore(tmp_path, capsys):
     assert "1 stage(s) copied" in capsys.readouterr().out
     assert evidence_main(["restore", "textures_defense", "--out", str(fresh), "--carry", str(kept)]) == 0
     assert (fresh / FOLDER / "r012" / "run" / "stages" / "protect" / "stage.json").is_file()
+    # one process carries several experiments: a folder two share is saved once, every arm's folder is visited
+    capsys.readouterr()
+    assert evidence_main(["carry", "textures_defense", "textures_share", "textures_threat", "--out", str(out),
+                          "--carry", str(kept)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(f"carry {FOLDER}:" in line for line in lines) == 1
+    assert any("carry textures_threat/ace_4:" in line for line in lines)
+    with pytest.raises(SystemExit):  # run and report take one experiment
+        evidence_main(["run", "textures_defense", "textures_share", "--out", str(out)])
+    assert "run takes one experiment" in capsys.readouterr().err
 
 
 
