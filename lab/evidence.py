@@ -352,6 +352,49 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | None = None,
+                    archive: Path | None = None, carried: Path | None = None) -> tuple[str, int, bool]:
+    """Where one replicate (of one arm) stands, without reading any result: ``("finished", 0, False)`` when its
+    results.json (output folder or archive) lists every method ``declared`` runs there, else ``("started", n,
+    running)`` with ``n`` finished stages in the output folder or the carry (whichever has more) and whether a
+    live process holds one of its stage locks, else ``("not started", 0, False)``."""
+    folder = run_folder(declared, arm)
+    results = replicate_dir(out, folder, replicate) / "run" / "report" / "results.json"
+    kept = kept_results(results, out, archive)
+    if kept.is_file() and not methods_missing(kept, declared, arm):
+        return "finished", 0, False
+    counts, running = [], False
+    for root in (out, carried or carry.CARRY):
+        stages = replicate_dir(root, folder, replicate) / "run" / "stages"
+        found = sorted(p for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
+        counts.append(sum(carry._finished(p) for p in found))
+        running = running or (root == out and any(carry._lock_alive(p) for p in found if (p / "lock").exists()))
+    return ("started", max(counts), running) if max(counts) or running else ("not started", 0, False)
+
+
+def status_lines(out: Path, declared: Declared, archive: Path | None = None, carried: Path | None = None) -> list[str]:
+    """One line per experiment (per arm for a dose-response): finished, started (finished stages; running) and
+    not-started replicates. Reads only which methods each results.json lists, never a value."""
+    lines = []
+    for arm in declared.arms or (None,):
+        by_state: dict = {"finished": [], "started": [], "not started": []}
+        for r in declared.replicates:
+            state, stages, running = replicate_state(out, declared, r, arm, archive, carried)
+            by_state[state].append(f"{r} ({stages} stages done{', running' if running else ''})"
+                                   if state == "started" else str(r))
+        parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()]
+        lines.append(f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
+                     f"{declared.replicates.stop - 1}): " + "; ".join(parts))
+    return lines
+
+
+def status(args) -> int:
+    for name in args.experiment:
+        for line in status_lines(Path(args.out), EXPERIMENTS[name], args.archive, args.carry):
+            print(line, flush=True)
+    return 0
+
+
 def replicate_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:
     """``{metric: {method: {replicate: value}}}`` of every finished replicate run (its report written),
     each method read where ``declared.source`` says: from the output folder, else from the archive."""
@@ -689,12 +732,13 @@ def report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
-    ap.add_argument("command", choices=("run", "report", "carry", "restore"),
+    ap.add_argument("command", choices=("run", "report", "carry", "restore", "status"),
                     help="run or resume replicates; report: the analysis; carry: copy the unfinished replicates' stages "
                          "into the repository (lab/carry.py; safe beside running workers); restore: copy them back into --out "
-                         "(run does it per replicate)")
+                         "(run does it per replicate); status: which replicates are finished, started (stages done, "
+                         "running) or not started, reading no result")
     ap.add_argument("experiment", nargs="+", choices=sorted(EXPERIMENTS),
-                    help="the declared experiment (carry and restore take several: every folder of each)")
+                    help="the declared experiment (carry, restore and status take several)")
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
@@ -723,7 +767,8 @@ def main(argv=None) -> int:
             ap.error(f"{args.command} takes one experiment (got {' '.join(args.experiment)}); run one process per "
                      f"experiment, one after the other")
         args.experiment = args.experiment[0]
-    return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages}[args.command](args)
+    return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages,
+            "status": status}[args.command](args)
 
 
 def carry_stages(args) -> int:
