@@ -35,13 +35,14 @@ import time
 from pathlib import Path
 
 from lab import carry
-from lab.declared import (EXPERIMENTS, METRICS, PRIMARY, REMAINING_PAIRS, SHARE_POINTS, SHARE_SERIES, Arm, Declared,
-                          family_of, family_question, replicate_seed)
+from lab.declared import (CONFIRMATORY, EXPERIMENTS, METRICS, PRIMARY, REMAINING_PAIRS, SHARE_POINTS, SHARE_SERIES, Arm,
+                          Declared, family_of, family_question, replicate_seed)
 from lab.experiment import LABS
 
 # finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
 # scratch (hours of cached stages), the archive is what a later session's report and run read back
 ARCHIVE = Path(__file__).resolve().parent.parent / "docs" / "evidence" / "runs"
+PUBLISHED = ARCHIVE.parent  # each experiment's final report: docs/evidence/<name>_analysis.md, _forest.png, ...
 
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
@@ -390,8 +391,15 @@ def status_lines(out: Path, declared: Declared, archive: Path | None = None, car
 
 def status(args) -> int:
     for name in args.experiment:
-        for line in status_lines(Path(args.out), EXPERIMENTS[name], args.archive, args.carry):
+        lines = status_lines(Path(args.out), EXPERIMENTS[name], args.archive, args.carry)
+        for line in lines:
             print(line, flush=True)
+        published = PUBLISHED / f"{name}_analysis.md"
+        if published.is_file():
+            early = all(": 0 finished;" in line for line in lines)  # reported before the archive existed
+            print(f"  reported: {published.relative_to(PUBLISHED.parent.parent)}" + (
+                " (its replicates ran before finished results were archived: their values are in that report's "
+                ".json)" if early else ""), flush=True)
     return 0
 
 
@@ -540,7 +548,12 @@ def verdict(row: dict, confirmatory: bool) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Replicate analysis: {result['experiment']}", "", result["purpose"], "",
+    interim = result.get("interim")
+    lines = [f"# Replicate analysis: {result['experiment']}", ""]
+    if interim:
+        lines += [f"**INTERIM**: {len(interim['unfinished'])} declared replicate(s) not finished "
+                  f"({', '.join(interim['unfinished'])}); {interim['note']}.", ""]
+    lines += [result["purpose"], "",
              "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
              "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
              "declared family (primary-metric questions and any co-primary ones) Holm's adjusted p. "
@@ -704,12 +717,32 @@ def share_curve_png(result: dict) -> bytes | None:
     return _png(fig)
 
 
+def unfinished(out: Path, declared: Declared, archive: Path | None = None, carried: Path | None = None) -> list[str]:
+    """The declared replicates (``r`` or ``arm/r``) that have not finished (:func:`replicate_state`)."""
+    return [str(r) if arm is None else f"{arm.name}/{r}" for arm in declared.arms or (None,)
+            for r in declared.replicates if replicate_state(out, declared, r, arm, archive, carried)[0] != "finished"]
+
+
 def report(args) -> int:
     from lord_ops.atomic import atomic_write, atomic_write_json
 
     declared = EXPERIMENTS[args.experiment]
+    left = unfinished(Path(args.out), declared, args.archive, args.carry)
+    confirmatory = set(declared.replicates) <= set(CONFIRMATORY)
+    if left and confirmatory and not args.interim:
+        raise SystemExit(f"report {declared.name}: {len(left)} declared replicate(s) have not finished "
+                         f"({', '.join(left)}); EVIDENCE.md's stopping rule is one report when all have finished, "
+                         f"so nothing is analysed "
+                         f"(python -m lab.evidence status {declared.name} says where each stands; --interim analyses "
+                         f"the finished ones and labels the report INTERIM)")
+    if left and args.publish:
+        raise SystemExit(f"report {declared.name} --publish: {len(left)} replicate(s) unfinished ({', '.join(left)}); "
+                         f"only a complete report is published into {PUBLISHED}")
     values = replicate_values(Path(args.out), declared, args.archive)
     result = analyse(values, declared)
+    if left:
+        result["interim"] = {"unfinished": left, "note": "not every declared replicate has finished" + (
+            ": an interim look, not the declared report" if confirmatory else " (an exploration)")}
     result["values"] = values
     result["gates"] = summarise_gates(gate_values(Path(args.out), declared, args.archive))
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
@@ -726,6 +759,13 @@ def report(args) -> int:
     grid = sample_grid_png(Path(args.out), declared)
     if grid is not None:  # where a reader sees the painted target (or its absence) per method
         atomic_write(folder / "samples.png", lambda tmp: Path(tmp).write_bytes(grid[0]))
+    if args.publish:  # the committed copy EVIDENCE.md and RESULTS.md link: docs/evidence/<name>_<file>
+        for name in ("analysis.json", "analysis.md", "forest.png", "share_curve.png", "samples.png"):
+            if (folder / name).is_file():
+                data = (folder / name).read_bytes()
+                target = PUBLISHED / f"{declared.name}_{name}"
+                atomic_write(target, lambda tmp, data=data: Path(tmp).write_bytes(data))
+                print(f"[evidence] published {target}", file=sys.stderr, flush=True)
     print(text)
     return 0
 
@@ -759,6 +799,13 @@ def main(argv=None) -> int:
     ap.add_argument("--carry", type=Path, default=None,
                     help="where carry keeps unfinished replicates' stages and restore/run read them (default "
                          "docs/evidence/carry: in the repository)")
+    ap.add_argument("--interim", action="store_true",
+                    help="report: analyse a confirmatory experiment before all its replicates have finished (labelled "
+                         "INTERIM; EVIDENCE.md's stopping rules forbid reading it as the result)")
+    ap.add_argument("--publish", action="store_true",
+                    help=f"report: also copy the report's files into "
+                         f"{PUBLISHED.relative_to(PUBLISHED.parent.parent)}/ as <experiment>_analysis.md etc. (the "
+                         f"copies EVIDENCE.md links; only a complete report)")
     ap.add_argument("--every", type=float, default=None, metavar="S",
                     help="carry: save again every S seconds until interrupted (beside running workers)")
     args = ap.parse_args(argv)

@@ -634,3 +634,40 @@ def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_
     assert E.methods_missing(results, D.EXPERIMENTS["textures_threat"], arm) == []
     for archived in sorted(E.ARCHIVE.rglob("r*.json")):
         assert E.methods_dropped(archived, str(archived.parent.relative_to(E.ARCHIVE))) == [], archived
+
+
+def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_complete(tmp_path, monkeypatch, capsys):
+    """EVIDENCE.md's stopping rule in the tool: ``report`` refuses a confirmatory experiment with unfinished
+    replicates (``--interim`` analyses them labelled INTERIM); ``--publish`` copies a complete report into
+    docs/evidence as ``<name>_<file>``."""
+    import dataclasses
+
+    textures = dataclasses.replace(D.EXPERIMENTS["textures"], replicates=range(10, 13))
+    monkeypatch.setitem(E.EXPERIMENTS, "textures", textures)
+    monkeypatch.setattr(E, "PUBLISHED", tmp_path / "published")
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    rng = np.random.default_rng(3)
+
+    def finish(r):
+        path = archive / "textures" / f"r{r:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": float(rng.normal())}}}
+                                                for m in textures.methods}}))
+
+    finish(10), finish(11)
+    args = ["report", "textures", "--out", str(out), "--archive", str(archive), "--carry", str(tmp_path / "carry")]
+    with pytest.raises(SystemExit, match=r"1 declared replicate\(s\) have not finished \(12\)"):
+        E.main(args)
+    with pytest.raises(SystemExit, match="only a complete report is published"):
+        E.main(args + ["--interim", "--publish"])
+    assert E.main(args + ["--interim"]) == 0
+    text = (out / "textures" / "analysis.md").read_text()
+    assert "**INTERIM**: 1 declared replicate(s) not finished (12)" in text
+    assert json.loads((out / "textures" / "analysis.json").read_text())["interim"]["unfinished"] == ["12"]
+    assert not (tmp_path / "published").exists()
+    finish(12)
+    capsys.readouterr()
+    assert E.main(args + ["--publish"]) == 0
+    published = tmp_path / "published" / "textures_analysis.md"
+    assert published.read_text() == (out / "textures" / "analysis.md").read_text() and "INTERIM" not in published.read_text()
+    assert (tmp_path / "published" / "textures_forest.png").read_bytes()[:4] == b"\x89PNG"
