@@ -78,8 +78,8 @@ bench-all: setup            # all four in sequence, each rewriting its own secti
 	$(MAKE) --no-print-directory bench-scaling
 
 thumbnails: setup           # template thumbnails, docs/examples/ and the help pages' pictures, on the lab model
-	$(PY) -m tools.make_template_thumbnails --work .cache/pictures
-	$(PY) -m tools.make_doc_images --work .cache/pictures  # reuses the LoRD and AUROC the first step measured
+	$(PY) -m lab.make_template_thumbnails --work .cache/pictures
+	$(PY) -m lab.make_doc_images --work .cache/pictures  # reuses the LoRD and AUROC the first step measured
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -1,8 +1,8 @@
 """What the pack's pictures are made on: the lab model (``lab/MODEL_CARD.md``) and a LoRD whose gate
 separates, with its held-out ROC measured by the pack's own evaluation runner.
 
-``tools/make_template_thumbnails.py`` (template thumbnails, ``docs/examples/*.png``) and
-``tools/make_doc_images.py`` (the node help pages' pictures) both use it:
+``lab/make_template_thumbnails.py`` (template thumbnails, ``docs/examples/*.png``) and
+``lab/make_doc_images.py`` (the node help pages' pictures) both use it:
 
 * :func:`lab_checkpoint` assembles the lab model from ``lab/weights/`` (``lab.ship.ensure_checkpoint``);
 * :func:`detection_lord` runs ``training.experiment`` with ``lab/experiment.py``'s config at scale

@@ -6,8 +6,8 @@ starts it (``python -m <module>`` from the repository root), with everything wri
   ``bench_sampling``, ``bench_train`` and ``bench_attack``, so their results are checked from its
   JSON here rather than run twice;
 * ``bench.bench_scaling --quick``, ``bench.stage1_presets --quick``, ``bench.bench_preview --quick``,
-  ``bench.bench_memory --quick``, ``tools.make_doc_images --quick``
-  and ``tools.make_template_thumbnails --quick``, each into a folder given on the command line.
+  ``bench.bench_memory --quick``, ``lab.make_doc_images --quick``
+  and ``lab.make_template_thumbnails --quick``, each into a folder given on the command line.
 
 The committed pictures and BENCHMARKS.md must come out of all this unchanged. Each run prints its
 wall time (``pytest -s``); about 4 minutes in all on 2 idle CPU cores (a busy machine can triple that).
@@ -197,7 +197,7 @@ def test_bench_memory_quick_compares_the_estimate_with_the_measured_peak(tmp_pat
 
 
 def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path):
-    proc = module("tools.make_doc_images", "--quick", "--out", tmp_path)
+    proc = module("lab.make_doc_images", "--quick", "--out", tmp_path)
     tile, line = 128, 16  # the strips' layout (lab/pictures.py): tiles, a label line, a caption line
     for name, tiles, lines in (("protect_ace", 3, 2), ("detect_heatmap", 4, 3), ("purify_jpeg", 3, 2)):
         assert open_image(tmp_path / f"{name}.png")[0] == (tiles * (tile + 4) - 4, tile + lines * line), name
@@ -207,7 +207,7 @@ def test_make_doc_images_quick_writes_the_three_strips_into_out(tmp_path):
 @pytest.mark.slow
 @pytest.mark.server
 def test_make_template_thumbnails_quick_writes_thumbnails_and_examples_into_out(tmp_path):
-    module("tools.make_template_thumbnails", "--quick", "--out", tmp_path)
+    module("lab.make_template_thumbnails", "--quick", "--out", tmp_path)
     thumbs = sorted(p.stem for p in (tmp_path / "workflows").glob("*.jpg"))
     assert thumbs == WORKFLOWS
     for stem in thumbs:
@@ -215,17 +215,17 @@ def test_make_template_thumbnails_quick_writes_thumbnails_and_examples_into_out(
     for name in ("defended_generation.png", "detect_heatmap.png"):
         size, text = open_image(tmp_path / "examples" / name)
         assert "workflow" in text and "prompt" in text, name  # drag-and-drop loads the workflow
-        # ... the graph that ran on the lab model (tools/make_template_thumbnails.py's lab_workflow)
+        # ... the graph that ran on the lab model (lab/make_template_thumbnails.py's lab_workflow)
         for chunk in ("workflow", "prompt"):
             assert '"lord_lab_fashion.safetensors"' in text[chunk] and "a photo of" in text[chunk], (name, chunk)
         assert "person" not in text["prompt"], name
 
 
-@pytest.mark.parametrize("script", ["tools.make_doc_images", "tools.make_template_thumbnails"])
+@pytest.mark.parametrize("script", ["lab.make_doc_images", "lab.make_template_thumbnails"])
 def test_quick_picture_runs_need_an_output_folder(script):
     """A quick run never falls back on the committed pictures' folder."""
     proc = module(script, "--quick", expect=2, timeout=120)
     assert "--out" in proc.stderr
-    committed = "web/docs/images" if script == "tools.make_doc_images" else "."
+    committed = "web/docs/images" if script == "lab.make_doc_images" else "."
     proc = module(script, "--quick", "--out", committed, expect=2, timeout=120)
     assert "--out" in proc.stderr

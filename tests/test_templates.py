@@ -4,7 +4,7 @@ Through a real ComfyUI server with the pack installed as ``custom_nodes/ComfyUI-
 lists a pack's ``workflows/*.json`` under ``GET /workflow_templates`` (keyed by the pack's folder)
 and serves the folder at ``/api/workflow_templates/<folder>/``; the bundled frontend shows each
 template with the thumbnail ``<name>.<ext>`` from there (``ext`` read from the frontend itself).
-The thumbnails and ``docs/examples/*.png`` are made by ``tools/make_template_thumbnails.py``.
+The thumbnails and ``docs/examples/*.png`` are made by ``lab/make_template_thumbnails.py``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.png"))
 MAX_BYTES = 150_000
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # never sent to the server
-REGENERATE = "run: python -m tools.make_template_thumbnails"
+REGENERATE = "run: python -m lab.make_template_thumbnails"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Inputs cut from ComfyUI's bundled ``example.png``: what the tests' ComfyUI base folders and the GPU
 check feed the shipped workflows, and the file names the workflows use. (``make demo`` and the
-pictures, ``tools/make_template_thumbnails.py``, run them on the lab model instead: ``lab/demo.py``.)
+pictures, ``lab/make_template_thumbnails.py``, run them on the lab model instead: ``lab/demo.py``.)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Template thumbnails and README example images, made by the pack's own run on the lab model.
 
-``python -m tools.make_template_thumbnails`` (from the repository root):
+``python -m lab.make_template_thumbnails`` (from the repository root):
 
 1. assembles the **lab model** (``lab/MODEL_CARD.md``: a small SD1.x-family model trained on
    Fashion-MNIST, from ``lab/weights/``) and, with the pack's evaluation runner, the LoRD of RESULTS.md's
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     if args.quick and (not args.out or {thumbs.resolve(), examples.resolve()} & {c.resolve() for c in committed}):
         ap.error("--quick makes smoke-run pictures: give --out DIR (not where the committed thumbnails and "
                  "examples are)")
-    from lab.demo import DEMO_STAGE2_STEPS  # the demo's Stage-2 steps on the lab model (tools/ keeps lab/ lazy)
+    from lab.demo import DEMO_STAGE2_STEPS  # the demo's Stage-2 steps on the lab model
 
     args.stage1_steps = args.stage1_steps or (QUICK_STEPS if args.quick else 40)
     args.stage2_steps = args.stage2_steps or (QUICK_STEPS if args.quick else DEMO_STAGE2_STEPS)

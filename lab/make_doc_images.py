@@ -14,8 +14,8 @@ at 32 levels, whose gate separates): ``lab/pictures.py`` runs the pack's evaluat
 its ``detect`` stage (about 10 minutes on one CPU core) and the caption quotes the AUROC it measured on
 the 8 held-out bags (clean vs ASPL-32). The strip shows the first bag, not a chosen one. Usage::
 
-    python -m tools.make_doc_images [--work DIR] [--out web/docs/images]
-    python -m tools.make_doc_images --quick --out DIR    # smoke run: 2 attack steps, a barely trained LoRD
+    python -m lab.make_doc_images [--work DIR] [--out web/docs/images]
+    python -m lab.make_doc_images --quick --out DIR    # smoke run: 2 attack steps, a barely trained LoRD
 
 ``--work DIR`` keeps the runner's folder (a second run with the same DIR reuses its LoRD and scores; so does
 ``make_template_thumbnails --work DIR`` with the same DIR: ``make thumbnails`` runs both).
