@@ -254,6 +254,10 @@ class Declared:
     # the Stage-1 copies' attack {"preset", "epsilon", "step_size"} (lab.experiment's stage1_data); None: PGD-2
     stage1_data: dict | None = None
     lab: str = "fashion"  # which lab model (lab.experiment.LABS): its data, subject, size, parts and classifier
+    # the declared stopping rule: "all" (one report when every replicate of every arm has finished),
+    # "per_arm" (finished arms are analysed, the others reported as not run: lab 1's "threat"), "per_question"
+    # (each question on the replicates where its methods finished, n stated: lab 1's "mist")
+    stopping: str = "all"
 
     @property
     def home(self) -> str:
@@ -324,7 +328,7 @@ EXPERIMENTS["threat"] = Declared(
     "confirmatory: the threat's dose-response -- does each attack setting damage a plain LoRA of the held-out "
     "subject (ASPL at 4, 8, 16 levels; mist-v2 at its published 4 levels and at 32)? ASPL at 32 levels is the "
     "'defense' experiment's A, shown for reference", arms=THREAT_ARMS, paired_with="defense",
-    reference_arms=(Arm("aspl_32", dict(ATTACK)),))
+    reference_arms=(Arm("aspl_32", dict(ATTACK)),), stopping="per_arm")
 # declared after 'threat' was reported (EVIDENCE.md, "mist"): the defense questions at the strongest threat
 # measured, mist-v2 at 32 levels. Its own runs add the LoRD, one-branch, oracle-gate and Gaussian-noise
 # methods to the threat arm's replicate folders (protect and the plain LoRA on protected copies are cached
@@ -336,7 +340,7 @@ EXPERIMENTS["mist"] = Declared(
     ("removal_lord", "lord_vs_plain_prot", "lord_vs_onebranch_prot", "removal_g10", "noise_vs_plain_prot"),
     "confirmatory: at mist-v2 with 32 levels (the strongest threat measured), does LoRD remove part of the "
     "damage, beyond the one-branch control; does B' on in training / off at sampling; does Gaussian-noise "
-    "purification?", folder=f"threat/{MIST_32.name}", paired_with="defense",
+    "purification?", folder=f"threat/{MIST_32.name}", paired_with="defense", stopping="per_question",
     paired_methods=("clean", "lord_clean", "onebranch_clean", "lord_clean_g10"),
     borrowed_stages=("stage1", "stage1_onebranch"))
 # exploration (replicates 3-4, never confirmatory): does Stage 1 on copies matched to the threat -- ACE, mist-v2's

@@ -43,6 +43,7 @@ from lab.experiment import LABS
 # scratch (hours of cached stages), the archive is what a later session's report and run read back
 ARCHIVE = Path(__file__).resolve().parent.parent / "docs" / "evidence" / "runs"
 PUBLISHED = ARCHIVE.parent  # each experiment's final report: docs/evidence/<name>_analysis.md, _forest.png, ...
+REPORT_FILES = ("analysis.json", "analysis.md", "forest.png", "share_curve.png", "samples.png")
 
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
@@ -161,44 +162,56 @@ def _numbers(tree, prefix: str = "") -> dict:
     return found
 
 
-def reproduction(before: dict, after: dict) -> dict[str, float]:
-    """For each method two ``results.json`` trees both list: the largest absolute difference between their
-    metrics and training record (every numeric leaf under ``methods.<m>.metrics`` and ``.train``, the final
-    training loss included; ``inf`` when one has a number the other lacks).
-    0.0 everywhere means the rerun reproduced the earlier run exactly."""
-    old, new = before.get("methods") or {}, after.get("methods") or {}
+def _compared(results: dict) -> dict:
+    """What a rerun must reproduce, by name: each method's metrics and training record, the Detect stage's
+    scores and the Stage-1 gate statistics (the numbers the report reads)."""
+    parts = {m: {part: v.get(part) for part in ("metrics", "train")} for m, v in (results.get("methods") or {}).items()}
+    parts["(detection)"] = results.get("detection")
+    parts["(stage1 gate)"] = ((results.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train")
+    return {k: v for k, v in parts.items() if v is not None}
+
+
+def reproduction(before: dict, after: dict) -> dict[str, dict]:
+    """For each method (and the Detect / Stage-1 gate records) two ``results.json`` trees both have:
+    ``{"difference": the largest absolute difference over the numbers both have, "keys": how many numbers
+    only one of them has}`` (e.g. a class histogram with a class the other lacks). ``difference`` 0.0 and
+    ``keys`` 0 everywhere: the rerun reproduced the earlier run exactly."""
+    old, new = _compared(before), _compared(after)
     out = {}
-    for method in sorted(set(old) & set(new)):
-        a, b = ({part: m[method].get(part) for part in ("metrics", "train")} for m in (old, new))
-        a, b = _numbers(a), _numbers(b)
-        if set(a) != set(b):
-            out[method] = float("inf")
-            continue
-        out[method] = max((abs(a[k] - b[k]) for k in a), default=0.0)
+    for name in sorted(set(old) & set(new)):
+        a, b = _numbers(old[name]), _numbers(new[name])
+        shared = set(a) & set(b)
+        out[name] = {"difference": max((abs(a[k] - b[k]) for k in shared), default=0.0),
+                     "keys": len(set(a) ^ set(b))}
     return out
 
 
-def check_reproduction(results: Path, out: Path, archive: Path | None = None) -> dict[str, float] | None:
+def check_reproduction(results: Path, out: Path, archive: Path | None = None) -> dict[str, dict] | None:
     """Before a finished replicate's ``results.json`` replaces its archived copy (a replicate rerun because an
-    experiment sharing its folder added methods): compare the methods both have and print whether the rerun
-    reproduced them (a free determinism check). ``None`` when nothing was archived before."""
+    experiment sharing its folder added methods): compare what both have and print whether the rerun
+    reproduced it (a free determinism check). ``None`` when nothing was archived before or a file is
+    unreadable (said)."""
     target = archived(results, out, archive)
+    if not target.is_file():
+        return None
     try:
         before = json.loads(target.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        after = json.loads(Path(results).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"[evidence] reproduction not checked: {e}", flush=True)
         return None
-    differences = reproduction(before, json.loads(Path(results).read_text(encoding="utf-8")))
-    if not differences:
-        return differences
-    differ = {m: d for m, d in differences.items() if d}
+    differences = reproduction(before, after)
+    differ = {m: d for m, d in differences.items() if d["difference"] or d["keys"]}
     if differ:
         print(f"[evidence] NOT reproduced: {target} (archived before) and the rerun differ in {len(differ)} of "
-              f"{len(differences)} shared method(s): "
-              + ", ".join(f"{m} (largest difference {d:.3g})" for m, d in differ.items())
+              f"{len(differences)} shared record(s): "
+              + ", ".join(f"{m} (largest difference {d['difference']:.3g}"
+                          + (f", {d['keys']} number(s) in one only" if d["keys"] else "") + ")"
+                          for m, d in differ.items())
               + f"; the earlier file stays in git history (git log -- {target})", flush=True)
-    else:
-        print(f"[evidence] reproduced: the rerun's {len(differences)} method(s) shared with {target} have identical "
-              f"metrics", flush=True)
+    elif differences:
+        print(f"[evidence] reproduced: the rerun's {len(differences)} record(s) shared with {target} are "
+              f"identical", flush=True)
     return differences
 
 
@@ -337,6 +350,7 @@ def run(args) -> int:
                   file=sys.stderr, flush=True)
             failed.append(job)
             continue
+        recomputed = not results.is_file()  # else the run reuses its cached stages: nothing to compare
         config = prepare_replicate(out, declared, r, args.scale, checkpoint, classifier, arm, args.carry)
         label = label_of(declared, arm)
         print(f"[evidence] {label} replicate {r} (seed {replicate_seed(r)}) -> {config.parent}", flush=True)
@@ -344,7 +358,8 @@ def run(args) -> int:
                               + (["--only", args.only] if getattr(args, "only", None) else []))
         print(f"[evidence] replicate {r}: exit {code} in {time.time() - t0:.0f} s", flush=True)
         if not code and args.scale == "demo" and results.is_file():
-            check_reproduction(results, out, args.archive)
+            if recomputed:
+                check_reproduction(results, out, args.archive)
             print(f"[evidence] archived: {archive_results(results, out, args.archive)}", flush=True)
         if code:
             failed.append(job)
@@ -353,37 +368,59 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def missing_values(out: Path, declared: Declared, replicate: int, arm: Arm | None = None,
+                   archive: Path | None = None) -> list[str]:
+    """The methods whose value for ``replicate`` (of one arm: the arm and the paired ``clean``) the report would
+    not find: its own runs and those read from ``paired_with`` or through aliases (:meth:`Declared.source`),
+    each in the output folder or the archive. Reads only the method lists; an unreadable file lists none."""
+    missing = []
+    for method in ([arm.name, "clean"] if arm is not None else declared.methods):
+        path, name = declared.source(out, method, replicate)
+        listed = _listed_methods(kept_results(path, out, archive))
+        if listed is None or name not in listed:
+            missing.append(method)
+    return missing
+
+
 def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | None = None,
-                    archive: Path | None = None, carried: Path | None = None) -> tuple[str, int, bool]:
-    """Where one replicate (of one arm) stands, without reading any result: ``("finished", 0, False)`` when its
-    results.json (output folder or archive) lists every method ``declared`` runs there, else ``("started", n,
-    running)`` with ``n`` finished stages in the output folder or the carry (whichever has more) and whether a
-    live process holds one of its stage locks, else ``("not started", 0, False)``."""
+                    archive: Path | None = None, carried: Path | None = None) -> tuple[str, int, bool, list]:
+    """Where one replicate (of one arm) stands, without reading any result: ``(state, finished stages, running,
+    missing methods)``. "finished": every value its report reads is there (:func:`missing_values`);
+    "waiting": its own runs finished (its results.json lists them) but a paired experiment's are missing;
+    "started": finished stages in the output folder or the carry (whichever has more), ``running`` when a live
+    process holds one of its stage locks; else "not started"."""
     folder = run_folder(declared, arm)
-    results = replicate_dir(out, folder, replicate) / "run" / "report" / "results.json"
-    kept = kept_results(results, out, archive)
-    if kept.is_file() and not methods_missing(kept, declared, arm):
-        return "finished", 0, False
+    missing = missing_values(out, declared, replicate, arm, archive)
+    if not missing:
+        return "finished", 0, False, []
+    listed = _listed_methods(kept_results(replicate_dir(out, folder, replicate) / "run" / "report" / "results.json",
+                                          out, archive))
+    own = ("attacking",) if arm is not None else declared.own_methods
+    if listed is not None and all(m in listed for m in own):
+        return "waiting", 0, False, missing
     counts, running = [], False
     for root in (out, carried or carry.CARRY):
         stages = replicate_dir(root, folder, replicate) / "run" / "stages"
         found = sorted(p for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
         counts.append(sum(carry._finished(p) for p in found))
         running = running or (root == out and any(carry._lock_alive(p) for p in found if (p / "lock").exists()))
-    return ("started", max(counts), running) if max(counts) or running else ("not started", 0, False)
+    return ("started" if max(counts) or running else "not started"), max(counts), running, missing
 
 
 def status_lines(out: Path, declared: Declared, archive: Path | None = None, carried: Path | None = None) -> list[str]:
-    """One line per experiment (per arm for a dose-response): finished, started (finished stages; running) and
-    not-started replicates. Reads only which methods each results.json lists, never a value."""
+    """One line per experiment (per arm for a dose-response): finished, waiting (for a paired experiment's
+    runs), started (finished stages; running) and not-started replicates. Reads only which methods each
+    results.json lists, never a value."""
     lines = []
     for arm in declared.arms or (None,):
-        by_state: dict = {"finished": [], "started": [], "not started": []}
+        by_state: dict = {"finished": [], "waiting": [], "started": [], "not started": []}
         for r in declared.replicates:
-            state, stages, running = replicate_state(out, declared, r, arm, archive, carried)
-            by_state[state].append(f"{r} ({stages} stages done{', running' if running else ''})"
-                                   if state == "started" else str(r))
-        parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()]
+            state, stages, running, missing = replicate_state(out, declared, r, arm, archive, carried)
+            label = {"started": f"{r} ({stages} stages done{', running' if running else ''})",
+                     "waiting": f"{r} (needs {', '.join(missing)})"}.get(state, str(r))
+            by_state[state].append(label)
+        parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()
+                 if v or k != "waiting"]
         lines.append(f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
                      f"{declared.replicates.stop - 1}): " + "; ".join(parts))
     return lines
@@ -553,6 +590,10 @@ def markdown(result: dict) -> str:
     if interim:
         lines += [f"**INTERIM**: {len(interim['unfinished'])} declared replicate(s) not finished "
                   f"({', '.join(interim['unfinished'])}); {interim['note']}.", ""]
+    if result.get("unfinished"):
+        left = result["unfinished"]
+        lines += [f"Not finished: {', '.join(left['replicates'])}; the declared stopping rule ({left['stopping']}) "
+                  f"analyses what finished, with each contrast's n below.", ""]
     lines += [result["purpose"], "",
              "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
              "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
@@ -724,48 +765,55 @@ def unfinished(out: Path, declared: Declared, archive: Path | None = None, carri
 
 
 def report(args) -> int:
-    from lord_ops.atomic import atomic_write, atomic_write_json
+    from lord_ops.atomic import atomic_write
 
     declared = EXPERIMENTS[args.experiment]
     left = unfinished(Path(args.out), declared, args.archive, args.carry)
     confirmatory = set(declared.replicates) <= set(CONFIRMATORY)
-    if left and confirmatory and not args.interim:
+    # "per_arm" / "per_question" rules analyse what finished and say so; "all" waits for every replicate
+    early = bool(left) and declared.stopping == "all"
+    if early and confirmatory and not args.interim:
         raise SystemExit(f"report {declared.name}: {len(left)} declared replicate(s) have not finished "
                          f"({', '.join(left)}); EVIDENCE.md's stopping rule is one report when all have finished, "
                          f"so nothing is analysed "
                          f"(python -m lab.evidence status {declared.name} says where each stands; --interim analyses "
                          f"the finished ones and labels the report INTERIM)")
-    if left and args.publish:
+    if early and args.publish:
         raise SystemExit(f"report {declared.name} --publish: {len(left)} replicate(s) unfinished ({', '.join(left)}); "
                          f"only a complete report is published into {PUBLISHED}")
     values = replicate_values(Path(args.out), declared, args.archive)
     result = analyse(values, declared)
-    if left:
+    if early:
         result["interim"] = {"unfinished": left, "note": "not every declared replicate has finished" + (
             ": an interim look, not the declared report" if confirmatory else " (an exploration)")}
+    elif left:  # the declared rule analyses what finished (stated with the result)
+        result["unfinished"] = {"replicates": left, "stopping": declared.stopping}
     result["values"] = values
     result["gates"] = summarise_gates(gate_values(Path(args.out), declared, args.archive))
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "analysis.json", result)
     text = markdown(result)
-    atomic_write(folder / "analysis.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    files = {"analysis.json": (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"),
+             "analysis.md": text.encode("utf-8")}
     if result["metrics"][PRIMARY]["contrasts"]:
-        png = forest_png(result)
-        atomic_write(folder / "forest.png", lambda tmp: Path(tmp).write_bytes(png))
+        files["forest.png"] = forest_png(result)
     curve = share_curve_png(result)
     if curve is not None:
-        atomic_write(folder / "share_curve.png", lambda tmp: Path(tmp).write_bytes(curve))
+        files["share_curve.png"] = curve
     grid = sample_grid_png(Path(args.out), declared)
     if grid is not None:  # where a reader sees the painted target (or its absence) per method
-        atomic_write(folder / "samples.png", lambda tmp: Path(tmp).write_bytes(grid[0]))
+        files["samples.png"] = grid[0]
+    for name, data in files.items():
+        atomic_write(folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
     if args.publish:  # the committed copy EVIDENCE.md and RESULTS.md link: docs/evidence/<name>_<file>
-        for name in ("analysis.json", "analysis.md", "forest.png", "share_curve.png", "samples.png"):
-            if (folder / name).is_file():
-                data = (folder / name).read_bytes()
-                target = PUBLISHED / f"{declared.name}_{name}"
-                atomic_write(target, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        for name in REPORT_FILES:  # exactly this call's files: an earlier report's extra file goes
+            target = PUBLISHED / f"{declared.name}_{name}"
+            if name in files:
+                atomic_write(target, lambda tmp, data=files[name]: Path(tmp).write_bytes(data))
                 print(f"[evidence] published {target}", file=sys.stderr, flush=True)
+            elif target.is_file():
+                target.unlink()
+                print(f"[evidence] removed {target} (this report has no {name})", file=sys.stderr, flush=True)
     print(text)
     return 0
 

@@ -167,9 +167,13 @@ def test_a_replicate_is_prepared_with_its_carried_stages_at_demo_scale_only(tmp_
     assert not (out / FOLDER / "r014").exists()
 
 
-def test_status_counts_replicates_without_reading_results(tmp_path, capsys):
-    """``lab.evidence status``: finished (archived with every own method), started (finished stages in the output
+def test_status_counts_replicates_without_reading_results(tmp_path, capsys, monkeypatch):
+    """``lab.evidence status``: finished (every value the report reads is archived: own runs and the paired
+    experiment's), waiting (own runs finished, the paired ones missing), started (finished stages in the output
     folder or the carry; running when a live process holds a stage lock) and not started, per experiment."""
+    from lab import evidence
+
+    monkeypatch.setattr(evidence, "PUBLISHED", tmp_path / "published")  # no published report here
     out, kept, archive = tmp_path / "out", tmp_path / "carry", tmp_path / "archive"
     _stage(out, "protect", done=True)  # replicate 12: started in the output folder, a stage running
     _stage(out, "stage1", done=False, lock=f"{os.getpid()}@{socket.gethostname()}")
@@ -178,15 +182,22 @@ def test_status_counts_replicates_without_reading_results(tmp_path, capsys):
         (started / name).mkdir(parents=True)
         (started / name / "stage.json").write_text("{}")
     (archive / FOLDER).mkdir(parents=True)
+    (archive / "textures").mkdir(parents=True)
     defense, share = (EXPERIMENTS[n] for n in ("textures_defense", "textures_share"))
     (archive / FOLDER / "r010.json").write_text(json.dumps({"methods": {m: {} for m in defense.own_methods}}))
     (archive / FOLDER / "r011.json").write_text(json.dumps({"methods": {m: {} for m in defense.own_methods
                                                                          + share.own_methods}}))
+    # the paired runs ("textures": clean, attacking, noise) of replicate 10 only
+    (archive / "textures" / "r010.json").write_text(json.dumps({"methods": {m: {} for m in
+                                                                           ("clean", "attacking", "noise")}}))
     assert evidence_main(["status", "textures_defense", "textures_share", "--out", str(out), "--carry", str(kept),
                           "--archive", str(archive)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("textures_defense (replicates 10-19): 2 finished: 10, 11; 2 started: 12 (1 stages done, "
-                        "running), 17 (2 stages done); 6 not started: 13, 14, 15, 16, 18, 19")
+    assert lines[0] == ("textures_defense (replicates 10-19): 1 finished: 10; 1 waiting: 11 (needs clean, attacking, "
+                        "noise); 2 started: 12 (1 stages done, running), 17 (2 stages done); 6 not started: 13, 14, "
+                        "15, 16, 18, 19")
     # replicate 10's archived copy lacks the share sweep's methods: not finished for textures_share
-    assert lines[1].startswith("textures_share (replicates 10-19): 1 finished: 11; 2 started: 12 (1 stages done, "
-                               "running), 17 (2 stages done); 7 not started: 10, 13,")
+    assert lines[1].startswith("textures_share (replicates 10-19): 0 finished; 1 waiting: 11 (needs clean, "
+                               "attacking, noise); 2 started: 12 (1 stages done, running), 17 (2 stages done); 7 not "
+                               "started: 10, 13,")
+    assert len(lines) == 2

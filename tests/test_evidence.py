@@ -240,14 +240,23 @@ def test_a_rerun_replicate_is_compared_with_its_archived_copy(tmp_path, capsys):
     assert E.check_reproduction(results, out, archive) is None  # nothing archived yet
     E.archive_results(results, out, archive)
     results.write_text(json.dumps(tree(0.25, {"plain_mix2": {"metrics": {"heldout_loss": {"mean": 0.7}}}})))
-    assert E.check_reproduction(results, out, archive) == {"jpeg": 0.0, "lord": 0.0}
-    assert "reproduced: the rerun's 2 method(s)" in capsys.readouterr().out
+    same = {"difference": 0.0, "keys": 0}
+    assert E.check_reproduction(results, out, archive) == {"jpeg": same, "lord": same}
+    assert "reproduced: the rerun's 2 record(s)" in capsys.readouterr().out
     results.write_text(json.dumps(tree(0.2625)))
-    assert E.check_reproduction(results, out, archive) == {"jpeg": 0.0, "lord": pytest.approx(0.0125)}
-    assert "NOT reproduced" in capsys.readouterr().out
+    assert E.check_reproduction(results, out, archive)["lord"] == {"difference": pytest.approx(0.0125), "keys": 0}
+    said = capsys.readouterr().out
+    assert "NOT reproduced" in said and "lord (largest difference 0.0125)" in said and "jpeg" not in said
     changed = tree(0.25)
-    changed["methods"]["jpeg"]["metrics"]["fd"] = {"value": 3.0}  # a metric the archived copy lacks
-    assert E.reproduction(tree(0.25), changed)["jpeg"] == float("inf")
+    changed["methods"]["jpeg"]["metrics"]["fd"] = {"value": 3.0}  # a number the archived copy lacks ...
+    changed["methods"]["jpeg"]["metrics"]["heldout_loss"]["mean"] = 0.75  # ... does not hide a real difference
+    changed["detection"] = {"summary": {"auroc": 0.9}}
+    before = {**tree(0.25), "detection": {"summary": {"auroc": 0.8}}}
+    found = E.reproduction(before, changed)
+    assert found["jpeg"] == {"difference": pytest.approx(0.25), "keys": 1}
+    assert found["(detection)"]["difference"] == pytest.approx(0.1)
+    results.write_text("{not json")
+    assert E.check_reproduction(results, out, archive) is None and "not checked" in capsys.readouterr().out
 
 
 def test_an_experiment_can_train_stage1_on_other_copies(tmp_path):
@@ -666,8 +675,42 @@ def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_comp
     assert json.loads((out / "textures" / "analysis.json").read_text())["interim"]["unfinished"] == ["12"]
     assert not (tmp_path / "published").exists()
     finish(12)
+    stale = tmp_path / "published" / "textures_samples.png"  # an earlier report's grid: this one makes none
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    (out / "textures" / "samples.png").write_bytes(b"old")  # nor is a leftover in the output folder published
     capsys.readouterr()
     assert E.main(args + ["--publish"]) == 0
     published = tmp_path / "published" / "textures_analysis.md"
     assert published.read_text() == (out / "textures" / "analysis.md").read_text() and "INTERIM" not in published.read_text()
     assert (tmp_path / "published" / "textures_forest.png").read_bytes()[:4] == b"\x89PNG"
+    assert not stale.exists() and sorted(p.name for p in stale.parent.iterdir()) == [
+        "textures_analysis.json", "textures_analysis.md", "textures_forest.png"]
+
+
+def test_a_per_arm_stopping_rule_reports_the_finished_arms_and_a_paired_run_counts(tmp_path, monkeypatch):
+    """lab 1's "threat" declared a per-arm stopping rule: its report runs with an arm unfinished (stated, no
+    INTERIM); a replicate whose own run finished but whose paired 'clean' run is missing is "waiting", not
+    finished."""
+    import dataclasses
+
+    threat = dataclasses.replace(D.EXPERIMENTS["threat"], replicates=range(10, 12))
+    monkeypatch.setitem(E.EXPERIMENTS, "threat", threat)
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    for r in (10, 11):
+        for method in threat.methods:
+            path, name = threat.source(out, method, r)
+            if method == "aspl_16" and r == 11:
+                continue  # one arm unfinished
+            data = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
+            data["methods"][name] = {"metrics": {"heldout_loss": {"mean": 0.1 * r + len(method) / 100}}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+    assert E.unfinished(out, threat, archive) == ["aspl_16/11"]
+    assert E.main(["report", "threat", "--out", str(out), "--archive", str(archive)]) == 0
+    text = (out / "threat" / "analysis.md").read_text()
+    assert "Not finished: aspl_16/11; the declared stopping rule (per_arm)" in text and "INTERIM" not in text
+    clean, _ = threat.source(out, "clean", 10)
+    clean.unlink()  # the paired experiment's run is gone: the arm's own run alone does not finish a replicate
+    state = E.replicate_state(out, threat, 10, threat.arms[0], archive)
+    assert state[0] == "waiting" and state[3] == ["clean"]
