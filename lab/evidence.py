@@ -138,6 +138,17 @@ def kept_results(results: Path, out: Path, archive: Path | None = None) -> Path:
     return results if Path(results).is_file() else archived(results, out, archive)
 
 
+def results_for(results: Path, name: str, out: Path, archive: Path | None = None) -> Path:
+    """Where method ``name`` of a run is read: the output folder's results.json if it lists ``name``, else the
+    archived copy if that does (a replicate rerun on another machine may have archived more methods than an
+    older output folder holds), else :func:`kept_results`."""
+    for path in (Path(results), archived(results, out, archive)):
+        listed = _listed_methods(path) if path.is_file() else None
+        if listed is not None and name in listed:
+            return path
+    return kept_results(results, out, archive)
+
+
 def archive_results(results: Path, out: Path, archive: Path | None = None) -> Path:
     """Copy one finished replicate's ``results.json`` into the archive (atomically); returns its path."""
     from lord_ops.atomic import atomic_write
@@ -376,7 +387,7 @@ def missing_values(out: Path, declared: Declared, replicate: int, arm: Arm | Non
     missing = []
     for method in ([arm.name, "clean"] if arm is not None else declared.methods):
         path, name = declared.source(out, method, replicate)
-        listed = _listed_methods(kept_results(path, out, archive))
+        listed = _listed_methods(results_for(path, name, out, archive))
         if listed is None or name not in listed:
             missing.append(method)
     return missing
@@ -393,10 +404,9 @@ def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | No
     missing = missing_values(out, declared, replicate, arm, archive)
     if not missing:
         return "finished", 0, False, []
-    listed = _listed_methods(kept_results(replicate_dir(out, folder, replicate) / "run" / "report" / "results.json",
-                                          out, archive))
+    results = replicate_dir(out, folder, replicate) / "run" / "report" / "results.json"
     own = ("attacking",) if arm is not None else declared.own_methods
-    if listed is not None and all(m in listed for m in own):
+    if all(m in (_listed_methods(results_for(results, m, out, archive)) or ()) for m in own):
         return "waiting", 0, False, missing
     counts, running = [], False
     for root in (out, carried or carry.CARRY):
@@ -442,18 +452,19 @@ def status(args) -> int:
 
 def replicate_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:
     """``{metric: {method: {replicate: value}}}`` of every finished replicate run (its report written),
-    each method read where ``declared.source`` says: from the output folder, else from the archive."""
+    each method read where ``declared.source`` says: from the output folder, else from the archive
+    (:func:`results_for`: whichever copy lists it)."""
     values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
     cache: dict = {}
     for r in declared.replicates:
         for meth in declared.methods:
             results, name = declared.source(out, meth, r)
-            if results not in cache:
-                found = kept_results(results, out, archive)
-                cache[results] = json.loads(found.read_text(encoding="utf-8"))["methods"] if found.is_file() else {}
+            found = results_for(results, name, out, archive)
+            if found not in cache:
+                cache[found] = json.loads(found.read_text(encoding="utf-8"))["methods"] if found.is_file() else {}
             for metric, (_, read, _) in METRICS.items():
                 try:
-                    values[metric][meth][r] = float(read(cache[results][name]["metrics"]))
+                    values[metric][meth][r] = float(read(cache[found][name]["metrics"]))
                 except (KeyError, TypeError):
                     pass
     return values

@@ -221,6 +221,14 @@ def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_i
     results.unlink()
     assert E.replicate_values(out, mist, archive)["heldout_loss"]["lord"] == {11: 0.25}
     assert E.replicate_values(out, mist, tmp_path / "elsewhere")["heldout_loss"]["lord"] == {}
+    # an older output folder's copy (without 'noise') beside a fuller archived one: each method is read from the
+    # copy that lists it, and the replicate's state sees both
+    results.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.5}}}}}))
+    kept.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.25}}},
+                                            "noise": {"metrics": {"heldout_loss": {"mean": 0.75}}}}}))
+    got = E.replicate_values(out, mist, archive)["heldout_loss"]
+    assert got["lord"] == {11: 0.5} and got["noise"] == {11: 0.75}
+    assert "noise" not in E.missing_values(out, mist, 11, archive=archive)
 
 
 def test_a_rerun_replicate_is_compared_with_its_archived_copy(tmp_path, capsys):
