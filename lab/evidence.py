@@ -173,12 +173,17 @@ def _numbers(tree, prefix: str = "") -> dict:
     return found
 
 
+def _stage1_gate(results: dict) -> dict | None:
+    """A results.json's Stage-1 in-sample gate statistics (``provenance.stage1.gate_separation_train``)."""
+    return ((results.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train")
+
+
 def _compared(results: dict) -> dict:
     """What a rerun must reproduce, by name: each method's metrics and training record, the Detect stage's
     scores and the Stage-1 gate statistics (the numbers the report reads)."""
     parts = {m: {part: v.get(part) for part in ("metrics", "train")} for m, v in (results.get("methods") or {}).items()}
     parts["(detection)"] = results.get("detection")
-    parts["(stage1 gate)"] = ((results.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train")
+    parts["(stage1 gate)"] = _stage1_gate(results)
     return {k: v for k, v in parts.items() if v is not None}
 
 
@@ -265,9 +270,18 @@ def label_of(declared: Declared, arm: Arm | None = None) -> str:
     return declared.name + (f" arm {arm.name}" if arm else "")
 
 
+_LISTED: dict = {}  # (path, mtime_ns, size) -> method names: status and report ask about each file many times
+
+
 def _listed_methods(results: Path) -> set | None:
+    """The method names a results.json lists (``None``: missing or unreadable); each file version parsed once
+    (every results.json is replaced atomically, so a new version has a new mtime)."""
     try:
-        return set(json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {})
+        st = Path(results).stat()
+        key = (str(results), st.st_mtime_ns, st.st_size)
+        if key not in _LISTED:
+            _LISTED[key] = set(json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {})
+        return _LISTED[key]
     except (OSError, ValueError):
         return None
 
@@ -417,15 +431,20 @@ def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | No
     return ("started" if max(counts) or running else "not started"), max(counts), running, missing
 
 
-def status_lines(out: Path, declared: Declared, archive: Path | None = None, carried: Path | None = None) -> list[str]:
-    """One line per experiment (per arm for a dose-response): finished, waiting (for a paired experiment's
-    runs), started (finished stages; running) and not-started replicates. Reads only which methods each
-    results.json lists, never a value."""
+def replicate_states(out: Path, declared: Declared, archive: Path | None = None,
+                     carried: Path | None = None) -> list[tuple]:
+    """``[(arm or None, replicate, replicate_state(...))]`` over every declared replicate of every arm."""
+    return [(arm, r, replicate_state(out, declared, r, arm, archive, carried))
+            for arm in declared.arms or (None,) for r in declared.replicates]
+
+
+def status_lines(declared: Declared, states: list[tuple]) -> list[str]:
+    """One line per experiment (per arm for a dose-response) from :func:`replicate_states`: finished, waiting
+    (for a paired experiment's runs), started (finished stages; running) and not-started replicates."""
     lines = []
     for arm in declared.arms or (None,):
         by_state: dict = {"finished": [], "waiting": [], "started": [], "not started": []}
-        for r in declared.replicates:
-            state, stages, running, missing = replicate_state(out, declared, r, arm, archive, carried)
+        for (state, stages, running, missing), r in ((st, r) for a, r, st in states if a is arm):
             label = {"started": f"{r} ({stages} stages done{', running' if running else ''})",
                      "waiting": f"{r} (needs {', '.join(missing)})"}.get(state, str(r))
             by_state[state].append(label)
@@ -438,12 +457,13 @@ def status_lines(out: Path, declared: Declared, archive: Path | None = None, car
 
 def status(args) -> int:
     for name in args.experiment:
-        lines = status_lines(Path(args.out), EXPERIMENTS[name], args.archive, args.carry)
-        for line in lines:
+        declared = EXPERIMENTS[name]
+        states = replicate_states(Path(args.out), declared, args.archive, args.carry)
+        for line in status_lines(declared, states):
             print(line, flush=True)
         published = PUBLISHED / f"{name}_analysis.md"
         if published.is_file():
-            early = all(": 0 finished;" in line for line in lines)  # reported before the archive existed
+            early = not any(state[0] == "finished" for _, _, state in states)  # reported before the archive
             print(f"  reported: {published.relative_to(PUBLISHED.parent.parent)}" + (
                 " (its replicates ran before finished results were archived: their values are in that report's "
                 ".json)" if early else ""), flush=True)
@@ -498,7 +518,7 @@ def gate_values(out: Path, declared: Declared, archive: Path | None = None) -> d
             got["detect_auroc"] = det["summary"]["auroc"]
             got["detect_clean"] = sum(det["scores_clean"]) / len(det["scores_clean"])
             got["detect_protected"] = sum(det["scores_protected"]) / len(det["scores_protected"])
-        sep = ((data.get("provenance") or {}).get("stage1") or {}).get("gate_separation_train") or {}
+        sep = _stage1_gate(data) or {}
         if "mean_gate_clean" in sep:
             got["stage1_clean"], got["stage1_perturbed"] = sep["mean_gate_clean"], sep["mean_gate_perturbed"]
             for t, band in sorted((sep.get("by_timestep") or {}).items(), key=lambda kv: int(kv[0])):
@@ -770,9 +790,9 @@ def share_curve_png(result: dict) -> bytes | None:
 
 
 def unfinished(out: Path, declared: Declared, archive: Path | None = None, carried: Path | None = None) -> list[str]:
-    """The declared replicates (``r`` or ``arm/r``) that have not finished (:func:`replicate_state`)."""
-    return [str(r) if arm is None else f"{arm.name}/{r}" for arm in declared.arms or (None,)
-            for r in declared.replicates if replicate_state(out, declared, r, arm, archive, carried)[0] != "finished"]
+    """The declared replicates (``r`` or ``arm/r``) that have not finished (:func:`replicate_states`)."""
+    return [str(r) if arm is None else f"{arm.name}/{r}"
+            for arm, r, state in replicate_states(out, declared, archive, carried) if state[0] != "finished"]
 
 
 def report(args) -> int:
@@ -884,9 +904,7 @@ def carry_stages(args) -> int:
     folders = []
     for name in args.experiment:
         declared = EXPERIMENTS[name]
-        for folder in [run_folder(declared, a) for a in declared.arms] if declared.arms else [run_folder(declared)]:
-            if folder not in folders:
-                folders.append(folder)
+        folders += [f for f in (run_folder(declared, arm) for arm in declared.arms or (None,)) if f not in folders]
     every = args.every if args.command == "carry" else None
     while True:
         for folder in folders:
