@@ -270,20 +270,26 @@ def label_of(declared: Declared, arm: Arm | None = None) -> str:
     return declared.name + (f" arm {arm.name}" if arm else "")
 
 
-_LISTED: dict = {}  # (path, mtime_ns, size) -> method names: status and report ask about each file many times
+_PARSED: dict = {}  # (path, mtime_ns, size) -> content: status and report ask about each file many times
 
 
-def _listed_methods(results: Path) -> set | None:
-    """The method names a results.json lists (``None``: missing or unreadable); each file version parsed once
-    (every results.json is replaced atomically, so a new version has a new mtime)."""
+def _results_file(results: Path) -> dict | None:
+    """A results.json's content (``None``: missing or unreadable); each file version parsed once (every
+    results.json is replaced atomically, so a new version has a new mtime)."""
     try:
         st = Path(results).stat()
         key = (str(results), st.st_mtime_ns, st.st_size)
-        if key not in _LISTED:
-            _LISTED[key] = set(json.loads(Path(results).read_text(encoding="utf-8")).get("methods") or {})
-        return _LISTED[key]
+        if key not in _PARSED:
+            _PARSED[key] = json.loads(Path(results).read_text(encoding="utf-8"))
+        return _PARSED[key]
     except (OSError, ValueError):
         return None
+
+
+def _listed_methods(results: Path) -> set | None:
+    """The method names a results.json lists (``None``: missing or unreadable)."""
+    data = _results_file(results)
+    return None if data is None else set(data.get("methods") or {})
 
 
 def methods_missing(results: Path, declared: Declared, arm: Arm | None = None) -> list[str]:
@@ -475,19 +481,38 @@ def replicate_values(out: Path, declared: Declared, archive: Path | None = None)
     each method read where ``declared.source`` says: from the output folder, else from the archive
     (:func:`results_for`: whichever copy lists it)."""
     values: dict = {m: {meth: {} for meth in declared.methods} for m in METRICS}
-    cache: dict = {}
+    for r, meth, found, name in _read_runs(out, declared, archive):
+        for metric, (_, read, _) in METRICS.items():
+            try:
+                values[metric][meth][r] = float(read((_results_file(found) or {})["methods"][name]["metrics"]))
+            except (KeyError, TypeError):
+                pass
+    return values
+
+
+def _read_runs(out: Path, declared: Declared, archive: Path | None = None):
+    """``(replicate, method, results.json, name in it)`` of every declared run, where the report reads it."""
     for r in declared.replicates:
         for meth in declared.methods:
             results, name = declared.source(out, meth, r)
-            found = results_for(results, name, out, archive)
-            if found not in cache:
-                cache[found] = json.loads(found.read_text(encoding="utf-8"))["methods"] if found.is_file() else {}
-            for metric, (_, read, _) in METRICS.items():
-                try:
-                    values[metric][meth][r] = float(read(cache[found][name]["metrics"]))
-                except (KeyError, TypeError):
-                    pass
-    return values
+            yield r, meth, results_for(results, name, out, archive), name
+
+
+def off_scale_runs(out: Path, declared: Declared, archive: Path | None = None, scale: str = "demo") -> list[str]:
+    """The finished runs the report would read that were not made at ``scale`` (lab/experiment.py's
+    :func:`~lab.experiment.scale_of` of their provenance), as ``"<replicate> <method> (<file>: <scale>)"``:
+    a published report is made of demo-scale runs only, never of a ci-scale run left in the output folder."""
+    from lab.experiment import scale_of
+
+    off = []
+    for r, meth, found, name in _read_runs(out, declared, archive):
+        data = _results_file(found) or {}
+        if name not in (data.get("methods") or {}):
+            continue  # not finished: the stopping rule's business
+        seen = scale_of(data.get("provenance", {}).get("config"))
+        if seen != scale:
+            off.append(f"{r} {meth} ({found}: {seen or 'no known scale'})")
+    return off
 
 
 GATE_QUANTITIES = {  # the Stage-1 LoRD's gate, read from each replicate's results.json (the run holding 'lord')
@@ -812,6 +837,12 @@ def report(args) -> int:
     if early and args.publish:
         raise SystemExit(f"report {declared.name} --publish: {len(left)} replicate(s) unfinished ({', '.join(left)}); "
                          f"only a complete report is published into {PUBLISHED}")
+    if args.publish:
+        off = off_scale_runs(Path(args.out), declared, args.archive)
+        if off:
+            raise SystemExit(f"report {declared.name} --publish: {len(off)} run(s) were not made at demo scale, "
+                             f"the scale EVIDENCE.md declares: {'; '.join(off[:5])}{' ...' if len(off) > 5 else ''}; "
+                             f"rerun them with --scale demo (or report without --publish)")
     values = replicate_values(Path(args.out), declared, args.archive)
     result = analyse(values, declared)
     if early:

@@ -93,6 +93,21 @@ SCALES = {
 SCALES["demo-stage1-pgd32"] = {**SCALES["demo"], "stage1_data": {"preset": "pgd_full", "epsilon": 32.0, "step_size": 4.0}}
 
 
+def scale_of(config: dict) -> str | None:
+    """The :data:`SCALES` entry a finished run was made at, read from its results.json's
+    ``provenance.config`` (Stage-1 and Stage-2 steps, sampled images and sampling steps); the first match
+    ("demo" before its variants), or None for a run at none of them."""
+    try:
+        seen = (config["stage1"]["steps"], config["stage2"]["steps"], config["sampling"]["images"],
+                config["sampling"]["steps"])
+    except (KeyError, TypeError):
+        return None
+    for name, p in SCALES.items():
+        if seen == (p["stage1_steps"], p["stage2_steps"], p["images"], p["sample_steps"]):
+            return name
+    return None
+
+
 def _q(path) -> str:
     return '"' + str(Path(path).resolve()).replace("\\", "/") + '"'
 

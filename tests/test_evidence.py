@@ -655,8 +655,8 @@ def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_
 
 def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_complete(tmp_path, monkeypatch, capsys):
     """EVIDENCE.md's stopping rule in the tool: ``report`` refuses a confirmatory experiment with unfinished
-    replicates (``--interim`` analyses them labelled INTERIM); ``--publish`` copies a complete report into
-    docs/evidence as ``<name>_<file>``."""
+    replicates (``--interim`` analyses them labelled INTERIM); ``--publish`` copies a complete report of
+    demo-scale runs into docs/evidence as ``<name>_<file>``."""
     import dataclasses
 
     textures = dataclasses.replace(D.EXPERIMENTS["textures"], replicates=range(10, 13))
@@ -665,11 +665,16 @@ def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_comp
     out, archive = tmp_path / "out", tmp_path / "archive"
     rng = np.random.default_rng(3)
 
-    def finish(r):
+    def finish(r, scale="demo"):
+        from lab.experiment import SCALES
+
+        p = SCALES[scale]
+        config = {"stage1": {"steps": p["stage1_steps"]}, "stage2": {"steps": p["stage2_steps"]},
+                  "sampling": {"images": p["images"], "steps": p["sample_steps"]}}
         path = archive / "textures" / f"r{r:03d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"methods": {m: {"metrics": {"heldout_loss": {"mean": float(rng.normal())}}}
-                                                for m in textures.methods}}))
+                                                for m in textures.methods}, "provenance": {"config": config}}))
 
     finish(10), finish(11)
     args = ["report", "textures", "--out", str(out), "--archive", str(archive), "--carry", str(tmp_path / "carry")]
@@ -681,6 +686,10 @@ def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_comp
     text = (out / "textures" / "analysis.md").read_text()
     assert "**INTERIM**: 1 declared replicate(s) not finished (12)" in text
     assert json.loads((out / "textures" / "analysis.json").read_text())["interim"]["unfinished"] == ["12"]
+    assert not (tmp_path / "published").exists()
+    finish(12, scale="ci")  # a ci-scale run (minutes, not the declared protocol) is never published
+    with pytest.raises(SystemExit, match=r"3 run\(s\) were not made at demo scale.*: 12 clean \(.*r012.json: ci\)"):
+        E.main(args + ["--publish"])
     assert not (tmp_path / "published").exists()
     finish(12)
     stale = tmp_path / "published" / "textures_samples.png"  # an earlier report's grid: this one makes none
