@@ -746,13 +746,16 @@ def forest_png(result: dict) -> bytes:
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
     """``(PNG bytes, replicate)``: the first ``per_method`` samples of every method of ``declared`` (one row each,
     labelled) from its first replicate whose runs still have their samples in ``out`` (the archive keeps only
-    results.json); None when no replicate has them all."""
+    results.json). When no replicate has them all but one has every method the experiment runs itself (the
+    paired experiment's output folder is gone), the grid shows those rows and names the missing ones in its
+    title; None when no replicate has even that."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
 
     read: dict = {}  # each results.json once (several methods come from the same run)
+    fallback = None
     for replicate in declared.replicates:
         rows = []
         for method in declared.methods:
@@ -763,24 +766,32 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
                 paths = read[results]["methods"][name]["samples"][:per_method]
                 images = [np.asarray(Image.open(Path(results).parent / p).convert("RGB")) for p in paths]
             except (OSError, KeyError, ValueError):
-                break
-            if not images:
-                break
-            rows.append((method, np.concatenate(images, axis=1)))
-        if len(rows) != len(declared.methods):
-            continue
-        height, width = rows[0][1].shape[:2]
-        fig = Figure(figsize=(max(4.0, width / 40 + 1.6), len(rows) * max(0.55, height / 40 + 0.15)))
-        FigureCanvasAgg(fig)
-        for i, (method, strip) in enumerate(rows):
-            ax = fig.add_subplot(len(rows), 1, i + 1)
-            ax.imshow(strip, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
-        fig.suptitle(f"{declared.name}: replicate {replicate}, the first {per_method} samples per method", fontsize=9)
-        return _png(fig), replicate
-    return None
+                continue
+            if images:
+                rows.append((method, np.concatenate(images, axis=1)))
+        if len(rows) == len(declared.methods):
+            fallback = (replicate, rows)
+            break
+        if fallback is None and rows and set(declared.own_methods) <= {m for m, _ in rows}:
+            fallback = (replicate, rows)
+    if fallback is None:
+        return None
+    replicate, rows = fallback
+    missing = [m for m in declared.methods if m not in {m for m, _ in rows}]
+    height, width = rows[0][1].shape[:2]
+    fig = Figure(figsize=(max(4.0, width / 40 + 1.6), len(rows) * max(0.55, height / 40 + 0.15)))
+    FigureCanvasAgg(fig)
+    for i, (method, strip) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), 1, i + 1)
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
+    title = f"{declared.name}: replicate {replicate}, the first {per_method} samples per method"
+    if missing:  # the paired experiment's samples are not in this output folder (only its results.json is kept)
+        title += f"\n(not in this output folder: {', '.join(missing)})"
+    fig.suptitle(title, fontsize=9)
+    return _png(fig), replicate
 
 
 def share_curve_png(result: dict) -> bytes | None:

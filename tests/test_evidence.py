@@ -593,8 +593,8 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
 
 def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
     """``sample_grid_png``: one labelled row per method from the first replicate whose runs still hold their
-    samples (read where the experiment reads each method, e.g. the clean runs from its pair); None when no
-    replicate has them all (only results.json is archived)."""
+    samples (read where the experiment reads each method, e.g. the clean runs from its pair); without the pair's
+    folder, its own methods' rows; None when no replicate has even those (only results.json is archived)."""
     from PIL import Image
 
     declared = D.EXPERIMENTS["source_aspl"]
@@ -609,6 +609,16 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
                                                                      for m in methods}}))
     png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
     assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    # the paired experiment's folder gone: the experiment's own rows are still shown (the missing ones named)
+    import shutil
+
+    shutil.rmtree(tmp_path / "matched")
+    png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
+    assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    # one of its own runs without samples: no grid
+    (tmp_path / "source_aspl" / "r011" / "run" / "report" / "results.json").write_text(json.dumps(
+        {"methods": {m: {"samples": [f"img/{m}.png"] * 3} for m in D.SOURCE_METHODS[1:]}}))
+    assert E.sample_grid_png(tmp_path, declared, per_method=3) is None
 
 
 def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refused(capsys):
