@@ -155,6 +155,18 @@ def test_list_shows_the_plan_and_only_runs_a_part(mini, tmp_path):
                           text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr
     assert "train/plain-protected" in proc.stdout and "stage1" not in proc.stdout and "detect" not in proc.stdout
+    # a purifier on the clean images (its cost when nothing was attacked) needs no protect stage
+    costs = config.parent / "purify_clean.toml"
+    costs.write_text(plain.read_text().replace('run = ["clean", "attacking"]', 'run = ["clean", "jpeg_clean"]'))
+    part = tmp_path / "costs"
+    proc = subprocess.run(_cmd(costs, "--output", str(part), "--only", "purify/jpeg_clean"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.parent.name for p in (part / "stages").glob("*/stage.json")) == ["purify__jpeg_clean"]
+    result = json.loads((part / "stages" / "purify__jpeg_clean" / "stage.json").read_text())
+    assert result["result"]["source"] == "clean" and result["name"] == "purify/jpeg_clean"
+    purified = sorted((part / "stages" / "purify__jpeg_clean" / "images").glob("*.png"))
+    assert len(purified) == len(list((out / "stages" / "purify__jpeg" / "images").glob("*.png"))) > 0
 
 
 def test_one_run_reports_no_damage_undone_and_says_how_to_read_its_rows():

@@ -26,6 +26,10 @@ METHODS = {
     "jpeg": ("JPEG", "plain", "jpeg"),
     "diffpure": ("DiffPure-style", "plain", "diffpure"),
     "noise": ("Gaussian noise", "plain", "noise"),
+    # a purifier's cost when nothing was attacked: the clean images purified (same settings and seeds), plain LoRA
+    "jpeg_clean": ("JPEG, clean images", "plain", "jpeg_clean"),
+    "diffpure_clean": ("DiffPure-style, clean images", "plain", "diffpure_clean"),
+    "noise_clean": ("Gaussian noise, clean images", "plain", "noise_clean"),
     "lord": ("LoRD", "lord", "protected"),
     "lord_clean": ("LoRD, clean images", "lord", "clean"),
     "onebranch": ("One-branch control", "onebranch", "protected"),

@@ -2,8 +2,10 @@
 training image set each one uses.
 
 A :class:`Variant` is one Stage-2 run: a mode (``plain`` | ``pgd2_defense`` | ``lord`` | ``onebranch``:
-Stage-2 with the one-branch control's Stage-1 adapter live instead of the LoRD) on an image set: ``clean``, ``protected``, a purified copy of the protected images (``jpeg``, ``diffpure``) or a
-mix (``mix<k>``: k of the N instance images protected, a seeded choice).
+Stage-2 with the one-branch control's Stage-1 adapter live instead of the LoRD) on an image set: ``clean``,
+``protected``, a purified copy of the protected images (``jpeg``, ``diffpure``, ``noise``), a purified copy of the
+clean images (``jpeg_clean``, ``diffpure_clean``, ``noise_clean``: what a purifier costs when nothing was
+attacked) or a mix (``mix<k>``: k of the N instance images protected, a seeded choice).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from training.experiment_config import DEFENSE_STRENGTH_CODES, METHODS, ConfigEr
 from training.experiment.context import ExperimentContext
 
 PURIFIERS = ("jpeg", "diffpure", "noise")
+# the purified image sets: <purifier> = the protected images purified, <purifier>_clean = the clean images purified
+PURIFIED_SETS = {**{p: (p, "protected") for p in PURIFIERS}, **{f"{p}_clean": (p, "clean") for p in PURIFIERS}}
 STAGE1_OF = {"lord": "stage1", "onebranch": "stage1_onebranch"}  # Stage-2 mode -> its Stage-1 stage
 # the oracle gate settings of a ``lord_g<t><s>`` mode: t = gate during Stage-2 training, s = at sampling
 GATE_CODES = {"l": "learned", "0": "clean", "1": "defense"}
@@ -23,7 +27,7 @@ class Variant:
     """One Stage-2 run: a mode on a set of training images."""
 
     mode: str  # plain | pgd2_defense | lord | lord_g<t><s> | lord_b<k> | onebranch
-    images: str  # clean | protected | jpeg | diffpure | noise | mix<k>
+    images: str  # clean | protected | jpeg | diffpure | noise | <purifier>_clean | mix<k>
 
     @property
     def id(self) -> str:
@@ -95,7 +99,7 @@ def set_needs(ctx: ExperimentContext, images: str) -> tuple:
     """The stages that make the image set ``images``."""
     if images == "clean":
         return ()
-    if images in PURIFIERS:
+    if images in PURIFIED_SETS:
         return (f"purify/{images}",)
     return ctx.protected_needs()
 
@@ -116,7 +120,7 @@ def image_set(ctx: ExperimentContext, images: str) -> dict:
         return ctx.clean
     if images == "protected":
         return ctx.protected()
-    if images in PURIFIERS:
+    if images in PURIFIED_SETS:
         return ctx.purified(images)
     chosen = set(ctx.mix_names(int(images[3:])))
     prot = ctx.protected()

@@ -15,7 +15,7 @@ from lord_ops import tool_version
 from lord_ops.metrics import perturbation_stats
 from training.experiment_config import METHODS, SWEEP_SERIES, train_config
 from training.experiment.context import ExperimentContext
-from training.experiment.methods import PURIFIERS, Variant
+from training.experiment.methods import PURIFIED_SETS, Variant
 
 RESULTS_FORMAT, RESULTS_VERSION = "comfyui-lord-experiment", 1
 SINGLE_RUN_NOTE = ("one training run per method: a difference between two rows includes the seed-to-seed spread "
@@ -46,7 +46,7 @@ def collect_results(ctx: ExperimentContext, sweep_points: dict, report_dir: Path
                       "lord": variant.lord == "stage1", "one_branch": mode == "onebranch",
                       "gates": dict(zip(("training", "sampling"), variant.gates)) if variant.lord else None,
                       "defense_strength": ctx.sampling_strength(variant) if variant.lord == "stage1" else None,
-                      "trained_on": (f"{images}(protected)" if images in PURIFIERS else images),
+                      "trained_on": ("{}({})".format(*PURIFIED_SETS[images]) if images in PURIFIED_SETS else images),
                       "samples": [rel(ctx.plan.folder(f"sample/{vid}") / f) for f in sample["images"]],
                       "metrics": method_metrics(ctx, vid),
                       "train": ctx.plan.result(f"train/{variant.train_id}")}
