@@ -533,10 +533,9 @@ def gate_values(out: Path, declared: Declared, archive: Path | None = None) -> d
         return values
     for r in declared.replicates:
         results, _ = declared.source(out, "lord", r)
-        found = kept_results(results, out, archive)
-        if not found.is_file():
+        data = _results_file(kept_results(results, out, archive))
+        if data is None:
             continue
-        data = json.loads(found.read_text(encoding="utf-8"))
         got = {}
         det = data.get("detection") or {}
         if det.get("available") and det.get("scores_clean") and det.get("scores_protected"):
@@ -754,29 +753,26 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
     from matplotlib.figure import Figure
     from PIL import Image
 
-    read: dict = {}  # each results.json once (several methods come from the same run)
-    fallback = None
+    chosen = None  # (replicate, rows): the first with every method, else the first with the experiment's own
     for replicate in declared.replicates:
         rows = []
         for method in declared.methods:
             results, name = declared.source(out, method, replicate)
             try:
-                if results not in read:
-                    read[results] = json.loads(Path(results).read_text())
-                paths = read[results]["methods"][name]["samples"][:per_method]
+                paths = (_results_file(results) or {})["methods"][name]["samples"][:per_method]
                 images = [np.asarray(Image.open(Path(results).parent / p).convert("RGB")) for p in paths]
             except (OSError, KeyError, ValueError):
                 continue
             if images:
                 rows.append((method, np.concatenate(images, axis=1)))
         if len(rows) == len(declared.methods):
-            fallback = (replicate, rows)
+            chosen = (replicate, rows)
             break
-        if fallback is None and rows and set(declared.own_methods) <= {m for m, _ in rows}:
-            fallback = (replicate, rows)
-    if fallback is None:
+        if chosen is None and rows and set(declared.own_methods) <= {m for m, _ in rows}:
+            chosen = (replicate, rows)
+    if chosen is None:
         return None
-    replicate, rows = fallback
+    replicate, rows = chosen
     missing = [m for m in declared.methods if m not in {m for m, _ in rows}]
     height, width = rows[0][1].shape[:2]
     fig = Figure(figsize=(max(4.0, width / 40 + 1.6), len(rows) * max(0.55, height / 40 + 0.15)))
