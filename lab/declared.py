@@ -162,6 +162,18 @@ CONTRASTS = (
     *(Contrast(f"{purifier}_vs_plain_prot", ((purifier, 1), ("attacking", -1)),
                f"{what} of the protected images, then a plain LoRA, minus the plain LoRA on the protected images "
                "(negative: the purifier helps)") for purifier, what in PURIFIER_SETTINGS),
+    # each purifier with its clean-image control (<purifier>_clean: the clean images purified, then a plain LoRA),
+    # laid out like LoRD's removal and cost questions
+    *(Contrast(f"removal_{purifier}", ((purifier, 1), (f"{purifier}_clean", -1), ("attacking", -1), ("clean", 1)),
+               f"{what}: its protected-minus-clean difference (both purified) minus A (negative: it removes part "
+               "of the attack's damage)") for purifier, what in PURIFIER_SETTINGS),
+    *(Contrast(f"cost_{purifier}", ((f"{purifier}_clean", 1), ("clean", -1)),
+               f"{what} of the clean images, then a plain LoRA, minus the plain LoRA on the clean images (what the "
+               "purifier costs when nothing was attacked)") for purifier, what in PURIFIER_SETTINGS),
+    *(Contrast(f"{purifier}_vs_clean", ((purifier, 1), ("clean", -1)),
+               f"{what} of the protected images, then a plain LoRA, minus the plain LoRA on the clean images (where "
+               "the purifying user ends against an unprotected subject; 0: all of the damage undone at no cost)")
+      for purifier, what in PURIFIER_SETTINGS),
     # the Stage-2 PGD-2 defense (adversarial training on PGD-2 copies of the protected images; the paper's baseline)
     Contrast("pgd2_vs_plain_prot", (("pgd2_defense", 1), ("attacking", -1)),
              "the Stage-2 PGD-2 defense on protected minus plain LoRA on protected (negative: it helps)"),
@@ -173,7 +185,8 @@ CONTRASTS = (
 # (defended method on protected images, the same on clean images): the share of A remaining is reported for each
 REMAINING_PAIRS = (("lord", "lord_clean"), ("onebranch", "onebranch_clean"), ("lord_g10", "lord_clean_g10"),
                    ("lord_gl0", "lord_clean_gl0"), ("lord_b05", "lord_clean_b05"), ("lord_b2", "lord_clean_b2"),
-                   ("lord_ace", "lord_clean_ace"), ("lord_gl0_ace", "lord_clean_gl0_ace"))
+                   ("lord_ace", "lord_clean_ace"), ("lord_gl0_ace", "lord_clean_gl0_ace"),
+                   *((purifier, f"{purifier}_clean") for purifier, _ in PURIFIER_SETTINGS))
 
 # metric id in results.json -> (label, how to read one method's value, lower is better)
 METRICS = {
@@ -422,6 +435,21 @@ EXPERIMENTS["textures_share"] = Declared(
     "flatten that curve?", folder="textures_defense", paired_with="textures",
     paired_methods=("clean", "attacking", "noise"), borrowed_stages=("protect",), stage1_data=STAGE1_ACE_4,
     lab="textures")
+
+# declared on 2026-12-05 before any of its runs (EVIDENCE.md, "textures_purify"): "textures_defense" found
+# DiffPure-style purification removing 94% of A, more than any LoRD variant, but it had no clean-image control for
+# the purifiers (what purification costs when nothing was attacked). On NEW replicates 20-29 (seeds and subject
+# images never used), with their own protect (the same mist-v2-4 attack): the plain LoRA on clean and protected
+# images and JPEG and DiffPure-style purification of both. No Stage 1 (no LoRD: its numbers are
+# "textures_defense"'s). Replicates 20-29 also re-measure A on new subjects.
+TEXTURE_PURIFY_FAMILY = ("A", "removal_diffpure", "cost_diffpure", "diffpure_vs_clean", "removal_jpeg")
+EXPERIMENTS["textures_purify"] = Declared(
+    "textures_purify", ("clean", "attacking", "diffpure", "diffpure_clean", "jpeg", "jpeg_clean"), range(20, 30),
+    dict(MIST_4.attack), TEXTURE_PURIFY_FAMILY,
+    "confirmatory on lab model 2, new subjects: against mist-v2 at its published budget (4 levels), how much of the "
+    "damage to a plain LoRA do DiffPure-style and JPEG purification remove once their cost on clean images is "
+    "subtracted, what does DiffPure cost when nothing was attacked, and does a user who purifies protected images "
+    "end where unprotected images would?", lab="textures")
 
 
 def _ace_fixed(levels: float) -> dict:

@@ -454,6 +454,38 @@ def test_the_lab2_dose_response_pairs_its_arms_with_textures_clean_runs(tmp_path
         "[attack]")[1].split("[")[0]
 
 
+def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_controls(tmp_path):
+    """'textures_purify' (confirmatory on lab model 2): replicates no other experiment used (fresh seeds and
+    subject crops), its own protect (mist-v2 at 4 levels), no Stage 1; each purifier on the protected AND the
+    clean images, so that its removal subtracts its own cost; the analysis reports the share of A remaining under
+    each purifier from those pairs."""
+    from lab.experiment import LABS
+
+    declared = D.EXPERIMENTS["textures_purify"]
+    others = set().union(*(set(d.replicates) for n, d in D.EXPERIMENTS.items() if d.lab == "textures"
+                           and n != "textures_purify"))
+    assert not set(declared.replicates) & others and set(declared.replicates) <= set(D.CONFIRMATORY)
+    assert len(declared.replicates) == 10 and declared.attack == D.MIST_4.attack and not declared.paired_with
+    contrasts = {c.name: dict(c.weights) for c in declared.contrasts}
+    assert contrasts["removal_diffpure"] == {"diffpure": 1, "diffpure_clean": -1, "attacking": -1, "clean": 1}
+    assert contrasts["cost_jpeg"] == {"jpeg_clean": 1, "clean": -1}
+    assert contrasts["diffpure_vs_clean"] == {"diffpure": 1, "clean": -1}
+    text = E.write_replicate_config(tmp_path, declared, 20, "ci", tmp_path / "none.safetensors",
+                                    LABS["textures"].classifier).read_text()
+    assert 'run = ["clean", "attacking", "diffpure", "diffpure_clean", "jpeg", "jpeg_clean"]' in text
+    assert str(LABS["textures"].replicate_folder(20)) in text and "seed = 1020" in text
+    rng = np.random.default_rng(1)
+    reps = list(declared.replicates)
+    values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
+    block = E.analyse(values, declared)["metrics"]["heldout_loss"]
+    v = values["heldout_loss"]
+    assert set(block["remaining_shares"]) == {"diffpure", "jpeg"}
+    share = np.mean([v["diffpure"][r] - v["diffpure_clean"][r] for r in reps]) / np.mean(
+        [v["attacking"][r] - v["clean"][r] for r in reps])
+    assert block["remaining_shares"]["diffpure"]["value"] == pytest.approx(share)
+    assert all(block["contrasts"][q]["p_holm"] is not None for q in declared.family)
+
+
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
     """A confirmatory question can only be analysed if its contrast exists and the experiment reads every
     method it combines (e.g. 'strength' reuses 'matched''s folder and adds the B'-strength methods)."""
