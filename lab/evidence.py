@@ -326,11 +326,21 @@ def prepare_replicate(out: Path, declared: Declared, replicate: int, scale: str,
 
 
 def run(args) -> int:
+    """``run``: each named experiment in turn (a queue: ``run textures_share textures_purify --worker 0/2`` runs
+    this worker's share of the first, then of the second); 1 if any replicate of any of them failed."""
+    failed = [name for name in args.experiment if run_experiment_replicates(args, name)]
+    if failed and len(args.experiment) > 1:
+        print(f"[evidence] experiments with failed replicates: {', '.join(failed)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def run_experiment_replicates(args, name: str) -> int:
+    """Run (or resume) this worker's replicates of experiment ``name``; 1 if any failed."""
     from lab.ship import ensure_checkpoint
     from lord_ops.comfy.bootstrap import ensure_comfyui_importable
     from training.experiment.cli import main as run_experiment
 
-    declared = EXPERIMENTS[args.experiment]
+    declared = EXPERIMENTS[name]
     try:
         replicates = parse_replicates(args.replicates, declared.replicates)
         k, workers = parse_worker(args.worker)
@@ -338,7 +348,7 @@ def run(args) -> int:
         raise SystemExit(str(e)) from None
     mine = [r for r in replicates if r % workers == k]
     if not mine:
-        print(f"[evidence] {args.experiment}: worker {k}/{workers} has none of replicates {replicates}: "
+        print(f"[evidence] {name}: worker {k}/{workers} has none of replicates {replicates}: "
               f"nothing to run", flush=True)
         return 0
     ensure_comfyui_importable(cpu=True if args.cpu else None)
@@ -395,7 +405,8 @@ def run(args) -> int:
         if code:
             failed.append(job)
     if failed:
-        print(f"[evidence] replicates {failed} failed (finished stages are kept; run the same command)", file=sys.stderr)
+        print(f"[evidence] {name}: replicates {failed} failed (finished stages are kept; run the same command)",
+              file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
@@ -895,7 +906,8 @@ def main(argv=None) -> int:
                          "(run does it per replicate); status: which replicates are finished, started (stages done, "
                          "running) or not started, reading no result")
     ap.add_argument("experiment", nargs="+", choices=sorted(EXPERIMENTS),
-                    help="the declared experiment (carry, restore and status take several)")
+                    help="the declared experiment (report takes one; run takes several and runs them one after "
+                         "the other; carry, restore and status take several)")
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
@@ -926,11 +938,13 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=float, default=None, metavar="S",
                     help="carry: save again every S seconds until interrupted (beside running workers)")
     args = ap.parse_args(argv)
-    if args.command in ("run", "report"):
+    if args.command == "report":
         if len(args.experiment) > 1:
-            ap.error(f"{args.command} takes one experiment (got {' '.join(args.experiment)}); run one process per "
-                     f"experiment, one after the other")
+            ap.error(f"report takes one experiment (got {' '.join(args.experiment)}); report each in turn")
         args.experiment = args.experiment[0]
+    if args.command == "run" and len(args.experiment) > 1 and args.replicates:
+        ap.error(f"run {' '.join(args.experiment)}: --replicates names one experiment's replicates; give it with one "
+                 f"experiment, or use --worker k/K to share several experiments between processes")
     return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages,
             "status": status}[args.command](args)
 

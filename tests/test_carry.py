@@ -137,9 +137,12 @@ def test_cli_carry_and_restore(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert sum(f"carry {FOLDER}:" in line for line in lines) == 1
     assert any("carry textures_threat/ace_4:" in line for line in lines)
-    with pytest.raises(SystemExit):  # run and report take one experiment
-        evidence_main(["run", "textures_defense", "textures_share", "--out", str(out)])
-    assert "run takes one experiment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # report takes one experiment
+        evidence_main(["report", "textures_defense", "textures_share", "--out", str(out)])
+    assert "report takes one experiment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # run takes several, but --replicates names one experiment's
+        evidence_main(["run", "textures_defense", "textures_share", "--replicates", "10", "--out", str(out)])
+    assert "--replicates names one experiment's replicates" in capsys.readouterr().err
 
 
 

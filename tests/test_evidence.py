@@ -670,6 +670,11 @@ def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refuse
     # a valid worker that owns none of the chosen replicates says so instead of running nothing silently
     assert E.main(["run", "textures_defense", "--replicates", "10", "--worker", "1/2"]) == 0
     assert "worker 1/2 has none of replicates [10]" in capsys.readouterr().out
+    # run takes a queue of experiments, each in turn with this worker's share ("textures" 10-19, "textures_purify"
+    # 20-29: worker 99/100 owns none of either)
+    assert E.main(["run", "textures", "textures_purify", "--worker", "99/100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[evidence] textures", "[evidence] textures_purify"]
 
 
 def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_flagged(tmp_path):
