@@ -271,6 +271,10 @@ class Declared:
     # "per_arm" (finished arms are analysed, the others reported as not run: lab 1's "threat"), "per_question"
     # (each question on the replicates where its methods finished, n stated: lab 1's "mist")
     stopping: str = "all"
+    # (contrast, margin): an equivalence reading of a primary-metric contrast, declared with its margin (in the
+    # metric's units) before any run: "equivalent" when the 90% interval lies inside +-margin (two one-sided
+    # tests at 5%); reported beside the family, never Holm-adjusted with it
+    equivalence: tuple = ()
 
     @property
     def home(self) -> str:
@@ -438,18 +442,21 @@ EXPERIMENTS["textures_share"] = Declared(
 
 # declared on 2026-12-05 before any of its runs (EVIDENCE.md, "textures_purify"): "textures_defense" found
 # DiffPure-style purification removing 94% of A, more than any LoRD variant, but it had no clean-image control for
-# the purifiers (what purification costs when nothing was attacked). On NEW replicates 20-29 (seeds and subject
-# images never used), with their own protect (the same mist-v2-4 attack): the plain LoRA on clean and protected
-# images and JPEG and DiffPure-style purification of both. No Stage 1 (no LoRD: its numbers are
-# "textures_defense"'s). Replicates 20-29 also re-measure A on new subjects.
-TEXTURE_PURIFY_FAMILY = ("A", "removal_diffpure", "cost_diffpure", "diffpure_vs_clean", "removal_jpeg")
+# the purifiers (what purification costs when nothing was attacked). On replicates 20-29 (replicate seeds never
+# used; new crops, of the same wood sources as replicates 10-19), with their own protect (the same mist-v2-4
+# attack): the plain LoRA on clean and protected images and JPEG and DiffPure-style purification of both. No Stage 1
+# (no LoRD: its numbers are "textures_defense"'s). diffpure_vs_clean (= A + removal_diffpure + cost_diffpure) is
+# read against a declared equivalence margin, outside the Holm family (EVIDENCE.md).
+TEXTURE_PURIFY_FAMILY = ("A", "removal_diffpure", "cost_diffpure", "removal_jpeg")
+TEXTURE_PURIFY_MARGIN = 0.0006  # held-out loss: a quarter of "textures"' A (+0.00239), fixed before any run
 EXPERIMENTS["textures_purify"] = Declared(
     "textures_purify", ("clean", "attacking", "diffpure", "diffpure_clean", "jpeg", "jpeg_clean"), range(20, 30),
     dict(MIST_4.attack), TEXTURE_PURIFY_FAMILY,
-    "confirmatory on lab model 2, new subjects: against mist-v2 at its published budget (4 levels), how much of the "
+    "confirmatory on lab model 2, new replicates: against mist-v2 at its published budget (4 levels), how much of the "
     "damage to a plain LoRA do DiffPure-style and JPEG purification remove once their cost on clean images is "
     "subtracted, what does DiffPure cost when nothing was attacked, and does a user who purifies protected images "
-    "end where unprotected images would?", lab="textures")
+    "end where unprotected images would?", lab="textures",
+    equivalence=(("diffpure_vs_clean", TEXTURE_PURIFY_MARGIN),))
 
 
 def _ace_fixed(levels: float) -> dict:

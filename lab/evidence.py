@@ -630,6 +630,13 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
             if q in family:
                 out["metrics"][metric]["contrasts"][name]["p_holm"] = family[q].p_holm
     primary = out["metrics"][PRIMARY]["contrasts"]
+    for name, margin in declared.equivalence:  # the declared equivalence readings (two one-sided tests at 5%)
+        if name in primary:
+            _, _, low, high = an.mean_interval(primary[name]["values"], 0.90)
+            primary[name]["equivalence"] = {
+                "margin": margin, "ci90_low": low, "ci90_high": high, "equivalent": -margin < low and high < margin,
+                "rule": f"equivalent to 0 within +-{margin:g} when the 90% interval lies inside the margin (two "
+                        "one-sided tests at 5%)"}
     a = primary.get("A")
     out["threat_gate"] = None if a is None else {
         "d_z": a["d_z"], "rule": "if |d_z(A)| < 0.3 the attack does no measurable damage at this budget",
@@ -683,6 +690,13 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name}{' *' if conf else ''} | {row['n']} | {row['mean']:+.4g} | "
                          f"{row['ci_low']:+.4g} to {row['ci_high']:+.4g} | {row['d_z']:+.2f} | {row['p']:.4g} | {holm} | "
                          f"{verdict(row, conf)} |")
+        for name, row in block["contrasts"].items():
+            eq = row.get("equivalence")
+            if eq:
+                lines += ["", f"Equivalence (declared): {name}'s 90% interval {eq['ci90_low']:+.4g} to "
+                              f"{eq['ci90_high']:+.4g} against the margin +-{eq['margin']:g}: "
+                              + ("**equivalent** to 0 within the margin" if eq["equivalent"]
+                                 else "not shown equivalent") + f" ({eq['rule']})."]
         shares = block.get("remaining_shares") or ({"lord": block["remaining_share_under_lord"]}
                                                    if block.get("remaining_share_under_lord") else {})
         for prot, share in shares.items():

@@ -484,6 +484,19 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
         [v["attacking"][r] - v["clean"][r] for r in reps])
     assert block["remaining_shares"]["diffpure"]["value"] == pytest.approx(share)
     assert all(block["contrasts"][q]["p_holm"] is not None for q in declared.family)
+    # diffpure_vs_clean (= A + removal + cost) is read against its declared margin, outside the Holm family
+    assert "diffpure_vs_clean" not in declared.family and block["contrasts"]["diffpure_vs_clean"]["p_holm"] is None
+    from scipy import stats
+
+    d = np.array([v["diffpure"][r] - v["clean"][r] for r in reps])
+    half = stats.t.ppf(0.95, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    eq = block["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    assert eq["margin"] == D.TEXTURE_PURIFY_MARGIN and eq["ci90_high"] == pytest.approx(d.mean() + half)
+    assert eq["equivalent"] is False  # unit-variance noise: far wider than the margin
+    near = {**values, "heldout_loss": {**v, "diffpure": {r: v["clean"][r] + 1e-5 * (-1) ** r for r in reps}}}
+    eq = E.analyse(near, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    assert eq["equivalent"] is True
+    assert "**equivalent** to 0 within the margin" in E.markdown(E.analyse(near, declared))
 
 
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
