@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from lab import carry
 from lab.declared import (CONFIRMATORY, EXPERIMENTS, METRICS, PRIMARY, REMAINING_PAIRS, SHARE_POINTS, SHARE_SERIES, Arm,
                           Declared, family_of, family_question, replicate_seed)
 from lab.experiment import LABS
+from training.pipeline import read_json
 
 # finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
 # scratch (hours of cached stages), the archive is what a later session's report and run read back
@@ -448,6 +450,37 @@ def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | No
     return ("started" if max(counts) or running else "not started"), max(counts), running, missing
 
 
+def stage_times(out: Path, folder: str) -> dict[str, list[float]]:
+    """``{stage name: [seconds, ...]}`` over the replicates of ``<out>/<folder>`` (every stage finished in one
+    of them, with an empty list when none was timed): each finished stage's
+    ``stage.json`` ``seconds`` (training.pipeline writes it), else that replicate's ``timings.json`` (the last
+    invocation's stages). A resumed stage counts only its last part."""
+    times: dict[str, list[float]] = {}
+    for run in sorted((Path(out) / folder).glob("r[0-9][0-9][0-9]/run")):
+        last = (read_json(run / "timings.json") or {}).get("seconds") or {}
+        for stage in sorted(run.glob("stages/*/stage.json")):
+            done = read_json(stage) or {}
+            name = done.get("name") or stage.parent.name.replace("__", "/")
+            seconds = done.get("seconds", last.get(name))
+            times.setdefault(name, [])  # a stage never timed still counts as one to run
+            if isinstance(seconds, (int, float)):
+                times[name].append(float(seconds))
+    return times
+
+
+def time_left(out: Path, folder: str, replicate: int, times: dict[str, list[float]],
+              plan: set[str]) -> tuple[float, int]:
+    """``(seconds, unmeasured)``: the median stage times (:func:`stage_times`) of the stages of ``plan`` that
+    replicate ``replicate`` of ``folder`` has not finished in ``out``, and how many of those have no measured
+    time. A stage in progress counts whole, so the estimate errs long."""
+    stages = replicate_dir(out, folder, replicate) / "run" / "stages"
+    done = {(read_json(p) or {}).get("name") or p.parent.name.replace("__", "/")
+            for p in stages.glob("*/stage.json")} if stages.is_dir() else set()
+    left = [n for n in plan if n not in done]
+    measured = [statistics.median(times[n]) for n in left if times.get(n)]
+    return sum(measured), len(left) - len(measured)
+
+
 def replicate_states(out: Path, declared: Declared, archive: Path | None = None,
                      carried: Path | None = None) -> list[tuple]:
     """``[(arm or None, replicate, replicate_state(...))]`` over every declared replicate of every arm."""
@@ -455,20 +488,31 @@ def replicate_states(out: Path, declared: Declared, archive: Path | None = None,
             for arm in declared.arms or (None,) for r in declared.replicates]
 
 
-def status_lines(declared: Declared, states: list[tuple]) -> list[str]:
+def status_lines(declared: Declared, states: list[tuple], estimates: dict | None = None) -> list[str]:
     """One line per experiment (per arm for a dose-response) from :func:`replicate_states`: finished, waiting
-    (for a paired experiment's runs), started (finished stages; running) and not-started replicates."""
-    lines = []
+    (for a paired experiment's runs), started (finished stages; running) and not-started replicates; with
+    ``estimates`` (``{(arm name or None, replicate): (seconds, unmeasured stages)}``, :func:`time_left`) the
+    stage time left per unfinished replicate and in all."""
+    lines, estimates = [], estimates or {}
     for arm in declared.arms or (None,):
         by_state: dict = {"finished": [], "waiting": [], "started": [], "not started": []}
+        total, unmeasured = 0.0, 0
         for (state, stages, running, missing), r in ((st, r) for a, r, st in states if a is arm):
             label = {"started": f"{r} ({stages} stages done{', running' if running else ''})",
                      "waiting": f"{r} (needs {', '.join(missing)})"}.get(state, str(r))
             by_state[state].append(label)
+            if state in ("started", "not started") and (arm and arm.name, r) in estimates:
+                seconds, unknown = estimates[arm and arm.name, r]
+                total, unmeasured = total + seconds, unmeasured + unknown
         parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()
                  if v or k != "waiting"]
-        lines.append(f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
-                     f"{declared.replicates.stop - 1}): " + "; ".join(parts))
+        line = (f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
+                f"{declared.replicates.stop - 1}): " + "; ".join(parts))
+        if total:
+            line += (f"; about {total / 3600:.1f} hours of one worker's stage time left (median stage times of this "
+                     f"folder's replicates, at the load they ran under" + (
+                         f"; {unmeasured} stage run(s) never timed, not counted" if unmeasured else "") + ")")
+        lines.append(line)
     return lines
 
 
@@ -476,7 +520,14 @@ def status(args) -> int:
     for name in args.experiment:
         declared = EXPERIMENTS[name]
         states = replicate_states(Path(args.out), declared, args.archive, args.carry)
-        for line in status_lines(declared, states):
+        estimates = {}
+        for arm in declared.arms or (None,):
+            folder = run_folder(declared, arm)
+            times = stage_times(Path(args.out), folder)
+            for a, r, (state, *_rest) in states:
+                if a is arm and state in ("started", "not started") and times:
+                    estimates[arm and arm.name, r] = time_left(Path(args.out), folder, r, times, set(times))
+        for line in status_lines(declared, states, estimates):
             print(line, flush=True)
         published = PUBLISHED / f"{name}_analysis.md"
         if published.is_file():

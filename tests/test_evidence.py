@@ -690,6 +690,35 @@ def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refuse
     assert [line.split(":")[0] for line in lines] == ["[evidence] textures", "[evidence] textures_purify"]
 
 
+def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_path):
+    """``status`` adds the stage time left: per unfinished replicate, the median time of each stage it has not
+    finished (stage.json's seconds, else the replicate's timings.json), summed; stages never timed are named,
+    not guessed; a stage run's time counts only for its own name."""
+    declared = D.EXPERIMENTS["textures_purify"]
+    folder = declared.home
+
+    def finish(r, name, seconds=None, timings=None):
+        stage = E.replicate_dir(tmp_path, folder, r) / "run" / "stages" / name.replace("/", "__")
+        stage.mkdir(parents=True, exist_ok=True)
+        record = {"digest": "x", "name": name, "result": {}} | ({"seconds": seconds} if seconds is not None else {})
+        (stage / "stage.json").write_text(json.dumps(record))
+        if timings:
+            (stage.parent.parent / "timings.json").write_text(json.dumps({"ran": [], "seconds": timings}))
+
+    for r, t in ((20, 100.0), (21, 300.0), (22, 200.0)):
+        finish(r, "protect", t)
+        finish(r, "train/plain-clean", timings={"train/plain-clean": t / 10})
+    finish(20, "reference")  # finished, never timed
+    times = E.stage_times(tmp_path, folder)
+    assert times == {"protect": [100.0, 300.0, 200.0], "train/plain-clean": [10.0, 30.0, 20.0], "reference": []}
+    assert E.time_left(tmp_path, folder, 21, times, set(times)) == (0.0, 1)  # only 'reference' left, untimed
+    assert E.time_left(tmp_path, folder, 23, times, set(times)) == (200.0 + 20.0, 1)  # not started: medians
+    states = [(None, r, ("not started", 0, False, [])) for r in (23, 24)]
+    line = E.status_lines(declared, states, {(None, 23): (3600.0, 1), (None, 24): (3600.0, 0)})[0]
+    assert "about 2.0 hours of one worker's stage time left" in line and "1 stage run(s) never timed" in line
+    assert "stage time left" not in E.status_lines(declared, states)[0]
+
+
 def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_flagged(tmp_path):
     """Experiments share folders (textures_share runs in textures_defense's): code older than such an experiment
     would rewrite the folder's report without the newer methods. ``methods_dropped`` names them, and no archived

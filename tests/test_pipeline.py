@@ -42,6 +42,8 @@ def test_finished_stages_are_never_recomputed(tmp_path):
     again = _plan(tmp_path, calls)
     assert again.run()["b/x"] == {"b": 2}
     assert calls == ["a", "b"] and again.ran == []
+    done = json.loads((tmp_path / "stages" / "b__x" / "stage.json").read_text())
+    assert done["name"] == "b/x" and isinstance(done["seconds"], float) and done["seconds"] >= 0  # for estimates
 
 
 def test_changed_settings_recompute_the_stage_and_what_needs_it(tmp_path):

@@ -157,7 +157,10 @@ class Plan:
             result = stage.run(folder)
             self.timings[name] = round(time.time() - t0, 2)
             json.dumps(result)  # must be JSON-able
-            atomic_write_json(folder / "stage.json", {"digest": want, "name": name, "result": result})
+            # seconds: this run's wall time (a resumed stage counts only its last part); lab.evidence's status
+            # estimates what is left from it, nothing reads it as a result
+            atomic_write_json(folder / "stage.json", {"digest": want, "name": name, "result": result,
+                                                      "seconds": self.timings[name]})
             self.ran.append(name)
             self.log(f"{counter} {name}: done in {self.timings[name]:.1f} s")
             return result
