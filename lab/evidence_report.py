@@ -1,0 +1,162 @@
+"""Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the forest
+plot and the paper's Fig. 7 share curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
+from __future__ import annotations
+
+from lab.declared import SHARE_POINTS, SHARE_SERIES, family_of
+
+GATE_QUANTITIES = {  # the Stage-1 LoRD's gate, read from each replicate's results.json (the run holding 'lord')
+    "detect_auroc": "Detect AUROC: the gate ranks the subject's protected copies above its clean images",
+    "detect_clean": "Detect: mean gate on the subject's clean images",
+    "detect_protected": "Detect: mean gate on the subject's protected copies",
+    "stage1_clean": "Stage 1, in-sample: mean gate on clean training images (t = 50, 200, 400)",
+    "stage1_perturbed": "Stage 1, in-sample: mean gate on their perturbed copies",
+}
+
+
+def verdict(row: dict, confirmatory: bool) -> str:
+    low, high = row["ci_low"], row["ci_high"]
+    excludes = low > 0 or high < 0
+    if confirmatory:
+        ok = excludes and row.get("p_holm") is not None and row["p_holm"] < 0.05
+        return ("established: " + ("> 0" if low > 0 else "< 0")) if ok else "not established"
+    return "interval excludes 0 (exploratory)" if excludes else "interval includes 0"
+
+
+def markdown(result: dict) -> str:
+    interim = result.get("interim")
+    lines = [f"# Replicate analysis: {result['experiment']}", ""]
+    if interim:
+        lines += [f"**INTERIM**: {len(interim['unfinished'])} declared replicate(s) not finished "
+                  f"({', '.join(interim['unfinished'])}); {interim['note']}.", ""]
+    if result.get("unfinished"):
+        left = result["unfinished"]
+        lines += [f"Not finished: {', '.join(left['replicates'])}; the declared stopping rule ({left['stopping']}) "
+                  f"analyses what finished, with each contrast's n below.", ""]
+    lines += [result["purpose"], "",
+             "Each row: paired differences over independent replicates (own subject bags and seeds); mean, "
+             "95% t interval, effect size d_z = mean/sd, two-sided sign-flip permutation p (exact), and for the "
+             "declared family (primary-metric questions and any co-primary ones) Holm's adjusted p. "
+             "Decision rule (declared in EVIDENCE.md): a confirmatory question is answered when its Holm-adjusted "
+             "p < 0.05 and its interval excludes 0.", ""]
+    for metric, block in result["metrics"].items():
+        primary = metric == result["primary"]
+        asked = family_of(result, metric)
+        if not block["contrasts"] and not any(v is not None for v in block["method_means"].values()):
+            continue  # not measured by these runs (e.g. a metric added after they were scored)
+        kind = " (primary)" if primary else " (co-primary: declared questions)" if asked else " (secondary, exploratory)"
+        lines += [f"## {block['label']}" + kind,
+                  "", "lower is better" if block["lower_is_better"] else "higher is better", ""]
+        means = ", ".join(f"{m} {v:.5g}" for m, v in block["method_means"].items() if v is not None)
+        lines += [f"Method means over replicates: {means}.", ""]
+        lines += ["| contrast | n | mean | 95% interval | d_z | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for name, row in block["contrasts"].items():
+            conf = name in asked
+            holm = f"{row['p_holm']:.4g}" if row.get("p_holm") is not None else ""
+            lines.append(f"| {name}{' *' if conf else ''} | {row['n']} | {row['mean']:+.4g} | "
+                         f"{row['ci_low']:+.4g} to {row['ci_high']:+.4g} | {row['d_z']:+.2f} | {row['p']:.4g} | {holm} | "
+                         f"{verdict(row, conf)} |")
+        for name, row in block["contrasts"].items():
+            eq = row.get("equivalence")
+            if eq:
+                lines += ["", f"Equivalence (declared): {name}'s 90% interval {eq['ci90_low']:+.4g} to "
+                              f"{eq['ci90_high']:+.4g} against the margin +-{eq['margin']:g}: "
+                              + ("**equivalent** to 0 within the margin" if eq["equivalent"]
+                                 else "not shown equivalent") + f" ({eq['rule']})."]
+        shares = block.get("remaining_shares") or ({"lord": block["remaining_share_under_lord"]}
+                                                   if block.get("remaining_share_under_lord") else {})
+        for prot, share in shares.items():
+            lines += ["", f"Share of A remaining under {'LoRD' if prot == 'lord' else prot}: {share['value']:.3g} "
+                          f"(95% bootstrap {share['ci_low']:.3g} to {share['ci_high']:.3g}); {share['definition']}."]
+        lines += ["", "Contrasts: " + "; ".join(f"{name} = {row['question']}"
+                                                for name, row in block["contrasts"].items()) + ".", ""]
+    gates = result.get("gates") or {}
+    if gates:
+        lines += ["## The Stage-1 gate (exploratory)", "", "| quantity | n | mean | 95% interval |", "|---|---|---|---|"]
+        for k, row in gates.items():
+            label = GATE_QUANTITIES.get(k) or (f"Stage 1, in-sample, t = {k.rsplit('_t', 1)[1]}: mean gate on "
+                                               + ("clean images" if "_clean_" in k else "perturbed copies"))
+            lines.append(f"| {label} | {row['n']} | {row['mean']:.4f} | {row['ci_low']:.4f} to {row['ci_high']:.4f} |")
+        lines.append("")
+    gate = result.get("threat_gate")
+    if gate:
+        lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
+                  + ("measurable threat." if gate["measurable"] else "no measurable threat at this budget."), ""]
+    for name, n in (result.get("unfinished_arms") or {}).items():
+        lines += [f"Not analysed (declared stopping rule): {name} has {n} of its replicates finished.", ""]
+    for name, gate in (result.get("threat_gates") or {}).items():
+        verdict_text = ("no measurable threat at this budget." if not gate["measurable"] else "measurable threat."
+                        if gate["d_z"] > 0 else "|d_z| >= 0.3 but in the other direction: the protected copies did "
+                        "not damage the LoRA (no threat).")
+        lines += [f"Threat gate (declared), {name}: d_z = {gate['d_z']:+.2f}: {verdict_text}", ""]
+    analysed = result.get("family_analysed")
+    if analysed is not None and len(analysed) < len(result["family"]):
+        lines += [f"Holm's correction is over the {len(analysed)} analysed of the {len(result['family'])} declared "
+                  f"questions (EVIDENCE.md's stopping rule); with all {len(result['family'])} the adjusted p values "
+                  f"would be larger.", ""]
+    lines.append("`*`: the declared confirmatory family (Holm-adjusted together).")
+    return "\n".join(lines) + "\n"
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes)."""
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def forest_png(result: dict) -> bytes:
+    """Each contrast of the primary metric with its 95% interval (a forest plot), as PNG bytes."""
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    block = result["metrics"][result["primary"]]
+    rows = list(block["contrasts"].items())
+    fig = Figure(figsize=(7, 0.45 * max(len(rows), 1) + 1.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    asked = family_of(result, result["primary"])
+    for i, (name, row) in enumerate(reversed(rows)):
+        conf = name in asked
+        ax.plot([row["ci_low"], row["ci_high"]], [i, i], color="black" if conf else "grey")
+        ax.plot([row["mean"]], [i], "o", color="black" if conf else "grey")
+    ax.axvline(0, color="red", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([n + (" *" if n in asked else "") for n, _ in reversed(rows)])
+    ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
+    ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
+    return png_bytes(fig)
+
+
+def share_curve_png(result: dict) -> bytes | None:
+    """The paper's Fig. 7 from the replicates: the primary metric's mean (95% t interval over replicates) at 0, 2,
+    4, 6 and 8 of 8 images protected, per series; None when the experiment has no share points."""
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lord_ops import analysis as an
+
+    values = result.get("values", {}).get(result["primary"], {})
+    present = {label: series for label, series in SHARE_SERIES.items()
+               if all(len(values.get(m, {})) >= 2 for m in series)}
+    if "plain LoRA" not in present or len(present) < 2:
+        return None
+    fig = Figure(figsize=(5.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    shifts = [0.16 * (i - (len(present) - 1) / 2) for i in range(len(present))]
+    for (label, series), shift in zip(present.items(), shifts):
+        stats = [an.mean_interval(list(values[m].values())) for m in series]
+        x = [k + shift for k in SHARE_POINTS]
+        ax.errorbar(x, [st[0] for st in stats], yerr=[[st[0] - st[2] for st in stats], [st[3] - st[0] for st in stats]],
+                    marker="o", capsize=3, label=label)
+    ax.set_xticks([0, 2, 4, 6, 8])
+    ax.set_xlabel("protected images of 8")
+    ax.set_ylabel(f"{result['metrics'][result['primary']]['label']} (lower is better)")
+    ax.set_title(f"{result['experiment']}: mean over {len(next(iter(values.values())))} replicates (95% t)")
+    ax.legend()
+    return png_bytes(fig)
