@@ -453,31 +453,35 @@ def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | No
 
 
 def stage_times(out: Path, folder: str) -> dict[str, list[float]]:
-    """``{stage name: [seconds, ...]}`` over the replicates of ``<out>/<folder>`` (every stage finished in one
-    of them, with an empty list when none was timed): each finished stage's
-    ``stage.json`` ``seconds`` (training.pipeline writes it), else that replicate's ``timings.json`` (the last
-    invocation's stages). A resumed stage counts only its last part."""
+    """``{stage name: [seconds, ...]}`` over the replicates of ``<out>/<folder>``: every stage finished or started
+    in one of them (an empty list when none was timed); the times are each finished stage's ``stage.json``
+    ``seconds`` (training.pipeline writes it), else that replicate's ``timings.json`` (the last invocation's
+    stages). A resumed stage counts only its last part."""
     times: dict[str, list[float]] = {}
     for run in sorted((Path(out) / folder).glob("r[0-9][0-9][0-9]/run")):
         last = (read_json(run / "timings.json") or {}).get("seconds") or {}
-        for stage in sorted(run.glob("stages/*/stage.json")):
-            done = read_json(stage) or {}
-            name = done.get("name") or stage.parent.name.replace("__", "/")
-            seconds = done.get("seconds", last.get(name))
-            times.setdefault(name, [])  # a stage never timed still counts as one to run
+        for stage in sorted(p for p in run.glob("stages/*") if p.is_dir()):
+            done = read_json(stage / "stage.json") or {}
+            name = done.get("name") or stage.name.replace("__", "/")
+            times.setdefault(name, [])  # a stage never timed (or only started) still counts as one to run
+            seconds = done.get("seconds", last.get(name)) if done else None
             if isinstance(seconds, (int, float)):
                 times[name].append(float(seconds))
     return times
 
 
-def time_left(out: Path, folder: str, replicate: int, times: dict[str, list[float]],
-              plan: set[str]) -> tuple[float, int]:
-    """``(seconds, unmeasured)``: the median stage times (:func:`stage_times`) of the stages of ``plan`` that
-    replicate ``replicate`` of ``folder`` has not finished in ``out``, and how many of those have no measured
-    time. A stage in progress counts whole, so the estimate errs long."""
-    stages = replicate_dir(out, folder, replicate) / "run" / "stages"
-    done = {(read_json(p) or {}).get("name") or p.parent.name.replace("__", "/")
+def _done_stages(root: Path, folder: str, replicate: int) -> set[str]:
+    stages = replicate_dir(root, folder, replicate) / "run" / "stages"
+    return {(read_json(p) or {}).get("name") or p.parent.name.replace("__", "/")
             for p in stages.glob("*/stage.json")} if stages.is_dir() else set()
+
+
+def time_left(out: Path, folder: str, replicate: int, times: dict[str, list[float]], plan: set[str],
+              carried: Path | None = None) -> tuple[float, int]:
+    """``(seconds, unmeasured)``: the median stage times (:func:`stage_times`) of the stages of ``plan`` that
+    replicate ``replicate`` of ``folder`` has finished neither in ``out`` nor in the carry, and how many of those
+    have no measured time. A stage in progress counts whole."""
+    done = _done_stages(out, folder, replicate) | _done_stages(carried or carry.CARRY, folder, replicate)
     left = [n for n in plan if n not in done]
     measured = [statistics.median(times[n]) for n in left if times.get(n)]
     return sum(measured), len(left) - len(measured)
@@ -493,27 +497,30 @@ def replicate_states(out: Path, declared: Declared, archive: Path | None = None,
 def status_lines(declared: Declared, states: list[tuple], estimates: dict | None = None) -> list[str]:
     """One line per experiment (per arm for a dose-response) from :func:`replicate_states`: finished, waiting
     (for a paired experiment's runs), started (finished stages; running) and not-started replicates; with
-    ``estimates`` (``{(arm name or None, replicate): (seconds, unmeasured stages)}``, :func:`time_left`) the
-    stage time left per unfinished replicate and in all."""
+    ``estimates`` (``{(arm name or None, replicate): (seconds, unmeasured stages, lower bound)}``: :func:`time_left`,
+    and whether no replicate of the folder has finished, so stages none has reached are missing) the stage time
+    left in all."""
     lines, estimates = [], estimates or {}
     for arm in declared.arms or (None,):
         by_state: dict = {"finished": [], "waiting": [], "started": [], "not started": []}
-        total, unmeasured = 0.0, 0
+        total, unmeasured, lower = 0.0, 0, False
         for (state, stages, running, missing), r in ((st, r) for a, r, st in states if a is arm):
             label = {"started": f"{r} ({stages} stages done{', running' if running else ''})",
                      "waiting": f"{r} (needs {', '.join(missing)})"}.get(state, str(r))
             by_state[state].append(label)
             if state in ("started", "not started") and (arm and arm.name, r) in estimates:
-                seconds, unknown = estimates[arm and arm.name, r]
-                total, unmeasured = total + seconds, unmeasured + unknown
+                seconds, unknown, bound = estimates[arm and arm.name, r]
+                total, unmeasured, lower = total + seconds, unmeasured + unknown, lower or bound
         parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()
                  if v or k != "waiting"]
         line = (f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
                 f"{declared.replicates.stop - 1}): " + "; ".join(parts))
-        if total:
-            line += (f"; about {total / 3600:.1f} hours of one worker's stage time left (median stage times of this "
-                     f"folder's replicates, at the load they ran under" + (
-                         f"; {unmeasured} stage run(s) never timed, not counted" if unmeasured else "") + ")")
+        if total or unmeasured:
+            line += (f"; {'at least' if lower else 'about'} {total / 3600:.1f} hours of one worker's stage time left "
+                     f"(median stage times of this folder's replicates, at the load they ran under"
+                     + (f"; {unmeasured} stage run(s) never timed, not counted" if unmeasured else "")
+                     + ("; no replicate has finished, so stages none has reached are not counted" if lower else "")
+                     + ")")
         lines.append(line)
     return lines
 
@@ -526,9 +533,11 @@ def status(args) -> int:
         for arm in declared.arms or (None,):
             folder = run_folder(declared, arm)
             times = stage_times(Path(args.out), folder)
+            lower = not any((Path(args.out) / folder).glob("r[0-9][0-9][0-9]/run/report/results.json"))
             for a, r, (state, *_rest) in states:
                 if a is arm and state in ("started", "not started") and times:
-                    estimates[arm and arm.name, r] = time_left(Path(args.out), folder, r, times, set(times))
+                    estimates[arm and arm.name, r] = (*time_left(Path(args.out), folder, r, times, set(times),
+                                                                 args.carry), lower)
         for line in status_lines(declared, states, estimates):
             print(line, flush=True)
         published = PUBLISHED / f"{name}_analysis.md"
@@ -677,8 +686,11 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     for name, margin in declared.equivalence:  # the declared equivalence readings (two one-sided tests at 5%)
         if name in primary:
             _, _, low, high = an.mean_interval(primary[name]["values"], 0.90)
+            reading = ("equivalent" if -margin < low and high < margin else "below the margin" if high < -margin
+                       else "above the margin" if low > margin else "not shown equivalent")
             primary[name]["equivalence"] = {
-                "margin": margin, "ci90_low": low, "ci90_high": high, "equivalent": -margin < low and high < margin,
+                "margin": margin, "ci90_low": low, "ci90_high": high, "equivalent": reading == "equivalent",
+                "reading": reading,
                 "rule": f"equivalent to 0 within +-{margin:g} when the 90% interval lies inside the margin (two "
                         "one-sided tests at 5%)"}
     a = primary.get("A")

@@ -60,8 +60,10 @@ def markdown(result: dict) -> str:
             if eq:
                 lines += ["", f"Equivalence (declared): {name}'s 90% interval {eq['ci90_low']:+.4g} to "
                               f"{eq['ci90_high']:+.4g} against the margin +-{eq['margin']:g}: "
-                              + ("**equivalent** to 0 within the margin" if eq["equivalent"]
-                                 else "not shown equivalent") + f" ({eq['rule']})."]
+                              + {"equivalent": "**equivalent** to 0 within the margin",
+                                 "below the margin": "**below the margin**: lower than 0 by more than the margin",
+                                 "above the margin": "**above the margin**: higher than 0 by more than the margin",
+                                 }.get(eq.get("reading"), "not shown equivalent") + f" ({eq['rule']})."]
         shares = block.get("remaining_shares") or ({"lord": block["remaining_share_under_lord"]}
                                                    if block.get("remaining_share_under_lord") else {})
         for prot, share in shares.items():

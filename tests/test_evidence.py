@@ -497,6 +497,10 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
     eq = E.analyse(near, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
     assert eq["equivalent"] is True
     assert "**equivalent** to 0 within the margin" in E.markdown(E.analyse(near, declared))
+    below = {**values, "heldout_loss": {**v, "diffpure": {r: v["clean"][r] - 0.01 + 1e-5 * (-1) ** r for r in reps}}}
+    eq = E.analyse(below, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    assert eq["reading"] == "below the margin" and eq["equivalent"] is False
+    assert "**below the margin**" in E.markdown(E.analyse(below, declared))
 
 
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
@@ -508,6 +512,9 @@ def test_every_declared_family_names_known_contrasts_of_its_own_methods():
             _, contrast = D.family_question(question)
             assert contrast in names, (declared.name, question)
             assert all(m in declared.methods for m in names[contrast].methods), (declared.name, question)
+        for contrast, margin in declared.equivalence:  # a declared equivalence reading: a primary contrast of
+            assert contrast in names and contrast not in declared.family and margin > 0, (declared.name, contrast)
+            assert all(m in declared.methods for m in names[contrast].methods), (declared.name, contrast)
     assert set(D.STRENGTH_METHODS) <= set(E.folder_methods("matched"))
     assert E.folder_methods("matched")[:len(D.DEFENSE_METHODS)] == D.DEFENSE_METHODS
 
@@ -691,9 +698,10 @@ def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refuse
 
 
 def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_path):
-    """``status`` adds the stage time left: per unfinished replicate, the median time of each stage it has not
-    finished (stage.json's seconds, else the replicate's timings.json), summed; stages never timed are named,
-    not guessed; a stage run's time counts only for its own name."""
+    """``status`` adds the stage time left: per unfinished replicate, the median time of each stage it has
+    finished neither in the output folder nor in the carry (stage.json's seconds, else the replicate's
+    timings.json), summed; stages never timed (or only started) are counted, not guessed; with no finished
+    replicate the sum is a lower bound and says so."""
     declared = D.EXPERIMENTS["textures_purify"]
     folder = declared.home
 
@@ -709,13 +717,24 @@ def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_p
         finish(r, "protect", t)
         finish(r, "train/plain-clean", timings={"train/plain-clean": t / 10})
     finish(20, "reference")  # finished, never timed
+    started = E.replicate_dir(tmp_path, folder, 20) / "run" / "stages" / "purify__jpeg_clean"
+    started.mkdir()
+    (started / "key.json").write_text("{}")  # started, not finished: a stage to run, untimed
     times = E.stage_times(tmp_path, folder)
-    assert times == {"protect": [100.0, 300.0, 200.0], "train/plain-clean": [10.0, 30.0, 20.0], "reference": []}
-    assert E.time_left(tmp_path, folder, 21, times, set(times)) == (0.0, 1)  # only 'reference' left, untimed
-    assert E.time_left(tmp_path, folder, 23, times, set(times)) == (200.0 + 20.0, 1)  # not started: medians
+    assert times == {"protect": [100.0, 300.0, 200.0], "train/plain-clean": [10.0, 30.0, 20.0], "reference": [],
+                     "purify/jpeg_clean": []}
+    carried = tmp_path / "carry"
+    assert E.time_left(tmp_path, folder, 21, times, set(times), carried) == (0.0, 2)  # two untimed stages left
+    assert E.time_left(tmp_path, folder, 23, times, set(times), carried) == (200.0 + 20.0, 2)  # not started: medians
+    kept = E.replicate_dir(carried, folder, 23) / "run" / "stages" / "protect"  # finished in the carry only
+    kept.mkdir(parents=True)
+    (kept / "stage.json").write_text(json.dumps({"name": "protect"}))
+    assert E.time_left(tmp_path, folder, 23, times, set(times), carried) == (20.0, 2)
     states = [(None, r, ("not started", 0, False, [])) for r in (23, 24)]
-    line = E.status_lines(declared, states, {(None, 23): (3600.0, 1), (None, 24): (3600.0, 0)})[0]
+    line = E.status_lines(declared, states, {(None, 23): (3600.0, 1, False), (None, 24): (3600.0, 0, False)})[0]
     assert "about 2.0 hours of one worker's stage time left" in line and "1 stage run(s) never timed" in line
+    line = E.status_lines(declared, states, {(None, 23): (0.0, 3, True)})[0]  # untimed only, nothing finished
+    assert "at least 0.0 hours" in line and "no replicate has finished" in line
     assert "stage time left" not in E.status_lines(declared, states)[0]
 
 
