@@ -452,6 +452,12 @@ def replicate_state(out: Path, declared: Declared, replicate: int, arm: Arm | No
     return ("started" if max(counts) or running else "not started"), max(counts), running, missing
 
 
+def _stage_name(stage: Path, done: dict | None) -> str:
+    """A stage folder's stage name: its stage.json's ``name``, else the folder name read back
+    (``training.pipeline.Stage`` writes ``a/b`` as ``a__b``)."""
+    return (done or {}).get("name") or stage.name.replace("__", "/")
+
+
 def stage_times(out: Path, folder: str) -> dict[str, list[float]]:
     """``{stage name: [seconds, ...]}`` over the replicates of ``<out>/<folder>``: every stage finished or started
     in one of them (an empty list when none was timed); the times are each finished stage's ``stage.json``
@@ -462,7 +468,7 @@ def stage_times(out: Path, folder: str) -> dict[str, list[float]]:
         last = (read_json(run / "timings.json") or {}).get("seconds") or {}
         for stage in sorted(p for p in run.glob("stages/*") if p.is_dir()):
             done = read_json(stage / "stage.json") or {}
-            name = done.get("name") or stage.name.replace("__", "/")
+            name = _stage_name(stage, done)
             times.setdefault(name, [])  # a stage never timed (or only started) still counts as one to run
             seconds = done.get("seconds", last.get(name)) if done else None
             if isinstance(seconds, (int, float)):
@@ -472,8 +478,7 @@ def stage_times(out: Path, folder: str) -> dict[str, list[float]]:
 
 def _done_stages(root: Path, folder: str, replicate: int) -> set[str]:
     stages = replicate_dir(root, folder, replicate) / "run" / "stages"
-    return {(read_json(p) or {}).get("name") or p.parent.name.replace("__", "/")
-            for p in stages.glob("*/stage.json")} if stages.is_dir() else set()
+    return {_stage_name(p.parent, read_json(p)) for p in stages.glob("*/stage.json")} if stages.is_dir() else set()
 
 
 def time_left(out: Path, folder: str, replicate: int, times: dict[str, list[float]], plan: set[str],
