@@ -153,6 +153,13 @@ def results_for(results: Path, name: str, out: Path, archive: Path | None = None
     return kept_results(results, out, archive)
 
 
+def missing_pair(declared: Declared, out: Path, replicate: int, archive: Path | None = None) -> Path | None:
+    """The results.json a dose-response arm's contrasts read the clean run from, if neither the output folder nor
+    the archive has it (else None): the arm still runs, its contrasts wait for that run."""
+    paired, _ = declared.source(out, "clean", replicate)
+    return None if kept_results(paired, out, archive).is_file() else paired
+
+
 def archive_results(results: Path, out: Path, archive: Path | None = None) -> Path:
     """Copy one finished replicate's ``results.json`` into the archive (atomically); returns its path."""
     from lord_ops.atomic import atomic_write
@@ -370,12 +377,11 @@ def run_experiment_replicates(args, name: str) -> int:
     for arm, r in jobs:  # a dose-response runs arm by arm, so that whole arms finish first
         t0 = time.time()
         job = r if arm is None else f"{arm.name}/{r}"
-        if arm is not None:
-            paired, _ = declared.source(out, "clean", r)
-            if not paired.is_file():
-                print(f"[evidence] note: {paired} is missing: the arm's contrasts need the '{declared.paired_with}' "
-                      f"run of replicate {r} (python -m lab.evidence run {declared.paired_with} --replicates {r})",
-                      flush=True)
+        paired = missing_pair(declared, out, r, args.archive) if arm is not None else None
+        if paired is not None:
+            print(f"[evidence] note: {paired} is missing, in the output folder and in the archive: the arm's "
+                  f"contrasts need the '{declared.paired_with}' run of replicate {r} (python -m lab.evidence run "
+                  f"{declared.paired_with} --replicates {r})", flush=True)
         results = replicate_dir(out, run_folder(declared, arm), r) / "run" / "report" / "results.json"
         kept = archived(results, out, args.archive)
         if args.scale == "demo" and kept.is_file() and not results.is_file() and not args.rerun_archived:

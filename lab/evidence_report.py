@@ -111,6 +111,13 @@ def png_bytes(fig) -> bytes:
 
 def forest_png(result: dict) -> bytes:
     """Each contrast of the primary metric with its 95% interval (a forest plot), as PNG bytes."""
+    return png_bytes(forest_figure(result))
+
+
+def forest_figure(result: dict):
+    """The forest plot's matplotlib Figure: per contrast of the primary metric its mean and 95% interval (black:
+    the declared family); a contrast with a declared equivalence reading also shows its margin (a shaded band
+    around 0, on that row) and its 90% interval (a thick bar), the two things the reading compares."""
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -121,16 +128,27 @@ def forest_png(result: dict) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     asked = family_of(result, result["primary"])
+    equivalence = False
     for i, (name, row) in enumerate(reversed(rows)):
         conf = name in asked
-        ax.plot([row["ci_low"], row["ci_high"]], [i, i], color="black" if conf else "grey")
-        ax.plot([row["mean"]], [i], "o", color="black" if conf else "grey")
+        colour = "black" if conf else "grey"
+        eq = row.get("equivalence")
+        if eq:
+            equivalence = True
+            ax.fill_betweenx([i - 0.3, i + 0.3], -eq["margin"], eq["margin"], color="tab:blue", alpha=0.15,
+                             linewidth=0, label="equivalence margin (declared)")
+            ax.plot([eq["ci90_low"], eq["ci90_high"]], [i, i], color=colour, linewidth=4, alpha=0.45,
+                    solid_capstyle="butt", label="90% interval (equivalence reading)")
+        ax.plot([row["ci_low"], row["ci_high"]], [i, i], color=colour)
+        ax.plot([row["mean"]], [i], "o", color=colour)
     ax.axvline(0, color="red", linewidth=0.8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([n + (" *" if n in asked else "") for n, _ in reversed(rows)])
     ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
     ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
-    return png_bytes(fig)
+    if equivalence:
+        ax.legend(loc="best", fontsize="small")
+    return fig
 
 
 def share_curve_png(result: dict) -> bytes | None:

@@ -501,6 +501,20 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
     eq = E.analyse(below, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
     assert eq["reading"] == "below the margin" and eq["equivalent"] is False
     assert "**below the margin**" in E.markdown(E.analyse(below, declared))
+    # the forest plot shows the reading's two terms on its row: the margin as a band around 0, the 90% interval
+    from lab import evidence_report as ER
+
+    result = E.analyse(near, declared)
+    ax = ER.forest_figure(result).axes[0]
+    rows = list(result["metrics"]["heldout_loss"]["contrasts"])
+    row = len(rows) - 1 - rows.index("diffpure_vs_clean")
+    (band,) = ax.collections
+    (x0, y0), (x1, y1) = band.get_paths()[0].get_extents().get_points()
+    assert (x0, x1) == pytest.approx((-D.TEXTURE_PURIFY_MARGIN, D.TEXTURE_PURIFY_MARGIN)) and y0 < row < y1
+    eq = result["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    assert any(list(line.get_xdata()) == pytest.approx([eq["ci90_low"], eq["ci90_high"]]) for line in ax.lines)
+    assert ax.get_legend() is not None
+    assert ER.forest_figure(E.analyse(values, D.EXPERIMENTS["textures_defense"])).axes[0].get_legend() is None
 
 
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
@@ -839,3 +853,24 @@ def test_a_per_arm_stopping_rule_reports_the_finished_arms_and_a_paired_run_coun
     clean.unlink()  # the paired experiment's run is gone: the arm's own run alone does not finish a replicate
     state = E.replicate_state(out, threat, 10, threat.arms[0], archive)
     assert state[0] == "waiting" and state[3] == ["clean"]
+
+
+def test_a_dose_response_arm_finds_its_clean_run_in_the_output_folder_or_the_archive(tmp_path):
+    """An arm of "textures_threat" reads the clean run from "textures"; a machine whose output folder lost that
+    run still has it archived, and the run's note ("... is missing") is printed only when neither has it."""
+    declared = D.EXPERIMENTS["textures_threat"]
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    expected = E.replicate_dir(out, "textures", 10) / "run" / "report" / "results.json"
+    assert E.missing_pair(declared, out, 10, archive) == expected  # in neither place
+    kept = E.archived(expected, out, archive)
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    assert E.missing_pair(declared, out, 10, archive) is None  # archived only
+    assert E.missing_pair(declared, out, 11, archive) == E.replicate_dir(out, "textures", 11) / "run" / "report" / \
+        "results.json"
+    expected.parent.mkdir(parents=True)
+    expected.write_text("{}")
+    kept.unlink()
+    assert E.missing_pair(declared, out, 10, archive) is None  # in the output folder only
+    # this repository's archive holds every "textures" replicate the arms pair with
+    assert all(E.missing_pair(declared, tmp_path / "empty", r) is None for r in declared.replicates)
