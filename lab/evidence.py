@@ -510,8 +510,8 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
     (for a paired experiment's runs), started (finished stages; running) and not-started replicates; with
     ``estimates`` (``{(arm name or None, replicate): (seconds, unmeasured stages, lower bound)}``: :func:`time_left`,
     and whether no replicate of the folder has finished, so stages none has reached are missing) the stage time
-    left in all."""
-    lines, estimates = [], estimates or {}
+    left in all. Arms of a dose-response that no replicate has reached share one line."""
+    lines, estimates, untouched = [], estimates or {}, []
     for arm in declared.arms or (None,):
         by_state: dict = {"finished": [], "waiting": [], "started": [], "not started": []}
         total, unmeasured, lower = 0.0, 0, False
@@ -522,6 +522,10 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
             if state in ("started", "not started") and (arm and arm.name, r) in estimates:
                 seconds, unknown, bound = estimates[arm and arm.name, r]
                 total, unmeasured, lower = total + seconds, unmeasured + unknown, lower or bound
+        if arm is not None and not (by_state["finished"] or by_state["waiting"] or by_state["started"]
+                                    or total or unmeasured):
+            untouched.append(arm.name)
+            continue
         parts = [f"{len(v)} {k}" + (f": {', '.join(v)}" if v else "") for k, v in by_state.items()
                  if v or k != "waiting"]
         line = (f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
@@ -533,6 +537,9 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
                      + ("; no replicate has finished, so stages none has reached are not counted" if lower else "")
                      + ")")
         lines.append(line)
+    if untouched:
+        lines.append(f"{declared.name}: {len(untouched)} arm(s) not started (replicates {declared.replicates.start}-"
+                     f"{declared.replicates.stop - 1} each): {', '.join(untouched)}")
     return lines
 
 

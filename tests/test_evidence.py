@@ -750,6 +750,16 @@ def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_p
     line = E.status_lines(declared, states, {(None, 23): (0.0, 3, True)})[0]  # untimed only, nothing finished
     assert "at least 0.0 hours" in line and "no replicate has finished" in line
     assert "stage time left" not in E.status_lines(declared, states)[0]
+    # a dose-response: arms no replicate has reached share one line, the others keep theirs
+    threat = D.EXPERIMENTS["textures_threat"]
+    first, *rest = threat.arms
+    states = [(arm, r, ("finished" if (arm is first and r == 10) else "not started", 0, False, []))
+              for arm in threat.arms for r in threat.replicates]
+    lines = E.status_lines(threat, states)
+    assert len(lines) == 2 and lines[0].startswith(f"textures_threat arm {first.name} (replicates 10-19): 1 finished")
+    assert lines[1] == (f"textures_threat: {len(rest)} arm(s) not started (replicates 10-19 each): "
+                        + ", ".join(a.name for a in rest))
+    assert len(E.status_lines(threat, states, {(rest[0].name, 10): (60.0, 0, False)})) == 3  # an estimate: own line
 
 
 def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_flagged(tmp_path):
