@@ -128,13 +128,11 @@ def forest_figure(result: dict):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     asked = family_of(result, result["primary"])
-    equivalence = False
     for i, (name, row) in enumerate(reversed(rows)):
         conf = name in asked
         colour = "black" if conf else "grey"
         eq = row.get("equivalence")
         if eq:
-            equivalence = True
             ax.fill_betweenx([i - 0.3, i + 0.3], -eq["margin"], eq["margin"], color="tab:blue", alpha=0.15,
                              linewidth=0, label="equivalence margin (declared)")
             ax.plot([eq["ci90_low"], eq["ci90_high"]], [i, i], color=colour, linewidth=4, alpha=0.45,
@@ -146,7 +144,7 @@ def forest_figure(result: dict):
     ax.set_yticklabels([n + (" *" if n in asked else "") for n, _ in reversed(rows)])
     ax.set_xlabel(f"difference in {block['label']} (95% interval over replicates)")
     ax.set_title(f"{result['experiment']}: paired contrasts (* confirmatory)")
-    if equivalence:
+    if ax.get_legend_handles_labels()[0]:  # only the equivalence rows carry labels
         ax.legend(loc="best", fontsize="small")
     return fig
 
