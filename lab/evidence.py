@@ -39,7 +39,7 @@ from pathlib import Path
 from lab import carry
 from lab.declared import (CONFIRMATORY, EXPERIMENTS, METRICS, PRIMARY, REMAINING_PAIRS, Arm, Declared, family_question,
                           replicate_seed)
-from lab.evidence_report import forest_png, markdown, png_bytes, share_curve_png
+from lab.evidence_report import dose_curve_png, forest_png, markdown, png_bytes, share_curve_png
 from lab.experiment import LABS
 from training.pipeline import read_json
 
@@ -47,7 +47,7 @@ from training.pipeline import read_json
 # scratch (hours of cached stages), the archive is what a later session's report and run read back
 ARCHIVE = Path(__file__).resolve().parent.parent / "docs" / "evidence" / "runs"
 PUBLISHED = ARCHIVE.parent  # each experiment's final report: docs/evidence/<name>_analysis.md, _forest.png, ...
-REPORT_FILES = ("analysis.json", "analysis.md", "forest.png", "share_curve.png", "samples.png")
+REPORT_FILES = ("analysis.json", "analysis.md", "forest.png", "share_curve.png", "dose_curve.png", "samples.png")
 
 HELDOUT_IMAGES = {"ci": 8, "demo": 32}  # the first N bags of lab/demo_data/reference
 HELDOUT_DRAWS = {"ci": 1, "demo": 4}
@@ -818,6 +818,9 @@ def report(args) -> int:
     curve = share_curve_png(result)
     if curve is not None:
         files["share_curve.png"] = curve
+    dose = dose_curve_png(result)
+    if dose is not None:  # a dose-response experiment: each attack's A against its budget
+        files["dose_curve.png"] = dose
     grid = sample_grid_png(Path(args.out), declared)
     if grid is not None:  # where a reader sees the painted target (or its absence) per method
         files["samples.png"] = grid[0]

@@ -1,8 +1,11 @@
 """Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the forest
-plot and the paper's Fig. 7 share curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
+plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
 from __future__ import annotations
 
-from lab.declared import SHARE_POINTS, SHARE_SERIES, family_of
+from lab.declared import EXPERIMENTS, SHARE_POINTS, SHARE_SERIES, family_of
+
+ATTACK_LABELS = {"ace_fixed": "ACE (fixed model)", "mist_v2": "mist-v2 (ACE + surrogate loop)",
+                 "anti_dreambooth_aspl": "ASPL (Anti-DreamBooth)"}
 
 GATE_QUANTITIES = {  # the Stage-1 LoRD's gate, read from each replicate's results.json (the run holding 'lord')
     "detect_auroc": "Detect AUROC: the gate ranks the subject's protected copies above its clean images",
@@ -178,3 +181,70 @@ def share_curve_png(result: dict) -> bytes | None:
     ax.set_title(f"{result['experiment']}: mean over {len(next(iter(values.values())))} replicates (95% t)")
     ax.legend()
     return png_bytes(fig)
+
+
+def dose_series(result: dict, metric: str) -> dict[str, list[tuple[float, str, dict]]]:
+    """A dose-response experiment's attack effects on ``metric`` per attack: ``{preset: [(budget in pixel levels
+    of 0..255, contrast name, contrast row), ...]}`` by budget, from the declared arms (and reference arms) whose ``A_<arm>``
+    contrast the result holds; only presets with two budgets or more (a curve)."""
+    declared = EXPERIMENTS.get(result.get("experiment"))
+    contrasts = result["metrics"].get(metric, {}).get("contrasts", {})
+    series: dict[str, list[tuple[float, str, dict]]] = {}
+    for arm in (declared.arms + declared.reference_arms) if declared else ():
+        row = contrasts.get(arm.contrast.name)
+        if row is not None:
+            series.setdefault(arm.attack["preset"], []).append((float(arm.attack["epsilon"]), arm.contrast.name, row))
+    return {preset: sorted(points, key=lambda p: p[0]) for preset, points in series.items() if len(points) >= 2}
+
+
+def dose_curve_figure(result: dict):
+    """The threat's dose-response: per attack, the attack effect A (protected minus clean, mean and 95% interval
+    over replicates) against the budget (L-inf, pixel levels of 0..255, log scale); a filled marker where the
+    declared question is established (Holm), hollow elsewhere. Panels: the primary metric, and the target
+    correlation (the ACE target's own success signal) where measured. None when no attack has two budgets."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(m, dose_series(result, m)) for m in (result["primary"], "target_corr")]
+    panels = [(m, s) for m, s in panels if s]
+    if not panels or panels[0][0] != result["primary"]:
+        return None
+    declared = EXPERIMENTS[result["experiment"]]
+    reference = {arm.contrast.name for arm in declared.reference_arms}
+    fig = Figure(figsize=(5.2 * len(panels), 4.3))
+    FigureCanvasAgg(fig)
+    for k, (metric, series) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        asked = family_of(result, metric)
+        ratios = [2 ** (0.06 * (i - (len(series) - 1) / 2)) for i in range(len(series))]  # side by side
+        for (preset, points), ratio in zip(series.items(), ratios):
+            x = [b * ratio for b, _, _ in points]
+            rows = [row for _, _, row in points]
+            line = ax.errorbar(x, [r["mean"] for r in rows], capsize=3,
+                               yerr=[[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]],
+                               label=ATTACK_LABELS.get(preset, preset))
+            colour = line[0].get_color()
+            for xi, (_, name, row) in zip(x, points):
+                established = verdict(row, name in asked).startswith("established")
+                ax.plot([xi], [row["mean"]], "s" if name in reference else "o", color=colour,
+                        markerfacecolor=colour if established else "white")
+        ax.axhline(0, color="red", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        budgets = sorted({b for points in series.values() for b, _, _ in points})
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([f"{b:g}" for b in budgets])
+        ax.set_xlabel("budget (L-inf, pixel levels of 255)")
+        ax.set_ylabel("A = protected - clean (95% interval)")
+        kind = "primary" if metric == result["primary"] else "exploratory"
+        ax.set_title(f"{result['metrics'][metric]['label']} ({kind})", fontsize="medium", wrap=True)
+        ax.legend(fontsize="small")
+    n = max(row["n"] for _, series in panels for points in series.values() for _, _, row in points)
+    fig.suptitle(f"{result['experiment']}: attack effect by budget, {n} replicates; filled: declared question "
+                 f"established (Holm){'; square: reference arm' if reference else ''}", fontsize="medium")
+    return fig
+
+
+def dose_curve_png(result: dict) -> bytes | None:
+    """:func:`dose_curve_figure` as PNG bytes, or None."""
+    fig = dose_curve_figure(result)
+    return None if fig is None else png_bytes(fig)

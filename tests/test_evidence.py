@@ -884,3 +884,39 @@ def test_a_dose_response_arm_finds_its_clean_run_in_the_output_folder_or_the_arc
     assert E.missing_pair(declared, out, 10, archive) is None  # in the output folder only
     # this repository's archive holds every "textures" replicate the arms pair with
     assert all(E.missing_pair(declared, tmp_path / "empty", r) is None for r in declared.replicates)
+
+
+def test_the_dose_curve_draws_each_attacks_effect_against_its_budget_and_marks_what_was_established():
+    """textures_threat's report draws, per attack preset, A (arm minus clean) at 4, 8, 16 and 32 levels with its
+    95% interval, on the primary metric and on the target correlation; a marker is filled only where the declared
+    question is established (Holm), a square marks the reference arm; an experiment without arms draws none."""
+    from lab import evidence_report as ER
+
+    declared = D.EXPERIMENTS["textures_threat"]
+    reps = list(declared.replicates)
+    rng = np.random.default_rng(3)
+    # ASPL damages at 32 levels in every replicate; every other arm is noise around 0
+    shift = {"aspl_32": 0.05}
+    values = {m: {meth: {r: float(rng.normal(0, 0.01)) + shift.get(meth, 0.0) for r in reps}
+                  for meth in declared.methods} for m in D.METRICS}
+    result = {**E.analyse(values, declared), "values": values}
+    fig = ER.dose_curve_figure(result)
+    primary, corr = fig.axes
+    assert "held-out" in primary.get_title() and "target" in corr.get_title()
+    contrasts = result["metrics"][D.PRIMARY]["contrasts"]
+    markers = [line for line in primary.lines if line.get_marker() in ("o", "s")]
+    assert len(markers) == 12  # 11 declared arms + the reference arm mist_v2_4
+    filled = {(line.get_marker(), round(float(line.get_ydata()[0]), 9)) for line in markers
+              if line.get_markerfacecolor() != "white"}
+    assert filled == {("o", round(contrasts["A_aspl_32"]["mean"], 9))}
+    assert contrasts["A_aspl_32"]["p_holm"] < 0.05
+    squares = [line for line in markers if line.get_marker() == "s"]
+    assert len(squares) == 1 and float(squares[0].get_ydata()[0]) == pytest.approx(contrasts["A_mist_v2_4"]["mean"])
+    series = ER.dose_series(result, D.PRIMARY)
+    assert {p: [b for b, _, _ in pts] for p, pts in series.items()} == {
+        "ace_fixed": [4, 8, 16, 32], "anti_dreambooth_aspl": [4, 8, 16, 32], "mist_v2": [4, 8, 16, 32]}
+    assert ER.dose_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
+    # an experiment without a dose-response (no arms) has no curve
+    defense = D.EXPERIMENTS["defense"]
+    values = {m: {meth: {r: float(rng.normal()) for r in reps[:3]} for meth in defense.methods} for m in D.METRICS}
+    assert ER.dose_curve_png(E.analyse(values, defense)) is None
