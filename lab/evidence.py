@@ -530,11 +530,14 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
                  if v or k != "waiting"]
         line = (f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
                 f"{declared.replicates.stop - 1}): " + "; ".join(parts))
-        if total or unmeasured:
+        if unmeasured and not total:  # nothing timed in this folder yet (e.g. its only finished replicate is archived)
+            line += "; stage time left not known yet: no stage of this folder has a recorded time"
+        elif total or unmeasured:
             line += (f"; {'at least' if lower else 'about'} {total / 3600:.1f} hours of one worker's stage time left "
                      f"(median stage times of this folder's replicates, at the load they ran under"
                      + (f"; {unmeasured} stage run(s) never timed, not counted" if unmeasured else "")
-                     + ("; no replicate has finished, so stages none has reached are not counted" if lower else "")
+                     + ("; no replicate in this folder has finished, so stages none has reached are not counted"
+                        if lower else "")
                      + ")")
         lines.append(line)
     if untouched:

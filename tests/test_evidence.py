@@ -748,7 +748,9 @@ def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_p
     line = E.status_lines(declared, states, {(None, 23): (3600.0, 1, False), (None, 24): (3600.0, 0, False)})[0]
     assert "about 2.0 hours of one worker's stage time left" in line and "1 stage run(s) never timed" in line
     line = E.status_lines(declared, states, {(None, 23): (0.0, 3, True)})[0]  # untimed only, nothing finished
-    assert "at least 0.0 hours" in line and "no replicate has finished" in line
+    assert "0.0 hours" not in line and "stage time left not known yet: no stage of this folder has a recorded time" in line
+    line = E.status_lines(declared, states, {(None, 23): (60.0, 3, True)})[0]  # timed in part, nothing finished
+    assert "at least 0.0 hours" in line and "no replicate in this folder has finished" in line
     assert "stage time left" not in E.status_lines(declared, states)[0]
     # a dose-response: arms no replicate has reached share one line, the others keep theirs
     threat = D.EXPERIMENTS["textures_threat"]
