@@ -779,6 +779,51 @@ def unfinished(out: Path, declared: Declared, archive: Path | None = None, carri
             for arm, r, state in replicate_states(out, declared, archive, carried) if state[0] != "finished"]
 
 
+def figures(result: dict) -> dict[str, bytes]:
+    """The report's figures drawn from an analysis alone (PNG bytes by file name): the forest plot, the share
+    curve (the paper's Fig. 7) and a dose-response experiment's budget curve, each where the result has it."""
+    files = {}
+    if result["metrics"][PRIMARY]["contrasts"]:
+        files["forest.png"] = forest_png(result)
+    curve = share_curve_png(result)
+    if curve is not None:
+        files["share_curve.png"] = curve
+    dose = dose_curve_png(result)
+    if dose is not None:  # a dose-response experiment: each attack's A against its budget
+        files["dose_curve.png"] = dose
+    return files
+
+
+def in_declared_order(result: dict, declared: Declared) -> dict:
+    """``result`` read back from an analysis.json (written with sorted keys) with each metric's contrasts in the
+    order :func:`analyse` gives them (the declared contrasts' order), so the figures draw their rows as
+    ``report`` did."""
+    order = {c.name: i for i, c in enumerate(declared.contrasts)}
+    metrics = {m: {**block, "contrasts": dict(sorted(block["contrasts"].items(),
+                                                     key=lambda kv: (order.get(kv[0], len(order)), kv[0])))}
+               for m, block in result["metrics"].items()}
+    return {**result, "metrics": metrics}
+
+
+def redraw(args) -> int:
+    """``redraw``: the figures of each named experiment's published report, drawn again from its published
+    ``<name>_analysis.json`` alone (no run is read; for reports whose runs predate the archive, and figures added
+    since); writes the figures the analysis yields, leaves the analysis and the sample grid as they are."""
+    from lord_ops.atomic import atomic_write
+
+    for name in args.experiment:
+        source = PUBLISHED / f"{name}_analysis.json"
+        if not source.is_file():
+            raise SystemExit(f"redraw {name}: no published analysis {source}; publish one first (python -m "
+                             f"lab.evidence report {name} --publish once all its replicates have finished)")
+        result = in_declared_order(json.loads(source.read_text(encoding="utf-8")), EXPERIMENTS[name])
+        for file, data in figures(result).items():
+            target = PUBLISHED / f"{name}_{file}"
+            atomic_write(target, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            print(f"[evidence] drew {target}", file=sys.stderr, flush=True)
+    return 0
+
+
 def report(args) -> int:
     from lord_ops.atomic import atomic_write
 
@@ -816,14 +861,7 @@ def report(args) -> int:
     text = markdown(result)
     files = {"analysis.json": (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"),
              "analysis.md": text.encode("utf-8")}
-    if result["metrics"][PRIMARY]["contrasts"]:
-        files["forest.png"] = forest_png(result)
-    curve = share_curve_png(result)
-    if curve is not None:
-        files["share_curve.png"] = curve
-    dose = dose_curve_png(result)
-    if dose is not None:  # a dose-response experiment: each attack's A against its budget
-        files["dose_curve.png"] = dose
+    files.update(figures(result))
     grid = sample_grid_png(Path(args.out), declared)
     if grid is not None:  # where a reader sees the painted target (or its absence) per method
         files["samples.png"] = grid[0]
@@ -844,8 +882,9 @@ def report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
-    ap.add_argument("command", choices=("run", "report", "carry", "restore", "status"),
-                    help="run or resume replicates; report: the analysis; carry: copy the unfinished replicates' stages "
+    ap.add_argument("command", choices=("run", "report", "redraw", "carry", "restore", "status"),
+                    help="run or resume replicates; report: the analysis; redraw: a published report's figures "
+                         "drawn again from its published analysis.json alone; carry: copy the unfinished replicates' stages "
                          "into the repository (lab/carry.py; safe beside running workers); restore: copy them back into --out "
                          "(run does it per replicate); status: which replicates are finished, started (stages done, "
                          "running) or not started, reading no result")
@@ -889,7 +928,7 @@ def main(argv=None) -> int:
     if args.command == "run" and len(args.experiment) > 1 and args.replicates:
         ap.error(f"run {' '.join(args.experiment)}: --replicates names one experiment's replicates; give it with one "
                  f"experiment, or use --worker k/K to share several experiments between processes")
-    return {"run": run, "report": report, "carry": carry_stages, "restore": carry_stages,
+    return {"run": run, "report": report, "redraw": redraw, "carry": carry_stages, "restore": carry_stages,
             "status": status}[args.command](args)
 
 

@@ -922,3 +922,28 @@ def test_the_dose_curve_draws_each_attacks_effect_against_its_budget_and_marks_w
     defense = D.EXPERIMENTS["defense"]
     values = {m: {meth: {r: float(rng.normal()) for r in reps[:3]} for meth in defense.methods} for m in D.METRICS}
     assert ER.dose_curve_png(E.analyse(values, defense)) is None
+
+
+def test_redraw_draws_a_published_reports_figures_from_its_analysis_alone(tmp_path, monkeypatch):
+    """``redraw`` reads only ``<name>_analysis.json`` from the published folder and writes the figures the analysis
+    yields (the same bytes ``report`` draws: forest plot, dose curve), leaving the analysis itself untouched; a name
+    without a published analysis is refused with what to do."""
+    from lab import evidence_report as ER
+
+    monkeypatch.setattr(E, "PUBLISHED", tmp_path)
+    declared = D.EXPERIMENTS["textures_threat"]
+    rng = np.random.default_rng(5)
+    values = {m: {meth: {r: float(rng.normal(0, 0.01)) for r in declared.replicates} for meth in declared.methods}
+              for m in D.METRICS}
+    result = {**E.analyse(values, declared), "values": values}
+    text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
+    (tmp_path / "textures_threat_analysis.json").write_text(text)
+    assert E.main(["redraw", "textures_threat"]) == 0
+    assert list(json.loads(text)["metrics"][D.PRIMARY]["contrasts"]) != list(result["metrics"][D.PRIMARY]["contrasts"])
+    assert (tmp_path / "textures_threat_dose_curve.png").read_bytes() == ER.dose_curve_png(result)
+    # the json's sorted keys are put back in the analysis' order: the forest plot's rows as report drew them
+    assert (tmp_path / "textures_threat_forest.png").read_bytes() == ER.forest_png(result)
+    assert not (tmp_path / "textures_threat_share_curve.png").exists()
+    assert (tmp_path / "textures_threat_analysis.json").read_text() == text
+    with pytest.raises(SystemExit, match="no published analysis .*report textures_share --publish"):
+        E.main(["redraw", "textures_share"])
