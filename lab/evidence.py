@@ -531,7 +531,7 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
         line = (f"{label_of(declared, arm)} (replicates {declared.replicates.start}-"
                 f"{declared.replicates.stop - 1}): " + "; ".join(parts))
         if unmeasured and not total:  # nothing timed in this folder yet (e.g. its only finished replicate is archived)
-            line += "; stage time left not known yet: no stage of this folder has a recorded time"
+            line += "; stage time left not known yet: none of the stages left has a recorded time in this folder"
         elif total or unmeasured:
             line += (f"; {'at least' if lower else 'about'} {total / 3600:.1f} hours of one worker's stage time left "
                      f"(median stage times of this folder's replicates, at the load they ran under"
@@ -890,7 +890,7 @@ def main(argv=None) -> int:
                          "running) or not started, reading no result")
     ap.add_argument("experiment", nargs="+", choices=sorted(EXPERIMENTS),
                     help="the declared experiment (report takes one; run takes several and runs them one after "
-                         "the other; carry, restore and status take several)")
+                         "the other; redraw, carry, restore and status take several)")
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")

@@ -1,5 +1,5 @@
-"""Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the forest
-plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
+"""Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the
+forest plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
 from __future__ import annotations
 
 from lab.declared import EXPERIMENTS, SHARE_POINTS, SHARE_SERIES, family_of
@@ -185,8 +185,9 @@ def share_curve_png(result: dict) -> bytes | None:
 
 def dose_series(result: dict, metric: str) -> dict[str, list[tuple[float, str, dict]]]:
     """A dose-response experiment's attack effects on ``metric`` per attack: ``{preset: [(budget in pixel levels
-    of 0..255, contrast name, contrast row), ...]}`` by budget, from the declared arms (and reference arms) whose ``A_<arm>``
-    contrast the result holds; only presets with two budgets or more (a curve)."""
+    of 0..255, contrast name, contrast row), ...]}`` by budget, from the declared arms (and reference arms) whose
+    ``A_<arm>`` contrast the result holds (an arm not analysed, e.g. unfinished under a per-arm stopping rule, is
+    absent; a preset left with one budget is a single point)."""
     declared = EXPERIMENTS.get(result.get("experiment"))
     contrasts = result["metrics"].get(metric, {}).get("contrasts", {})
     series: dict[str, list[tuple[float, str, dict]]] = {}
@@ -194,14 +195,16 @@ def dose_series(result: dict, metric: str) -> dict[str, list[tuple[float, str, d
         row = contrasts.get(arm.contrast.name)
         if row is not None:
             series.setdefault(arm.attack["preset"], []).append((float(arm.attack["epsilon"]), arm.contrast.name, row))
-    return {preset: sorted(points, key=lambda p: p[0]) for preset, points in series.items() if len(points) >= 2}
+    return {preset: sorted(points, key=lambda p: p[0]) for preset, points in series.items()}
 
 
 def dose_curve_figure(result: dict):
     """The threat's dose-response: per attack, the attack effect A (protected minus clean, mean and 95% interval
-    over replicates) against the budget (L-inf, pixel levels of 0..255, log scale); a filled marker where the
-    declared question is established (Holm), hollow elsewhere. Panels: the primary metric, and the target
-    correlation (the ACE target's own success signal) where measured. None when no attack has two budgets."""
+    over replicates) against the budget (L-inf, pixel levels of 0..255, log scale). Marker: filled where this
+    experiment's declared question is established (Holm), hollow where it is not; a reference arm (the paired
+    experiment's A, judged there, not here) is a half-filled square. Panels: the primary metric, and the target
+    correlation (the ACE target's own success signal) where measured. None when the primary metric has no arm's
+    effect (not a dose-response experiment, or no arm analysed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -225,22 +228,28 @@ def dose_curve_figure(result: dict):
                                label=ATTACK_LABELS.get(preset, preset))
             colour = line[0].get_color()
             for xi, (_, name, row) in zip(x, points):
+                if name in reference:
+                    ax.plot([xi], [row["mean"]], "s", color=colour, fillstyle="left", markerfacecoloralt="white",
+                            markersize=8)
+                    continue
                 established = verdict(row, name in asked).startswith("established")
-                ax.plot([xi], [row["mean"]], "s" if name in reference else "o", color=colour,
-                        markerfacecolor=colour if established else "white")
+                ax.plot([xi], [row["mean"]], "o", color=colour, markerfacecolor=colour if established else "white")
         ax.axhline(0, color="red", linewidth=0.8)
         ax.set_xscale("log", base=2)
         budgets = sorted({b for points in series.values() for b, _, _ in points})
         ax.set_xticks(budgets)
         ax.set_xticklabels([f"{b:g}" for b in budgets])
-        ax.set_xlabel("budget (L-inf, pixel levels of 255)")
+        ax.set_xlabel("budget (L-inf, pixel levels of 0..255)")
         ax.set_ylabel("A = protected - clean (95% interval)")
-        kind = "primary" if metric == result["primary"] else "exploratory"
+        kind = ("primary" if metric == result["primary"] else "co-primary: declared questions" if asked
+                else "exploratory")
         ax.set_title(f"{result['metrics'][metric]['label']} ({kind})", fontsize="medium", wrap=True)
         ax.legend(fontsize="small")
-    n = max(row["n"] for _, series in panels for points in series.values() for _, _, row in points)
-    fig.suptitle(f"{result['experiment']}: attack effect by budget, {n} replicates; filled: declared question "
-                 f"established (Holm){'; square: reference arm' if reference else ''}", fontsize="medium")
+    counts = sorted({row["n"] for _, series in panels for points in series.values() for _, _, row in points})
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(f"{result['experiment']}: attack effect by budget, n = {n} replicates\nfilled: this experiment's "
+                 f"question established (Holm)" + (f"; half-filled square: reference arm ({declared.paired_with}'s A)"
+                                                  if reference else ""), fontsize="medium")
     return fig
 
 

@@ -198,8 +198,8 @@ def test_status_counts_replicates_without_reading_results(tmp_path, capsys, monk
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("textures_defense (replicates 10-19): 1 finished: 10; 1 waiting: 11 (needs clean, "
                                "attacking, noise); 2 started: 12 (1 stages done, running), 17 (2 stages done); 6 not "
-                               "started: 13, 14, 15, 16, 18, 19; stage time left not known yet: no stage of "
-                               "this folder has a recorded time")  # nothing timed: no number
+                               "started: 13, 14, 15, 16, 18, 19; stage time left not known yet: none of the "
+                               "stages left has a recorded time in this folder")  # nothing timed: no number
     # replicate 10's archived copy lacks the share sweep's methods: not finished for textures_share
     assert lines[1].startswith("textures_share (replicates 10-19): 0 finished; 1 waiting: 11 (needs clean, "
                                "attacking, noise); 2 started: 12 (1 stages done, running), 17 (2 stages done); 7 not "

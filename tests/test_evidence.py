@@ -748,7 +748,7 @@ def test_status_estimates_the_stage_time_left_from_the_finished_replicates(tmp_p
     line = E.status_lines(declared, states, {(None, 23): (3600.0, 1, False), (None, 24): (3600.0, 0, False)})[0]
     assert "about 2.0 hours of one worker's stage time left" in line and "1 stage run(s) never timed" in line
     line = E.status_lines(declared, states, {(None, 23): (0.0, 3, True)})[0]  # untimed only, nothing finished
-    assert "0.0 hours" not in line and "stage time left not known yet: no stage of this folder has a recorded time" in line
+    assert "0.0 hours" not in line and "stage time left not known yet: none of the stages left has a recorded time" in line
     line = E.status_lines(declared, states, {(None, 23): (60.0, 3, True)})[0]  # timed in part, nothing finished
     assert "at least 0.0 hours" in line and "no replicate in this folder has finished" in line
     assert "stage time left" not in E.status_lines(declared, states)[0]
@@ -908,16 +908,32 @@ def test_the_dose_curve_draws_each_attacks_effect_against_its_budget_and_marks_w
     contrasts = result["metrics"][D.PRIMARY]["contrasts"]
     markers = [line for line in primary.lines if line.get_marker() in ("o", "s")]
     assert len(markers) == 12  # 11 declared arms + the reference arm mist_v2_4
-    filled = {(line.get_marker(), round(float(line.get_ydata()[0]), 9)) for line in markers
-              if line.get_markerfacecolor() != "white"}
-    assert filled == {("o", round(contrasts["A_aspl_32"]["mean"], 9))}
+    filled = {round(float(line.get_ydata()[0]), 9) for line in markers
+              if line.get_marker() == "o" and line.get_markerfacecolor() != "white"}
+    assert filled == {round(contrasts["A_aspl_32"]["mean"], 9)}
     assert contrasts["A_aspl_32"]["p_holm"] < 0.05
-    squares = [line for line in markers if line.get_marker() == "s"]
+    squares = [line for line in markers if line.get_marker() == "s"]  # the reference arm: judged in "textures"
     assert len(squares) == 1 and float(squares[0].get_ydata()[0]) == pytest.approx(contrasts["A_mist_v2_4"]["mean"])
+    assert squares[0].get_fillstyle() == "left"
+    # the target correlation is exploratory here: no marker is filled, whatever its intervals
+    corr_markers = [line for line in corr.lines if line.get_marker() in ("o", "s")]
+    assert len(corr_markers) == 12
+    assert all(line.get_markerfacecolor() == "white" for line in corr_markers if line.get_marker() == "o")
+    assert "(exploratory)" in corr.get_title() and "n = 10 replicates" in fig._suptitle.get_text()
     series = ER.dose_series(result, D.PRIMARY)
     assert {p: [b for b, _, _ in pts] for p, pts in series.items()} == {
         "ace_fixed": [4, 8, 16, 32], "anti_dreambooth_aspl": [4, 8, 16, 32], "mist_v2": [4, 8, 16, 32]}
     assert ER.dose_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
+    # an arm not analysed is left out (a preset with one budget left is a point); no target correlation: one panel
+    import copy
+
+    part = copy.deepcopy(result)
+    for name in ("A_ace_8", "A_ace_16", "A_ace_32"):
+        part["metrics"][D.PRIMARY]["contrasts"].pop(name)
+    part["metrics"]["target_corr"]["contrasts"] = {}
+    (only,) = ER.dose_curve_figure(part).axes
+    assert len([line for line in only.lines if line.get_marker() in ("o", "s")]) == 9
+    assert [b for b, _, _ in ER.dose_series(part, D.PRIMARY)["ace_fixed"]] == [4]
     # an experiment without a dose-response (no arms) has no curve
     defense = D.EXPERIMENTS["defense"]
     values = {m: {meth: {r: float(rng.normal()) for r in reps[:3]} for meth in defense.methods} for m in D.METRICS}
