@@ -532,7 +532,7 @@ def status_lines(declared: Declared, states: list[tuple], estimates: dict | None
                 f"{declared.replicates.stop - 1}): " + "; ".join(parts))
         if unmeasured and not total:  # nothing timed in this folder yet (e.g. its only finished replicate is archived)
             line += "; stage time left not known yet: none of the stages left has a recorded time in this folder"
-        elif total or unmeasured:
+        elif total:
             line += (f"; {'at least' if lower else 'about'} {total / 3600:.1f} hours of one worker's stage time left "
                      f"(median stage times of this folder's replicates, at the load they ran under"
                      + (f"; {unmeasured} stage run(s) never timed, not counted" if unmeasured else "")

@@ -1,5 +1,6 @@
 """Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the
-forest plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file: ``lab.evidence`` collects the values and writes the files."""
+forest plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file:
+``lab.evidence`` collects the values and writes the files."""
 from __future__ import annotations
 
 from lab.declared import EXPERIMENTS, SHARE_POINTS, SHARE_SERIES, family_of
@@ -16,12 +17,17 @@ GATE_QUANTITIES = {  # the Stage-1 LoRD's gate, read from each replicate's resul
 }
 
 
+def established(row: dict) -> bool:
+    """The declared decision rule: Holm-adjusted p < 0.05 and the 95% interval excludes 0."""
+    excludes = row["ci_low"] > 0 or row["ci_high"] < 0
+    return excludes and row.get("p_holm") is not None and row["p_holm"] < 0.05
+
+
 def verdict(row: dict, confirmatory: bool) -> str:
     low, high = row["ci_low"], row["ci_high"]
     excludes = low > 0 or high < 0
     if confirmatory:
-        ok = excludes and row.get("p_holm") is not None and row["p_holm"] < 0.05
-        return ("established: " + ("> 0" if low > 0 else "< 0")) if ok else "not established"
+        return ("established: " + ("> 0" if low > 0 else "< 0")) if established(row) else "not established"
     return "interval excludes 0 (exploratory)" if excludes else "interval includes 0"
 
 
@@ -232,8 +238,8 @@ def dose_curve_figure(result: dict):
                     ax.plot([xi], [row["mean"]], "s", color=colour, fillstyle="left", markerfacecoloralt="white",
                             markersize=8)
                     continue
-                established = verdict(row, name in asked).startswith("established")
-                ax.plot([xi], [row["mean"]], "o", color=colour, markerfacecolor=colour if established else "white")
+                filled = name in asked and established(row)
+                ax.plot([xi], [row["mean"]], "o", color=colour, markerfacecolor=colour if filled else "white")
         ax.axhline(0, color="red", linewidth=0.8)
         ax.set_xscale("log", base=2)
         budgets = sorted({b for points in series.values() for b, _, _ in points})
