@@ -637,8 +637,38 @@ def gate_values(out: Path, declared: Declared, archive: Path | None = None) -> d
     return values
 
 
-def summarise_gates(values: dict) -> dict:
-    """Mean and 95% t interval over replicates of each gate quantity (:func:`gate_values`)."""
+PERTURBATION_QUANTITIES = ("psnr_db", "ssim", "linf_levels", "l2_levels")  # training/report's perturbation mean
+
+
+def perturbed_methods(declared: Declared) -> tuple:
+    """The methods that train on an attack's copies, one per attack setting: a dose-response experiment's arms
+    and reference arms, otherwise ``attacking`` (the experiment's own attack)."""
+    if declared.arms or declared.reference_arms:
+        return tuple(a.name for a in declared.arms + declared.reference_arms)
+    return ("attacking",) if "attacking" in declared.methods else ()
+
+
+def perturbation_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:
+    """``{method: {quantity: {replicate: value}}}``: the size of each attack setting's perturbation per finished
+    replicate -- the mean over the replicate's images of PSNR (dB) and SSIM against the clean image and the L-inf
+    and L2 norms in pixel levels (0..255), as the run's report recorded them (``perturbation.mean``)."""
+    values: dict = {}
+    for r, meth, found, name in _read_runs(out, declared, archive):
+        if meth not in perturbed_methods(declared):
+            continue
+        data = _results_file(found) or {}
+        mean = (data.get("perturbation") or {}).get("mean") or {}
+        if name not in (data.get("methods") or {}):
+            continue  # not finished
+        for q in PERTURBATION_QUANTITIES:
+            if isinstance(mean.get(q), (int, float)):
+                values.setdefault(meth, {}).setdefault(q, {})[r] = float(mean[q])
+    return values
+
+
+def summarise_replicates(values: dict) -> dict:
+    """Mean and 95% t interval over replicates of each quantity of ``{quantity: {replicate: value}}`` (the gate's,
+    :func:`gate_values`; one attack setting's perturbation, :func:`perturbation_values`)."""
     from lord_ops import analysis as an
 
     out = {}
@@ -855,7 +885,9 @@ def report(args) -> int:
     elif left:  # the declared rule analyses what finished (stated with the result)
         result["unfinished"] = {"replicates": left, "stopping": declared.stopping}
     result["values"] = values
-    result["gates"] = summarise_gates(gate_values(Path(args.out), declared, args.archive))
+    result["gates"] = summarise_replicates(gate_values(Path(args.out), declared, args.archive))
+    result["perturbations"] = {m: summarise_replicates(v) for m, v in
+                               perturbation_values(Path(args.out), declared, args.archive).items()}
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
     folder.mkdir(parents=True, exist_ok=True)
     text = markdown(result)

@@ -88,6 +88,7 @@ def markdown(result: dict) -> str:
                                                + ("clean images" if "_clean_" in k else "perturbed copies"))
             lines.append(f"| {label} | {row['n']} | {row['mean']:.4f} | {row['ci_low']:.4f} to {row['ci_high']:.4f} |")
         lines.append("")
+    lines += perturbation_lines(result.get("perturbations") or {})
     gate = result.get("threat_gate")
     if gate:
         lines += [f"Threat gate (declared): d_z(A) = {gate['d_z']:+.2f}: "
@@ -106,6 +107,30 @@ def markdown(result: dict) -> str:
                   f"would be larger.", ""]
     lines.append("`*`: the declared confirmatory family (Holm-adjusted together).")
     return "\n".join(lines) + "\n"
+
+
+def perturbation_lines(perturbations: dict) -> list[str]:
+    """The markdown table of each attack setting's perturbation size (:func:`lab.evidence.perturbation_values`
+    summarised): mean over replicates (each replicate: its images' mean) with the smallest and largest replicate."""
+    if not perturbations:
+        return []
+    lines = ["## Perturbation size per attack setting (exploratory)", "",
+             "Each replicate's mean over its protected images, against the clean image; mean over replicates "
+             "(smallest to largest replicate). L-inf and L2 in pixel levels (0..255).", "",
+             "| attack setting | n | PSNR (dB) | SSIM | L-inf (levels) | L2 (levels) |", "|---|---|---|---|---|---|"]
+    formats = {"psnr_db": ".2f", "ssim": ".4f", "linf_levels": ".2f", "l2_levels": ".1f"}
+    for method, rows in perturbations.items():
+        cells = []
+        for q, f in formats.items():
+            row = rows.get(q)
+            if row is None:
+                cells.append("")
+                continue
+            per = list(row["per_replicate"].values())
+            cells.append(f"{row['mean']:{f}} ({min(per):{f}} to {max(per):{f}})")
+        n = max((row["n"] for row in rows.values()), default=0)
+        lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def png_bytes(fig) -> bytes:

@@ -300,7 +300,7 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     assert values["detect_auroc"] == {10: pytest.approx(0.6), 11: pytest.approx(0.61)}
     assert values["detect_clean"] == {10: pytest.approx(0.2), 11: pytest.approx(0.4)}
     assert values["stage1_clean_t50"] == {10: pytest.approx(0.1), 11: pytest.approx(0.2)}
-    gates = E.summarise_gates(values)
+    gates = E.summarise_replicates(values)
     assert gates["detect_protected"]["mean"] == pytest.approx(0.85) and gates["detect_protected"]["n"] == 2
     lo, hi = gates["detect_clean"]["ci_low"], gates["detect_clean"]["ci_high"]
     half = 12.706 * np.std([0.2, 0.4], ddof=1) / np.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
@@ -308,6 +308,33 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
     text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, matched), "gates": gates})
     assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
     assert E.gate_values(tmp_path, D.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
+
+
+def test_the_report_summarises_each_attack_settings_perturbation_size(tmp_path):
+    """Per attack setting (a dose-response's arms and reference arm; otherwise 'attacking'), the report gives the
+    perturbation's size over the finished replicates -- PSNR, SSIM, L-inf and L2 (pixel levels) as each run's
+    report recorded them -- read where the method's value is read (the reference arm from the paired
+    experiment's run), a run whose method has not finished left out; the markdown shows it as an exploratory
+    table."""
+    declared = D.EXPERIMENTS["textures_threat"]
+    for method, r, psnr, finished in (("ace_4", 10, 36.0, True), ("ace_4", 11, 38.0, True), ("ace_8", 10, 30.0, False),
+                                      ("mist_v2_4", 10, 36.5, True), ("mist_v2_4", 11, 36.1, True)):
+        results, name = declared.source(tmp_path, method, r)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({
+            "methods": {name: {"metrics": {}}} if finished else {},
+            "perturbation": {"mean": {"psnr_db": psnr, "ssim": 0.9, "linf_levels": 4.0, "l2_levels": 400.0 + r}}}))
+    values = E.perturbation_values(tmp_path, declared, tmp_path / "no_archive")
+    assert set(values) == {"ace_4", "mist_v2_4"}  # ace_8's run has not finished
+    assert values["ace_4"]["psnr_db"] == {10: 36.0, 11: 38.0} and values["mist_v2_4"]["l2_levels"] == {10: 410.0, 11: 411.0}
+    assert E.perturbed_methods(declared)[-1] == "mist_v2_4" and E.perturbed_methods(D.EXPERIMENTS["defense"]) == (
+        "attacking",)
+    summary = {m: E.summarise_replicates(v) for m, v in values.items()}
+    assert summary["ace_4"]["psnr_db"]["mean"] == pytest.approx(37.0)
+    text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, declared), "perturbations": summary})
+    assert "## Perturbation size per attack setting (exploratory)" in text
+    assert "| ace_4 | 2 | 37.00 (36.00 to 38.00) | 0.9000 (0.9000 to 0.9000) | 4.00 (4.00 to 4.00) | 410.5 (410.0 to 411.0) |" in text
+    assert "Perturbation size" not in E.markdown(E.analyse({m: {} for m in D.METRICS}, declared))
 
 
 def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
