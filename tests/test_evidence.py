@@ -990,3 +990,49 @@ def test_redraw_draws_a_published_reports_figures_from_its_analysis_alone(tmp_pa
     assert (tmp_path / "textures_threat_analysis.json").read_text() == text
     with pytest.raises(SystemExit, match="no published analysis .*report textures_share --publish"):
         E.main(["redraw", "textures_share"])
+
+
+def _archived_experiments() -> list[str]:
+    """The reported experiments whose every declared run is archived (their analysis can be made again)."""
+    names = []
+    for name, declared in D.EXPERIMENTS.items():
+        if not (E.PUBLISHED / f"{name}_analysis.json").is_file():
+            continue
+        runs = [E.archived(declared.source(Path("/nowhere"), m, r)[0], Path("/nowhere"))
+                for m in declared.methods for r in declared.replicates]
+        if all(p.is_file() for p in runs):
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", _archived_experiments())
+def test_a_published_analysis_is_made_again_from_the_archived_runs(name, tmp_path):
+    """Every number a published report states -- each contrast's mean, interval, d_z, p and Holm p, the shares of A
+    remaining, the gate summaries -- comes out the same when today's code analyses the archived runs (an empty
+    output folder: the archive alone). Code added after publication may only add exploratory rows; a change to
+    the analysis, the decision rule's inputs or the archive that moves a published number fails here."""
+    declared = D.EXPERIMENTS[name]
+    published = json.loads((E.PUBLISHED / f"{name}_analysis.json").read_text())
+    again = E.analyse(E.replicate_values(tmp_path, declared), declared)
+    for metric, block in published["metrics"].items():
+        for contrast, row in block["contrasts"].items():
+            now = again["metrics"][metric]["contrasts"][contrast]
+            for key in ("n", "mean", "ci_low", "ci_high", "d_z", "p", "p_holm"):
+                want = row.get(key)
+                assert now.get(key) == (None if want is None else pytest.approx(want, rel=1e-9, abs=1e-12)), (
+                    metric, contrast, key)
+        for prot, share in (block.get("remaining_shares") or {}).items():
+            now = again["metrics"][metric]["remaining_shares"][prot]
+            assert [now[k] for k in ("value", "ci_low", "ci_high")] == pytest.approx(
+                [share[k] for k in ("value", "ci_low", "ci_high")], rel=1e-9), (metric, prot)
+    gates = E.summarise_replicates(E.gate_values(tmp_path, declared))
+    assert set(gates) == set(published.get("gates") or {})
+    for k, row in (published.get("gates") or {}).items():
+        assert gates[k]["mean"] == pytest.approx(row["mean"], rel=1e-9), k
+
+
+def test_every_archived_report_is_checked():
+    """The check above runs on every reported experiment whose runs are archived (a newly published one joins it
+    by itself); the eleven of 2026-12-05 are among them."""
+    assert {"matched", "strength", "share", "adaptive", "source_aspl", "source_mixed", "evasion", "textures",
+            "textures_defense", "textures_share", "textures_purify"} <= set(_archived_experiments())
