@@ -39,7 +39,7 @@ from pathlib import Path
 from lab import carry
 from lab.declared import (CONFIRMATORY, EXPERIMENTS, METRICS, PRIMARY, REMAINING_PAIRS, Arm, Declared, family_question,
                           replicate_seed)
-from lab.evidence_report import dose_curve_png, forest_png, markdown, png_bytes, share_curve_png
+from lab.evidence_report import dose_curve_png, forest_png, heldout_markdown, markdown, png_bytes, share_curve_png
 from lab.experiment import LABS
 from training.pipeline import read_json
 
@@ -755,6 +755,50 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     return out
 
 
+def heldout_per_image(out: Path, declared: Declared, archive: Path | None = None) -> dict:
+    """``{method: {replicate: (image names, per-image held-out loss)}}`` of every finished run: the runner's
+    ``heldout_loss.per_image`` (each image's loss, mean over its noise draws and timesteps), whose mean is the
+    value :func:`replicate_values` reads."""
+    per: dict = {}
+    for r, meth, found, name in _read_runs(out, declared, archive):
+        try:
+            loss = (_results_file(found) or {})["methods"][name]["metrics"]["heldout_loss"]
+            per.setdefault(meth, {})[r] = (tuple(loss["names"]), [float(v) for v in loss["per_image"]])
+        except (KeyError, TypeError):
+            pass
+    return per
+
+
+def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = None) -> dict:
+    """Each declared question on the held-out loss, with the held-out images treated as a sample too
+    (:func:`lord_ops.analysis.crossed_interval` over replicates x images): would the answer hold on another set
+    of held-out images of the subject? ``{contrast: {question, replicates, images, mean, ci_low, ci_high (as
+    published: images fixed), crossed: {..., p_holm}}}`` -- exploratory, post hoc; ``p_holm``: the crossed t tests'
+    p Holm-adjusted over the questions analysed; a contrast whose runs scored different image lists is left out."""
+    from lord_ops import analysis as an
+
+    per = heldout_per_image(out, declared, archive)
+    contrasts = {c.name: c for c in declared.contrasts}
+    rows = {}
+    for q in declared.family:
+        metric, name = family_question(q)
+        c = contrasts.get(name)
+        if metric != PRIMARY or c is None or not all(m in per for m in c.methods):
+            continue
+        reps = sorted(set.intersection(*(set(per[m]) for m in c.methods)))
+        names = {per[m][r][0] for m in c.methods for r in reps}
+        if len(reps) < 2 or len(names) != 1:
+            continue
+        d = [[sum(w * per[m][r][1][i] for m, w in c.weights) for i in range(len(next(iter(names))))] for r in reps]
+        mean, _, low, high = an.mean_interval([sum(row) / len(row) for row in d])
+        rows[name] = {"question": c.question, "replicates": reps, "images": len(d[0]), "mean": mean,
+                      "ci_low": low, "ci_high": high, "crossed": an.crossed_interval(d)}
+    # Holm over the questions analysed here, as the published family is adjusted (t tests instead of sign flips)
+    for name, p_holm in an.holm({n: row["crossed"]["p"] for n, row in rows.items()}).items():
+        rows[name]["crossed"]["p_holm"] = p_holm
+    return rows
+
+
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
     """``(PNG bytes, replicate)``: the first ``per_method`` samples of every method of ``declared`` (one row each,
     labelled) from its first replicate whose runs still have their samples in ``out`` (the archive keeps only
@@ -914,15 +958,17 @@ def report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Replicated paired experiments on the lab model (EVIDENCE.md).")
-    ap.add_argument("command", choices=("run", "report", "redraw", "carry", "restore", "status"),
+    ap.add_argument("command", choices=("run", "report", "redraw", "heldout", "carry", "restore", "status"),
                     help="run or resume replicates; report: the analysis; redraw: a published report's figures "
-                         "drawn again from its published analysis.json alone; carry: copy the unfinished replicates' stages "
+                         "drawn again from its published analysis.json alone; heldout: the declared held-out-loss "
+                         "questions with the held-out images treated as a sample too (exploratory; --publish writes "
+                         "docs/evidence/heldout_sensitivity.md); carry: copy the unfinished replicates' stages "
                          "into the repository (lab/carry.py; safe beside running workers); restore: copy them back into --out "
                          "(run does it per replicate); status: which replicates are finished, started (stages done, "
                          "running) or not started, reading no result")
     ap.add_argument("experiment", nargs="+", choices=sorted(EXPERIMENTS),
                     help="the declared experiment (report takes one; run takes several and runs them one after "
-                         "the other; redraw, carry, restore and status take several)")
+                         "the other; redraw, heldout, carry, restore and status take several)")
     ap.add_argument("--out", default="evidence_output", help="output folder (one subfolder per experiment)")
     ap.add_argument("--scale", default="demo", choices=sorted(HELDOUT_IMAGES),
                     help="lab/experiment.py's scale of every replicate (ci: the structure in minutes)")
@@ -960,8 +1006,39 @@ def main(argv=None) -> int:
     if args.command == "run" and len(args.experiment) > 1 and args.replicates:
         ap.error(f"run {' '.join(args.experiment)}: --replicates names one experiment's replicates; give it with one "
                  f"experiment, or use --worker k/K to share several experiments between processes")
-    return {"run": run, "report": report, "redraw": redraw, "carry": carry_stages, "restore": carry_stages,
-            "status": status}[args.command](args)
+    return {"run": run, "report": report, "redraw": redraw, "heldout": heldout, "carry": carry_stages,
+            "restore": carry_stages, "status": status}[args.command](args)
+
+
+def heldout(args) -> int:
+    """``heldout``: :func:`heldout_sensitivity` of each experiment whose declared replicates have all finished (the
+    others are named, not analysed); ``--publish`` writes ``heldout_sensitivity.md`` / ``.json`` into
+    docs/evidence/ with exactly the experiments given."""
+    from lord_ops.atomic import atomic_write
+
+    results, skipped = {}, {}
+    for name in args.experiment:
+        declared = EXPERIMENTS[name]
+        states = replicate_states(Path(args.out), declared, args.archive, args.carry)
+        left = [s for s in states if s[2][0] != "finished"]
+        if left:
+            skipped[name] = (f"{len(left)} of its {len(states)} declared replicate runs not finished" if len(left) < len(states)
+                             else "none of its runs is in the output folder or the archive")
+            continue
+        rows = heldout_sensitivity(Path(args.out), declared, args.archive)
+        if rows:
+            results[name] = rows
+        else:
+            skipped[name] = "no declared held-out-loss question whose runs have per-image losses here"
+    text = heldout_markdown(results, skipped)
+    if args.publish:
+        data = (json.dumps(results, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        for target, payload in ((PUBLISHED / "heldout_sensitivity.json", data),
+                                (PUBLISHED / "heldout_sensitivity.md", text.encode("utf-8"))):
+            atomic_write(target, lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
+            print(f"[evidence] published {target}", file=sys.stderr, flush=True)
+    print(text)
+    return 0
 
 
 def carry_stages(args) -> int:

@@ -133,6 +133,38 @@ def perturbation_lines(perturbations: dict) -> list[str]:
     return lines + [""]
 
 
+def heldout_markdown(results: dict, skipped: dict | None = None) -> str:
+    """The held-out-image sensitivity analysis (:func:`lab.evidence.heldout_sensitivity` per experiment) as
+    markdown: each declared held-out-loss question's interval with the images fixed (as published) beside the
+    one that treats them as a sample too."""
+    lines = ["# The held-out images as a sample (exploratory, post hoc)", "",
+             "Each declared question on the held-out denoising loss, computed per replicate **and per held-out "
+             "image** (every run scores the same images). \"as published\": the 95% Student-t interval over the "
+             "replicates, the images held fixed. \"images a sample too\": a two-way random-effects interval over "
+             "replicates x images (Satterthwaite df; lord_ops.analysis.crossed_interval) -- would the answer hold on "
+             "another set of held-out images of the subject? \"image share\": the share of the mean's variance "
+             "that comes from which images were drawn. \"Holm p\": that model's t test, Holm-adjusted over the "
+             "experiment's questions shown (the published decisions use exact sign-flip p values instead). A reading "
+             "aid for the published decisions, post hoc, not a new decision.", ""]
+    for name, rows in results.items():
+        lines += [f"## {name}", "",
+                  "| question | replicates x images | mean | 95% interval, as published | 95% interval, images a "
+                  "sample too | df | image share | Holm p | reading |", "|---|---|---|---|---|---|---|---|---|"]
+        for contrast, row in rows.items():
+            c = row["crossed"]
+            fixed = row["ci_low"] > 0 or row["ci_high"] < 0
+            both = (c["ci_low"] > 0 or c["ci_high"] < 0) and c.get("p_holm", 1.0) < 0.05
+            reading = ("holds with the images a sample" if fixed and both else "depends on these images"
+                       if fixed else "includes 0 either way" if not both else "excludes 0 only as a sample")
+            lines.append(f"| {contrast} | {len(row['replicates'])} x {row['images']} | {row['mean']:+.5f} | "
+                         f"{row['ci_low']:+.5f} to {row['ci_high']:+.5f} | {c['ci_low']:+.5f} to {c['ci_high']:+.5f} "
+                         f"| {c['df']:.1f} | {c['item_share']:.2f} | {c.get('p_holm', float('nan')):.2g} | {reading} |")
+        lines.append("")
+    for name, why in (skipped or {}).items():
+        lines += [f"Not analysed: {name} ({why}).", ""]
+    return "\n".join(lines) + "\n"
+
+
 def png_bytes(fig) -> bytes:
     """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes)."""
     import io

@@ -14,6 +14,9 @@ LoRA). Two methods are compared **paired**: per replicate ``d_r = x_r - y_r``, t
   patterns (seeded, observed pattern included) above that;
 * ``p_holm``: Holm's step-down adjustment over a family of questions declared together.
 
+:func:`crossed_interval` widens the interval of a mean over replicates x items (e.g. held-out images scored
+in every replicate) so that the items count as a sample too (two-way random effects, Satterthwaite df).
+
 Units follow the metric (loss, accuracy share, FD); nothing here knows which direction is "better".
 """
 from __future__ import annotations
@@ -148,6 +151,45 @@ def ratio_of_means(num: Sequence[float], den: Sequence[float], level: float = 0.
                  [float("nan"), float("nan")])
     return {"value": point, "ci_low": float(low), "ci_high": float(high), "level": level, "resamples": resamples,
             "method": "percentile bootstrap over replicates"}
+
+
+def crossed_interval(d, level: float = 0.95) -> dict:
+    """Mean of a ``[replicates, items]`` array ``d`` and its two-sided interval when the items are a sample
+    too, not only the replicates: e.g. per replicate and per held-out image, a paired difference of the
+    held-out loss, where every replicate is scored on the same images. The usual interval (Student t over the
+    replicates' means, :func:`mean_interval`) holds those images fixed; this one also asks "and on another set of
+    held-out images from the same subject?".
+
+    Two-way random-effects model without replication, ``d[r, i] = mu + a_r + b_i + e_ri``: mean squares of
+    replicates ``ms_r``, items ``ms_i`` and residual ``ms_e``; ``var(mean) = (ms_r + max(ms_i - ms_e, 0)) / (R I)``,
+    whose first term is exactly the replicates-only ``sd^2 / R``; Satterthwaite's degrees of freedom.
+    Returns ``mean``, ``replicates``, ``items``, ``se_replicates`` (the items held fixed), ``se_crossed``,
+    ``df``, ``ci_low``, ``ci_high``, ``p`` (two-sided t test of ``mean = 0`` on ``df``) and ``item_share`` (the
+    share of ``var(mean)`` from the items' sampling)."""
+    from scipy import stats
+
+    x = np.asarray(d, dtype=float)
+    if x.ndim != 2 or min(x.shape) < 2 or not np.isfinite(x).all():
+        raise ValueError(f"need a finite [replicates, items] array with at least 2 of each, got shape {x.shape}")
+    reps, items = x.shape
+    grand = float(x.mean())
+    row, col = x.mean(axis=1), x.mean(axis=0)
+    ms_r = items * float(((row - grand) ** 2).sum()) / (reps - 1)
+    ms_i = reps * float(((col - grand) ** 2).sum()) / (items - 1)
+    ms_e = float(((x - row[:, None] - col[None, :] + grand) ** 2).sum()) / ((reps - 1) * (items - 1))
+    item_part = max(ms_i - ms_e, 0.0)
+    var = (ms_r + item_part) / (reps * items)
+    if item_part > 0:
+        df = (ms_r + ms_i - ms_e) ** 2 / (ms_r ** 2 / (reps - 1) + ms_i ** 2 / (items - 1)
+                                          + ms_e ** 2 / ((reps - 1) * (items - 1)))
+    else:
+        df = float(reps - 1)
+    se = math.sqrt(var)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    p = float(2 * stats.t.sf(abs(grand) / se, df)) if se > 0 else (1.0 if grand == 0 else 0.0)
+    return {"mean": grand, "replicates": reps, "items": items, "se_replicates": math.sqrt(ms_r / (reps * items)),
+            "se_crossed": se, "df": float(df), "ci_low": grand - half, "ci_high": grand + half, "p": p,
+            "level": level, "item_share": item_part / (ms_r + item_part) if ms_r + item_part > 0 else 0.0}
 
 
 def required_replicates(d_z: float, power: float = 0.8, alpha: float = 0.05) -> Optional[int]:

@@ -1036,3 +1036,47 @@ def test_every_archived_report_is_checked():
     by itself); the eleven of 2026-12-05 are among them."""
     assert {"matched", "strength", "share", "adaptive", "source_aspl", "source_mixed", "evasion", "textures",
             "textures_defense", "textures_share", "textures_purify"} <= set(_archived_experiments())
+
+
+def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path, monkeypatch, capsys):
+    """``heldout``: each declared held-out-loss question computed per replicate and per held-out image (the runner's
+    ``per_image`` losses), its published interval (images fixed: Student t over the replicates) beside the crossed
+    one (replicates x images, lord_ops.analysis.crossed_interval) and Holm over the questions shown; a contrast
+    whose runs scored different images is left out; an experiment with unfinished replicates is named, not
+    analysed; --publish writes heldout_sensitivity.md / .json."""
+    from lord_ops import analysis as an
+
+    monkeypatch.setattr(E, "PUBLISHED", tmp_path / "published")
+    (tmp_path / "published").mkdir()
+    declared = D.EXPERIMENTS["textures"]
+    rng = np.random.default_rng(0)
+    image_effect = rng.normal(0, 0.01, 4)
+    names = [f"wood_{i:03d}" for i in range(4)]
+    losses = {}
+    for r in declared.replicates:
+        methods = {}
+        for meth, shift in (("clean", 0.0), ("attacking", 0.002), ("noise", 0.002)):
+            per = [0.05 + shift * (1 + image_effect[i] * 50) + rng.normal(0, 0.0005) for i in range(4)]
+            losses[meth, r] = per
+            listed = names if not (meth == "noise" and r == 12) else [n + "x" for n in names]
+            methods[meth] = {"metrics": {"heldout_loss": {"mean": float(np.mean(per)), "per_image": per,
+                                                          "names": listed}}}
+        results, _ = declared.source(tmp_path, "clean", r)
+        results.parent.mkdir(parents=True)
+        results.write_text(json.dumps({"methods": methods, "provenance": {}}))
+    rows = E.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
+    assert set(rows) == {"A"}  # noise_vs_plain_prot: replicate 12's noise run scored other images
+    d = [[losses["attacking", r][i] - losses["clean", r][i] for i in range(4)] for r in declared.replicates]
+    mean, _, low, high = an.mean_interval([np.mean(row) for row in d])
+    assert (rows["A"]["mean"], rows["A"]["ci_low"], rows["A"]["ci_high"]) == (
+        pytest.approx(mean), pytest.approx(low), pytest.approx(high))
+    crossed = an.crossed_interval(d)
+    assert rows["A"]["crossed"]["ci_low"] == pytest.approx(crossed["ci_low"]) and rows["A"]["images"] == 4
+    assert rows["A"]["crossed"]["p_holm"] == pytest.approx(crossed["p"])  # a family of one
+    assert E.main(["heldout", "textures", "textures_defense", "--out", str(tmp_path), "--archive",
+                   str(tmp_path / "no_archive"), "--carry", str(tmp_path / "no_carry"), "--publish"]) == 0
+    text = (tmp_path / "published" / "heldout_sensitivity.md").read_text()
+    assert "## textures" in text and "| A | 10 x 4 |" in text and "holds with the images a sample" in text
+    assert "Not analysed: textures_defense (none of its runs is in the output folder or the archive)." in text
+    assert json.loads((tmp_path / "published" / "heldout_sensitivity.json").read_text())["textures"]["A"]["images"] == 4
+    assert text in capsys.readouterr().out
