@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -660,8 +661,8 @@ def perturbation_values(out: Path, declared: Declared, archive: Path | None = No
         mean = (data.get("perturbation") or {}).get("mean") or {}
         if name not in (data.get("methods") or {}):
             continue  # not finished
-        for q in PERTURBATION_QUANTITIES:
-            if isinstance(mean.get(q), (int, float)):
+        for q in PERTURBATION_QUANTITIES:  # an untouched image's PSNR is infinite: left out of the mean
+            if isinstance(mean.get(q), (int, float)) and math.isfinite(mean[q]):
                 values.setdefault(meth, {}).setdefault(q, {})[r] = float(mean[q])
     return values
 
@@ -769,34 +770,99 @@ def heldout_per_image(out: Path, declared: Declared, archive: Path | None = None
     return per
 
 
+def reference_sources(lab: str) -> dict | None:
+    """``{held-out image name: its source}`` where the lab model's reference images are crops of fewer source
+    images (lab 2: ``texture_data/SOURCES.tsv``, 32 crops of 15 wood textures); None where every reference image
+    is its own (lab 1's bags)."""
+    table = LABS[lab].data / "SOURCES.tsv"
+    if not table.is_file():
+        return None
+    rows = [line.split("\t") for line in table.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    return {Path(r[0]).stem: r[1] for r in rows if r[0].startswith("reference/")}
+
+
+def _per_image_contrast(per: dict, contrast, declared: Declared) -> tuple[list, tuple, str | None]:
+    """``(replicates, image names, None)`` and the ``[replicates, images]`` differences of ``contrast`` per held-out
+    image; or ``([], (), why not)``."""
+    missing = [m for m in contrast.methods if m not in per]
+    if missing:
+        return [], (), f"no per-image held-out loss for {', '.join(missing)}"
+    reps = sorted(set.intersection(*(set(per[m]) for m in contrast.methods)))
+    names = {per[m][r][0] for m in contrast.methods for r in reps}
+    if len(names) > 1:
+        return [], (), "its runs scored different held-out images"
+    if len(reps) < 4:
+        return [], (), f"{len(reps)} replicates with per-image losses (the crossed interval needs at least 4)"
+    return reps, next(iter(names)), None
+
+
 def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = None) -> dict:
     """Each declared question on the held-out loss, with the held-out images treated as a sample too
     (:func:`lord_ops.analysis.crossed_interval` over replicates x images): would the answer hold on another set
-    of held-out images of the subject? ``{contrast: {question, replicates, images, mean, ci_low, ci_high (as
-    published: images fixed), crossed: {..., p_holm}}}`` -- exploratory, post hoc; ``p_holm``: the crossed t tests'
-    p Holm-adjusted over the questions analysed; a contrast whose runs scored different image lists is left out."""
+    of held-out images of the subject? Exploratory, post hoc. Returns ``{"questions": {contrast: {question,
+    replicates, images, mean, ci_low, ci_high (as published: images fixed), published_established, crossed,
+    by_source (where the images are crops of fewer sources: each source's crops averaged, the source the unit)}},
+    "holm_with": the co-primary family entries whose published p joins the Holm adjustment, "skipped": {contrast:
+    why}, "equivalence": {contrast: the declared equivalence reading at 90%, both ways}}``. ``p_holm`` inside
+    ``crossed`` / ``by_source``: Holm over the declared family, these t tests' p with the co-primary questions'
+    published sign-flip p."""
+    import numpy as np
+
+    from lab.evidence_report import established
     from lord_ops import analysis as an
 
     per = heldout_per_image(out, declared, archive)
+    published = analyse(replicate_values(out, declared, archive), declared)
+    primary = published["metrics"][PRIMARY]["contrasts"]
     contrasts = {c.name: c for c in declared.contrasts}
-    rows = {}
+    sources = reference_sources(declared.lab)
+    rows, skipped, others = {}, {}, {}
+
+    def differences(c, reps, names):
+        return np.array([[sum(w * per[m][r][1][i] for m, w in c.weights) for i in range(len(names))] for r in reps])
+
     for q in declared.family:
         metric, name = family_question(q)
-        c = contrasts.get(name)
-        if metric != PRIMARY or c is None or not all(m in per for m in c.methods):
+        if metric != PRIMARY:
+            row = published["metrics"].get(metric, {}).get("contrasts", {}).get(name)
+            if row is not None:
+                others[q] = row["p"]
             continue
-        reps = sorted(set.intersection(*(set(per[m]) for m in c.methods)))
-        names = {per[m][r][0] for m in c.methods for r in reps}
-        if len(reps) < 2 or len(names) != 1:
+        reps, names, why = _per_image_contrast(per, contrasts[name], declared)
+        if why:
+            skipped[name] = why
             continue
-        d = [[sum(w * per[m][r][1][i] for m, w in c.weights) for i in range(len(next(iter(names))))] for r in reps]
-        mean, _, low, high = an.mean_interval([sum(row) / len(row) for row in d])
-        rows[name] = {"question": c.question, "replicates": reps, "images": len(d[0]), "mean": mean,
-                      "ci_low": low, "ci_high": high, "crossed": an.crossed_interval(d)}
-    # Holm over the questions analysed here, as the published family is adjusted (t tests instead of sign flips)
-    for name, p_holm in an.holm({n: row["crossed"]["p"] for n, row in rows.items()}).items():
-        rows[name]["crossed"]["p_holm"] = p_holm
-    return rows
+        d = differences(contrasts[name], reps, names)
+        mean, _, low, high = an.mean_interval(d.mean(axis=1).tolist())
+        row = {"question": contrasts[name].question, "replicates": reps, "images": len(names), "mean": mean,
+               "ci_low": low, "ci_high": high,
+               "published_established": established(primary[name]) if name in primary else None,
+               "crossed": an.crossed_interval(d)}
+        if sources and all(n in sources for n in names):
+            keys = sorted({sources[n] for n in names})
+            grouped = np.stack([d[:, [i for i, n in enumerate(names) if sources[n] == k]].mean(axis=1) for k in keys],
+                               axis=1)
+            row["by_source"] = {**an.crossed_interval(grouped), "sources": len(keys)}
+        rows[name] = row
+    for key in ("crossed", "by_source"):
+        tested = {n: r[key]["p"] for n, r in rows.items() if key in r}
+        if tested:
+            adjusted = an.holm({**tested, **others})
+            for n in tested:
+                rows[n][key]["p_holm"] = adjusted[n]
+    equivalence = {}
+    for name, margin in declared.equivalence:
+        reps, names, why = _per_image_contrast(per, contrasts[name], declared)
+        if why:
+            skipped[f"{name} (equivalence)"] = why
+            continue
+        c90 = an.crossed_interval(differences(contrasts[name], reps, names), level=0.90)
+        fixed = (primary.get(name) or {}).get("equivalence") or {}
+        equivalence[name] = {"margin": margin, "ci90_low": fixed.get("ci90_low"), "ci90_high": fixed.get("ci90_high"),
+                             "reading": fixed.get("reading"), "crossed_ci90_low": c90["ci_low"],
+                             "crossed_ci90_high": c90["ci_high"],
+                             "crossed_equivalent": -margin < c90["ci_low"] and c90["ci_high"] < margin}
+    return {"questions": rows, "holm_with": sorted(others), "skipped": skipped, "equivalence": equivalence}
 
 
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
@@ -930,8 +996,8 @@ def report(args) -> int:
         result["unfinished"] = {"replicates": left, "stopping": declared.stopping}
     result["values"] = values
     result["gates"] = summarise_replicates(gate_values(Path(args.out), declared, args.archive))
-    result["perturbations"] = {m: summarise_replicates(v) for m, v in
-                               perturbation_values(Path(args.out), declared, args.archive).items()}
+    result["perturbations"] = {m: summary for m, v in perturbation_values(Path(args.out), declared, args.archive).items()
+                               if (summary := summarise_replicates(v))}  # a setting with one replicate: no row
     folder = Path(args.out) / declared.home / (declared.name if declared.home != declared.name else "")
     folder.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
@@ -1013,7 +1079,7 @@ def main(argv=None) -> int:
 def heldout(args) -> int:
     """``heldout``: :func:`heldout_sensitivity` of each experiment whose declared replicates have all finished (the
     others are named, not analysed); ``--publish`` writes ``heldout_sensitivity.md`` / ``.json`` into
-    docs/evidence/ with exactly the experiments given."""
+    docs/evidence/ with exactly the experiments given, from demo-scale runs only."""
     from lord_ops.atomic import atomic_write
 
     results, skipped = {}, {}
@@ -1021,15 +1087,20 @@ def heldout(args) -> int:
         declared = EXPERIMENTS[name]
         states = replicate_states(Path(args.out), declared, args.archive, args.carry)
         left = [s for s in states if s[2][0] != "finished"]
-        if left:
-            skipped[name] = (f"{len(left)} of its {len(states)} declared replicate runs not finished" if len(left) < len(states)
-                             else "none of its runs is in the output folder or the archive")
-            continue
-        rows = heldout_sensitivity(Path(args.out), declared, args.archive)
-        if rows:
-            results[name] = rows
+        if not declared.family:
+            skipped[name] = "it declares no questions"
+        elif left:
+            skipped[name] = ("none of its runs is in the output folder or the archive"
+                             if all(s[2][0] == "not started" for s in states)
+                             else f"{len(left)} of its {len(states)} declared replicate runs have not finished")
+        elif args.publish and off_scale_runs(Path(args.out), declared, args.archive):
+            skipped[name] = "some of its runs were not made at demo scale (only demo-scale runs are published)"
         else:
-            skipped[name] = "no declared held-out-loss question whose runs have per-image losses here"
+            result = heldout_sensitivity(Path(args.out), declared, args.archive)
+            if result["questions"]:
+                results[name] = result
+            else:
+                skipped[name] = "no declared held-out-loss question with per-image losses here"
     text = heldout_markdown(results, skipped)
     if args.publish:
         data = (json.dumps(results, indent=2, sort_keys=True) + "\n").encode("utf-8")

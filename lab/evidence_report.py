@@ -133,33 +133,65 @@ def perturbation_lines(perturbations: dict) -> list[str]:
     return lines + [""]
 
 
+def _significant(test: dict | None) -> bool:
+    return bool(test) and (test["ci_low"] > 0 or test["ci_high"] < 0) and test.get("p_holm", 1.0) < 0.05
+
+
+def heldout_reading(row: dict) -> str:
+    """One question's reading: its published decision against the crossed test(s) -- the images a sample, and where
+    they are crops of fewer sources, the sources a sample too (both must agree for "holds")."""
+    crossed = _significant(row["crossed"]) and ("by_source" not in row or _significant(row["by_source"]))
+    if row.get("published_established"):
+        return "holds with the images a sample" if crossed else "depends on these images"
+    return "established only with the images a sample" if crossed else "not established either way"
+
+
 def heldout_markdown(results: dict, skipped: dict | None = None) -> str:
     """The held-out-image sensitivity analysis (:func:`lab.evidence.heldout_sensitivity` per experiment) as
     markdown: each declared held-out-loss question's interval with the images fixed (as published) beside the
-    one that treats them as a sample too."""
+    one that treats them as a sample too (and, for crops of fewer sources, the sources)."""
     lines = ["# The held-out images as a sample (exploratory, post hoc)", "",
              "Each declared question on the held-out denoising loss, computed per replicate **and per held-out "
-             "image** (every run scores the same images). \"as published\": the 95% Student-t interval over the "
-             "replicates, the images held fixed. \"images a sample too\": a two-way random-effects interval over "
-             "replicates x images (Satterthwaite df; lord_ops.analysis.crossed_interval) -- would the answer hold on "
-             "another set of held-out images of the subject? \"image share\": the share of the mean's variance "
-             "that comes from which images were drawn. \"Holm p\": that model's t test, Holm-adjusted over the "
-             "experiment's questions shown (the published decisions use exact sign-flip p values instead). A reading "
-             "aid for the published decisions, post hoc, not a new decision.", ""]
-    for name, rows in results.items():
-        lines += [f"## {name}", "",
-                  "| question | replicates x images | mean | 95% interval, as published | 95% interval, images a "
-                  "sample too | df | image share | Holm p | reading |", "|---|---|---|---|---|---|---|---|---|"]
+             "image** (every run scores the same images, each with its own fixed noise draws). \"as published\": the "
+             "95% Student-t interval over the replicates, the images held fixed, and the experiment's decision. "
+             "\"images a sample\": a two-way random-effects interval over replicates x images (Satterthwaite df; "
+             "lord_ops.analysis.crossed_interval) -- would the answer hold on another set of held-out images of the "
+             "subject? \"image share\": the share of the mean's variance that comes from which images were drawn. "
+             "Where the held-out images are crops of fewer source images (lab model 2), \"sources a sample\" "
+             "averages each source's crops first and treats the sources as the sample. \"Holm p\": that t test, "
+             "Holm-adjusted over the experiment's declared family (its co-primary questions enter with their "
+             "published sign-flip p). A reading aid for the published decisions, post hoc, not a new decision.", ""]
+    for name, result in results.items():
+        rows = result["questions"]
+        grouped = any("by_source" in r for r in rows.values())
+        head = ("| question | replicates x images | mean | 95% interval, as published | decision | 95% interval, "
+                "images a sample | df | image share | Holm p |")
+        rule = "|---|---|---|---|---|---|---|---|---|"
+        if grouped:
+            head += " 95% interval, sources a sample (sources) | Holm p |"
+            rule += "---|---|"
+        lines += [f"## {name}", "", head + " reading |", rule + "---|"]
         for contrast, row in rows.items():
             c = row["crossed"]
-            fixed = row["ci_low"] > 0 or row["ci_high"] < 0
-            both = (c["ci_low"] > 0 or c["ci_high"] < 0) and c.get("p_holm", 1.0) < 0.05
-            reading = ("holds with the images a sample" if fixed and both else "depends on these images"
-                       if fixed else "includes 0 either way" if not both else "excludes 0 only as a sample")
-            lines.append(f"| {contrast} | {len(row['replicates'])} x {row['images']} | {row['mean']:+.5f} | "
-                         f"{row['ci_low']:+.5f} to {row['ci_high']:+.5f} | {c['ci_low']:+.5f} to {c['ci_high']:+.5f} "
-                         f"| {c['df']:.1f} | {c['item_share']:.2f} | {c.get('p_holm', float('nan')):.2g} | {reading} |")
+            decision = {True: "established", False: "not established", None: "--"}[row.get("published_established")]
+            cells = (f"| {contrast} | {len(row['replicates'])} x {row['images']} | {row['mean']:+.5f} | "
+                     f"{row['ci_low']:+.5f} to {row['ci_high']:+.5f} | {decision} | {c['ci_low']:+.5f} to "
+                     f"{c['ci_high']:+.5f} | {c['df']:.1f} | {c['item_share']:.2f} | {c.get('p_holm', float('nan')):.2g} |")
+            if grouped:
+                g = row.get("by_source")
+                cells += (f" {g['ci_low']:+.5f} to {g['ci_high']:+.5f} ({g['sources']}) | {g.get('p_holm', float('nan')):.2g} |"
+                          if g else " -- | -- |")
+            lines.append(cells + f" {heldout_reading(row)} |")
         lines.append("")
+        if result.get("holm_with"):
+            lines += [f"Holm's family also holds {', '.join(result['holm_with'])} (published sign-flip p).", ""]
+        for contrast, eq in (result.get("equivalence") or {}).items():
+            lines += [f"Equivalence (declared, margin +-{eq['margin']:g}): {contrast}'s 90% interval "
+                      f"{eq['ci90_low']:+.5f} to {eq['ci90_high']:+.5f} as published ({eq['reading']}); with the images "
+                      f"a sample {eq['crossed_ci90_low']:+.5f} to {eq['crossed_ci90_high']:+.5f} ("
+                      + ("equivalent" if eq["crossed_equivalent"] else "not shown equivalent") + ").", ""]
+        for contrast, why in (result.get("skipped") or {}).items():
+            lines += [f"Not analysed: {contrast} ({why}).", ""]
     for name, why in (skipped or {}).items():
         lines += [f"Not analysed: {name} ({why}).", ""]
     return "\n".join(lines) + "\n"

@@ -165,7 +165,10 @@ def crossed_interval(d, level: float = 0.95) -> dict:
     whose first term is exactly the replicates-only ``sd^2 / R``; Satterthwaite's degrees of freedom.
     Returns ``mean``, ``replicates``, ``items``, ``se_replicates`` (the items held fixed), ``se_crossed``,
     ``df``, ``ci_low``, ``ci_high``, ``p`` (two-sided t test of ``mean = 0`` on ``df``) and ``item_share`` (the
-    share of ``var(mean)`` from the items' sampling)."""
+    share of ``var(mean)`` from the items' sampling: ``se_crossed = se_replicates / sqrt(1 - item_share)``).
+    With few replicates (2-3) Satterthwaite's df can exceed ``R - 1`` by enough that this interval is narrower
+    than the replicates-only one: use it from about 4 replicates. Where ``ms_i`` barely exceeds ``ms_e`` the df
+    drops below ``R - 1`` (the conservative side of the truncation)."""
     from scipy import stats
 
     x = np.asarray(d, dtype=float)

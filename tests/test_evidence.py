@@ -1048,9 +1048,13 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
 
     monkeypatch.setattr(E, "PUBLISHED", tmp_path / "published")
     (tmp_path / "published").mkdir()
+    from lab.experiment import SCALES
+
     declared = D.EXPERIMENTS["textures"]
     rng = np.random.default_rng(0)
     image_effect = rng.normal(0, 0.01, 4)
+    demo = {"stage1": {"steps": SCALES["demo"]["stage1_steps"]}, "stage2": {"steps": SCALES["demo"]["stage2_steps"]},
+            "sampling": {"images": SCALES["demo"]["images"], "steps": SCALES["demo"]["sample_steps"]}}
     names = [f"wood_{i:03d}" for i in range(4)]
     losses = {}
     for r in declared.replicates:
@@ -1060,23 +1064,54 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
             losses[meth, r] = per
             listed = names if not (meth == "noise" and r == 12) else [n + "x" for n in names]
             methods[meth] = {"metrics": {"heldout_loss": {"mean": float(np.mean(per)), "per_image": per,
-                                                          "names": listed}}}
+                                                          "names": listed},
+                                         "target_corr": {"mean": shift * 20 + float(rng.normal(0, 0.01))}}}
         results, _ = declared.source(tmp_path, "clean", r)
         results.parent.mkdir(parents=True)
-        results.write_text(json.dumps({"methods": methods, "provenance": {}}))
-    rows = E.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
+        results.write_text(json.dumps({"methods": methods, "provenance": {"config": demo}}))
+    result = E.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
+    rows = result["questions"]
     assert set(rows) == {"A"}  # noise_vs_plain_prot: replicate 12's noise run scored other images
+    assert result["skipped"] == {"noise_vs_plain_prot": "its runs scored different held-out images"}
+    assert result["holm_with"] == ["target_corr:A", "target_corr:noise_vs_plain_prot"]  # co-primary: in Holm's family
     d = [[losses["attacking", r][i] - losses["clean", r][i] for i in range(4)] for r in declared.replicates]
     mean, _, low, high = an.mean_interval([np.mean(row) for row in d])
     assert (rows["A"]["mean"], rows["A"]["ci_low"], rows["A"]["ci_high"]) == (
         pytest.approx(mean), pytest.approx(low), pytest.approx(high))
     crossed = an.crossed_interval(d)
     assert rows["A"]["crossed"]["ci_low"] == pytest.approx(crossed["ci_low"]) and rows["A"]["images"] == 4
-    assert rows["A"]["crossed"]["p_holm"] == pytest.approx(crossed["p"])  # a family of one
+    assert rows["A"]["crossed"]["p_holm"] >= crossed["p"] and rows["A"]["published_established"] is not None
+    # lab 2's reference crops come from fewer wood textures: the sources are a sample too
+    assert E.reference_sources("fashion") is None
+    assert len(set(E.reference_sources("textures").values())) < len(E.reference_sources("textures"))
     assert E.main(["heldout", "textures", "textures_defense", "--out", str(tmp_path), "--archive",
                    str(tmp_path / "no_archive"), "--carry", str(tmp_path / "no_carry"), "--publish"]) == 0
     text = (tmp_path / "published" / "heldout_sensitivity.md").read_text()
     assert "## textures" in text and "| A | 10 x 4 |" in text and "holds with the images a sample" in text
     assert "Not analysed: textures_defense (none of its runs is in the output folder or the archive)." in text
-    assert json.loads((tmp_path / "published" / "heldout_sensitivity.json").read_text())["textures"]["A"]["images"] == 4
+    assert "Not analysed: noise_vs_plain_prot (its runs scored different held-out images)." in text
+    published = json.loads((tmp_path / "published" / "heldout_sensitivity.json").read_text())
+    assert published["textures"]["questions"]["A"]["images"] == 4
     assert text in capsys.readouterr().out
+    ci_run, _ = declared.source(tmp_path, "clean", 10)  # a run at another scale is never published
+    ci_run.write_text(ci_run.read_text().replace('"provenance": {"config": {"stage1": {"steps": ',
+                                                 '"provenance": {"config": {"stage1": {"steps": 1'))
+    assert E.main(["heldout", "textures", "--out", str(tmp_path), "--archive", str(tmp_path / "no_archive"),
+                   "--carry", str(tmp_path / "no_carry"), "--publish"]) == 0
+    assert "Not analysed: textures (some of its runs were not made at demo scale" in (
+        tmp_path / "published" / "heldout_sensitivity.md").read_text()
+
+
+def test_the_heldout_reading_sets_the_published_decision_against_the_crossed_tests():
+    """"holds" only when the published decision was established and every crossed test (images; sources, where
+    the images are crops of fewer sources) excludes 0 with Holm p < 0.05; the other three readings likewise."""
+    from lab.evidence_report import heldout_reading
+
+    yes = {"ci_low": 0.1, "ci_high": 0.3, "p_holm": 0.01}
+    no = {"ci_low": -0.1, "ci_high": 0.3, "p_holm": 0.4}
+    multiplicity = {"ci_low": 0.1, "ci_high": 0.3, "p_holm": 0.06}
+    assert heldout_reading({"published_established": True, "crossed": yes}) == "holds with the images a sample"
+    assert heldout_reading({"published_established": True, "crossed": yes, "by_source": no}) == "depends on these images"
+    assert heldout_reading({"published_established": True, "crossed": multiplicity}) == "depends on these images"
+    assert heldout_reading({"published_established": False, "crossed": no}) == "not established either way"
+    assert heldout_reading({"published_established": False, "crossed": yes}) == "established only with the images a sample"
