@@ -643,10 +643,13 @@ PERTURBATION_QUANTITIES = ("psnr_db", "ssim", "linf_levels", "l2_levels")  # tra
 
 def perturbed_methods(declared: Declared) -> tuple:
     """The methods that train on an attack's copies, one per attack setting: a dose-response experiment's arms
-    and reference arms, otherwise ``attacking`` (the experiment's own attack)."""
+    and reference arms, otherwise ``attacking`` (the experiment's own attack) and any alias of the paired
+    experiment's ``attacking``."""
     if declared.arms or declared.reference_arms:
         return tuple(a.name for a in declared.arms + declared.reference_arms)
-    return ("attacking",) if "attacking" in declared.methods else ()
+    # an alias of the paired experiment's 'attacking' (e.g. the unaware attacker beside the aware one) too
+    aliases = tuple(alias for alias, method in declared.aliases if method == "attacking" and alias in declared.methods)
+    return (("attacking",) if "attacking" in declared.methods else ()) + aliases
 
 
 def perturbation_values(out: Path, declared: Declared, archive: Path | None = None) -> dict:

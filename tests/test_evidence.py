@@ -329,6 +329,7 @@ def test_the_report_summarises_each_attack_settings_perturbation_size(tmp_path):
     assert values["ace_4"]["psnr_db"] == {10: 36.0, 11: 38.0} and values["mist_v2_4"]["l2_levels"] == {10: 410.0, 11: 411.0}
     assert E.perturbed_methods(declared)[-1] == "mist_v2_4" and E.perturbed_methods(D.EXPERIMENTS["defense"]) == (
         "attacking",)
+    assert E.perturbed_methods(D.EXPERIMENTS["evasion"]) == ("attacking", "attacking_unaware")
     summary = {m: E.summarise_replicates(v) for m, v in values.items()}
     assert summary["ace_4"]["psnr_db"]["mean"] == pytest.approx(37.0)
     text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, declared), "perturbations": summary})
