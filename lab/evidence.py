@@ -774,9 +774,9 @@ def heldout_per_image(out: Path, declared: Declared, archive: Path | None = None
 
 
 def reference_sources(lab: str) -> dict | None:
-    """``{held-out image name: its source}`` where the lab model's reference images are crops of fewer source
-    images (lab 2: ``texture_data/SOURCES.tsv``, 32 crops of 15 wood textures); None where every reference image
-    is its own (lab 1's bags)."""
+    """``{reference image name: its source}`` where the lab model's reference images are crops of fewer source
+    images (lab 2: ``texture_data/SOURCES.tsv``, 120 crops of 17 wood textures; the 32 held-out ones, the first by
+    name, come from 15); None where every reference image is its own (lab 1's bags)."""
     table = LABS[lab].data / "SOURCES.tsv"
     if not table.is_file():
         return None
@@ -784,9 +784,9 @@ def reference_sources(lab: str) -> dict | None:
     return {Path(r[0]).stem: r[1] for r in rows if r[0].startswith("reference/")}
 
 
-def _per_image_contrast(per: dict, contrast, declared: Declared) -> tuple[list, tuple, str | None]:
-    """``(replicates, image names, None)`` and the ``[replicates, images]`` differences of ``contrast`` per held-out
-    image; or ``([], (), why not)``."""
+def _per_image_contrast(per: dict, contrast) -> tuple[list, tuple, str | None]:
+    """``(replicates, image names, None)`` on which ``contrast`` can be taken per held-out image (every method
+    scored the same images), or ``([], (), why not)``."""
     missing = [m for m in contrast.methods if m not in per]
     if missing:
         return [], (), f"no per-image held-out loss for {', '.join(missing)}"
@@ -795,7 +795,7 @@ def _per_image_contrast(per: dict, contrast, declared: Declared) -> tuple[list, 
     if len(names) > 1:
         return [], (), "its runs scored different held-out images"
     if len(reps) < 4:
-        return [], (), f"{len(reps)} replicates with per-image losses (the crossed interval needs at least 4)"
+        return [], (), f"{len(reps)} replicates with per-image losses (the crossed interval is used from 4)"
     return reps, next(iter(names)), None
 
 
@@ -804,11 +804,14 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
     (:func:`lord_ops.analysis.crossed_interval` over replicates x images): would the answer hold on another set
     of held-out images of the subject? Exploratory, post hoc. Returns ``{"questions": {contrast: {question,
     replicates, images, mean, ci_low, ci_high (as published: images fixed), published_established, crossed,
-    by_source (where the images are crops of fewer sources: each source's crops averaged, the source the unit)}},
-    "holm_with": the co-primary family entries whose published p joins the Holm adjustment, "skipped": {contrast:
-    why}, "equivalence": {contrast: the declared equivalence reading at 90%, both ways}}``. ``p_holm`` inside
-    ``crossed`` / ``by_source``: Holm over the declared family, these t tests' p with the co-primary questions'
-    published sign-flip p."""
+    by_source}}, "holm_with": {family entry: published p}, "skipped": {contrast: why}, "equivalence": {contrast:
+    the declared equivalence reading at 90%, both ways}}``.
+
+    ``by_source`` (where the held-out images are crops of fewer sources, :func:`reference_sources`): each source's
+    crops averaged first, the sources the sample -- **equal weight per source**, so its ``mean`` is the mean over
+    sources, not the published mean over crops. ``p_holm`` inside ``crossed`` / ``by_source``: Holm over the
+    declared family -- these t tests' p, and the published sign-flip p of every other entry (co-primary questions,
+    a question that could not be taken per image), listed in ``holm_with``."""
     import numpy as np
 
     from lab.evidence_report import established
@@ -826,27 +829,30 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
 
     for q in declared.family:
         metric, name = family_question(q)
-        if metric != PRIMARY:
-            row = published["metrics"].get(metric, {}).get("contrasts", {}).get(name)
-            if row is not None:
-                others[q] = row["p"]
+        row = published["metrics"].get(metric, {}).get("contrasts", {}).get(name)
+        if row is None:
+            skipped[q] = "not in the published analysis"
             continue
-        reps, names, why = _per_image_contrast(per, contrasts[name], declared)
+        why = "not the held-out loss" if metric != PRIMARY else _per_image_contrast(per, contrasts[name])[2]
         if why:
-            skipped[name] = why
+            others[q] = row["p"]
+            if metric == PRIMARY:
+                skipped[name] = why + " (in Holm's family with its published p)"
             continue
+        reps, names, _ = _per_image_contrast(per, contrasts[name])
         d = differences(contrasts[name], reps, names)
         mean, _, low, high = an.mean_interval(d.mean(axis=1).tolist())
-        row = {"question": contrasts[name].question, "replicates": reps, "images": len(names), "mean": mean,
-               "ci_low": low, "ci_high": high,
-               "published_established": established(primary[name]) if name in primary else None,
-               "crossed": an.crossed_interval(d)}
+        entry = {"question": contrasts[name].question, "replicates": reps, "images": len(names), "mean": mean,
+                 "ci_low": low, "ci_high": high, "published_established": established(row),
+                 "crossed": an.crossed_interval(d)}
         if sources and all(n in sources for n in names):
             keys = sorted({sources[n] for n in names})
             grouped = np.stack([d[:, [i for i, n in enumerate(names) if sources[n] == k]].mean(axis=1) for k in keys],
                                axis=1)
-            row["by_source"] = {**an.crossed_interval(grouped), "sources": len(keys)}
-        rows[name] = row
+            entry["by_source"] = {**an.crossed_interval(grouped), "sources": len(keys)}
+        elif sources:
+            skipped[f"{name} (by source)"] = "a held-out image missing from the lab's SOURCES.tsv"
+        rows[name] = entry
     for key in ("crossed", "by_source"):
         tested = {n: r[key]["p"] for n, r in rows.items() if key in r}
         if tested:
@@ -855,17 +861,19 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
                 rows[n][key]["p_holm"] = adjusted[n]
     equivalence = {}
     for name, margin in declared.equivalence:
-        reps, names, why = _per_image_contrast(per, contrasts[name], declared)
-        if why:
-            skipped[f"{name} (equivalence)"] = why
+        reps, names, why = _per_image_contrast(per, contrasts[name])
+        fixed = (primary.get(name) or {}).get("equivalence")
+        if why or not fixed:
+            skipped[f"{name} (equivalence)"] = why or "no equivalence reading in the published analysis"
             continue
         c90 = an.crossed_interval(differences(contrasts[name], reps, names), level=0.90)
-        fixed = (primary.get(name) or {}).get("equivalence") or {}
-        equivalence[name] = {"margin": margin, "ci90_low": fixed.get("ci90_low"), "ci90_high": fixed.get("ci90_high"),
-                             "reading": fixed.get("reading"), "crossed_ci90_low": c90["ci_low"],
-                             "crossed_ci90_high": c90["ci_high"],
-                             "crossed_equivalent": -margin < c90["ci_low"] and c90["ci_high"] < margin}
-    return {"questions": rows, "holm_with": sorted(others), "skipped": skipped, "equivalence": equivalence}
+        low, high = c90["ci_low"], c90["ci_high"]
+        equivalence[name] = {"margin": margin, "ci90_low": fixed["ci90_low"], "ci90_high": fixed["ci90_high"],
+                             "reading": fixed["reading"], "crossed_ci90_low": low, "crossed_ci90_high": high,
+                             "crossed_reading": ("equivalent" if -margin < low and high < margin else "below the margin"
+                                                 if high < -margin else "above the margin" if low > margin
+                                                 else "not shown equivalent")}
+    return {"questions": rows, "holm_with": others, "skipped": skipped, "equivalence": equivalence}
 
 
 def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple[bytes, int] | None:
@@ -1080,9 +1088,10 @@ def main(argv=None) -> int:
 
 
 def heldout(args) -> int:
-    """``heldout``: :func:`heldout_sensitivity` of each experiment whose declared replicates have all finished (the
-    others are named, not analysed); ``--publish`` writes ``heldout_sensitivity.md`` / ``.json`` into
-    docs/evidence/ with exactly the experiments given, from demo-scale runs only."""
+    """``heldout``: :func:`heldout_sensitivity` of each experiment given. An experiment whose declared replicates
+    have not all finished (or, with ``--publish``, that has runs at another scale than demo) is named and not
+    analysed, and ``--publish`` then refuses: it writes ``heldout_sensitivity.md`` / ``.json`` into docs/evidence/
+    only when every experiment given was analysed, from demo-scale runs."""
     from lord_ops.atomic import atomic_write
 
     results, skipped = {}, {}
@@ -1103,15 +1112,18 @@ def heldout(args) -> int:
             if result["questions"]:
                 results[name] = result
             else:
-                skipped[name] = "no declared held-out-loss question with per-image losses here"
+                skipped[name] = "; ".join(f"{q}: {why}" for q, why in result["skipped"].items()) or "no questions"
     text = heldout_markdown(results, skipped)
+    print(text)
     if args.publish:
+        if skipped or not results:
+            raise SystemExit(f"heldout --publish: not analysed: {'; '.join(f'{n} ({w})' for n, w in skipped.items())}"
+                             f"; nothing published (give only experiments that have finished, at demo scale)")
         data = (json.dumps(results, indent=2, sort_keys=True) + "\n").encode("utf-8")
         for target, payload in ((PUBLISHED / "heldout_sensitivity.json", data),
                                 (PUBLISHED / "heldout_sensitivity.md", text.encode("utf-8"))):
             atomic_write(target, lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
             print(f"[evidence] published {target}", file=sys.stderr, flush=True)
-    print(text)
     return 0
 
 

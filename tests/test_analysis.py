@@ -116,5 +116,6 @@ def test_crossed_interval_covers_the_mean_over_new_items_where_the_replicate_int
         hits_crossed += c["ci_low"] <= 0.5 <= c["ci_high"]
         _, _, low, high = A.mean_interval(d.mean(axis=1))
         hits_reps += low <= 0.5 <= high
+        assert c["se_crossed"] >= c["se_replicates"]  # the images only add variance (the df may still differ)
     assert 0.92 <= hits_crossed / trials <= 0.98
     assert hits_reps / trials < 0.80

@@ -1073,8 +1073,10 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
     result = E.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
     rows = result["questions"]
     assert set(rows) == {"A"}  # noise_vs_plain_prot: replicate 12's noise run scored other images
-    assert result["skipped"] == {"noise_vs_plain_prot": "its runs scored different held-out images"}
-    assert result["holm_with"] == ["target_corr:A", "target_corr:noise_vs_plain_prot"]  # co-primary: in Holm's family
+    assert result["skipped"] == {
+        "noise_vs_plain_prot": "its runs scored different held-out images (in Holm's family with its published p)"}
+    # Holm's family is the declared one: the co-primary questions and the skipped one with their published p
+    assert set(result["holm_with"]) == {"noise_vs_plain_prot", "target_corr:A", "target_corr:noise_vs_plain_prot"}
     d = [[losses["attacking", r][i] - losses["clean", r][i] for i in range(4)] for r in declared.replicates]
     mean, _, low, high = an.mean_interval([np.mean(row) for row in d])
     assert (rows["A"]["mean"], rows["A"]["ci_low"], rows["A"]["ci_high"]) == (
@@ -1085,34 +1087,46 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
     # lab 2's reference crops come from fewer wood textures: the sources are a sample too
     assert E.reference_sources("fashion") is None
     assert len(set(E.reference_sources("textures").values())) < len(E.reference_sources("textures"))
-    assert E.main(["heldout", "textures", "textures_defense", "--out", str(tmp_path), "--archive",
-                   str(tmp_path / "no_archive"), "--carry", str(tmp_path / "no_carry"), "--publish"]) == 0
+    common = ["--out", str(tmp_path), "--archive", str(tmp_path / "no_archive"), "--carry", str(tmp_path / "no_carry")]
+    assert E.main(["heldout", "textures", "textures_defense", *common]) == 0
+    shown = capsys.readouterr().out
+    assert "Not analysed: textures_defense (none of its runs is in the output folder or the archive)." in shown
+    with pytest.raises(SystemExit, match="not analysed: textures_defense .*nothing published"):
+        E.main(["heldout", "textures", "textures_defense", *common, "--publish"])  # only complete sets are published
+    assert not (tmp_path / "published" / "heldout_sensitivity.md").exists()
+    assert E.main(["heldout", "textures", *common, "--publish"]) == 0
     text = (tmp_path / "published" / "heldout_sensitivity.md").read_text()
     assert "## textures" in text and "| A | 10 x 4 |" in text and "holds with the images a sample" in text
-    assert "Not analysed: textures_defense (none of its runs is in the output folder or the archive)." in text
-    assert "Not analysed: noise_vs_plain_prot (its runs scored different held-out images)." in text
+    assert "Not analysed: noise_vs_plain_prot (its runs scored different held-out images" in text
     published = json.loads((tmp_path / "published" / "heldout_sensitivity.json").read_text())
     assert published["textures"]["questions"]["A"]["images"] == 4
     assert text in capsys.readouterr().out
     ci_run, _ = declared.source(tmp_path, "clean", 10)  # a run at another scale is never published
     ci_run.write_text(ci_run.read_text().replace('"provenance": {"config": {"stage1": {"steps": ',
                                                  '"provenance": {"config": {"stage1": {"steps": 1'))
-    assert E.main(["heldout", "textures", "--out", str(tmp_path), "--archive", str(tmp_path / "no_archive"),
-                   "--carry", str(tmp_path / "no_carry"), "--publish"]) == 0
-    assert "Not analysed: textures (some of its runs were not made at demo scale" in (
-        tmp_path / "published" / "heldout_sensitivity.md").read_text()
+    with pytest.raises(SystemExit, match="textures \\(some of its runs were not made at demo scale"):
+        E.main(["heldout", "textures", *common, "--publish"])
+    assert (tmp_path / "published" / "heldout_sensitivity.md").read_text() == text  # the published files untouched
 
 
 def test_the_heldout_reading_sets_the_published_decision_against_the_crossed_tests():
     """"holds" only when the published decision was established and every crossed test (images; sources, where
-    the images are crops of fewer sources) excludes 0 with Holm p < 0.05; the other three readings likewise."""
+    the images are crops of fewer sources) excludes 0 on the published sign with Holm p < 0.05; the other
+    readings likewise, and a question missing from the published analysis is said to be."""
     from lab.evidence_report import heldout_reading
 
     yes = {"ci_low": 0.1, "ci_high": 0.3, "p_holm": 0.01}
     no = {"ci_low": -0.1, "ci_high": 0.3, "p_holm": 0.4}
     multiplicity = {"ci_low": 0.1, "ci_high": 0.3, "p_holm": 0.06}
-    assert heldout_reading({"published_established": True, "crossed": yes}) == "holds with the images a sample"
-    assert heldout_reading({"published_established": True, "crossed": yes, "by_source": no}) == "depends on these images"
-    assert heldout_reading({"published_established": True, "crossed": multiplicity}) == "depends on these images"
-    assert heldout_reading({"published_established": False, "crossed": no}) == "not established either way"
-    assert heldout_reading({"published_established": False, "crossed": yes}) == "established only with the images a sample"
+    other_sign = {"ci_low": -0.3, "ci_high": -0.1, "p_holm": 0.01}
+
+    def read(established, crossed, **extra):
+        return heldout_reading({"published_established": established, "mean": 0.2, "crossed": crossed, **extra})
+
+    assert read(True, yes) == "holds with the images a sample"
+    assert read(True, yes, by_source=no) == "depends on these source textures"
+    assert read(True, yes, by_source=other_sign) == "depends on these source textures"
+    assert read(True, multiplicity) == "depends on these images"
+    assert read(False, no) == "not established either way"
+    assert read(False, yes) == "established only with the images a sample"
+    assert read(None, yes) == "not in the published analysis"
