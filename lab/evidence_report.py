@@ -1,6 +1,6 @@
-"""Rendering of a replicate analysis (:func:`lab.evidence.analyse`'s result dict): the markdown report, the
+"""Rendering of a replicate analysis (:func:`lab.evidence_analysis.analyse`'s result dict): the markdown report, the
 forest plot, the paper's Fig. 7 share curve and a dose-response experiment's budget curve. Reads no file:
-``lab.evidence`` collects the values and writes the files."""
+``lab.evidence_analysis`` collects the values, ``lab.evidence`` writes the files."""
 from __future__ import annotations
 
 from lab.declared import EXPERIMENTS, SHARE_POINTS, SHARE_SERIES, family_of
@@ -110,7 +110,7 @@ def markdown(result: dict) -> str:
 
 
 def perturbation_lines(perturbations: dict) -> list[str]:
-    """The markdown table of each attack setting's perturbation size (:func:`lab.evidence.perturbation_values`
+    """The markdown table of each attack setting's perturbation size (:func:`lab.evidence_analysis.perturbation_values`
     summarised): mean over replicates (each replicate: its images' mean) with the smallest and largest replicate."""
     if not perturbations:
         return []
@@ -155,7 +155,7 @@ def heldout_reading(row: dict) -> str:
 
 
 def heldout_markdown(results: dict, skipped: dict | None = None) -> str:
-    """The held-out-image sensitivity analysis (:func:`lab.evidence.heldout_sensitivity` per experiment) as
+    """The held-out-image sensitivity analysis (:func:`lab.evidence_analysis.heldout_sensitivity` per experiment) as
     markdown: each declared held-out-loss question's interval with the images fixed (as published) beside the
     one that treats them as a sample too (and, for crops of fewer sources, the sources)."""
     lines = ["# The held-out images as a sample (exploratory, post hoc)", "",

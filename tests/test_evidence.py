@@ -19,6 +19,7 @@ import pytest
 
 from lab import declared as D
 from lab import evidence as E
+from lab import evidence_analysis as EA
 from lab.data import DEMO_DIR, REPLICATE_BAGS, REPLICATE_SETS, replicate_folder
 from lord_ops import analysis as an
 
@@ -59,7 +60,7 @@ def test_analysis_of_synthetic_replicates_matches_hand_values():
     reps = [10, 11, 12, 13, 14]
     values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
     values["heldout_loss"]["lord"].pop(14)  # a replicate without this method: contrasts with it use 4
-    result = E.analyse(values, declared)
+    result = EA.analyse(values, declared)
     v = values["heldout_loss"]
     rows = result["metrics"]["heldout_loss"]["contrasts"]
     a = [v["attacking"][r] - v["clean"][r] for r in reps]
@@ -137,9 +138,9 @@ def test_threat_arms_pair_with_the_defense_runs_and_plan_no_stage1(tmp_path):
                                                  "subject_acc": {"mean": 0.5}, "fd": {"value": 1.0}}}
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(data))
-    values = E.replicate_values(tmp_path, threat)
+    values = EA.replicate_values(tmp_path, threat)
     values["heldout_loss"]["aspl_16"].pop(12)  # an arm with a replicate missing is not analysed (stopping rule)
-    result = E.analyse(values, threat)
+    result = EA.analyse(values, threat)
     assert result["unfinished_arms"] == {"A_aspl_16": 2}
     assert "A_aspl_16" not in result["metrics"]["heldout_loss"]["contrasts"]
     rows = result["metrics"]["heldout_loss"]["contrasts"]
@@ -211,22 +212,22 @@ def test_finished_replicates_are_archived_and_read_back_when_the_output_folder_i
     mist = dataclasses.replace(D.EXPERIMENTS["mist"], replicates=range(10, 12))
     out, archive = tmp_path / "out", tmp_path / "archive"
     results, name = mist.source(out, "lord", 11)
-    assert E.archived(results, out, archive) == archive / "threat" / "mist_v2_32" / "r011.json"
-    assert E.archived(mist.source(out, "clean", 10)[0], out, archive) == archive / "defense" / "r010.json"
+    assert EA.archived(results, out, archive) == archive / "threat" / "mist_v2_32" / "r011.json"
+    assert EA.archived(mist.source(out, "clean", 10)[0], out, archive) == archive / "defense" / "r010.json"
     results.parent.mkdir(parents=True)
     results.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.25}}}}}))
     kept = E.archive_results(results, out, archive)
     assert json.loads(kept.read_text()) == json.loads(results.read_text())
     assert not list(archive.rglob("*.tmp*"))
     results.unlink()
-    assert E.replicate_values(out, mist, archive)["heldout_loss"]["lord"] == {11: 0.25}
-    assert E.replicate_values(out, mist, tmp_path / "elsewhere")["heldout_loss"]["lord"] == {}
+    assert EA.replicate_values(out, mist, archive)["heldout_loss"]["lord"] == {11: 0.25}
+    assert EA.replicate_values(out, mist, tmp_path / "elsewhere")["heldout_loss"]["lord"] == {}
     # an older output folder's copy (without 'noise') beside a fuller archived one: each method is read from the
     # copy that lists it, and the replicate's state sees both
     results.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.5}}}}}))
     kept.write_text(json.dumps({"methods": {name: {"metrics": {"heldout_loss": {"mean": 0.25}}},
                                             "noise": {"metrics": {"heldout_loss": {"mean": 0.75}}}}}))
-    got = E.replicate_values(out, mist, archive)["heldout_loss"]
+    got = EA.replicate_values(out, mist, archive)["heldout_loss"]
     assert got["lord"] == {11: 0.5} and got["noise"] == {11: 0.75}
     assert "noise" not in E.missing_values(out, mist, 11, archive=archive)
 
@@ -296,18 +297,18 @@ def test_the_report_summarises_the_stage1_gate_over_replicates(tmp_path):
             "provenance": {"stage1": {"gate_separation_train": {
                 "mean_gate_clean": clean, "mean_gate_perturbed": prot,
                 "by_timestep": {"50": {"mean_gate_clean": clean / 2, "mean_gate_perturbed": prot, "auroc": 1.0}}}}}}))
-    values = E.gate_values(tmp_path, matched, tmp_path / "no_archive")  # not the repository's archive
+    values = EA.gate_values(tmp_path, matched, tmp_path / "no_archive")  # not the repository's archive
     assert values["detect_auroc"] == {10: pytest.approx(0.6), 11: pytest.approx(0.61)}
     assert values["detect_clean"] == {10: pytest.approx(0.2), 11: pytest.approx(0.4)}
     assert values["stage1_clean_t50"] == {10: pytest.approx(0.1), 11: pytest.approx(0.2)}
-    gates = E.summarise_replicates(values)
+    gates = EA.summarise_replicates(values)
     assert gates["detect_protected"]["mean"] == pytest.approx(0.85) and gates["detect_protected"]["n"] == 2
     lo, hi = gates["detect_clean"]["ci_low"], gates["detect_clean"]["ci_high"]
     half = 12.706 * np.std([0.2, 0.4], ddof=1) / np.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
     assert (lo, hi) == (pytest.approx(0.3 - half, abs=1e-3), pytest.approx(0.3 + half, abs=1e-3))
-    text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, matched), "gates": gates})
+    text = E.markdown({**EA.analyse({m: {} for m in D.METRICS}, matched), "gates": gates})
     assert "## The Stage-1 gate (exploratory)" in text and "Stage 1, in-sample, t = 50: mean gate on clean images" in text
-    assert E.gate_values(tmp_path, D.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
+    assert EA.gate_values(tmp_path, D.EXPERIMENTS["threat"], tmp_path / "no_archive") == {}  # no LoRD in a plain-only experiment
 
 
 def test_the_report_summarises_each_attack_settings_perturbation_size(tmp_path):
@@ -324,18 +325,18 @@ def test_the_report_summarises_each_attack_settings_perturbation_size(tmp_path):
         results.write_text(json.dumps({
             "methods": {name: {"metrics": {}}} if finished else {},
             "perturbation": {"mean": {"psnr_db": psnr, "ssim": 0.9, "linf_levels": 4.0, "l2_levels": 400.0 + r}}}))
-    values = E.perturbation_values(tmp_path, declared, tmp_path / "no_archive")
+    values = EA.perturbation_values(tmp_path, declared, tmp_path / "no_archive")
     assert set(values) == {"ace_4", "mist_v2_4"}  # ace_8's run has not finished
     assert values["ace_4"]["psnr_db"] == {10: 36.0, 11: 38.0} and values["mist_v2_4"]["l2_levels"] == {10: 410.0, 11: 411.0}
-    assert E.perturbed_methods(declared)[-1] == "mist_v2_4" and E.perturbed_methods(D.EXPERIMENTS["defense"]) == (
+    assert EA.perturbed_methods(declared)[-1] == "mist_v2_4" and EA.perturbed_methods(D.EXPERIMENTS["defense"]) == (
         "attacking",)
-    assert E.perturbed_methods(D.EXPERIMENTS["evasion"]) == ("attacking", "attacking_unaware")
-    summary = {m: E.summarise_replicates(v) for m, v in values.items()}
+    assert EA.perturbed_methods(D.EXPERIMENTS["evasion"]) == ("attacking", "attacking_unaware")
+    summary = {m: EA.summarise_replicates(v) for m, v in values.items()}
     assert summary["ace_4"]["psnr_db"]["mean"] == pytest.approx(37.0)
-    text = E.markdown({**E.analyse({m: {} for m in D.METRICS}, declared), "perturbations": summary})
+    text = E.markdown({**EA.analyse({m: {} for m in D.METRICS}, declared), "perturbations": summary})
     assert "## Perturbation size per attack setting (exploratory)" in text
     assert "| ace_4 | 2 | 37.00 (36.00 to 38.00) | 0.9000 (0.9000 to 0.9000) | 4.00 (4.00 to 4.00) | 410.5 (410.0 to 411.0) |" in text
-    assert "Perturbation size" not in E.markdown(E.analyse({m: {} for m in D.METRICS}, declared))
+    assert "Perturbation size" not in E.markdown(EA.analyse({m: {} for m in D.METRICS}, declared))
 
 
 def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
@@ -346,7 +347,7 @@ def test_a_co_primary_question_is_holm_adjusted_with_the_primary_ones():
     reps = list(range(10, 20))
     declared = dataclasses.replace(D.EXPERIMENTS["defense"], family=("A", "target_corr:A"))
     values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
-    result = E.analyse(values, declared)
+    result = EA.analyse(values, declared)
     primary = result["metrics"]["heldout_loss"]["contrasts"]["A"]
     texture = result["metrics"]["target_corr"]["contrasts"]["A"]
     assert result["family_analysed"] == ["A", "target_corr:A"]
@@ -505,7 +506,7 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
     rng = np.random.default_rng(1)
     reps = list(declared.replicates)
     values = {m: {meth: {r: float(rng.normal()) for r in reps} for meth in declared.methods} for m in D.METRICS}
-    block = E.analyse(values, declared)["metrics"]["heldout_loss"]
+    block = EA.analyse(values, declared)["metrics"]["heldout_loss"]
     v = values["heldout_loss"]
     assert set(block["remaining_shares"]) == {"diffpure", "jpeg"}
     share = np.mean([v["diffpure"][r] - v["diffpure_clean"][r] for r in reps]) / np.mean(
@@ -522,17 +523,17 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
     assert eq["margin"] == D.TEXTURE_PURIFY_MARGIN and eq["ci90_high"] == pytest.approx(d.mean() + half)
     assert eq["equivalent"] is False  # unit-variance noise: far wider than the margin
     near = {**values, "heldout_loss": {**v, "diffpure": {r: v["clean"][r] + 1e-5 * (-1) ** r for r in reps}}}
-    eq = E.analyse(near, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    eq = EA.analyse(near, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
     assert eq["equivalent"] is True
-    assert "**equivalent** to 0 within the margin" in E.markdown(E.analyse(near, declared))
+    assert "**equivalent** to 0 within the margin" in E.markdown(EA.analyse(near, declared))
     below = {**values, "heldout_loss": {**v, "diffpure": {r: v["clean"][r] - 0.01 + 1e-5 * (-1) ** r for r in reps}}}
-    eq = E.analyse(below, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
+    eq = EA.analyse(below, declared)["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
     assert eq["reading"] == "below the margin" and eq["equivalent"] is False
-    assert "**below the margin**" in E.markdown(E.analyse(below, declared))
+    assert "**below the margin**" in E.markdown(EA.analyse(below, declared))
     # the forest plot shows the reading's two terms on its row: the margin as a band around 0, the 90% interval
     from lab import evidence_report as ER
 
-    result = E.analyse(near, declared)
+    result = EA.analyse(near, declared)
     ax = ER.forest_figure(result).axes[0]
     rows = list(result["metrics"]["heldout_loss"]["contrasts"])
     row = len(rows) - 1 - rows.index("diffpure_vs_clean")
@@ -542,7 +543,7 @@ def test_the_lab2_purifier_follow_up_runs_on_fresh_replicates_with_clean_image_c
     eq = result["metrics"]["heldout_loss"]["contrasts"]["diffpure_vs_clean"]["equivalence"]
     assert any(list(line.get_xdata()) == pytest.approx([eq["ci90_low"], eq["ci90_high"]]) for line in ax.lines)
     assert ax.get_legend() is not None
-    assert ER.forest_figure(E.analyse(values, D.EXPERIMENTS["textures_defense"])).axes[0].get_legend() is None
+    assert ER.forest_figure(EA.analyse(values, D.EXPERIMENTS["textures_defense"])).axes[0].get_legend() is None
 
 
 def test_every_declared_family_names_known_contrasts_of_its_own_methods():
@@ -582,14 +583,14 @@ def test_the_share_slopes_are_least_squares_slopes_per_protected_image():
     # the report draws the curve only when every share point has replicates
     declared = D.EXPERIMENTS["share"]
     values = {m: {meth: {r: value[meth] + 0.01 * r for r in (10, 11)} for meth in value} for m in D.METRICS}
-    result = {**E.analyse(values, declared), "values": values}
+    result = {**EA.analyse(values, declared), "values": values}
     assert E.share_curve_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
     values[D.PRIMARY].pop("lord_mix4")
     assert E.share_curve_png({**result, "values": values}) is None
     # lab 2's sweep draws a third series, LoRD with B' off at sampling, wherever it has replicates
     both = {**value, **gl0}
     values = {m: {meth: {r: both[meth] + 0.01 * r for r in (10, 11)} for meth in both} for m in D.METRICS}
-    result = {**E.analyse(values, D.EXPERIMENTS["textures_share"]), "values": values}
+    result = {**EA.analyse(values, D.EXPERIMENTS["textures_share"]), "values": values}
     three = E.share_curve_png(result)
     assert three[:8] == b"\x89PNG\r\n\x1a\n"
     values[D.PRIMARY].pop("lord_gl0_mix2")  # two series left: drawn without the third
@@ -642,8 +643,8 @@ def test_the_adaptive_experiment_reads_the_unaware_runs_under_their_aliases(tmp_
                                              "onebranch_clean": 0.1, "attacking": 0.35, "lord": unaware,
                                              "lord_gl0": 0.2})):
             _write_heldout_results(tmp_path / folder / f"r{r:03d}", methods)
-    values = E.replicate_values(tmp_path, adaptive, archive=tmp_path / "no_archive")
-    rows = E.analyse(values, adaptive)["metrics"]["heldout_loss"]["contrasts"]
+    values = EA.replicate_values(tmp_path, adaptive, archive=tmp_path / "no_archive")
+    rows = EA.analyse(values, adaptive)["metrics"]["heldout_loss"]["contrasts"]
     # (aware lord - aware attacking) - (unaware lord - unaware attacking): (0.30-0.40)-(0.20-0.35), (0.31-0.40)-(0.22-0.35)
     assert rows["survival_lord"]["values"] == pytest.approx([0.05, 0.04])
     assert rows["survival_gl0"]["values"] == pytest.approx([0.0, 0.0], abs=1e-12)  # (0.25-0.40)-(0.20-0.35)
@@ -678,8 +679,8 @@ def test_the_stage1_source_experiments_train_on_aspl_copies_and_compare_with_the
                                 ("matched", {"clean": 0.2, "attacking": 0.4, "lord": 0.38, "lord_clean": 0.2,
                                              "lord_gl0": 0.25, "lord_clean_gl0": 0.21})):
             _write_heldout_results(tmp_path / folder / f"r{r:03d}", methods)
-    values = E.replicate_values(tmp_path, declared, archive=tmp_path / "no_archive")
-    rows = E.analyse(values, declared)["metrics"]["heldout_loss"]["contrasts"]
+    values = EA.replicate_values(tmp_path, declared, archive=tmp_path / "no_archive")
+    rows = EA.analyse(values, declared)["metrics"]["heldout_loss"]["contrasts"]
     # (gl0 - 0.2) - (0.25 - 0.21)
     assert rows["removal_gl0_vs_ace"]["values"] == pytest.approx([0.06, 0.02])
     assert rows["removal_gl0"]["values"] == pytest.approx([-0.1, -0.14])  # (gl0 - 0.2) - (0.4 - 0.2)
@@ -692,7 +693,7 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
     from PIL import Image
 
     declared = D.EXPERIMENTS["source_aspl"]
-    assert E.sample_grid_png(tmp_path, declared) is None
+    assert EA.sample_grid_png(tmp_path, declared) is None
     for folder, methods in (("source_aspl", D.SOURCE_METHODS), ("matched", ("clean", "attacking", "lord", "lord_clean",
                                                                            "lord_gl0", "lord_clean_gl0"))):
         report = tmp_path / folder / "r011" / "run" / "report"
@@ -701,18 +702,18 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
             Image.new("RGB", (32, 32), (10 * k, 0, 0)).save(report / "img" / f"{m}.png")
         (report / "results.json").write_text(json.dumps({"methods": {m: {"samples": [f"img/{m}.png"] * 3}
                                                                      for m in methods}}))
-    png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
+    png, replicate = EA.sample_grid_png(tmp_path, declared, per_method=3)
     assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
     # the paired experiment's folder gone: the experiment's own rows are still shown (the missing ones named)
     import shutil
 
     shutil.rmtree(tmp_path / "matched")
-    png, replicate = E.sample_grid_png(tmp_path, declared, per_method=3)
+    png, replicate = EA.sample_grid_png(tmp_path, declared, per_method=3)
     assert replicate == 11 and png[:8] == b"\x89PNG\r\n\x1a\n"
     # one of its own runs without samples: no grid
     (tmp_path / "source_aspl" / "r011" / "run" / "report" / "results.json").write_text(json.dumps(
         {"methods": {m: {"samples": [f"img/{m}.png"] * 3} for m in D.SOURCE_METHODS[1:]}}))
-    assert E.sample_grid_png(tmp_path, declared, per_method=3) is None
+    assert EA.sample_grid_png(tmp_path, declared, per_method=3) is None
 
 
 def test_workers_are_numbered_from_zero_and_a_worker_outside_the_range_is_refused(capsys):
@@ -811,8 +812,8 @@ def test_a_replicate_whose_results_name_methods_this_code_does_not_run_there_is_
     arm = D.EXPERIMENTS["textures_threat"].arms[0]
     results.write_text(json.dumps({"methods": {"attacking": {}}}))
     assert E.methods_missing(results, D.EXPERIMENTS["textures_threat"], arm) == []
-    for archived in sorted(E.ARCHIVE.rglob("r*.json")):
-        assert E.methods_dropped(archived, str(archived.parent.relative_to(E.ARCHIVE))) == [], archived
+    for archived in sorted(EA.ARCHIVE.rglob("r*.json")):
+        assert E.methods_dropped(archived, str(archived.parent.relative_to(EA.ARCHIVE))) == [], archived
 
 
 def test_a_confirmatory_report_waits_for_every_replicate_and_publishes_only_complete(tmp_path, monkeypatch, capsys):
@@ -902,7 +903,7 @@ def test_a_dose_response_arm_finds_its_clean_run_in_the_output_folder_or_the_arc
     out, archive = tmp_path / "out", tmp_path / "archive"
     expected = E.replicate_dir(out, "textures", 10) / "run" / "report" / "results.json"
     assert E.missing_pair(declared, out, 10, archive) == expected  # in neither place
-    kept = E.archived(expected, out, archive)
+    kept = EA.archived(expected, out, archive)
     kept.parent.mkdir(parents=True)
     kept.write_text("{}")
     assert E.missing_pair(declared, out, 10, archive) is None  # archived only
@@ -929,7 +930,7 @@ def test_the_dose_curve_draws_each_attacks_effect_against_its_budget_and_marks_w
     shift = {"aspl_32": 0.05}
     values = {m: {meth: {r: float(rng.normal(0, 0.01)) + shift.get(meth, 0.0) for r in reps}
                   for meth in declared.methods} for m in D.METRICS}
-    result = {**E.analyse(values, declared), "values": values}
+    result = {**EA.analyse(values, declared), "values": values}
     fig = ER.dose_curve_figure(result)
     primary, corr = fig.axes
     assert "held-out" in primary.get_title() and "target" in corr.get_title()
@@ -965,7 +966,7 @@ def test_the_dose_curve_draws_each_attacks_effect_against_its_budget_and_marks_w
     # an experiment without a dose-response (no arms) has no curve
     defense = D.EXPERIMENTS["defense"]
     values = {m: {meth: {r: float(rng.normal()) for r in reps[:3]} for meth in defense.methods} for m in D.METRICS}
-    assert ER.dose_curve_png(E.analyse(values, defense)) is None
+    assert ER.dose_curve_png(EA.analyse(values, defense)) is None
 
 
 def test_redraw_draws_a_published_reports_figures_from_its_analysis_alone(tmp_path, monkeypatch):
@@ -979,7 +980,7 @@ def test_redraw_draws_a_published_reports_figures_from_its_analysis_alone(tmp_pa
     rng = np.random.default_rng(5)
     values = {m: {meth: {r: float(rng.normal(0, 0.01)) for r in declared.replicates} for meth in declared.methods}
               for m in D.METRICS}
-    result = {**E.analyse(values, declared), "values": values}
+    result = {**EA.analyse(values, declared), "values": values}
     text = json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"
     (tmp_path / "textures_threat_analysis.json").write_text(text)
     assert E.main(["redraw", "textures_threat"]) == 0
@@ -999,7 +1000,7 @@ def _archived_experiments() -> list[str]:
     for name, declared in D.EXPERIMENTS.items():
         if not (E.PUBLISHED / f"{name}_analysis.json").is_file():
             continue
-        runs = [E.archived(declared.source(Path("/nowhere"), m, r)[0], Path("/nowhere"))
+        runs = [EA.archived(declared.source(Path("/nowhere"), m, r)[0], Path("/nowhere"))
                 for m in declared.methods for r in declared.replicates]
         if all(p.is_file() for p in runs):
             names.append(name)
@@ -1014,7 +1015,7 @@ def test_a_published_analysis_is_made_again_from_the_archived_runs(name, tmp_pat
     the analysis, the decision rule's inputs or the archive that moves a published number fails here."""
     declared = D.EXPERIMENTS[name]
     published = json.loads((E.PUBLISHED / f"{name}_analysis.json").read_text())
-    again = E.analyse(E.replicate_values(tmp_path, declared), declared)
+    again = EA.analyse(EA.replicate_values(tmp_path, declared), declared)
     for metric, block in published["metrics"].items():
         for contrast, row in block["contrasts"].items():
             now = again["metrics"][metric]["contrasts"][contrast]
@@ -1026,7 +1027,7 @@ def test_a_published_analysis_is_made_again_from_the_archived_runs(name, tmp_pat
             now = again["metrics"][metric]["remaining_shares"][prot]
             assert [now[k] for k in ("value", "ci_low", "ci_high")] == pytest.approx(
                 [share[k] for k in ("value", "ci_low", "ci_high")], rel=1e-9), (metric, prot)
-    gates = E.summarise_replicates(E.gate_values(tmp_path, declared))
+    gates = EA.summarise_replicates(EA.gate_values(tmp_path, declared))
     assert set(gates) == set(published.get("gates") or {})
     for k, row in (published.get("gates") or {}).items():
         assert gates[k]["mean"] == pytest.approx(row["mean"], rel=1e-9), k
@@ -1070,7 +1071,7 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
         results, _ = declared.source(tmp_path, "clean", r)
         results.parent.mkdir(parents=True)
         results.write_text(json.dumps({"methods": methods, "provenance": {"config": demo}}))
-    result = E.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
+    result = EA.heldout_sensitivity(tmp_path, declared, tmp_path / "no_archive")
     rows = result["questions"]
     assert set(rows) == {"A"}  # noise_vs_plain_prot: replicate 12's noise run scored other images
     assert result["skipped"] == {
@@ -1085,8 +1086,8 @@ def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path,
     assert rows["A"]["crossed"]["ci_low"] == pytest.approx(crossed["ci_low"]) and rows["A"]["images"] == 4
     assert rows["A"]["crossed"]["p_holm"] >= crossed["p"] and rows["A"]["published_established"] is not None
     # lab 2's reference crops come from fewer wood textures: the sources are a sample too
-    assert E.reference_sources("fashion") is None
-    assert len(set(E.reference_sources("textures").values())) < len(E.reference_sources("textures"))
+    assert EA.reference_sources("fashion") is None
+    assert len(set(EA.reference_sources("textures").values())) < len(EA.reference_sources("textures"))
     common = ["--out", str(tmp_path), "--archive", str(tmp_path / "no_archive"), "--carry", str(tmp_path / "no_carry")]
     assert E.main(["heldout", "textures", "textures_defense", *common]) == 0
     shown = capsys.readouterr().out
