@@ -154,8 +154,9 @@ def perturbation_values(out: Path, declared: Declared, archive: Path | None = No
     replicate -- the mean over the replicate's images of PSNR (dB) and SSIM against the clean image and the L-inf
     and L2 norms in pixel levels (0..255), as the run's report recorded them (``perturbation.mean``)."""
     values: dict = {}
+    perturbed = perturbed_methods(declared)
     for r, meth, found, name in _read_runs(out, declared, archive):
-        if meth not in perturbed_methods(declared):
+        if meth not in perturbed:
             continue
         data = read_results(found) or {}
         mean = (data.get("perturbation") or {}).get("mean") or {}
@@ -179,6 +180,12 @@ def summarise_replicates(values: dict) -> dict:
             out[k] = {"n": len(per), "mean": mean, "ci_low": low, "ci_high": high,
                       "per_replicate": {str(r): v for r, v in sorted(per.items())}}
     return out
+
+
+def equivalence_reading(low: float, high: float, margin: float) -> str:
+    """A declared equivalence reading of a 90% interval against +-``margin`` (two one-sided tests at 5%)."""
+    return ("equivalent" if -margin < low and high < margin else "below the margin" if high < -margin
+            else "above the margin" if low > margin else "not shown equivalent")
 
 
 def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
@@ -238,8 +245,7 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     for name, margin in declared.equivalence:  # the declared equivalence readings (two one-sided tests at 5%)
         if name in primary:
             _, _, low, high = an.mean_interval(primary[name]["values"], 0.90)
-            reading = ("equivalent" if -margin < low and high < margin else "below the margin" if high < -margin
-                       else "above the margin" if low > margin else "not shown equivalent")
+            reading = equivalence_reading(low, high, margin)
             primary[name]["equivalence"] = {
                 "margin": margin, "ci90_low": low, "ci90_high": high, "equivalent": reading == "equivalent",
                 "reading": reading,
@@ -330,17 +336,16 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
         if row is None:
             skipped[q] = "not in the published analysis"
             continue
-        why = "not the held-out loss" if metric != PRIMARY else _per_image_contrast(per, contrasts[name])[2]
+        reps, names, why = ([], (), "not the held-out loss") if metric != PRIMARY else _per_image_contrast(
+            per, contrasts[name])
         if why:
             others[q] = row["p"]
             if metric == PRIMARY:
                 skipped[name] = why + " (in Holm's family with its published p)"
             continue
-        reps, names, _ = _per_image_contrast(per, contrasts[name])
         d = differences(contrasts[name], reps, names)
-        mean, _, low, high = an.mean_interval(d.mean(axis=1).tolist())
-        entry = {"question": contrasts[name].question, "replicates": reps, "images": len(names), "mean": mean,
-                 "ci_low": low, "ci_high": high, "published_established": established(row),
+        entry = {"question": contrasts[name].question, "replicates": reps, "images": len(names), "mean": row["mean"],
+                 "ci_low": row["ci_low"], "ci_high": row["ci_high"], "published_established": established(row),
                  "crossed": an.crossed_interval(d)}
         if sources and all(n in sources for n in names):
             keys = sorted({sources[n] for n in names})
@@ -367,9 +372,7 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
         low, high = c90["ci_low"], c90["ci_high"]
         equivalence[name] = {"margin": margin, "ci90_low": fixed["ci90_low"], "ci90_high": fixed["ci90_high"],
                              "reading": fixed["reading"], "crossed_ci90_low": low, "crossed_ci90_high": high,
-                             "crossed_reading": ("equivalent" if -margin < low and high < margin else "below the margin"
-                                                 if high < -margin else "above the margin" if low > margin
-                                                 else "not shown equivalent")}
+                             "crossed_reading": equivalence_reading(low, high, margin)}
     return {"questions": rows, "holm_with": others, "skipped": skipped, "equivalence": equivalence}
 
 

@@ -134,10 +134,8 @@ def perturbation_lines(perturbations: dict) -> list[str]:
 
 
 def _significant(test: dict | None, sign: float) -> bool:
-    """The crossed test excludes 0 on the side of ``sign`` with Holm p < 0.05."""
-    if not test or test.get("p_holm", 1.0) >= 0.05:
-        return False
-    return test["ci_low"] > 0 if sign > 0 else test["ci_high"] < 0
+    """The crossed test passes the decision rule (:func:`established`) on the side of ``sign``."""
+    return bool(test) and established(test) and (test["ci_low"] > 0) == (sign > 0)
 
 
 def heldout_reading(row: dict) -> str:
