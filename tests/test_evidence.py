@@ -1035,9 +1035,9 @@ def test_a_published_analysis_is_made_again_from_the_archived_runs(name, tmp_pat
 
 def test_every_archived_report_is_checked():
     """The check above runs on every reported experiment whose runs are archived (a newly published one joins it
-    by itself); the eleven of 2026-12-05 are among them."""
+    by itself); the twelve of 2026-12-05 are among them."""
     assert {"matched", "strength", "share", "adaptive", "source_aspl", "source_mixed", "evasion", "textures",
-            "textures_defense", "textures_share", "textures_purify"} <= set(_archived_experiments())
+            "textures_defense", "textures_share", "textures_purify", "textures_threat"} <= set(_archived_experiments())
 
 
 def test_heldout_treats_the_held_out_images_as_a_sample_of_the_subject(tmp_path, monkeypatch, capsys):
