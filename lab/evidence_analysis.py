@@ -382,6 +382,8 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
     results.json). When no replicate has them all but one has every method the experiment runs itself (the
     paired experiment's output folder is gone), the grid shows those rows and names the missing ones in its
     title; None when no replicate has even that."""
+    import textwrap
+
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -419,6 +421,7 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
         ax.set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
     title = f"{declared.name}: replicate {replicate}, the first {per_method} samples per method"
     if missing:  # the paired experiment's samples are not in this output folder (only its results.json is kept)
-        title += f"\n(not in this output folder: {', '.join(missing)})"
+        title += "\n" + textwrap.fill(f"(not in this output folder: {', '.join(missing)})",
+                                      width=int(fig.get_figwidth() * 13))  # about 13 characters an inch at 9 pt
     fig.suptitle(title, fontsize=9)
-    return png_bytes(fig), replicate
+    return png_bytes(fig, top_inches=0.25 * (title.count("\n") + 1) + 0.1), replicate

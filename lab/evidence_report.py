@@ -206,11 +206,13 @@ def heldout_markdown(results: dict, skipped: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def png_bytes(fig) -> bytes:
-    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes)."""
+def png_bytes(fig, top_inches: float = 0.0) -> bytes:
+    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes); ``top_inches``
+    keeps that much room above the axes for a suptitle (tight_layout alone lets a tall figure's title run into its
+    first row)."""
     import io
 
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - top_inches / fig.get_figheight()) if top_inches else None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
