@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lab.declared import METRICS, PRIMARY, REMAINING_PAIRS, Declared, family_question
-from lab.evidence_report import png_bytes
+from lab.evidence_report import established, png_bytes
 from lab.experiment import LABS
 
 # finished replicates' results.json, kept in the repository (``<folder>/rNNN.json``): an output folder is
@@ -197,10 +197,10 @@ def analyse(values: dict, declared: Declared, seed: int = 0) -> dict:
     out = {"experiment": declared.name, "purpose": declared.purpose, "methods": list(declared.methods),
            "primary": PRIMARY, "family": list(declared.family), "metrics": {}}
     summaries = {}  # (metric, contrast) -> its summary, for the family's Holm correction
+    arm_contrasts = {a.contrast.name for a in declared.arms}
     for metric, (label, _, lower_better) in METRICS.items():
         per = values.get(metric, {})
         rows = {}
-        arm_contrasts = {a.contrast.name for a in declared.arms}
         for c in declared.contrasts:
             if not all(m in declared.methods for m in c.methods):
                 continue
@@ -317,7 +317,6 @@ def heldout_sensitivity(out: Path, declared: Declared, archive: Path | None = No
     a question that could not be taken per image), listed in ``holm_with``."""
     import numpy as np
 
-    from lab.evidence_report import established
     from lord_ops import analysis as an
 
     per = heldout_per_image(out, declared, archive)
@@ -423,5 +422,4 @@ def sample_grid_png(out: Path, declared: Declared, per_method: int = 8) -> tuple
     if missing:  # the paired experiment's samples are not in this output folder (only its results.json is kept)
         title += "\n" + textwrap.fill(f"(not in this output folder: {', '.join(missing)})",
                                       width=int(fig.get_figwidth() * 13))  # about 13 characters an inch at 9 pt
-    fig.suptitle(title, fontsize=9)
-    return png_bytes(fig, top_inches=0.25 * (title.count("\n") + 1) + 0.1), replicate
+    return png_bytes(fig, clear_of=fig.suptitle(title, fontsize=9)), replicate

@@ -206,13 +206,17 @@ def heldout_markdown(results: dict, skipped: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def png_bytes(fig, top_inches: float = 0.0) -> bytes:
-    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes); ``top_inches``
-    keeps that much room above the axes for a suptitle (tight_layout alone lets a tall figure's title run into its
-    first row)."""
+def png_bytes(fig, clear_of=None) -> bytes:
+    """A matplotlib Figure as PNG bytes (no software tag: the same figure gives the same bytes). ``clear_of``: a
+    text artist at the top (the figure's suptitle) whose rendered height, plus a small gap, is kept free above the
+    axes -- tight_layout alone lets a tall figure's title run into its first row."""
     import io
 
-    fig.tight_layout(rect=(0, 0, 1, 1 - top_inches / fig.get_figheight()) if top_inches else None)
+    rect = None
+    if clear_of is not None:
+        height = clear_of.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi + 0.15  # inches
+        rect = (0, 0, 1, 1 - height / fig.get_figheight())
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()

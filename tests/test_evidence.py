@@ -717,8 +717,8 @@ def test_the_report_shows_the_first_samples_of_every_method(tmp_path):
 
 
 def test_a_tall_figures_title_stays_above_its_first_row():
-    """``png_bytes(fig, top_inches)`` keeps room for a suptitle: on a sample grid as tall as textures_threat's (13
-    rows of 64 px strips) tight_layout alone put the title inside the first row; a two-line title fits too."""
+    """``png_bytes(fig, clear_of=suptitle)`` keeps room for the title: on a sample grid as tall as textures_threat's
+    (13 rows of 64 px strips) tight_layout alone put the title inside the first row; a two-line title fits too."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -730,7 +730,7 @@ def test_a_tall_figures_title_stays_above_its_first_row():
         for i in range(13):
             fig.add_subplot(13, 1, i + 1).imshow(np.zeros((64, 512, 3)))
         title = fig.suptitle("\n".join(["a title"] * lines), fontsize=9)
-        ER.png_bytes(fig, top_inches=0.25 * lines + 0.1)
+        ER.png_bytes(fig, clear_of=title)
         renderer = fig.canvas.get_renderer()
         assert title.get_window_extent(renderer).y0 >= fig.axes[0].get_window_extent(renderer).y1, lines
 
